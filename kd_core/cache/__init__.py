@@ -1,0 +1,143 @@
+"""The cache stage: run the teacher once over the training shards and store what students need.
+
+Format `topk` (one Arrow IPC file per training shard, rows aligned with the token shard):
+
+| column                | type                                   | meaning                              |
+|-----------------------|----------------------------------------|--------------------------------------|
+| `topk_ids`            | fixed_size_list<uint16 or int32>[T·k]  | the k most likely next-token ids     |
+| `topk_logprobs`       | fixed_size_list<float16>[T·k]          | their log-probs at temperature 1     |
+| `entropy`             | fixed_size_list<float16>[T]            | the teacher's full predictive entropy|
+
+Position t of a row describes the teacher's distribution over the token after input t. Teacher
+inference runs in a Ray actor pool (each actor loads the teacher once and processes whole
+shards), or in this process when `compute.backend` is `local`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kd_core.config import CacheConfig, ComputeConfig, StorageConfig
+from kd_core.data.shards import decode_arrow, encode_arrow, read_verified, split_shards
+from kd_core.manifest import Manifest
+from kd_core.models import load_causal_lm
+from kd_core.progress import progress_bar
+from kd_core.stage import StageRun
+from kd_core.storage import FileRecord, Store
+from kd_core.train.teacher import teacher_model_dir
+
+
+@dataclass(frozen=True)
+class TopkTargets:
+    """Teacher targets for a block of rows: ids and log-probs (rows, T, k), entropy (rows, T)."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    entropy: np.ndarray
+
+
+def cache(
+    config: CacheConfig,
+    prep: Manifest,
+    teacher: Manifest,
+    store: Store,
+    compute: ComputeConfig,
+    *,
+    force: bool = False,
+) -> Manifest:
+    run = StageRun(store, "cache", config, inputs={"prep": prep, "teacher": teacher}, force=force)
+    if run.reused:
+        return run.reused
+    token_shards = split_shards(prep, "train")
+    jobs = [(record, run.relative(f"shards/train-{index:05d}.arrow")) for index, record in enumerate(token_shards)]
+    vocab_size = prep.details["vocab_size"]
+    with run.timed("teacher_inference"), progress_bar("cache: teacher", total=len(jobs)) as bar:
+        for record in _run_jobs(config, teacher, store, compute, jobs, vocab_size):
+            run.record(record.path[len(run.folder) + 1 :], record)
+            bar.advance()
+    tokens = prep.details["splits"]["train"]["tokens"]
+    cache_bytes = sum(record.bytes for record in run.outputs.values())
+    details = {
+        "format": config.format,
+        "top_k": config.top_k,
+        "vocab_size": vocab_size,
+        "shards": [job[1][len(run.folder) + 1 :] for job in jobs],
+    }
+    metrics = {"tokens": tokens, "bytes": cache_bytes, "bytes_per_token": round(cache_bytes / max(tokens, 1), 2)}
+    return run.finish(metrics=metrics, details=details)
+
+
+def _run_jobs(config, teacher, store, compute, jobs, vocab_size):
+    if compute.backend == "local":
+        worker = TeacherWorker(store.config, teacher, config, vocab_size, threads=torch.get_num_threads())
+        for job in jobs:
+            yield worker.process(*job)
+        return
+    import ray
+    from ray.util import ActorPool
+
+    from kd_core.train.ray_glue import ensure_ray
+
+    ensure_ray(compute)
+    actor_class = ray.remote(num_cpus=1, num_gpus=1 if compute.use_gpu else 0)(TeacherWorker)
+    actors = [
+        actor_class.remote(store.config, teacher, config, vocab_size, threads=1)
+        for _ in range(min(config.num_actors, len(jobs)))
+    ]
+    try:
+        yield from ActorPool(actors).map_unordered(lambda actor, job: actor.process.remote(*job), jobs)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+class TeacherWorker:
+    """Loads the teacher once; turns token shards into target shards. Runs as a Ray actor or inline."""
+
+    def __init__(self, storage: StorageConfig, teacher: Manifest, config: CacheConfig, vocab_size: int, threads: int):
+        torch.set_num_threads(threads)
+        self.store = Store(storage)
+        self.config = config
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_causal_lm(teacher_model_dir(self.store, teacher)).to(self.device)
+        self.id_dtype = np.uint16 if vocab_size <= 65536 else np.int32
+
+    def process(self, token_record: FileRecord, output_relative: str) -> FileRecord:
+        rows = decode_arrow(read_verified(self.store, token_record), token_record.url)["input_ids"]
+        targets = self.targets(rows)
+        flat = lambda array: array.reshape(len(rows), -1)  # noqa: E731 - (rows, T, k) -> (rows, T*k)
+        payload = encode_arrow(
+            {
+                "topk_ids": flat(targets.ids.astype(self.id_dtype)),
+                "topk_logprobs": flat(targets.logprobs.astype(np.float16)),
+                "entropy": targets.entropy.astype(np.float16),
+            }
+        )
+        return self.store.write_bytes(output_relative, payload)
+
+    @torch.no_grad()
+    def targets(self, rows: np.ndarray) -> TopkTargets:
+        ids, logprobs, entropy = [], [], []
+        for start in range(0, len(rows), self.config.batch_size):
+            batch = torch.as_tensor(rows[start : start + self.config.batch_size], dtype=torch.long, device=self.device)
+            teacher_logprobs = torch.log_softmax(self.model(input_ids=batch).logits.float(), dim=-1)
+            top = teacher_logprobs.topk(self.config.top_k, dim=-1)
+            ids.append(top.indices.cpu().numpy())
+            logprobs.append(top.values.cpu().numpy())
+            entropy.append(-(teacher_logprobs.exp() * teacher_logprobs).sum(-1).cpu().numpy())
+        return TopkTargets(np.concatenate(ids), np.concatenate(logprobs), np.concatenate(entropy))
+
+
+def load_targets(store: Store, cache_manifest: Manifest, shard_index: int, seq_len: int) -> TopkTargets:
+    """Read one verified cache shard back as (rows, T, k) arrays."""
+    record = cache_manifest.output(cache_manifest.details["shards"][shard_index])
+    columns = decode_arrow(read_verified(store, record), record.url)
+    rows, k = len(columns["entropy"]), cache_manifest.details["top_k"]
+    return TopkTargets(
+        ids=columns["topk_ids"].reshape(rows, seq_len, k),
+        logprobs=columns["topk_logprobs"].reshape(rows, seq_len, k),
+        entropy=columns["entropy"],
+    )

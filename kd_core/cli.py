@@ -1,0 +1,142 @@
+"""The `kdflow` command line.
+
+    kdflow validate CONFIG [a.b=value ...]      check a job config, do nothing else
+    kdflow prep|cache|distill|eval|register CONFIG [a.b=value ...] [--force STEP] [--force-all]
+    kdflow run CONFIG [a.b=value ...]           every stage, in order
+
+Every command validates the whole config before any work starts. A stage runs what it depends on
+first and reuses every step whose manifest already exists. The end prints a summary table.
+Exit codes: 0 success, 1 a stage failed, 2 the config or an input is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from kd_core import __version__
+from kd_core.config import ConfigError, JobConfig, load_config
+from kd_core.manifest import Manifest
+from kd_core.pipeline import STAGES
+
+_STEPS = ("prep", "teacher", "cache", "distill", "baseline", "eval", "register")
+_STAGE_HELP = {
+    "prep": "tokenize raw text into packed, split token shards",
+    "cache": "run (or train) the teacher and cache its top-k outputs",
+    "distill": "distill the student from the cache (and train the no-teacher baseline)",
+    "eval": "measure teacher, student and baseline on held-out text",
+    "register": "log the student to MLflow and register it under an alias",
+    "run": "run every stage in order",
+}
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdflow", description="Knowledge-distillation pipelines, laptop to cluster.")
+    parser.add_argument("--version", action="version", version=f"kdflow {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    validate = commands.add_parser("validate", help="validate a job config and exit", description="Validate a job config.")
+    _add_config_arguments(validate)
+    for stage in (*STAGES, "run"):
+        sub = commands.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage].capitalize() + ".")
+        _add_config_arguments(sub)
+        sub.add_argument(
+            "--force", action="append", default=[], choices=_STEPS, metavar="STEP",
+            help=f"redo STEP even if its outputs exist (repeatable; one of {', '.join(_STEPS)})",
+        )
+        sub.add_argument("--force-all", action="store_true", help="redo every step")
+    return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="job YAML file, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. distill.train.max_steps=50")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        stderr.print(f"[red]error:[/red] {err}", markup=True, soft_wrap=True)
+        return 2
+    if args.command == "validate":
+        stdout.print(f"{args.config}: valid ({_describe(config)})")
+        return 0
+    force = frozenset(["all"] if args.force_all else args.force)
+    until = "register" if args.command == "run" else args.command
+    return _run(config, until, force)
+
+
+def _run(config: JobConfig, until: str, force: frozenset[str]) -> int:
+    from kd_core.data.shards import ShardError
+    from kd_core.data.sources import DataSourceError
+    from kd_core.manifest import ManifestError
+    from kd_core.pipeline import run_pipeline
+    from kd_core.train.teacher import TeacherError
+
+    started = time.perf_counter()
+    try:
+        steps = run_pipeline(config, until=until, force=force)
+    except (ShardError, DataSourceError, ManifestError, TeacherError) as err:
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2
+    print_summary(steps, time.perf_counter() - started)
+    return 0
+
+
+def _describe(config: JobConfig) -> str:
+    return f"job {config.name!r}, storage {config.storage.root}, backend {config.compute.backend}"
+
+
+def print_summary(steps: dict[str, Manifest], seconds: float) -> None:
+    table = Table(title=f"kdflow: {len(steps)} steps in {seconds:.1f}s")
+    for column in ("step", "key", "status", "seconds", "result"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for name in _STEPS:
+        if name in steps:
+            manifest = steps[name]
+            status = "[cyan]reused[/cyan]" if manifest.reused else "[green]ran[/green]"
+            table.add_row(name, manifest.key, status, f"{manifest.timings.get('total', 0):.1f}", _headline(name, manifest))
+    stdout.print(table)
+    if "eval" in steps:
+        stdout.print(comparison_table(steps["eval"].metrics))
+
+
+def _headline(step: str, manifest: Manifest) -> str:
+    metrics, details = manifest.metrics, manifest.details
+    if step == "prep":
+        return f"{metrics['documents']} docs, {metrics['train_tokens']:,} train tokens, vocab {details['vocab_size']}"
+    if step in ("teacher", "distill", "baseline") and "parameters" in metrics:
+        return f"{metrics['parameters']:,} params, final loss {metrics.get('loss', float('nan')):.3f}"
+    if step == "teacher":
+        return f"existing model {details.get('external_url', '')}"
+    if step == "cache":
+        return f"top-{details['top_k']}, {metrics['bytes_per_token']} bytes/token"
+    if step == "eval":
+        return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"
+    if step == "register":
+        return f"{details['model_name']} v{details['version']} @{details['alias']}"
+    return ""
+
+
+def comparison_table(metrics: dict) -> Table:
+    table = Table(title=f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens")
+    for column in ("model", "parameters", "perplexity", "cross-entropy", "top-1 agreement with teacher"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    labels = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}
+    for name, label in labels.items():
+        if name in metrics:
+            row = metrics[name]
+            agreement = f"{row['agreement_top1']:.1%}" if "agreement_top1" in row else "—"
+            table.add_row(label, f"{row['parameters']:,}", f"{row['perplexity']:.2f}", f"{row['cross_entropy']:.4f}", agreement)
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

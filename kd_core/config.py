@@ -1,0 +1,370 @@
+"""The typed job config: one YAML file describes a whole distillation job.
+
+`load_config(path, overrides)` reads the YAML, applies dotted command-line overrides
+(`distill.train.max_steps=50`) and validates everything before any work starts. Errors are
+raised as `ConfigError`, one line per problem, each naming the field path and the bad value:
+
+    distill.loss.temperature: must be > 0, got -1
+
+Library functions take plain arguments or one config *section*; only the CLI and the
+pipeline runner see the whole `JobConfig`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A job config that cannot be used; the message lists every problem, one per line."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+# --------------------------------------------------------------------------------------- storage
+class S3Config(Section):
+    endpoint_url: str | None = None
+    """S3 API endpoint, e.g. `http://minio.minio:9000`; None uses AWS (or `AWS_ENDPOINT_URL`)."""
+    region: str | None = None
+    """Region name; None takes `AWS_REGION` / `AWS_DEFAULT_REGION` from the environment."""
+    access_key_id: SecretStr | None = None
+    """Access key. Prefer the environment (`AWS_ACCESS_KEY_ID`) or a Kubernetes secret."""
+    secret_access_key: SecretStr | None = None
+    """Secret key. Prefer the environment (`AWS_SECRET_ACCESS_KEY`) or a Kubernetes secret."""
+
+
+class StorageConfig(Section):
+    root: str = "runs/artifacts"
+    """fsspec URL under which every stage writes: a path, `file://`, `memory://` or `s3://bucket/prefix`."""
+    s3: S3Config = S3Config()
+    """Connection settings used when `root` is an `s3://` URL."""
+
+
+# ------------------------------------------------------------------------------------------ data
+class DataConfig(Section):
+    source: Literal["python-docs", "files"] = "python-docs"
+    """`python-docs`: the language reference and standard-library docstrings bundled with Python
+    (offline on every machine). `files`: the text, JSONL or Parquet files matched by `files`."""
+    files: list[str] = []
+    """fsspec URLs or globs of `.txt`, `.jsonl` or `.parquet` files (source `files` only)."""
+    text_field: str = "text"
+    """Column holding the text in JSONL and Parquet files."""
+    max_documents: int | None = Field(default=None, gt=0)
+    """Use at most this many documents (after a seeded shuffle); None uses all."""
+    tokenizer: str | None = None
+    """fsspec URL of a Hugging Face tokenizer directory (with `tokenizer.json`) to use, e.g. the
+    teacher's own; None trains a byte-level BPE tokenizer on the training split."""
+    vocab_size: int = Field(default=2048, ge=260, le=1_000_000)
+    """Vocabulary size of the tokenizer kdflow trains (ignored when `tokenizer` is set)."""
+    seq_len: int = Field(default=128, ge=8)
+    """Tokens per packed training row."""
+    val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    """Fraction of documents held out for validation."""
+    test_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    """Fraction of documents held out for the final evaluation."""
+    rows_per_shard: int = Field(default=512, gt=0)
+    """Packed rows per Arrow shard; the cache writes one teacher shard per training shard."""
+    seed: int = 0
+    """Seed of the document shuffle and split."""
+
+
+# ---------------------------------------------------------------------------------------- models
+class ArchitectureConfig(Section):
+    """A Llama-style causal LM built from config (random init)."""
+
+    hidden_size: int = Field(default=128, gt=0)
+    """Width of the residual stream."""
+    num_layers: int = Field(default=2, gt=0)
+    """Number of transformer blocks."""
+    num_heads: int = Field(default=4, gt=0)
+    """Attention heads; must divide `hidden_size`."""
+    intermediate_size: int | None = Field(default=None, gt=0)
+    """MLP width; None means 4 × hidden_size."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ArchitectureConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    """How one model is optimised (AdamW with linear warmup then cosine decay)."""
+
+    max_steps: int = Field(default=300, gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(default=16, gt=0)
+    """Rows per step across all workers (the global batch)."""
+    learning_rate: float = Field(default=3e-3, gt=0)
+    """Peak learning rate."""
+    warmup_steps: int = Field(default=20, ge=0)
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """The cosine decays to `learning_rate * min_lr_ratio`."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value; None disables clipping."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Attention dropout during training."""
+    seed: int = 0
+    """Seed of the initial weights and the data order."""
+    log_every: int = Field(default=10, gt=0)
+    """Record the loss terms every this many steps."""
+
+
+class TeacherConfig(Section):
+    path: str | None = None
+    """fsspec URL of an existing Hugging Face causal-LM directory. When None, the teacher is
+    trained from `architecture` by kdflow itself (seeded) and reused from storage afterwards."""
+    architecture: ArchitectureConfig = ArchitectureConfig(hidden_size=256, num_layers=4, num_heads=4)
+    """Architecture of a teacher trained by kdflow (ignored when `path` is set)."""
+    train: TrainConfig = TrainConfig()
+    """How a kdflow-trained teacher is optimised (cross-entropy on the training split)."""
+
+
+class StudentConfig(Section):
+    architecture: ArchitectureConfig = ArchitectureConfig()
+    """Architecture of the student, built from config with random weights."""
+
+
+# ----------------------------------------------------------------------------------------- cache
+class CacheConfig(Section):
+    format: Literal["topk"] = "topk"
+    """Teacher-output format. `topk`: the k most likely next tokens with their log-probs."""
+    top_k: int = Field(default=32, gt=0)
+    """Entries kept per position."""
+    batch_size: int = Field(default=32, gt=0)
+    """Rows per teacher forward pass."""
+    num_actors: int = Field(default=2, gt=0)
+    """Teacher actors in the Ray pool (one per GPU on a cluster, CPU actors locally)."""
+
+
+# --------------------------------------------------------------------------------------- distill
+class LossConfig(Section):
+    temperature: float = Field(default=2.0, gt=0)
+    """Softmax temperature T applied to both student and teacher logits in the KD term."""
+    kd_weight: float = Field(default=0.5, ge=0, le=1)
+    """Weight of the KD term; the hard-label cross-entropy gets `1 - kd_weight`."""
+    scale_by_temperature_squared: bool = True
+    """Multiply the KD term by T², keeping its gradient scale independent of T (Hinton et al.)."""
+
+
+class DistillConfig(Section):
+    loss: LossConfig = LossConfig()
+    """The distillation objective."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation of the student."""
+    baseline: bool = True
+    """Also train a same-size student on the same tokens with cross-entropy only (no teacher),
+    so the evaluation shows what the teacher added."""
+
+
+# ------------------------------------------------------------------------------------------ eval
+class EvalConfig(Section):
+    split: Literal["val", "test"] = "test"
+    """Held-out split the models are measured on."""
+    batch_size: int = Field(default=32, gt=0)
+    """Rows per evaluation forward pass."""
+    max_rows: int | None = Field(default=None, gt=0)
+    """Evaluate on at most this many rows; None uses the whole split."""
+
+
+# -------------------------------------------------------------------------------------- registry
+class RegistryConfig(Section):
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    """MLflow tracking URI: a SQLite file for the embedded default, an http(s) server on a cluster."""
+    artifact_location: str | None = None
+    """Artifact root for a newly created experiment (fsspec/MLflow URI); None puts it beside a
+    SQLite tracking file, or uses the tracking server's default."""
+    experiment: str = "kdflow"
+    """MLflow experiment that holds the registration runs."""
+    model_name: str = Field(default="kdflow-student", min_length=1)
+    """Registered model name."""
+    alias: str = Field(default="challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    """Alias set on the newly registered version."""
+
+
+# --------------------------------------------------------------------------------------- compute
+class ComputeConfig(Section):
+    backend: Literal["ray", "local"] = "ray"
+    """`ray`: training runs in Ray Train workers and teacher inference in a Ray actor pool.
+    `local`: everything in this process (no Ray), e.g. for debugging or a bare GPU box."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster; None starts a local one."""
+    num_cpus: int | None = Field(default=None, gt=0)
+    """CPUs a locally started Ray cluster may use; None uses every core."""
+    num_workers: int = Field(default=1, gt=0)
+    """Ray Train workers (data-parallel ranks)."""
+    cpus_per_worker: int = Field(default=2, gt=0)
+    """CPUs reserved by each training worker; also its torch thread count."""
+    use_gpu: bool = False
+    """Give each worker a GPU (NCCL) instead of CPU (gloo)."""
+
+
+class JobConfig(Section):
+    name: str = Field(default="kdflow-job", min_length=1)
+    """Human-readable job name (shown in logs and MLflow)."""
+    storage: StorageConfig = StorageConfig()
+    """Where every stage reads and writes (fsspec)."""
+    data: DataConfig = DataConfig()
+    """The prep stage: raw text to tokenizer and packed token shards."""
+    teacher: TeacherConfig = TeacherConfig()
+    """The teacher: an existing model directory, or one kdflow trains."""
+    student: StudentConfig = StudentConfig()
+    """The student architecture."""
+    cache: CacheConfig = CacheConfig()
+    """The cache stage: teacher outputs computed once, read by every distillation."""
+    distill: DistillConfig = DistillConfig()
+    """The distill stage: objective and optimisation."""
+    eval: EvalConfig = EvalConfig()
+    """The eval stage: held-out measurements of teacher, student and baseline."""
+    registry: RegistryConfig = RegistryConfig()
+    """The register stage: MLflow tracking and model registry."""
+    compute: ComputeConfig = ComputeConfig()
+    """Where the heavy steps run: Ray (local or a cluster) or this process."""
+
+    @model_validator(mode="after")
+    def _cross_section_checks(self) -> JobConfig:
+        if self.data.source == "files" and not self.data.files:
+            raise ValueError("data.files: must list at least one file when data.source is 'files'")
+        if self.cache.top_k > self.data.vocab_size:
+            raise ValueError(
+                f"cache.top_k: must be <= data.vocab_size ({self.data.vocab_size}), got {self.cache.top_k}"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------ loading, errors
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job file, apply `a.b.c=value` overrides and validate the result."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe_error(error) for error in err.errors()]
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.field=value` in the raw mapping; the value is parsed as YAML (`1e-3`, `true`)."""
+    dotted, sep, value_text = override.partition("=")
+    if not sep or not dotted.strip():
+        raise ConfigError(f"override {override!r}: expected the form section.field=value")
+    keys = dotted.strip().split(".")
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(keys[:depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else None
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "literal_error": "must be one of {expected}",
+    "string_pattern_mismatch": "must match {pattern}",
+}
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    field_path = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{field_path}: unknown field{_suggestion(error['loc'])}"
+    if error["type"] == "value_error":  # our own validators already name the field
+        message = str(error["ctx"]["error"])
+        return message if not field_path else f"{field_path}: {message}"
+    template = _MESSAGES.get(error["type"])
+    message = template.format(**error.get("ctx", {})) if template else error["msg"][0].lower() + error["msg"][1:]
+    return f"{field_path}: {message}, got {_show(error.get('input'))}"
+
+
+def _suggestion(location: tuple[Any, ...]) -> str:
+    """', did you mean X?' for a misspelt key, looked up on the section that holds it."""
+    model: type[BaseModel] = JobConfig
+    for part in location[:-1]:
+        annotation = model.model_fields.get(str(part))
+        if annotation is None or not isinstance(annotation.annotation, type):
+            return ""
+        model = annotation.annotation
+    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(model.model_fields)}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)[:80]
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------------------------------- hashing
+def section_hash(section: BaseModel | dict[str, Any]) -> str:
+    """Stable sha256 of a config section (secrets excluded: they never change what a stage makes)."""
+    payload = section.model_dump(mode="json", exclude=_secret_fields(section)) if isinstance(section, BaseModel) else section
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _secret_fields(model: BaseModel) -> dict[str, Any]:
+    excluded: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            excluded[name] = True
+        elif isinstance(value, BaseModel):
+            nested = _secret_fields(value)
+            if nested:
+                excluded[name] = nested
+    return excluded
+
+
+def public_dict(config: BaseModel) -> dict[str, Any]:
+    """The config as plain JSON data with every secret removed: safe for logs, manifests, MLflow."""
+    return config.model_dump(mode="json", exclude=_secret_fields(config))
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

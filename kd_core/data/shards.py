@@ -1,0 +1,89 @@
+"""Token shards: packed rows of token ids in Arrow IPC files (no pickle anywhere).
+
+A shard is an Arrow IPC file with one column, `input_ids`, of type
+`fixed_size_list<int32>[seq_len]`: one packed training row per record. Readers verify the
+shard's sha256 against the manifest and name the shard in every error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+
+from kd_core.manifest import Manifest
+from kd_core.storage import FileRecord, Store
+
+
+class ShardError(ValueError):
+    """A shard that is missing, corrupt or not shaped as its manifest says."""
+
+
+def encode_arrow(columns: dict[str, np.ndarray]) -> bytes:
+    """2-D arrays (rows × width) become fixed-size-list columns of one Arrow IPC file."""
+    arrays, names = [], []
+    for name, values in columns.items():
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+        arrays.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1]))
+        names.append(name)
+    table = pa.Table.from_arrays(arrays, names=names)
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def decode_arrow(data: bytes, source: str) -> dict[str, np.ndarray]:
+    """Inverse of `encode_arrow`: each column as a 2-D numpy array."""
+    try:
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    except pa.ArrowInvalid as err:
+        raise ShardError(f"{source}: not a readable Arrow IPC file ({err}); delete it and rerun its stage") from None
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        width = column.type.list_size
+        columns[name] = np.array(column.flatten().to_numpy(zero_copy_only=False)).reshape(-1, width)
+    return columns
+
+
+def read_verified(store: Store, record: FileRecord) -> bytes:
+    """The bytes of a manifest-listed file, after checking they are the ones the manifest recorded."""
+    try:
+        data = store.read_bytes(record.path)
+    except FileNotFoundError:
+        raise ShardError(f"shard {record.url} is missing; rerun the stage that wrote it with --force") from None
+    if len(data) != record.bytes:
+        raise ShardError(
+            f"shard {record.url} is truncated or altered: {len(data)} bytes, the manifest says {record.bytes}; "
+            "rerun the stage that wrote it with --force"
+        )
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        raise ShardError(
+            f"shard {record.url} is corrupt: its sha256 does not match the manifest; "
+            "rerun the stage that wrote it with --force"
+        )
+    return data
+
+
+def split_shards(prep: Manifest, split: str) -> list[FileRecord]:
+    """The token shards of one split, in order."""
+    names = prep.details["splits"].get(split, {}).get("shards", [])
+    if not names:
+        raise ShardError(f"prep {prep.key} has no shards for split {split!r}; add data or lower the held-out fractions")
+    return [prep.output(name) for name in names]
+
+
+def load_split(store: Store, prep: Manifest, split: str, max_rows: int | None = None) -> np.ndarray:
+    """All rows of a split as one (rows, seq_len) int64 array (small splits: eval, tests)."""
+    rows, total = [], 0
+    for record in split_shards(prep, split):
+        block = decode_arrow(read_verified(store, record), record.url)["input_ids"]
+        rows.append(block)
+        total += len(block)
+        if max_rows is not None and total >= max_rows:
+            break
+    stacked = np.concatenate(rows).astype(np.int64)
+    return stacked[:max_rows] if max_rows is not None else stacked

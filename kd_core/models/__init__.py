@@ -1,0 +1,90 @@
+"""Building, saving and loading the Hugging Face causal LMs that kdflow teaches and trains.
+
+Models are Llama-style `transformers` causal LMs built from an `ArchitectureConfig` (random
+weights, seeded) or loaded from a Hugging Face directory on any fsspec store. Weights are saved as
+safetensors with the tokenizer beside them, so every model directory kdflow writes loads with
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kd_core.config import ArchitectureConfig
+from kd_core.storage import Store
+
+def quiet_transformers() -> None:
+    """Our own progress bars report the work; transformers' per-file bars would interleave."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+CACHE_ROOT = Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow"))
+
+
+def build_causal_lm(arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, seed: int, dropout: float = 0.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    quiet_transformers()
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=arch.tie_embeddings,
+        attention_dropout=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_model_dir(model, tokenizer_dir: Path, folder: Path) -> Path:
+    """Write model (safetensors) and tokenizer into one Hugging Face directory on local disk."""
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def local_copy(store: Store, relative: str) -> Path:
+    """A local folder holding `relative` (the store's own path when it is on local disk)."""
+    local = store.local_path(relative)
+    if local is not None:
+        return local
+    target = CACHE_ROOT / "downloads" / store.protocol / relative.replace("/", "__")
+    return store.download_dir(relative, target)
+
+
+def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32):
+    """Load a Hugging Face causal LM from local disk (safetensors only, never pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    model.eval()
+    return model
+
+
+def temporary_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=CACHE_ROOT)

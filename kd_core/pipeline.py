@@ -1,0 +1,75 @@
+"""Runs the stages in order, in this process (the embedded default and `kdflow <stage>`).
+
+    prep -> teacher -> cache -> distill (+ baseline) -> eval -> register
+
+Asking for a stage runs everything it depends on first; stages whose manifest already exists
+are reused, so `kdflow eval` after `kdflow distill` only evaluates. This module unpacks the job
+config into the sections each stage function takes: the stage functions never see the whole
+config, and nothing here knows about Kubeflow.
+"""
+
+from __future__ import annotations
+
+from kd_core.config import JobConfig, public_dict
+from kd_core.manifest import Manifest
+from kd_core.progress import say
+from kd_core.storage import Store
+
+STAGES = ("prep", "cache", "distill", "eval", "register")
+"""The CLI's stages, in order. `cache` includes the teacher step, `distill` the baseline."""
+
+
+def run_pipeline(config: JobConfig, until: str = "register", force: frozenset[str] = frozenset()) -> dict[str, Manifest]:
+    """Run every stage up to and including `until`; `force` names steps to redo ('all' for every one).
+
+    Returns step name (prep, teacher, cache, distill, baseline, eval, register) -> its manifest.
+    """
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
+    store = Store(config.storage)
+    forced = lambda step: "all" in force or step in force  # noqa: E731
+    steps: dict[str, Manifest] = {}
+    wanted = STAGES[: STAGES.index(until) + 1]
+
+    from kd_core.data.prep import prep
+
+    steps["prep"] = _announce(prep(config.data, store, force=forced("prep")))
+    if "cache" in wanted:
+        from kd_core.cache import cache
+        from kd_core.train.teacher import teacher
+
+        steps["teacher"] = _announce(teacher(config.teacher, steps["prep"], store, config.compute, force=forced("teacher")))
+        steps["cache"] = _announce(
+            cache(config.cache, steps["prep"], steps["teacher"], store, config.compute, force=forced("cache"))
+        )
+    if "distill" in wanted:
+        from kd_core.train.distill import baseline, distill
+
+        steps["distill"] = _announce(
+            distill(config.distill, config.student, steps["prep"], steps["cache"], store, config.compute, force=forced("distill"))
+        )
+        if config.distill.baseline:
+            steps["baseline"] = _announce(
+                baseline(config.distill, config.student, steps["prep"], store, config.compute, force=forced("baseline"))
+            )
+    if "eval" in wanted:
+        from kd_core.eval import evaluate
+
+        steps["eval"] = _announce(
+            evaluate(
+                config.eval, steps["prep"], steps["teacher"], steps["distill"], steps.get("baseline"), store, force=forced("eval")
+            )
+        )
+    if "register" in wanted:
+        from kd_core.registry import register
+
+        steps["register"] = _announce(
+            register(config.registry, steps["eval"], steps["distill"], store, public_dict(config), force=forced("register"))
+        )
+    return steps
+
+
+def _announce(manifest: Manifest) -> Manifest:
+    state = "reused" if manifest.reused else f"done in {manifest.timings.get('total', 0):.1f}s"
+    say(f"[green]✓[/green] {manifest.stage:<9} {manifest.key}  {state}")
+    return manifest

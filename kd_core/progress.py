@@ -1,0 +1,55 @@
+"""Console progress bars and messages shared by every stage (rich, on stderr)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+_QUIET = os.environ.get("KDFLOW_QUIET") == "1"
+
+
+def say(message: str) -> None:
+    if not _QUIET:
+        console.print(message)
+
+
+class Bar:
+    """A handle on one progress bar: `advance(n)` and a free-text status on its right."""
+
+    def __init__(self, progress: Progress | None, task_id: int | None):
+        self._progress, self._task = progress, task_id
+
+    def advance(self, amount: float = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, amount)
+
+    def update(self, completed: float | None = None, status: str | None = None) -> None:
+        if self._progress is None:
+            return
+        fields = {"status": status} if status is not None else {}
+        self._progress.update(self._task, completed=completed, **fields)
+
+
+@contextmanager
+def progress_bar(description: str, total: float | None) -> Iterator[Bar]:
+    """A bar for one long step; silent when KDFLOW_QUIET=1."""
+    if _QUIET:
+        yield Bar(None, None)
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
+    with Progress(*columns, console=console, transient=False, disable=not sys.stderr) as progress:
+        task_id = progress.add_task(description, total=total, status="")
+        yield Bar(progress, task_id)

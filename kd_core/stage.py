@@ -1,0 +1,134 @@
+"""The stage contract, shared by every stage.
+
+A stage is a plain function: its config section and its input manifests in, a manifest out.
+`StageRun` does the bookkeeping so a stage function holds only its own logic:
+
+    run = StageRun(store, "prep", data_config, inputs={}, force=force)
+    if run.reused:
+        return run.reused
+    with run.timed("tokenize"):
+        ...
+    run.write_bytes("tokenizer.json", data)
+    return run.finish(metrics={...}, details={...})
+
+The stage's folder is `<root>/<stage>/<key>`, where the key hashes the stage name, its code
+version, its config section and its inputs' keys. The same inputs give the same key, and a key
+whose manifest is complete is skipped (unless forced). Forcing deletes the old manifest first, so
+a forced run that dies midway leaves the stage incomplete, never stale-but-complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from kd_core.config import public_dict, section_hash
+from kd_core.manifest import MANIFEST_NAME, Manifest, library_versions, read_manifest, stage_folder, write_manifest
+from kd_core.storage import FileRecord, Store
+
+# Bump a stage's number when its code changes what it writes: old outputs then stop matching.
+STAGE_CODE_VERSIONS = {"prep": 1, "teacher": 1, "cache": 1, "distill": 1, "baseline": 1, "eval": 1, "register": 1}
+
+
+def stage_key(stage: str, config_hash: str, input_keys: dict[str, str]) -> str:
+    payload = json.dumps(
+        {"stage": stage, "code": STAGE_CODE_VERSIONS[stage], "config": config_hash, "inputs": input_keys},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+class StageRun:
+    """One execution (or skip) of a stage at its key."""
+
+    def __init__(
+        self,
+        store: Store,
+        stage: str,
+        config: BaseModel | dict[str, Any],
+        inputs: dict[str, Manifest],
+        *,
+        force: bool = False,
+    ):
+        self.store = store
+        self.stage = stage
+        self.config = public_dict(config) if isinstance(config, BaseModel) else dict(config)
+        self.config_hash = section_hash(config)
+        self.input_keys = {name: manifest.key for name, manifest in sorted(inputs.items())}
+        self.key = stage_key(stage, self.config_hash, self.input_keys)
+        self.folder = stage_folder(stage, self.key)
+        self.outputs: dict[str, FileRecord] = {}
+        self.timings: dict[str, float] = {}
+        self._started = time.perf_counter()
+        self.reused: Manifest | None = None
+        if not force:
+            self.reused = read_manifest(store, stage, self.key)
+            if self.reused is not None:
+                self.reused.reused = True
+        if self.reused is None:
+            store.delete(f"{self.folder}/{MANIFEST_NAME}")
+
+    # ------------------------------------------------------------------------- outputs
+    def relative(self, name: str) -> str:
+        """Path of an output, relative to the store root."""
+        return f"{self.folder}/{name}"
+
+    def url(self, name: str) -> str:
+        return self.store.url(self.relative(name))
+
+    def _keep(self, name: str, record: FileRecord) -> FileRecord:
+        self.outputs[name] = record
+        return record
+
+    def write_bytes(self, name: str, data: bytes) -> FileRecord:
+        return self._keep(name, self.store.write_bytes(self.relative(name), data))
+
+    def upload_file(self, local_file: str | Path, name: str) -> FileRecord:
+        return self._keep(name, self.store.upload_file(local_file, self.relative(name)))
+
+    def upload_dir(self, local_dir: str | Path, name: str) -> list[FileRecord]:
+        records = self.store.upload_dir(local_dir, self.relative(name))
+        for record in records:
+            self._keep(record.path[len(self.folder) + 1 :], record)
+        return records
+
+    def record(self, name: str, record: FileRecord) -> None:
+        """Adopt a file that another process (a Ray actor or worker) wrote into this stage."""
+        self._keep(name, record)
+
+    # ------------------------------------------------------------------------- timing
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[step] = round(time.perf_counter() - started, 3)
+
+    # ------------------------------------------------------------------------- finishing
+    def finish(self, metrics: dict[str, Any] | None = None, details: dict[str, Any] | None = None) -> Manifest:
+        """Write the manifest, last and atomically: from now on the stage counts as done."""
+        self.timings["total"] = round(time.perf_counter() - self._started, 3)
+        manifest = Manifest(
+            stage=self.stage,
+            key=self.key,
+            config_hash=self.config_hash,
+            config=self.config,
+            inputs=self.input_keys,
+            outputs=dict(sorted(self.outputs.items())),
+            metrics=metrics or {},
+            timings=self.timings,
+            details=details or {},
+            versions=library_versions(),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        write_manifest(self.store, manifest)
+        return manifest

@@ -1,0 +1,192 @@
+"""fsspec storage with atomic writes.
+
+Every stage reads and writes through a `Store`: a root URL (local path, `file://`, `memory://`,
+`s3://bucket/prefix`) plus the options needed to reach it. Paths handed to a `Store` are relative
+to its root.
+
+Atomicity: a reader never sees a half-written file.
+- Local disk: the bytes go to a temporary file in the target folder, are fsynced, and
+  `os.replace` swaps it in.
+- Object stores (S3, MinIO, memory): the bytes are staged in a local temporary file and uploaded
+  in one put; an object becomes visible only once its upload completes, and a write that fails
+  midway never uploads at all (a plain `fs.open(..., "wb")` would commit the partial buffer when
+  the `with` block unwinds).
+
+Credentials come from the config's `storage.s3` section or, preferably, from the environment
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`); they live only in the
+filesystem object and never appear in URLs, manifests or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from kd_core.config import StorageConfig
+
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One written file: where it is, how big, and its sha256."""
+
+    path: str
+    url: str
+    bytes: int
+    sha256: str
+
+
+def storage_options(config: StorageConfig) -> dict:
+    """fsspec options for the root's protocol; secrets are unwrapped only here."""
+    if not config.root.startswith(("s3://", "s3a://")):
+        return {}
+    s3 = config.s3
+    options: dict = {}
+    client_kwargs = {}
+    if s3.endpoint_url:
+        options["endpoint_url"] = s3.endpoint_url
+    if s3.region:
+        client_kwargs["region_name"] = s3.region
+    if s3.access_key_id is not None:
+        options["key"] = s3.access_key_id.get_secret_value()
+    if s3.secret_access_key is not None:
+        options["secret"] = s3.secret_access_key.get_secret_value()
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options
+
+
+class Store:
+    """A folder on any fsspec filesystem, with atomic writes and checksummed reads."""
+
+    def __init__(self, config: StorageConfig):
+        self.fs, root = fsspec.core.url_to_fs(config.root, **storage_options(config))
+        self.root = root.rstrip("/")
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        # Worker processes (Ray actors, Ray Train workers) run in other folders: hand them an absolute root.
+        self.config = config.model_copy(update={"root": self.root}) if self.is_local else config
+
+    def __repr__(self) -> str:
+        return f"Store({self.url('')!r})"
+
+    # ------------------------------------------------------------------------------- naming
+    def path(self, relative: str) -> str:
+        """Filesystem path (no protocol) of a path relative to the root."""
+        return f"{self.root}/{relative}".rstrip("/") if relative else self.root
+
+    def url(self, relative: str) -> str:
+        """Full URL of a relative path, safe to record: it never carries credentials."""
+        full = self.path(relative)
+        if self.is_local:
+            return full
+        return f"{self.protocol}://{full.lstrip('/')}" if self.protocol != "memory" else f"memory://{full}"
+
+    def local_path(self, relative: str) -> Path | None:
+        """The path on this machine's disk, when the store is local; None for remote stores."""
+        return Path(self.path(relative)) if self.is_local else None
+
+    # ------------------------------------------------------------------------------- writing
+    @contextmanager
+    def atomic_open(self, relative: str) -> Iterator[IO[bytes]]:
+        """Open `relative` for binary writing; it appears, whole, only if the block succeeds."""
+        target = self.path(relative)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            handle = tempfile.NamedTemporaryFile(dir=os.path.dirname(target), prefix=".tmp-", delete=False)
+        else:
+            handle = tempfile.NamedTemporaryFile(prefix="kdflow-upload-", delete=False)
+        try:
+            with handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._publish(handle.name, target)
+        finally:
+            if os.path.exists(handle.name):
+                os.unlink(handle.name)
+
+    def _publish(self, local_tmp: str, target: str) -> None:
+        if self.is_local:
+            os.replace(local_tmp, target)
+        elif self.protocol in _OBJECT_STORES:
+            self.fs.put_file(local_tmp, target)
+        else:  # e.g. sftp: upload beside the target, then rename
+            staging = f"{target}.tmp-{os.getpid()}"
+            self.fs.put_file(local_tmp, staging)
+            self.fs.mv(staging, target)
+
+    def write_bytes(self, relative: str, data: bytes) -> FileRecord:
+        with self.atomic_open(relative) as handle:
+            handle.write(data)
+        return FileRecord(relative, self.url(relative), len(data), hashlib.sha256(data).hexdigest())
+
+    def upload_file(self, local_file: str | Path, relative: str) -> FileRecord:
+        """Copy a local file into the store atomically, hashing it on the way."""
+        digest, size = hashlib.sha256(), 0
+        with open(local_file, "rb") as source, self.atomic_open(relative) as target:
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                target.write(chunk)
+        return FileRecord(relative, self.url(relative), size, digest.hexdigest())
+
+    def upload_dir(self, local_dir: str | Path, relative: str) -> list[FileRecord]:
+        """Upload every file under a local folder (e.g. a Hugging Face model directory)."""
+        local_dir = Path(local_dir)
+        return [
+            self.upload_file(file, f"{relative}/{file.relative_to(local_dir).as_posix()}")
+            for file in sorted(local_dir.rglob("*"))
+            if file.is_file()
+        ]
+
+    # ------------------------------------------------------------------------------- reading
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self.path(relative))
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
+
+    def open_read(self, relative: str) -> IO[bytes]:
+        return self.fs.open(self.path(relative), "rb")
+
+    def delete(self, relative: str) -> None:
+        if self.fs.exists(self.path(relative)):
+            self.fs.rm(self.path(relative), recursive=True)
+
+    def download_dir(self, relative: str, local_dir: str | Path) -> Path:
+        """Make a remote folder available on local disk (a no-op view for local stores)."""
+        local = self.local_path(relative)
+        if local is not None:
+            return local
+        local_dir = Path(local_dir)
+        if local_dir.exists():
+            shutil.rmtree(local_dir)
+        local_dir.mkdir(parents=True)
+        prefix = self.path(relative).rstrip("/")
+        for remote in self.fs.find(prefix):
+            destination = local_dir / remote[len(prefix) + 1 :]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(destination))
+        return local_dir
+
+
+def sha256_of(handle: IO[bytes]) -> tuple[str, int]:
+    """sha256 and byte count of a readable binary stream."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := handle.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size

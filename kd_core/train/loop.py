@@ -1,0 +1,200 @@
+"""The training loop every causal LM in kdflow goes through: teacher, student and baseline.
+
+`train_worker(spec, rank, world_size, progress)` is the code one data-parallel worker runs. Ray
+Train calls it in each worker (see `ray_glue.py`); the `local` backend, tests and the GPU check
+call it directly in one process. Named steps, top to bottom: setup, train step, save.
+
+The data order is a pure function of (seed, step): each epoch is a seeded permutation of the
+training rows, the global batch of step s is the next `batch_size` rows of it, and rank r takes
+every world_size-th row of that batch. So the same global batch gives the same data on one worker
+or many.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd_core.config import ArchitectureConfig, LossConfig, StorageConfig, TrainConfig
+from kd_core.data.shards import decode_arrow, read_verified, split_shards
+from kd_core.losses import DistillationObjective
+from kd_core.manifest import Manifest
+from kd_core.models import build_causal_lm, count_parameters, local_copy, save_model_dir, temporary_dir
+from kd_core.storage import FileRecord, Store
+
+HISTORY_NAME = "history.jsonl"
+
+
+@dataclass
+class TrainSpec:
+    """Everything a worker needs, as plain picklable data (the storage section holds no logs)."""
+
+    storage: StorageConfig
+    architecture: ArchitectureConfig
+    train: TrainConfig
+    vocab_size: int
+    seq_len: int
+    token_shards: list[FileRecord]
+    tokenizer_folder: str
+    """Store-relative folder of the prep stage's tokenizer, copied beside the saved model."""
+    output_folder: str
+    """Store-relative folder that receives `model/` and `history.jsonl`."""
+    loss: LossConfig | None = None
+    """None trains on cross-entropy alone (teacher, baseline)."""
+    cache_shards: list[FileRecord] = field(default_factory=list)
+    """Teacher top-k shards aligned one-to-one with `token_shards` (distillation only)."""
+    top_k: int = 0
+
+    @classmethod
+    def from_prep(cls, prep: Manifest, store: Store, output_folder: str, architecture, train, **distillation) -> TrainSpec:
+        """A spec that trains on the prep stage's training split and writes into `output_folder`."""
+        return cls(
+            storage=store.config,
+            architecture=architecture,
+            train=train,
+            vocab_size=prep.details["vocab_size"],
+            seq_len=prep.details["seq_len"],
+            token_shards=split_shards(prep, "train"),
+            tokenizer_folder=f"{prep.folder}/tokenizer",
+            output_folder=output_folder,
+            **distillation,
+        )
+
+
+class TrainingData:
+    """Training rows (and aligned teacher targets) held in memory, served in a seeded order."""
+
+    def __init__(self, store: Store, spec: TrainSpec):
+        self.rows = np.concatenate([_read_column(store, r, "input_ids") for r in spec.token_shards]).astype(np.int64)
+        self.teacher_ids = self.teacher_logprobs = None
+        if spec.cache_shards:
+            if len(spec.cache_shards) != len(spec.token_shards):
+                raise ValueError(
+                    f"teacher cache has {len(spec.cache_shards)} shards but the training split has "
+                    f"{len(spec.token_shards)}; rerun the cache stage with --force"
+                )
+            shape = (-1, spec.seq_len, spec.top_k)
+            self.teacher_ids = np.concatenate([_read_column(store, r, "topk_ids") for r in spec.cache_shards]).reshape(shape)
+            self.teacher_logprobs = np.concatenate(
+                [_read_column(store, r, "topk_logprobs") for r in spec.cache_shards]
+            ).reshape(shape)
+            if len(self.teacher_ids) != len(self.rows):
+                raise ValueError(f"teacher cache holds {len(self.teacher_ids)} rows, token shards {len(self.rows)}")
+
+    def batch_indices(self, step: int, batch_size: int, seed: int, rank: int, world_size: int) -> np.ndarray:
+        first = step * batch_size
+        epoch, offset = divmod(first, len(self.rows))
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.rows))
+        if offset + batch_size > len(order):  # the batch straddles two epochs
+            order = np.concatenate([order, np.random.default_rng([seed, epoch + 1]).permutation(len(self.rows))])
+        return order[offset : offset + batch_size][rank::world_size]
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = {"input_ids": torch.from_numpy(self.rows[indices])}
+        if self.teacher_ids is not None:
+            batch["teacher_topk_ids"] = torch.from_numpy(self.teacher_ids[indices].astype(np.int64))
+            batch["teacher_topk_logprobs"] = torch.from_numpy(self.teacher_logprobs[indices].astype(np.float32))
+        return batch
+
+
+def _read_column(store: Store, record: FileRecord, column: str) -> np.ndarray:
+    return decode_arrow(read_verified(store, record), record.url)[column]
+
+
+def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, train.warmup_steps, train.max_steps, train.min_lr_ratio)
+    )
+    return optimizer, schedule
+
+
+def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=None, wrap_model=None) -> dict:
+    """Train one model; rank 0 saves it and returns the final metrics with the written files.
+
+    `progress(step, metrics)` is called on rank 0 at every log step. `wrap_model` (e.g. Ray
+    Train's `prepare_model`, which adds DistributedDataParallel) is applied after building.
+    """
+    # --- setup
+    store = Store(spec.storage)
+    data = TrainingData(store, spec)
+    model = build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, seed=spec.train.seed, dropout=spec.train.dropout)
+    parameters = count_parameters(model)
+    model = wrap_model(model) if wrap_model else model
+    device = next(model.parameters()).device
+    optimizer, schedule = make_optimizer(model, spec.train)
+    objective = DistillationObjective(
+        kd_weight=spec.loss.kd_weight if spec.loss else 0.0,
+        temperature=spec.loss.temperature if spec.loss else 1.0,
+        scale_by_temperature_squared=spec.loss.scale_by_temperature_squared if spec.loss else True,
+    )
+    history: list[dict] = []
+    started, tokens_seen = time.perf_counter(), 0
+    model.train()
+    # --- train steps
+    for step in range(spec.train.max_steps):
+        indices = data.batch_indices(step, spec.train.batch_size, spec.train.seed, rank, world_size)
+        batch = {name: tensor.to(device) for name, tensor in data.batch(indices).items()}
+        terms = train_step(model, optimizer, schedule, objective, batch, spec.train.grad_clip)
+        tokens_seen += batch["input_ids"].numel() * world_size
+        if rank == 0 and (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
+            elapsed = time.perf_counter() - started
+            record = {"step": step + 1, **terms, "lr": schedule.get_last_lr()[0], "tokens_per_s": tokens_seen / elapsed}
+            history.append(record)
+            if progress is not None:
+                progress(step + 1, record)
+    # --- save
+    result = {**(history[-1] if history else {}), "parameters": parameters, "train_seconds": time.perf_counter() - started}
+    if rank == 0:
+        unwrapped = model.module if hasattr(model, "module") else model
+        result["files"] = save_outputs(store, spec, unwrapped, history)
+    return result
+
+
+def train_step(model, optimizer, schedule, objective, batch, grad_clip) -> dict[str, float]:
+    logits = model(input_ids=batch["input_ids"]).logits
+    terms = objective(
+        logits,
+        batch["input_ids"],
+        teacher_topk_logprobs=batch.get("teacher_topk_logprobs"),
+        teacher_topk_ids=batch.get("teacher_topk_ids"),
+    )
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    optimizer.step()
+    schedule.step()
+    logged = {name: float(value.detach()) for name, value in terms.items()}
+    logged["grad_norm"] = float(grad_norm)
+    return logged
+
+
+def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict]) -> list[FileRecord]:
+    """The model directory (safetensors + tokenizer) and the loss history, written atomically."""
+    tokenizer_dir = local_copy(store, spec.tokenizer_folder)
+    with temporary_dir("model-") as folder:
+        save_model_dir(model, tokenizer_dir, Path(folder))
+        records = store.upload_dir(folder, f"{spec.output_folder}/model")
+    history_text = "".join(json.dumps(record) + "\n" for record in history)
+    records.append(store.write_bytes(f"{spec.output_folder}/{HISTORY_NAME}", history_text.encode()))
+    return records

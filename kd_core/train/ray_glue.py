@@ -1,0 +1,152 @@
+"""Running the training loop on Ray Train (Train V2 `TorchTrainer`) or in this process.
+
+`fit(spec, compute, description)` trains one model and returns rank 0's result. With the `ray`
+backend, `compute.num_workers` Ray Train workers each run `train_worker` (gloo on CPU, NCCL on
+GPUs; Ray Train sets up the process group and `prepare_model` wraps the model in DDP). Rank 0
+streams its log records to a small reporter actor, which the driver polls to draw the progress
+bar and from which it collects the final result (with the files rank 0 wrote).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+from kd_core.config import ComputeConfig
+from kd_core.manifest import Manifest
+from kd_core.progress import progress_bar
+from kd_core.stage import StageRun
+from kd_core.train.loop import TrainSpec, train_worker
+
+_POLL_SECONDS = 0.5
+
+
+def ensure_ray(compute: ComputeConfig) -> None:
+    """Connect to `compute.ray_address`, or start a local Ray, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(
+        address=compute.ray_address,
+        num_cpus=None if compute.ray_address else compute.num_cpus,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=os.environ.get("KDFLOW_RAY_LOGS") == "1",
+        configure_logging=True,
+    )
+
+
+class TrainReporter:
+    """Collects rank 0's log records and final result; a Ray actor under the `ray` backend."""
+
+    def __init__(self):
+        self.step, self.record, self.result = 0, {}, None
+
+    def update(self, step: int, record: dict) -> None:
+        self.step, self.record = step, record
+
+    def finish(self, result: dict) -> None:
+        self.result = result
+
+    def poll(self) -> tuple[int, dict, dict | None]:
+        return self.step, self.record, self.result
+
+
+def fit(spec: TrainSpec, compute: ComputeConfig, description: str) -> dict:
+    with progress_bar(description, total=spec.train.max_steps) as bar:
+        if compute.backend == "local":
+            def progress(step: int, record: dict) -> None:
+                bar.update(step, _status(record))
+
+            torch.set_num_threads(compute.cpus_per_worker)
+            return train_worker(spec, progress=progress)
+        return _fit_on_ray(spec, compute, bar)
+
+
+def fit_stage(run: StageRun, spec: TrainSpec, compute: ComputeConfig, description: str) -> Manifest:
+    """Train into a stage's folder, adopt the files rank 0 wrote, and finish the stage."""
+    with run.timed("train"):
+        result = fit(spec, compute, description)
+    for record in result.pop("files"):
+        run.record(record.path[len(run.folder) + 1 :], record)
+    return run.finish(metrics=result, details={"model_folder": f"{run.folder}/model"})
+
+
+def _status(record: dict) -> str:
+    terms = " ".join(f"{name} {record[name]:.3f}" for name in ("loss", "ce", "kd") if name in record)
+    return f"{terms} | {record.get('tokens_per_s', 0):,.0f} tok/s"
+
+
+def _ray_train_loop(config: dict) -> None:
+    """What each Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    torch.set_num_threads(config["threads"])
+    reporter = config["reporter"]
+    rank = context.get_world_rank()
+
+    def progress(step: int, record: dict) -> None:
+        reporter.update.remote(step, record)
+
+    result = train_worker(
+        config["spec"],
+        rank=rank,
+        world_size=context.get_world_size(),
+        progress=progress,
+        wrap_model=ray.train.torch.prepare_model,
+    )
+    if rank == 0:
+        ray.get(reporter.finish.remote(result))
+    ray.train.report({key: value for key, value in result.items() if key != "files"})
+
+
+def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kd_core.models import CACHE_ROOT
+
+    ensure_ray(compute)
+    reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"spec": spec, "reporter": reporter, "threads": compute.cpus_per_worker},
+        scaling_config=ScalingConfig(
+            num_workers=compute.num_workers,
+            use_gpu=compute.use_gpu,
+            resources_per_worker={"CPU": compute.cpus_per_worker},
+        ),
+        run_config=RunConfig(name=f"kdflow-{spec.output_folder.replace('/', '-')}", storage_path=str(CACHE_ROOT / "ray_train")),
+    )
+    failure: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(trainer.fit, failure), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        step, record, _ = ray.get(reporter.poll.remote())
+        if record:
+            bar.update(step, _status(record))
+        time.sleep(_POLL_SECONDS)
+    thread.join()
+    if failure:
+        raise failure[0]
+    step, record, result = ray.get(reporter.poll.remote())
+    bar.update(step, _status(record) if record else "")
+    ray.kill(reporter)
+    if result is None:
+        raise RuntimeError("Ray Train finished but rank 0 reported no result; see the Ray worker logs")
+    return result
+
+
+def _capture(function, failures: list[BaseException]) -> None:
+    try:
+        function()
+    except BaseException as err:  # re-raised in the driver thread
+        failures.append(err)

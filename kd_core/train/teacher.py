@@ -1,0 +1,91 @@
+"""The teacher step of the cache stage: an existing model, or one kdflow trains and keeps.
+
+- `teacher.path` set: the directory is used where it is. The stage records its identity (the
+  sha256 of its weight files) so a changed teacher gives a new cache key, and checks that its
+  tokenizer has the prepared data's vocabulary.
+- `teacher.path` unset: kdflow trains the teacher from `teacher.architecture` with cross-entropy
+  on the training split (seeded, through the same loop and Ray Train workers as students). The
+  result is stored under its key and reused by every later run with the same data and config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import fsspec
+
+from kd_core.config import ComputeConfig, TeacherConfig
+from kd_core.manifest import Manifest
+from kd_core.models import CACHE_ROOT, local_copy
+from kd_core.stage import StageRun
+from kd_core.storage import Store, storage_options
+from kd_core.train.loop import TrainSpec
+from kd_core.train.ray_glue import fit_stage
+
+
+class TeacherError(ValueError):
+    """A teacher directory that cannot teach this data."""
+
+
+def teacher(config: TeacherConfig, prep: Manifest, store: Store, compute: ComputeConfig, *, force: bool = False) -> Manifest:
+    if config.path:
+        return _use_existing(config.path, prep, store, force)
+    section = config.model_dump(mode="json", exclude={"path"})
+    run = StageRun(store, "teacher", section, inputs={"prep": prep}, force=force)
+    if run.reused:
+        return run.reused
+    spec = TrainSpec.from_prep(prep, store, run.folder, config.architecture, config.train)
+    return fit_stage(run, spec, compute, "teacher: train")
+
+
+def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manifest:
+    fs, root = fsspec.core.url_to_fs(url, **storage_options(store.config))
+    weight_files = sorted(path for path in fs.find(root) if path.endswith(".safetensors"))
+    if not weight_files:
+        raise TeacherError(f"teacher.path: {url} holds no .safetensors weights; kdflow loads only safetensors")
+    digest = hashlib.sha256()
+    for path in weight_files:
+        digest.update(fs.info(path).get("ETag", "").encode() or _file_sha256(fs, path).encode())
+    identity = {"path": url, "weights_sha256": digest.hexdigest()}
+    run = StageRun(store, "teacher", identity, inputs={"prep": prep}, force=force)
+    if run.reused:
+        return run.reused
+    _check_vocabulary(fs, root, url, store, prep)
+    return run.finish(details={"external_url": url})
+
+
+def _file_sha256(fs, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_vocabulary(fs, root: str, url: str, store: Store, prep: Manifest) -> None:
+    teacher_tokenizer = f"{root}/tokenizer.json"
+    if not fs.exists(teacher_tokenizer):
+        raise TeacherError(f"teacher.path: {url} has no tokenizer.json; the teacher must share the data's tokenizer")
+    prepared = json.loads(store.read_bytes(f"{prep.folder}/tokenizer/tokenizer.json"))["model"]["vocab"]
+    theirs = json.loads(fs.cat_file(teacher_tokenizer))["model"]["vocab"]
+    if prepared != theirs:
+        raise TeacherError(
+            f"teacher.path: {url} uses a different vocabulary ({len(theirs)} entries) from the prepared data "
+            f"({len(prepared)}); prepare the data with the teacher's tokenizer"
+        )
+
+
+def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
+    """A local folder holding the teacher's Hugging Face directory."""
+    external = teacher_manifest.details.get("external_url")
+    if external is None:
+        return local_copy(store, teacher_manifest.details["model_folder"])
+    fs, root = fsspec.core.url_to_fs(external, **storage_options(store.config))
+    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        return Path(root)
+    target = CACHE_ROOT / "teachers" / teacher_manifest.key
+    if not target.exists():
+        fs.get(root.rstrip("/") + "/", str(target), recursive=True)
+    return target
