@@ -16,7 +16,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -151,14 +151,20 @@ class CacheConfig(Section):
     """Entries kept per position."""
     batch_size: int = Field(default=32, gt=0)
     """Rows per teacher forward pass."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Temperature of the softmax whose top-k log-probs are stored."""
     num_actors: int = Field(default=2, gt=0)
     """Teacher actors in the Ray pool (one per GPU on a cluster, CPU actors locally)."""
 
 
 # --------------------------------------------------------------------------------------- distill
 class LossConfig(Section):
-    temperature: float = Field(default=2.0, gt=0)
-    """Softmax temperature T applied to both student and teacher logits in the KD term."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Softmax temperature T of the KD term. With `topk_tail` it must equal `cache.temperature`
+    (the cached log-probs are already at it)."""
+    topk_tail: bool = True
+    """Compare over the cached top-k ids plus one bucket for the rest of the vocabulary, so the
+    student keeps the teacher's tail mass; False renormalises the teacher over its top k."""
     kd_weight: float = Field(default=0.5, ge=0, le=1)
     """Weight of the KD term; the hard-label cross-entropy gets `1 - kd_weight`."""
     scale_by_temperature_squared: bool = True
@@ -247,6 +253,12 @@ class JobConfig(Section):
             raise ValueError(
                 f"cache.top_k: must be <= data.vocab_size ({self.data.vocab_size}), got {self.cache.top_k}"
             )
+        loss = self.distill.loss
+        if loss.topk_tail and loss.kd_weight > 0 and loss.temperature != self.cache.temperature:
+            raise ValueError(
+                f"distill.loss.temperature: must equal cache.temperature ({self.cache.temperature}) when "
+                f"distill.loss.topk_tail is true, got {loss.temperature}; set both, or topk_tail: false"
+            )
         return self
 
 
@@ -310,7 +322,8 @@ def _describe_error(error: dict[str, Any]) -> str:
         message = str(error["ctx"]["error"])
         return message if not field_path else f"{field_path}: {message}"
     template = _MESSAGES.get(error["type"])
-    message = template.format(**error.get("ctx", {})) if template else error["msg"][0].lower() + error["msg"][1:]
+    bounds = {name: value if name == "expected" else _show(value) for name, value in error.get("ctx", {}).items()}
+    message = template.format(**bounds) if template else error["msg"][0].lower() + error["msg"][1:]
     return f"{field_path}: {message}, got {_show(error.get('input'))}"
 
 
@@ -327,6 +340,8 @@ def _suggestion(location: tuple[Any, ...]) -> str:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, (dict, list)):
         return json.dumps(value)[:80]
     return repr(value) if isinstance(value, str) else str(value)
@@ -342,9 +357,9 @@ def section_hash(section: BaseModel | dict[str, Any]) -> str:
 
 def _secret_fields(model: BaseModel) -> dict[str, Any]:
     excluded: dict[str, Any] = {}
-    for name in type(model).model_fields:
+    for name, field in type(model).model_fields.items():
         value = getattr(model, name)
-        if isinstance(value, SecretStr):
+        if field.annotation is SecretStr or SecretStr in get_args(field.annotation):
             excluded[name] = True
         elif isinstance(value, BaseModel):
             nested = _secret_fields(value)

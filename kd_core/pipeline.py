@@ -18,6 +18,21 @@ from kd_core.storage import Store
 STAGES = ("prep", "cache", "distill", "eval", "register")
 """The CLI's stages, in order. `cache` includes the teacher step, `distill` the baseline."""
 
+DEPENDS_ON = {
+    "prep": (),
+    "teacher": ("prep",),
+    "cache": ("prep", "teacher"),
+    "distill": ("prep", "cache"),
+    "baseline": ("prep",),
+    "eval": ("prep", "teacher", "distill", "baseline"),
+    "register": ("eval", "distill"),
+}
+"""Step -> the steps whose outputs it reads. Forcing a step also redoes everything downstream."""
+
+
+def is_forced(step: str, force: frozenset[str]) -> bool:
+    return "all" in force or step in force or any(is_forced(upstream, force) for upstream in DEPENDS_ON[step])
+
 
 def run_pipeline(config: JobConfig, until: str = "register", force: frozenset[str] = frozenset()) -> dict[str, Manifest]:
     """Run every stage up to and including `until`; `force` names steps to redo ('all' for every one).
@@ -27,44 +42,43 @@ def run_pipeline(config: JobConfig, until: str = "register", force: frozenset[st
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
     store = Store(config.storage)
-    forced = lambda step: "all" in force or step in force  # noqa: E731
     steps: dict[str, Manifest] = {}
     wanted = STAGES[: STAGES.index(until) + 1]
 
     from kd_core.data.prep import prep
 
-    steps["prep"] = _announce(prep(config.data, store, force=forced("prep")))
+    steps["prep"] = _announce(prep(config.data, store, force=is_forced("prep", force)))
     if "cache" in wanted:
         from kd_core.cache import cache
         from kd_core.train.teacher import teacher
 
-        steps["teacher"] = _announce(teacher(config.teacher, steps["prep"], store, config.compute, force=forced("teacher")))
+        steps["teacher"] = _announce(teacher(config.teacher, steps["prep"], store, config.compute, force=is_forced("teacher", force)))
         steps["cache"] = _announce(
-            cache(config.cache, steps["prep"], steps["teacher"], store, config.compute, force=forced("cache"))
+            cache(config.cache, steps["prep"], steps["teacher"], store, config.compute, force=is_forced("cache", force))
         )
     if "distill" in wanted:
         from kd_core.train.distill import baseline, distill
 
         steps["distill"] = _announce(
-            distill(config.distill, config.student, steps["prep"], steps["cache"], store, config.compute, force=forced("distill"))
+            distill(config.distill, config.student, steps["prep"], steps["cache"], store, config.compute, force=is_forced("distill", force))
         )
         if config.distill.baseline:
             steps["baseline"] = _announce(
-                baseline(config.distill, config.student, steps["prep"], store, config.compute, force=forced("baseline"))
+                baseline(config.distill, config.student, steps["prep"], store, config.compute, force=is_forced("baseline", force))
             )
     if "eval" in wanted:
         from kd_core.eval import evaluate
 
         steps["eval"] = _announce(
             evaluate(
-                config.eval, steps["prep"], steps["teacher"], steps["distill"], steps.get("baseline"), store, force=forced("eval")
+                config.eval, steps["prep"], steps["teacher"], steps["distill"], steps.get("baseline"), store, force=is_forced("eval", force)
             )
         )
     if "register" in wanted:
         from kd_core.registry import register
 
         steps["register"] = _announce(
-            register(config.registry, steps["eval"], steps["distill"], store, public_dict(config), force=forced("register"))
+            register(config.registry, steps["eval"], steps["distill"], store, public_dict(config), force=is_forced("register", force))
         )
     return steps
 

@@ -5,7 +5,7 @@ Format `topk` (one Arrow IPC file per training shard, rows aligned with the toke
 | column                | type                                   | meaning                              |
 |-----------------------|----------------------------------------|--------------------------------------|
 | `topk_ids`            | fixed_size_list<uint16 or int32>[T·k]  | the k most likely next-token ids     |
-| `topk_logprobs`       | fixed_size_list<float16>[T·k]          | their log-probs at temperature 1     |
+| `topk_logprobs`       | fixed_size_list<float16>[T·k]          | their log-probs at `cache.temperature`|
 | `entropy`             | fixed_size_list<float16>[T]            | the teacher's full predictive entropy|
 
 Position t of a row describes the teacher's distribution over the token after input t. Teacher
@@ -123,7 +123,8 @@ class TeacherWorker:
         ids, logprobs, entropy = [], [], []
         for start in range(0, len(rows), self.config.batch_size):
             batch = torch.as_tensor(rows[start : start + self.config.batch_size], dtype=torch.long, device=self.device)
-            teacher_logprobs = torch.log_softmax(self.model(input_ids=batch).logits.float(), dim=-1)
+            logits = self.model(input_ids=batch).logits.float()
+            teacher_logprobs = torch.log_softmax(logits / self.config.temperature, dim=-1)
             top = teacher_logprobs.topk(self.config.top_k, dim=-1)
             ids.append(top.indices.cpu().numpy())
             logprobs.append(top.values.cpu().numpy())

@@ -56,10 +56,10 @@ def _docstrings(source_file: Path) -> Iterator[str]:
 
 
 def split_long(text: str, limit: int = MAX_DOC_CHARS) -> Iterator[str]:
-    """Cut text into pieces of at most ~limit characters, at blank lines where possible."""
+    """Cut text into pieces of at most `limit` characters, at blank lines where possible."""
     piece: list[str] = []
     size = 0
-    for paragraph in text.split("\n\n"):
+    for paragraph in _paragraphs(text, limit):
         if piece and size + len(paragraph) > limit:
             yield "\n\n".join(piece)
             piece, size = [], 0
@@ -67,6 +67,17 @@ def split_long(text: str, limit: int = MAX_DOC_CHARS) -> Iterator[str]:
         size += len(paragraph) + 2
     if piece and size > 0:
         yield "\n\n".join(piece)
+
+
+def _paragraphs(text: str, limit: int) -> Iterator[str]:
+    """Blank-line paragraphs; one longer than `limit` is cut at a space (or hard, if it has none)."""
+    for paragraph in text.split("\n\n"):
+        while len(paragraph) > limit:
+            cut = paragraph.rfind(" ", limit // 2, limit)
+            cut = cut if cut > 0 else limit
+            yield paragraph[:cut]
+            paragraph = paragraph[cut:]
+        yield paragraph
 
 
 def file_documents(urls: list[str], text_field: str, storage_options: dict) -> Iterator[str]:

@@ -32,6 +32,7 @@ class DistillationObjective:
     kd_weight: float = 0.5
     temperature: float = 1.0
     scale_by_temperature_squared: bool = True
+    topk_tail: bool = True
 
     def __call__(
         self,
@@ -47,7 +48,12 @@ class DistillationObjective:
             terms["loss"] = terms["ce"]
             return terms
         terms["kd"] = topk_kl(
-            student_logits, teacher_topk_logprobs, teacher_topk_ids, temperature=self.temperature, mask=mask
+            student_logits,
+            teacher_topk_logprobs,
+            teacher_topk_ids,
+            temperature=self.temperature,
+            mask=mask,
+            tail=self.topk_tail,
         )
         scale = self.temperature**2 if self.scale_by_temperature_squared else 1.0
         terms["loss"] = (1 - self.kd_weight) * terms["ce"] + self.kd_weight * scale * terms["kd"]

@@ -1,23 +1,37 @@
 """Forward KL against a teacher's cached top-k distribution.
 
 The cache keeps, for each position, the teacher's k most likely next tokens: their ids
-`teacher_topk_ids` (N, k) and log-probs `teacher_topk_logprobs` (N, k) at temperature 1. At
-distillation temperature T the teacher's distribution restricted to those ids is
+`teacher_topk_ids` (N, k) and log-probs `teacher_topk_logprobs` (N, k), taken from the full
+softmax at the cache temperature. Two ways to compare the student with them:
 
-    p̂_i = softmax_i(teacher_topk_logprobs / T)        (renormalised over the k kept ids;
-                                                         log p = logit - logsumexp, so dividing
-                                                         log-probs by T equals dividing logits)
+- `tail=True` (default; exact on the coarsened distribution). The vocabulary is split into k+1
+  outcomes: each kept id, and the "tail" of every other token. The teacher's probabilities are
+  p_i = exp(teacher_topk_logprobs_i) and p_tail = 1 − Σ p_i; the student's are
+  q_i = softmax(student_logits / T)_i and q_tail = 1 − Σ q_i. The loss per position is
 
-and the student's log-probs at the same ids are log q_i = log_softmax(student_logits / T)[ids].
-The loss per position is  Σ_i p̂_i (log p̂_i − log q_i), averaged over positions where `mask`
-is true. It equals `forward_kl` on full logits when k = V. Computed in float32; entries with
-p̂_i = 0 (e.g. −inf log-probs of padded slots) contribute exactly 0; an all-masked input gives 0.
+      Σ_i p_i (log p_i − log q_i) + p_tail (log p_tail − log q_tail).
+
+  Its minimum is the student matching the teacher on the kept ids *and* leaving the teacher's
+  tail mass on the other tokens. T must be the cache temperature (the log-probs are already at it).
+- `tail=False` (renormalised). p̂ = softmax(teacher_topk_logprobs / T) over the kept ids (log p =
+  logit − logsumexp, so dividing log-probs by T equals dividing logits), and the loss is
+  Σ_i p̂_i (log p̂_i − log q_i). This pushes all of the student's mass into the top k, which hurts
+  when the teacher's top k holds little mass; it allows any T from a temperature-1 cache.
+
+Both equal `forward_kl` on full logits when k = V. Computed in float32; entries with p = 0 (e.g.
+−inf log-probs of padded slots) contribute exactly 0; averaged over positions where `mask` is
+true; an all-masked input gives 0, not NaN.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+_TINY = 1e-30
+_LOG_TAIL_NOISE = math.log(1e-6)
 
 
 def masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -28,6 +42,17 @@ def masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.
     return (per_position * weights).sum() / weights.sum().clamp_min(1)
 
 
+def _kl_terms(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """p (log p − log q) elementwise, exactly 0 where p = 0."""
+    teacher_probs = teacher_logprobs.exp()
+    return torch.where(teacher_probs > 0, teacher_probs * (teacher_logprobs - student_logprobs), 0.0)
+
+
+def _log1mexp(log_mass: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x ≤ 0, floored at log(_TINY) so an empty tail stays finite."""
+    return torch.log((-torch.expm1(log_mass.clamp_max(0))).clamp_min(_TINY))
+
+
 def topk_kl(
     student_logits: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
@@ -35,8 +60,9 @@ def topk_kl(
     *,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
+    tail: bool = True,
 ) -> torch.Tensor:
-    """KL(p̂_teacher ‖ q_student) over the teacher's top-k ids.
+    """KL(teacher ‖ student) over the teacher's top-k ids (plus the tail bucket when `tail`).
 
     Shapes: student_logits (..., V); teacher_topk_logprobs and teacher_topk_ids (..., k);
     mask (...) bool or None. Returns a float32 scalar.
@@ -45,7 +71,14 @@ def topk_kl(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     student_at_ids = student_logprobs.gather(-1, teacher_topk_ids.long())
-    teacher_logprobs = F.log_softmax(teacher_topk_logprobs.float() / temperature, dim=-1)
-    teacher_probs = teacher_logprobs.exp()
-    terms = torch.where(teacher_probs > 0, teacher_probs * (teacher_logprobs - student_at_ids), 0.0)
-    return masked_mean(terms.sum(-1), mask)
+    teacher_logprobs = teacher_topk_logprobs.float()
+    if not tail:
+        teacher_logprobs = F.log_softmax(teacher_logprobs / temperature, dim=-1)
+        return masked_mean(_kl_terms(teacher_logprobs, student_at_ids).sum(-1), mask)
+    teacher_tail = _log1mexp(torch.logsumexp(teacher_logprobs, dim=-1))
+    student_tail = _log1mexp(torch.logsumexp(student_at_ids, dim=-1))
+    head = _kl_terms(teacher_logprobs, student_at_ids).sum(-1)
+    tail_term = _kl_terms(teacher_tail, student_tail)
+    # A teacher tail below float32 resolution of 1 − Σp is rounding noise, not mass.
+    tail_term = torch.where(teacher_tail > _LOG_TAIL_NOISE, tail_term, 0.0)
+    return masked_mean(head + tail_term, mask)

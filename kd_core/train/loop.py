@@ -143,11 +143,7 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     model = wrap_model(model) if wrap_model else model
     device = next(model.parameters()).device
     optimizer, schedule = make_optimizer(model, spec.train)
-    objective = DistillationObjective(
-        kd_weight=spec.loss.kd_weight if spec.loss else 0.0,
-        temperature=spec.loss.temperature if spec.loss else 1.0,
-        scale_by_temperature_squared=spec.loss.scale_by_temperature_squared if spec.loss else True,
-    )
+    objective = DistillationObjective(**spec.loss.model_dump()) if spec.loss else DistillationObjective(kd_weight=0.0)
     history: list[dict] = []
     started, tokens_seen = time.perf_counter(), 0
     model.train()

@@ -1,0 +1,163 @@
+"""The losses the spine trains with: top-k KL and the combined objective.
+
+Checked against naive references written out here (full-vocabulary KL by the definition), on odd
+shapes, with masks, for float32 and bfloat16 inputs. Run: .venv/bin/python -m pytest tests/test_losses.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kd_core.losses import DistillationObjective, next_token_cross_entropy, topk_kl
+
+
+def reference_forward_kl(student_logits, teacher_logits, temperature, mask):
+    """KL(p_t || p_s) per position by the definition, float64, then the masked mean."""
+    p = torch.softmax(teacher_logits.double() / temperature, -1)
+    log_p = torch.log_softmax(teacher_logits.double() / temperature, -1)
+    log_q = torch.log_softmax(student_logits.double() / temperature, -1)
+    per_position = (p * (log_p - log_q)).sum(-1)
+    weights = mask.double()
+    return (per_position * weights).sum() / weights.sum()
+
+
+def reference_tail_kl(student_logits, teacher_logits, k, mask):
+    """KL over the k+1 outcomes {teacher's top-k ids, everything else}, float64, masked mean."""
+    p = torch.softmax(teacher_logits.double(), -1)
+    q = torch.softmax(student_logits.double(), -1)
+    ids = p.topk(k, dim=-1).indices
+    p_top, q_top = p.gather(-1, ids), q.gather(-1, ids)
+    p_all = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    q_all = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    per_position = (p_all * (p_all.log() - q_all.log())).sum(-1)
+    return (per_position * mask.double()).sum() / mask.double().sum()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("temperature,tail", [(1.0, True), (1.0, False), (2.5, False)])
+def test_topk_with_k_equal_v_is_forward_kl(dtype, tolerance, temperature, tail):
+    generator = torch.Generator().manual_seed(0)
+    batch, length, vocab = 3, 47, 123
+    student = torch.randn(batch, length, vocab, generator=generator).to(dtype).requires_grad_()
+    teacher = torch.randn(batch, length, vocab, generator=generator) * 2
+    mask = torch.rand(batch, length, generator=generator) > 0.3
+    top = torch.log_softmax(teacher, -1).topk(vocab, dim=-1)
+
+    loss = topk_kl(student, top.values, top.indices, temperature=temperature, mask=mask, tail=tail)
+    (gradient,) = torch.autograd.grad(loss, student)
+    reference_student = student.detach().double().requires_grad_()
+    reference = reference_forward_kl(reference_student, teacher.to(dtype), temperature, mask)
+    (reference_gradient,) = torch.autograd.grad(reference, reference_student)
+
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), reference, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(gradient.double(), reference_gradient, rtol=tolerance, atol=tolerance * 1e-2)
+    assert gradient[~mask].abs().max() == 0  # masked positions never count
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_tail_bucket_matches_the_coarsened_reference(dtype, tolerance):
+    generator = torch.Generator().manual_seed(1)
+    batch, length, vocab, k = 3, 47, 123, 9
+    student = torch.randn(batch, length, vocab, generator=generator).to(dtype).requires_grad_()
+    teacher = torch.randn(batch, length, vocab, generator=generator)
+    mask = torch.rand(batch, length, generator=generator) > 0.3
+    top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+
+    loss = topk_kl(student, top.values, top.indices, mask=mask)
+    (gradient,) = torch.autograd.grad(loss, student)
+    reference_student = student.detach().double().requires_grad_()
+    reference = reference_tail_kl(reference_student, teacher, k, mask)
+    (reference_gradient,) = torch.autograd.grad(reference, reference_student)
+    torch.testing.assert_close(loss.double(), reference, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(gradient.double(), reference_gradient, rtol=tolerance, atol=tolerance * 1e-2)
+
+
+def test_tail_keeps_the_teachers_tail_mass_where_renormalising_does_not():
+    # Teacher: 0.3 on token 0, 0.2 on token 1, the remaining 0.5 spread over tokens 2..9.
+    teacher_probs = torch.tensor([0.3, 0.2] + [0.5 / 8] * 8)
+    top = teacher_probs.log().topk(2)
+    student = torch.zeros(1, 10, requires_grad=True)
+    optimizer = torch.optim.SGD([student], lr=2.0)
+    for _ in range(500):
+        optimizer.zero_grad()
+        topk_kl(student, top.values[None], top.indices[None]).backward()
+        optimizer.step()
+    learned = torch.softmax(student.detach(), -1)[0]
+    torch.testing.assert_close(learned[:2], torch.tensor([0.3, 0.2]), atol=1e-3, rtol=0)
+    assert learned[2:].sum() == pytest.approx(0.5, abs=1e-3)
+    # Renormalised over the top 2, the optimum pushes the tail towards 0 instead.
+    assert topk_kl(student.detach(), top.values[None], top.indices[None], tail=False) > 0.05
+
+
+def test_topk_kl_is_zero_when_student_matches_teacher_on_kept_ids():
+    logits = torch.randn(5, 50)
+    top = torch.log_softmax(logits, -1).topk(50, dim=-1)
+    assert topk_kl(logits, top.values, top.indices).abs() < 1e-6
+    assert topk_kl(torch.randn(5, 50), top.values, top.indices) > 0
+    top8 = torch.log_softmax(logits, -1).topk(8, dim=-1)
+    assert topk_kl(logits, top8.values, top8.indices).abs() < 1e-6  # with the tail, exact for any k
+
+
+def test_all_masked_gives_zero_and_zero_gradient():
+    student = torch.randn(2, 7, 11, requires_grad=True)
+    top = torch.log_softmax(torch.randn(2, 7, 11), -1).topk(4, dim=-1)
+    loss = topk_kl(student, top.values, top.indices, mask=torch.zeros(2, 7, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    assert student.grad.abs().max() == 0
+
+
+def test_minus_infinity_teacher_entries_contribute_nothing():
+    student = torch.randn(4, 9)
+    ids = torch.tensor([[0, 1, 2]] * 4)
+    finite = torch.log_softmax(torch.tensor([[1.0, 0.5, -1.0]] * 4), -1)
+    padded_ids = torch.cat([ids, torch.tensor([[8]] * 4)], dim=1)
+    padded = torch.cat([finite, torch.full((4, 1), float("-inf"))], dim=1)
+    assert torch.isfinite(topk_kl(student, padded, padded_ids))
+    torch.testing.assert_close(topk_kl(student, padded, padded_ids), topk_kl(student, finite, ids))
+
+
+def test_pinned_value():
+    # teacher keeps ids {0, 1} with probs (0.75, 0.25); student uniform over 4 tokens:
+    # KL = 0.75 ln(0.75 / 0.25) + 0.25 ln(0.25 / 0.25) = 0.75 ln 3
+    teacher_logprobs = torch.log(torch.tensor([[0.75, 0.25]]))
+    loss = topk_kl(torch.zeros(1, 4), teacher_logprobs, torch.tensor([[0, 1]]), tail=False)
+    assert loss.item() == pytest.approx(0.75 * torch.log(torch.tensor(3.0)).item(), rel=1e-6)
+    # With the tail: teacher (0.6, 0.2 | tail 0.2) vs uniform student (0.25, 0.25 | 0.5).
+    with_tail = topk_kl(torch.zeros(1, 4), torch.log(torch.tensor([[0.6, 0.2]])), torch.tensor([[0, 1]]))
+    expected = 0.6 * math.log(0.6 / 0.25) + 0.2 * math.log(0.2 / 0.25) + 0.2 * math.log(0.2 / 0.5)
+    assert with_tail.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_objective_weights_and_temperature_scaling():
+    logits = torch.randn(2, 6, 13)
+    input_ids = torch.randint(0, 13, (2, 6))
+    top = torch.log_softmax(torch.randn(2, 6, 13), -1).topk(5, dim=-1)
+    ce = next_token_cross_entropy(logits, input_ids)
+
+    kd = topk_kl(logits, top.values, top.indices, temperature=2.0, tail=False)
+
+    objective = DistillationObjective(kd_weight=0.3, temperature=2.0, topk_tail=False)
+    terms = objective(logits, input_ids, top.values, top.indices)
+    torch.testing.assert_close(terms["loss"], 0.7 * ce + 0.3 * 4.0 * kd)
+    unscaled = DistillationObjective(0.3, 2.0, scale_by_temperature_squared=False, topk_tail=False)(
+        logits, input_ids, top.values, top.indices
+    )
+    torch.testing.assert_close(unscaled["loss"], 0.7 * ce + 0.3 * kd)
+    ce_only = DistillationObjective(kd_weight=0.0)(logits, input_ids, top.values, top.indices)
+    torch.testing.assert_close(ce_only["loss"], ce)
+    assert "kd" not in ce_only
+
+
+def test_cross_entropy_predicts_the_next_token():
+    vocab = 5
+    input_ids = torch.tensor([[1, 2, 3, 4]])
+    perfect = torch.full((1, 4, vocab), -1e4)
+    for position in range(3):
+        perfect[0, position, input_ids[0, position + 1]] = 1e4
+    assert next_token_cross_entropy(perfect, input_ids).item() == pytest.approx(0.0, abs=1e-4)
+    assert next_token_cross_entropy(torch.zeros(1, 4, vocab), input_ids).item() == pytest.approx(torch.log(torch.tensor(5.0)).item())

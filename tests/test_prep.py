@@ -1,0 +1,116 @@
+"""The prep stage: sources (bundled Python docs, txt / JSONL / Parquet files), splits, tokenizer,
+packed Arrow shards, and named errors for bad input and damaged shards.
+
+Run: .venv/bin/python -m pytest tests/test_prep.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kd_core.config import DataConfig, StorageConfig
+from kd_core.data.prep import END_OF_TEXT, prep
+from kd_core.data.shards import ShardError, decode_arrow, encode_arrow, load_split, read_verified
+from kd_core.data.sources import DataSourceError, python_docs, split_long
+from kd_core.storage import Store
+
+SENTENCES = [f"Document number {i} talks about distillation and about the {i % 7}th teacher." * 3 for i in range(30)]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(StorageConfig(root=str(tmp_path / "store")))
+
+
+def files_config(paths, **changes) -> DataConfig:
+    return DataConfig(**{"source": "files", "files": paths, "vocab_size": 300, "seq_len": 16, "rows_per_shard": 4, **changes})
+
+
+def test_python_docs_are_real_prose():
+    documents = []
+    for document in python_docs():
+        documents.append(document)
+        if len(documents) == 200:
+            break
+    assert len(documents) == 200
+    assert any("statement" in doc for doc in documents)  # the language reference topics
+    assert max(len(doc) for doc in documents) <= 4000  # long topics are cut into pieces
+
+
+def test_split_long_keeps_text_and_respects_limit():
+    text = "\n\n".join(f"paragraph {i} " + "x" * 50 for i in range(40))
+    pieces = list(split_long(text, limit=300))
+    assert "\n\n".join(pieces) == text
+    assert all(len(piece) <= 300 for piece in pieces)
+    assert [len(p) for p in split_long("y" * 700, limit=300)] == [300, 300, 100]
+
+
+def test_jsonl_txt_and_parquet_sources(tmp_path, store):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": s}) for s in SENTENCES[:10]))
+    (tmp_path / "b.txt").write_text("\n\n".join(SENTENCES[10:20]))
+    pq.write_table(pa.table({"body": SENTENCES[20:]}), tmp_path / "c.parquet")
+    manifest = prep(files_config([str(tmp_path / "*.jsonl"), str(tmp_path / "b.txt"), str(tmp_path / "c.parquet")], text_field="body"), store)
+    assert manifest.metrics["documents"] == 21  # 10 JSONL records + 1 text file + 10 Parquet rows
+    train = load_split(store, manifest, "train")
+    assert train.shape[1] == 16 and train.max() < manifest.details["vocab_size"]
+
+
+def test_splits_are_disjoint_documents(tmp_path, store):
+    unique = [f"unique-{i}-" + "word " * 40 for i in range(40)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in unique))
+    manifest = prep(files_config([str(tmp_path / "docs.jsonl")], val_fraction=0.1, test_fraction=0.1), store)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(store.local_path(f"{manifest.folder}/tokenizer"))
+    texts = {split: tokenizer.decode(load_split(store, manifest, split).reshape(-1)) for split in ("train", "val", "test")}
+    markers = {split: {w for w in text.split() if w.startswith("unique-")} for split, text in texts.items()}
+    assert markers["test"] and markers["val"]
+    assert not markers["train"] & markers["test"] and not markers["train"] & markers["val"]
+    assert tokenizer.eos_token == END_OF_TEXT
+
+
+def test_missing_column_names_file_and_field(tmp_path, store):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(DataSourceError, match=r"a.jsonl:1: expected a JSON object with a 'text' field \(data.text_field\)"):
+        prep(files_config([str(tmp_path / "a.jsonl")]), store)
+
+
+def test_unmatched_glob_and_unsupported_type(tmp_path, store):
+    with pytest.raises(DataSourceError, match="matches no file"):
+        prep(files_config([str(tmp_path / "*.jsonl")]), store)
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    with pytest.raises(DataSourceError, match="data.csv: unsupported file type"):
+        prep(files_config([str(tmp_path / "data.csv")]), store)
+
+
+def test_arrow_roundtrip():
+    ids = np.arange(48, dtype=np.int32).reshape(3, 16)
+    logprobs = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float16)
+    decoded = decode_arrow(encode_arrow({"input_ids": ids, "logprobs": logprobs}), "memory")
+    assert np.array_equal(decoded["input_ids"], ids) and np.array_equal(decoded["logprobs"], logprobs)
+
+
+def test_damaged_shards_are_named(tmp_path, store):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in SENTENCES))
+    manifest = prep(files_config([str(tmp_path / "d.jsonl")]), store)
+    name = manifest.details["splits"]["train"]["shards"][0]
+    record = manifest.outputs[name]
+    path = store.local_path(record.path)
+    original = path.read_bytes()
+
+    path.write_bytes(original[: len(original) // 2])
+    with pytest.raises(ShardError, match=f"{name}.*truncated"):
+        read_verified(store, record)
+    path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(ShardError, match=f"{name} is corrupt: its sha256"):
+        read_verified(store, record)
+    path.unlink()
+    with pytest.raises(ShardError, match=f"{name} is missing"):
+        read_verified(store, record)
+    with pytest.raises(ShardError, match="not a readable Arrow IPC file"):
+        decode_arrow(b"garbage" * 10, "shards/x.arrow")
