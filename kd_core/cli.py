@@ -95,14 +95,18 @@ def _describe(config: JobConfig) -> str:
 
 
 def print_summary(steps: dict[str, Manifest], seconds: float) -> None:
-    table = Table(title=f"kdflow: {len(steps)} steps in {seconds:.1f}s")
+    table = Table(
+        title=f"kdflow: {len(steps)} steps in {seconds:.1f}s",
+        caption="seconds in parentheses: what a reused step took when it was made",
+    )
     for column in ("step", "key", "status", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for name in _STEPS:
         if name in steps:
             manifest = steps[name]
             status = "[cyan]reused[/cyan]" if manifest.reused else "[green]ran[/green]"
-            table.add_row(name, manifest.key, status, f"{manifest.timings.get('total', 0):.1f}", _headline(name, manifest))
+            made_in = f"{manifest.timings.get('total', 0):.1f}"
+            table.add_row(name, manifest.key, status, f"({made_in})" if manifest.reused else made_in, _headline(name, manifest))
     stdout.print(table)
     if "eval" in steps:
         stdout.print(comparison_table(steps["eval"].metrics))

@@ -253,6 +253,12 @@ class JobConfig(Section):
             raise ValueError(
                 f"cache.top_k: must be <= data.vocab_size ({self.data.vocab_size}), got {self.cache.top_k}"
             )
+        workers = self.compute.num_workers
+        for field_path, train in (("teacher.train", self.teacher.train), ("distill.train", self.distill.train)):
+            if train.batch_size % workers:
+                raise ValueError(
+                    f"{field_path}.batch_size: must be a multiple of compute.num_workers ({workers}), got {train.batch_size}"
+                )
         loss = self.distill.loss
         if loss.topk_tail and loss.kd_weight > 0 and loss.temperature != self.cache.temperature:
             raise ValueError(

@@ -76,6 +76,11 @@ def test_tail_loss_needs_the_cache_temperature():
     validate_config({"distill": {"loss": {"temperature": 2.0, "topk_tail": False}}})
 
 
+def test_global_batch_must_split_evenly_across_workers():
+    message = str(pytest.raises(ConfigError, validate_config, {"compute": {"num_workers": 3}}).value)
+    assert "teacher.train.batch_size: must be a multiple of compute.num_workers (3), got 16" in message
+
+
 def test_dotted_overrides_are_typed(tmp_path):
     path = write(tmp_path, "distill:\n  train:\n    max_steps: 300\n")
     config = load_config(path, ["distill.train.max_steps=50", "distill.loss.kd_weight=0.25", "compute.backend=local"])

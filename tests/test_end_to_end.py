@@ -72,7 +72,11 @@ def test_tiny_job_on_s3_storage_and_existing_teacher(tiny_config, s3_endpoint, s
     import s3fs
 
     raw = tiny_config.model_dump(mode="json")
-    raw["storage"] = {"root": f"s3://{s3_bucket}/kdflow", "s3": {"endpoint_url": s3_endpoint}}
+    secret = "kdflow-config-secret-value"  # moto accepts any credentials; this one must never leak
+    raw["storage"] = {
+        "root": f"s3://{s3_bucket}/kdflow",
+        "s3": {"endpoint_url": s3_endpoint, "access_key_id": "kdflow-config-key", "secret_access_key": secret},
+    }
     raw["compute"]["backend"] = "local"
     config = validate_config(raw)
     steps = run_pipeline(config)
@@ -80,11 +84,18 @@ def test_tiny_job_on_s3_storage_and_existing_teacher(tiny_config, s3_endpoint, s
 
     bucket = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
     for step in ALL_STEPS:
-        manifest = json.loads(bucket.cat_file(f"{s3_bucket}/kdflow/{step}/{steps[step].key}/manifest.json"))
+        text = bucket.cat_file(f"{s3_bucket}/kdflow/{step}/{steps[step].key}/manifest.json").decode()
+        assert secret not in text and "kdflow-config-key" not in text
+        manifest = json.loads(text)
         assert manifest["key"] == steps[step].key
         for record in manifest["outputs"].values():
             assert record["url"].startswith(f"s3://{s3_bucket}/kdflow/")
             assert bucket.info(record["url"])["size"] == record["bytes"]
+
+    client, versions = registered_versions(config.registry.tracking_uri, config.registry.model_name)
+    params = client.get_run(versions[0].run_id).data.params
+    assert params["storage.root"] == f"s3://{s3_bucket}/kdflow"
+    assert not any(secret in value or "kdflow-config-key" in value for value in params.values())
 
     teacher_url = f"s3://{s3_bucket}/kdflow/{steps['teacher'].details['model_folder']}"
     raw["teacher"]["path"] = teacher_url

@@ -33,6 +33,7 @@ def register(
 ) -> Manifest:
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     run = StageRun(store, "register", config, inputs={"eval": eval_manifest, "student": student}, force=force)
     if run.reused:
@@ -54,8 +55,11 @@ def register(
         "kdflow.config_hash": student.config_hash,
     }
     client = MlflowClient()
-    if client.search_registered_models(filter_string=f"name = '{config.model_name}'") == []:
+    try:
         client.create_registered_model(config.model_name)
+    except MlflowException as err:  # another registration created it first: fine
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     version = client.create_model_version(
         config.model_name, source=f"{mlflow_run.info.artifact_uri}/model", run_id=mlflow_run.info.run_id, tags=tags
     )

@@ -1,7 +1,8 @@
 """The teacher step of the cache stage: an existing model, or one kdflow trains and keeps.
 
 - `teacher.path` set: the directory is used where it is. The stage records its identity (the
-  sha256 of its weight files) so a changed teacher gives a new cache key, and checks that its
+  object store's ETags of its weight files, or their sha256) so a changed teacher gives a new
+  cache key, and checks that its
   tokenizer has the prepared data's vocabulary.
 - `teacher.path` unset: kdflow trains the teacher from `teacher.architecture` with cross-entropy
   on the training split (seeded, through the same loop and Ray Train workers as students). The
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from kd_core.config import ComputeConfig, TeacherConfig
 from kd_core.manifest import Manifest
@@ -47,8 +49,8 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
         raise TeacherError(f"teacher.path: {url} holds no .safetensors weights; kdflow loads only safetensors")
     digest = hashlib.sha256()
     for path in weight_files:
-        digest.update(fs.info(path).get("ETag", "").encode() or _file_sha256(fs, path).encode())
-    identity = {"path": url, "weights_sha256": digest.hexdigest()}
+        digest.update(_file_identity(fs, path).encode())
+    identity = {"path": url, "weights_identity": digest.hexdigest()}
     run = StageRun(store, "teacher", identity, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
@@ -56,7 +58,11 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
     return run.finish(details={"external_url": url})
 
 
-def _file_sha256(fs, path: str) -> str:
+def _file_identity(fs, path: str) -> str:
+    """The object store's ETag when it has one (no download of a large teacher), else the sha256."""
+    etag = fs.info(path).get("ETag")
+    if etag:
+        return f"etag:{etag}"
     digest = hashlib.sha256()
     with fs.open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -83,7 +89,7 @@ def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
     if external is None:
         return local_copy(store, teacher_manifest.details["model_folder"])
     fs, root = fsspec.core.url_to_fs(external, **storage_options(store.config))
-    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+    if isinstance(fs, LocalFileSystem):
         return Path(root)
     target = CACHE_ROOT / "teachers" / teacher_manifest.key
     if not target.exists():
