@@ -39,10 +39,12 @@ def s3_store(endpoint: str, bucket: str, with_config_credentials: bool = False) 
     return Store(StorageConfig(root=f"s3://{bucket}/jobs", s3=S3Config(endpoint_url=endpoint, **credentials)))
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "file-url", "memory", "s3"])
 def any_store(request, tmp_path):
     if request.param == "local":
         return local_store(tmp_path)
+    if request.param == "file-url":
+        return Store(StorageConfig(root=f"file://{tmp_path}/root"))
     if request.param == "memory":
         return memory_store()
     return s3_store(request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket"))

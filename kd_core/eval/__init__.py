@@ -2,7 +2,8 @@
 
 For each model: next-token cross-entropy (nats/token, float32) and perplexity = exp(CE), parameter
 count and weight bytes. For the student and baseline: top-1 agreement with the teacher (how often
-their most likely next token is the teacher's). Results go to `metrics.json` and the manifest.
+their most likely next token is the teacher's). Results go to `metrics.json` and the manifest;
+`training_curves.png` shows the training curves beside the held-out perplexities.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import torch.nn.functional as F
 
 from kd_core.config import EvalConfig
 from kd_core.data.shards import load_split
+from kd_core.eval.plots import read_history, training_curves_png
 from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, load_causal_lm, local_copy
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.train.teacher import teacher_model_dir
+
+CURVES_NAME = "training_curves.png"
 
 
 def evaluate(
@@ -55,6 +59,9 @@ def evaluate(
                 result["agreement_top1"] = float((top1 == teacher_top1).float().mean())
             metrics[name] = result
     run.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
+    trainings = {"teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
+    histories = {name: read_history(store, manifest) for name, manifest in trainings.items()}
+    run.write_bytes(CURVES_NAME, training_curves_png(histories, metrics))
     return run.finish(metrics=metrics)
 
 

@@ -1,7 +1,7 @@
 """The register stage: log the student to MLflow and register it as a new model version.
 
 One MLflow run per registration holds the job's public config as params (no secrets), the eval
-metrics, and the student's Hugging Face directory (safetensors + tokenizer) as the `model`
+metrics, the eval stage's files (`eval/metrics.json`, `eval/training_curves.png`), and the student's Hugging Face directory (safetensors + tokenizer) as the `model`
 artifact. A new version of `registry.model_name` is created from that artifact, tagged with the
 teacher, data and config keys and the code version, and `registry.alias` is pointed at it.
 """
@@ -9,6 +9,7 @@ teacher, data and config keys and the code version, and `registry.alias` is poin
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -43,7 +44,10 @@ def register(
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{student.key[:8]}") as mlflow_run:
         mlflow.log_params({key: str(value)[:_MAX_PARAM_LENGTH] for key, value in flatten(job_params).items()})
         mlflow.log_metrics(_numeric(flatten(eval_manifest.metrics)))
-        mlflow.log_dict(eval_manifest.metrics, "eval/metrics.json")
+        with tempfile.TemporaryDirectory() as folder:
+            for name, record in eval_manifest.outputs.items():
+                (Path(folder) / name).write_bytes(store.read_bytes(record.path))
+            mlflow.log_artifacts(folder, artifact_path="eval")
         mlflow.log_artifacts(str(local_copy(store, student.details["model_folder"])), artifact_path="model")
     tags = {
         "kdflow.version": __version__,

@@ -1,0 +1,48 @@
+"""The eval stage's picture: training curves beside held-out perplexity, as one PNG."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from kd_core.manifest import Manifest
+from kd_core.storage import Store
+from kd_core.train.loop import HISTORY_NAME
+
+LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student"}
+COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#d62728"}
+
+
+def read_history(store: Store, training: Manifest) -> list[dict]:
+    """The logged records of a training step (empty for a teacher kdflow did not train)."""
+    if HISTORY_NAME not in training.outputs:
+        return []
+    text = store.read_bytes(training.output(HISTORY_NAME).path).decode()
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def training_curves_png(histories: dict[str, list[dict]], metrics: dict) -> bytes:
+    """Left: training cross-entropy per step. Right: held-out perplexity per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    for name, history in histories.items():
+        if history:
+            curves.plot([r["step"] for r in history], [r["ce"] for r in history], label=LABELS[name], color=COLORS[name])
+    curves.set(xlabel="optimizer step", ylabel="training cross-entropy (nats/token)", title="Training")
+    curves.grid(alpha=0.3)
+    curves.legend()
+    names = [name for name in LABELS if name in metrics]
+    values = [metrics[name]["perplexity"] for name in names]
+    drawn = bars.bar([LABELS[n] for n in names], values, color=[COLORS[n] for n in names])
+    bars.bar_label(drawn, labels=[f"{v:.1f}" for v in values])
+    bars.set(ylabel="perplexity (lower is better)", title=f"Held-out {metrics['split']} split")
+    bars.tick_params(axis="x", labelrotation=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
