@@ -110,6 +110,15 @@ def print_summary(steps: dict[str, Manifest], seconds: float) -> None:
     stdout.print(table)
     if "eval" in steps:
         stdout.print(comparison_table(steps["eval"].metrics))
+        curves = steps["eval"].outputs.get("training_curves.png")
+        if curves is not None:
+            stdout.print(f"training curves: {curves.url}")
+    if "register" in steps:
+        registration = steps["register"].details
+        stdout.print(
+            f"registered: {registration['model_name']} version {registration['version']} "
+            f"as @{registration['alias']} in {registration['tracking_uri']}"
+        )
 
 
 def _headline(step: str, manifest: Manifest) -> str:
