@@ -1,7 +1,35 @@
-"""Distillation losses. Each divergence is a pure function in its own module; see the modules'
-docstrings for the formulas and tensor shapes."""
+"""Distillation losses. Each divergence is a pure function in its own module, with its formula and
+tensor shapes in the module docstring; `fused.py` computes any of them chunk by chunk from hidden
+states and output weights without materialising the full logits.
 
+Token-level divergences on logits (..., V), float32 at temperature T, masked mean:
+    forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl, total_variation
+Sparse targets from a teacher cache:
+    topk_kl (top-k ids and log-probs, optional tail bucket), sampled_kl (Random-Sampling KD)
+"""
+
+from kd_core.losses.common import align_vocab, masked_mean
+from kd_core.losses.forward_kl import forward_kl
+from kd_core.losses.jsd import generalized_jsd
 from kd_core.losses.objective import DistillationObjective, next_token_cross_entropy
-from kd_core.losses.topk import masked_mean, topk_kl
+from kd_core.losses.reverse_kl import reverse_kl
+from kd_core.losses.sampled import draw_teacher_samples, sampled_kl
+from kd_core.losses.skew_kl import skew_forward_kl, skew_reverse_kl
+from kd_core.losses.topk import topk_kl
+from kd_core.losses.total_variation import total_variation
 
-__all__ = ["DistillationObjective", "masked_mean", "next_token_cross_entropy", "topk_kl"]
+__all__ = [
+    "DistillationObjective",
+    "align_vocab",
+    "draw_teacher_samples",
+    "forward_kl",
+    "generalized_jsd",
+    "masked_mean",
+    "next_token_cross_entropy",
+    "reverse_kl",
+    "sampled_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "topk_kl",
+    "total_variation",
+]

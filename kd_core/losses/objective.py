@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kd_core.losses.topk import masked_mean, topk_kl
+from kd_core.losses.common import masked_mean
+from kd_core.losses.topk import topk_kl
 
 
 def next_token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,27 +30,37 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kd_core.losses.common import kl_terms, masked_mean
+
 _TINY = 1e-30
 _LOG_TAIL_NOISE = math.log(1e-6)
-
-
-def masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over positions where mask is true; 0 (not NaN) when none are."""
-    if mask is None:
-        return per_position.mean() if per_position.numel() else per_position.sum()
-    weights = mask.to(per_position.dtype)
-    return (per_position * weights).sum() / weights.sum().clamp_min(1)
-
-
-def _kl_terms(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """p (log p − log q) elementwise, exactly 0 where p = 0."""
-    teacher_probs = teacher_logprobs.exp()
-    return torch.where(teacher_probs > 0, teacher_probs * (teacher_logprobs - student_logprobs), 0.0)
 
 
 def _log1mexp(log_mass: torch.Tensor) -> torch.Tensor:
     """log(1 − exp(x)) for x ≤ 0, floored at log(_TINY) so an empty tail stays finite."""
     return torch.log((-torch.expm1(log_mass.clamp_max(0))).clamp_min(_TINY))
+
+
+def topk_kl_per_position(
+    student_logprobs: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    tail: bool = True,
+) -> torch.Tensor:
+    """The per-position loss from the student's log-probs at T (..., V); returns (...)."""
+    student_at_ids = student_logprobs.gather(-1, teacher_topk_ids.long())
+    teacher_logprobs = teacher_topk_logprobs.float()
+    if not tail:
+        teacher_logprobs = F.log_softmax(teacher_logprobs / temperature, dim=-1)
+        return kl_terms(teacher_logprobs, student_at_ids).sum(-1)
+    teacher_tail = _log1mexp(torch.logsumexp(teacher_logprobs, dim=-1))
+    student_tail = _log1mexp(torch.logsumexp(student_at_ids, dim=-1))
+    head = kl_terms(teacher_logprobs, student_at_ids).sum(-1)
+    # A teacher tail below float32 resolution of 1 − Σp is rounding noise, not mass.
+    tail_term = torch.where(teacher_tail > _LOG_TAIL_NOISE, kl_terms(teacher_tail, student_tail), 0.0)
+    return head + tail_term
 
 
 def topk_kl(
@@ -70,15 +80,7 @@ def topk_kl(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    student_at_ids = student_logprobs.gather(-1, teacher_topk_ids.long())
-    teacher_logprobs = teacher_topk_logprobs.float()
-    if not tail:
-        teacher_logprobs = F.log_softmax(teacher_logprobs / temperature, dim=-1)
-        return masked_mean(_kl_terms(teacher_logprobs, student_at_ids).sum(-1), mask)
-    teacher_tail = _log1mexp(torch.logsumexp(teacher_logprobs, dim=-1))
-    student_tail = _log1mexp(torch.logsumexp(student_at_ids, dim=-1))
-    head = _kl_terms(teacher_logprobs, student_at_ids).sum(-1)
-    tail_term = _kl_terms(teacher_tail, student_tail)
-    # A teacher tail below float32 resolution of 1 − Σp is rounding noise, not mass.
-    tail_term = torch.where(teacher_tail > _LOG_TAIL_NOISE, tail_term, 0.0)
-    return masked_mean(head + tail_term, mask)
+    per_position = topk_kl_per_position(
+        student_logprobs, teacher_topk_logprobs, teacher_topk_ids, temperature=temperature, tail=tail
+    )
+    return masked_mean(per_position, mask)
