@@ -6,13 +6,21 @@ Token-level divergences on logits (..., V), float32 at temperature T, masked mea
     forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl, total_variation
 Sparse targets from a teacher cache:
     topk_kl (top-k ids and log-probs, optional tail bucket), sampled_kl (Random-Sampling KD)
+Features and structure:
+    hidden_mse, hidden_cosine, HiddenStateDistillation (features.py); rkd_distance, rkd_angle,
+    similarity_kl (relational.py); matryoshka_distillation; reward_mse, preference_kl (reward.py)
 """
 
 from kd_core.losses.common import align_vocab, masked_mean
+from kd_core.losses.features import HiddenStateDistillation, hidden_cosine, hidden_mse
 from kd_core.losses.forward_kl import forward_kl
+from kd_core.losses.fused import dense_teacher_target, fused_lm_head_loss, sampled_target, topk_target
 from kd_core.losses.jsd import generalized_jsd
+from kd_core.losses.matryoshka import matryoshka_distillation
 from kd_core.losses.objective import DistillationObjective, next_token_cross_entropy
+from kd_core.losses.relational import rkd_angle, rkd_distance, similarity_kl
 from kd_core.losses.reverse_kl import reverse_kl
+from kd_core.losses.reward import preference_kl, reward_mse
 from kd_core.losses.sampled import draw_teacher_samples, sampled_kl
 from kd_core.losses.skew_kl import skew_forward_kl, skew_reverse_kl
 from kd_core.losses.topk import topk_kl
@@ -20,16 +28,29 @@ from kd_core.losses.total_variation import total_variation
 
 __all__ = [
     "DistillationObjective",
+    "HiddenStateDistillation",
     "align_vocab",
+    "dense_teacher_target",
     "draw_teacher_samples",
     "forward_kl",
+    "fused_lm_head_loss",
     "generalized_jsd",
+    "hidden_cosine",
+    "hidden_mse",
     "masked_mean",
+    "matryoshka_distillation",
     "next_token_cross_entropy",
+    "preference_kl",
     "reverse_kl",
+    "reward_mse",
+    "rkd_angle",
+    "rkd_distance",
     "sampled_kl",
+    "sampled_target",
+    "similarity_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
     "topk_kl",
+    "topk_target",
     "total_variation",
 ]
