@@ -165,10 +165,26 @@ class LossConfig(Section):
     topk_tail: bool = True
     """Compare over the cached top-k ids plus one bucket for the rest of the vocabulary, so the
     student keeps the teacher's tail mass; False renormalises the teacher over its top k."""
-    kd_weight: float = Field(default=0.5, ge=0, le=1)
-    """Weight of the KD term; the hard-label cross-entropy gets `1 - kd_weight`."""
+    ce_weight: float = Field(default=0.5, ge=0)
+    """Weight of the hard-label (next-token) cross-entropy term."""
+    kd_weight: float = Field(default=0.5, ge=0)
+    """Weight of the KD term (each term has its own weight; nothing is mixed as 1 − w)."""
     scale_by_temperature_squared: bool = True
     """Multiply the KD term by T², keeping its gradient scale independent of T (Hinton et al.)."""
+    token_weighting: Literal["none", "teacher_confidence"] = "none"
+    """`teacher_confidence` weights each position's KD term by 1 − H_teacher / log V (from the
+    cached entropy), rescaled to mean 1, so confident teacher predictions count more."""
+    balance_terms: bool = False
+    """Scale the KD term by the running ratio of the CE and KD magnitudes, so terms that differ by
+    orders of magnitude contribute alike (the weights then act on balanced terms)."""
+    balance_momentum: float = Field(default=0.9, ge=0, lt=1)
+    """Momentum of the running magnitudes used by `balance_terms`."""
+
+    @model_validator(mode="after")
+    def _some_term_is_weighted(self) -> LossConfig:
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            raise ValueError("ce_weight and kd_weight are both 0: nothing would be trained")
+        return self
 
 
 class DistillConfig(Section):

@@ -76,6 +76,11 @@ def test_tail_loss_needs_the_cache_temperature():
     validate_config({"distill": {"loss": {"temperature": 2.0, "topk_tail": False}}})
 
 
+def test_loss_needs_a_weighted_term():
+    message = str(pytest.raises(ConfigError, validate_config, {"distill": {"loss": {"ce_weight": 0, "kd_weight": 0}}}).value)
+    assert "distill.loss: ce_weight and kd_weight are both 0: nothing would be trained" in message
+
+
 def test_global_batch_must_split_evenly_across_workers():
     message = str(pytest.raises(ConfigError, validate_config, {"compute": {"num_workers": 3}}).value)
     assert "teacher.train.batch_size: must be a multiple of compute.num_workers (3), got 16" in message

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from kd_core.losses import DistillationObjective, next_token_cross_entropy, topk_kl
+from kd_core.losses import DistillationObjective, generalized_jsd, next_token_cross_entropy, topk_kl
 
 
 def reference_forward_kl(student_logits, teacher_logits, temperature, mask):
@@ -141,16 +141,60 @@ def test_objective_weights_and_temperature_scaling():
 
     kd = topk_kl(logits, top.values, top.indices, temperature=2.0, tail=False)
 
-    objective = DistillationObjective(kd_weight=0.3, temperature=2.0, topk_tail=False)
+    objective = DistillationObjective(ce_weight=0.7, kd_weight=0.3, temperature=2.0, topk_tail=False)
     terms = objective(logits, input_ids, top.values, top.indices)
     torch.testing.assert_close(terms["loss"], 0.7 * ce + 0.3 * 4.0 * kd)
-    unscaled = DistillationObjective(0.3, 2.0, scale_by_temperature_squared=False, topk_tail=False)(
+    torch.testing.assert_close(terms["kd"], kd)
+    unscaled = DistillationObjective(0.7, 0.3, 2.0, scale_by_temperature_squared=False, topk_tail=False)(
         logits, input_ids, top.values, top.indices
     )
     torch.testing.assert_close(unscaled["loss"], 0.7 * ce + 0.3 * kd)
-    ce_only = DistillationObjective(kd_weight=0.0)(logits, input_ids, top.values, top.indices)
+    ce_only = DistillationObjective(ce_weight=1.0, kd_weight=0.0)(logits, input_ids, top.values, top.indices)
     torch.testing.assert_close(ce_only["loss"], ce)
     assert "kd" not in ce_only
+    # The weights are independent: no hidden (1 - w) on the other term.
+    kd_only = DistillationObjective(ce_weight=0.0, kd_weight=1.0, topk_tail=False, temperature=2.0)
+    torch.testing.assert_close(kd_only(logits, input_ids, top.values, top.indices)["loss"], 4.0 * kd)
+
+
+def test_objective_with_full_teacher_logits_uses_the_chosen_divergence():
+    logits, teacher = torch.randn(2, 6, 13), torch.randn(2, 6, 13)
+    input_ids = torch.randint(0, 13, (2, 6))
+    objective = DistillationObjective(ce_weight=0.0, kd_weight=1.0, divergence="generalized_jsd", divergence_parameter=0.3)
+    expected = generalized_jsd(logits, teacher, beta=0.3)
+    torch.testing.assert_close(objective(logits, input_ids, teacher_logits=teacher)["kd"], expected)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        DistillationObjective(divergence="wasserstein")
+
+
+def test_teacher_confidence_weighting_favours_confident_positions():
+    vocab = 8
+    logits = torch.zeros(1, 3, vocab)  # uniform student
+    confident = torch.log(torch.tensor([0.93] + [0.01] * 7))
+    unsure = torch.full((vocab,), -math.log(vocab))
+    teacher_logprobs = torch.stack([confident, unsure, unsure])[None]
+    top = teacher_logprobs.topk(vocab, dim=-1)
+    entropy = -(teacher_logprobs.exp() * teacher_logprobs).sum(-1)
+    weighted = DistillationObjective(kd_weight=1.0, token_weighting="teacher_confidence")
+    plain = DistillationObjective(kd_weight=1.0)
+    input_ids = torch.zeros(1, 3, dtype=torch.long)
+    kd_weighted = weighted(logits, input_ids, top.values, top.indices, teacher_entropy=entropy)["kd"]
+    kd_plain = plain(logits, input_ids, top.values, top.indices)["kd"]
+    # Only the confident position has a non-zero KL, and only it keeps a non-zero weight: 3x the plain mean.
+    torch.testing.assert_close(kd_weighted, 3 * kd_plain)
+    with pytest.raises(ValueError, match="needs teacher_entropy"):
+        weighted(logits, input_ids, top.values, top.indices)
+
+
+def test_balancing_matches_term_magnitudes():
+    logits = torch.randn(2, 6, 13)
+    input_ids = torch.randint(0, 13, (2, 6))
+    top = torch.log_softmax(torch.randn(2, 6, 13) * 5, -1).topk(13, dim=-1)
+    objective = DistillationObjective(ce_weight=1.0, kd_weight=1.0, balance_terms=True)
+    terms = objective(logits, input_ids, top.values, top.indices)
+    # First step: the running magnitudes are this step's, so the balanced KD term equals CE.
+    torch.testing.assert_close(terms["loss"], 2 * terms["ce"])
+    assert objective.running_magnitudes[1] == terms["kd"].detach()
 
 
 def test_cross_entropy_predicts_the_next_token():

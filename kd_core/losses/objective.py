@@ -1,22 +1,47 @@
 """The combined distillation objective: hard-label cross-entropy plus a KD term.
 
-    total = (1 − w) · CE(student, next tokens) + w · s · KD(teacher ‖ student at T)
+    total = w_ce · CE(student, next tokens) + w_kd · b · s · KD(teacher ‖ student at T)
 
-where w = `kd_weight` and s = T² when `scale_by_temperature_squared` (so the KD gradient keeps
-its size as T changes, Hinton et al. 2015), else 1. With w = 0 or no teacher targets it is plain
-cross-entropy: the no-teacher baseline and teacher training use the same code path.
-Everything is computed in float32; masked positions never count; an all-masked batch gives 0.
+- w_ce = `ce_weight`, w_kd = `kd_weight`: explicit weights per term (no hidden 1 − w mixing).
+- s = T² when `scale_by_temperature_squared` (so the KD gradient keeps its size as T changes,
+  Hinton et al., 2015), else 1.
+- b = 1, or with `balance_terms` the running ratio EMA(|CE|) / EMA(|KD|) (detached), so that
+  two terms whose magnitudes differ by orders of magnitude contribute alike.
+- KD is per position, optionally weighted by teacher confidence (`token_weighting =
+  "teacher_confidence"`: weight 1 − H_t / log V from the teacher's entropy, normalised to mean 1
+  over valid positions, so confident teacher predictions count more).
+
+Teacher targets are either cached top-k (`teacher_topk_logprobs`, `teacher_topk_ids`: forward KL
+via `topk_kl`) or full logits (`teacher_logits`: the configured `divergence`). With no targets,
+or w_kd = 0, it is plain cross-entropy: the no-teacher baseline and teacher training share it.
+Float32 throughout; masked positions never count; an all-masked batch gives 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kd_core.losses.common import masked_mean
-from kd_core.losses.topk import topk_kl
+from kd_core.losses.forward_kl import forward_kl_per_position
+from kd_core.losses.jsd import generalized_jsd_per_position
+from kd_core.losses.reverse_kl import reverse_kl_per_position
+from kd_core.losses.skew_kl import skew_forward_kl_per_position, skew_reverse_kl_per_position
+from kd_core.losses.topk import topk_kl_per_position
+from kd_core.losses.total_variation import total_variation_per_position
+
+DIVERGENCES = {
+    "forward_kl": forward_kl_per_position,
+    "reverse_kl": reverse_kl_per_position,
+    "generalized_jsd": generalized_jsd_per_position,
+    "skew_forward_kl": skew_forward_kl_per_position,
+    "skew_reverse_kl": skew_reverse_kl_per_position,
+    "total_variation": total_variation_per_position,
+}
 
 
 def next_token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,34 +53,82 @@ def next_token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask
     return masked_mean(per_token, shifted_mask)
 
 
-@dataclass(frozen=True)
-class DistillationObjective:
-    kd_weight: float = 0.5
-    temperature: float = 1.0
-    scale_by_temperature_squared: bool = True
-    topk_tail: bool = True
+def confidence_weights(teacher_entropy: torch.Tensor, vocab_size: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """1 − H/log V per position, rescaled to mean 1 over valid positions (a valid weighting of a mean)."""
+    raw = (1 - teacher_entropy.float() / math.log(vocab_size)).clamp_min(0)
+    return raw / masked_mean(raw, mask).clamp_min(1e-6)
 
-    def __call__(
+
+class DistillationObjective(nn.Module):
+    def __init__(
+        self,
+        ce_weight: float = 0.5,
+        kd_weight: float = 0.5,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        topk_tail: bool = True,
+        divergence: str = "forward_kl",
+        divergence_parameter: float | None = None,
+        token_weighting: str = "none",
+        balance_terms: bool = False,
+        balance_momentum: float = 0.9,
+    ):
+        super().__init__()
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+        if token_weighting not in ("none", "teacher_confidence"):
+            raise ValueError(f"token_weighting must be 'none' or 'teacher_confidence', got {token_weighting!r}")
+        self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
+        self.kd_scale = temperature**2 if scale_by_temperature_squared else 1.0
+        self.topk_tail, self.token_weighting = topk_tail, token_weighting
+        keyword = {"generalized_jsd": "beta", "skew_forward_kl": "alpha", "skew_reverse_kl": "alpha"}.get(divergence)
+        parameters = {keyword: divergence_parameter} if keyword and divergence_parameter is not None else {}
+        self.dense_divergence = partial(DIVERGENCES[divergence], **parameters)
+        self.balance_terms, self.balance_momentum = balance_terms, balance_momentum
+        self.register_buffer("running_magnitudes", torch.zeros(2))  # EMA of |CE|, |KD|; 0 = not started
+
+    def forward(
         self,
         student_logits: torch.Tensor,
         input_ids: torch.Tensor,
         teacher_topk_logprobs: torch.Tensor | None = None,
         teacher_topk_ids: torch.Tensor | None = None,
+        *,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_entropy: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Returns {'loss': total, 'ce': ..., 'kd': ...} (kd only when teacher targets are given)."""
         terms = {"ce": next_token_cross_entropy(student_logits, input_ids, mask)}
-        if teacher_topk_logprobs is None or self.kd_weight == 0:
-            terms["loss"] = terms["ce"]
+        has_targets = teacher_topk_logprobs is not None or teacher_logits is not None
+        if not has_targets or self.kd_weight == 0:
+            terms["loss"] = self.ce_weight * terms["ce"] if has_targets else terms["ce"]
             return terms
-        terms["kd"] = topk_kl(
-            student_logits,
-            teacher_topk_logprobs,
-            teacher_topk_ids,
-            temperature=self.temperature,
-            mask=mask,
-            tail=self.topk_tail,
-        )
-        scale = self.temperature**2 if self.scale_by_temperature_squared else 1.0
-        terms["loss"] = (1 - self.kd_weight) * terms["ce"] + self.kd_weight * scale * terms["kd"]
+        per_position = self._kd_per_position(student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_logits)
+        if self.token_weighting == "teacher_confidence":
+            if teacher_entropy is None:
+                raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
+            per_position = per_position * confidence_weights(teacher_entropy, student_logits.shape[-1], mask)
+        terms["kd"] = masked_mean(per_position, mask)
+        balance = self._balance(terms["ce"], terms["kd"]) if self.balance_terms else 1.0
+        terms["loss"] = self.ce_weight * terms["ce"] + self.kd_weight * balance * self.kd_scale * terms["kd"]
         return terms
+
+    def _kd_per_position(self, student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_logits):
+        student_logprobs = F.log_softmax(student_logits.float() / self.temperature, dim=-1)
+        if teacher_logits is not None:
+            teacher_logprobs = F.log_softmax(teacher_logits.float() / self.temperature, dim=-1)
+            return self.dense_divergence(student_logprobs, teacher_logprobs)
+        return topk_kl_per_position(
+            student_logprobs, teacher_topk_logprobs, teacher_topk_ids, temperature=self.temperature, tail=self.topk_tail
+        )
+
+    @torch.no_grad()
+    def _balance(self, ce: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
+        current = torch.stack([ce.detach().abs(), kd.detach().abs()])
+        if self.training:
+            started = self.running_magnitudes.sum() > 0
+            momentum = self.balance_momentum if started else 0.0
+            self.running_magnitudes.mul_(momentum).add_((1 - momentum) * current)
+        ce_magnitude, kd_magnitude = self.running_magnitudes
+        return ce_magnitude / kd_magnitude.clamp_min(1e-8)

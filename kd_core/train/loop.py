@@ -72,7 +72,7 @@ class TrainingData:
 
     def __init__(self, store: Store, spec: TrainSpec):
         self.rows = np.concatenate([_read_column(store, r, "input_ids") for r in spec.token_shards]).astype(np.int64)
-        self.teacher_ids = self.teacher_logprobs = None
+        self.teacher_ids = self.teacher_logprobs = self.teacher_entropy = None
         if spec.cache_shards:
             if len(spec.cache_shards) != len(spec.token_shards):
                 raise ValueError(
@@ -84,6 +84,7 @@ class TrainingData:
             self.teacher_logprobs = np.concatenate(
                 [_read_column(store, r, "topk_logprobs") for r in spec.cache_shards]
             ).reshape(shape)
+            self.teacher_entropy = np.concatenate([_read_column(store, r, "entropy") for r in spec.cache_shards])
             if len(self.teacher_ids) != len(self.rows):
                 raise ValueError(f"teacher cache holds {len(self.teacher_ids)} rows, token shards {len(self.rows)}")
 
@@ -100,6 +101,7 @@ class TrainingData:
         if self.teacher_ids is not None:
             batch["teacher_topk_ids"] = torch.from_numpy(self.teacher_ids[indices].astype(np.int64))
             batch["teacher_topk_logprobs"] = torch.from_numpy(self.teacher_logprobs[indices].astype(np.float32))
+            batch["teacher_entropy"] = torch.from_numpy(self.teacher_entropy[indices].astype(np.float32))
         return batch
 
 
@@ -174,6 +176,7 @@ def train_step(model, optimizer, schedule, objective, batch, grad_clip) -> dict[
         batch["input_ids"],
         teacher_topk_logprobs=batch.get("teacher_topk_logprobs"),
         teacher_topk_ids=batch.get("teacher_topk_ids"),
+        teacher_entropy=batch.get("teacher_entropy"),
     )
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
