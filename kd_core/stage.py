@@ -84,6 +84,13 @@ class StageRun:
     def url(self, name: str) -> str:
         return self.store.url(self.relative(name))
 
+    def name_of(self, relative: str) -> str:
+        """Output name (path inside the stage folder) of a store-relative path."""
+        prefix = f"{self.folder}/"
+        if not relative.startswith(prefix):
+            raise ValueError(f"{relative} is outside the {self.stage} stage folder {self.folder}")
+        return relative[len(prefix) :]
+
     def _keep(self, name: str, record: FileRecord) -> FileRecord:
         self.outputs[name] = record
         return record
@@ -97,12 +104,12 @@ class StageRun:
     def upload_dir(self, local_dir: str | Path, name: str) -> list[FileRecord]:
         records = self.store.upload_dir(local_dir, self.relative(name))
         for record in records:
-            self._keep(record.path[len(self.folder) + 1 :], record)
+            self.record(record)
         return records
 
-    def record(self, name: str, record: FileRecord) -> None:
-        """Adopt a file that another process (a Ray actor or worker) wrote into this stage."""
-        self._keep(name, record)
+    def record(self, record: FileRecord) -> None:
+        """Adopt a file written into this stage's folder (by this process, a Ray actor or worker)."""
+        self._keep(self.name_of(record.path), record)
 
     # ------------------------------------------------------------------------- timing
     @contextmanager

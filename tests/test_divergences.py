@@ -29,10 +29,7 @@ from kd_core.losses import (
 )
 from kd_core.losses.forward_kl import forward_kl_per_position
 from kd_core.losses.fused import dense_teacher_target, fused_lm_head_loss, sampled_target, topk_target
-from kd_core.losses.jsd import generalized_jsd_per_position
-from kd_core.losses.reverse_kl import reverse_kl_per_position
-from kd_core.losses.skew_kl import skew_forward_kl_per_position, skew_reverse_kl_per_position
-from kd_core.losses.total_variation import total_variation_per_position
+from kd_core.losses.objective import DIVERGENCES
 
 SHAPE = (3, 47, 123)
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -69,14 +66,6 @@ LOSSES = {
     "skew_forward_kl": (skew_forward_kl, "alpha"),
     "skew_reverse_kl": (skew_reverse_kl, "alpha"),
     "total_variation": (total_variation, None),
-}
-PER_POSITION = {
-    "forward_kl": forward_kl_per_position,
-    "reverse_kl": reverse_kl_per_position,
-    "generalized_jsd": generalized_jsd_per_position,
-    "skew_forward_kl": skew_forward_kl_per_position,
-    "skew_reverse_kl": skew_reverse_kl_per_position,
-    "total_variation": total_variation_per_position,
 }
 CASES = [(name, value) for name in LOSSES for value in ((0.0, 0.3, 0.5, 1.0) if LOSSES[name][1] else (None,))]
 
@@ -239,7 +228,7 @@ def lm_head(dtype, seed=8, rows=47, hidden=16, vocab=123, teacher_hidden=24):
 def test_fused_matches_unfused(name, parameter, dtype):
     hidden, weight, teacher_hidden, teacher_weight, mask = lm_head(dtype)
     keyword = LOSSES[name][1]
-    per_position = partial(PER_POSITION[name], **({keyword: parameter} if keyword else {}))
+    per_position = partial(DIVERGENCES[name], **({keyword: parameter} if keyword else {}))
     target = dense_teacher_target(per_position, teacher_hidden, teacher_weight, temperature=2.0)
     fused = fused_lm_head_loss(hidden, weight, target, mask=mask, chunk_size=10)
     fused_gradients = torch.autograd.grad(fused, (hidden, weight))

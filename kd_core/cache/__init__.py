@@ -56,7 +56,7 @@ def cache(
     vocab_size = prep.details["vocab_size"]
     with run.timed("teacher_inference"), progress_bar("cache: teacher", total=len(jobs)) as bar:
         for record in _run_jobs(config, teacher, store, compute, jobs, vocab_size):
-            run.record(record.path[len(run.folder) + 1 :], record)
+            run.record(record)
             bar.advance()
     tokens = prep.details["splits"]["train"]["tokens"]
     cache_bytes = sum(record.bytes for record in run.outputs.values())
@@ -64,7 +64,7 @@ def cache(
         "format": config.format,
         "top_k": config.top_k,
         "vocab_size": vocab_size,
-        "shards": [job[1][len(run.folder) + 1 :] for job in jobs],
+        "shards": [run.name_of(output) for _, output in jobs],
     }
     metrics = {"tokens": tokens, "bytes": cache_bytes, "bytes_per_token": round(cache_bytes / max(tokens, 1), 2)}
     return run.finish(metrics=metrics, details=details)

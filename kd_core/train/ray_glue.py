@@ -73,7 +73,7 @@ def fit_stage(run: StageRun, spec: TrainSpec, compute: ComputeConfig, descriptio
     with run.timed("train"):
         result = fit(spec, compute, description)
     for record in result.pop("files"):
-        run.record(record.path[len(run.folder) + 1 :], record)
+        run.record(record)
     return run.finish(metrics=result, details={"model_folder": f"{run.folder}/model"})
 
 
