@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
     parser.add_argument("--vocabs", type=int, nargs="+", default=list(VOCABS))
     parser.add_argument("--memory-limit-gb", type=float, default=18.0, help="skip naive cases estimated above this (CPU)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the run is appended to")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "ROWS", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -185,8 +186,8 @@ def _append(args, records) -> None:
         "torch": torch.__version__,
         "results": records,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as handle:
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with args.results.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
 
 

@@ -35,6 +35,7 @@ def timed_run(config) -> tuple[float, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the run is appended to")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -53,13 +54,14 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "command": f"python benchmarks/pipeline_reuse.py {args.config} {' '.join(args.overrides)}".strip(),
+        "speedup": round(cold_total / warm_total, 1),
         "cold_seconds": round(cold_total, 1),
         "warm_seconds": round(warm_total, 1),
         "steps": cold_steps,
         "versions": library_versions(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as handle:
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with args.results.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
