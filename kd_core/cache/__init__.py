@@ -8,14 +8,20 @@ Format `topk` (one Arrow IPC file per training shard, rows aligned with the toke
 | `topk_logprobs`       | fixed_size_list<float16>[T·k]          | their log-probs at `cache.temperature`|
 | `entropy`             | fixed_size_list<float16>[T]            | the teacher's full predictive entropy|
 
-Position t of a row describes the teacher's distribution over the token after input t. Teacher
-inference runs in a Ray actor pool (each actor loads the teacher once and processes whole
+Position t of a row describes the teacher's distribution over the token after input t.
+
+Resumable: each shard is written atomically, then a commit record beside it
+(`<shard>.commit.json`: the shard's size and sha256, and its source token shard's sha256). A rerun
+of a killed job keeps every shard whose commit record, bytes and source check out and computes the
+rest; teacher inference is deterministic, so the result is byte-identical to an uninterrupted run.
+Teacher inference runs in a Ray actor pool (each actor loads the teacher once and processes whole
 shards), or in this process when `compute.backend` is `local`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -28,6 +34,10 @@ from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import FileRecord, Store
 from kd_core.train.teacher import teacher_model_dir
+
+
+COMMIT_SUFFIX = ".commit.json"
+"""Beside each finished shard: its record and its source shard's sha256, written after it."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,14 @@ def cache(
     token_shards = split_shards(prep, "train")
     jobs = [(record, run.relative(f"shards/train-{index:05d}.arrow")) for index, record in enumerate(token_shards)]
     vocab_size = prep.details["vocab_size"]
+    # An earlier attempt that was killed left finished shards with commit records: keep those.
+    finished = {} if force else {job[1]: committed_shard(store, *job) for job in jobs}
+    pending = [job for job in jobs if finished.get(job[1]) is None]
     with run.timed("teacher_inference"), progress_bar("cache: teacher", total=len(jobs)) as bar:
-        for record in _run_jobs(config, teacher, store, compute, jobs, vocab_size):
+        for record in filter(None, finished.values()):
+            run.record(record)
+            bar.advance()
+        for record in _run_jobs(config, teacher, store, compute, pending, vocab_size):
             run.record(record)
             bar.advance()
     tokens = prep.details["splits"]["train"]["tokens"]
@@ -66,11 +82,35 @@ def cache(
         "vocab_size": vocab_size,
         "shards": [run.name_of(output) for _, output in jobs],
     }
-    metrics = {"tokens": tokens, "bytes": cache_bytes, "bytes_per_token": round(cache_bytes / max(tokens, 1), 2)}
+    metrics = {
+        "tokens": tokens,
+        "bytes": cache_bytes,
+        "bytes_per_token": round(cache_bytes / max(tokens, 1), 2),
+        "shards_resumed": len(jobs) - len(pending),
+    }
     return run.finish(metrics=metrics, details=details)
 
 
+def committed_shard(store: Store, token_record: FileRecord, output_relative: str) -> FileRecord | None:
+    """The shard an earlier attempt finished for this token shard, if its commit record, its bytes
+    and its source all check out; None means it has to be (re)computed."""
+    commit = output_relative + COMMIT_SUFFIX
+    if not store.exists(commit):
+        return None
+    try:
+        saved = json.loads(store.read_bytes(commit))
+        record = FileRecord(**saved["shard"])
+        if saved["source_sha256"] != token_record.sha256 or record.path != output_relative:
+            return None
+        read_verified(store, record)
+    except (ValueError, KeyError, TypeError):  # unreadable record, or a ShardError: redo the shard
+        return None
+    return record
+
+
 def _run_jobs(config, teacher, store, compute, jobs, vocab_size):
+    if not jobs:
+        return
     if compute.backend == "local":
         worker = TeacherWorker(store.config, teacher, config, vocab_size, threads=torch.get_num_threads())
         for job in jobs:
@@ -116,7 +156,10 @@ class TeacherWorker:
                 "entropy": targets.entropy.astype(np.float16),
             }
         )
-        return self.store.write_bytes(output_relative, payload)
+        record = self.store.write_bytes(output_relative, payload)
+        commit = {"shard": asdict(record), "source_sha256": token_record.sha256}
+        self.store.write_bytes(output_relative + COMMIT_SUFFIX, json.dumps(commit).encode())
+        return record
 
     @torch.no_grad()
     def targets(self, rows: np.ndarray) -> TopkTargets:

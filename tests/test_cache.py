@@ -1,0 +1,85 @@
+"""The cache stage: top-k targets aligned with the token shards, and resuming a killed job.
+
+A killed job leaves the state checked here: no manifest, some shards finished with their commit
+records, some never written, one written but not committed, one damaged. The rerun must keep
+exactly the good shards and end byte-identical to an uninterrupted run.
+Run: .venv/bin/python -m pytest tests/test_cache.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_core.cache import COMMIT_SUFFIX, cache, load_targets
+from kd_core.config import load_config
+from kd_core.data.prep import prep
+from kd_core.data.shards import load_split
+from kd_core.models import load_causal_lm
+from kd_core.storage import Store
+from kd_core.train.teacher import teacher, teacher_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Prepared data and a trained tiny teacher, shared by the tests of this file (they only touch the cache)."""
+    folder = tmp_path_factory.mktemp("cache")
+    config = load_config(REPO / "configs" / "tiny.yaml", [f"storage.root={folder}", "compute.backend=local"])
+    store = Store(config.storage)
+    prepared = prep(config.data, store)
+    taught = teacher(config.teacher, prepared, store, config.compute)
+    return config, store, prepared, taught
+
+
+def test_targets_are_the_teachers_top_k_next_token_distribution(trained):
+    config, store, prepared, taught = trained
+    manifest = cache(config.cache, prepared, taught, store, config.compute)
+    seq_len = prepared.details["seq_len"]
+    targets = load_targets(store, manifest, 0, seq_len)
+    rows = load_split(store, prepared, "train")[: len(targets.ids)]
+    model = load_causal_lm(teacher_model_dir(store, taught))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.from_numpy(rows)).logits, -1)
+    top = logprobs.topk(config.cache.top_k, dim=-1)
+    assert np.array_equal(targets.ids.astype(np.int64), top.indices.numpy())
+    np.testing.assert_allclose(targets.logprobs.astype(np.float32), top.values.numpy(), atol=2e-2, rtol=1e-3)
+    entropy = -(logprobs.exp() * logprobs).sum(-1).numpy()
+    np.testing.assert_allclose(targets.entropy.astype(np.float32), entropy, atol=2e-2, rtol=1e-3)
+
+
+def test_killed_job_resumes_to_a_byte_identical_cache(trained):
+    config, store, prepared, taught = trained
+    complete = cache(config.cache, prepared, taught, store, config.compute)
+    shard_names = complete.details["shards"]
+    assert len(shard_names) >= 6
+    original = {name: store.read_bytes(complete.output(name).path) for name in shard_names}
+
+    # The state a killed attempt leaves behind.
+    path = lambda name: f"{complete.folder}/{name}"  # noqa: E731
+    store.delete(f"{complete.folder}/manifest.json")
+    for name in shard_names[-2:]:  # never written
+        store.delete(path(name))
+        store.delete(path(name) + COMMIT_SUFFIX)
+    store.delete(path(shard_names[0]) + COMMIT_SUFFIX)  # written, killed before its commit record
+    store.write_bytes(path(shard_names[1]), original[shard_names[1]][:100])  # damaged after commit
+
+    resumed = cache(config.cache, prepared, taught, store, config.compute)
+    assert not resumed.reused
+    assert resumed.metrics["shards_resumed"] == len(shard_names) - 4
+    assert resumed.key == complete.key
+    for name in shard_names:
+        assert store.read_bytes(resumed.output(name).path) == original[name], name
+    assert {name: r.sha256 for name, r in resumed.outputs.items()} == {name: r.sha256 for name, r in complete.outputs.items()}
+
+
+def test_forced_run_recomputes_every_shard(trained):
+    config, store, prepared, taught = trained
+    first = cache(config.cache, prepared, taught, store, config.compute)
+    forced = cache(config.cache, prepared, taught, store, config.compute, force=True)
+    assert forced.metrics["shards_resumed"] == 0
+    assert forced.outputs == first.outputs
