@@ -130,7 +130,8 @@ def _headline(step: str, manifest: Manifest) -> str:
     if step == "teacher":
         return f"existing model {details.get('external_url', '')}"
     if step == "cache":
-        return f"top-{details['top_k']}, {metrics['bytes_per_token']} bytes/token"
+        kept = f"top-{details['top_k']}" if details["format"] == "topk" else f"{details['num_samples']} samples"
+        return f"{kept}, {metrics['bytes_per_token']} bytes/token"
     if step == "eval":
         return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"
     if step == "register":

@@ -145,14 +145,20 @@ class StudentConfig(Section):
 
 # ----------------------------------------------------------------------------------------- cache
 class CacheConfig(Section):
-    format: Literal["topk"] = "topk"
-    """Teacher-output format. `topk`: the k most likely next tokens with their log-probs."""
+    format: Literal["topk", "sampled"] = "topk"
+    """Teacher-output format. `topk`: the k most likely next tokens with their log-probs.
+    `sampled` (Random-Sampling KD): `num_samples` draws per position from the teacher, stored as
+    unique ids with counts; an unbiased forward-KL gradient."""
     top_k: int = Field(default=32, gt=0)
     """Entries kept per position."""
     batch_size: int = Field(default=32, gt=0)
     """Rows per teacher forward pass."""
+    num_samples: int = Field(default=12, gt=0, le=255)
+    """Draws per position for the `sampled` format."""
+    seed: int = 0
+    """Seed of the `sampled` draws (each shard's generator mixes it with the shard's checksum)."""
     temperature: float = Field(default=1.0, gt=0)
-    """Temperature of the softmax whose top-k log-probs are stored."""
+    """Temperature of the teacher softmax the cache stores (top-k log-probs) or draws from (sampled)."""
     num_actors: int = Field(default=2, gt=0)
     """Teacher actors in the Ray pool (one per GPU on a cluster, CPU actors locally)."""
 
@@ -265,7 +271,7 @@ class JobConfig(Section):
     def _cross_section_checks(self) -> JobConfig:
         if self.data.source == "files" and not self.data.files:
             raise ValueError("data.files: must list at least one file when data.source is 'files'")
-        if self.cache.top_k > self.data.vocab_size:
+        if self.cache.format == "topk" and self.cache.top_k > self.data.vocab_size:
             raise ValueError(
                 f"cache.top_k: must be <= data.vocab_size ({self.data.vocab_size}), got {self.cache.top_k}"
             )
@@ -276,10 +282,13 @@ class JobConfig(Section):
                     f"{field_path}.batch_size: must be a multiple of compute.num_workers ({workers}), got {train.batch_size}"
                 )
         loss = self.distill.loss
-        if loss.topk_tail and loss.kd_weight > 0 and loss.temperature != self.cache.temperature:
+        needs_cache_temperature = loss.topk_tail or self.cache.format == "sampled"
+        if needs_cache_temperature and loss.kd_weight > 0 and loss.temperature != self.cache.temperature:
+            reason = "cache.format is sampled" if self.cache.format == "sampled" else "distill.loss.topk_tail is true"
             raise ValueError(
                 f"distill.loss.temperature: must equal cache.temperature ({self.cache.temperature}) when "
-                f"distill.loss.topk_tail is true, got {loss.temperature}; set both, or topk_tail: false"
+                f"{reason}, got {loss.temperature}; set both"
+                + ("" if self.cache.format == "sampled" else ", or topk_tail: false")
             )
         return self
 

@@ -17,7 +17,7 @@ import torch
 from kd_core.cache import COMMIT_SUFFIX, cache, load_targets
 from kd_core.config import load_config
 from kd_core.data.prep import prep
-from kd_core.data.shards import load_split
+from kd_core.data.shards import decode_arrow, load_split
 from kd_core.models import load_causal_lm
 from kd_core.storage import Store
 from kd_core.train.teacher import teacher, teacher_model_dir
@@ -83,3 +83,22 @@ def test_forced_run_recomputes_every_shard(trained):
     forced = cache(config.cache, prepared, taught, store, config.compute, force=True)
     assert forced.metrics["shards_resumed"] == 0
     assert forced.outputs == first.outputs
+
+
+def test_sampled_format_is_deterministic_draws_with_counts(trained):
+    config, store, prepared, taught = trained
+    sampled_config = config.cache.model_copy(update={"format": "sampled", "num_samples": 12})
+    manifest = cache(sampled_config, prepared, taught, store, config.compute)
+    assert manifest.details["format"] == "sampled" and manifest.metrics["bytes_per_token"] <= 40
+    first_shard = manifest.details["shards"][0]
+    record = manifest.output(first_shard)
+    columns = decode_arrow(store.read_bytes(record.path), record.url)
+    seq_len = prepared.details["seq_len"]
+    counts = columns["sample_counts"].reshape(len(columns["entropy"]), seq_len, 12).astype(np.int64)
+    ids = columns["sample_ids"].reshape(counts.shape)
+    assert (counts.sum(-1) == 12).all()
+    assert ids.max() < prepared.details["vocab_size"]
+    again = cache(sampled_config, prepared, taught, store, config.compute, force=True)
+    assert again.outputs == manifest.outputs  # same seed, same draws, same bytes
+    reseeded = cache(sampled_config.model_copy(update={"seed": 1}), prepared, taught, store, config.compute)
+    assert reseeded.outputs[first_shard].sha256 != record.sha256

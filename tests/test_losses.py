@@ -11,7 +11,14 @@ import math
 import pytest
 import torch
 
-from kd_core.losses import DistillationObjective, generalized_jsd, next_token_cross_entropy, topk_kl
+from kd_core.losses import (
+    DistillationObjective,
+    draw_teacher_samples,
+    generalized_jsd,
+    next_token_cross_entropy,
+    sampled_kl,
+    topk_kl,
+)
 
 
 def reference_forward_kl(student_logits, teacher_logits, temperature, mask):
@@ -165,6 +172,17 @@ def test_objective_with_full_teacher_logits_uses_the_chosen_divergence():
     torch.testing.assert_close(objective(logits, input_ids, teacher_logits=teacher)["kd"], expected)
     with pytest.raises(ValueError, match="divergence must be one of"):
         DistillationObjective(divergence="wasserstein")
+
+
+def test_objective_with_sampled_targets_is_sampled_kl():
+    logits, teacher = torch.randn(2, 6, 13), torch.randn(2, 6, 13)
+    input_ids = torch.randint(0, 13, (2, 6))
+    ids, counts = draw_teacher_samples(teacher, 12, generator=torch.Generator().manual_seed(0))
+    terms = DistillationObjective(ce_weight=0.5, kd_weight=2.0)(
+        logits, input_ids, teacher_sample_ids=ids, teacher_sample_counts=counts
+    )
+    torch.testing.assert_close(terms["kd"], sampled_kl(logits, ids, counts))
+    torch.testing.assert_close(terms["loss"], 0.5 * terms["ce"] + 2.0 * terms["kd"])
 
 
 def test_teacher_confidence_weighting_favours_confident_positions():

@@ -21,6 +21,7 @@ shards), or in this process when `compute.backend` is `local`.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 
 from kd_core.config import CacheConfig, ComputeConfig, StorageConfig
 from kd_core.data.shards import decode_arrow, encode_arrow, read_verified, split_shards
+from kd_core.losses.sampled import draw_teacher_samples
 from kd_core.manifest import Manifest
 from kd_core.models import load_causal_lm
 from kd_core.progress import progress_bar
@@ -78,7 +80,8 @@ def cache(
     cache_bytes = sum(record.bytes for record in run.outputs.values())
     details = {
         "format": config.format,
-        "top_k": config.top_k,
+        "top_k": config.top_k if config.format == "topk" else 0,
+        "num_samples": config.num_samples if config.format == "sampled" else 0,
         "vocab_size": vocab_size,
         "shards": [run.name_of(output) for _, output in jobs],
     }
@@ -143,36 +146,38 @@ class TeacherWorker:
         self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_causal_lm(teacher_model_dir(self.store, teacher)).to(self.device)
-        self.id_dtype = np.uint16 if vocab_size <= 65536 else np.int32
+        self.id_dtype = torch.uint16 if vocab_size <= 65536 else torch.int32
 
     def process(self, token_record: FileRecord, output_relative: str) -> FileRecord:
         rows = decode_arrow(read_verified(self.store, token_record), token_record.url)["input_ids"]
-        targets = self.targets(rows)
-        flat = lambda array: array.reshape(len(rows), -1)  # noqa: E731 - (rows, T, k) -> (rows, T*k)
-        payload = encode_arrow(
-            {
-                "topk_ids": flat(targets.ids.astype(self.id_dtype)),
-                "topk_logprobs": flat(targets.logprobs.astype(np.float16)),
-                "entropy": targets.entropy.astype(np.float16),
-            }
-        )
+        # Draws depend only on the seed and the shard's content: not on which actor runs it, or when.
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.config.seed}:{token_record.sha256}".encode()))
+        payload = encode_arrow(self.columns(rows, generator))
         record = self.store.write_bytes(output_relative, payload)
         commit = {"shard": asdict(record), "source_sha256": token_record.sha256}
         self.store.write_bytes(output_relative + COMMIT_SUFFIX, json.dumps(commit).encode())
         return record
 
     @torch.no_grad()
-    def targets(self, rows: np.ndarray) -> TopkTargets:
-        ids, logprobs, entropy = [], [], []
+    def columns(self, rows: np.ndarray, generator: torch.Generator) -> dict[str, np.ndarray]:
+        """The shard's Arrow columns, each (rows, width): the format's targets and the entropy."""
+        blocks: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(rows), self.config.batch_size):
             batch = torch.as_tensor(rows[start : start + self.config.batch_size], dtype=torch.long, device=self.device)
             logits = self.model(input_ids=batch).logits.float()
             teacher_logprobs = torch.log_softmax(logits / self.config.temperature, dim=-1)
+            for name, values in self._format_targets(teacher_logprobs, generator).items():
+                blocks.setdefault(name, []).append(values.cpu().numpy().reshape(len(batch), -1))
+            entropy = -(teacher_logprobs.exp() * teacher_logprobs).sum(-1)
+            blocks.setdefault("entropy", []).append(entropy.cpu().numpy().astype(np.float16))
+        return {name: np.concatenate(parts) for name, parts in blocks.items()}
+
+    def _format_targets(self, teacher_logprobs: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.config.format == "topk":
             top = teacher_logprobs.topk(self.config.top_k, dim=-1)
-            ids.append(top.indices.cpu().numpy())
-            logprobs.append(top.values.cpu().numpy())
-            entropy.append(-(teacher_logprobs.exp() * teacher_logprobs).sum(-1).cpu().numpy())
-        return TopkTargets(np.concatenate(ids), np.concatenate(logprobs), np.concatenate(entropy))
+            return {"topk_ids": top.indices.to(self.id_dtype), "topk_logprobs": top.values.half()}
+        ids, counts = draw_teacher_samples(teacher_logprobs.cpu(), self.config.num_samples, generator=generator)
+        return {"sample_ids": ids.to(self.id_dtype), "sample_counts": counts.to(torch.uint8)}
 
 
 def load_targets(store: Store, cache_manifest: Manifest, shard_index: int, seq_len: int) -> TopkTargets:

@@ -11,8 +11,9 @@
   "teacher_confidence"`: weight 1 − H_t / log V from the teacher's entropy, normalised to mean 1
   over valid positions, so confident teacher predictions count more).
 
-Teacher targets are either cached top-k (`teacher_topk_logprobs`, `teacher_topk_ids`: forward KL
-via `topk_kl`) or full logits (`teacher_logits`: the configured `divergence`). With no targets,
+Teacher targets are cached top-k (`teacher_topk_logprobs`, `teacher_topk_ids`: forward KL via
+`topk_kl`), cached samples (`teacher_sample_ids`, `teacher_sample_counts`: `sampled_kl`) or full
+logits (`teacher_logits`: the configured `divergence`). With no targets,
 or w_kd = 0, it is plain cross-entropy: the no-teacher baseline and teacher training share it.
 Float32 throughout; masked positions never count; an all-masked batch gives 0.
 """
@@ -30,6 +31,7 @@ from kd_core.losses.common import masked_mean
 from kd_core.losses.forward_kl import forward_kl_per_position
 from kd_core.losses.jsd import generalized_jsd_per_position
 from kd_core.losses.reverse_kl import reverse_kl_per_position
+from kd_core.losses.sampled import sampled_kl_per_position
 from kd_core.losses.skew_kl import skew_forward_kl_per_position, skew_reverse_kl_per_position
 from kd_core.losses.topk import topk_kl_per_position
 from kd_core.losses.total_variation import total_variation_per_position
@@ -94,17 +96,21 @@ class DistillationObjective(nn.Module):
         teacher_topk_logprobs: torch.Tensor | None = None,
         teacher_topk_ids: torch.Tensor | None = None,
         *,
+        teacher_sample_ids: torch.Tensor | None = None,
+        teacher_sample_counts: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None,
         teacher_entropy: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Returns {'loss': total, 'ce': ..., 'kd': ...} (kd only when teacher targets are given)."""
         terms = {"ce": next_token_cross_entropy(student_logits, input_ids, mask)}
-        has_targets = teacher_topk_logprobs is not None or teacher_logits is not None
+        has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
         if not has_targets or self.kd_weight == 0:
             terms["loss"] = self.ce_weight * terms["ce"] if has_targets else terms["ce"]
             return terms
-        per_position = self._kd_per_position(student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_logits)
+        per_position = self._kd_per_position(
+            student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_sample_ids, teacher_sample_counts, teacher_logits
+        )
         if self.token_weighting == "teacher_confidence":
             if teacher_entropy is None:
                 raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
@@ -114,14 +120,14 @@ class DistillationObjective(nn.Module):
         terms["loss"] = self.ce_weight * terms["ce"] + self.kd_weight * balance * self.kd_scale * terms["kd"]
         return terms
 
-    def _kd_per_position(self, student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_logits):
+    def _kd_per_position(self, student_logits, topk_logprobs, topk_ids, sample_ids, sample_counts, teacher_logits):
         student_logprobs = F.log_softmax(student_logits.float() / self.temperature, dim=-1)
         if teacher_logits is not None:
             teacher_logprobs = F.log_softmax(teacher_logits.float() / self.temperature, dim=-1)
             return self.dense_divergence(student_logprobs, teacher_logprobs)
-        return topk_kl_per_position(
-            student_logprobs, teacher_topk_logprobs, teacher_topk_ids, temperature=self.temperature, tail=self.topk_tail
-        )
+        if sample_ids is not None:
+            return sampled_kl_per_position(student_logprobs, sample_ids, sample_counts)
+        return topk_kl_per_position(student_logprobs, topk_logprobs, topk_ids, temperature=self.temperature, tail=self.topk_tail)
 
     @torch.no_grad()
     def _balance(self, ce: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ def distill(
     if run.reused:
         return run.reused
     cache_shards = [cache.output(name) for name in cache.details["shards"]]
-    return _train_student(run, config, student, prep, store, compute, "distill: student", cache_shards, cache.details["top_k"])
+    return _train_student(run, config, student, prep, store, compute, "distill: student", cache_shards)
 
 
 def baseline(
@@ -51,10 +51,10 @@ def baseline(
     run = StageRun(store, "baseline", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
-    return _train_student(run, config, student, prep, store, compute, "distill: no-teacher baseline", [], 0)
+    return _train_student(run, config, student, prep, store, compute, "distill: no-teacher baseline", [])
 
 
-def _train_student(run, config, student, prep, store, compute, description, cache_shards, top_k) -> Manifest:
+def _train_student(run, config, student, prep, store, compute, description, cache_shards) -> Manifest:
     spec = TrainSpec.from_prep(
         prep,
         store,
@@ -63,6 +63,5 @@ def _train_student(run, config, student, prep, store, compute, description, cach
         config.train,
         loss=config.loss if cache_shards else None,
         cache_shards=cache_shards,
-        top_k=top_k,
     )
     return fit_stage(run, spec, compute, description)

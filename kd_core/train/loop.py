@@ -48,8 +48,8 @@ class TrainSpec:
     loss: LossConfig | None = None
     """None trains on cross-entropy alone (teacher, baseline)."""
     cache_shards: list[FileRecord] = field(default_factory=list)
-    """Teacher top-k shards aligned one-to-one with `token_shards` (distillation only)."""
-    top_k: int = 0
+    """Teacher-cache shards aligned one-to-one with `token_shards` (distillation only); their
+    columns (top-k or sampled targets, entropy) go into each batch under `CACHE_COLUMNS` keys."""
 
     @classmethod
     def from_prep(cls, prep: Manifest, store: Store, output_folder: str, architecture, train, **distillation) -> TrainSpec:
@@ -67,26 +67,34 @@ class TrainSpec:
         )
 
 
+# Cache column -> (batch key, dtype the loss wants). Present columns depend on the cache format.
+CACHE_COLUMNS = {
+    "topk_ids": ("teacher_topk_ids", np.int64),
+    "topk_logprobs": ("teacher_topk_logprobs", np.float32),
+    "sample_ids": ("teacher_sample_ids", np.int64),
+    "sample_counts": ("teacher_sample_counts", np.int64),
+    "entropy": ("teacher_entropy", np.float32),
+}
+
+
 class TrainingData:
     """Training rows (and aligned teacher targets) held in memory, served in a seeded order."""
 
     def __init__(self, store: Store, spec: TrainSpec):
         self.rows = np.concatenate([_read_column(store, r, "input_ids") for r in spec.token_shards]).astype(np.int64)
-        self.teacher_ids = self.teacher_logprobs = self.teacher_entropy = None
-        if spec.cache_shards:
-            if len(spec.cache_shards) != len(spec.token_shards):
-                raise ValueError(
-                    f"teacher cache has {len(spec.cache_shards)} shards but the training split has "
-                    f"{len(spec.token_shards)}; rerun the cache stage with --force"
-                )
-            shape = (-1, spec.seq_len, spec.top_k)
-            self.teacher_ids = np.concatenate([_read_column(store, r, "topk_ids") for r in spec.cache_shards]).reshape(shape)
-            self.teacher_logprobs = np.concatenate(
-                [_read_column(store, r, "topk_logprobs") for r in spec.cache_shards]
-            ).reshape(shape)
-            self.teacher_entropy = np.concatenate([_read_column(store, r, "entropy") for r in spec.cache_shards])
-            if len(self.teacher_ids) != len(self.rows):
-                raise ValueError(f"teacher cache holds {len(self.teacher_ids)} rows, token shards {len(self.rows)}")
+        self.targets: dict[str, np.ndarray] = {}
+        if spec.cache_shards and len(spec.cache_shards) != len(spec.token_shards):
+            raise ValueError(
+                f"teacher cache has {len(spec.cache_shards)} shards but the training split has "
+                f"{len(spec.token_shards)}; rerun the cache stage with --force"
+            )
+        blocks = [decode_arrow(read_verified(store, r), r.url) for r in spec.cache_shards]
+        for column in blocks[0] if blocks else {}:
+            values = np.concatenate([block[column] for block in blocks])
+            if len(values) != len(self.rows):
+                raise ValueError(f"teacher cache column {column} holds {len(values)} rows, token shards {len(self.rows)}")
+            per_position = (len(values), spec.seq_len) if column == "entropy" else (len(values), spec.seq_len, -1)
+            self.targets[column] = values.reshape(per_position)
 
     def batch_indices(self, step: int, batch_size: int, seed: int, rank: int, world_size: int) -> np.ndarray:
         first = step * batch_size
@@ -98,10 +106,9 @@ class TrainingData:
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         batch = {"input_ids": torch.from_numpy(self.rows[indices])}
-        if self.teacher_ids is not None:
-            batch["teacher_topk_ids"] = torch.from_numpy(self.teacher_ids[indices].astype(np.int64))
-            batch["teacher_topk_logprobs"] = torch.from_numpy(self.teacher_logprobs[indices].astype(np.float32))
-            batch["teacher_entropy"] = torch.from_numpy(self.teacher_entropy[indices].astype(np.float32))
+        for column, values in self.targets.items():
+            key, dtype = CACHE_COLUMNS[column]
+            batch[key] = torch.from_numpy(values[indices].astype(dtype))
         return batch
 
 
@@ -171,13 +178,8 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
 
 def train_step(model, optimizer, schedule, objective, batch, grad_clip) -> dict[str, float]:
     logits = model(input_ids=batch["input_ids"]).logits
-    terms = objective(
-        logits,
-        batch["input_ids"],
-        teacher_topk_logprobs=batch.get("teacher_topk_logprobs"),
-        teacher_topk_ids=batch.get("teacher_topk_ids"),
-        teacher_entropy=batch.get("teacher_entropy"),
-    )
+    teacher_targets = {name: values for name, values in batch.items() if name.startswith("teacher_")}
+    terms = objective(logits, batch["input_ids"], **teacher_targets)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
