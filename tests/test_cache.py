@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_core.cache import COMMIT_SUFFIX, cache, load_targets
+from kd_core.cache import COMMIT_SUFFIX, cache
 from kd_core.config import load_config
 from kd_core.data.prep import prep
 from kd_core.data.shards import decode_arrow, load_split
@@ -39,17 +39,19 @@ def trained(tmp_path_factory):
 def test_targets_are_the_teachers_top_k_next_token_distribution(trained):
     config, store, prepared, taught = trained
     manifest = cache(config.cache, prepared, taught, store, config.compute)
-    seq_len = prepared.details["seq_len"]
-    targets = load_targets(store, manifest, 0, seq_len)
-    rows = load_split(store, prepared, "train")[: len(targets.ids)]
+    seq_len, k = prepared.details["seq_len"], config.cache.top_k
+    record = manifest.output(manifest.details["shards"][0])
+    columns = decode_arrow(store.read_bytes(record.path), record.url)
+    ids, logprobs = (columns[name].reshape(-1, seq_len, k) for name in ("topk_ids", "topk_logprobs"))
+    rows = load_split(store, prepared, "train")[: len(ids)]
     model = load_causal_lm(teacher_model_dir(store, taught))
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=torch.from_numpy(rows)).logits, -1)
-    top = logprobs.topk(config.cache.top_k, dim=-1)
-    assert np.array_equal(targets.ids.astype(np.int64), top.indices.numpy())
-    np.testing.assert_allclose(targets.logprobs.astype(np.float32), top.values.numpy(), atol=2e-2, rtol=1e-3)
-    entropy = -(logprobs.exp() * logprobs).sum(-1).numpy()
-    np.testing.assert_allclose(targets.entropy.astype(np.float32), entropy, atol=2e-2, rtol=1e-3)
+        teacher_logprobs = torch.log_softmax(model(input_ids=torch.from_numpy(rows)).logits, -1)
+    top = teacher_logprobs.topk(k, dim=-1)
+    assert np.array_equal(ids.astype(np.int64), top.indices.numpy())
+    np.testing.assert_allclose(logprobs.astype(np.float32), top.values.numpy(), atol=2e-2, rtol=1e-3)
+    entropy = -(teacher_logprobs.exp() * teacher_logprobs).sum(-1).numpy()
+    np.testing.assert_allclose(columns["entropy"].astype(np.float32), entropy, atol=2e-2, rtol=1e-3)
 
 
 def test_killed_job_resumes_to_a_byte_identical_cache(trained):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -40,15 +40,6 @@ from kd_core.train.teacher import teacher_model_dir
 
 COMMIT_SUFFIX = ".commit.json"
 """Beside each finished shard: its record and its source shard's sha256, written after it."""
-
-
-@dataclass(frozen=True)
-class TopkTargets:
-    """Teacher targets for a block of rows: ids and log-probs (rows, T, k), entropy (rows, T)."""
-
-    ids: np.ndarray
-    logprobs: np.ndarray
-    entropy: np.ndarray
 
 
 def cache(
@@ -178,15 +169,3 @@ class TeacherWorker:
             return {"topk_ids": top.indices.to(self.id_dtype), "topk_logprobs": top.values.half()}
         ids, counts = draw_teacher_samples(teacher_logprobs.cpu(), self.config.num_samples, generator=generator)
         return {"sample_ids": ids.to(self.id_dtype), "sample_counts": counts.to(torch.uint8)}
-
-
-def load_targets(store: Store, cache_manifest: Manifest, shard_index: int, seq_len: int) -> TopkTargets:
-    """Read one verified cache shard back as (rows, T, k) arrays."""
-    record = cache_manifest.output(cache_manifest.details["shards"][shard_index])
-    columns = decode_arrow(read_verified(store, record), record.url)
-    rows, k = len(columns["entropy"]), cache_manifest.details["top_k"]
-    return TopkTargets(
-        ids=columns["topk_ids"].reshape(rows, seq_len, k),
-        logprobs=columns["topk_logprobs"].reshape(rows, seq_len, k),
-        entropy=columns["entropy"],
-    )
