@@ -159,9 +159,6 @@ class Store:
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
 
-    def open_read(self, relative: str) -> IO[bytes]:
-        return self.fs.open(self.path(relative), "rb")
-
     def delete(self, relative: str) -> None:
         if self.fs.exists(self.path(relative)):
             self.fs.rm(self.path(relative), recursive=True)
@@ -182,11 +179,3 @@ class Store:
             self.fs.get_file(remote, str(destination))
         return local_dir
 
-
-def sha256_of(handle: IO[bytes]) -> tuple[str, int]:
-    """sha256 and byte count of a readable binary stream."""
-    digest, size = hashlib.sha256(), 0
-    while chunk := handle.read(_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size

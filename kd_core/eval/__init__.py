@@ -80,7 +80,3 @@ def measure(model, rows: torch.Tensor, batch_size: int, advance=lambda n: None) 
     cross_entropy = total_nll / max(total_tokens, 1)
     return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy)}, torch.cat(top1)
 
-
-def read_metrics(store: Store, eval_manifest: Manifest) -> dict:
-    return json.loads(store.read_bytes(eval_manifest.output("metrics.json").path))
-
