@@ -17,6 +17,13 @@ import torch.nn.functional as F
 PerPosition = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) over the last dimension, in float32 whatever the input dtype."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
 def masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over positions where mask is true; 0 (not NaN) when none are."""
     if mask is None:
@@ -87,9 +94,5 @@ def token_divergence(
     vocab_size: int | None,
 ) -> torch.Tensor:
     """masked_mean(per_position(log_softmax(student/T), log_softmax(teacher/T))), in float32."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
-    student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_logprobs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return masked_mean(per_position(student_logprobs, teacher_logprobs), mask)
+    return masked_mean(per_position(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)), mask)

@@ -21,9 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from kd_core.losses.common import PerPosition, align_vocab, masked_sum
+from kd_core.losses.common import PerPosition, align_vocab, log_probs, masked_sum
 from kd_core.losses.sampled import sampled_kl_per_position
 from kd_core.losses.topk import topk_kl_per_position
 
@@ -45,9 +44,7 @@ def dense_teacher_target(
         with torch.no_grad():
             teacher_logits = (teacher_hidden[rows] @ teacher_weight.T).float()
         student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
-        return per_position(
-            F.log_softmax(student_logits / temperature, dim=-1), F.log_softmax(teacher_logits / temperature, dim=-1)
-        )
+        return per_position(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
 
     return chunk_loss
 
@@ -56,9 +53,8 @@ def topk_target(teacher_topk_logprobs, teacher_topk_ids, *, temperature=1.0, tai
     """Compare with cached top-k targets, (N, k) each (see `topk.py`)."""
 
     def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        student_logprobs = F.log_softmax(student_logits / temperature, dim=-1)
         return topk_kl_per_position(
-            student_logprobs, teacher_topk_logprobs[rows], teacher_topk_ids[rows], temperature=temperature, tail=tail
+            log_probs(student_logits, temperature), teacher_topk_logprobs[rows], teacher_topk_ids[rows], temperature=temperature, tail=tail
         )
 
     return chunk_loss
@@ -68,8 +64,7 @@ def sampled_target(sample_ids, sample_counts, *, temperature=1.0) -> ChunkLoss:
     """Compare with cached Random-Sampling KD draws, (N, m) each (see `sampled.py`)."""
 
     def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        student_logprobs = F.log_softmax(student_logits / temperature, dim=-1)
-        return sampled_kl_per_position(student_logprobs, sample_ids[rows], sample_counts[rows])
+        return sampled_kl_per_position(log_probs(student_logits, temperature), sample_ids[rows], sample_counts[rows])
 
     return chunk_loss
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_core.losses.common import masked_mean
+from kd_core.losses.common import log_probs, masked_mean
 from kd_core.losses.forward_kl import forward_kl_per_position
 from kd_core.losses.jsd import generalized_jsd_per_position
 from kd_core.losses.reverse_kl import reverse_kl_per_position
@@ -121,10 +121,9 @@ class DistillationObjective(nn.Module):
         return terms
 
     def _kd_per_position(self, student_logits, topk_logprobs, topk_ids, sample_ids, sample_counts, teacher_logits):
-        student_logprobs = F.log_softmax(student_logits.float() / self.temperature, dim=-1)
+        student_logprobs = log_probs(student_logits, self.temperature)
         if teacher_logits is not None:
-            teacher_logprobs = F.log_softmax(teacher_logits.float() / self.temperature, dim=-1)
-            return self.dense_divergence(student_logprobs, teacher_logprobs)
+            return self.dense_divergence(student_logprobs, log_probs(teacher_logits, self.temperature))
         if sample_ids is not None:
             return sampled_kl_per_position(student_logprobs, sample_ids, sample_counts)
         return topk_kl_per_position(student_logprobs, topk_logprobs, topk_ids, temperature=self.temperature, tail=self.topk_tail)

@@ -16,9 +16,8 @@ float32 scalar, the mean over positions where mask is true (0 when none are).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kd_core.losses.common import kl_terms, masked_mean
+from kd_core.losses.common import kl_terms, log_probs, masked_mean
 
 
 def empirical_logprobs(sample_counts: torch.Tensor) -> torch.Tensor:
@@ -33,10 +32,7 @@ def sampled_kl_per_position(student_logprobs: torch.Tensor, sample_ids: torch.Te
 
 
 def sampled_kl(student_logits, sample_ids, sample_counts, *, temperature=1.0, mask=None) -> torch.Tensor:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return masked_mean(sampled_kl_per_position(student_logprobs, sample_ids, sample_counts), mask)
+    return masked_mean(sampled_kl_per_position(log_probs(student_logits, temperature), sample_ids, sample_counts), mask)
 
 
 def draw_teacher_samples(teacher_logits: torch.Tensor, num_draws: int, *, temperature=1.0, generator=None):

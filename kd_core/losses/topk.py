@@ -28,9 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from kd_core.losses.common import kl_terms, masked_mean
+from kd_core.losses.common import kl_terms, log_probs, masked_mean
 
 _TINY = 1e-30
 _LOG_TAIL_NOISE = math.log(1e-6)
@@ -53,7 +52,7 @@ def topk_kl_per_position(
     student_at_ids = student_logprobs.gather(-1, teacher_topk_ids.long())
     teacher_logprobs = teacher_topk_logprobs.float()
     if not tail:
-        teacher_logprobs = F.log_softmax(teacher_logprobs / temperature, dim=-1)
+        teacher_logprobs = log_probs(teacher_logprobs, temperature)
         return kl_terms(teacher_logprobs, student_at_ids).sum(-1)
     teacher_tail = _log1mexp(torch.logsumexp(teacher_logprobs, dim=-1))
     student_tail = _log1mexp(torch.logsumexp(student_at_ids, dim=-1))
@@ -77,10 +76,7 @@ def topk_kl(
     Shapes: student_logits (..., V); teacher_topk_logprobs and teacher_topk_ids (..., k);
     mask (...) bool or None. Returns a float32 scalar.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     per_position = topk_kl_per_position(
-        student_logprobs, teacher_topk_logprobs, teacher_topk_ids, temperature=temperature, tail=tail
+        log_probs(student_logits, temperature), teacher_topk_logprobs, teacher_topk_ids, temperature=temperature, tail=tail
     )
     return masked_mean(per_position, mask)
