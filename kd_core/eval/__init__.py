@@ -59,8 +59,7 @@ def evaluate(
                 result["agreement_top1"] = float((top1 == teacher_top1).float().mean())
             metrics[name] = result
     run.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
-    trainings = {"teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
-    histories = {name: read_history(store, manifest) for name, manifest in trainings.items()}
+    histories = {name: read_history(store, manifest) for name, manifest in inputs.items() if name != "prep"}
     run.write_bytes(CURVES_NAME, training_curves_png(histories, metrics))
     return run.finish(metrics=metrics)
 
