@@ -26,8 +26,8 @@ from kd_core.pipeline import STAGES
 _STEPS = ("prep", "teacher", "cache", "distill", "baseline", "eval", "register")
 _STAGE_HELP = {
     "prep": "tokenize raw text into packed, split token shards",
-    "cache": "run (or train) the teacher and cache its top-k outputs",
-    "distill": "distill the student from the cache (and train the no-teacher baseline)",
+    "cache": "run (or train) the teacher and cache its outputs (top-k, sampled or full)",
+    "distill": "distill the student from the cache or the online teacher (and train the no-teacher baseline)",
     "eval": "measure teacher, student and baseline on held-out text",
     "register": "log the student to MLflow and register it under an alias",
     "run": "run every stage in order",
@@ -130,7 +130,8 @@ def _headline(step: str, manifest: Manifest) -> str:
     if step == "teacher":
         return f"existing model {details.get('external_url', '')}"
     if step == "cache":
-        kept = f"top-{details['top_k']}" if details["format"] == "topk" else f"{details['num_samples']} samples"
+        layout = details["layout"]
+        kept = {"topk": f"top-{layout['slots']}", "sampled": f"{layout['slots']} samples", "full": "full log-probs"}[details["format"]]
         return f"{kept}, {metrics['bytes_per_token']} bytes/token"
     if step == "eval":
         return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"

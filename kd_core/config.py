@@ -126,6 +126,14 @@ class TrainConfig(Section):
     """Seed of the initial weights and the data order."""
     log_every: int = Field(default=10, gt=0)
     """Record the loss terms every this many steps."""
+    shuffle_buffer: int = Field(default=1024, ge=0)
+    """Rows in each data consumer's shuffle buffer (on top of the seeded shard order); 0 or 1
+    streams rows in shard order."""
+    prefetch_shards: int = Field(default=2, gt=0)
+    """Shards read, verified and decoded ahead of the one being trained on."""
+    data_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes per rank (0 reads in the training process, with a prefetch
+    thread). The batches depend on this number: keep it fixed to reproduce a run."""
 
 
 class TeacherConfig(Section):
@@ -145,12 +153,21 @@ class StudentConfig(Section):
 
 # ----------------------------------------------------------------------------------------- cache
 class CacheConfig(Section):
-    format: Literal["topk", "sampled"] = "topk"
+    format: Literal["topk", "sampled", "full"] = "topk"
     """Teacher-output format. `topk`: the k most likely next tokens with their log-probs.
     `sampled` (Random-Sampling KD): `num_samples` draws per position from the teacher, stored as
-    unique ids with counts; an unbiased forward-KL gradient."""
+    unique ids with counts; an unbiased forward-KL gradient. `full`: every log-prob, in float16
+    (vocabularies up to `full_max_vocab` only)."""
     top_k: int = Field(default=32, gt=0)
     """Entries kept per position."""
+    logprob_bits: int = Field(default=12, ge=4, le=16)
+    """Bits per cached top-k log-prob: fixed point on [logprob_floor, 0]. 12 bits over 24 nats is a
+    step of 0.006 nats (probabilities within 0.3%)."""
+    logprob_floor: float = Field(default=-24.0, lt=0)
+    """Lowest storable top-k log-prob; smaller ones are stored as this (exp(-24) = 4e-11)."""
+    tail_mass: bool = True
+    """Store log(1 − Σ top-k probabilities) per position, computed from the full softmax, and
+    renormalise the decoded top-k so head and tail sum to exactly 1."""
     batch_size: int = Field(default=32, gt=0)
     """Rows per teacher forward pass."""
     num_samples: int = Field(default=12, gt=0, le=255)
@@ -159,6 +176,11 @@ class CacheConfig(Section):
     """Seed of the `sampled` draws (each shard's generator mixes it with the shard's checksum)."""
     temperature: float = Field(default=1.0, gt=0)
     """Temperature of the teacher softmax the cache stores (top-k log-probs) or draws from (sampled)."""
+    full_max_vocab: int = Field(default=8192, gt=0)
+    """Largest vocabulary the `full` format accepts (it stores 2 bytes per vocabulary entry per token)."""
+    hidden_layers: list[int] = []
+    """Teacher hidden states to store as well, for feature distillation: indices into the model's
+    `hidden_states` (0 = embeddings, num_layers = last layer), float16."""
     num_actors: int = Field(default=2, gt=0)
     """Teacher actors in the Ray pool (one per GPU on a cluster, CPU actors locally)."""
 
@@ -168,6 +190,11 @@ class LossConfig(Section):
     temperature: float = Field(default=1.0, gt=0)
     """Softmax temperature T of the KD term. With `topk_tail` it must equal `cache.temperature`
     (the cached log-probs are already at it)."""
+    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl", "total_variation"] = "forward_kl"
+    """Divergence against full teacher logits (`distill.teacher_source: online`, or a `full`
+    cache). Top-k and sampled caches always use forward KL, which is what they estimate."""
+    divergence_parameter: float | None = Field(default=None, ge=0, le=1)
+    """beta of `generalized_jsd` or alpha of the skew KLs; None keeps the function's default."""
     topk_tail: bool = True
     """Compare over the cached top-k ids plus one bucket for the rest of the vocabulary, so the
     student keeps the teacher's tail mass; False renormalises the teacher over its top k."""
@@ -185,6 +212,11 @@ class LossConfig(Section):
     orders of magnitude contribute alike (the weights then act on balanced terms)."""
     balance_momentum: float = Field(default=0.9, ge=0, lt=1)
     """Momentum of the running magnitudes used by `balance_terms`."""
+    fused: bool = False
+    """Compute CE and KD from the student's final hidden states and output weight, chunk by chunk
+    (`kd_core.losses.fused`), so the student's full (batch·T × V) logits never exist at once."""
+    fused_chunk_size: int = Field(default=1024, gt=0)
+    """Positions per chunk of the fused loss."""
 
     @model_validator(mode="after")
     def _some_term_is_weighted(self) -> LossConfig:
@@ -198,6 +230,10 @@ class DistillConfig(Section):
     """The distillation objective."""
     train: TrainConfig = TrainConfig()
     """Optimisation of the student."""
+    teacher_source: Literal["cache", "online"] = "cache"
+    """`cache`: read the teacher's targets from the cache stage (the teacher ran once). `online`:
+    run the teacher on every training batch and distill from its full logits (no cache; costs a
+    teacher forward pass per step)."""
     baseline: bool = True
     """Also train a same-size student on the same tokens with cross-entropy only (no teacher),
     so the evaluation shows what the teacher added."""
@@ -275,6 +311,11 @@ class JobConfig(Section):
             raise ValueError(
                 f"cache.top_k: must be <= data.vocab_size ({self.data.vocab_size}), got {self.cache.top_k}"
             )
+        if self.cache.format == "full" and self.data.vocab_size > self.cache.full_max_vocab:
+            raise ValueError(
+                f"cache.format: 'full' stores every log-prob and is for vocabularies up to cache.full_max_vocab "
+                f"({self.cache.full_max_vocab}); data.vocab_size is {self.data.vocab_size}: use topk or sampled"
+            )
         workers = self.compute.num_workers
         for field_path, train in (("teacher.train", self.teacher.train), ("distill.train", self.distill.train)):
             if train.batch_size % workers:
@@ -282,7 +323,8 @@ class JobConfig(Section):
                     f"{field_path}.batch_size: must be a multiple of compute.num_workers ({workers}), got {train.batch_size}"
                 )
         loss = self.distill.loss
-        needs_cache_temperature = loss.topk_tail or self.cache.format == "sampled"
+        from_cache = self.distill.teacher_source == "cache"
+        needs_cache_temperature = from_cache and ((loss.topk_tail and self.cache.format == "topk") or self.cache.format == "sampled")
         if needs_cache_temperature and loss.kd_weight > 0 and loss.temperature != self.cache.temperature:
             reason = "cache.format is sampled" if self.cache.format == "sampled" else "distill.loss.topk_tail is true"
             raise ValueError(

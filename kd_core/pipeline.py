@@ -22,7 +22,7 @@ DEPENDS_ON = {
     "prep": (),
     "teacher": ("prep",),
     "cache": ("prep", "teacher"),
-    "distill": ("prep", "cache"),
+    "distill": ("prep", "teacher", "cache"),
     "baseline": ("prep",),
     "eval": ("prep", "teacher", "distill", "baseline"),
     "register": ("eval", "distill"),
@@ -53,14 +53,16 @@ def run_pipeline(config: JobConfig, until: str = "register", force: frozenset[st
         from kd_core.train.teacher import teacher
 
         steps["teacher"] = _announce(teacher(config.teacher, steps["prep"], store, config.compute, force=is_forced("teacher", force)))
-        steps["cache"] = _announce(
-            cache(config.cache, steps["prep"], steps["teacher"], store, config.compute, force=is_forced("cache", force))
-        )
+        if config.distill.teacher_source == "cache":
+            steps["cache"] = _announce(
+                cache(config.cache, steps["prep"], steps["teacher"], store, config.compute, force=is_forced("cache", force))
+            )
     if "distill" in wanted:
         from kd_core.train.distill import baseline, distill
 
+        targets = steps["cache"] if config.distill.teacher_source == "cache" else steps["teacher"]
         steps["distill"] = _announce(
-            distill(config.distill, config.student, steps["prep"], steps["cache"], store, config.compute, force=is_forced("distill", force))
+            distill(config.distill, config.student, steps["prep"], targets, store, config.compute, force=is_forced("distill", force))
         )
         if config.distill.baseline:
             steps["baseline"] = _announce(

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_core.cache import COMMIT_SUFFIX, cache
+from kd_core.cache import COMMIT_SUFFIX, cache, cache_shards
+from kd_core.cache.format import CacheLayout
 from kd_core.config import load_config
 from kd_core.data.prep import prep
 from kd_core.data.shards import decode_arrow, load_split
@@ -36,28 +37,59 @@ def trained(tmp_path_factory):
     return config, store, prepared, taught
 
 
-def test_targets_are_the_teachers_top_k_next_token_distribution(trained):
+def _decoded_shard(store, manifest, index=0):
+    record = cache_shards(manifest)[index]
+    return CacheLayout.from_dict(manifest.details["layout"]).decode(decode_arrow(store.read_bytes(record.path), record.url))
+
+
+def _teacher_logprobs(store, prepared, taught, rows):
+    model = load_causal_lm(teacher_model_dir(store, taught))
+    tokens = torch.from_numpy(load_split(store, prepared, "train")[:rows])
+    with torch.no_grad():
+        out = model(input_ids=tokens, output_hidden_states=True)
+    return torch.log_softmax(out.logits, -1), out.hidden_states
+
+
+def test_topk_targets_are_the_teachers_distribution_within_the_quantization_step(trained):
     config, store, prepared, taught = trained
     manifest = cache(config.cache, prepared, taught, store, config.compute)
-    seq_len, k = prepared.details["seq_len"], config.cache.top_k
-    record = manifest.output(manifest.details["shards"][0])
-    columns = decode_arrow(store.read_bytes(record.path), record.url)
-    ids, logprobs = (columns[name].reshape(-1, seq_len, k) for name in ("topk_ids", "topk_logprobs"))
-    rows = load_split(store, prepared, "train")[: len(ids)]
-    model = load_causal_lm(teacher_model_dir(store, taught))
-    with torch.no_grad():
-        teacher_logprobs = torch.log_softmax(model(input_ids=torch.from_numpy(rows)).logits, -1)
-    top = teacher_logprobs.topk(k, dim=-1)
-    assert np.array_equal(ids.astype(np.int64), top.indices.numpy())
-    np.testing.assert_allclose(logprobs.astype(np.float32), top.values.numpy(), atol=2e-2, rtol=1e-3)
+    layout = CacheLayout.from_dict(manifest.details["layout"])
+    assert (layout.format, layout.slots, layout.tail) == ("topk", config.cache.top_k, True)
+    assert [shard["rows"] for shard in manifest.details["shards"]] == [64] * len(manifest.details["shards"][:-1]) + [
+        manifest.details["shards"][-1]["rows"]
+    ]
+    targets = _decoded_shard(store, manifest)
+    teacher_logprobs, _ = _teacher_logprobs(store, prepared, taught, len(targets["teacher_entropy"]))
+    top = teacher_logprobs.topk(config.cache.top_k, dim=-1)
+    assert np.array_equal(targets["teacher_topk_ids"], top.indices.numpy())
+    # 12-bit fixed point over 24 nats, then the shift that makes head + tail sum to 1: within ~1.5 steps.
+    step = 24 / 4095
+    np.testing.assert_allclose(targets["teacher_topk_logprobs"], top.values.numpy(), atol=1.5 * step)
+    head = np.exp(targets["teacher_topk_logprobs"]).sum(-1)
+    true_tail = 1 - top.values.exp().sum(-1).numpy()
+    np.testing.assert_allclose(1 - head, true_tail, atol=2e-3)
     entropy = -(teacher_logprobs.exp() * teacher_logprobs).sum(-1).numpy()
-    np.testing.assert_allclose(columns["entropy"].astype(np.float32), entropy, atol=2e-2, rtol=1e-3)
+    np.testing.assert_allclose(targets["teacher_entropy"], entropy, atol=2e-2, rtol=1e-3)
+
+
+def test_full_format_keeps_every_logprob_and_hidden_states_are_stored(trained):
+    config, store, prepared, taught = trained
+    full = config.cache.model_copy(update={"format": "full", "hidden_layers": [0, 1]})
+    manifest = cache(full, prepared, taught, store, config.compute)
+    targets = _decoded_shard(store, manifest)
+    rows = len(targets["teacher_entropy"])
+    teacher_logprobs, hidden = _teacher_logprobs(store, prepared, taught, rows)
+    np.testing.assert_allclose(targets["teacher_logits"], teacher_logprobs.numpy(), atol=1e-2, rtol=1e-3)
+    for layer in (0, 1):
+        np.testing.assert_allclose(targets[f"teacher_hidden_{layer}"], hidden[layer].numpy(), atol=1e-2, rtol=1e-3)
+    vocab = prepared.details["vocab_size"]
+    assert manifest.metrics["bytes_per_token"] > 2 * vocab  # float16 per vocabulary entry: only for small vocabularies
 
 
 def test_killed_job_resumes_to_a_byte_identical_cache(trained):
     config, store, prepared, taught = trained
     complete = cache(config.cache, prepared, taught, store, config.compute)
-    shard_names = complete.details["shards"]
+    shard_names = [shard["name"] for shard in complete.details["shards"]]
     assert len(shard_names) >= 6
     original = {name: store.read_bytes(complete.output(name).path) for name in shard_names}
 
@@ -92,15 +124,14 @@ def test_sampled_format_is_deterministic_draws_with_counts(trained):
     sampled_config = config.cache.model_copy(update={"format": "sampled", "num_samples": 12})
     manifest = cache(sampled_config, prepared, taught, store, config.compute)
     assert manifest.details["format"] == "sampled" and manifest.metrics["bytes_per_token"] <= 40
-    first_shard = manifest.details["shards"][0]
-    record = manifest.output(first_shard)
-    columns = decode_arrow(store.read_bytes(record.path), record.url)
-    seq_len = prepared.details["seq_len"]
-    counts = columns["sample_counts"].reshape(len(columns["entropy"]), seq_len, 12).astype(np.int64)
-    ids = columns["sample_ids"].reshape(counts.shape)
-    assert (counts.sum(-1) == 12).all()
+    targets = _decoded_shard(store, manifest)
+    counts, ids = targets["teacher_sample_counts"], targets["teacher_sample_ids"]
+    assert counts.shape[-1] == 12 and (counts.sum(-1) == 12).all()
     assert ids.max() < prepared.details["vocab_size"]
+    filled = counts > 0
+    assert all(len(set(row[mask])) == mask.sum() for row, mask in zip(ids.reshape(-1, 12), filled.reshape(-1, 12)))  # unique ids
+    first = cache_shards(manifest)[0]
     again = cache(sampled_config, prepared, taught, store, config.compute, force=True)
     assert again.outputs == manifest.outputs  # same seed, same draws, same bytes
     reseeded = cache(sampled_config.model_copy(update={"seed": 1}), prepared, taught, store, config.compute)
-    assert reseeded.outputs[first_shard].sha256 != record.sha256
+    assert cache_shards(reseeded)[0].sha256 != first.sha256

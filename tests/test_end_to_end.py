@@ -34,7 +34,7 @@ def assert_complete_run(steps, config):
         assert evaluation[model]["perplexity"] > 1 and evaluation[model]["parameters"] > 0
     assert evaluation["teacher"]["parameters"] > evaluation["student"]["parameters"]
     assert 0 <= evaluation["student"]["agreement_top1"] <= 1
-    assert steps["cache"].details["top_k"] == config.cache.top_k
+    assert steps["cache"].details["layout"]["slots"] == config.cache.top_k
     assert len(steps["cache"].details["shards"]) == len(steps["prep"].details["splits"]["train"]["shards"])
     assert "model/model.safetensors" in steps["distill"].outputs
     assert "model/tokenizer.json" in steps["distill"].outputs

@@ -1,21 +1,18 @@
 """The cache stage: run the teacher once over the training shards and store what students need.
 
-Format `topk` (one Arrow IPC file per training shard, rows aligned with the token shard):
-
-| column                | type                                   | meaning                              |
-|-----------------------|----------------------------------------|--------------------------------------|
-| `topk_ids`            | fixed_size_list<uint16 or int32>[T·k]  | the k most likely next-token ids     |
-| `topk_logprobs`       | fixed_size_list<float16>[T·k]          | their log-probs at `cache.temperature`|
-| `entropy`             | fixed_size_list<float16>[T]            | the teacher's full predictive entropy|
-
-Position t of a row describes the teacher's distribution over the token after input t.
+One cache shard per training token shard, aligned row for row, in the bit-packed Arrow format of
+`kd_core.cache.format` (top-k, sampled or full log-probs, the teacher's entropy, optionally its
+hidden states); the manifest's `details["layout"]` says how to decode them, and lists each
+shard's rows, tokens, bytes and sha256.
 
 Resumable: each shard is written atomically, then a commit record beside it
 (`<shard>.commit.json`: the shard's size and sha256, and its source token shard's sha256). A rerun
 of a killed job keeps every shard whose commit record, bytes and source check out and computes the
 rest; teacher inference is deterministic, so the result is byte-identical to an uninterrupted run.
-Teacher inference runs in a Ray actor pool (each actor loads the teacher once and processes whole
-shards), or in this process when `compute.backend` is `local`.
+Two writers of the same cache write the same bytes for a shard, each through an atomic replace,
+so either order leaves a valid shard. Teacher inference runs in a Ray actor pool (each actor
+loads the teacher once and processes whole shards), or in this process when `compute.backend` is
+`local`.
 """
 
 from __future__ import annotations
@@ -28,14 +25,13 @@ import numpy as np
 import torch
 
 from kd_core.config import CacheConfig, ComputeConfig, StorageConfig
+from kd_core.cache.format import CacheLayout
 from kd_core.data.shards import decode_arrow, encode_arrow, read_verified, split_shards
-from kd_core.losses.sampled import draw_teacher_samples
 from kd_core.manifest import Manifest
 from kd_core.models import load_causal_lm
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import FileRecord, Store
-from kd_core.train.teacher import teacher_model_dir
 
 
 COMMIT_SUFFIX = ".commit.json"
@@ -56,38 +52,61 @@ def cache(
         return run.reused
     token_shards = split_shards(prep, "train")
     jobs = [(record, run.relative(f"shards/train-{index:05d}.arrow")) for index, record in enumerate(token_shards)]
-    vocab_size = prep.details["vocab_size"]
+    layout = cache_layout(config, prep, store, teacher)
     # An earlier attempt that was killed left finished shards with commit records: keep those.
     finished = {} if force else {job[1]: committed_shard(store, *job) for job in jobs}
     pending = [job for job in jobs if finished.get(job[1]) is None]
+    rows_of: dict[str, int] = {}
     with run.timed("teacher_inference"), progress_bar("cache: teacher", total=len(jobs)) as bar:
-        for record in filter(None, finished.values()):
+        for record, rows in [*filter(None, finished.values()), *_run_jobs(config, teacher, store, compute, pending, layout)]:
             run.record(record)
+            rows_of[record.path] = rows
             bar.advance()
-        for record in _run_jobs(config, teacher, store, compute, pending, vocab_size):
-            run.record(record)
-            bar.advance()
-    tokens = prep.details["splits"]["train"]["tokens"]
+    split = prep.details["splits"]["train"]
     cache_bytes = sum(record.bytes for record in run.outputs.values())
     details = {
         "format": config.format,
-        "top_k": config.top_k if config.format == "topk" else 0,
-        "num_samples": config.num_samples if config.format == "sampled" else 0,
-        "vocab_size": vocab_size,
-        "shards": [run.name_of(output) for _, output in jobs],
+        "layout": layout.to_dict(),
+        "shards": [
+            {"name": run.name_of(output), "rows": rows_of[output], "tokens": rows_of[output] * layout.seq_len, "source": token.path}
+            for token, output in jobs
+        ],
     }
     metrics = {
-        "tokens": tokens,
+        "tokens": split["tokens"],
         "bytes": cache_bytes,
-        "bytes_per_token": round(cache_bytes / max(tokens, 1), 2),
+        "bytes_per_token": round(cache_bytes / max(split["tokens"], 1), 2),
         "shards_resumed": len(jobs) - len(pending),
     }
     return run.finish(metrics=metrics, details=details)
 
 
-def committed_shard(store: Store, token_record: FileRecord, output_relative: str) -> FileRecord | None:
-    """The shard an earlier attempt finished for this token shard, if its commit record, its bytes
-    and its source all check out; None means it has to be (re)computed."""
+def cache_layout(config: CacheConfig, prep: Manifest, store: Store, teacher: Manifest) -> CacheLayout:
+    """The layout of this cache: the teacher's vocabulary (it may be padded beyond the data's) and
+    hidden size, the data's row length, the format settings."""
+    from kd_core.train.teacher import teacher_model_config  # the trainer imports this package's format
+
+    model_config = teacher_model_config(store, teacher)
+    if config.format == "full" and model_config["vocab_size"] > config.full_max_vocab:
+        raise ValueError(
+            f"cache.format: 'full' is for vocabularies up to cache.full_max_vocab ({config.full_max_vocab}); "
+            f"the teacher has {model_config['vocab_size']}: use topk or sampled"
+        )
+    layers = model_config.get("num_hidden_layers", 0)
+    for layer in config.hidden_layers:
+        if not 0 <= layer <= layers:
+            raise ValueError(f"cache.hidden_layers: {layer} is not a hidden state of the teacher (0..{layers})")
+    return CacheLayout.from_config(config, prep.details["seq_len"], model_config["vocab_size"], model_config.get("hidden_size", 0))
+
+
+def cache_shards(cache_manifest: Manifest) -> list[FileRecord]:
+    """The cache's shard records, in training-shard order."""
+    return [cache_manifest.output(shard["name"]) for shard in cache_manifest.details["shards"]]
+
+
+def committed_shard(store: Store, token_record: FileRecord, output_relative: str) -> tuple[FileRecord, int] | None:
+    """The shard (and its row count) an earlier attempt finished for this token shard, if its commit
+    record, its bytes and its source all check out; None means it has to be (re)computed."""
     commit = output_relative + COMMIT_SUFFIX
     if not store.exists(commit):
         return None
@@ -97,16 +116,16 @@ def committed_shard(store: Store, token_record: FileRecord, output_relative: str
         if saved["source_sha256"] != token_record.sha256 or record.path != output_relative:
             return None
         read_verified(store, record)
+        return record, int(saved["rows"])
     except (ValueError, KeyError, TypeError):  # unreadable record, or a ShardError: redo the shard
         return None
-    return record
 
 
-def _run_jobs(config, teacher, store, compute, jobs, vocab_size):
+def _run_jobs(config, teacher, store, compute, jobs, layout):
     if not jobs:
         return
     if compute.backend == "local":
-        worker = TeacherWorker(store.config, teacher, config, vocab_size, threads=torch.get_num_threads())
+        worker = TeacherWorker(store.config, teacher, config, layout, threads=torch.get_num_threads())
         for job in jobs:
             yield worker.process(*job)
         return
@@ -118,7 +137,7 @@ def _run_jobs(config, teacher, store, compute, jobs, vocab_size):
     ensure_ray(compute)
     actor_class = ray.remote(num_cpus=1, num_gpus=1 if compute.use_gpu else 0)(TeacherWorker)
     actors = [
-        actor_class.remote(store.config, teacher, config, vocab_size, threads=1)
+        actor_class.remote(store.config, teacher, config, layout, threads=1)
         for _ in range(min(config.num_actors, len(jobs)))
     ]
     try:
@@ -131,41 +150,35 @@ def _run_jobs(config, teacher, store, compute, jobs, vocab_size):
 class TeacherWorker:
     """Loads the teacher once; turns token shards into target shards. Runs as a Ray actor or inline."""
 
-    def __init__(self, storage: StorageConfig, teacher: Manifest, config: CacheConfig, vocab_size: int, threads: int):
+    def __init__(self, storage: StorageConfig, teacher: Manifest, config: CacheConfig, layout: CacheLayout, threads: int):
+        from kd_core.train.teacher import teacher_model_dir
+
         torch.set_num_threads(threads)
         self.store = Store(storage)
-        self.config = config
+        self.config, self.layout = config, layout
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(teacher_model_dir(self.store, teacher)).to(self.device)
-        self.id_dtype = torch.uint16 if vocab_size <= 65536 else torch.int32
+        self.model = load_causal_lm(teacher_model_dir(self.store, teacher)).to(self.device).eval()
 
-    def process(self, token_record: FileRecord, output_relative: str) -> FileRecord:
+    def process(self, token_record: FileRecord, output_relative: str) -> tuple[FileRecord, int]:
         rows = decode_arrow(read_verified(self.store, token_record), token_record.url)["input_ids"]
         # Draws depend only on the seed and the shard's content: not on which actor runs it, or when.
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.config.seed}:{token_record.sha256}".encode()))
-        payload = encode_arrow(self.columns(rows, generator))
+        payload = encode_arrow(self.columns(rows, generator), metadata=self.layout.schema_metadata())
         record = self.store.write_bytes(output_relative, payload)
-        commit = {"shard": asdict(record), "source_sha256": token_record.sha256}
+        commit = {"shard": asdict(record), "rows": len(rows), "source_sha256": token_record.sha256}
         self.store.write_bytes(output_relative + COMMIT_SUFFIX, json.dumps(commit).encode())
-        return record
+        return record, len(rows)
 
     @torch.no_grad()
     def columns(self, rows: np.ndarray, generator: torch.Generator) -> dict[str, np.ndarray]:
-        """The shard's Arrow columns, each (rows, width): the format's targets and the entropy."""
+        """The shard's Arrow columns, each (rows, width), batch by batch through the teacher."""
         blocks: dict[str, list[np.ndarray]] = {}
+        wants_hidden = bool(self.layout.hidden_layers)
         for start in range(0, len(rows), self.config.batch_size):
             batch = torch.as_tensor(rows[start : start + self.config.batch_size], dtype=torch.long, device=self.device)
-            logits = self.model(input_ids=batch).logits.float()
-            teacher_logprobs = torch.log_softmax(logits / self.config.temperature, dim=-1)
-            for name, values in self._format_targets(teacher_logprobs, generator).items():
-                blocks.setdefault(name, []).append(values.cpu().numpy().reshape(len(batch), -1))
-            entropy = -(teacher_logprobs.exp() * teacher_logprobs).sum(-1)
-            blocks.setdefault("entropy", []).append(entropy.cpu().numpy().astype(np.float16))
+            output = self.model(input_ids=batch, output_hidden_states=wants_hidden)
+            teacher_logprobs = torch.log_softmax(output.logits.float() / self.config.temperature, dim=-1)
+            hidden = {layer: output.hidden_states[layer] for layer in self.layout.hidden_layers}
+            for name, values in self.layout.encode(teacher_logprobs, generator, hidden).items():
+                blocks.setdefault(name, []).append(values)
         return {name: np.concatenate(parts) for name, parts in blocks.items()}
-
-    def _format_targets(self, teacher_logprobs: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        if self.config.format == "topk":
-            top = teacher_logprobs.topk(self.config.top_k, dim=-1)
-            return {"topk_ids": top.indices.to(self.id_dtype), "topk_logprobs": top.values.half()}
-        ids, counts = draw_teacher_samples(teacher_logprobs.cpu(), self.config.num_samples, generator=generator)
-        return {"sample_ids": ids.to(self.id_dtype), "sample_counts": counts.to(torch.uint8)}

@@ -21,14 +21,15 @@ class ShardError(ValueError):
     """A shard that is missing, corrupt or not shaped as its manifest says."""
 
 
-def encode_arrow(columns: dict[str, np.ndarray]) -> bytes:
-    """2-D arrays (rows × width) become fixed-size-list columns of one Arrow IPC file."""
+def encode_arrow(columns: dict[str, np.ndarray], metadata: dict[bytes, bytes] | None = None) -> bytes:
+    """2-D arrays (rows × width) become fixed-size-list columns of one Arrow IPC file, with
+    optional schema metadata."""
     arrays, names = [], []
     for name, values in columns.items():
         flat = pa.array(np.ascontiguousarray(values).reshape(-1))
         arrays.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1]))
         names.append(name)
-    table = pa.Table.from_arrays(arrays, names=names)
+    table = pa.Table.from_arrays(arrays, names=names, metadata=metadata)
     sink = io.BytesIO()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)

@@ -29,6 +29,7 @@ from torch import nn
 
 from kd_core.losses.common import log_probs, masked_mean
 from kd_core.losses.forward_kl import forward_kl_per_position
+from kd_core.losses.fused import fused_lm_head_loss
 from kd_core.losses.jsd import generalized_jsd_per_position
 from kd_core.losses.reverse_kl import reverse_kl_per_position
 from kd_core.losses.sampled import sampled_kl_per_position
@@ -116,6 +117,63 @@ class DistillationObjective(nn.Module):
                 raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
             per_position = per_position * confidence_weights(teacher_entropy, student_logits.shape[-1], mask)
         terms["kd"] = masked_mean(per_position, mask)
+        return self._total(terms)
+
+    def fused(
+        self,
+        student_hidden: torch.Tensor,
+        output_weight: torch.Tensor,
+        input_ids: torch.Tensor,
+        *,
+        chunk_size: int = 1024,
+        teacher_topk_logprobs: torch.Tensor | None = None,
+        teacher_topk_ids: torch.Tensor | None = None,
+        teacher_sample_ids: torch.Tensor | None = None,
+        teacher_sample_counts: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_entropy: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`forward`'s terms from the student's final hidden states (B, T, H) and output weight
+        (V, H), computed `chunk_size` positions at a time by `fused_lm_head_loss`: the student's
+        (B·T, V) logits never exist at once. Same values and gradients as `forward`."""
+        batch, length, width = student_hidden.shape
+        hidden = student_hidden.reshape(batch * length, width)
+        # CE: position t predicts token t+1 and counts when that token is valid; a row's last position has none.
+        next_tokens = input_ids.roll(-1, dims=1).reshape(-1)
+        has_next = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+        has_next[:, :-1] = True if mask is None else mask[:, 1:]
+
+        def ce_chunk(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            return F.cross_entropy(student_logits, next_tokens[rows], reduction="none")
+
+        terms = {"ce": fused_lm_head_loss(hidden, output_weight, ce_chunk, mask=has_next.reshape(-1), chunk_size=chunk_size)}
+        has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
+        if not has_targets or self.kd_weight == 0:
+            terms["loss"] = self.ce_weight * terms["ce"] if has_targets else terms["ce"]
+            return terms
+        flat = lambda values: None if values is None else values.reshape(batch * length, *values.shape[2:])  # noqa: E731
+        topk_logprobs, topk_ids, sample_ids, sample_counts, dense = map(
+            flat, (teacher_topk_logprobs, teacher_topk_ids, teacher_sample_ids, teacher_sample_counts, teacher_logits)
+        )
+        flat_mask = None if mask is None else mask.reshape(-1)
+        weights = None
+        if self.token_weighting == "teacher_confidence":
+            if teacher_entropy is None:
+                raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
+            weights = confidence_weights(teacher_entropy.reshape(-1), output_weight.shape[0], flat_mask)
+
+        def kd_chunk(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            per_position = self._kd_per_position(
+                student_logits,
+                *(None if values is None else values[rows] for values in (topk_logprobs, topk_ids, sample_ids, sample_counts, dense)),
+            )
+            return per_position if weights is None else per_position * weights[rows]
+
+        terms["kd"] = fused_lm_head_loss(hidden, output_weight, kd_chunk, mask=flat_mask, chunk_size=chunk_size)
+        return self._total(terms)
+
+    def _total(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         balance = self._balance(terms["ce"], terms["kd"]) if self.balance_terms else 1.0
         terms["loss"] = self.ce_weight * terms["ce"] + self.kd_weight * balance * self.kd_scale * terms["kd"]
         return terms

@@ -1,7 +1,10 @@
 """The distill stage, and the no-teacher baseline it is measured against.
 
-- `distill`: the student learns from the training tokens and the teacher cache, with the
-  `DistillationObjective` (cross-entropy + T²-scaled top-k KL) configured by `distill.loss`.
+- `distill`: the student learns from the training tokens and the teacher, with the
+  `DistillationObjective` (cross-entropy + T²-scaled KD) configured by `distill.loss`. The
+  teacher's targets come from the cache stage (`distill.teacher_source: cache`, the default:
+  top-k, sampled or full, streamed with the tokens) or from running the teacher on every batch
+  (`online`: full logits, no cache).
 - `baseline`: the same student architecture, data, seed and optimiser, with cross-entropy alone.
   Its perplexity is what the student would reach without a teacher, so the evaluation can show
   what distillation bought.
@@ -12,30 +15,45 @@ directory with the tokenizer) and `history.jsonl` (the logged loss terms).
 
 from __future__ import annotations
 
+from kd_core.cache import cache_shards
 from kd_core.config import ComputeConfig, DistillConfig, StudentConfig
 from kd_core.manifest import Manifest
 from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.train.loop import TrainSpec
 from kd_core.train.ray_glue import fit_stage
+from kd_core.train.teacher import teacher_model_dir
 
 
 def distill(
     config: DistillConfig,
     student: StudentConfig,
     prep: Manifest,
-    cache: Manifest,
+    targets: Manifest,
     store: Store,
     compute: ComputeConfig,
     *,
     force: bool = False,
 ) -> Manifest:
-    section = {"student": student.model_dump(mode="json"), "loss": config.loss.model_dump(mode="json"), "train": config.train.model_dump(mode="json")}
-    run = StageRun(store, "distill", section, inputs={"prep": prep, "cache": cache}, force=force)
+    """`targets` is the cache stage's manifest, or the teacher step's with `teacher_source: online`."""
+    expected = "cache" if config.teacher_source == "cache" else "teacher"
+    if targets.stage != expected:
+        raise ValueError(f"distill.teacher_source is {config.teacher_source}: distill needs the {expected} step's output, got {targets.stage}'s")
+    section = {
+        "student": student.model_dump(mode="json"),
+        "loss": config.loss.model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json"),
+        "teacher_source": config.teacher_source,
+    }
+    run = StageRun(store, "distill", section, inputs={"prep": prep, expected: targets}, force=force)
     if run.reused:
         return run.reused
-    cache_shards = [cache.output(name) for name in cache.details["shards"]]
-    return _train_student(run, config, student, prep, store, compute, "distill: student", cache_shards)
+    if config.teacher_source == "online":
+        teacher_folder = str(teacher_model_dir(store, targets))
+        return _train_student(run, config, student, prep, store, compute, "distill: student (online teacher)", teacher_folder=teacher_folder)
+    return _train_student(
+        run, config, student, prep, store, compute, "distill: student", cache_shards=cache_shards(targets), cache_layout=targets.details["layout"]
+    )
 
 
 def baseline(
@@ -51,17 +69,10 @@ def baseline(
     run = StageRun(store, "baseline", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
-    return _train_student(run, config, student, prep, store, compute, "distill: no-teacher baseline", [])
+    return _train_student(run, config, student, prep, store, compute, "distill: no-teacher baseline", with_teacher=False)
 
 
-def _train_student(run, config, student, prep, store, compute, description, cache_shards) -> Manifest:
-    spec = TrainSpec.from_prep(
-        prep,
-        store,
-        run.folder,
-        student.architecture,
-        config.train,
-        loss=config.loss if cache_shards else None,
-        cache_shards=cache_shards,
-    )
+def _train_student(run, config, student, prep, store, compute, description, *, with_teacher=True, **teacher) -> Manifest:
+    loss = config.loss if with_teacher else None
+    spec = TrainSpec.from_prep(prep, store, run.folder, student.architecture, config.train, loss=loss, **teacher)
     return fit_stage(run, spec, compute, description)

@@ -4,10 +4,12 @@
 Train calls it in each worker (see `ray_glue.py`); the `local` backend, tests and the GPU check
 call it directly in one process. Named steps, top to bottom: setup, train step, save.
 
-The data order is a pure function of (seed, step): each epoch is a seeded permutation of the
-training rows, the global batch of step s is the next `batch_size` rows of it, and rank r takes
-every world_size-th row of that batch. So the same global batch gives the same data on one worker
-or many.
+Data streams from the shards through `kd_core.data.stream.TrainingStream` (token rows, plus the
+aligned teacher-cache targets when distilling), split across ranks and DataLoader workers without
+overlap, shuffled through a seeded buffer: the batches are a pure function of the seed, the world
+size and the number of data workers. Each rank takes `batch_size / world_size` rows per step.
+With `teacher_folder` set (online distillation), the teacher runs on every batch instead of a
+cache and its full logits are the target.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from torch.utils.data import DataLoader
+
+from kd_core.cache.format import CacheLayout
 from kd_core.config import ArchitectureConfig, LossConfig, StorageConfig, TrainConfig
-from kd_core.data.shards import decode_arrow, read_verified, split_shards
+from kd_core.data.shards import split_shards
+from kd_core.data.stream import TrainingStream, collate
 from kd_core.losses import DistillationObjective
 from kd_core.manifest import Manifest
-from kd_core.models import build_causal_lm, count_parameters, local_copy, save_model_dir, temporary_dir
+from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
 from kd_core.storage import FileRecord, Store
 
 HISTORY_NAME = "history.jsonl"
@@ -48,8 +53,13 @@ class TrainSpec:
     loss: LossConfig | None = None
     """None trains on cross-entropy alone (teacher, baseline)."""
     cache_shards: list[FileRecord] = field(default_factory=list)
-    """Teacher-cache shards aligned one-to-one with `token_shards` (distillation only); their
-    columns (top-k or sampled targets, entropy) go into each batch under `CACHE_COLUMNS` keys."""
+    """Teacher-cache shards aligned one-to-one with `token_shards` (offline distillation); their
+    decoded targets go into each batch under `teacher_*` keys."""
+    cache_layout: dict | None = None
+    """The cache's `CacheLayout.to_dict()`, which decodes `cache_shards`."""
+    teacher_folder: str | None = None
+    """A local or store-relative Hugging Face teacher directory run on every batch (online
+    distillation: full teacher logits, no cache)."""
 
     @classmethod
     def from_prep(cls, prep: Manifest, store: Store, output_folder: str, architecture, train, **distillation) -> TrainSpec:
@@ -67,53 +77,19 @@ class TrainSpec:
         )
 
 
-# Cache column -> (batch key, dtype the loss wants). Present columns depend on the cache format.
-CACHE_COLUMNS = {
-    "topk_ids": ("teacher_topk_ids", np.int64),
-    "topk_logprobs": ("teacher_topk_logprobs", np.float32),
-    "sample_ids": ("teacher_sample_ids", np.int64),
-    "sample_counts": ("teacher_sample_counts", np.int64),
-    "entropy": ("teacher_entropy", np.float32),
-}
-
-
-class TrainingData:
-    """Training rows (and aligned teacher targets) held in memory, served in a seeded order."""
-
-    def __init__(self, store: Store, spec: TrainSpec):
-        self.rows = np.concatenate([_read_column(store, r, "input_ids") for r in spec.token_shards]).astype(np.int64)
-        self.targets: dict[str, np.ndarray] = {}
-        if spec.cache_shards and len(spec.cache_shards) != len(spec.token_shards):
-            raise ValueError(
-                f"teacher cache has {len(spec.cache_shards)} shards but the training split has "
-                f"{len(spec.token_shards)}; rerun the cache stage with --force"
-            )
-        blocks = [decode_arrow(read_verified(store, r), r.url) for r in spec.cache_shards]
-        for column in blocks[0] if blocks else {}:
-            values = np.concatenate([block[column] for block in blocks])
-            if len(values) != len(self.rows):
-                raise ValueError(f"teacher cache column {column} holds {len(values)} rows, token shards {len(self.rows)}")
-            per_position = (len(values), spec.seq_len) if column == "entropy" else (len(values), spec.seq_len, -1)
-            self.targets[column] = values.reshape(per_position)
-
-    def batch_indices(self, step: int, batch_size: int, seed: int, rank: int, world_size: int) -> np.ndarray:
-        first = step * batch_size
-        epoch, offset = divmod(first, len(self.rows))
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.rows))
-        if offset + batch_size > len(order):  # the batch straddles two epochs
-            order = np.concatenate([order, np.random.default_rng([seed, epoch + 1]).permutation(len(self.rows))])
-        return order[offset : offset + batch_size][rank::world_size]
-
-    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = {"input_ids": torch.from_numpy(self.rows[indices])}
-        for column, values in self.targets.items():
-            key, dtype = CACHE_COLUMNS[column]
-            batch[key] = torch.from_numpy(values[indices].astype(dtype))
-        return batch
-
-
-def _read_column(store: Store, record: FileRecord, column: str) -> np.ndarray:
-    return decode_arrow(read_verified(store, record), record.url)[column]
+def training_stream(spec: TrainSpec, rank: int, world_size: int) -> TrainingStream:
+    """This rank's endless stream of training rows (and teacher targets)."""
+    return TrainingStream(
+        spec.storage,
+        spec.token_shards,
+        cache_shards=spec.cache_shards,
+        cache_layout=CacheLayout.from_dict(spec.cache_layout) if spec.cache_layout else None,
+        seed=spec.train.seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=spec.train.shuffle_buffer,
+        prefetch_shards=spec.train.prefetch_shards,
+    )
 
 
 def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -146,21 +122,31 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     """
     # --- setup
     store = Store(spec.storage)
-    data = TrainingData(store, spec)
+    loader = DataLoader(
+        training_stream(spec, rank, world_size),
+        batch_size=spec.train.batch_size // world_size,
+        num_workers=spec.train.data_workers,
+        collate_fn=collate,
+    )
+    batches = iter(loader)
     model = build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, seed=spec.train.seed, dropout=spec.train.dropout)
     parameters = count_parameters(model)
     model = wrap_model(model) if wrap_model else model
     device = next(model.parameters()).device
     optimizer, schedule = make_optimizer(model, spec.train)
-    objective = DistillationObjective(**spec.loss.model_dump()) if spec.loss else DistillationObjective(kd_weight=0.0)
+    objective = DistillationObjective(**spec.loss.model_dump(exclude={"fused", "fused_chunk_size"})) if spec.loss else DistillationObjective(kd_weight=0.0)
+    fused_chunk_size = spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None
+    online_teacher = _load_teacher(store, spec.teacher_folder, device) if spec.teacher_folder else None
     history: list[dict] = []
     started, tokens_seen = time.perf_counter(), 0
     model.train()
     # --- train steps
     for step in range(spec.train.max_steps):
-        indices = data.batch_indices(step, spec.train.batch_size, spec.train.seed, rank, world_size)
-        batch = {name: tensor.to(device) for name, tensor in data.batch(indices).items()}
-        terms = train_step(model, optimizer, schedule, objective, batch, spec.train.grad_clip)
+        batch = {name: tensor.to(device) for name, tensor in next(batches).items()}
+        if online_teacher is not None:
+            with torch.no_grad():
+                batch["teacher_logits"] = online_teacher(input_ids=batch["input_ids"]).logits
+        terms = train_step(model, optimizer, schedule, objective, batch, spec.train.grad_clip, fused_chunk_size)
         tokens_seen += batch["input_ids"].numel() * world_size
         if rank == 0 and (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
             elapsed = time.perf_counter() - started
@@ -176,10 +162,25 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     return result
 
 
-def train_step(model, optimizer, schedule, objective, batch, grad_clip) -> dict[str, float]:
-    logits = model(input_ids=batch["input_ids"]).logits
-    teacher_targets = {name: values for name, values in batch.items() if name.startswith("teacher_")}
-    terms = objective(logits, batch["input_ids"], **teacher_targets)
+def _load_teacher(store: Store, folder: str, device) -> torch.nn.Module:
+    local = Path(folder) if Path(folder).is_dir() else local_copy(store, folder)
+    return load_causal_lm(local).to(device).eval()
+
+
+def train_step(model, optimizer, schedule, objective, batch, grad_clip, fused_chunk_size=None) -> dict[str, float]:
+    """One optimizer step. With `fused_chunk_size`, the loss is computed from the student's final
+    hidden states chunk by chunk (`DistillationObjective.fused`), never from its full logits."""
+    teacher_targets = {
+        name: values for name, values in batch.items() if name.startswith("teacher_") and not name.startswith("teacher_hidden_")
+    }
+    unwrapped = model.module if hasattr(model, "module") else model
+    if fused_chunk_size:
+        hidden = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        weight = unwrapped.get_output_embeddings().weight
+        terms = objective.fused(hidden, weight, batch["input_ids"], chunk_size=fused_chunk_size, **teacher_targets)
+    else:
+        logits = model(input_ids=batch["input_ids"]).logits
+        terms = objective(logits, batch["input_ids"], **teacher_targets)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))

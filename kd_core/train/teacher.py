@@ -83,6 +83,15 @@ def _check_vocabulary(fs, root: str, url: str, store: Store, prep: Manifest) -> 
         )
 
 
+def teacher_model_config(store: Store, teacher_manifest: Manifest) -> dict:
+    """The teacher's Hugging Face `config.json` (vocabulary size, hidden size, layers), read alone."""
+    external = teacher_manifest.details.get("external_url")
+    if external is None:
+        return json.loads(store.read_bytes(f"{teacher_manifest.details['model_folder']}/config.json"))
+    fs, root = fsspec.core.url_to_fs(external, **storage_options(store.config))
+    return json.loads(fs.cat_file(f"{root.rstrip('/')}/config.json"))
+
+
 def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
     """A local folder holding the teacher's Hugging Face directory."""
     external = teacher_manifest.details.get("external_url")
