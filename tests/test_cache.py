@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest tests/test_cache.py
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,37 @@ def test_sampled_format_is_deterministic_draws_with_counts(trained):
     assert again.outputs == manifest.outputs  # same seed, same draws, same bytes
     reseeded = cache(sampled_config.model_copy(update={"seed": 1}), prepared, taught, store, config.compute)
     assert cache_shards(reseeded)[0].sha256 != first.sha256
+
+
+def _distill(config, store, prepared, targets, **changes):
+    from kd_core.train.distill import distill
+
+    section = config.distill.model_copy(update={"train": config.distill.train.model_copy(update={"log_every": 1, "max_steps": 3})})
+    loss_changes = {name: value for name, value in changes.items() if name in ("fused", "fused_chunk_size")}
+    section = section.model_copy(update={"loss": section.loss.model_copy(update=loss_changes)})
+    section = section.model_copy(update={name: value for name, value in changes.items() if name not in loss_changes})
+    return distill(section, config.student, prepared, targets, store, config.compute)
+
+
+def test_students_train_from_each_cache_format_online_and_with_the_fused_loss(trained):
+    config, store, prepared, taught = trained
+    topk = cache(config.cache, prepared, taught, store, config.compute)
+    sampled = cache(config.cache.model_copy(update={"format": "sampled"}), prepared, taught, store, config.compute)
+    histories = {
+        "topk": _distill(config, store, prepared, topk),
+        "topk fused": _distill(config, store, prepared, topk, fused=True, fused_chunk_size=37),
+        "sampled fused": _distill(config, store, prepared, sampled, fused=True),
+        "online": _distill(config, store, prepared, taught, teacher_source="online"),
+    }
+    first_steps = {}
+    for name, manifest in histories.items():
+        records = [json.loads(line) for line in store.read_bytes(f"{manifest.folder}/history.jsonl").decode().splitlines()]
+        assert len(records) == 3 and all(record["kd"] > 0 for record in records), name
+        first_steps[name] = records[0]
+    # Same data, same initial student: the fused loss is the unfused loss.
+    assert first_steps["topk fused"]["loss"] == pytest.approx(first_steps["topk"]["loss"], rel=1e-5)
+    # Full online logits and a top-k cache are different targets for the same student.
+    assert first_steps["online"]["kd"] != pytest.approx(first_steps["topk"]["kd"], rel=1e-3)
+    assert len({manifest.key for manifest in histories.values()}) == 4
+    with pytest.raises(ValueError, match="needs the teacher step's output, got cache's"):
+        _distill(config, store, prepared, topk, teacher_source="online")

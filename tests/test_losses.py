@@ -223,3 +223,33 @@ def test_cross_entropy_predicts_the_next_token():
         perfect[0, position, input_ids[0, position + 1]] = 1e4
     assert next_token_cross_entropy(perfect, input_ids).item() == pytest.approx(0.0, abs=1e-4)
     assert next_token_cross_entropy(torch.zeros(1, 4, vocab), input_ids).item() == pytest.approx(torch.log(torch.tensor(5.0)).item())
+
+
+@pytest.mark.parametrize("targets", ["topk", "sampled", "dense"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_fused_objective_matches_the_unfused_objective_in_value_and_gradient(targets, chunk_size):
+    torch.manual_seed(0)
+    batch, length, width, vocab = 3, 7, 10, 13
+    hidden = torch.randn(batch, length, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    input_ids = torch.randint(0, vocab, (batch, length))
+    mask = torch.rand(batch, length) > 0.3
+    teacher = torch.randn(batch, length, vocab) * 2
+    top = torch.log_softmax(teacher, -1).topk(4, dim=-1)
+    entropy = -(torch.softmax(teacher, -1) * torch.log_softmax(teacher, -1)).sum(-1)
+    ids, counts = draw_teacher_samples(teacher, 6, generator=torch.Generator().manual_seed(1))
+    given = {
+        "topk": {"teacher_topk_logprobs": top.values, "teacher_topk_ids": top.indices},
+        "sampled": {"teacher_sample_ids": ids, "teacher_sample_counts": counts},
+        "dense": {"teacher_logits": teacher},
+    }[targets]
+    options = dict(ce_weight=0.4, kd_weight=0.9, temperature=1.0, token_weighting="teacher_confidence", divergence="generalized_jsd")
+    unfused = DistillationObjective(**options)(hidden @ weight.T, input_ids, teacher_entropy=entropy, mask=mask, **given)
+    expected = [g.clone() for g in torch.autograd.grad(unfused["loss"], (hidden, weight))]
+    fused = DistillationObjective(**options).fused(
+        hidden, weight, input_ids, chunk_size=chunk_size, teacher_entropy=entropy, mask=mask, **given
+    )
+    for term in ("ce", "kd", "loss"):
+        torch.testing.assert_close(fused[term], unfused[term], rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(fused["loss"], (hidden, weight)), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
