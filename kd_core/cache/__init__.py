@@ -24,15 +24,14 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from kd_core.config import CacheConfig, ComputeConfig, StorageConfig
 from kd_core.cache.format import CacheLayout
+from kd_core.config import CacheConfig, ComputeConfig, StorageConfig
 from kd_core.data.shards import decode_arrow, encode_arrow, read_verified, split_shards
 from kd_core.manifest import Manifest
 from kd_core.models import load_causal_lm
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import FileRecord, Store
-
 
 COMMIT_SUFFIX = ".commit.json"
 """Beside each finished shard: its record and its source shard's sha256, written after it."""

@@ -17,6 +17,7 @@ import torch
 from kd_core.config import ArchitectureConfig
 from kd_core.storage import Store
 
+
 def quiet_transformers() -> None:
     """Our own progress bars report the work; transformers' per-file bars would interleave."""
     from transformers.utils import logging

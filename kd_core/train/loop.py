@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from torch.utils.data import DataLoader
 
 from kd_core.cache.format import CacheLayout
