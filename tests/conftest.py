@@ -11,56 +11,23 @@ Run everything with `make test`, or one file with `.venv/bin/python -m pytest te
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
+from kd_core.devtools import loopback_s3
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KDFLOW_QUIET", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of a moto S3 server on loopback; credentials are fake and only valid for it."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("moto S3 server did not start on loopback")
-            time.sleep(0.2)
-    saved = {key: os.environ.get(key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="kdflow-test-key", AWS_SECRET_ACCESS_KEY="kdflow-test-secret", AWS_DEFAULT_REGION="us-east-1")
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with loopback_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -64,15 +64,17 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of `pack_bits`: (rows, ⌈count/8⌉·bits) uint8 -> (rows, count) uint64."""
+    """Inverse of `pack_bits`: (rows, ⌈count/8⌉·bits) uint8 -> (rows, count), uint32 when
+    bits ≤ 32 (half the memory traffic downstream), else uint64."""
     rows = packed.shape[0]
     groups = rows * -(-count // 8)
     stream = np.concatenate([np.ascontiguousarray(packed, np.uint8).reshape(-1), np.zeros(8, np.uint8)])
     if len(stream) - 8 != groups * bits:
         raise ValueError(f"packed data holds {len(stream) - 8} bytes, {rows} rows of {count} {bits}-bit entries need {groups * bits}")
+    dtype = np.uint32 if bits <= 32 else np.uint64
     if groups == 0:
-        return np.zeros((rows, count), np.uint64)
-    out = np.empty((groups, 8), np.uint64)
+        return np.zeros((rows, count), dtype)
+    out = np.empty((groups, 8), dtype)
     mask = np.uint64((1 << bits) - 1)
     for lane in range(8):
         offset = lane * bits
@@ -185,16 +187,16 @@ class CacheLayout:
         targets = {"teacher_entropy": columns["entropy"].astype(np.float32).reshape(rows, T)}
         if self.format == "topk":
             entries = unpack_bits(columns["topk_packed"], self.entry_bits, T * self.slots).reshape(rows, T, self.slots)
-            targets["teacher_topk_ids"] = (entries >> np.uint64(self.logprob_bits)).astype(np.int32)
-            quantized = (entries & np.uint64((1 << self.logprob_bits) - 1)).astype(np.float32)
-            logprobs = quantized * np.float32(self.logprob_floor / ((1 << self.logprob_bits) - 1))
+            targets["teacher_topk_ids"] = _as_int32(entries >> entries.dtype.type(self.logprob_bits))
+            quantized = torch.from_numpy(_as_int32(entries & entries.dtype.type((1 << self.logprob_bits) - 1)))
+            logprobs = quantized.float() * (self.logprob_floor / ((1 << self.logprob_bits) - 1))
             if self.tail:
-                logprobs = _renormalise_head(logprobs, columns["tail_logprob"].astype(np.float32).reshape(rows, T))
-            targets["teacher_topk_logprobs"] = logprobs
+                logprobs = _renormalise_head(logprobs, torch.from_numpy(columns["tail_logprob"]).float().reshape(rows, T))
+            targets["teacher_topk_logprobs"] = logprobs.numpy()
         elif self.format == "sampled":
             entries = unpack_bits(columns["sample_packed"], self.entry_bits, T * self.slots).reshape(rows, T, self.slots)
-            targets["teacher_sample_ids"] = (entries >> np.uint64(self.count_bits)).astype(np.int32)
-            targets["teacher_sample_counts"] = (entries & np.uint64((1 << self.count_bits) - 1)).astype(np.int32)
+            targets["teacher_sample_ids"] = _as_int32(entries >> entries.dtype.type(self.count_bits))
+            targets["teacher_sample_counts"] = _as_int32(entries & entries.dtype.type((1 << self.count_bits) - 1))
         else:
             # Log-probs at the cache temperature τ, times τ, are the logits up to a per-position
             # constant: the loss may apply any temperature to them.
@@ -204,10 +206,12 @@ class CacheLayout:
         return targets
 
 
-def _renormalise_head(head_logprobs: np.ndarray, tail_logprob: np.ndarray) -> np.ndarray:
+def _as_int32(values: np.ndarray) -> np.ndarray:
+    """Unsigned values below 2^31 as int32: a free view of uint32 data, a copy of uint64 data."""
+    return values.view(np.int32) if values.dtype == np.uint32 else values.astype(np.int32)
+
+
+def _renormalise_head(head_logprobs: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
     """Shift the k log-probs of each position so that Σ exp(head) = 1 − exp(tail)."""
-    peak = head_logprobs.max(-1)
-    head_mass = peak + np.log(np.exp(head_logprobs - peak[..., None]).sum(-1))
-    with np.errstate(divide="ignore"):
-        wanted = np.log(np.maximum(-np.expm1(np.minimum(tail_logprob, 0.0)), 1e-30))
-    return head_logprobs + (wanted - head_mass)[..., None]
+    wanted = torch.log((-torch.expm1(tail_logprob.clamp_max(0.0))).clamp_min(1e-30))
+    return head_logprobs + (wanted - torch.logsumexp(head_logprobs, dim=-1)).unsqueeze(-1)

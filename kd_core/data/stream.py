@@ -14,8 +14,8 @@ dict of numpy arrays (`input_ids` (T,), and the cache's decoded targets, see
   shuffle buffer of `shuffle_buffer` rows seeded by (seed, e, c). The stream is endless (epoch
   after epoch) and a pure function of (seed, rank, world size, workers): the same run sees the
   same batches.
-- **Prefetch.** A background thread reads, verifies and decodes up to `prefetch_shards` shards
-  ahead of the one being served.
+- **Prefetch.** `prefetch_shards` threads read, verify and decode the next shards while the
+  current one is served.
 - **Checks.** Every shard's size and sha256 are checked against its manifest record before use
   (`read_verified`); a missing, truncated or corrupt shard, or a cache shard whose row count does
   not match its token shard, raises `ShardError` naming the shard and what to do.
@@ -23,9 +23,9 @@ dict of numpy arrays (`input_ids` (T,), and the cache's decoded targets, see
 
 from __future__ import annotations
 
-import queue
-import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 
 import numpy as np
@@ -36,9 +36,6 @@ from kd_core.cache.format import CacheLayout
 from kd_core.config import StorageConfig
 from kd_core.data.shards import ShardError, decode_arrow, read_verified
 from kd_core.storage import FileRecord, Store
-
-_DONE = object()
-
 
 class TrainingStream(IterableDataset):
     def __init__(
@@ -105,36 +102,23 @@ class TrainingStream(IterableDataset):
         return samples
 
     def _shards(self, store: Store, consumer: int, consumers: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(epoch, shard samples) in plan order, read by a prefetching thread."""
-        slots: queue.Queue = queue.Queue(maxsize=self.prefetch_shards)
-        stop = threading.Event()
-
-        def produce():
-            try:
-                for epoch in count() if self.epochs is None else range(self.epochs):
-                    for index, rows in self.epoch_plan(epoch, consumer, consumers):
-                        item = (epoch, self.read_shard(store, index, rows))
-                        while not stop.is_set():
-                            try:
-                                slots.put(item, timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
-                            return
-                slots.put(_DONE)
-            except BaseException as err:  # handed to the consumer, raised there
-                slots.put(err)
-
-        thread = threading.Thread(target=produce, name="kdflow-shard-prefetch", daemon=True)
-        thread.start()
+        """(epoch, shard samples) in plan order; `prefetch_shards` reads run ahead in threads
+        (hashing, Arrow and numpy release the GIL, so they overlap with training and each other)."""
+        epochs = count() if self.epochs is None else range(self.epochs)
+        plan = ((epoch, index, rows) for epoch in epochs for index, rows in self.epoch_plan(epoch, consumer, consumers))
+        pool = ThreadPoolExecutor(max_workers=self.prefetch_shards, thread_name_prefix="kdflow-shard-read")
+        in_flight: deque = deque()
         try:
-            while (item := slots.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            for epoch, index, rows in plan:
+                in_flight.append((epoch, pool.submit(self.read_shard, store, index, rows)))
+                if len(in_flight) > self.prefetch_shards:
+                    epoch_of, future = in_flight.popleft()
+                    yield epoch_of, future.result()
+            while in_flight:
+                epoch_of, future = in_flight.popleft()
+                yield epoch_of, future.result()
         finally:
-            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         consumer, consumers = self.consumer()

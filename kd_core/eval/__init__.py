@@ -79,3 +79,32 @@ def measure(model, rows: torch.Tensor, batch_size: int, advance=lambda n: None) 
     cross_entropy = total_nll / max(total_tokens, 1)
     return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy)}, torch.cat(top1)
 
+
+
+@torch.no_grad()
+def compare_with_teacher(model, teacher, rows: torch.Tensor, batch_size: int, bins: int = 15) -> dict:
+    """How close a student is to its teacher, and how well calibrated, on held-out rows.
+
+    - `kl_to_teacher`: mean over predicted positions of KL(p_teacher ‖ p_model), nats (float32).
+    - `ece`: expected calibration error of next-token prediction: positions binned by the model's
+      top-1 probability into `bins` equal-width bins, Σ_b (n_b / n) · |accuracy_b − confidence_b|.
+    """
+    kl_sum, count = 0.0, 0
+    confidences, correct = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        log_q = torch.log_softmax(model(input_ids=batch).logits.float()[:, :-1], -1)
+        log_p = torch.log_softmax(teacher(input_ids=batch).logits.float()[:, :-1], -1)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        count += log_q.shape[0] * log_q.shape[1]
+        top_probability, top_id = log_q.exp().max(-1)
+        confidences.append(top_probability.flatten())
+        correct.append((top_id == batch[:, 1:]).flatten().float())
+    confidence, accuracy = torch.cat(confidences), torch.cat(correct)
+    which = (confidence * bins).long().clamp_max(bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += float(members.float().mean() * (accuracy[members].mean() - confidence[members].mean()).abs())
+    return {"kl_to_teacher": kl_sum / max(count, 1), "ece": ece}

@@ -1,0 +1,60 @@
+"""Development helpers shared by the tests and the benchmarks (not used by the pipeline).
+
+`loopback_s3()` starts moto's S3 server in its own process on 127.0.0.1, a real S3 HTTP API that
+s3fs talks to exactly as it talks to AWS or MinIO, with throwaway credentials in the environment.
+moto is a test dependency (`pip install -e '.[test]'`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kdflow-test-key", "AWS_SECRET_ACCESS_KEY": "kdflow-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def loopback_s3(start_timeout: float = 60) -> Iterator[str]:
+    """Yields the endpoint URL of a moto S3 server on loopback; stops it and restores the
+    environment's credentials afterwards."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + start_timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto S3 server did not start on loopback") from None
+            time.sleep(0.2)
+    saved = {key: os.environ.get(key) for key in FAKE_CREDENTIALS}
+    os.environ.update(FAKE_CREDENTIALS)
+    try:
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
