@@ -212,6 +212,14 @@ class LossConfig(Section):
     orders of magnitude contribute alike (the weights then act on balanced terms)."""
     balance_momentum: float = Field(default=0.9, ge=0, lt=1)
     """Momentum of the running magnitudes used by `balance_terms`."""
+    feature_weight: float = Field(default=0.0, ge=0)
+    """Weight of hidden-state distillation (0 = off): the student's hidden states, through a
+    learned projection, matched to the teacher's (`cache.hidden_layers`, or the online teacher's)."""
+    feature_layers: list[tuple[int, int]] = []
+    """(student layer, teacher layer) pairs for `feature_weight`, as Hugging Face `hidden_states`
+    indices (0 = embeddings)."""
+    feature_kind: Literal["mse", "cosine"] = "mse"
+    """How hidden states are compared: mean squared error or 1 − cosine."""
     fused: bool = False
     """Compute CE and KD from the student's final hidden states and output weight, chunk by chunk
     (`kd_core.losses.fused`), so the student's full (batch·T × V) logits never exist at once."""
@@ -316,6 +324,20 @@ class JobConfig(Section):
                 f"cache.format: 'full' stores every log-prob and is for vocabularies up to cache.full_max_vocab "
                 f"({self.cache.full_max_vocab}); data.vocab_size is {self.data.vocab_size}: use topk or sampled"
             )
+        loss = self.distill.loss
+        if loss.feature_weight > 0:
+            if not loss.feature_layers:
+                raise ValueError("distill.loss.feature_layers: must list (student layer, teacher layer) pairs when feature_weight > 0")
+            for student_layer, teacher_layer in loss.feature_layers:
+                if not 0 <= student_layer <= self.student.architecture.num_layers:
+                    raise ValueError(
+                        f"distill.loss.feature_layers: student layer {student_layer} is not in 0..{self.student.architecture.num_layers}"
+                    )
+                if self.distill.teacher_source == "cache" and teacher_layer not in self.cache.hidden_layers:
+                    raise ValueError(
+                        f"distill.loss.feature_layers: teacher layer {teacher_layer} is not cached; add it to cache.hidden_layers "
+                        f"(now {self.cache.hidden_layers})"
+                    )
         workers = self.compute.num_workers
         for field_path, train in (("teacher.train", self.teacher.train), ("distill.train", self.distill.train)):
             if train.batch_size % workers:

@@ -143,7 +143,7 @@ def _distill(config, store, prepared, targets, **changes):
 
     section = config.distill.model_copy(update={"train": config.distill.train.model_copy(update={"log_every": 1, "max_steps": 3})})
     loss_changes = {name: value for name, value in changes.items() if name in ("fused", "fused_chunk_size")}
-    section = section.model_copy(update={"loss": section.loss.model_copy(update=loss_changes)})
+    section = section.model_copy(update={"loss": changes.pop("loss", section.loss).model_copy(update=loss_changes)})
     section = section.model_copy(update={name: value for name, value in changes.items() if name not in loss_changes})
     return distill(section, config.student, prepared, targets, store, config.compute)
 
@@ -170,3 +170,19 @@ def test_students_train_from_each_cache_format_online_and_with_the_fused_loss(tr
     assert len({manifest.key for manifest in histories.values()}) == 4
     with pytest.raises(ValueError, match="needs the teacher step's output, got cache's"):
         _distill(config, store, prepared, topk, teacher_source="online")
+
+
+def test_student_matches_cached_teacher_hidden_states_through_a_learned_projection(trained):
+    config, store, prepared, taught = trained
+    with_hidden = cache(config.cache.model_copy(update={"hidden_layers": [1]}), prepared, taught, store, config.compute)
+    assert with_hidden.details["layout"]["hidden_size"] == config.teacher.architecture.hidden_size
+    manifest = _distill(config, store, prepared, with_hidden, loss=config.distill.loss.model_copy(update={"feature_weight": 1.0, "feature_layers": [(1, 1)]}))
+    records = [json.loads(line) for line in store.read_bytes(f"{manifest.folder}/history.jsonl").decode().splitlines()]
+    assert all(record["feature"] > 0 for record in records)
+    assert records[-1]["feature"] < records[0]["feature"]  # the student and its projection learn to match
+    online = _distill(
+        config, store, prepared, taught, teacher_source="online",
+        loss=config.distill.loss.model_copy(update={"feature_weight": 1.0, "feature_layers": [(1, 1)]}),
+    )
+    online_first = json.loads(store.read_bytes(f"{online.folder}/history.jsonl").decode().splitlines()[0])
+    assert online_first["feature"] == pytest.approx(records[0]["feature"], rel=2e-3)  # cached (float16) = online states

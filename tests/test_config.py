@@ -76,6 +76,28 @@ def test_tail_loss_needs_the_cache_temperature():
     validate_config({"distill": {"loss": {"temperature": 2.0, "topk_tail": False}}})
 
 
+def test_tail_rule_does_not_apply_to_online_teachers_or_full_caches():
+    validate_config({"distill": {"teacher_source": "online", "loss": {"temperature": 2.0}}})
+    validate_config({"data": {"vocab_size": 1000}, "cache": {"format": "full"}, "distill": {"loss": {"temperature": 2.0}}})
+
+
+def test_full_cache_is_for_small_vocabularies():
+    message = str(pytest.raises(ConfigError, validate_config, {"data": {"vocab_size": 32000}, "cache": {"format": "full"}}).value)
+    assert "cache.format: 'full' stores every log-prob and is for vocabularies up to cache.full_max_vocab (8192)" in message
+
+
+def test_feature_distillation_needs_cached_teacher_layers():
+    loss = {"feature_weight": 1.0, "feature_layers": [[1, 3]]}
+    message = str(pytest.raises(ConfigError, validate_config, {"distill": {"loss": loss}}).value)
+    assert "teacher layer 3 is not cached; add it to cache.hidden_layers (now [])" in message
+    message = str(pytest.raises(ConfigError, validate_config, {"distill": {"loss": {"feature_weight": 1.0}}}).value)
+    assert "must list (student layer, teacher layer) pairs when feature_weight > 0" in message
+    bad_student = {"distill": {"loss": {"feature_weight": 1.0, "feature_layers": [[9, 3]]}}, "cache": {"hidden_layers": [3]}}
+    assert "student layer 9 is not in 0..2" in str(pytest.raises(ConfigError, validate_config, bad_student).value)
+    validate_config({"distill": {"loss": loss}, "cache": {"hidden_layers": [3]}})
+    validate_config({"distill": {"loss": loss, "teacher_source": "online"}})
+
+
 def test_loss_needs_a_weighted_term():
     message = str(pytest.raises(ConfigError, validate_config, {"distill": {"loss": {"ce_weight": 0, "kd_weight": 0}}}).value)
     assert "distill.loss: ce_weight and kd_weight are both 0: nothing would be trained" in message

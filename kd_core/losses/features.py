@@ -12,6 +12,8 @@ Layer indices follow Hugging Face `output_hidden_states` (0 is the embedding out
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,13 +54,25 @@ class HiddenStateDistillation(nn.Module):
         )
 
     def forward(self, student_hidden_states, teacher_hidden_states, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each of the two is a sequence indexed by layer (Hugging Face `hidden_states`) or a
+        mapping layer -> (B, T, D) (e.g. the layers a teacher cache stored)."""
         terms = []
         for (student_layer, teacher_layer), projection in zip(self.layer_map, self.projections):
-            if student_layer >= len(student_hidden_states) or teacher_layer >= len(teacher_hidden_states):
+            if not (_has_layer(student_hidden_states, student_layer) and _has_layer(teacher_hidden_states, teacher_layer)):
                 raise ValueError(
                     f"layer pair ({student_layer}, {teacher_layer}) is out of range: the student has "
-                    f"{len(student_hidden_states)} hidden states, the teacher {len(teacher_hidden_states)}"
+                    f"{_describe(student_hidden_states)}, the teacher {_describe(teacher_hidden_states)}"
                 )
             projected = projection(student_hidden_states[student_layer].float())
             terms.append(self.loss(projected, teacher_hidden_states[teacher_layer].detach(), mask))
         return torch.stack(terms).mean()
+
+
+def _has_layer(states, layer: int) -> bool:
+    return layer in states if isinstance(states, Mapping) else 0 <= layer < len(states)
+
+
+def _describe(states) -> str:
+    if isinstance(states, Mapping):
+        return f"hidden states of layers {sorted(states)}"
+    return f"{len(states)} hidden states"

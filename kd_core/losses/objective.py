@@ -15,6 +15,8 @@ Teacher targets are cached top-k (`teacher_topk_logprobs`, `teacher_topk_ids`: f
 `topk_kl`), cached samples (`teacher_sample_ids`, `teacher_sample_counts`: `sampled_kl`) or full
 logits (`teacher_logits`: the configured `divergence`). With no targets,
 or w_kd = 0, it is plain cross-entropy: the no-teacher baseline and teacher training share it.
+With `feature_weight` w_f > 0, w_f · hidden-state distillation (`features.py`: mapped layer pairs,
+learned projections that train with the student) is added to the total.
 Float32 throughout; masked positions never count; an all-masked batch gives 0.
 """
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_core.losses.common import log_probs, masked_mean
+from kd_core.losses.features import HiddenStateDistillation
 from kd_core.losses.forward_kl import forward_kl_per_position
 from kd_core.losses.fused import fused_lm_head_loss
 from kd_core.losses.jsd import generalized_jsd_per_position
@@ -75,6 +78,11 @@ class DistillationObjective(nn.Module):
         token_weighting: str = "none",
         balance_terms: bool = False,
         balance_momentum: float = 0.9,
+        feature_weight: float = 0.0,
+        feature_layers: list[tuple[int, int]] = (),
+        feature_kind: str = "mse",
+        student_hidden_size: int | None = None,
+        teacher_hidden_size: int | None = None,
     ):
         super().__init__()
         if divergence not in DIVERGENCES:
@@ -89,6 +97,12 @@ class DistillationObjective(nn.Module):
         self.dense_divergence = partial(DIVERGENCES[divergence], **parameters)
         self.balance_terms, self.balance_momentum = balance_terms, balance_momentum
         self.register_buffer("running_magnitudes", torch.zeros(2))  # EMA of |CE|, |KD|; 0 = not started
+        self.feature_weight = feature_weight
+        self.features = None
+        if feature_weight > 0:
+            if not (student_hidden_size and teacher_hidden_size):
+                raise ValueError("feature_weight > 0 needs student_hidden_size and teacher_hidden_size for the projections")
+            self.features = HiddenStateDistillation([tuple(pair) for pair in feature_layers], student_hidden_size, teacher_hidden_size, feature_kind)
 
     def forward(
         self,
@@ -102,13 +116,16 @@ class DistillationObjective(nn.Module):
         teacher_logits: torch.Tensor | None = None,
         teacher_entropy: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        student_hidden_states=None,
+        teacher_hidden_states=None,
     ) -> dict[str, torch.Tensor]:
-        """Returns {'loss': total, 'ce': ..., 'kd': ...} (kd only when teacher targets are given)."""
+        """Returns {'loss': total, 'ce': ..., 'kd': ...} (kd only when teacher targets are given;
+        'feature' when `feature_weight` > 0, from the hidden states: sequences or mappings by layer)."""
         terms = {"ce": next_token_cross_entropy(student_logits, input_ids, mask)}
         has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
         if not has_targets or self.kd_weight == 0:
             terms["loss"] = self.ce_weight * terms["ce"] if has_targets else terms["ce"]
-            return terms
+            return self._add_features(terms, student_hidden_states, teacher_hidden_states, mask)
         per_position = self._kd_per_position(
             student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_sample_ids, teacher_sample_counts, teacher_logits
         )
@@ -117,7 +134,7 @@ class DistillationObjective(nn.Module):
                 raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
             per_position = per_position * confidence_weights(teacher_entropy, student_logits.shape[-1], mask)
         terms["kd"] = masked_mean(per_position, mask)
-        return self._total(terms)
+        return self._add_features(self._total(terms), student_hidden_states, teacher_hidden_states, mask)
 
     def fused(
         self,
@@ -133,6 +150,8 @@ class DistillationObjective(nn.Module):
         teacher_logits: torch.Tensor | None = None,
         teacher_entropy: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        student_hidden_states=None,
+        teacher_hidden_states=None,
     ) -> dict[str, torch.Tensor]:
         """`forward`'s terms from the student's final hidden states (B, T, H) and output weight
         (V, H), computed `chunk_size` positions at a time by `fused_lm_head_loss`: the student's
@@ -151,7 +170,7 @@ class DistillationObjective(nn.Module):
         has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
         if not has_targets or self.kd_weight == 0:
             terms["loss"] = self.ce_weight * terms["ce"] if has_targets else terms["ce"]
-            return terms
+            return self._add_features(terms, student_hidden_states, teacher_hidden_states, mask)
         flat = lambda values: None if values is None else values.reshape(batch * length, *values.shape[2:])  # noqa: E731
         topk_logprobs, topk_ids, sample_ids, sample_counts, dense = map(
             flat, (teacher_topk_logprobs, teacher_topk_ids, teacher_sample_ids, teacher_sample_counts, teacher_logits)
@@ -171,7 +190,16 @@ class DistillationObjective(nn.Module):
             return per_position if weights is None else per_position * weights[rows]
 
         terms["kd"] = fused_lm_head_loss(hidden, output_weight, kd_chunk, mask=flat_mask, chunk_size=chunk_size)
-        return self._total(terms)
+        return self._add_features(self._total(terms), student_hidden_states, teacher_hidden_states, mask)
+
+    def _add_features(self, terms, student_hidden_states, teacher_hidden_states, mask) -> dict[str, torch.Tensor]:
+        if self.features is None:
+            return terms
+        if student_hidden_states is None or teacher_hidden_states is None:
+            raise ValueError("feature_weight > 0 needs student and teacher hidden states (cache.hidden_layers, or an online teacher)")
+        terms["feature"] = self.features(student_hidden_states, teacher_hidden_states, mask)
+        terms["loss"] = terms["loss"] + self.feature_weight * terms["feature"]
+        return terms
 
     def _total(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         balance = self._balance(terms["ce"], terms["kd"]) if self.balance_terms else 1.0

@@ -99,9 +99,12 @@ def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+def make_optimizer(model: torch.nn.Module, train: TrainConfig, extra: torch.nn.Module | None = None):
+    """AdamW (no decay on norms and biases) and the warmup + cosine schedule. `extra` holds
+    parameters trained along with the model (the objective's feature projections)."""
+    named = [*model.named_parameters(), *(extra.named_parameters() if extra is not None else [])]
+    decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=train.learning_rate,
@@ -132,10 +135,11 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     parameters = count_parameters(model)
     model = wrap_model(model) if wrap_model else model
     device = next(model.parameters()).device
-    optimizer, schedule = make_optimizer(model, spec.train)
-    objective = DistillationObjective(**spec.loss.model_dump(exclude={"fused", "fused_chunk_size"})) if spec.loss else DistillationObjective(kd_weight=0.0)
-    fused_chunk_size = spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None
     online_teacher = _load_teacher(store, spec.teacher_folder, device) if spec.teacher_folder else None
+    objective = make_objective(spec, online_teacher).to(device)
+    optimizer, schedule = make_optimizer(model, spec.train, extra=objective)
+    fused_chunk_size = spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None
+    teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if objective.features is not None else []
     history: list[dict] = []
     started, tokens_seen = time.perf_counter(), 0
     model.train()
@@ -144,7 +148,9 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
         batch = {name: tensor.to(device) for name, tensor in next(batches).items()}
         if online_teacher is not None:
             with torch.no_grad():
-                batch["teacher_logits"] = online_teacher(input_ids=batch["input_ids"]).logits
+                output = online_teacher(input_ids=batch["input_ids"], output_hidden_states=bool(teacher_layers))
+            batch["teacher_logits"] = output.logits
+            batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
         terms = train_step(model, optimizer, schedule, objective, batch, spec.train.grad_clip, fused_chunk_size)
         tokens_seen += batch["input_ids"].numel() * world_size
         if rank == 0 and (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
@@ -161,6 +167,21 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     return result
 
 
+def make_objective(spec: TrainSpec, online_teacher) -> DistillationObjective:
+    """The configured objective; cross-entropy alone when the spec has no loss (teacher, baseline)."""
+    if spec.loss is None:
+        return DistillationObjective(kd_weight=0.0)
+    if online_teacher is not None:
+        teacher_hidden_size = online_teacher.config.hidden_size
+    else:
+        teacher_hidden_size = (spec.cache_layout or {}).get("hidden_size") or None
+    return DistillationObjective(
+        **spec.loss.model_dump(exclude={"fused", "fused_chunk_size"}),
+        student_hidden_size=spec.architecture.hidden_size,
+        teacher_hidden_size=teacher_hidden_size,
+    )
+
+
 def _load_teacher(store: Store, folder: str, device) -> torch.nn.Module:
     local = Path(folder) if Path(folder).is_dir() else local_copy(store, folder)
     return load_causal_lm(local).to(device).eval()
@@ -169,25 +190,44 @@ def _load_teacher(store: Store, folder: str, device) -> torch.nn.Module:
 def train_step(model, optimizer, schedule, objective, batch, grad_clip, fused_chunk_size=None) -> dict[str, float]:
     """One optimizer step. With `fused_chunk_size`, the loss is computed from the student's final
     hidden states chunk by chunk (`DistillationObjective.fused`), never from its full logits."""
-    teacher_targets = {
-        name: values for name, values in batch.items() if name.startswith("teacher_") and not name.startswith("teacher_hidden_")
-    }
+    hidden_prefix = "teacher_hidden_"
+    teacher_targets = {name: values for name, values in batch.items() if name.startswith("teacher_") and not name.startswith(hidden_prefix)}
+    features = {}
+    if objective.features is not None:
+        teacher_states = {int(name[len(hidden_prefix) :]): values for name, values in batch.items() if name.startswith(hidden_prefix)}
+        features = {"teacher_hidden_states": teacher_states}
     unwrapped = model.module if hasattr(model, "module") else model
     if fused_chunk_size:
-        hidden = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        output = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
         weight = unwrapped.get_output_embeddings().weight
-        terms = objective.fused(hidden, weight, batch["input_ids"], chunk_size=fused_chunk_size, **teacher_targets)
+        if features:
+            features["student_hidden_states"] = output.hidden_states
+        terms = objective.fused(output.hidden_states[-1], weight, batch["input_ids"], chunk_size=fused_chunk_size, **teacher_targets, **features)
     else:
-        logits = model(input_ids=batch["input_ids"]).logits
-        terms = objective(logits, batch["input_ids"], **teacher_targets)
+        output = model(input_ids=batch["input_ids"], output_hidden_states=bool(features))
+        if features:
+            features["student_hidden_states"] = output.hidden_states
+        terms = objective(output.logits, batch["input_ids"], **teacher_targets, **features)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    _average_across_ranks(objective)  # the model's gradients are averaged by DDP; the objective's here
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip else float("inf"))
     optimizer.step()
     schedule.step()
     logged = {name: float(value.detach()) for name, value in terms.items()}
     logged["grad_norm"] = float(grad_norm)
     return logged
+
+
+def _average_across_ranks(module: torch.nn.Module) -> None:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world_size = torch.distributed.get_world_size()
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= world_size
 
 
 def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict]) -> list[FileRecord]:
