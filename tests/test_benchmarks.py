@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,3 +44,30 @@ def test_pipeline_reuse_benchmark_smoke(tmp_path):
     record = json.loads(results.read_text().splitlines()[-1])
     assert set(record["steps"]) == {"prep", "teacher", "cache", "distill", "baseline", "eval", "register"}
     assert record["warm_seconds"] < record["cold_seconds"]
+
+
+def test_cache_benchmark_smoke(tmp_path):
+    results = tmp_path / "cache.jsonl"
+    run = run_script("benchmarks/cache.py", "configs/tiny.yaml", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
+                     "--rows", "32", "--shards", "2", "--train-steps", "1", "--results", str(results))
+    assert run.returncode == 0, run.stderr
+    assert "trainer consumes" in run.stdout and "moto S3" in run.stdout
+    record = json.loads(results.read_text().splitlines()[-1])
+    sizes = {row["format"]: row for row in record["sizes"]}
+    default = sizes["topk-8 12-bit log-probs + tail (default)"]
+    assert default["bytes_per_entry"] == (9 + 12) / 8  # 300-token vocabulary: 9-bit ids
+    assert sizes["topk-8 8-bit log-probs + tail"]["kl_exact_to_decoded"] > default["kl_exact_to_decoded"]
+    assert record["reader_local"]["tokens"] == record["reader_s3"]["tokens"] == 2 * 32 * 32
+
+
+def test_cache_quality_benchmark_smoke(tmp_path):
+    results = tmp_path / "quality.jsonl"
+    run = run_script("benchmarks/cache_quality.py", "configs/tiny.yaml", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
+                     "distill.train.max_steps=3", "--results", str(results))
+    assert run.returncode == 0, run.stderr
+    table = json.loads(results.read_text().splitlines()[-1])["results"]
+    assert set(table) == {"teacher", "online, full logits", "top-8 cache", "sampled-12 cache", "sampled-12 cache, fused loss",
+                          "no teacher (CE only)"}
+    assert table["teacher"]["kl_to_teacher"] == 0.0
+    assert table["sampled-12 cache, fused loss"]["perplexity"] == pytest.approx(table["sampled-12 cache"]["perplexity"], rel=1e-3)
+    assert all(0 <= row["ece"] <= 1 and row["perplexity"] > 1 for row in table.values())
