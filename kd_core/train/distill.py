@@ -22,7 +22,6 @@ from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.train.loop import TrainSpec
 from kd_core.train.ray_glue import fit_stage
-from kd_core.train.teacher import teacher_model_dir
 
 
 def distill(
@@ -49,8 +48,7 @@ def distill(
     if run.reused:
         return run.reused
     if config.teacher_source == "online":
-        teacher_folder = str(teacher_model_dir(store, targets))
-        return _train_student(run, config, student, prep, store, compute, "distill: student (online teacher)", teacher_folder=teacher_folder)
+        return _train_student(run, config, student, prep, store, compute, "distill: student (online teacher)", online_teacher=targets)
     return _train_student(
         run, config, student, prep, store, compute, "distill: student", cache_shards=cache_shards(targets), cache_layout=targets.details["layout"]
     )

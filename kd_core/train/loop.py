@@ -8,7 +8,7 @@ Data streams from the shards through `kd_core.data.stream.TrainingStream` (token
 aligned teacher-cache targets when distilling), split across ranks and DataLoader workers without
 overlap, shuffled through a seeded buffer: the batches are a pure function of the seed, the world
 size and the number of data workers. Each rank takes `batch_size / world_size` rows per step.
-With `teacher_folder` set (online distillation), the teacher runs on every batch instead of a
+With `online_teacher` set, the teacher runs on every batch instead of a
 cache and its full logits are the target.
 """
 
@@ -56,9 +56,9 @@ class TrainSpec:
     decoded targets go into each batch under `teacher_*` keys."""
     cache_layout: dict | None = None
     """The cache's `CacheLayout.to_dict()`, which decodes `cache_shards`."""
-    teacher_folder: str | None = None
-    """A local or store-relative Hugging Face teacher directory run on every batch (online
-    distillation: full teacher logits, no cache)."""
+    online_teacher: Manifest | None = None
+    """The teacher step's manifest: the teacher runs on every batch (online distillation: full
+    teacher logits, no cache). Each worker fetches it from storage itself, on whatever node."""
 
     @classmethod
     def from_prep(cls, prep: Manifest, store: Store, output_folder: str, architecture, train, **distillation) -> TrainSpec:
@@ -135,7 +135,7 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     parameters = count_parameters(model)
     model = wrap_model(model) if wrap_model else model
     device = next(model.parameters()).device
-    online_teacher = _load_teacher(store, spec.teacher_folder, device) if spec.teacher_folder else None
+    online_teacher = _load_teacher(store, spec.online_teacher, device) if spec.online_teacher else None
     objective = make_objective(spec, online_teacher).to(device)
     optimizer, schedule = make_optimizer(model, spec.train, extra=objective)
     fused_chunk_size = spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None
@@ -182,9 +182,10 @@ def make_objective(spec: TrainSpec, online_teacher) -> DistillationObjective:
     )
 
 
-def _load_teacher(store: Store, folder: str, device) -> torch.nn.Module:
-    local = Path(folder) if Path(folder).is_dir() else local_copy(store, folder)
-    return load_causal_lm(local).to(device).eval()
+def _load_teacher(store: Store, teacher: Manifest, device) -> torch.nn.Module:
+    from kd_core.train.teacher import teacher_model_dir  # teacher.py trains through this module
+
+    return load_causal_lm(teacher_model_dir(store, teacher)).to(device).eval()
 
 
 def train_step(model, optimizer, schedule, objective, batch, grad_clip, fused_chunk_size=None) -> dict[str, float]:
