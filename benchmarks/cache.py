@@ -164,10 +164,9 @@ def main() -> None:
     print(f"{'format':<42}{'bytes/token':>12}{'bytes/entry':>12}{'KL(exact||decoded)':>20}")
     for row in sizes:
         entry = row.get("bytes_per_entry", row.get("bytes_entry_reference"))
-        print(
-            f"{row['format']:<42}{row.get('bytes_per_token', float('nan')):>12.2f}"
-            f"{entry if entry is None else round(entry, 3)!s:>12}{row.get('kl_exact_to_decoded', float('nan')):>20.2e}"
-        )
+        per_token = f"{row['bytes_per_token']:.2f}" if "bytes_per_token" in row else "—"
+        fidelity = f"{row['kl_exact_to_decoded']:.2e}" if "kl_exact_to_decoded" in row else "—"
+        print(f"{row['format']:<42}{per_token:>12}{'—' if entry is None else f'{entry:.3f}':>12}{fidelity:>20}")
     print(f"{'peer: ' + PEER_TOPK_BYTES_PER_TOKEN:<42}")
 
     layout = CacheLayout.from_config(config.cache.model_copy(update={"format": "topk"}), tokens.shape[1], logprobs.shape[2])

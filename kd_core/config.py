@@ -76,7 +76,7 @@ class DataConfig(Section):
     rows_per_shard: int = Field(default=512, gt=0)
     """Packed rows per Arrow shard; the cache writes one teacher shard per training shard."""
     seed: int = 0
-    """Seed of the document shuffle and split."""
+    """Seed of the document shuffle and split, and of the training-row shuffle before sharding."""
 
 
 # ---------------------------------------------------------------------------------------- models

@@ -114,3 +114,25 @@ def test_damaged_shards_are_named(tmp_path, store):
         read_verified(store, record)
     with pytest.raises(ShardError, match="not a readable Arrow IPC file"):
         decode_arrow(b"garbage" * 10, "shards/x.arrow")
+
+
+def test_training_rows_are_shuffled_across_shards_so_documents_do_not_stay_together(tmp_path, store):
+    # Long numbered documents: packed in order, each one's rows would fill the shards one after another.
+    documents = [" ".join(f"d{d}n{i}" for i in range(200)) for d in range(10)]
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps({"text": text}) for text in documents))
+    manifest = prep(files_config([str(tmp_path / "long.jsonl")]), store)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(store.local_path(f"{manifest.folder}/tokenizer"))
+    rows = load_split(store, manifest, "train")
+    assert len(manifest.details["splits"]["train"]["shards"]) > 3
+    positions = []
+    for row in rows:
+        word = next(w for w in tokenizer.decode(row).replace("<|endoftext|>", " ").split() if "n" in w[1:] and w[0] == "d")
+        document, number = word[1:].split("n", 1)
+        positions.append((int(document), int(number or 0)))
+    assert positions != sorted(positions)  # not in document order (documents themselves are shuffled too)
+    by_document = {}
+    for position in positions:
+        by_document.setdefault(position[0], []).append(position[1])
+    assert any(numbers != sorted(numbers) for numbers in by_document.values())  # one document's rows are spread out

@@ -5,7 +5,10 @@ Steps:
 2. split by document into train / val / test, so held-out text never leaks into training;
 3. train a byte-level BPE tokenizer on the training documents only;
 4. tokenize, join documents with the end-of-text token and pack them into rows of `seq_len`;
-5. write each split as Arrow shards of `rows_per_shard` rows, then the manifest.
+5. shuffle the training rows (seeded), so that every shard is a uniform sample of the split and
+   the consecutive rows of one long document land in different shards: a streaming reader that
+   shuffles within a buffer then sees batches as varied as a global shuffle would give;
+6. write each split as Arrow shards of `rows_per_shard` rows, then the manifest.
 
 Outputs: `tokenizer/` (a Hugging Face tokenizer directory) and `shards/<split>-NNNNN.arrow`.
 """
@@ -50,6 +53,8 @@ def prep(config: DataConfig, store: Store, *, force: bool = False) -> Manifest:
     with run.timed("tokenize_and_pack"), progress_bar("prep: tokenize", total=len(documents)) as bar:
         for split in SPLITS:
             rows = pack(tokenizer, splits[split], config.seq_len, bar.advance)
+            if split == "train":
+                rows = rows[np.random.default_rng(config.seed).permutation(len(rows))]
             details["splits"][split] = write_split(run, split, rows, config.rows_per_shard)
     metrics = {
         "documents": len(documents),
