@@ -44,7 +44,8 @@ from kd_core.losses import DistillationObjective  # noqa: E402
 from kd_core.manifest import library_versions  # noqa: E402
 from kd_core.models import build_causal_lm, load_causal_lm  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
-from kd_core.train.loop import make_optimizer, train_step  # noqa: E402
+from kd_core.train.loop import make_optimizer  # noqa: E402
+from kd_core.train.step import PlainRunner, StudentStep  # noqa: E402
 from kd_core.train.teacher import teacher, teacher_model_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.jsonl"
@@ -131,15 +132,16 @@ def reader_throughput(storage: StorageConfig, tokens, columns, layout, copies, b
 def trainer_consumption(config, layout: CacheLayout, decoded: dict, tokens: np.ndarray, steps: int) -> float:
     """Tokens/s of distillation steps of the job's student on this machine (data already in memory)."""
     model = build_causal_lm(config.student.architecture, config.data.vocab_size, layout.seq_len, seed=0)
-    optimizer, schedule = make_optimizer(model, config.distill.train)
     objective = DistillationObjective(**config.distill.loss.model_dump(exclude={"fused", "fused_chunk_size"}))
+    module = StudentStep(model, objective)
+    runner = PlainRunner(module, *make_optimizer(module, config.distill.train), grad_clip=1.0)
     size = config.distill.train.batch_size
     batch = {"input_ids": torch.from_numpy(tokens[:size].astype(np.int64))}
     batch |= {name: torch.from_numpy(values[:size]) for name, values in decoded.items()}
-    train_step(model, optimizer, schedule, objective, batch, 1.0)  # warm-up
+    runner.step([batch])  # warm-up
     started = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, schedule, objective, batch, 1.0)
+        runner.step([batch])
     return steps * batch["input_ids"].numel() / (time.perf_counter() - started)
 
 

@@ -233,11 +233,28 @@ class LossConfig(Section):
         return self
 
 
+class DeepSpeedConfig(Section):
+    enabled: bool = True
+    """Train the student in a DeepSpeed engine (kdflow's optimizer and schedule inside it); False
+    uses plain torch DDP."""
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    """ZeRO stage: 0 replicates everything, 1 partitions optimizer states, 2 also gradients, 3
+    also parameters."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Weights and activations in float32, or bfloat16 with float32 master weights (GPUs with bf16;
+    losses are float32 either way)."""
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    """Micro-batches per optimizer step; the global batch (`train.batch_size`) is split into
+    num_workers × this many micro-batches."""
+
+
 class DistillConfig(Section):
     loss: LossConfig = LossConfig()
     """The distillation objective."""
     train: TrainConfig = TrainConfig()
     """Optimisation of the student."""
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """How the student is trained in DeepSpeed (the teacher and baseline train with plain DDP)."""
     teacher_source: Literal["cache", "online"] = "cache"
     """`cache`: read the teacher's targets from the cache stage (the teacher ran once). `online`:
     run the teacher on every training batch and distill from its full logits (no cache; costs a
@@ -344,6 +361,12 @@ class JobConfig(Section):
                 raise ValueError(
                     f"{field_path}.batch_size: must be a multiple of compute.num_workers ({workers}), got {train.batch_size}"
                 )
+        accumulation = self.distill.deepspeed.gradient_accumulation_steps if self.distill.deepspeed.enabled else 1
+        if self.distill.train.batch_size % (workers * accumulation):
+            raise ValueError(
+                f"distill.train.batch_size: must be a multiple of compute.num_workers × distill.deepspeed.gradient_accumulation_steps "
+                f"({workers} × {accumulation}), got {self.distill.train.batch_size}"
+            )
         loss = self.distill.loss
         from_cache = self.distill.teacher_source == "cache"
         needs_cache_temperature = from_cache and ((loss.topk_tail and self.cache.format == "topk") or self.cache.format == "sampled")

@@ -37,6 +37,7 @@ from kd_core.config import StorageConfig
 from kd_core.data.shards import ShardError, decode_arrow, read_verified
 from kd_core.storage import FileRecord, Store
 
+
 class TrainingStream(IterableDataset):
     def __init__(
         self,

@@ -5,7 +5,8 @@
   teacher's targets come from the cache stage (`distill.teacher_source: cache`, the default:
   top-k, sampled or full, streamed with the tokens) or from running the teacher on every batch
   (`online`: full logits, no cache).
-- `baseline`: the same student architecture, data, seed and optimiser, with cross-entropy alone.
+- `baseline`: the same student architecture, data, seed, optimiser and DeepSpeed settings, with
+  cross-entropy alone.
   Its perplexity is what the student would reach without a teacher, so the evaluation can show
   what distillation bought.
 
@@ -43,6 +44,7 @@ def distill(
         "loss": config.loss.model_dump(mode="json"),
         "train": config.train.model_dump(mode="json"),
         "teacher_source": config.teacher_source,
+        "deepspeed": config.deepspeed.model_dump(mode="json"),
     }
     run = StageRun(store, "distill", section, inputs={"prep": prep, expected: targets}, force=force)
     if run.reused:
@@ -63,7 +65,11 @@ def baseline(
     *,
     force: bool = False,
 ) -> Manifest:
-    section = {"student": student.model_dump(mode="json"), "train": config.train.model_dump(mode="json")}
+    section = {
+        "student": student.model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json"),
+        "deepspeed": config.deepspeed.model_dump(mode="json"),
+    }
     run = StageRun(store, "baseline", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
@@ -72,5 +78,6 @@ def baseline(
 
 def _train_student(run, config, student, prep, store, compute, description, *, with_teacher=True, **teacher) -> Manifest:
     loss = config.loss if with_teacher else None
-    spec = TrainSpec.from_prep(prep, store, run.folder, student.architecture, config.train, loss=loss, **teacher)
+    deepspeed = config.deepspeed if config.deepspeed.enabled else None
+    spec = TrainSpec.from_prep(prep, store, run.folder, student.architecture, config.train, loss=loss, deepspeed=deepspeed, **teacher)
     return fit_stage(run, spec, compute, description)

@@ -24,15 +24,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from kd_core.cache.format import CacheLayout
-from kd_core.config import ArchitectureConfig, LossConfig, StorageConfig, TrainConfig
+from kd_core.config import ArchitectureConfig, DeepSpeedConfig, LossConfig, StorageConfig, TrainConfig
 from kd_core.data.shards import split_shards
 from kd_core.data.stream import TrainingStream, collate
 from kd_core.losses import DistillationObjective
 from kd_core.manifest import Manifest
 from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
 from kd_core.storage import FileRecord, Store
+from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
+from kd_core.train.step import PlainRunner, StudentStep
 
 HISTORY_NAME = "history.jsonl"
+DEEPSPEED_CONFIG_NAME = "deepspeed_config.json"
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TrainSpec:
     decoded targets go into each batch under `teacher_*` keys."""
     cache_layout: dict | None = None
     """The cache's `CacheLayout.to_dict()`, which decodes `cache_shards`."""
+    deepspeed: DeepSpeedConfig | None = None
+    """Train in a DeepSpeed engine with these settings (the student); None trains with plain DDP."""
     online_teacher: Manifest | None = None
     """The teacher step's manifest: the teacher runs on every batch (online distillation: full
     teacher logits, no cache). Each worker fetches it from storage itself, on whatever node."""
@@ -99,10 +104,10 @@ def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig, extra: torch.nn.Module | None = None):
-    """AdamW (no decay on norms and biases) and the warmup + cosine schedule. `extra` holds
-    parameters trained along with the model (the objective's feature projections)."""
-    named = [*model.named_parameters(), *(extra.named_parameters() if extra is not None else [])]
+def make_optimizer(module: torch.nn.Module, train: TrainConfig):
+    """AdamW (no decay on norms and biases) and the warmup + cosine schedule for every trainable
+    parameter of `module` (the student and the objective's feature projections)."""
+    named = list(module.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n)]
     optimizer = torch.optim.AdamW(
@@ -124,55 +129,68 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     """
     # --- setup
     store = Store(spec.storage)
+    accumulation = spec.deepspeed.gradient_accumulation_steps if spec.deepspeed else 1
     loader = DataLoader(
         training_stream(spec, rank, world_size),
-        batch_size=spec.train.batch_size // world_size,
+        batch_size=spec.train.batch_size // (world_size * accumulation),
         num_workers=spec.train.data_workers,
         collate_fn=collate,
     )
     batches = iter(loader)
     model = build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, seed=spec.train.seed, dropout=spec.train.dropout)
     parameters = count_parameters(model)
-    model = wrap_model(model) if wrap_model else model
-    device = next(model.parameters()).device
+    module = StudentStep(model, make_objective(spec, store), spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None)
+    if spec.deepspeed:
+        optimizer, schedule = make_optimizer(module, spec.train)
+        runner = DeepSpeedRunner(module, optimizer, schedule, deepspeed_config(spec.deepspeed, spec.train, world_size))
+    else:
+        module = wrap_model(module) if wrap_model else module
+        optimizer, schedule = make_optimizer(module, spec.train)
+        runner = PlainRunner(module, optimizer, schedule, spec.train.grad_clip)
+    device = runner.device if spec.deepspeed else next(module.parameters()).device
     online_teacher = _load_teacher(store, spec.online_teacher, device) if spec.online_teacher else None
-    objective = make_objective(spec, online_teacher).to(device)
-    optimizer, schedule = make_optimizer(model, spec.train, extra=objective)
-    fused_chunk_size = spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None
-    teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if objective.features is not None else []
+    teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if spec.loss and spec.loss.feature_weight > 0 else []
     history: list[dict] = []
     started, tokens_seen = time.perf_counter(), 0
-    model.train()
+    module.train()
     # --- train steps
     for step in range(spec.train.max_steps):
-        batch = {name: tensor.to(device) for name, tensor in next(batches).items()}
-        if online_teacher is not None:
-            with torch.no_grad():
-                output = online_teacher(input_ids=batch["input_ids"], output_hidden_states=bool(teacher_layers))
-            batch["teacher_logits"] = output.logits
-            batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
-        terms = train_step(model, optimizer, schedule, objective, batch, spec.train.grad_clip, fused_chunk_size)
-        tokens_seen += batch["input_ids"].numel() * world_size
+        micro_batches = []
+        for _ in range(accumulation):
+            batch = {name: tensor.to(device) for name, tensor in next(batches).items()}
+            if online_teacher is not None:
+                with torch.no_grad():
+                    output = online_teacher(input_ids=batch["input_ids"], output_hidden_states=bool(teacher_layers))
+                batch["teacher_logits"] = output.logits
+                batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
+            micro_batches.append(batch)
+            tokens_seen += batch["input_ids"].numel() * world_size
+        terms = runner.step(micro_batches)
         if rank == 0 and (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
             elapsed = time.perf_counter() - started
-            record = {"step": step + 1, **terms, "lr": schedule.get_last_lr()[0], "tokens_per_s": tokens_seen / elapsed}
+            record = {"step": step + 1, **terms, "tokens_per_s": tokens_seen / elapsed}
             history.append(record)
             if progress is not None:
                 progress(step + 1, record)
     # --- save
     result = {**(history[-1] if history else {}), "parameters": parameters, "train_seconds": time.perf_counter() - started}
-    if rank == 0:
-        unwrapped = model.module if hasattr(model, "module") else model
-        result["files"] = save_outputs(store, spec, unwrapped, history)
+    if spec.deepspeed:
+        with runner.gathered_student() as student:  # every rank enters: ZeRO-3 gathers collectively
+            if rank == 0:
+                result["files"] = save_outputs(store, spec, student, history, runner.config)
+    elif rank == 0:
+        result["files"] = save_outputs(store, spec, runner.student(), history)
     return result
 
 
-def make_objective(spec: TrainSpec, online_teacher) -> DistillationObjective:
+def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:
     """The configured objective; cross-entropy alone when the spec has no loss (teacher, baseline)."""
     if spec.loss is None:
         return DistillationObjective(kd_weight=0.0)
-    if online_teacher is not None:
-        teacher_hidden_size = online_teacher.config.hidden_size
+    if spec.online_teacher is not None:
+        from kd_core.train.teacher import teacher_model_config  # teacher.py trains through this module
+
+        teacher_hidden_size = teacher_model_config(store, spec.online_teacher).get("hidden_size")
     else:
         teacher_hidden_size = (spec.cache_layout or {}).get("hidden_size") or None
     return DistillationObjective(
@@ -188,55 +206,15 @@ def _load_teacher(store: Store, teacher: Manifest, device) -> torch.nn.Module:
     return load_causal_lm(teacher_model_dir(store, teacher)).to(device).eval()
 
 
-def train_step(model, optimizer, schedule, objective, batch, grad_clip, fused_chunk_size=None) -> dict[str, float]:
-    """One optimizer step. With `fused_chunk_size`, the loss is computed from the student's final
-    hidden states chunk by chunk (`DistillationObjective.fused`), never from its full logits."""
-    hidden_prefix = "teacher_hidden_"
-    teacher_targets = {name: values for name, values in batch.items() if name.startswith("teacher_") and not name.startswith(hidden_prefix)}
-    features = {}
-    if objective.features is not None:
-        teacher_states = {int(name[len(hidden_prefix) :]): values for name, values in batch.items() if name.startswith(hidden_prefix)}
-        features = {"teacher_hidden_states": teacher_states}
-    unwrapped = model.module if hasattr(model, "module") else model
-    if fused_chunk_size:
-        output = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
-        weight = unwrapped.get_output_embeddings().weight
-        if features:
-            features["student_hidden_states"] = output.hidden_states
-        terms = objective.fused(output.hidden_states[-1], weight, batch["input_ids"], chunk_size=fused_chunk_size, **teacher_targets, **features)
-    else:
-        output = model(input_ids=batch["input_ids"], output_hidden_states=bool(features))
-        if features:
-            features["student_hidden_states"] = output.hidden_states
-        terms = objective(output.logits, batch["input_ids"], **teacher_targets, **features)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    _average_across_ranks(objective)  # the model's gradients are averaged by DDP; the objective's here
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip else float("inf"))
-    optimizer.step()
-    schedule.step()
-    logged = {name: float(value.detach()) for name, value in terms.items()}
-    logged["grad_norm"] = float(grad_norm)
-    return logged
-
-
-def _average_across_ranks(module: torch.nn.Module) -> None:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    world_size = torch.distributed.get_world_size()
-    for parameter in module.parameters():
-        if parameter.grad is not None:
-            torch.distributed.all_reduce(parameter.grad)
-            parameter.grad /= world_size
-
-
-def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict]) -> list[FileRecord]:
-    """The model directory (safetensors + tokenizer) and the loss history, written atomically."""
+def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict], deepspeed_json: dict | None = None) -> list[FileRecord]:
+    """The model directory (safetensors + tokenizer), the loss history and, for a DeepSpeed run,
+    the DeepSpeed config it ran with; each written atomically."""
     tokenizer_dir = local_copy(store, spec.tokenizer_folder)
     with temporary_dir("model-") as folder:
         save_model_dir(model, tokenizer_dir, Path(folder))
         records = store.upload_dir(folder, f"{spec.output_folder}/model")
     history_text = "".join(json.dumps(record) + "\n" for record in history)
     records.append(store.write_bytes(f"{spec.output_folder}/{HISTORY_NAME}", history_text.encode()))
+    if deepspeed_json is not None:
+        records.append(store.write_bytes(f"{spec.output_folder}/{DEEPSPEED_CONFIG_NAME}", json.dumps(deepspeed_json, indent=2).encode()))
     return records

@@ -1,0 +1,102 @@
+"""The student's DeepSpeed engine: ZeRO 0–3, fp32 or bf16, gradient accumulation and clipping.
+
+`deepspeed_config(settings, train, micro_batch, world_size)` writes the DeepSpeed JSON from
+`distill.deepspeed` and the train section; it is saved beside the model (`deepspeed_config.json`).
+The optimizer and schedule are kdflow's own (AdamW without decay on norms and biases, linear warmup
+then cosine; `make_optimizer`), handed to DeepSpeed, so a DeepSpeed run and a plain run follow the
+same update rule. `DeepSpeedRunner` steps the engine over the micro-batches of one optimizer step:
+DeepSpeed scales each micro-batch's loss by 1/accumulation, steps the optimizer and schedule at
+the boundary and clips the global gradient norm.
+
+The engine needs a process group: Ray Train workers have one (gloo on CPU, NCCL on GPUs); in a
+single process (`compute.backend: local`, the GPU check) a one-rank gloo/NCCL group is started on
+loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from kd_core.config import DeepSpeedConfig, TrainConfig
+from kd_core.devtools import free_port
+
+
+def deepspeed_config(settings: DeepSpeedConfig, train: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run; the global batch is `train.batch_size` rows."""
+    accumulation = settings.gradient_accumulation_steps
+    micro_batch = train.batch_size // (world_size * accumulation)
+    config = {
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "zero_optimization": {"stage": settings.zero_stage},
+        "bf16": {"enabled": settings.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.grad_clip:
+        config["gradient_clipping"] = train.grad_clip
+    if settings.zero_stage == 3:
+        config["zero_optimization"] |= {"stage3_gather_16bit_weights_on_model_save": True}
+    return config
+
+
+def ensure_process_group() -> None:
+    """A one-rank process group on loopback when none exists (single-process runs)."""
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    os.environ.setdefault("LOCAL_RANK", "0")
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+class DeepSpeedRunner:
+    def __init__(self, module: nn.Module, optimizer, schedule, config: dict):
+        import deepspeed
+        from deepspeed.utils import logger
+
+        logger.setLevel(logging.WARNING)  # its per-step INFO lines would drown the progress bar
+        ensure_process_group()
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        self.config = config
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=config)
+        self.zero_stage = config["zero_optimization"]["stage"]
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        unclipped_norm = None
+        for index, batch in enumerate(micro_batches):
+            terms = self.engine(batch)
+            self.engine.backward(terms["loss"])
+            if index == len(micro_batches) - 1 and self.zero_stage == 0:
+                # Without ZeRO, DeepSpeed clips but does not report the norm: take it from the
+                # all-reduced gradients before the step.
+                grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+                unclipped_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            self.engine.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        logged = {name: total / len(micro_batches) for name, total in sums.items()}
+        grad_norm = unclipped_norm if unclipped_norm is not None else self.engine.get_global_grad_norm()
+        logged["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        logged["lr"] = self.engine.get_lr()[0]
+        return logged
+
+    @contextlib.contextmanager
+    def gathered_student(self):
+        """The full student on every rank (ZeRO-3 gathers its partitions for the duration);
+        enter on all ranks, save on one."""
+        import deepspeed
+
+        student = self.engine.module.model
+        with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None, enabled=self.zero_stage == 3):
+            yield student

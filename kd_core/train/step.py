@@ -1,0 +1,73 @@
+"""One optimizer step of the training loop, with or without DeepSpeed.
+
+- `StudentStep` is the trained module: the student plus the objective (whose feature projections,
+  if any, train with it). `forward(batch)` returns the loss terms, so DDP and DeepSpeed wrap the
+  whole computation and every trained parameter is theirs to synchronise.
+- `PlainRunner` steps a (DDP-wrapped or bare) `StudentStep` with a torch optimizer.
+- `DeepSpeedRunner` steps a DeepSpeed engine built around it (`kd_core/train/deepspeed_engine.py`).
+
+Both take the micro-batches of one optimizer step and return the logged floats: each loss term
+averaged over the micro-batches, the learning rate and the gradient norm (before clipping).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kd_core.losses import DistillationObjective
+
+HIDDEN_PREFIX = "teacher_hidden_"
+
+
+class StudentStep(nn.Module):
+    def __init__(self, model: nn.Module, objective: DistillationObjective, fused_chunk_size: int | None = None):
+        super().__init__()
+        self.model, self.objective, self.fused_chunk_size = model, objective, fused_chunk_size
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch. With `fused_chunk_size`, computed from the student's final
+        hidden states chunk by chunk (`DistillationObjective.fused`), never from its full logits."""
+        targets = {name: v for name, v in batch.items() if name.startswith("teacher_") and not name.startswith(HIDDEN_PREFIX)}
+        features = {}
+        if self.objective.features is not None:
+            states = {int(name[len(HIDDEN_PREFIX) :]): v for name, v in batch.items() if name.startswith(HIDDEN_PREFIX)}
+            features = {"teacher_hidden_states": states}
+        input_ids = batch["input_ids"]
+        if self.fused_chunk_size:
+            output = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
+            if features:
+                features["student_hidden_states"] = output.hidden_states
+            weight = self.model.get_output_embeddings().weight
+            return self.objective.fused(output.hidden_states[-1], weight, input_ids, chunk_size=self.fused_chunk_size, **targets, **features)
+        output = self.model(input_ids=input_ids, output_hidden_states=bool(features))
+        if features:
+            features["student_hidden_states"] = output.hidden_states
+        return self.objective(output.logits, input_ids, **targets, **features)
+
+
+def unwrap(module: nn.Module) -> StudentStep:
+    """The `StudentStep` inside a DDP wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+class PlainRunner:
+    """AdamW + schedule on a bare or DDP-wrapped `StudentStep`; one micro-batch per step."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, schedule, grad_clip: float | None):
+        self.module, self.optimizer, self.schedule, self.grad_clip = module, optimizer, schedule, grad_clip
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        (batch,) = micro_batches
+        terms = self.module(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip if self.grad_clip else float("inf"))
+        self.optimizer.step()
+        self.schedule.step()
+        logged = {name: float(value.detach()) for name, value in terms.items()}
+        return {**logged, "grad_norm": float(grad_norm), "lr": self.schedule.get_last_lr()[0]}
+
+    def student(self) -> nn.Module:
+        return unwrap(self.module).model
