@@ -74,3 +74,19 @@ def test_two_ray_workers_train_with_zero2(job):
     assert (saved["train_batch_size"], saved["train_micro_batch_size_per_gpu"]) == (8, 4)
     assert len(history) == config.distill.train.max_steps and all(record["kd"] > 0 for record in history)
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_online_teacher_and_a_full_logit_cache_give_the_same_losses(job):
+    config, store, prepared, _ = job
+    from kd_core.train.teacher import teacher as teacher_step
+
+    taught = teacher_step(config.teacher, prepared, store, config.compute)
+    full = cache(config.cache.model_copy(update={"format": "full"}), prepared, taught, store, config.compute)
+    section = config.distill.model_copy(update={"loss": config.distill.loss.model_copy(update={"divergence": "generalized_jsd"})})
+    histories = {}
+    for name, targets, source in (("cache", full, "cache"), ("online", taught, "online")):
+        manifest = distill(section.model_copy(update={"teacher_source": source}), config.student, prepared, targets, store, config.compute)
+        histories[name] = [json.loads(line) for line in store.read_bytes(f"{manifest.folder}/history.jsonl").decode().splitlines()]
+    # The cache holds float16 log-probs: the same targets to about 1e-3 relative, so the same training.
+    assert losses(histories["cache"]) == pytest.approx(losses(histories["online"]), rel=2e-3)
+    assert [r["kd"] for r in histories["cache"]] == pytest.approx([r["kd"] for r in histories["online"]], rel=2e-2)
