@@ -131,6 +131,11 @@ class TrainConfig(Section):
     streams rows in shard order."""
     prefetch_shards: int = Field(default=2, gt=0)
     """Shards read, verified and decoded ahead of the one being trained on."""
+    data_split: Literal["shards", "rows"] = "shards"
+    """How ranks share the data. `shards`: each rank reads its own shards (no overlap, no extra
+    reading). `rows`: every rank reads everything and keeps its rows of each global batch, so the
+    batches are the same for any number of ranks (reproducible across world sizes), at
+    num_workers times the reading."""
     data_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per rank (0 reads in the training process, with a prefetch
     thread). The batches depend on this number: keep it fixed to reproduce a run."""

@@ -133,3 +133,14 @@ def test_streams_from_s3(s3_endpoint, s3_bucket):
     tokens, caches = write_shards(store, [6, 5, 4])
     seen = [rows_of(one_epoch(store, tokens, caches, rank=rank, world_size=2)) for rank in range(2)]
     assert sorted(seen[0] + seen[1]) == list(range(15))
+
+
+def test_row_split_gives_every_world_size_the_same_global_batches(shards):
+    store, tokens, caches = shards
+    single = rows_of(one_epoch(store, tokens, caches, seed=3, split="rows"))
+    for world_size in (2, 4):
+        parts = [rows_of(one_epoch(store, tokens, caches, seed=3, split="rows", rank=r, world_size=world_size)) for r in range(world_size)]
+        for rank, part in enumerate(parts):
+            assert part == single[rank::world_size]
+    with pytest.raises(ValueError, match="split must be 'shards' or 'rows'"):
+        TrainingStream(store.config, tokens, split="files")

@@ -10,6 +10,9 @@ dict of numpy arrays (`input_ids` (T,), and the cache's decoded targets, see
   DataLoader workers of each; consumer c of C gets shards c, c+C, c+2C, ... of the epoch's shard
   order when there are at least C shards, and otherwise rows c, c+C, ... of every shard. Either
   way no row goes to two consumers in one epoch, and together they cover every row.
+  `split="rows"` trades reading for reproducibility: every rank reads the whole stream and keeps
+  every world_size-th row, so the global batches are the same for any number of ranks (1 × 8
+  rows = 2 × 4 rows), at world_size times the reading.
 - **Order.** Epoch e reads shards in a permutation seeded by (seed, e), and passes rows through a
   shuffle buffer of `shuffle_buffer` rows seeded by (seed, e, c). The stream is endless (epoch
   after epoch) and a pure function of (seed, rank, world size, workers): the same run sees the
@@ -52,6 +55,7 @@ class TrainingStream(IterableDataset):
         shuffle_buffer: int = 1024,
         prefetch_shards: int = 2,
         epochs: int | None = None,
+        split: str = "shards",
     ):
         if cache_shards and len(cache_shards) != len(token_shards):
             raise ShardError(
@@ -62,16 +66,22 @@ class TrainingStream(IterableDataset):
             raise ValueError("cache_shards need the cache_layout that decodes them")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if split not in ("shards", "rows"):
+            raise ValueError(f"split must be 'shards' or 'rows', got {split!r}")
         self.storage, self.token_shards = storage, list(token_shards)
         self.cache_shards, self.cache_layout = list(cache_shards or []), cache_layout
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.prefetch_shards, self.epochs = shuffle_buffer, max(1, prefetch_shards), epochs
+        self.split = split
 
     # ------------------------------------------------------------------------------ the plan
     def consumer(self) -> tuple[int, int]:
-        """(this consumer's index, number of consumers) across ranks and DataLoader workers."""
+        """(this consumer's index, number of consumers) across ranks and DataLoader workers; with
+        `split="rows"` the ranks are not consumers (each reads what all of them would)."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        if self.split == "rows":
+            return worker, workers
         return self.rank * workers + worker, self.world_size * workers
 
     def epoch_plan(self, epoch: int, consumer: int, consumers: int) -> list[tuple[int, slice]]:
@@ -122,6 +132,16 @@ class TrainingStream(IterableDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.split == "shards":
+            yield from self._rows()
+            return
+        # Every rank produces the same sequence and keeps every world_size-th row of it: rank r's
+        # batch j holds rows r, r + W, ... of global batch j, whatever W is.
+        for index, sample in enumerate(self._rows()):
+            if index % self.world_size == self.rank:
+                yield sample
+
+    def _rows(self) -> Iterator[dict[str, np.ndarray]]:
         consumer, consumers = self.consumer()
         store = Store(self.storage)
         buffer: list[dict[str, np.ndarray]] = []

@@ -93,6 +93,7 @@ def training_stream(spec: TrainSpec, rank: int, world_size: int) -> TrainingStre
         world_size=world_size,
         shuffle_buffer=spec.train.shuffle_buffer,
         prefetch_shards=spec.train.prefetch_shards,
+        split=spec.train.data_split,
     )
 
 
@@ -166,6 +167,8 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
             micro_batches.append(batch)
             tokens_seen += batch["input_ids"].numel() * world_size
         terms = runner.step(micro_batches)
+        if step % spec.train.log_every == 0 or step == spec.train.max_steps - 1:
+            terms = _mean_across_ranks(terms, device)  # every rank takes part; rank 0 records
         if rank == 0 and (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
             elapsed = time.perf_counter() - started
             record = {"step": step + 1, **terms, "tokens_per_s": tokens_seen / elapsed}
@@ -181,6 +184,18 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     elif rank == 0:
         result["files"] = save_outputs(store, spec, runner.student(), history)
     return result
+
+
+def _mean_across_ranks(terms: dict[str, float], device) -> dict[str, float]:
+    """Loss terms averaged over the data-parallel ranks (each logged its own micro-batches); the
+    learning rate and gradient norm are the same on every rank and pass through."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return terms
+    names = [name for name in terms if name not in ("lr", "grad_norm")]
+    values = torch.tensor([terms[name] for name in names], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    values /= torch.distributed.get_world_size()
+    return {**terms, **dict(zip(names, values.tolist()))}
 
 
 def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:
