@@ -59,10 +59,15 @@ def run_pipeline(config: JobConfig, until: str = "register", force: frozenset[st
             )
     if "distill" in wanted:
         from kd_core.train.distill import baseline, distill
+        from kd_core.train.tracking import TrainingRun
 
         targets = steps["cache"] if config.distill.teacher_source == "cache" else steps["teacher"]
+        tracking = TrainingRun.for_job(config.registry, f"distill-{config.name}", public_dict(config))
         steps["distill"] = _announce(
-            distill(config.distill, config.student, steps["prep"], targets, store, config.compute, force=is_forced("distill", force))
+            distill(
+                config.distill, config.student, steps["prep"], targets, store, config.compute,
+                tracking=tracking, force=is_forced("distill", force),
+            )
         )
         if config.distill.baseline:
             steps["baseline"] = _announce(

@@ -59,6 +59,15 @@ def test_tiny_job_on_ray_registers_reuses_and_forces(tiny_config):
     assert float(run.data.metrics["student.perplexity"]) == pytest.approx(steps["eval"].metrics["student"]["perplexity"])
     assert run.data.params["distill.loss.temperature"] == str(tiny_config.distill.loss.temperature)
 
+    # Rank 0 of the distillation logged its own MLflow run: the config, then every log step.
+    training = client.get_run(steps["distill"].details["mlflow_run_id"])
+    assert training.info.status == "FINISHED" and training.data.params["distill.deepspeed.zero_stage"] == "2"
+    log_steps = len(range(0, tiny_config.distill.train.max_steps, tiny_config.distill.train.log_every)) + 1
+    for metric in ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "samples_seen"):
+        assert len(client.get_metric_history(training.info.run_id, metric)) == log_steps, metric
+    samples = client.get_metric_history(training.info.run_id, "samples_seen")
+    assert samples[-1].value == tiny_config.distill.train.max_steps * tiny_config.distill.train.batch_size
+
     again = run_pipeline(tiny_config)
     assert all(manifest.reused for manifest in again.values())
     assert len(registered_versions(tiny_config.registry.tracking_uri, tiny_config.registry.model_name)[1]) == 1
@@ -99,6 +108,9 @@ def test_tiny_job_on_s3_storage_and_existing_teacher(tiny_config, s3_endpoint, s
     params = client.get_run(versions[0].run_id).data.params
     assert params["storage.root"] == f"s3://{s3_bucket}/kdflow"
     assert not any(secret in value or "kdflow-config-key" in value for value in params.values())
+    training_params = client.get_run(steps["distill"].details["mlflow_run_id"]).data.params
+    assert training_params["storage.root"] == f"s3://{s3_bucket}/kdflow"
+    assert not any(secret in value or "kdflow-config-key" in value for value in training_params.values())
 
     teacher_url = f"s3://{s3_bucket}/kdflow/{steps['teacher'].details['model_folder']}"
     raw["teacher"]["path"] = teacher_url

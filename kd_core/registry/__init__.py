@@ -40,8 +40,7 @@ def register(
     if run.reused:
         return run.reused
     mlflow.set_tracking_uri(config.tracking_uri)
-    experiment_id = _experiment(config)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{student.key[:8]}") as mlflow_run:
+    with mlflow.start_run(experiment_id=experiment_id(config), run_name=f"register-{student.key[:8]}") as mlflow_run:
         mlflow.log_params({key: str(value)[:_MAX_PARAM_LENGTH] for key, value in flatten(job_params).items()})
         mlflow.log_metrics(_numeric(flatten(eval_manifest.metrics)))
         with tempfile.TemporaryDirectory() as folder:
@@ -79,7 +78,8 @@ def register(
     return run.finish(details=registration)
 
 
-def _experiment(config: RegistryConfig) -> str:
+def experiment_id(config: RegistryConfig) -> str:
+    """The id of `registry.experiment`, created (with its artifact location) when missing."""
     import mlflow
 
     existing = mlflow.get_experiment_by_name(config.experiment)

@@ -23,6 +23,7 @@ from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.train.loop import TrainSpec
 from kd_core.train.ray_glue import fit_stage
+from kd_core.train.tracking import TrainingRun
 
 
 def distill(
@@ -33,9 +34,11 @@ def distill(
     store: Store,
     compute: ComputeConfig,
     *,
+    tracking: TrainingRun | None = None,
     force: bool = False,
 ) -> Manifest:
-    """`targets` is the cache stage's manifest, or the teacher step's with `teacher_source: online`."""
+    """`targets` is the cache stage's manifest, or the teacher step's with `teacher_source: online`.
+    With `tracking`, rank 0 logs the run to MLflow (not part of the step's key)."""
     expected = "cache" if config.teacher_source == "cache" else "teacher"
     if targets.stage != expected:
         raise ValueError(f"distill.teacher_source is {config.teacher_source}: distill needs the {expected} step's output, got {targets.stage}'s")
@@ -50,9 +53,12 @@ def distill(
     if run.reused:
         return run.reused
     if config.teacher_source == "online":
-        return _train_student(run, config, student, prep, store, compute, "distill: student (online teacher)", online_teacher=targets)
+        return _train_student(
+            run, config, student, prep, store, compute, "distill: student (online teacher)", online_teacher=targets, tracking=tracking
+        )
     return _train_student(
-        run, config, student, prep, store, compute, "distill: student", cache_shards=cache_shards(targets), cache_layout=targets.details["layout"]
+        run, config, student, prep, store, compute, "distill: student",
+        cache_shards=cache_shards(targets), cache_layout=targets.details["layout"], tracking=tracking,
     )
 
 

@@ -33,6 +33,7 @@ from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, lo
 from kd_core.storage import FileRecord, Store
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
 from kd_core.train.step import PlainRunner, StudentStep
+from kd_core.train.tracking import MlflowLogger, TrainingRun
 
 HISTORY_NAME = "history.jsonl"
 DEEPSPEED_CONFIG_NAME = "deepspeed_config.json"
@@ -61,6 +62,8 @@ class TrainSpec:
     """The cache's `CacheLayout.to_dict()`, which decodes `cache_shards`."""
     deepspeed: DeepSpeedConfig | None = None
     """Train in a DeepSpeed engine with these settings (the student); None trains with plain DDP."""
+    tracking: TrainingRun | None = None
+    """Log this run to MLflow from rank 0 (params, then metrics at every log step)."""
     online_teacher: Manifest | None = None
     """The teacher step's manifest: the teacher runs on every batch (online distillation: full
     teacher logits, no cache). Each worker fetches it from storage itself, on whatever node."""
@@ -152,7 +155,35 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     online_teacher = _load_teacher(store, spec.online_teacher, device) if spec.online_teacher else None
     teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if spec.loss and spec.loss.feature_weight > 0 else []
     history: list[dict] = []
+    started = time.perf_counter()
+    logger = MlflowLogger(spec.tracking) if spec.tracking is not None and rank == 0 else None
+    if logger is not None:
+        logger.start()
+    try:
+        result = _train_steps(spec, rank, world_size, progress, batches, runner, device, online_teacher, teacher_layers, history, logger)
+    except BaseException:
+        if logger is not None:
+            logger.end("FAILED")
+        raise
+    result |= {"parameters": parameters, "train_seconds": time.perf_counter() - started}
+    if logger is not None:
+        logger.end()
+        result["mlflow_run_id"] = logger.run_id
+    # --- save
+    if spec.deepspeed:
+        with runner.gathered_student() as student:  # every rank enters: ZeRO-3 gathers collectively
+            if rank == 0:
+                result["files"] = save_outputs(store, spec, student, history, runner.config)
+    elif rank == 0:
+        result["files"] = save_outputs(store, spec, runner.student(), history)
+    return result
+
+
+def _train_steps(spec, rank, world_size, progress, batches, runner, device, online_teacher, teacher_layers, history, logger) -> dict:
+    """The optimizer steps; returns rank 0's last log record."""
+    accumulation = spec.deepspeed.gradient_accumulation_steps if spec.deepspeed else 1
     started, tokens_seen = time.perf_counter(), 0
+    module = runner.engine.module if spec.deepspeed else runner.module
     module.train()
     # --- train steps
     for step in range(spec.train.max_steps):
@@ -171,19 +202,14 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
             terms = _mean_across_ranks(terms, device)  # every rank takes part; rank 0 records
         if rank == 0 and (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
             elapsed = time.perf_counter() - started
-            record = {"step": step + 1, **terms, "tokens_per_s": tokens_seen / elapsed}
+            samples_seen = (step + 1) * spec.train.batch_size
+            record = {"step": step + 1, **terms, "tokens_per_s": tokens_seen / elapsed, "samples_seen": samples_seen}
             history.append(record)
+            if logger is not None:
+                logger.log(step + 1, record)
             if progress is not None:
                 progress(step + 1, record)
-    # --- save
-    result = {**(history[-1] if history else {}), "parameters": parameters, "train_seconds": time.perf_counter() - started}
-    if spec.deepspeed:
-        with runner.gathered_student() as student:  # every rank enters: ZeRO-3 gathers collectively
-            if rank == 0:
-                result["files"] = save_outputs(store, spec, student, history, runner.config)
-    elif rank == 0:
-        result["files"] = save_outputs(store, spec, runner.student(), history)
-    return result
+    return dict(history[-1]) if history else {}
 
 
 def _mean_across_ranks(terms: dict[str, float], device) -> dict[str, float]:

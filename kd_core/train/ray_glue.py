@@ -74,7 +74,10 @@ def fit_stage(run: StageRun, spec: TrainSpec, compute: ComputeConfig, descriptio
         result = fit(spec, compute, description)
     for record in result.pop("files"):
         run.record(record)
-    return run.finish(metrics=result, details={"model_folder": f"{run.folder}/model"})
+    details = {"model_folder": f"{run.folder}/model"}
+    if "mlflow_run_id" in result:
+        details["mlflow_run_id"] = result.pop("mlflow_run_id")
+    return run.finish(metrics=result, details=details)
 
 
 def _status(record: dict) -> str:

@@ -1,0 +1,62 @@
+"""MLflow logging of a training run, from rank 0 only.
+
+`TrainingRun` travels in the `TrainSpec` (plain data); rank 0 of the training workers opens an
+MLflow run in the registry's experiment, logs the job's flattened public config as params (no
+secrets: `config.public_dict` has dropped them), then at every log step each loss term, the
+learning rate, the gradient norm, tokens/s and samples seen. The run id is recorded in the stage
+manifest (`details["mlflow_run_id"]`). A relative SQLite tracking URI is made absolute on the
+driver, so workers started in other folders write to the same database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kd_core.config import RegistryConfig, flatten
+
+MAX_PARAM_LENGTH = 500
+"""MLflow's limit on a param value."""
+
+
+@dataclass
+class TrainingRun:
+    registry: RegistryConfig
+    run_name: str
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_job(cls, registry: RegistryConfig, run_name: str, job_params: dict) -> TrainingRun:
+        uri = registry.tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        return cls(registry.model_copy(update={"tracking_uri": uri}), run_name, flatten(job_params))
+
+
+class MlflowLogger:
+    """Rank 0's MLflow run: `start()`, `log(step, record)` at each log step, `end(status)`."""
+
+    def __init__(self, run: TrainingRun):
+        self.run, self.run_id = run, None
+
+    def start(self) -> None:
+        import mlflow
+
+        from kd_core.registry import experiment_id
+
+        mlflow.set_tracking_uri(self.run.registry.tracking_uri)
+        active = mlflow.start_run(experiment_id=experiment_id(self.run.registry), run_name=self.run.run_name)
+        self.run_id = active.info.run_id
+        mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in self.run.params.items()})
+
+    def log(self, step: int, record: dict) -> None:
+        import mlflow
+
+        numbers = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and v == v}
+        mlflow.log_metrics(numbers, step=step)
+
+    def end(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        if self.run_id is not None:
+            mlflow.end_run(status=status)
