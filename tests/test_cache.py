@@ -186,3 +186,30 @@ def test_student_matches_cached_teacher_hidden_states_through_a_learned_projecti
     )
     online_first = json.loads(store.read_bytes(f"{online.folder}/history.jsonl").decode().splitlines()[0])
     assert online_first["feature"] == pytest.approx(records[0]["feature"], rel=2e-3)  # cached (float16) = online states
+
+
+def test_a_teacher_with_a_padded_output_layer_caches_only_real_tokens(trained, tmp_path):
+    config, store, prepared, taught = trained
+    from kd_core.train.teacher import teacher as teacher_step
+
+    vocab = prepared.details["vocab_size"]
+    model = load_causal_lm(teacher_model_dir(store, taught))
+    model.resize_token_embeddings(vocab + 20)  # as Qwen-style models pad their output layer
+    with torch.no_grad():
+        model.get_output_embeddings().weight[vocab:] = 50 * model.get_output_embeddings().weight[:20]  # loud padding
+    padded_dir = tmp_path / "padded-teacher"
+    model.save_pretrained(padded_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (padded_dir / name).write_bytes((teacher_model_dir(store, taught) / name).read_bytes())
+    padded = teacher_step(config.teacher.model_copy(update={"path": str(padded_dir)}), prepared, store, config.compute)
+    for format_ in ("topk", "sampled"):
+        manifest = cache(config.cache.model_copy(update={"format": format_}), prepared, padded, store, config.compute)
+        assert manifest.details["layout"]["vocab_size"] == vocab
+        targets = _decoded_shard(store, manifest)
+        ids = targets["teacher_topk_ids" if format_ == "topk" else "teacher_sample_ids"]
+        assert ids.max() < vocab
+    rows = torch.from_numpy(load_split(store, prepared, "train")[: len(ids)])
+    with torch.no_grad():
+        real = torch.log_softmax(model(input_ids=rows).logits[..., :vocab], -1)
+    topk = _decoded_shard(store, cache(config.cache, prepared, padded, store, config.compute))
+    assert np.array_equal(topk["teacher_topk_ids"], real.topk(config.cache.top_k, dim=-1).indices.numpy())

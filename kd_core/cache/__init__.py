@@ -81,21 +81,29 @@ def cache(
 
 
 def cache_layout(config: CacheConfig, prep: Manifest, store: Store, teacher: Manifest) -> CacheLayout:
-    """The layout of this cache: the teacher's vocabulary (it may be padded beyond the data's) and
-    hidden size, the data's row length, the format settings."""
+    """The layout of this cache: the data's vocabulary and row length, the teacher's hidden size,
+    the format settings."""
     from kd_core.train.teacher import teacher_model_config  # the trainer imports this package's format
 
     model_config = teacher_model_config(store, teacher)
-    if config.format == "full" and model_config["vocab_size"] > config.full_max_vocab:
+    data_vocab, teacher_vocab = prep.details["vocab_size"], model_config["vocab_size"]
+    if teacher_vocab < data_vocab:
+        raise ValueError(
+            f"the teacher predicts {teacher_vocab} tokens but the prepared data's vocabulary has {data_vocab}; "
+            "prepare the data with the teacher's tokenizer"
+        )
+    if config.format == "full" and data_vocab > config.full_max_vocab:
         raise ValueError(
             f"cache.format: 'full' is for vocabularies up to cache.full_max_vocab ({config.full_max_vocab}); "
-            f"the teacher has {model_config['vocab_size']}: use topk or sampled"
+            f"the data has {data_vocab}: use topk or sampled"
         )
     layers = model_config.get("num_hidden_layers", 0)
     for layer in config.hidden_layers:
         if not 0 <= layer <= layers:
             raise ValueError(f"cache.hidden_layers: {layer} is not a hidden state of the teacher (0..{layers})")
-    return CacheLayout.from_config(config, prep.details["seq_len"], model_config["vocab_size"], model_config.get("hidden_size", 0))
+    # A teacher output layer padded past the tokenizer (e.g. 152064 logits for 151936 tokens) is cut
+    # to the data's vocabulary: the cache describes the distribution over real tokens only.
+    return CacheLayout.from_config(config, prep.details["seq_len"], data_vocab, model_config.get("hidden_size", 0))
 
 
 def cache_shards(cache_manifest: Manifest) -> list[FileRecord]:
@@ -176,7 +184,8 @@ class TeacherWorker:
         for start in range(0, len(rows), self.config.batch_size):
             batch = torch.as_tensor(rows[start : start + self.config.batch_size], dtype=torch.long, device=self.device)
             output = self.model(input_ids=batch, output_hidden_states=wants_hidden)
-            teacher_logprobs = torch.log_softmax(output.logits.float() / self.config.temperature, dim=-1)
+            logits = output.logits[..., : self.layout.vocab_size].float()  # drop padded output entries
+            teacher_logprobs = torch.log_softmax(logits / self.config.temperature, dim=-1)
             hidden = {layer: output.hidden_states[layer] for layer in self.layout.hidden_layers}
             for name, values in self.layout.encode(teacher_logprobs, generator, hidden).items():
                 blocks.setdefault(name, []).append(values)

@@ -193,7 +193,7 @@ def _train_steps(spec, rank, world_size, progress, batches, runner, device, onli
             if online_teacher is not None:
                 with torch.no_grad():
                     output = online_teacher(input_ids=batch["input_ids"], output_hidden_states=bool(teacher_layers))
-                batch["teacher_logits"] = output.logits
+                batch["teacher_logits"] = output.logits[..., : spec.vocab_size]  # drop a padded output layer's extra entries
                 batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
             micro_batches.append(batch)
             tokens_seen += batch["input_ids"].numel() * world_size
