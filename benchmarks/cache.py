@@ -19,13 +19,10 @@ Appends a record (machine, date, command, versions) to benchmarks/results/cache.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +38,11 @@ from kd_core.data.shards import encode_arrow, load_split  # noqa: E402
 from kd_core.data.stream import TrainingStream, collate  # noqa: E402
 from kd_core.devtools import loopback_s3  # noqa: E402
 from kd_core.losses import DistillationObjective  # noqa: E402
-from kd_core.manifest import library_versions  # noqa: E402
 from kd_core.models import build_causal_lm, load_causal_lm  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.loop import make_optimizer  # noqa: E402
 from kd_core.train.step import PlainRunner, StudentStep  # noqa: E402
+from results_log import append_result  # noqa: E402
 from kd_core.train.teacher import teacher, teacher_model_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.jsonl"
@@ -190,21 +187,16 @@ def main() -> None:
         print(f"{name:<28}{result['tokens_per_s']:>14,.0f}{result['tokens_per_s'] / consumption:>12.1f}")
     print(f"{'trainer consumes (student)':<28}{consumption:>14,.0f}{1.0:>12.1f}")
 
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "command": f"python benchmarks/cache.py {args.config} {' '.join(args.overrides)} --rows {args.rows} --shards {args.shards}".strip(),
+    command = f"python benchmarks/cache.py {args.config} {' '.join(args.overrides)} --rows {args.rows} --shards {args.shards}"
+    fields = {
         "vocab_size": int(logprobs.shape[2]),
         "tokens_measured": int(logprobs.shape[0] * logprobs.shape[1]),
         "sizes": sizes,
         "reader_local": local,
         "reader_s3": s3,
         "trainer_tokens_per_s": consumption,
-        "versions": library_versions(),
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_result(args.results, command, fields)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,9 @@ Appends a record to benchmarks/results/cache_quality.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -39,11 +35,11 @@ from kd_core.config import load_config  # noqa: E402
 from kd_core.data.prep import prep  # noqa: E402
 from kd_core.data.shards import load_split  # noqa: E402
 from kd_core.eval import compare_with_teacher, measure  # noqa: E402
-from kd_core.manifest import library_versions  # noqa: E402
 from kd_core.models import load_causal_lm, local_copy  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.distill import baseline, distill  # noqa: E402
 from kd_core.train.teacher import teacher, teacher_model_dir  # noqa: E402
+from results_log import append_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache_quality.jsonl"
 
@@ -99,18 +95,12 @@ def main() -> None:
             f"{label:<36}{result['perplexity']:>12.2f}{result['kl_to_teacher']:>16.4f}{result['ece']:>8.4f}"
             f"{'' if seconds is None else f'{seconds:.0f}':>9}"
         )
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "command": f"python benchmarks/cache_quality.py {args.config} {' '.join(args.overrides)}".strip(),
+    fields = {
         "tokens": int(rows.numel()),
         "results": {label: {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))} for label, result in table.items()},
         "cache_bytes_per_token": {name: manifest.metrics["bytes_per_token"] for name, manifest in caches.items()},
-        "versions": library_versions(),
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_result(args.results, f"python benchmarks/cache_quality.py {args.config} {' '.join(args.overrides)}".strip(), fields)
 
 
 if __name__ == "__main__":

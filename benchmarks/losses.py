@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kd_core.losses import generalized_jsd  # noqa: E402
 from kd_core.losses.fused import dense_teacher_target, fused_lm_head_loss  # noqa: E402
 from kd_core.losses.jsd import generalized_jsd_per_position  # noqa: E402
+from results_log import append_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "losses.jsonl"
 ROWS = (1024, 4096, 8192)
@@ -179,16 +178,8 @@ def _row(rows, vocab, results, implementations) -> str:
 
 
 def _append(args, records) -> None:
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
-        "command": "python benchmarks/losses.py " + " ".join(_passthrough(args)),
-        "torch": torch.__version__,
-        "results": records,
-    }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else ""
+    append_result(args.results, "python benchmarks/losses.py " + " ".join(_passthrough(args)), {"results": records}, machine_detail=gpu)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,13 @@ to benchmarks/results/pipeline_reuse.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from kd_core.config import load_config
-from kd_core.manifest import library_versions
 from kd_core.pipeline import run_pipeline
+from results_log import append_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_reuse.jsonl"
 
@@ -50,19 +46,13 @@ def main() -> None:
     for name, seconds in cold_steps.items():
         print(f"{name:<10}{seconds:>10.1f}")
     print(f"\ncold run {cold_total:.1f} s | warm rerun {warm_total:.1f} s | ratio {cold_total / warm_total:.1f}x")
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "command": f"python benchmarks/pipeline_reuse.py {args.config} {' '.join(args.overrides)}".strip(),
+    fields = {
         "speedup": round(cold_total / warm_total, 1),
         "cold_seconds": round(cold_total, 1),
         "warm_seconds": round(warm_total, 1),
         "steps": cold_steps,
-        "versions": library_versions(),
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_result(args.results, f"python benchmarks/pipeline_reuse.py {args.config} {' '.join(args.overrides)}".strip(), fields)
 
 
 if __name__ == "__main__":
