@@ -124,16 +124,12 @@ class DistillationObjective(nn.Module):
         terms = {"ce": next_token_cross_entropy(student_logits, input_ids, mask)}
         has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
         if not has_targets or self.kd_weight == 0:
-            terms["loss"] = self.ce_weight * terms["ce"] if has_targets else terms["ce"]
-            return self._add_features(terms, student_hidden_states, teacher_hidden_states, mask)
+            return self._add_features(self._without_kd(terms, has_targets), student_hidden_states, teacher_hidden_states, mask)
         per_position = self._kd_per_position(
             student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_sample_ids, teacher_sample_counts, teacher_logits
         )
-        if self.token_weighting == "teacher_confidence":
-            if teacher_entropy is None:
-                raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
-            per_position = per_position * confidence_weights(teacher_entropy, student_logits.shape[-1], mask)
-        terms["kd"] = masked_mean(per_position, mask)
+        weights = self._token_weights(teacher_entropy, student_logits.shape[-1], mask)
+        terms["kd"] = masked_mean(per_position if weights is None else per_position * weights, mask)
         return self._add_features(self._total(terms), student_hidden_states, teacher_hidden_states, mask)
 
     def fused(
@@ -169,18 +165,14 @@ class DistillationObjective(nn.Module):
         terms = {"ce": fused_lm_head_loss(hidden, output_weight, ce_chunk, mask=has_next.reshape(-1), chunk_size=chunk_size)}
         has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
         if not has_targets or self.kd_weight == 0:
-            terms["loss"] = self.ce_weight * terms["ce"] if has_targets else terms["ce"]
-            return self._add_features(terms, student_hidden_states, teacher_hidden_states, mask)
+            return self._add_features(self._without_kd(terms, has_targets), student_hidden_states, teacher_hidden_states, mask)
         flat = lambda values: None if values is None else values.reshape(batch * length, *values.shape[2:])  # noqa: E731
         topk_logprobs, topk_ids, sample_ids, sample_counts, dense = map(
             flat, (teacher_topk_logprobs, teacher_topk_ids, teacher_sample_ids, teacher_sample_counts, teacher_logits)
         )
         flat_mask = None if mask is None else mask.reshape(-1)
-        weights = None
-        if self.token_weighting == "teacher_confidence":
-            if teacher_entropy is None:
-                raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
-            weights = confidence_weights(teacher_entropy.reshape(-1), output_weight.shape[0], flat_mask)
+        flat_entropy = None if teacher_entropy is None else teacher_entropy.reshape(-1)
+        weights = self._token_weights(flat_entropy, output_weight.shape[0], flat_mask)
 
         def kd_chunk(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
             per_position = self._kd_per_position(
@@ -191,6 +183,19 @@ class DistillationObjective(nn.Module):
 
         terms["kd"] = fused_lm_head_loss(hidden, output_weight, kd_chunk, mask=flat_mask, chunk_size=chunk_size)
         return self._add_features(self._total(terms), student_hidden_states, teacher_hidden_states, mask)
+
+    def _without_kd(self, terms: dict[str, torch.Tensor], has_targets: bool) -> dict[str, torch.Tensor]:
+        """Cross-entropy alone: weighted when teacher targets were given but kd_weight is 0."""
+        terms["loss"] = self.ce_weight * terms["ce"] if has_targets else terms["ce"]
+        return terms
+
+    def _token_weights(self, teacher_entropy, vocab_size: int, mask) -> torch.Tensor | None:
+        """Per-position KD weights (`token_weighting`), or None for uniform weights."""
+        if self.token_weighting != "teacher_confidence":
+            return None
+        if teacher_entropy is None:
+            raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
+        return confidence_weights(teacher_entropy, vocab_size, mask)
 
     def _add_features(self, terms, student_hidden_states, teacher_hidden_states, mask) -> dict[str, torch.Tensor]:
         if self.features is None:
