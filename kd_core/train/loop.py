@@ -160,7 +160,7 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     if logger is not None:
         logger.start()
     try:
-        result = _train_steps(spec, rank, world_size, progress, batches, runner, device, online_teacher, teacher_layers, history, logger)
+        result = _train_steps(spec, rank, world_size, accumulation, progress, batches, runner, device, online_teacher, teacher_layers, history, logger)
     except BaseException:
         if logger is not None:
             logger.end("FAILED")
@@ -179,9 +179,8 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     return result
 
 
-def _train_steps(spec, rank, world_size, progress, batches, runner, device, online_teacher, teacher_layers, history, logger) -> dict:
-    """The optimizer steps; returns rank 0's last log record."""
-    accumulation = spec.deepspeed.gradient_accumulation_steps if spec.deepspeed else 1
+def _train_steps(spec, rank, world_size, accumulation, progress, batches, runner, device, online_teacher, teacher_layers, history, logger) -> dict:
+    """The optimizer steps, `accumulation` micro-batches each; returns rank 0's last log record."""
     started, tokens_seen = time.perf_counter(), 0
     module = runner.engine.module if spec.deepspeed else runner.module
     module.train()
@@ -198,9 +197,10 @@ def _train_steps(spec, rank, world_size, progress, batches, runner, device, onli
             micro_batches.append(batch)
             tokens_seen += batch["input_ids"].numel() * world_size
         terms = runner.step(micro_batches)
-        if step % spec.train.log_every == 0 or step == spec.train.max_steps - 1:
-            terms = _mean_across_ranks(terms, device)  # every rank takes part; rank 0 records
-        if rank == 0 and (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
+        if not (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
+            continue
+        terms = _mean_across_ranks(terms, device)  # every rank takes part; rank 0 records
+        if rank == 0:
             elapsed = time.perf_counter() - started
             samples_seen = (step + 1) * spec.train.batch_size
             record = {"step": step + 1, **terms, "tokens_per_s": tokens_seen / elapsed, "samples_seen": samples_seen}
