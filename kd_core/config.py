@@ -267,6 +267,15 @@ class DistillConfig(Section):
     baseline: bool = True
     """Also train a same-size student on the same tokens with cross-entropy only (no teacher),
     so the evaluation shows what the teacher added."""
+    checkpoint_every: int | None = Field(default=100, gt=0)
+    """Write a checkpoint (model, optimizer, schedule, RNG and data position, from every rank)
+    every this many optimizer steps; None writes none. Applies to the student and the baseline."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto`: a run of the same step (same key) that stopped midway continues from its latest
+    checkpoint, with the same number of workers. `never`: start over."""
+    keep_checkpoints: int = Field(default=2, gt=0)
+    """Checkpoints kept while training (older ones are deleted); all are deleted once the model
+    is saved."""
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -309,6 +318,9 @@ class ComputeConfig(Section):
     """CPUs reserved by each training worker; also its torch thread count."""
     use_gpu: bool = False
     """Give each worker a GPU (NCCL) instead of CPU (gloo)."""
+    max_failures: int = Field(default=3, ge=0)
+    """Times Ray Train restarts the training workers after one dies (a preempted node, an OOM
+    kill); they continue from the latest checkpoint."""
 
 
 class JobConfig(Section):

@@ -11,6 +11,9 @@ the boundary and clips the global gradient norm.
 The engine needs a process group: Ray Train workers have one (gloo on CPU, NCCL on GPUs); in a
 single process (`compute.backend: local`, the GPU check) a one-rank gloo/NCCL group is started on
 loopback.
+
+Checkpoints are DeepSpeed's own (`save_state` on every rank, `load_state`), read back through a
+checkpoint engine that loads with `weights_only=True` (`kd_core/train/checkpoints.py`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from kd_core.config import DeepSpeedConfig, TrainConfig
 from kd_core.devtools import free_port
+from kd_core.train.checkpoints import CheckpointError, weights_only_checkpoint_engine_class
+
+CHECKPOINT_FOLDER, CHECKPOINT_TAG = "deepspeed", "state"
 
 
 def deepspeed_config(settings: DeepSpeedConfig, train: TrainConfig, world_size: int) -> dict:
@@ -65,6 +72,7 @@ class DeepSpeedRunner:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         self.config = config
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=config)
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine_class()(self.engine._config)
         self.zero_stage = config["zero_optimization"]["stage"]
 
     @property
@@ -90,6 +98,18 @@ class DeepSpeedRunner:
         logged["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         logged["lr"] = self.engine.get_lr()[0]
         return logged
+
+    def save_state(self, folder: Path, rank: int) -> None:
+        """DeepSpeed's checkpoint: every rank writes its optimizer partition (and, at ZeRO-3, its
+        parameter partition); rank 0 the module states and the schedule."""
+        self.engine.save_checkpoint(str(folder / CHECKPOINT_FOLDER), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(folder / CHECKPOINT_FOLDER), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise CheckpointError(f"{folder / CHECKPOINT_FOLDER}: no DeepSpeed checkpoint to resume from; set distill.resume=never to start over")
 
     @contextlib.contextmanager
     def gathered_student(self):

@@ -54,10 +54,10 @@ def distill(
         return run.reused
     if config.teacher_source == "online":
         return _train_student(
-            run, config, student, prep, store, compute, "distill: student (online teacher)", online_teacher=targets, tracking=tracking
+            run, config, student, prep, store, compute, "distill: student (online teacher)", force, online_teacher=targets, tracking=tracking
         )
     return _train_student(
-        run, config, student, prep, store, compute, "distill: student",
+        run, config, student, prep, store, compute, "distill: student", force,
         cache_shards=cache_shards(targets), cache_layout=targets.details["layout"], tracking=tracking,
     )
 
@@ -79,11 +79,16 @@ def baseline(
     run = StageRun(store, "baseline", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
-    return _train_student(run, config, student, prep, store, compute, "distill: no-teacher baseline", with_teacher=False)
+    return _train_student(run, config, student, prep, store, compute, "distill: no-teacher baseline", force, with_teacher=False)
 
 
-def _train_student(run, config, student, prep, store, compute, description, *, with_teacher=True, **teacher) -> Manifest:
+def _train_student(run, config, student, prep, store, compute, description, force, *, with_teacher=True, **teacher) -> Manifest:
+    """Train into the step's folder, checkpointing every `distill.checkpoint_every` steps and
+    resuming from the latest checkpoint unless forced or `distill.resume` is `never`."""
     loss = config.loss if with_teacher else None
     deepspeed = config.deepspeed if config.deepspeed.enabled else None
-    spec = TrainSpec.from_prep(prep, store, run.folder, student.architecture, config.train, loss=loss, deepspeed=deepspeed, **teacher)
-    return fit_stage(run, spec, compute, description)
+    spec = TrainSpec.from_prep(
+        prep, store, run.folder, student.architecture, config.train, loss=loss, deepspeed=deepspeed,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints, **teacher,
+    )
+    return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never")

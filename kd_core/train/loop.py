@@ -31,11 +31,13 @@ from kd_core.losses import DistillationObjective
 from kd_core.manifest import Manifest
 from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
 from kd_core.storage import FileRecord, Store
+from kd_core.train.checkpoints import CheckpointSink, StoreCheckpoints, load_rank_state, save_rank_state
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
 from kd_core.train.step import PlainRunner, StudentStep
 from kd_core.train.tracking import MlflowLogger, TrainingRun
 
 HISTORY_NAME = "history.jsonl"
+RUN_STATE_NAME = "run.json"
 DEEPSPEED_CONFIG_NAME = "deepspeed_config.json"
 
 
@@ -67,6 +69,15 @@ class TrainSpec:
     online_teacher: Manifest | None = None
     """The teacher step's manifest: the teacher runs on every batch (online distillation: full
     teacher logits, no cache). Each worker fetches it from storage itself, on whatever node."""
+    checkpoint_every: int | None = None
+    """Write a checkpoint every this many steps (None: never)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept while training."""
+
+    @property
+    def checkpoint_folder(self) -> str:
+        """Store-relative folder of this run's checkpoints (deleted once the model is saved)."""
+        return f"{self.output_folder}/checkpoints"
 
     @classmethod
     def from_prep(cls, prep: Manifest, store: Store, output_folder: str, architecture, train, **distillation) -> TrainSpec:
@@ -125,14 +136,17 @@ def make_optimizer(module: torch.nn.Module, train: TrainConfig):
     return optimizer, schedule
 
 
-def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=None, wrap_model=None) -> dict:
+def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=None, wrap_model=None, checkpoints: CheckpointSink | None = None) -> dict:
     """Train one model; rank 0 saves it and returns the final metrics with the written files.
 
     `progress(step, metrics)` is called on rank 0 at every log step. `wrap_model` (e.g. Ray
     Train's `prepare_model`, which adds DistributedDataParallel) is applied after building.
+    Checkpoints go to `checkpoints` (Ray Train passes its own), by default straight to the store
+    under `spec.checkpoint_folder`; training resumes from the latest one found there.
     """
     # --- setup
     store = Store(spec.storage)
+    checkpoints = checkpoints or StoreCheckpoints(spec.storage, spec.checkpoint_folder, spec.keep_checkpoints, rank)
     accumulation = spec.deepspeed.gradient_accumulation_steps if spec.deepspeed else 1
     loader = DataLoader(
         training_stream(spec, rank, world_size),
@@ -140,7 +154,6 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
         num_workers=spec.train.data_workers,
         collate_fn=collate,
     )
-    batches = iter(loader)
     model = build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, seed=spec.train.seed, dropout=spec.train.dropout)
     parameters = count_parameters(model)
     module = StudentStep(model, make_objective(spec, store), spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None)
@@ -154,62 +167,107 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     device = runner.device if spec.deepspeed else next(module.parameters()).device
     online_teacher = _load_teacher(store, spec.online_teacher, device) if spec.online_teacher else None
     teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if spec.loss and spec.loss.feature_weight > 0 else []
-    history: list[dict] = []
+    run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress)
+    batches = iter(loader)  # draws its base seed from the torch RNG: before the RNG is restored
+    # --- resume: restore the latest checkpoint and replay the data stream up to it
+    with checkpoints.latest() as folder:
+        if folder is not None:
+            run.restore(folder)
+    for _ in range(run.start_step * accumulation):
+        next(batches)
     started = time.perf_counter()
-    logger = MlflowLogger(spec.tracking) if spec.tracking is not None and rank == 0 else None
-    if logger is not None:
-        logger.start()
+    if rank == 0 and spec.tracking is not None:
+        run.logger = MlflowLogger(spec.tracking)
+        run.logger.start(resume_run_id=run.mlflow_run_id)
     try:
-        result = _train_steps(spec, rank, world_size, accumulation, progress, batches, runner, device, online_teacher, teacher_layers, history, logger)
+        result = run.train_steps(batches, online_teacher, teacher_layers)
     except BaseException:
-        if logger is not None:
-            logger.end("FAILED")
+        if run.logger is not None:
+            run.logger.end("FAILED")
         raise
-    result |= {"parameters": parameters, "train_seconds": time.perf_counter() - started}
-    if logger is not None:
-        logger.end()
-        result["mlflow_run_id"] = logger.run_id
+    result |= {"parameters": parameters, "train_seconds": time.perf_counter() - started, "resumed_from_step": run.start_step}
+    if run.logger is not None:
+        run.logger.end()
+        result["mlflow_run_id"] = run.logger.run_id
     # --- save
     if spec.deepspeed:
         with runner.gathered_student() as student:  # every rank enters: ZeRO-3 gathers collectively
             if rank == 0:
-                result["files"] = save_outputs(store, spec, student, history, runner.config)
+                result["files"] = save_outputs(store, spec, student, run.history, runner.config)
     elif rank == 0:
-        result["files"] = save_outputs(store, spec, runner.student(), history)
+        result["files"] = save_outputs(store, spec, runner.student(), run.history)
     return result
 
 
-def _train_steps(spec, rank, world_size, accumulation, progress, batches, runner, device, online_teacher, teacher_layers, history, logger) -> dict:
-    """The optimizer steps, `accumulation` micro-batches each; returns rank 0's last log record."""
-    started, tokens_seen = time.perf_counter(), 0
-    module = runner.engine.module if spec.deepspeed else runner.module
-    module.train()
-    # --- train steps
-    for step in range(spec.train.max_steps):
-        micro_batches = []
-        for _ in range(accumulation):
-            batch = {name: tensor.to(device) for name, tensor in next(batches).items()}
-            if online_teacher is not None:
-                with torch.no_grad():
-                    output = online_teacher(input_ids=batch["input_ids"], output_hidden_states=bool(teacher_layers))
-                batch["teacher_logits"] = output.logits[..., : spec.vocab_size]  # drop a padded output layer's extra entries
-                batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
-            micro_batches.append(batch)
-            tokens_seen += batch["input_ids"].numel() * world_size
-        terms = runner.step(micro_batches)
-        if not (step % spec.train.log_every == 0 or step == spec.train.max_steps - 1):
-            continue
-        terms = _mean_across_ranks(terms, device)  # every rank takes part; rank 0 records
-        if rank == 0:
-            elapsed = time.perf_counter() - started
-            samples_seen = (step + 1) * spec.train.batch_size
-            record = {"step": step + 1, **terms, "tokens_per_s": tokens_seen / elapsed, "samples_seen": samples_seen}
-            history.append(record)
-            if logger is not None:
-                logger.log(step + 1, record)
-            if progress is not None:
-                progress(step + 1, record)
-    return dict(history[-1]) if history else {}
+@dataclass
+class WorkerRun:
+    """One worker's training run: its steps, log records and checkpoints."""
+
+    spec: TrainSpec
+    rank: int
+    world_size: int
+    accumulation: int
+    runner: DeepSpeedRunner | PlainRunner
+    device: torch.device
+    checkpoints: CheckpointSink
+    progress: object = None
+    start_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    logger: MlflowLogger | None = None
+
+    def train_steps(self, batches, online_teacher, teacher_layers) -> dict:
+        """The optimizer steps from `start_step`, `accumulation` micro-batches each; returns rank
+        0's last log record."""
+        spec, train = self.spec, self.spec.train
+        started, tokens_seen = time.perf_counter(), 0
+        module = self.runner.engine.module if spec.deepspeed else self.runner.module
+        module.train()
+        # --- train steps
+        for step in range(self.start_step, train.max_steps):
+            micro_batches = []
+            for _ in range(self.accumulation):
+                batch = {name: tensor.to(self.device) for name, tensor in next(batches).items()}
+                if online_teacher is not None:
+                    with torch.no_grad():
+                        output = online_teacher(input_ids=batch["input_ids"], output_hidden_states=bool(teacher_layers))
+                    batch["teacher_logits"] = output.logits[..., : spec.vocab_size]  # drop a padded output layer's extra entries
+                    batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
+                micro_batches.append(batch)
+                tokens_seen += batch["input_ids"].numel() * self.world_size
+            terms = self.runner.step(micro_batches)
+            done = step + 1
+            if step % train.log_every == 0 or done == train.max_steps:
+                terms = _mean_across_ranks(terms, self.device)  # every rank takes part; rank 0 records
+                if self.rank == 0:
+                    elapsed = time.perf_counter() - started
+                    record = {"step": done, **terms, "tokens_per_s": tokens_seen / elapsed, "samples_seen": done * train.batch_size}
+                    self.history.append(record)
+                    if self.logger is not None:
+                        self.logger.log(done, record)
+                    if self.progress is not None:
+                        self.progress(done, record)
+            if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < train.max_steps:
+                self.checkpoints.save(done, lambda folder: self.write_checkpoint(folder, done), {"step": done})
+        return dict(self.history[-1]) if self.history else {}
+
+    def write_checkpoint(self, folder: Path, step: int) -> None:
+        """This rank's part of the checkpoint of `step` (see `kd_core/train/checkpoints.py`)."""
+        self.runner.save_state(folder, self.rank)
+        save_rank_state(folder, self.rank, self.world_size, step)
+        if self.rank == 0:
+            (folder / HISTORY_NAME).write_text("".join(json.dumps(record) + "\n" for record in self.history))
+            (folder / RUN_STATE_NAME).write_text(json.dumps({"step": step, "mlflow_run_id": self.logger.run_id if self.logger else None}))
+
+    def restore(self, folder: Path) -> None:
+        """Continue from the checkpoint in `folder`: weights, optimizer, schedule, RNG, history."""
+        step = load_rank_state(folder, self.rank, self.world_size)
+        self.runner.load_state(folder)
+        self.start_step = step
+        if self.rank == 0:
+            self.history = [json.loads(line) for line in (folder / HISTORY_NAME).read_text().splitlines() if line]
+            self.mlflow_run_id = json.loads((folder / RUN_STATE_NAME).read_text()).get("mlflow_run_id")
+            print(f"resuming {self.spec.output_folder} from its checkpoint at step {step}", flush=True)
 
 
 def _mean_across_ranks(terms: dict[str, float], device) -> dict[str, float]:

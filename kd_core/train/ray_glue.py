@@ -5,6 +5,12 @@ backend, `compute.num_workers` Ray Train workers each run `train_worker` (gloo o
 GPUs; Ray Train sets up the process group and `prepare_model` wraps the model in DDP). Rank 0
 streams its log records to a small reporter actor, which the driver polls to draw the progress
 bar and from which it collects the final result (with the files rank 0 wrote).
+
+The Ray Train run's storage is the stage's checkpoint folder on the configured store (an explicit
+pyarrow filesystem wraps the store's fsspec one, so MinIO and other S3 endpoints work). Workers
+report checkpoints there; after a worker dies Ray Train restarts the group (up to
+`compute.max_failures` times) and they resume from the latest one, as does a later run of the same
+step. Once the model is saved the folder is deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from kd_core.config import ComputeConfig
 from kd_core.manifest import Manifest
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
+from kd_core.storage import Store
+from kd_core.train.checkpoints import RayTrainCheckpoints
 from kd_core.train.loop import TrainSpec, train_worker
 
 _POLL_SECONDS = 0.5
@@ -57,7 +65,10 @@ class TrainReporter:
         return self.step, self.record, self.result
 
 
-def fit(spec: TrainSpec, compute: ComputeConfig, description: str) -> dict:
+def fit(spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: bool = False) -> dict:
+    """Train; with `fresh`, the run's old checkpoints are deleted first instead of resumed from."""
+    if fresh:
+        Store(spec.storage).delete(spec.checkpoint_folder)
     with progress_bar(description, total=spec.train.max_steps) as bar:
         if compute.backend == "local":
             def progress(step: int, record: dict) -> None:
@@ -68,10 +79,12 @@ def fit(spec: TrainSpec, compute: ComputeConfig, description: str) -> dict:
         return _fit_on_ray(spec, compute, bar)
 
 
-def fit_stage(run: StageRun, spec: TrainSpec, compute: ComputeConfig, description: str) -> Manifest:
-    """Train into a stage's folder, adopt the files rank 0 wrote, and finish the stage."""
+def fit_stage(run: StageRun, spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: bool = False) -> Manifest:
+    """Train into a stage's folder, adopt the files rank 0 wrote, and finish the stage; the
+    checkpoints are deleted once the model is saved."""
     with run.timed("train"):
-        result = fit(spec, compute, description)
+        result = fit(spec, compute, description, fresh=fresh)
+    run.store.delete(spec.checkpoint_folder)
     for record in result.pop("files"):
         run.record(record)
     details = {"model_folder": f"{run.folder}/model"}
@@ -104,20 +117,31 @@ def _ray_train_loop(config: dict) -> None:
         world_size=context.get_world_size(),
         progress=progress,
         wrap_model=ray.train.torch.prepare_model,
+        checkpoints=RayTrainCheckpoints(),
     )
     if rank == 0:
         ray.get(reporter.finish.remote(result))
     ray.train.report({key: value for key, value in result.items() if key != "files"})
 
 
+def ray_storage(store: Store, folder: str):
+    """Ray Train's `storage_path` and `storage_filesystem` for a store folder: a local path, or
+    the store's own fsspec filesystem (endpoint, credentials) wrapped for pyarrow, so S3
+    endpoints such as MinIO work."""
+    if store.is_local:
+        return str(store.local_path(folder)), None
+    import pyarrow.fs
+
+    return store.path(folder), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
+
+
 def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kd_core.models import CACHE_ROOT
-
     ensure_ray(compute)
+    storage_path, storage_filesystem = ray_storage(Store(spec.storage), spec.output_folder)
     reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
     trainer = TorchTrainer(
         _ray_train_loop,
@@ -127,7 +151,15 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
             use_gpu=compute.use_gpu,
             resources_per_worker={"CPU": compute.cpus_per_worker},
         ),
-        run_config=RunConfig(name=f"kdflow-{spec.output_folder.replace('/', '-')}", storage_path=str(CACHE_ROOT / "ray_train")),
+        # The run lives in the stage's checkpoint folder: a rerun of the same step finds Ray
+        # Train's record of it there and resumes from its latest checkpoint.
+        run_config=RunConfig(
+            name=spec.checkpoint_folder.rsplit("/", 1)[-1],
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=compute.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+        ),
     )
     failure: list[BaseException] = []
     thread = threading.Thread(target=lambda: _capture(trainer.fit, failure), daemon=True)

@@ -7,10 +7,15 @@
 - `DeepSpeedRunner` steps a DeepSpeed engine built around it (`kd_core/train/deepspeed_engine.py`).
 
 Both take the micro-batches of one optimizer step and return the logged floats: each loss term
-averaged over the micro-batches, the learning rate and the gradient norm (before clipping).
+averaged over the micro-batches, the learning rate and the gradient norm (before clipping). Both
+save their model, optimizer and schedule into a checkpoint folder (`save_state`, every rank) and
+restore them from one (`load_state`); see `kd_core/train/checkpoints.py`.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -71,3 +76,23 @@ class PlainRunner:
 
     def student(self) -> nn.Module:
         return unwrap(self.module).model
+
+    def save_state(self, folder: Path, rank: int) -> None:
+        """Rank 0 writes the weights (safetensors), optimizer (tensors and numbers) and schedule
+        (JSON); the other ranks hold the same replicas."""
+        from safetensors.torch import save_model
+
+        if rank != 0:
+            return
+        save_model(unwrap(self.module), str(folder / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        (folder / "schedule.json").write_text(json.dumps(self.schedule.state_dict()))
+
+    def load_state(self, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        module = unwrap(self.module)
+        device = next(module.parameters()).device
+        load_model(module, str(folder / "model.safetensors"), device=str(device))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+        self.schedule.load_state_dict(json.loads((folder / "schedule.json").read_text()))

@@ -39,12 +39,17 @@ class MlflowLogger:
     def __init__(self, run: TrainingRun):
         self.run, self.run_id = run, None
 
-    def start(self) -> None:
+    def start(self, resume_run_id: str | None = None) -> None:
+        """Open a new run, or reopen `resume_run_id` (a run resumed from a checkpoint goes on
+        logging into the run it started)."""
         import mlflow
 
         from kd_core.registry import experiment_id
 
         mlflow.set_tracking_uri(self.run.registry.tracking_uri)
+        if resume_run_id is not None:
+            self.run_id = mlflow.start_run(run_id=resume_run_id).info.run_id
+            return
         active = mlflow.start_run(experiment_id=experiment_id(self.run.registry), run_name=self.run.run_name)
         self.run_id = active.info.run_id
         mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in self.run.params.items()})

@@ -1,0 +1,171 @@
+"""Checkpoints and resume: a crashed run continues with the same losses; a killed Ray worker is
+restarted and resumes; checkpoints are never unpickled and never resumed into another world size.
+
+Run: .venv/bin/python -m pytest tests/test_checkpoints.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_core.cache import cache, cache_shards
+from kd_core.config import load_config
+from kd_core.data.prep import prep
+from kd_core.storage import Store
+from kd_core.train.checkpoints import (
+    CheckpointError,
+    load_rank_state,
+    save_rank_state,
+    weights_only_checkpoint_engine_class,
+)
+from kd_core.train.distill import distill
+from kd_core.train.loop import TrainSpec, train_worker
+from kd_core.train.ray_glue import fit
+from kd_core.train.teacher import teacher
+
+REPO = Path(__file__).resolve().parents[1]
+RESUMABLE = ["distill.train.max_steps=12", "distill.train.log_every=1", "distill.checkpoint_every=4", "distill.train.dropout=0.1"]
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+def crash_at(step: int):
+    def progress(done: int, record: dict) -> None:
+        if done == step:
+            raise SimulatedCrash(f"crashed at step {step}")
+
+    return progress
+
+
+def stage_outputs(config, store):
+    prepared = prep(config.data, store)
+    taught = teacher(config.teacher, prepared, store, config.compute)
+    return prepared, cache(config.cache, prepared, taught, store, config.compute)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    config = load_config(REPO / "configs" / "tiny.yaml", [f"storage.root={folder}", "compute.backend=local", *RESUMABLE])
+    store = Store(config.storage)
+    return config, store, *stage_outputs(config, store)
+
+
+def student_spec(job, output_folder: str, runner: str) -> TrainSpec:
+    config, store, prepared, cached = job
+    deepspeed = None if runner == "plain" else config.distill.deepspeed.model_copy(update={"zero_stage": int(runner[-1])})
+    return TrainSpec.from_prep(
+        prepared, store, output_folder, config.student.architecture, config.distill.train,
+        loss=config.distill.loss, deepspeed=deepspeed, cache_shards=cache_shards(cached), cache_layout=cached.details["layout"],
+        checkpoint_every=config.distill.checkpoint_every,
+    )
+
+
+def history(store: Store, folder: str) -> list[dict]:
+    return [json.loads(line) for line in store.read_bytes(f"{folder}/history.jsonl").decode().splitlines()]
+
+
+@pytest.mark.parametrize("runner", ["plain", "zero2", "zero3"])
+def test_a_crashed_run_resumes_from_its_checkpoint_with_the_same_losses(job, runner):
+    store = job[1]
+    whole = student_spec(job, f"whole-{runner}", runner)
+    train_worker(whole)
+    interrupted = student_spec(job, f"interrupted-{runner}", runner)
+    with pytest.raises(SimulatedCrash):
+        train_worker(interrupted, progress=crash_at(7))
+    assert sorted(path.rsplit("/", 1)[-1] for path in store.fs.ls(store.path(interrupted.checkpoint_folder))) == ["step-00000004"]
+    result = train_worker(interrupted)
+    assert result["resumed_from_step"] == 4
+    resumed, reference = history(store, interrupted.output_folder), history(store, whole.output_folder)
+    # Weights, optimizer moments, schedule, dropout RNG and data position all restored: the same run.
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in reference])
+
+
+def test_a_fresh_run_ignores_old_checkpoints_and_a_finished_run_deletes_them(job):
+    config, store = job[0], job[1]
+    spec = student_spec(job, "fresh", "zero2")
+    with pytest.raises(SimulatedCrash):
+        train_worker(spec, progress=crash_at(6))
+    assert store.exists(f"{spec.checkpoint_folder}/step-00000004/COMPLETE")
+    result = fit(spec, config.compute, "fresh", fresh=True)
+    assert result["resumed_from_step"] == 0
+    # The distill stage resumes by default (`distill.resume: auto`) and cleans up after itself.
+    manifest = distill(config.distill, config.student, job[2], job[3], store, config.compute)
+    assert not store.exists(f"{manifest.folder}/checkpoints") and "model/model.safetensors" in manifest.outputs
+
+
+def test_a_checkpoint_from_another_world_size_is_refused(tmp_path):
+    save_rank_state(tmp_path, rank=0, world_size=2, step=40)
+    save_rank_state(tmp_path, rank=1, world_size=2, step=40)
+    assert load_rank_state(tmp_path, rank=1, world_size=2) == 40
+    with pytest.raises(CheckpointError, match="written by 2 workers.*compute.num_workers=2"):
+        load_rank_state(tmp_path, rank=0, world_size=1)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
+def test_deepspeed_checkpoints_are_loaded_without_unpickling_code(tmp_path):
+    engine = weights_only_checkpoint_engine_class()(None)
+    torch.save({"state": torch.ones(2)}, tmp_path / "good.pt")
+    assert torch.equal(engine.load(str(tmp_path / "good.pt"))["state"], torch.ones(2))
+    torch.save({"state": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine.load(str(tmp_path / "evil.pt"))
+
+
+@pytest.mark.slow
+def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint, s3_bucket, tmp_path):
+    """2 Ray Train workers at ZeRO-2 with their run storage on S3 (moto, through an explicit
+    filesystem); one worker is SIGKILLed mid-run; Ray Train restarts the group, which resumes from
+    the latest checkpoint and finishes with the loss curve of an uninterrupted 1-worker run."""
+    import psutil
+    import s3fs
+
+    storage = [f"storage.root=s3://{s3_bucket}/kdflow", f"storage.s3.endpoint_url={s3_endpoint}", "distill.train.data_split=rows"]
+    steps = ["distill.train.max_steps=30", "distill.train.log_every=1", "distill.checkpoint_every=5"]
+    local = load_config(REPO / "configs" / "tiny.yaml", [*storage, *steps, "compute.backend=local"])
+    store = Store(local.storage)
+    prepared, cached = stage_outputs(local, store)
+    reference = distill(local.distill, local.student, prepared, cached, store, local.compute)
+    on_ray = local.compute.model_copy(update={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1, "num_cpus": 2, "max_failures": 1})
+
+    bucket = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    killed: list[int] = []
+
+    def kill_a_worker_after_a_few_checkpoints() -> None:
+        target = f"{s3_bucket}/kdflow/{reference.folder}/checkpoints/step-00000015"
+        deadline = time.monotonic() + 300
+        while not bucket.exists(target) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            bucket.invalidate_cache()
+        workers = [p for p in psutil.process_iter(["pid", "cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        if workers:
+            os.kill(workers[0].info["pid"], signal.SIGKILL)
+            killed.append(workers[0].info["pid"])
+
+    watcher = threading.Thread(target=kill_a_worker_after_a_few_checkpoints, daemon=True)
+    watcher.start()
+    # Same step key as the reference (compute is not part of it): force it to train again on Ray.
+    manifest = distill(local.distill, local.student, prepared, cached, store, on_ray, force=True)
+    watcher.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    assert manifest.metrics["resumed_from_step"] >= 5
+    two_workers, one_worker = history(store, manifest.folder), history(store, reference.folder)
+    assert [r["step"] for r in two_workers] == list(range(1, 31))
+    assert [r["loss"] for r in two_workers] == pytest.approx([r["loss"] for r in one_worker], rel=1e-4)
+    assert not bucket.exists(f"{s3_bucket}/kdflow/{manifest.folder}/checkpoints")
