@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_log import append_result  # noqa: E402
+
 from kd_core.cache.format import CacheLayout  # noqa: E402
 from kd_core.config import StorageConfig, load_config  # noqa: E402
 from kd_core.data.prep import prep  # noqa: E402
@@ -42,7 +44,6 @@ from kd_core.models import build_causal_lm, load_causal_lm  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.loop import make_optimizer  # noqa: E402
 from kd_core.train.step import PlainRunner, StudentStep  # noqa: E402
-from results_log import append_result  # noqa: E402
 from kd_core.train.teacher import teacher, teacher_model_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.jsonl"

@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_log import append_result  # noqa: E402
+
 from kd_core.losses import generalized_jsd  # noqa: E402
 from kd_core.losses.fused import dense_teacher_target, fused_lm_head_loss  # noqa: E402
 from kd_core.losses.jsd import generalized_jsd_per_position  # noqa: E402
-from results_log import append_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "losses.jsonl"
 ROWS = (1024, 4096, 8192)

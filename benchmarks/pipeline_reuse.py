@@ -15,9 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_log import append_result
+
 from kd_core.config import load_config
 from kd_core.pipeline import run_pipeline
-from results_log import append_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_reuse.jsonl"
 

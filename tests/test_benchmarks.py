@@ -71,3 +71,21 @@ def test_cache_quality_benchmark_smoke(tmp_path):
     assert table["teacher"]["kl_to_teacher"] == 0.0
     assert table["sampled-12 cache, fused loss"]["perplexity"] == pytest.approx(table["sampled-12 cache"]["perplexity"], rel=1e-3)
     assert all(0 <= row["ece"] <= 1 and row["perplexity"] > 1 for row in table.values())
+
+
+def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):
+    """`gpu_check.sh --tiny`: the plain baselines and kdflow's online and cached runs through
+    `train_worker` (no Ray), the table, the record, and the loss benchmark after them."""
+    results = tmp_path / "gpu_check.jsonl"
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny", "--results", str(results)], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable, "KDFLOW_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "× plain (same ZeRO)" in run.stdout and "kdflow/naive memory" in run.stdout
+    record = json.loads(results.read_text().splitlines()[-1])
+    runs = {row["run"]: row for row in record["runs"]}
+    assert list(runs) == ["plain ZeRO-2", "plain ZeRO-3", "kdflow ZeRO-3 online", "kdflow ZeRO-3 cache"]
+    for row in runs.values():
+        assert row["tokens_per_s"] > 0 and row["loss"] == row["loss"] and row["loss"] >= 0
+    ratio = runs["kdflow ZeRO-3 online"]["tokens_per_s"] / runs["plain ZeRO-3"]["tokens_per_s"]
+    assert runs["kdflow ZeRO-3 online"]["vs_plain_same_zero"] == pytest.approx(ratio)
+    assert record["student_parameters"] < record["teacher_parameters"] and record["precision"] == "fp32"

@@ -100,3 +100,34 @@ def test_online_teacher_and_a_full_logit_cache_give_the_same_losses(job):
     # The cache holds float16 log-probs: the same targets to about 1e-3 relative, so the same training.
     assert losses(histories["cache"]) == pytest.approx(losses(histories["online"]), rel=2e-3)
     assert [r["kd"] for r in histories["cache"]] == pytest.approx([r["kd"] for r in histories["online"]], rel=2e-2)
+
+
+def test_the_online_teacher_runs_frozen_and_partitioned_beside_a_zero3_student(job):
+    import torch
+
+    from kd_core.config import DeepSpeedConfig
+    from kd_core.models import load_causal_lm
+    from kd_core.train.deepspeed_engine import TeacherEngine, deepspeed_config
+    from kd_core.train.teacher import teacher_model_dir
+
+    config, store, prepared, _ = job
+    taught = teacher(config.teacher, prepared, store, config.compute)
+    model_dir = teacher_model_dir(store, taught)
+    student_json = deepspeed_config(DeepSpeedConfig(zero_stage=3), config.distill.train, world_size=1)
+    engine = TeacherEngine(model_dir, student_json)
+    parameters = list(engine.model.parameters())
+    # Partitioned: outside a gather no parameter holds its full data, only its rank's partition
+    # (the whole of it here, with one rank); frozen: no gradients, before or after a forward.
+    assert all(p.numel() == 0 and p.ds_tensor.numel() >= p.ds_numel for p in parameters)
+    input_ids = torch.randint(0, config.data.vocab_size, (2, 16))
+    expected = load_causal_lm(model_dir)(input_ids=input_ids).logits
+    assert torch.allclose(engine(input_ids=input_ids).logits, expected, atol=1e-5)
+    assert not any(p.requires_grad or p.grad is not None for p in parameters)
+
+    online = config.distill.model_copy(update={"teacher_source": "online"})
+    histories = {}
+    for stage in (2, 3):
+        section = online.model_copy(update={"deepspeed": online.deepspeed.model_copy(update={"zero_stage": stage})})
+        manifest = distill(section, config.student, prepared, taught, store, config.compute)
+        histories[stage] = [json.loads(line) for line in store.read_bytes(f"{manifest.folder}/history.jsonl").decode().splitlines()]
+    assert losses(histories[3]) == pytest.approx(losses(histories[2]), rel=1e-4)

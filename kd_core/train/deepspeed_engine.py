@@ -12,6 +12,11 @@ The engine needs a process group: Ray Train workers have one (gloo on CPU, NCCL 
 single process (`compute.backend: local`, the GPU check) a one-rank gloo/NCCL group is started on
 loopback.
 
+`TeacherEngine` runs the frozen online teacher in its own optimizer-free engine: with a ZeRO-3
+student it is ZeRO-3 too, built partitioned (`deepspeed.zero.Init`) and filled one gathered
+parameter at a time from its safetensors, so no rank ever holds a full replica; otherwise each rank
+keeps a replica. It runs in eval mode under `no_grad` and its parameters never require gradients.
+
 Checkpoints are DeepSpeed's own (`save_state` on every rank, `load_state`), read back through a
 checkpoint engine that loads with `weights_only=True` (`kd_core/train/checkpoints.py`).
 """
@@ -62,14 +67,22 @@ def ensure_process_group() -> None:
     torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
+def start_deepspeed() -> None:
+    """DeepSpeed's distributed state on the process group (started here if there is none), with
+    its per-step INFO lines silenced (they would drown the progress bar)."""
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    ensure_process_group()
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 class DeepSpeedRunner:
     def __init__(self, module: nn.Module, optimizer, schedule, config: dict):
         import deepspeed
-        from deepspeed.utils import logger
 
-        logger.setLevel(logging.WARNING)  # its per-step INFO lines would drown the progress bar
-        ensure_process_group()
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        start_deepspeed()
         self.config = config
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=config)
         self.engine.checkpoint_engine = weights_only_checkpoint_engine_class()(self.engine._config)
@@ -120,3 +133,74 @@ class DeepSpeedRunner:
         student = self.engine.module.model
         with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None, enabled=self.zero_stage == 3):
             yield student
+
+
+class TeacherEngine:
+    """The frozen teacher for online distillation, beside the student's `DeepSpeedRunner`."""
+
+    def __init__(self, model_dir: Path, student_config: dict):
+        import deepspeed
+
+        start_deepspeed()
+        self.zero_stage = 3 if student_config["zero_optimization"]["stage"] == 3 else 0
+        bf16 = student_config["bf16"]["enabled"]
+        self.config = {
+            "train_micro_batch_size_per_gpu": student_config["train_micro_batch_size_per_gpu"],
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,
+        }
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if self.zero_stage == 3:
+            import transformers
+
+            try:
+                from transformers.initialization import no_init_weights
+            except ImportError:  # transformers 4.x
+                from transformers.modeling_utils import no_init_weights
+
+            model_config = transformers.AutoConfig.from_pretrained(model_dir)
+            model_class = getattr(transformers, model_config.architectures[0])  # imported here, not under zero.Init
+            # Built already partitioned, without the random init (the weights are loaded next). The
+            # dtype comes from the config's bf16 flag: zero.Init's own `dtype` argument is ignored
+            # on accelerators without fp16 (DeepSpeed 0.19.8 then picks bf16 even for float32).
+            with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self.config):
+                model = model_class(model_config)
+            model.tie_weights()  # skipped with the init; a tied output layer then shares the embedding
+            load_partitioned_weights(model, model_dir)
+        else:
+            from kd_core.models import load_causal_lm
+
+            model = load_causal_lm(model_dir, dtype=dtype)
+        model.requires_grad_(False)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, config=self.config)
+        self.engine.eval()
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.module
+
+    def __call__(self, **inputs):
+        with torch.no_grad():
+            return self.engine(**inputs)
+
+
+def load_partitioned_weights(model: nn.Module, model_dir: Path) -> None:
+    """Fill a ZeRO-3-partitioned model from the safetensors in `model_dir`: each parameter is
+    gathered, written by rank 0 from the memory-mapped file and re-partitioned, one at a time."""
+    import deepspeed
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            files.update(dict.fromkeys(handle.keys(), path))
+    rank = torch.distributed.get_rank()
+    for name, parameter in model.named_parameters():  # a tied output layer is listed once, as the embedding
+        if name not in files:
+            raise CheckpointError(f"{model_dir}: no weight {name!r} in its safetensors files; is it the teacher's model directory?")
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+            if rank == 0:
+                with safe_open(str(files[name]), framework="pt") as handle:
+                    parameter.data.copy_(handle.get_tensor(name))

@@ -9,7 +9,9 @@ aligned teacher-cache targets when distilling), split across ranks and DataLoade
 overlap, shuffled through a seeded buffer: the batches are a pure function of the seed, the world
 size and the number of data workers. Each rank takes `batch_size / world_size` rows per step.
 With `online_teacher` set, the teacher runs on every batch instead of a
-cache and its full logits are the target.
+cache and its full logits are the target (in its own DeepSpeed engine beside a DeepSpeed student).
+Every `checkpoint_every` steps each rank writes its part of a checkpoint, and a run resumes from
+the latest one (`kd_core/train/checkpoints.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from kd_core.manifest import Manifest
 from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
 from kd_core.storage import FileRecord, Store
 from kd_core.train.checkpoints import CheckpointSink, StoreCheckpoints, load_rank_state, save_rank_state
-from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
+from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine, deepspeed_config
 from kd_core.train.step import PlainRunner, StudentStep
 from kd_core.train.tracking import MlflowLogger, TrainingRun
 
@@ -165,7 +167,7 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
         optimizer, schedule = make_optimizer(module, spec.train)
         runner = PlainRunner(module, optimizer, schedule, spec.train.grad_clip)
     device = runner.device if spec.deepspeed else next(module.parameters()).device
-    online_teacher = _load_teacher(store, spec.online_teacher, device) if spec.online_teacher else None
+    online_teacher = _load_teacher(store, spec.online_teacher, runner) if spec.online_teacher else None
     teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if spec.loss and spec.loss.feature_weight > 0 else []
     run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress)
     batches = iter(loader)  # draws its base seed from the torch RNG: before the RNG is restored
@@ -299,10 +301,16 @@ def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:
     )
 
 
-def _load_teacher(store: Store, teacher: Manifest, device) -> torch.nn.Module:
+def _load_teacher(store: Store, teacher: Manifest, runner):
+    """The frozen online teacher: in its own DeepSpeed engine beside a DeepSpeed student
+    (partitioned when the student is ZeRO-3), else a replica on the student's device."""
     from kd_core.train.teacher import teacher_model_dir  # teacher.py trains through this module
 
-    return load_causal_lm(teacher_model_dir(store, teacher)).to(device).eval()
+    model_dir = teacher_model_dir(store, teacher)
+    if isinstance(runner, DeepSpeedRunner):
+        return TeacherEngine(model_dir, runner.config)
+    model = load_causal_lm(model_dir).to(next(runner.module.parameters()).device).eval()
+    return model.requires_grad_(False)
 
 
 def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict], deepspeed_json: dict | None = None) -> list[FileRecord]:
