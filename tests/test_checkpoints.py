@@ -136,7 +136,12 @@ def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint,
     import psutil
     import s3fs
 
-    storage = [f"storage.root=s3://{s3_bucket}/kdflow", f"storage.s3.endpoint_url={s3_endpoint}", "distill.train.data_split=rows"]
+    # Credentials in the config: the Ray cluster may have started before the moto fixture put its
+    # fake ones in this process's environment, so its workers would not inherit them.
+    storage = [
+        f"storage.root=s3://{s3_bucket}/kdflow", f"storage.s3.endpoint_url={s3_endpoint}", "storage.s3.access_key_id=kdflow-test-key",
+        "storage.s3.secret_access_key=kdflow-test-secret", "storage.s3.region=us-east-1", "distill.train.data_split=rows",
+    ]
     steps = ["distill.train.max_steps=30", "distill.train.log_every=1", "distill.checkpoint_every=5"]
     local = load_config(REPO / "configs" / "tiny.yaml", [*storage, *steps, "compute.backend=local"])
     store = Store(local.storage)
