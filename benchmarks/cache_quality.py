@@ -36,7 +36,7 @@ from kd_core.cache import cache  # noqa: E402
 from kd_core.config import load_config  # noqa: E402
 from kd_core.data.prep import prep  # noqa: E402
 from kd_core.data.shards import load_split  # noqa: E402
-from kd_core.eval import compare_with_teacher, measure  # noqa: E402
+from kd_core.eval import measure_models  # noqa: E402
 from kd_core.models import load_causal_lm, local_copy  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.distill import baseline, distill  # noqa: E402
@@ -78,15 +78,13 @@ def main() -> None:
 
     rows = torch.from_numpy(load_split(store, prepared, config.eval.split, config.eval.max_rows))
     teacher_model = load_causal_lm(teacher_model_dir(store, taught)).eval()
-    table = {"teacher": {**measure(teacher_model, rows, config.eval.batch_size)[0], "kl_to_teacher": 0.0}}
-    table["teacher"]["ece"] = compare_with_teacher(teacher_model, teacher_model, rows, config.eval.batch_size)["ece"]
-    for label, manifest in students.items():
-        model = load_causal_lm(local_copy(store, manifest.details["model_folder"])).eval()
-        with torch.no_grad():
-            result = measure(model, rows, config.eval.batch_size)[0]
-            result |= compare_with_teacher(model, teacher_model, rows, config.eval.batch_size)
-        result["train_seconds"] = manifest.metrics.get("train_seconds")
-        table[label] = result
+    models = {"teacher": teacher_model}
+    models |= {label: load_causal_lm(local_copy(store, manifest.details["model_folder"])).eval() for label, manifest in students.items()}
+    scores = measure_models(models, rows, config.eval.batch_size)
+    table = {}
+    for label, result in scores.items():
+        table[label] = {name: result[name] for name in ("cross_entropy", "perplexity", "kl_to_teacher", "ece")}
+        table[label]["train_seconds"] = students[label].metrics.get("train_seconds") if label in students else None
 
     print(f"\nheld-out {config.eval.split} split, {rows.numel():,} tokens")
     print(f"{'student distilled from':<36}{'perplexity':>12}{'KL(teacher||s)':>16}{'ECE':>8}{'train s':>9}")

@@ -89,3 +89,14 @@ def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):
     ratio = runs["kdflow ZeRO-3 online"]["tokens_per_s"] / runs["plain ZeRO-3"]["tokens_per_s"]
     assert runs["kdflow ZeRO-3 online"]["vs_plain_same_zero"] == pytest.approx(ratio)
     assert record["student_parameters"] < record["teacher_parameters"] and record["precision"] == "fp32"
+
+
+def test_checkpoint_cost_benchmark_smoke(tmp_path):
+    results = tmp_path / "checkpoint_cost.jsonl"
+    run = run_script("benchmarks/checkpoint_cost.py", "configs/tiny.yaml", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
+                     "--every", "none", "3", "--results", str(results))
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert [(row["checkpoint_every"], row["checkpoints"]) for row in record["rows"]] == [("none", 0), ("3", 3)]
+    # Checkpoints change nothing about the training: the same final loss with and without.
+    assert record["rows"][0]["final_loss"] == pytest.approx(record["rows"][1]["final_loss"], rel=1e-6)
