@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -286,6 +286,24 @@ class EvalConfig(Section):
     """Rows per evaluation forward pass."""
     max_rows: int | None = Field(default=None, gt=0)
     """Evaluate on at most this many rows; None uses the whole split."""
+    gates: list[str] = []
+    """Quality gates the student must pass to be promoted, each one comparison over the eval
+    metrics, e.g. `student.perplexity <= 1.3 * teacher.perplexity` or `agreement_top1 >= 0.55`
+    (see kd_core/gates.py). Parsed here, never run as code."""
+    throughput_batches: int = Field(default=5, gt=0)
+    """Timed forward passes per model for inference tokens/s and latency (after one warm-up)."""
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_parse(cls, gates: list[str]) -> list[str]:
+        from kd_core.gates import Gate, GateError
+
+        for index, text in enumerate(gates):
+            try:
+                Gate.parse(text)
+            except GateError as err:
+                raise ValueError(f"[{index}] {err}") from None
+        return gates
 
 
 # -------------------------------------------------------------------------------------- registry

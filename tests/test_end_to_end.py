@@ -33,7 +33,11 @@ def assert_complete_run(steps, config):
     for model in ("teacher", "student", "baseline"):
         assert evaluation[model]["perplexity"] > 1 and evaluation[model]["parameters"] > 0
     assert evaluation["teacher"]["parameters"] > evaluation["student"]["parameters"]
-    assert 0 <= evaluation["student"]["agreement_top1"] <= 1
+    assert 0 <= evaluation["student"]["agreement_top1"] <= evaluation["student"]["agreement_top5"] <= 1
+    assert evaluation["teacher"]["kl_to_teacher"] == pytest.approx(0, abs=1e-5) and evaluation["teacher"]["agreement_top1"] == 1
+    assert evaluation["student"]["kl_to_teacher"] > 0 and 0 <= evaluation["student"]["ece"] <= 1
+    assert all(evaluation[model]["tokens_per_s"] > 0 and evaluation[model]["latency_ms"] > 0 for model in ("teacher", "student"))
+    assert evaluation["gates_passed"] is True and evaluation["gates"] == []
     assert steps["cache"].details["layout"]["slots"] == config.cache.top_k
     assert len(steps["cache"].details["shards"]) == len(steps["prep"].details["splits"]["train"]["shards"])
     assert "model/model.safetensors" in steps["distill"].outputs
@@ -118,4 +122,6 @@ def test_tiny_job_on_s3_storage_and_existing_teacher(tiny_config, s3_endpoint, s
     assert with_existing["prep"].reused
     assert with_existing["teacher"].details["external_url"] == teacher_url
     # The same weights teach the same student: the evaluation matches the first job's.
-    assert with_existing["eval"].metrics["student"] == pytest.approx(steps["eval"].metrics["student"])
+    quality = ("cross_entropy", "perplexity", "kl_to_teacher", "agreement_top1", "agreement_top5", "ece", "parameters")
+    for name in quality:
+        assert with_existing["eval"].metrics["student"][name] == pytest.approx(steps["eval"].metrics["student"][name]), name

@@ -1,8 +1,19 @@
-"""The eval stage: teacher, student and baseline measured on the same held-out rows.
+"""The eval stage: teacher, student and baseline measured on the same held-out rows, then gated.
 
-For each model: next-token cross-entropy (nats/token, float32) and perplexity = exp(CE), parameter
-count and weight bytes. For the student and baseline: top-1 agreement with the teacher (how often
-their most likely next token is the teacher's). Results go to `metrics.json` and the manifest;
+Per model, over every predicted position of the held-out split (float32):
+- `cross_entropy` (nats/token) and `perplexity` = exp(CE);
+- `kl_to_teacher`: mean KL(p_teacher ‖ p_model) (0 for the teacher);
+- `agreement_top1`: how often the model's most likely next token is the teacher's, and
+  `agreement_top5`: how often the teacher's most likely token is among the model's top 5;
+- `ece`: expected calibration error of next-token prediction (top-1 confidence in
+  `calibration_bins` equal-width bins), with the per-bin accuracy, confidence and count kept for
+  the reliability diagram;
+- `parameters` and `weight_bytes` (the safetensors on disk);
+- `tokens_per_s` and `latency_ms`: inference speed on this machine, `throughput_batches` timed
+  forward passes of `batch_size` rows after a warm-up (the device is recorded beside them).
+
+Then `eval.gates` are evaluated over these numbers (`kd_core/gates.py`), each pass or fail with
+the two numbers it compared. Everything goes to `metrics.json` and the manifest;
 `training_curves.png` shows the training curves beside the held-out perplexities.
 """
 
@@ -10,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +30,7 @@ import torch.nn.functional as F
 from kd_core.config import EvalConfig
 from kd_core.data.shards import load_split
 from kd_core.eval.plots import read_history, training_curves_png
+from kd_core.gates import evaluate_gates
 from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, load_causal_lm, local_copy
 from kd_core.progress import progress_bar
@@ -45,66 +59,122 @@ def evaluate(
     model_dirs = {"teacher": teacher_model_dir(store, teacher), "student": local_copy(store, student.details["model_folder"])}
     if baseline is not None:
         model_dirs["baseline"] = local_copy(store, baseline.details["model_folder"])
-    metrics: dict = {"split": config.split, "rows": len(rows), "tokens": int(rows.numel())}
-    teacher_top1 = None
-    with run.timed("measure"), progress_bar("eval", total=len(model_dirs) * len(rows)) as bar:
-        for name, folder in model_dirs.items():
-            model = load_causal_lm(folder)
-            result, top1 = measure(model, rows, config.batch_size, bar.advance)
-            result["parameters"] = count_parameters(model)
-            result["weight_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            if teacher_top1 is None:
-                teacher_top1 = top1
-            else:
-                result["agreement_top1"] = float((top1 == teacher_top1).float().mean())
-            metrics[name] = result
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {name: load_causal_lm(folder).to(device) for name, folder in model_dirs.items()}
+    metrics: dict = {"split": config.split, "rows": len(rows), "tokens": int(rows.numel()), "device": _device_name(device)}
+    with run.timed("measure"), progress_bar("eval: quality", total=len(rows)) as bar:
+        scores = measure_models(models, rows, config.batch_size, bar.advance, device=device)
+    with run.timed("speed"), progress_bar("eval: speed", total=len(models)) as bar:
+        for name, model in models.items():
+            scores[name] |= inference_speed(model, rows, config.batch_size, config.throughput_batches, device)
+            scores[name]["parameters"] = count_parameters(model)
+            scores[name]["weight_bytes"] = sum(f.stat().st_size for f in model_dirs[name].glob("*.safetensors"))
+            bar.advance(1)
+    metrics |= scores
+    metrics["gates"] = evaluate_gates(config.gates, metrics)
+    metrics["gates_passed"] = all(gate["passed"] for gate in metrics["gates"])
     run.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
     histories = {name: read_history(store, manifest) for name, manifest in inputs.items() if name != "prep"}
     run.write_bytes(CURVES_NAME, training_curves_png(histories, metrics))
     return run.finish(metrics=metrics)
 
 
+class HeldOutScores:
+    """One model's running sums over the held-out batches."""
+
+    def __init__(self, bins: int):
+        self.nll = self.kl = self.agree_top1 = self.agree_top5 = 0.0
+        self.positions = 0
+        self.bin_confidence, self.bin_correct, self.bin_count = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
+
+    def add(self, log_probs: torch.Tensor, targets: torch.Tensor, teacher_log_probs: torch.Tensor) -> None:
+        """`log_probs`, `teacher_log_probs`: (N, V) float32 at N predicted positions; `targets`: (N,)."""
+        self.nll += float(F.nll_loss(log_probs, targets, reduction="sum"))
+        self.kl += float((teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum())
+        teacher_top1 = teacher_log_probs.argmax(-1)
+        top5 = log_probs.topk(min(5, log_probs.shape[-1]), dim=-1).indices
+        self.agree_top1 += float((top5[:, 0] == teacher_top1).sum())
+        self.agree_top5 += float((top5 == teacher_top1[:, None]).any(-1).sum())
+        confidence = log_probs.gather(-1, top5[:, :1]).squeeze(-1).exp().double()
+        which = (confidence * len(self.bin_count)).long().clamp_max(len(self.bin_count) - 1)
+        self.bin_count += torch.bincount(which, minlength=len(self.bin_count)).double()
+        self.bin_confidence += torch.bincount(which, weights=confidence, minlength=len(self.bin_count))
+        self.bin_correct += torch.bincount(which, weights=(top5[:, 0] == targets).double(), minlength=len(self.bin_count))
+        self.positions += len(targets)
+
+    def result(self) -> dict:
+        n = max(self.positions, 1)
+        cross_entropy = self.nll / n
+        filled = self.bin_count > 0
+        accuracy = torch.where(filled, self.bin_correct / self.bin_count.clamp_min(1), torch.zeros_like(self.bin_count))
+        confidence = torch.where(filled, self.bin_confidence / self.bin_count.clamp_min(1), torch.zeros_like(self.bin_count))
+        ece = float((self.bin_count / n * (accuracy - confidence).abs()).sum())
+        return {
+            "cross_entropy": cross_entropy,
+            "perplexity": math.exp(cross_entropy),
+            "kl_to_teacher": self.kl / n,
+            "agreement_top1": self.agree_top1 / n,
+            "agreement_top5": self.agree_top5 / n,
+            "ece": ece,
+            "calibration": {"accuracy": accuracy.tolist(), "confidence": confidence.tolist(), "count": self.bin_count.long().tolist()},
+        }
+
+
 @torch.no_grad()
-def measure(model, rows: torch.Tensor, batch_size: int, advance=lambda n: None) -> tuple[dict, torch.Tensor]:
-    """Mean next-token CE over all predicted positions, and the model's top-1 at every position."""
-    total_nll, total_tokens, top1 = 0.0, 0, []
+def measure_models(models: dict, rows: torch.Tensor, batch_size: int, advance=lambda n: None, *, bins: int = 15, device="cpu") -> dict[str, dict]:
+    """Held-out quality of every model in `models` (which must include "teacher"), batch by batch:
+    the teacher's log-probs of a batch are computed once and compared with each model's."""
+    scores = {name: HeldOutScores(bins) for name in models}
     for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        logits = model(input_ids=batch).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
-        top1.append(logits.argmax(-1))
+        batch = rows[start : start + batch_size].to(device)
+        targets = batch[:, 1:].flatten()
+        vocab = None
+        log_probs = {}
+        for name, model in models.items():
+            logits = model(input_ids=batch).logits.float()[:, :-1].flatten(0, 1)
+            vocab = logits.shape[-1] if vocab is None else min(vocab, logits.shape[-1])
+            log_probs[name] = logits
+        # A teacher whose output layer is padded beyond the data's vocabulary is cut to it.
+        log_probs = {name: torch.log_softmax(logits[:, :vocab], -1) for name, logits in log_probs.items()}
+        for name in models:
+            scores[name].add(log_probs[name], targets, log_probs["teacher"])
         advance(len(batch))
-    cross_entropy = total_nll / max(total_tokens, 1)
-    return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy)}, torch.cat(top1)
-
+    return {name: score.result() for name, score in scores.items()}
 
 
 @torch.no_grad()
-def compare_with_teacher(model, teacher, rows: torch.Tensor, batch_size: int, bins: int = 15) -> dict:
-    """How close a student is to its teacher, and how well calibrated, on held-out rows.
+def inference_speed(model, rows: torch.Tensor, batch_size: int, batches: int, device="cpu") -> dict:
+    """Forward-pass throughput and latency on this machine: one warm-up pass, then `batches`
+    timed passes of `batch_size` held-out rows (cycling through the split)."""
+    batch = rows[:batch_size].to(device)
+    model(input_ids=batch)
+    times = []
+    for index in range(batches):
+        start = (index * batch_size) % max(len(rows) - batch_size + 1, 1)
+        batch = rows[start : start + batch_size].to(device)
+        _synchronize(device)
+        began = time.perf_counter()
+        model(input_ids=batch)
+        _synchronize(device)
+        times.append(time.perf_counter() - began)
+    tokens = batch.numel()
+    return {"tokens_per_s": tokens * len(times) / sum(times), "latency_ms": 1000 * statistics.median(times), "latency_batch_rows": int(batch.shape[0])}
 
-    - `kl_to_teacher`: mean over predicted positions of KL(p_teacher ‖ p_model), nats (float32).
-    - `ece`: expected calibration error of next-token prediction: positions binned by the model's
-      top-1 probability into `bins` equal-width bins, Σ_b (n_b / n) · |accuracy_b − confidence_b|.
-    """
-    kl_sum, count = 0.0, 0
-    confidences, correct = [], []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        log_q = torch.log_softmax(model(input_ids=batch).logits.float()[:, :-1], -1)
-        log_p = torch.log_softmax(teacher(input_ids=batch).logits.float()[:, :-1], -1)
-        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-        count += log_q.shape[0] * log_q.shape[1]
-        top_probability, top_id = log_q.exp().max(-1)
-        confidences.append(top_probability.flatten())
-        correct.append((top_id == batch[:, 1:]).flatten().float())
-    confidence, accuracy = torch.cat(confidences), torch.cat(correct)
-    which = (confidence * bins).long().clamp_max(bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            ece += float(members.float().mean() * (accuracy[members].mean() - confidence[members].mean()).abs())
-    return {"kl_to_teacher": kl_sum / max(count, 1), "ece": ece}
+
+def compare_with_teacher(model, teacher, rows: torch.Tensor, batch_size: int, bins: int = 15) -> dict:
+    """`kl_to_teacher` and `ece` of one model against its teacher (see `measure_models`)."""
+    scores = measure_models({"teacher": teacher, "model": model}, rows, batch_size, bins=bins)["model"]
+    return {"kl_to_teacher": scores["kl_to_teacher"], "ece": scores["ece"]}
+
+
+def _synchronize(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,108 @@
+"""Quality gates: comparisons over the eval metrics, parsed safely and reported with their numbers.
+
+A gate is one comparison between two arithmetic expressions over numbers and metric names:
+
+    student.perplexity <= 1.3 * teacher.perplexity
+    agreement_top1 >= 0.55                  # a bare name is the student's metric
+    student.kl_to_teacher < baseline.kl_to_teacher
+
+Names are `<model>.<metric>` with model `student`, `teacher` or `baseline`, or a bare metric of
+the student. The text is parsed with Python's `ast` and only numbers, names, `+ - * /`, unary
+minus and one comparison (`< <= > >= == !=`) are accepted: nothing is ever evaluated as code, and
+a call, attribute chain, subscript or anything else is refused with the gate's text.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from dataclasses import dataclass
+
+MODELS = ("student", "teacher", "baseline")
+METRICS = (
+    "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
+    "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
+)
+_COMPARISONS = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq, ast.NotEq: operator.ne}
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+class GateError(ValueError):
+    """A gate that cannot be parsed or evaluated; the message quotes it."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    text: str
+    left: ast.expr
+    compare: type
+    right: ast.expr
+
+    @classmethod
+    def parse(cls, text: str) -> Gate:
+        try:
+            tree = ast.parse(text.strip(), mode="eval").body
+        except SyntaxError as err:
+            raise GateError(f"gate {text!r}: not a comparison ({err.msg})") from None
+        if not isinstance(tree, ast.Compare) or len(tree.ops) != 1:
+            raise GateError(f"gate {text!r}: must be one comparison, e.g. 'student.perplexity <= 1.3 * teacher.perplexity'")
+        if type(tree.ops[0]) not in _COMPARISONS:
+            raise GateError(f"gate {text!r}: the comparison must be one of < <= > >= == !=")
+        for side in (tree.left, tree.comparators[0]):
+            _check(side, text)
+        return cls(text.strip(), tree.left, type(tree.ops[0]), tree.comparators[0])
+
+    def evaluate(self, metrics: dict) -> dict:
+        """{"gate", "passed", "left", "right"}: the comparison and the two numbers it compared."""
+        left, right = _value(self.left, metrics, self.text), _value(self.right, metrics, self.text)
+        return {"gate": self.text, "passed": bool(_COMPARISONS[self.compare](left, right)), "left": left, "right": right}
+
+
+def evaluate_gates(gates: list[str], metrics: dict) -> list[dict]:
+    return [Gate.parse(text).evaluate(metrics) for text in gates]
+
+
+def metric_name(node: ast.expr) -> tuple[str, str] | None:
+    """(model, metric) for `model.metric` or a bare student metric; None for other nodes."""
+    if isinstance(node, ast.Name):
+        return "student", node.id
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        return node.value.id, node.attr
+    return None
+
+
+def _check(node: ast.expr, text: str) -> None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        _check(node.left, text)
+        _check(node.right, text)
+        return
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        _check(node.operand, text)
+        return
+    name = metric_name(node)
+    if name is None:
+        raise GateError(f"gate {text!r}: {ast.unparse(node)!r} is not allowed; use numbers, metric names and + - * /")
+    model, metric = name
+    if model not in MODELS:
+        raise GateError(f"gate {text!r}: unknown model {model!r}; use {', '.join(MODELS)}")
+    if metric not in METRICS:
+        raise GateError(f"gate {text!r}: unknown metric {metric!r}; one of {', '.join(METRICS)}")
+
+
+def _value(node: ast.expr, metrics: dict, text: str) -> float:
+    if isinstance(node, ast.Constant):
+        return float(node.value)
+    if isinstance(node, ast.BinOp):
+        left, right = _value(node.left, metrics, text), _value(node.right, metrics, text)
+        if isinstance(node.op, ast.Div) and right == 0:
+            raise GateError(f"gate {text!r}: division by zero")
+        return _ARITHMETIC[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp):
+        return -_value(node.operand, metrics, text)
+    model, metric = metric_name(node)
+    value = metrics.get(model, {}).get(metric)
+    if value is None:
+        raise GateError(f"gate {text!r}: {model}.{metric} was not measured (is there a {model}?)")
+    return float(value)
