@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"redo STEP even if its outputs exist (repeatable; one of {', '.join(_STEPS)})",
         )
         sub.add_argument("--force-all", action="store_true", help="redo every step")
+    promote = commands.add_parser(
+        "promote", help="move the champion alias to a model version by hand",
+        description="Move registry.champion_alias to VERSION of registry.model_name; automatic promotion then only "
+        "considers versions from VERSION on.",
+    )
+    promote.add_argument("config", metavar="CONFIG", help="job YAML file (its registry section names the model)")
+    promote.add_argument("version", metavar="VERSION", type=int, help="the model version to make champion")
+    promote.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. registry.tracking_uri=http://mlflow:5000")
+    rollback = commands.add_parser(
+        "rollback", help="reject the champion and restore the previous one",
+        description="Mark the current champion rejected and move the champion alias back to the previous champion.",
+    )
+    _add_config_arguments(rollback)
     return parser
 
 
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         stdout.print(f"{args.config}: valid ({_describe(config)})")
         return 0
+    if args.command in ("promote", "rollback"):
+        return _move_champion(config, args.command, getattr(args, "version", None))
     force = frozenset(["all"] if args.force_all else args.force)
     until = "register" if args.command == "run" else args.command
     return _run(config, until, force)
@@ -87,6 +102,27 @@ def _run(config: JobConfig, until: str, force: frozenset[str]) -> int:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)
+    return 0
+
+
+def _move_champion(config: JobConfig, command: str, version: int | None) -> int:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from kd_core.registry import RegistryError, promote, rollback
+
+    registry = config.registry
+    client = MlflowClient(tracking_uri=registry.tracking_uri)
+    try:
+        if command == "promote":
+            chosen = promote(client, registry, version)
+            stdout.print(f"{registry.model_name}: @{registry.champion_alias} -> version {chosen} (by hand)")
+        else:
+            rejected, restored = rollback(client, registry)
+            stdout.print(f"{registry.model_name}: version {rejected} rejected; @{registry.champion_alias} -> version {restored}")
+    except (RegistryError, MlflowException) as err:
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2
     return 0
 
 
@@ -110,14 +146,19 @@ def print_summary(steps: dict[str, Manifest], seconds: float) -> None:
     stdout.print(table)
     if "eval" in steps:
         stdout.print(comparison_table(steps["eval"].metrics))
+        if steps["eval"].metrics.get("gates"):
+            stdout.print(gates_table(steps["eval"].metrics))
         curves = steps["eval"].outputs.get("training_curves.png")
         if curves is not None:
             stdout.print(f"training curves: {curves.url}")
     if "register" in steps:
         registration = steps["register"].details
+        champion = registration.get("champion")
         stdout.print(
             f"registered: {registration['model_name']} version {registration['version']} "
-            f"as @{registration['alias']} in {registration['tracking_uri']}"
+            f"as @{registration['alias']} in {registration['tracking_uri']}; "
+            + (f"@{registration['champion_alias']} is version {champion}" if champion is not None else f"no @{registration.get('champion_alias', 'champion')} yet")
+            + ("" if registration.get("gates_passed", True) else " (this version failed its gates)")
         )
 
 
@@ -141,15 +182,30 @@ def _headline(step: str, manifest: Manifest) -> str:
 
 
 def comparison_table(metrics: dict) -> Table:
-    table = Table(title=f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens")
-    for column in ("model", "parameters", "perplexity", "cross-entropy", "top-1 agreement with teacher"):
+    table = Table(title=f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens; speed on {metrics.get('device', 'this machine')}")
+    columns = ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", "ECE", "tokens/s")
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     labels = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}
     for name, label in labels.items():
         if name in metrics:
             row = metrics[name]
-            agreement = f"{row['agreement_top1']:.1%}" if "agreement_top1" in row else "—"
-            table.add_row(label, f"{row['parameters']:,}", f"{row['perplexity']:.2f}", f"{row['cross_entropy']:.4f}", agreement)
+            teacher = name == "teacher"
+            agreement = "—" if teacher else f"{row['agreement_top1']:.1%} / {row['agreement_top5']:.1%}"
+            table.add_row(
+                label, f"{row['parameters']:,}", f"{row['perplexity']:.2f}", "—" if teacher else f"{row['kl_to_teacher']:.4f}",
+                agreement, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}",
+            )
+    return table
+
+
+def gates_table(metrics: dict) -> Table:
+    table = Table(title="quality gates (eval.gates)")
+    for column in ("gate", "left", "right", "result"):
+        table.add_column(column, justify="left" if column == "gate" else "right")
+    for gate in metrics["gates"]:
+        result = "[green]pass[/green]" if gate["passed"] else "[red]FAIL[/red]"
+        table.add_row(gate["gate"], f"{gate['left']:.4g}", f"{gate['right']:.4g}", result)
     return table
 
 

@@ -319,6 +319,31 @@ class RegistryConfig(Section):
     """Registered model name."""
     alias: str = Field(default="challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     """Alias set on the newly registered version."""
+    champion_alias: str = Field(default="champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    """Alias of the version in production: moved only to a version that passed every gate and is
+    the best on `primary_metric` (see kd_core/registry)."""
+    primary_metric: str = "student.perplexity"
+    """The eval metric that ranks versions, named as in `eval.gates` (e.g. `agreement_top1`)."""
+    primary_goal: Literal["minimize", "maximize"] | None = None
+    """Whether lower or higher `primary_metric` is better; None: maximize agreement and tokens/s,
+    minimize everything else."""
+
+    @field_validator("primary_metric")
+    @classmethod
+    def _primary_metric_is_a_metric(cls, text: str) -> str:
+        from kd_core.gates import GateError, parse_metric
+
+        try:
+            parse_metric(text)
+        except GateError as err:
+            raise ValueError(str(err)) from None
+        return text
+
+    @property
+    def maximize(self) -> bool:
+        if self.primary_goal is not None:
+            return self.primary_goal == "maximize"
+        return self.primary_metric.rsplit(".", 1)[-1] in ("agreement_top1", "agreement_top5", "tokens_per_s")
 
 
 # --------------------------------------------------------------------------------------- compute

@@ -2,7 +2,8 @@
 
 `loopback_s3()` starts moto's S3 server in its own process on 127.0.0.1, a real S3 HTTP API that
 s3fs talks to exactly as it talks to AWS or MinIO, with throwaway credentials in the environment.
-moto is a test dependency (`pip install -e '.[test]'`).
+moto is a test dependency (`pip install -e '.[test]'`). `loopback_mlflow(folder)` starts a real
+MLflow tracking server (`mlflow server`, SQLite backend) on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kdflow-test-key", "AWS_SECRET_ACCESS_KEY": "kdflow-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -58,3 +60,38 @@ def loopback_s3(start_timeout: float = 60) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def loopback_mlflow(folder: Path, start_timeout: float = 120) -> Iterator[str]:
+    """Yields the URL of a real MLflow tracking server (SQLite backend, artifacts served from
+    `folder`) on loopback; stops it afterwards."""
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / "server.log", "wb")
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
+    ]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the MLflow server did not start; see {folder / 'server.log'}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

@@ -62,6 +62,28 @@ def evaluate_gates(gates: list[str], metrics: dict) -> list[dict]:
     return [Gate.parse(text).evaluate(metrics) for text in gates]
 
 
+def parse_metric(text: str) -> tuple[str, str]:
+    """(model, metric) of one metric name such as `student.perplexity` or `agreement_top1`."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        node = None
+    name = metric_name(node) if node is not None else None
+    if name is None:
+        raise GateError(f"{text!r} is not a metric name; use e.g. student.perplexity")
+    _check(node, text)
+    return name
+
+
+def metric_value(text: str, metrics: dict) -> float:
+    """The value of one metric name in the eval metrics."""
+    model, metric = parse_metric(text)
+    value = metrics.get(model, {}).get(metric)
+    if value is None:
+        raise GateError(f"{model}.{metric} was not measured")
+    return float(value)
+
+
 def metric_name(node: ast.expr) -> tuple[str, str] | None:
     """(model, metric) for `model.metric` or a bare student metric; None for other nodes."""
     if isinstance(node, ast.Name):

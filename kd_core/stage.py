@@ -35,7 +35,7 @@ from kd_core.manifest import MANIFEST_NAME, Manifest, library_versions, read_man
 from kd_core.storage import FileRecord, Store
 
 # Bump a stage's number when its code changes what it writes: old outputs then stop matching.
-STAGE_CODE_VERSIONS = {"prep": 3, "teacher": 2, "cache": 2, "distill": 2, "baseline": 2, "eval": 3, "register": 2}
+STAGE_CODE_VERSIONS = {"prep": 3, "teacher": 2, "cache": 2, "distill": 2, "baseline": 2, "eval": 3, "register": 3}
 
 
 def stage_key(stage: str, config_hash: str, input_keys: dict[str, str]) -> str:

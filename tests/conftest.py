@@ -59,3 +59,12 @@ def _shutdown_ray_at_end():
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """URL of a real MLflow tracking server (SQLite backend) on loopback, for the whole session."""
+    from kd_core.devtools import loopback_mlflow
+
+    with loopback_mlflow(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["validate", "prep", "cache", "distill", "eval", "register", "run"]
+COMMANDS = ["validate", "prep", "cache", "distill", "eval", "register", "run", "promote", "rollback"]
 
 
 def kdflow(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

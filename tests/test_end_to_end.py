@@ -37,7 +37,6 @@ def assert_complete_run(steps, config):
     assert evaluation["teacher"]["kl_to_teacher"] == pytest.approx(0, abs=1e-5) and evaluation["teacher"]["agreement_top1"] == 1
     assert evaluation["student"]["kl_to_teacher"] > 0 and 0 <= evaluation["student"]["ece"] <= 1
     assert all(evaluation[model]["tokens_per_s"] > 0 and evaluation[model]["latency_ms"] > 0 for model in ("teacher", "student"))
-    assert evaluation["gates_passed"] is True and evaluation["gates"] == []
     assert steps["cache"].details["layout"]["slots"] == config.cache.top_k
     assert len(steps["cache"].details["shards"]) == len(steps["prep"].details["splits"]["train"]["shards"])
     assert "model/model.safetensors" in steps["distill"].outputs
@@ -49,6 +48,7 @@ def test_tiny_job_on_ray_registers_reuses_and_forces(tiny_config):
     steps = run_pipeline(tiny_config)
     assert_complete_run(steps, tiny_config)
     assert not any(manifest.reused for manifest in steps.values())
+    assert steps["eval"].metrics["gates"] == [] and steps["eval"].metrics["gates_passed"] is True
 
     client, versions = registered_versions(tiny_config.registry.tracking_uri, tiny_config.registry.model_name)
     assert len(versions) == 1
@@ -58,7 +58,7 @@ def test_tiny_job_on_ray_registers_reuses_and_forces(tiny_config):
     assert alias_version.tags["kdflow.teacher_key"] == steps["teacher"].key
     assert steps["eval"].outputs["training_curves.png"].bytes > 10_000
     artifacts = {item.path for item in client.list_artifacts(alias_version.run_id, "eval")}
-    assert artifacts == {"eval/metrics.json", "eval/training_curves.png"}
+    assert artifacts == {"eval/metrics.json", "eval/training_curves.png", "eval/gates.json"}
     run = client.get_run(alias_version.run_id)
     assert float(run.data.metrics["student.perplexity"]) == pytest.approx(steps["eval"].metrics["student"]["perplexity"])
     assert run.data.params["distill.loss.temperature"] == str(tiny_config.distill.loss.temperature)
@@ -79,8 +79,14 @@ def test_tiny_job_on_ray_registers_reuses_and_forces(tiny_config):
     forced = run_pipeline(tiny_config, force=frozenset({"distill"}))
     reran = {step for step, manifest in forced.items() if not manifest.reused}
     assert reran == {"distill", "eval", "register"}
-    assert forced["eval"].metrics == steps["eval"].metrics  # seeded training reproduces the student exactly
+    quality = ("cross_entropy", "perplexity", "kl_to_teacher", "agreement_top1", "agreement_top5", "ece", "calibration")
+    for model in ("teacher", "student", "baseline"):  # seeded training reproduces the student exactly
+        assert {name: forced["eval"].metrics[model][name] for name in quality} == {name: steps["eval"].metrics[model][name] for name in quality}
     assert len(registered_versions(tiny_config.registry.tracking_uri, tiny_config.registry.model_name)[1]) == 2
+    # No gates configured: both versions are eligible; the second only ties the first, so the
+    # champion stays on version 1 while the challenger alias moves to version 2.
+    assert (forced["register"].details["version"], forced["register"].details["champion"]) == (2, 1)
+    assert client.get_model_version_by_alias(tiny_config.registry.model_name, "champion").version == "1"
 
 
 @pytest.mark.slow
@@ -94,9 +100,15 @@ def test_tiny_job_on_s3_storage_and_existing_teacher(tiny_config, s3_endpoint, s
         "s3": {"endpoint_url": s3_endpoint, "access_key_id": "kdflow-config-key", "secret_access_key": secret},
     }
     raw["compute"]["backend"] = "local"
+    raw["eval"]["gates"] = ["student.perplexity <= 1000 * teacher.perplexity", "agreement_top1 >= 1.5"]
     config = validate_config(raw)
     steps = run_pipeline(config)
     assert_complete_run(steps, config)
+    # One gate passes, one cannot: the version is registered as challenger but never champion.
+    gates = steps["eval"].metrics["gates"]
+    assert [gate["passed"] for gate in gates] == [True, False] and steps["eval"].metrics["gates_passed"] is False
+    assert gates[1]["left"] == steps["eval"].metrics["student"]["agreement_top1"] and gates[1]["right"] == 1.5
+    assert steps["register"].details["gates_passed"] is False and steps["register"].details["champion"] is None
 
     bucket = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
     for step in ALL_STEPS:

@@ -1,9 +1,29 @@
-"""The register stage: log the student to MLflow and register it as a new model version.
+"""The register stage: log the student to MLflow, register it, and promote it only through gates.
 
 One MLflow run per registration holds the job's public config as params (no secrets), the eval
-metrics, the eval stage's files (`eval/metrics.json`, `eval/training_curves.png`), and the student's Hugging Face directory (safetensors + tokenizer) as the `model`
-artifact. A new version of `registry.model_name` is created from that artifact, tagged with the
-teacher, data and config keys and the code version, and `registry.alias` is pointed at it.
+metrics, the eval stage's files (`eval/metrics.json`, `eval/training_curves.png`) and the student's
+Hugging Face directory (safetensors + tokenizer) as the `model` artifact. A new version of
+`registry.model_name` is created from that artifact, tagged with the teacher, data, cache and
+config keys, the code version, the gate results (`kdflow.gates_passed`, `kdflow.gates`) and its
+`registry.primary_metric` value, and `registry.alias` (challenger) is pointed at it.
+
+Promotion (`promote_best`): the champion alias always names the best version, by the primary
+metric, among the eligible ones: versions whose gates all passed and that a rollback has not
+rejected; after a promotion by hand (`kdflow promote`) or a rollback, only the version chosen
+then and versions registered after it. A new version that failed a gate is never eligible, and one
+that does not beat the champion leaves it where it is.
+
+Race safety without locks: each registrar creates its version first, then loops: read every
+version and the alias, compute the best eligible one, and stop if the alias already names it,
+else move the alias and read again. The last registrar to move the alias has afterwards seen it
+name the best of every version that existed then, and any version created later has a
+registrar of its own that runs the same loop after creating it; so however registrations
+interleave, the alias ends on the best eligible version, never on a worse or a gate-failing one
+(`tests/test_registry.py` runs concurrent registrations against a real MLflow server).
+
+By hand: `promote(version)` moves the champion to any version; `rollback()` marks the champion
+rejected and moves the alias back to the previous champion in the registered model's
+`kdflow.champion_history` tag, walking further back on each call.
 """
 
 from __future__ import annotations
@@ -15,12 +35,29 @@ from urllib.parse import urlparse
 
 from kd_core import __version__
 from kd_core.config import RegistryConfig, flatten
+from kd_core.gates import metric_value
 from kd_core.manifest import Manifest
 from kd_core.models import local_copy
 from kd_core.stage import StageRun
 from kd_core.storage import Store
 
 _MAX_PARAM_LENGTH = 500
+_MAX_TAG_LENGTH = 5000
+_PROMOTION_ROUNDS = 20
+
+GATES_PASSED_TAG = "kdflow.gates_passed"
+GATES_TAG = "kdflow.gates"
+PRIMARY_METRIC_TAG = "kdflow.primary_metric"
+PRIMARY_VALUE_TAG = "kdflow.primary_value"
+REJECTED_TAG = "kdflow.rejected"
+PINNED_TAG = "kdflow.champion_pinned"
+"""On the registered model: "<pinned version>:<latest version then>", set by a promotion by hand
+or a rollback."""
+HISTORY_TAG = "kdflow.champion_history"
+
+
+class RegistryError(RuntimeError):
+    """A promotion or rollback that cannot be done; the message says why."""
 
 
 def register(
@@ -34,7 +71,6 @@ def register(
 ) -> Manifest:
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     run = StageRun(store, "register", config, inputs={"eval": eval_manifest, "student": student}, force=force)
     if run.reused:
@@ -47,6 +83,10 @@ def register(
             for name, record in eval_manifest.outputs.items():
                 (Path(folder) / name).write_bytes(store.read_bytes(record.path))
             mlflow.log_artifacts(folder, artifact_path="eval")
+        gates = eval_manifest.metrics.get("gates", [])
+        gates_passed = eval_manifest.metrics.get("gates_passed", True)
+        mlflow.log_metric("gates_passed", float(gates_passed))
+        mlflow.log_dict({"gates": gates, "passed": gates_passed}, "eval/gates.json")
         mlflow.log_artifacts(str(local_copy(store, student.details["model_folder"])), artifact_path="model")
     tags = {
         "kdflow.version": __version__,
@@ -56,21 +96,21 @@ def register(
         "kdflow.cache_key": student.inputs.get("cache", ""),
         "kdflow.data_key": student.inputs.get("prep", ""),
         "kdflow.config_hash": student.config_hash,
+        GATES_TAG: json.dumps(gates)[:_MAX_TAG_LENGTH],
     }
     client = MlflowClient()
-    try:
-        client.create_registered_model(config.model_name)
-    except MlflowException as err:  # another registration created it first: fine
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(
-        config.model_name, source=f"{mlflow_run.info.artifact_uri}/model", run_id=mlflow_run.info.run_id, tags=tags
+    version = create_version(
+        client, config, source=f"{mlflow_run.info.artifact_uri}/model", run_id=mlflow_run.info.run_id,
+        primary_value=metric_value(config.primary_metric, eval_manifest.metrics), gates_passed=gates_passed, tags=tags,
     )
-    client.set_registered_model_alias(config.model_name, config.alias, version.version)
+    champion = promote_best(client, config)
     registration = {
         "model_name": config.model_name,
-        "version": int(version.version),
+        "version": int(version),
         "alias": config.alias,
+        "gates_passed": gates_passed,
+        "champion": int(champion) if champion is not None else None,
+        "champion_alias": config.champion_alias,
         "run_id": mlflow_run.info.run_id,
         "tracking_uri": config.tracking_uri,
     }
@@ -100,3 +140,119 @@ def _artifact_location(config: RegistryConfig) -> str | None:
 
 def _numeric(mapping: dict) -> dict[str, float]:
     return {key: float(value) for key, value in mapping.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+# ------------------------------------------------------------------------------ versions, aliases
+def create_version(client, config: RegistryConfig, *, source: str, run_id: str, primary_value: float, gates_passed: bool, tags: dict) -> str:
+    """A new version of `registry.model_name` (the registered model is created if missing), with
+    its gate outcome and primary metric as tags, and the challenger alias on it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(config.model_name)
+    except MlflowException as err:  # another registration created it first: fine
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    tags = {
+        **tags,
+        GATES_PASSED_TAG: "true" if gates_passed else "false",
+        PRIMARY_METRIC_TAG: config.primary_metric,
+        PRIMARY_VALUE_TAG: repr(float(primary_value)),
+    }
+    version = client.create_model_version(config.model_name, source=source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(config.model_name, config.alias, version.version)
+    return version.version
+
+
+def promote_best(client, config: RegistryConfig) -> str | None:
+    """Move the champion alias to the best eligible version, re-reading until it is stable (see
+    the module docstring); returns the champion's version, or None when there is none."""
+    for _ in range(_PROMOTION_ROUNDS):
+        best = best_eligible_version(client, config)
+        current = alias_version(client, config.model_name, config.champion_alias)
+        if best is None or best == current:
+            return current
+        client.set_registered_model_alias(config.model_name, config.champion_alias, best)
+        _append_history(client, config, best)
+    raise RegistryError(f"{config.model_name}: @{config.champion_alias} did not settle after {_PROMOTION_ROUNDS} rounds; rerun the register step")
+
+
+def best_eligible_version(client, config: RegistryConfig) -> str | None:
+    """The best version that passed its gates, is not rejected, and, after a promotion by hand or
+    a rollback, is the version chosen then or was registered after it."""
+    model = client.get_registered_model(config.model_name)
+    pinned, latest_then = (int(part) for part in model.tags.get(PINNED_TAG, "0:0").split(":"))
+    eligible = [
+        version for version in client.search_model_versions(f"name = '{config.model_name}'")
+        if version.tags.get(GATES_PASSED_TAG) == "true"
+        and REJECTED_TAG not in version.tags
+        and version.tags.get(PRIMARY_METRIC_TAG) == config.primary_metric
+        and (int(version.version) > latest_then or int(version.version) == pinned)
+    ]
+    if not eligible:
+        return None
+    sign = -1.0 if config.maximize else 1.0
+    # Best value first; on a tie the older version (the sitting champion) stays.
+    best = min(eligible, key=lambda version: (sign * float(version.tags[PRIMARY_VALUE_TAG]), int(version.version)))
+    return best.version
+
+
+def alias_version(client, model_name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias).version
+    except MlflowException:
+        return None
+
+
+def promote(client, config: RegistryConfig, version: int) -> str:
+    """Make `version` the champion by hand; automatic promotion then only considers versions
+    from this one on."""
+    chosen = client.get_model_version(config.model_name, str(version))
+    if REJECTED_TAG in chosen.tags:
+        client.delete_model_version_tag(config.model_name, chosen.version, REJECTED_TAG)
+    _pin(client, config, chosen.version)
+    client.set_registered_model_alias(config.model_name, config.champion_alias, chosen.version)
+    _append_history(client, config, chosen.version)
+    return chosen.version
+
+
+def rollback(client, config: RegistryConfig) -> tuple[str, str]:
+    """Reject the champion and move the alias back to the previous champion; returns (rejected,
+    restored)."""
+    current = alias_version(client, config.model_name, config.champion_alias)
+    if current is None:
+        raise RegistryError(f"{config.model_name} has no @{config.champion_alias} to roll back")
+    history = _history(client, config)
+    earlier = [
+        version for version in reversed(history)
+        if version != current and REJECTED_TAG not in client.get_model_version(config.model_name, version).tags
+    ]
+    if not earlier:
+        raise RegistryError(f"{config.model_name}: no earlier @{config.champion_alias} than version {current} to roll back to")
+    client.set_model_version_tag(config.model_name, current, REJECTED_TAG, f"rolled back from @{config.champion_alias}")
+    restored = earlier[0]
+    _pin(client, config, restored)
+    client.set_registered_model_alias(config.model_name, config.champion_alias, restored)
+    _append_history(client, config, restored)
+    return current, restored
+
+
+def _pin(client, config: RegistryConfig, version: str) -> None:
+    """From now on only `version` and versions registered after this moment are eligible."""
+    latest = max(int(v.version) for v in client.search_model_versions(f"name = '{config.model_name}'"))
+    client.set_registered_model_tag(config.model_name, PINNED_TAG, f"{version}:{latest}")
+
+
+def _history(client, config: RegistryConfig) -> list[str]:
+    text = client.get_registered_model(config.model_name).tags.get(HISTORY_TAG, "[]")
+    return [str(version) for version in json.loads(text)]
+
+
+def _append_history(client, config: RegistryConfig, version: str) -> None:
+    """Record a champion change (the last 100); informational under races, used by rollback."""
+    history = _history(client, config)
+    if not history or history[-1] != str(version):
+        history = (history + [str(version)])[-100:]
+        client.set_registered_model_tag(config.model_name, HISTORY_TAG, json.dumps(history))
