@@ -151,6 +151,9 @@ def print_summary(steps: dict[str, Manifest], seconds: float) -> None:
         curves = steps["eval"].outputs.get("training_curves.png")
         if curves is not None:
             stdout.print(f"training curves: {curves.url}")
+        report = steps["eval"].outputs.get("report.html")
+        if report is not None:
+            stdout.print(f"report: {report.url}")
     if "register" in steps:
         registration = steps["register"].details
         champion = registration.get("champion")

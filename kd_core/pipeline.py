@@ -78,7 +78,8 @@ def run_pipeline(config: JobConfig, until: str = "register", force: frozenset[st
 
         steps["eval"] = _announce(
             evaluate(
-                config.eval, steps["prep"], steps["teacher"], steps["distill"], steps.get("baseline"), store, force=is_forced("eval", force)
+                config.eval, steps["prep"], steps["teacher"], steps["distill"], steps.get("baseline"), store,
+                job_name=config.name, force=is_forced("eval", force),
             )
         )
     if "register" in wanted:

@@ -58,7 +58,7 @@ def test_tiny_job_on_ray_registers_reuses_and_forces(tiny_config):
     assert alias_version.tags["kdflow.teacher_key"] == steps["teacher"].key
     assert steps["eval"].outputs["training_curves.png"].bytes > 10_000
     artifacts = {item.path for item in client.list_artifacts(alias_version.run_id, "eval")}
-    assert artifacts == {"eval/metrics.json", "eval/training_curves.png", "eval/gates.json"}
+    assert artifacts == {"eval/metrics.json", "eval/training_curves.png", "eval/report.html", "eval/gates.json"}
     run = client.get_run(alias_version.run_id)
     assert float(run.data.metrics["student.perplexity"]) == pytest.approx(steps["eval"].metrics["student"]["perplexity"])
     assert run.data.params["distill.loss.temperature"] == str(tiny_config.distill.loss.temperature)

@@ -68,3 +68,23 @@ def test_inference_speed_times_the_forward_pass(models_and_rows):
     assert speed["latency_batch_rows"] == 4 and speed["latency_ms"] > 0
     # tokens/s is tokens per timed pass over the mean pass time, so it and the latency agree within noise.
     assert speed["tokens_per_s"] == pytest.approx(4 * SEQ / (speed["latency_ms"] / 1000), rel=0.9)
+
+
+def test_the_report_is_one_self_contained_page_with_the_verdict_gates_and_plots(models_and_rows):
+    import re
+
+    from kd_core.eval.report import report_html
+
+    teacher, student, rows = models_and_rows
+    metrics = {"split": "test", "rows": len(rows), "tokens": rows.numel(), "device": "CPU"}
+    metrics |= measure_models({"teacher": teacher, "student": student}, rows, 4)
+    for name, model in (("teacher", teacher), ("student", student)):
+        metrics[name] |= inference_speed(model, rows, 4, 2) | {"parameters": 1000, "weight_bytes": 4000}
+    metrics["gates"] = [{"gate": "agreement_top1 >= 2", "passed": False, "left": 0.25, "right": 2.0}]
+    metrics["gates_passed"] = False
+    history = [{"step": s, "loss": 3.0 / s, "ce": 2.0 / s, "kd": 1.0 / s} for s in range(1, 6)]
+    page = report_html("tiny <job>", metrics, {"student": history, "teacher": [{"step": 1, "ce": 2.0}]})
+    assert page.startswith("<!DOCTYPE html>") and "tiny &lt;job&gt;" in page  # escaped, not markup
+    assert "1 of 1 gates failed" in page and 'class="fail">FAIL' in page and "agreement_top1 &gt;= 2" in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere

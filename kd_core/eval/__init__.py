@@ -14,7 +14,9 @@ Per model, over every predicted position of the held-out split (float32):
 
 Then `eval.gates` are evaluated over these numbers (`kd_core/gates.py`), each pass or fail with
 the two numbers it compared. Everything goes to `metrics.json` and the manifest;
-`training_curves.png` shows the training curves beside the held-out perplexities.
+`training_curves.png` shows the training curves beside the held-out perplexities, and
+`report.html` (`kd_core/eval/report.py`) is the page a person reads: verdict, gates, metrics and
+plots.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from kd_core.config import EvalConfig
 from kd_core.data.shards import load_split
 from kd_core.eval.plots import read_history, training_curves_png
+from kd_core.eval.report import report_html
 from kd_core.gates import evaluate_gates
 from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, load_causal_lm, local_copy
@@ -39,6 +42,7 @@ from kd_core.storage import Store
 from kd_core.train.teacher import teacher_model_dir
 
 CURVES_NAME = "training_curves.png"
+REPORT_NAME = "report.html"
 
 
 def evaluate(
@@ -49,8 +53,10 @@ def evaluate(
     baseline: Manifest | None,
     store: Store,
     *,
+    job_name: str = "kdflow job",
     force: bool = False,
 ) -> Manifest:
+    """`job_name` titles the report (not part of the step's key)."""
     inputs = {"prep": prep, "teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
     run = StageRun(store, "eval", config, inputs=inputs, force=force)
     if run.reused:
@@ -76,6 +82,7 @@ def evaluate(
     run.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
     histories = {name: read_history(store, manifest) for name, manifest in inputs.items() if name != "prep"}
     run.write_bytes(CURVES_NAME, training_curves_png(histories, metrics))
+    run.write_bytes(REPORT_NAME, report_html(job_name, metrics, histories).encode())
     return run.finish(metrics=metrics)
 
 
