@@ -86,7 +86,7 @@ def test_tiny_job_on_ray_registers_reuses_and_forces(tiny_config):
     # No gates configured: both versions are eligible; the second only ties the first, so the
     # champion stays on version 1 while the challenger alias moves to version 2.
     assert (forced["register"].details["version"], forced["register"].details["champion"]) == (2, 1)
-    assert client.get_model_version_by_alias(tiny_config.registry.model_name, "champion").version == "1"
+    assert str(client.get_model_version_by_alias(tiny_config.registry.model_name, "champion").version) == "1"
 
 
 @pytest.mark.slow

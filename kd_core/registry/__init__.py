@@ -161,7 +161,7 @@ def create_version(client, config: RegistryConfig, *, source: str, run_id: str, 
     }
     version = client.create_model_version(config.model_name, source=source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(config.model_name, config.alias, version.version)
-    return version.version
+    return str(version.version)
 
 
 def promote_best(client, config: RegistryConfig) -> str | None:
@@ -194,14 +194,15 @@ def best_eligible_version(client, config: RegistryConfig) -> str | None:
     sign = -1.0 if config.maximize else 1.0
     # Best value first; on a tie the older version (the sitting champion) stays.
     best = min(eligible, key=lambda version: (sign * float(version.tags[PRIMARY_VALUE_TAG]), int(version.version)))
-    return best.version
+    return str(best.version)
 
 
 def alias_version(client, model_name: str, alias: str) -> str | None:
+    """The version an alias names, as a string (MLflow's stores differ: int from SQLite, str over REST)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(model_name, alias).version
+        return str(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
         return None
 
@@ -215,7 +216,7 @@ def promote(client, config: RegistryConfig, version: int) -> str:
     _pin(client, config, chosen.version)
     client.set_registered_model_alias(config.model_name, config.champion_alias, chosen.version)
     _append_history(client, config, chosen.version)
-    return chosen.version
+    return str(chosen.version)
 
 
 def rollback(client, config: RegistryConfig) -> tuple[str, str]:
