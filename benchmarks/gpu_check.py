@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 14; tiny 4)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 4; tiny 1)")
     parser.add_argument("--chunk", type=int, default=2048, help="rows per chunk of the fused loss")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default bf16 on a GPU, fp32 with --tiny")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--skip-losses", action="store_true", help="do not run benchmarks/losses.py afterwards")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -227,7 +228,7 @@ def main() -> None:
     student_arch, teacher_arch, vocab, args.batch, seq_len = SHAPES[shape]
     args.steps = args.steps or (4 if args.tiny else 14)
     args.warmup = args.warmup or (1 if args.tiny else 4)
-    args.precision = "fp32" if args.tiny else "bf16"
+    args.precision = args.precision or ("fp32" if args.tiny else "bf16")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 
