@@ -117,12 +117,10 @@ class StepClock:
             torch.cuda.synchronize(self.device)
         self.steps += 1
         if self.steps == self.warmup:
-            self.started, self.counted = time.perf_counter(), 0
-        elif self.started is not None:
-            self.counted += 1
+            self.started = time.perf_counter()
 
     def tokens_per_s(self) -> float:
-        return self.counted * self.tokens_per_step / (time.perf_counter() - self.started)
+        return (self.steps - self.warmup) * self.tokens_per_step / (time.perf_counter() - self.started)
 
 
 def steady_tokens_per_s(history: list[dict], warmup: int, tokens_per_step: int) -> float:

@@ -5,8 +5,8 @@ Per model, over every predicted position of the held-out split (float32):
 - `kl_to_teacher`: mean KL(p_teacher ‖ p_model) (0 for the teacher);
 - `agreement_top1`: how often the model's most likely next token is the teacher's, and
   `agreement_top5`: how often the teacher's most likely token is among the model's top 5;
-- `ece`: expected calibration error of next-token prediction (top-1 confidence in
-  `calibration_bins` equal-width bins), with the per-bin accuracy, confidence and count kept for
+- `ece`: expected calibration error of next-token prediction (top-1 confidence in 15
+  equal-width bins), with the per-bin accuracy, confidence and count kept for
   the reliability diagram;
 - `parameters` and `weight_bytes` (the safetensors on disk);
 - `tokens_per_s` and `latency_ms`: inference speed on this machine, `throughput_batches` timed
@@ -166,12 +166,6 @@ def inference_speed(model, rows: torch.Tensor, batch_size: int, batches: int, de
         times.append(time.perf_counter() - began)
     tokens = batch.numel()
     return {"tokens_per_s": tokens * len(times) / sum(times), "latency_ms": 1000 * statistics.median(times), "latency_batch_rows": int(batch.shape[0])}
-
-
-def compare_with_teacher(model, teacher, rows: torch.Tensor, batch_size: int, bins: int = 15) -> dict:
-    """`kl_to_teacher` and `ece` of one model against its teacher (see `measure_models`)."""
-    scores = measure_models({"teacher": teacher, "model": model}, rows, batch_size, bins=bins)["model"]
-    return {"kl_to_teacher": scores["kl_to_teacher"], "ece": scores["ece"]}
 
 
 def _synchronize(device) -> None:

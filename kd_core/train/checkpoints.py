@@ -32,8 +32,6 @@ import contextlib
 import functools
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -201,11 +199,7 @@ def _barrier() -> None:
 
 @contextlib.contextmanager
 def _scratch_dir() -> Iterator[Path]:
-    from kd_core.models import CACHE_ROOT
+    from kd_core.models import temporary_dir
 
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=CACHE_ROOT))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with temporary_dir("checkpoint-") as folder:
+        yield Path(folder)

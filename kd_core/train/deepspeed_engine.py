@@ -1,6 +1,6 @@
 """The student's DeepSpeed engine: ZeRO 0–3, fp32 or bf16, gradient accumulation and clipping.
 
-`deepspeed_config(settings, train, micro_batch, world_size)` writes the DeepSpeed JSON from
+`deepspeed_config(settings, train, world_size)` writes the DeepSpeed JSON from
 `distill.deepspeed` and the train section; it is saved beside the model (`deepspeed_config.json`).
 The optimizer and schedule are kdflow's own (AdamW without decay on norms and biases, linear warmup
 then cosine; `make_optimizer`), handed to DeepSpeed, so a DeepSpeed run and a plain run follow the

@@ -167,7 +167,7 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
         optimizer, schedule = make_optimizer(module, spec.train)
         runner = PlainRunner(module, optimizer, schedule, spec.train.grad_clip)
     device = runner.device if spec.deepspeed else next(module.parameters()).device
-    online_teacher = _load_teacher(store, spec.online_teacher, runner) if spec.online_teacher else None
+    online_teacher = _load_teacher(store, spec.online_teacher, runner, device) if spec.online_teacher else None
     teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if spec.loss and spec.loss.feature_weight > 0 else []
     run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress)
     batches = iter(loader)  # draws its base seed from the torch RNG: before the RNG is restored
@@ -301,7 +301,7 @@ def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:
     )
 
 
-def _load_teacher(store: Store, teacher: Manifest, runner):
+def _load_teacher(store: Store, teacher: Manifest, runner, device):
     """The frozen online teacher: in its own DeepSpeed engine beside a DeepSpeed student
     (partitioned when the student is ZeRO-3), else a replica on the student's device."""
     from kd_core.train.teacher import teacher_model_dir  # teacher.py trains through this module
@@ -309,7 +309,7 @@ def _load_teacher(store: Store, teacher: Manifest, runner):
     model_dir = teacher_model_dir(store, teacher)
     if isinstance(runner, DeepSpeedRunner):
         return TeacherEngine(model_dir, runner.config)
-    model = load_causal_lm(model_dir).to(next(runner.module.parameters()).device).eval()
+    model = load_causal_lm(model_dir).to(device).eval()
     return model.requires_grad_(False)
 
 
