@@ -4,13 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test setup clean-runs lock
+.PHONY: demo test setup pipelines clean-runs lock
 
 demo: $(STAMP)  ## run the whole pipeline on the embedded default (configs/demo.yaml)
 	$(BIN)/kdflow run configs/demo.yaml
 
-test: $(STAMP)  ## run the test suite
+test: $(STAMP) $(CHECKOV_STAMP)  ## run the test suite
 	$(BIN)/python -m pytest
+
+pipelines: $(STAMP)  ## compile the Kubeflow DAGs to pipelines/compiled/ (committed; a test fails when they are stale)
+	$(BIN)/kdflow compile configs/cluster.yaml --output pipelines/compiled/distill_pipeline.yaml
 
 setup: $(STAMP)
 
@@ -20,6 +23,15 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# checkov (the infra/ security scan in tests/test_infra.py) pins its own dependency set, which
+# clashes with the project's: it gets a venv of its own.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
+$(CHECKOV_STAMP):
+	test -d $(CHECKOV_VENV) || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check checkov==3.3.30
+	touch $(CHECKOV_STAMP)
 
 lock:  ## refresh constraints.txt from the current .venv (after changing dependencies)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^kdflow' > constraints.txt

@@ -2,7 +2,12 @@
 
     kdflow validate CONFIG [a.b=value ...]      check a job config, do nothing else
     kdflow prep|cache|distill|eval|register CONFIG [a.b=value ...] [--force STEP] [--force-all]
-    kdflow run CONFIG [a.b=value ...]           every stage, in order
+    kdflow run CONFIG [a.b=value ...] [--engine local|kfp-local]
+                                                every stage, in order (in this process, or as the
+                                                Kubeflow DAG through kfp.local)
+    kdflow compile CONFIG [--output FILE]       the Kubeflow DAG as KFP YAML
+    kdflow submit CONFIG                        one run of the DAG on kubeflow.host
+    kdflow schedule CONFIG --cron "0 0 3 * * *" a recurring run (one at a time, no catch-up)
 
 Every command validates the whole config before any work starts. A stage runs what it depends on
 first and reuses every step whose manifest already exists. The end prints a summary table.
@@ -50,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"redo STEP even if its outputs exist (repeatable; one of {', '.join(_STEPS)})",
         )
         sub.add_argument("--force-all", action="store_true", help="redo every step")
+        if stage == "run":
+            sub.add_argument(
+                "--engine", choices=("local", "kfp-local"), default="local",
+                help="local: the stages in this process (default); kfp-local: the Kubeflow DAG through kfp.local",
+            )
+    compile_ = commands.add_parser("compile", help="compile the Kubeflow DAG to KFP YAML", description="Compile the Kubeflow DAG of a job to KFP YAML.")
+    _add_config_arguments(compile_)
+    compile_.add_argument("--output", default=None, help="YAML file to write (default: pipelines/compiled/<job name>.yaml)")
+    submit = commands.add_parser("submit", help="submit one run of the DAG to kubeflow.host", description="Submit one run of the Kubeflow DAG.")
+    _add_config_arguments(submit)
+    schedule = commands.add_parser(
+        "schedule", help="create a recurring run of the DAG on kubeflow.host",
+        description="Create a recurring run of the Kubeflow DAG: at most one at a time, missed runs are not caught up.",
+    )
+    _add_config_arguments(schedule)
+    schedule.add_argument("--cron", required=True, help="KFP cron, six fields, seconds first: '0 0 3 * * *' is 03:00 daily")
     promote = commands.add_parser(
         "promote", help="move the champion alias to a model version by hand",
         description="Move registry.champion_alias to VERSION of registry.model_name; automatic promotion then only "
@@ -83,12 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("promote", "rollback"):
         return _move_champion(config, args.command, getattr(args, "version", None))
+    if args.command in ("compile", "submit", "schedule"):
+        return _kubeflow(config, args)
     force = frozenset(["all"] if args.force_all else args.force)
+    if getattr(args, "engine", "local") == "kfp-local":
+        if force:
+            stderr.print("[red]error:[/red] --force applies to the local engine; the kfp-local DAG reuses finished steps like a cluster run")
+            return 2
+        return _run(config, "register", force, kfp_local=True)
     until = "register" if args.command == "run" else args.command
     return _run(config, until, force)
 
 
-def _run(config: JobConfig, until: str, force: frozenset[str]) -> int:
+def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: bool = False) -> int:
     from kd_core.data.shards import ShardError
     from kd_core.data.sources import DataSourceError
     from kd_core.manifest import ManifestError
@@ -97,11 +125,38 @@ def _run(config: JobConfig, until: str, force: frozenset[str]) -> int:
 
     started = time.perf_counter()
     try:
-        steps = run_pipeline(config, until=until, force=force)
+        if kfp_local:
+            from kd_core.kubeflow.engines import run_local
+
+            steps = run_local(config)
+        else:
+            steps = run_pipeline(config, until=until, force=force)
     except (ShardError, DataSourceError, ManifestError, TeacherError) as err:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)
+    return 0
+
+
+def _kubeflow(config: JobConfig, args: argparse.Namespace) -> int:
+    from kd_core.kubeflow import engines
+
+    try:
+        if args.command == "compile":
+            path = engines.compile_pipeline(config, args.output or f"pipelines/compiled/{config.name}.yaml")
+            stdout.print(f"compiled {config.name}: {path}")
+        elif args.command == "submit":
+            run_id = engines.submit(config)
+            stdout.print(f"submitted {config.name} to {engines.client_host(config)}: run {run_id}")
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                recurring_id = engines.schedule(config, args.cron, folder)
+            stdout.print(f"scheduled {config.name} at '{args.cron}' (max concurrency 1, no catch-up): recurring run {recurring_id}")
+    except ConfigError as err:
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2
     return 0
 
 

@@ -366,6 +366,105 @@ class ComputeConfig(Section):
     kill); they continue from the latest checkpoint."""
 
 
+# -------------------------------------------------------------------------------------- kubeflow
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class Toleration(Section):
+    key: str | None = None
+    """Taint key to tolerate (None with operator `Exists` tolerates every taint)."""
+    operator: Literal["Equal", "Exists"] = "Equal"
+    """`Equal`: the taint's value must be `value`; `Exists`: any value."""
+    value: str | None = None
+    """Taint value (operator `Equal`)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; None tolerates every effect."""
+
+
+class PodResources(Section):
+    """What one Kubernetes pod asks for: requests, limits, accelerators and placement."""
+
+    cpu: str | None = Field(default=None, pattern=_QUANTITY)
+    """CPU request, e.g. `2` or `500m`."""
+    memory: str | None = Field(default=None, pattern=_QUANTITY)
+    """Memory request, e.g. `8Gi`."""
+    cpu_limit: str | None = Field(default=None, pattern=_QUANTITY)
+    """CPU limit; None: the request."""
+    memory_limit: str | None = Field(default=None, pattern=_QUANTITY)
+    """Memory limit; None: the request."""
+    accelerator_type: str = "nvidia.com/gpu"
+    """Extended resource that counts the accelerators."""
+    accelerators: int = Field(default=0, ge=0)
+    """Accelerators per pod (0: none)."""
+    node_selector: dict[str, str] = {}
+    """Node labels the pod must land on, e.g. `{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}`."""
+    tolerations: list[Toleration] = []
+    """Taints the pod tolerates, e.g. the `nvidia.com/gpu` taint of a GPU node pool."""
+
+
+class SecretEnv(Section):
+    secret: str = Field(pattern=_K8S_NAME)
+    """Name of a Kubernetes secret in the pipeline's namespace."""
+    env: dict[str, str]
+    """Environment variable -> key in the secret."""
+
+
+class RayJobConfig(Section):
+    """The KubeRay RayJob that runs the distill step on a cluster (the pipeline's pod only
+    submits it, streams its status and deletes it). Workers: `compute.num_workers`."""
+
+    enabled: bool = True
+    """False: the distill step runs Ray inside its own pod (`kubeflow.steps.distill` resources)."""
+    ray_version: str = "2.60.0"
+    """Ray version of the image (KubeRay checks it against the cluster it starts)."""
+    head: PodResources = PodResources(cpu="2", memory="8Gi")
+    """The Ray head pod (it schedules no training)."""
+    worker: PodResources = PodResources(cpu="8", memory="64Gi", accelerators=1)
+    """One Ray Train worker per pod; with accelerators > 0 set `compute.use_gpu: true`."""
+    active_deadline_seconds: int = Field(default=3 * 24 * 3600, gt=0)
+    """The job is stopped after this long."""
+    poll_seconds: float = Field(default=10.0, gt=0)
+    """How often the step reads the RayJob's status."""
+
+
+def _default_steps() -> dict[str, PodResources]:
+    return {
+        "prep": PodResources(cpu="4", memory="16Gi"),
+        "cache": PodResources(cpu="8", memory="64Gi", accelerators=1),
+        "distill": PodResources(cpu="1", memory="2Gi"),
+        "eval": PodResources(cpu="8", memory="32Gi", accelerators=1),
+        "register": PodResources(cpu="1", memory="4Gi"),
+    }
+
+
+class KubeflowConfig(Section):
+    """How the job runs as a Kubeflow Pipelines DAG (`kdflow submit`, `kdflow schedule`,
+    `kdflow run --engine kfp-local`). None of it changes what a stage computes."""
+
+    host: str | None = None
+    """KFP API endpoint, e.g. `http://ml-pipeline-ui.kubeflow:80`; None: `KF_PIPELINES_ENDPOINT`."""
+    namespace: str = Field(default="kdflow", pattern=_K8S_NAME)
+    """Kubernetes namespace of the runs and RayJobs."""
+    experiment: str = "kdflow"
+    """KFP experiment the runs are filed under."""
+    image: str = "ghcr.io/kdflow/kdflow:0.1.0"
+    """The project image (infra/Dockerfile) every step and Ray pod runs."""
+    service_account: str = Field(default="kdflow-pipeline", pattern=_K8S_NAME)
+    """Service account of the step pods: it may create and watch RayJobs (infra/k8s/rbac.yaml)."""
+    secrets: list[SecretEnv] = [
+        SecretEnv(secret="kdflow-s3", env={"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key"}),
+        SecretEnv(secret="kdflow-mlflow", env={"MLFLOW_TRACKING_USERNAME": "username", "MLFLOW_TRACKING_PASSWORD": "password"}),
+    ]
+    """Kubernetes secrets exposed to every step (and Ray pod) as environment variables."""
+    steps: dict[Literal["prep", "cache", "distill", "eval", "register"], PodResources] = Field(default_factory=_default_steps)
+    """Resources of each step's pod; a step left out asks for nothing."""
+    rayjob: RayJobConfig = RayJobConfig()
+    """The KubeRay RayJob that runs the distill step on a cluster."""
+    local_pipeline_root: str = "runs/kfp-local"
+    """Folder where `kdflow run --engine kfp-local` keeps KFP's own outputs (metrics, report)."""
+
+
 class JobConfig(Section):
     name: str = Field(default="kdflow-job", min_length=1)
     """Human-readable job name (shown in logs and MLflow)."""
@@ -387,6 +486,8 @@ class JobConfig(Section):
     """The register stage: MLflow tracking and model registry."""
     compute: ComputeConfig = ComputeConfig()
     """Where the heavy steps run: Ray (local or a cluster) or this process."""
+    kubeflow: KubeflowConfig = KubeflowConfig()
+    """Kubeflow Pipelines and KubeRay settings (used only when the job runs as a KFP DAG)."""
 
     @model_validator(mode="after")
     def _cross_section_checks(self) -> JobConfig:

@@ -90,6 +90,24 @@ def read_manifest(store: Store, stage: str, key: str) -> Manifest | None:
     return Manifest.from_json(store.read_bytes(relative).decode(), source=store.url(relative))
 
 
+def manifest_url(store: Store, manifest: Manifest) -> str:
+    """The URL that names a step's manifest between processes (Kubeflow steps, RayJobs)."""
+    return store.url(f"{manifest.folder}/{MANIFEST_NAME}")
+
+
+def read_manifest_url(store: Store, url: str) -> Manifest:
+    """The manifest at `url`, which must be a step's manifest under `store`'s root."""
+    root = store.url("").rstrip("/") + "/"
+    suffix = "/" + MANIFEST_NAME
+    parts = url[len(root) : -len(suffix)].split("/") if url.startswith(root) and url.endswith(suffix) else []
+    if len(parts) != 2:
+        raise ManifestError(f"{url}: not a step manifest under the job's storage root {root} (expected {root}<stage>/<key>{suffix})")
+    manifest = read_manifest(store, *parts)
+    if manifest is None:
+        raise ManifestError(f"{url}: no such manifest; the step that writes it has not finished (or storage.root differs)")
+    return manifest
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _TRACKED_LIBRARIES:

@@ -41,54 +41,85 @@ def run_pipeline(config: JobConfig, until: str = "register", force: frozenset[st
     """
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
-    store = Store(config.storage)
-    steps: dict[str, Manifest] = {}
     wanted = STAGES[: STAGES.index(until) + 1]
+    steps: dict[str, Manifest] = {"prep": prep_step(config, force)}
+    if "cache" in wanted:
+        steps |= cache_steps(config, steps["prep"], force)
+    if "distill" in wanted:
+        steps |= distill_steps(config, steps["prep"], steps["teacher"], steps.get("cache"), force)
+    if "eval" in wanted:
+        steps["eval"] = eval_step(config, steps["prep"], steps["teacher"], steps["distill"], steps.get("baseline"), force)
+    if "register" in wanted:
+        steps["register"] = register_step(config, steps["eval"], steps["distill"], force)
+    return steps
 
+
+# One function per stage, shared by run_pipeline and the Kubeflow components (kd_core/kubeflow).
+def prep_step(config: JobConfig, force: frozenset[str] = frozenset()) -> Manifest:
     from kd_core.data.prep import prep
 
-    steps["prep"] = _announce(prep(config.data, store, force=is_forced("prep", force)))
-    if "cache" in wanted:
-        from kd_core.cache import cache
-        from kd_core.train.teacher import teacher
+    return _announce(prep(config.data, Store(config.storage), force=is_forced("prep", force)))
 
-        steps["teacher"] = _announce(teacher(config.teacher, steps["prep"], store, config.compute, force=is_forced("teacher", force)))
-        if config.distill.teacher_source == "cache":
-            steps["cache"] = _announce(
-                cache(config.cache, steps["prep"], steps["teacher"], store, config.compute, force=is_forced("cache", force))
-            )
-    if "distill" in wanted:
-        from kd_core.train.distill import baseline, distill
-        from kd_core.train.tracking import TrainingRun
 
-        targets = steps["cache"] if config.distill.teacher_source == "cache" else steps["teacher"]
-        tracking = TrainingRun.for_job(config.registry, f"distill-{config.name}", public_dict(config))
-        steps["distill"] = _announce(
+def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:
+    """The teacher step, then (with `distill.teacher_source: cache`) the cache stage."""
+    from kd_core.cache import cache
+    from kd_core.train.teacher import teacher
+
+    store = Store(config.storage)
+    steps = {"teacher": _announce(teacher(config.teacher, prep, store, config.compute, force=is_forced("teacher", force)))}
+    if config.distill.teacher_source == "cache":
+        steps["cache"] = _announce(cache(config.cache, prep, steps["teacher"], store, config.compute, force=is_forced("cache", force)))
+    return steps
+
+
+def distill_steps(
+    config: JobConfig, prep: Manifest, teacher: Manifest, cache: Manifest | None, force: frozenset[str] = frozenset()
+) -> dict[str, Manifest]:
+    """The distilled student, then (with `distill.baseline`) the no-teacher baseline."""
+    from kd_core.train.distill import baseline, distill
+    from kd_core.train.tracking import TrainingRun
+
+    store = Store(config.storage)
+    targets = cache if config.distill.teacher_source == "cache" else teacher
+    if targets is None:
+        raise ValueError("distill.teacher_source is cache: the distill step needs the cache stage's manifest")
+    tracking = TrainingRun.for_job(config.registry, f"distill-{config.name}", public_dict(config))
+    steps = {
+        "distill": _announce(
             distill(
-                config.distill, config.student, steps["prep"], targets, store, config.compute,
+                config.distill, config.student, prep, targets, store, config.compute,
                 tracking=tracking, force=is_forced("distill", force),
             )
         )
-        if config.distill.baseline:
-            steps["baseline"] = _announce(
-                baseline(config.distill, config.student, steps["prep"], store, config.compute, force=is_forced("baseline", force))
-            )
-    if "eval" in wanted:
-        from kd_core.eval import evaluate
-
-        steps["eval"] = _announce(
-            evaluate(
-                config.eval, steps["prep"], steps["teacher"], steps["distill"], steps.get("baseline"), store,
-                job_name=config.name, force=is_forced("eval", force),
-            )
-        )
-    if "register" in wanted:
-        from kd_core.registry import register
-
-        steps["register"] = _announce(
-            register(config.registry, steps["eval"], steps["distill"], store, public_dict(config), force=is_forced("register", force))
+    }
+    if config.distill.baseline:
+        steps["baseline"] = _announce(
+            baseline(config.distill, config.student, prep, store, config.compute, force=is_forced("baseline", force))
         )
     return steps
+
+
+def eval_step(
+    config: JobConfig, prep: Manifest, teacher: Manifest, student: Manifest, baseline: Manifest | None,
+    force: frozenset[str] = frozenset(),
+) -> Manifest:
+    from kd_core.eval import evaluate
+
+    return _announce(
+        evaluate(
+            config.eval, prep, teacher, student, baseline, Store(config.storage),
+            job_name=config.name, force=is_forced("eval", force),
+        )
+    )
+
+
+def register_step(config: JobConfig, evaluation: Manifest, student: Manifest, force: frozenset[str] = frozenset()) -> Manifest:
+    from kd_core.registry import register
+
+    return _announce(
+        register(config.registry, evaluation, student, Store(config.storage), public_dict(config), force=is_forced("register", force))
+    )
 
 
 def _announce(manifest: Manifest) -> Manifest:

@@ -15,6 +15,10 @@ The stage's folder is `<root>/<stage>/<key>`, where the key hashes the stage nam
 version, its config section and its inputs' keys. The same inputs give the same key, and a key
 whose manifest is complete is skipped (unless forced). Forcing deletes the old manifest first, so
 a forced run that dies midway leaves the stage incomplete, never stale-but-complete.
+
+Inside `with reuse_only():` a stage whose manifest is missing raises instead of running: how a
+caller collects the manifests of steps that ran elsewhere (a KubeRay RayJob, a kfp.local DAG)
+without ever redoing their work by accident.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,11 +36,32 @@ from typing import Any
 from pydantic import BaseModel
 
 from kd_core.config import public_dict, section_hash
-from kd_core.manifest import MANIFEST_NAME, Manifest, library_versions, read_manifest, stage_folder, write_manifest
+from kd_core.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    library_versions,
+    read_manifest,
+    stage_folder,
+    write_manifest,
+)
 from kd_core.storage import FileRecord, Store
 
 # Bump a stage's number when its code changes what it writes: old outputs then stop matching.
 STAGE_CODE_VERSIONS = {"prep": 3, "teacher": 2, "cache": 2, "distill": 2, "baseline": 2, "eval": 3, "register": 3}
+
+
+_REUSE_ONLY: ContextVar[bool] = ContextVar("kdflow_reuse_only", default=False)
+
+
+@contextmanager
+def reuse_only() -> Iterator[None]:
+    """Stages started in this block return their existing manifest or raise `ManifestError`."""
+    token = _REUSE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REUSE_ONLY.reset(token)
 
 
 def stage_key(stage: str, config_hash: str, input_keys: dict[str, str]) -> str:
@@ -73,6 +99,11 @@ class StageRun:
             self.reused = read_manifest(store, stage, self.key)
             if self.reused is not None:
                 self.reused.reused = True
+        if self.reused is None and _REUSE_ONLY.get():
+            raise ManifestError(
+                f"{stage} step {self.key}: no complete manifest at {store.url(self.folder + '/' + MANIFEST_NAME)}; "
+                "it was expected to have run already (look at the log of the job that should have run it)"
+            )
         if self.reused is None:
             store.delete(f"{self.folder}/{MANIFEST_NAME}")
 

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components, one per kdflow stage (see components/stages.py)."""

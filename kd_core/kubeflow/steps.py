@@ -1,0 +1,112 @@
+"""What each Kubeflow component runs: one stage of the job, its inputs named by manifest URL.
+
+A component gets the job config as JSON (no secrets: those reach the pod as environment
+variables from Kubernetes secrets) and the manifest URLs of the steps it reads. It runs its
+stage through the same functions as `kdflow run` (`kd_core.pipeline`) and returns the URLs of
+the manifests it made, so steps reuse finished work exactly as `kdflow run` does.
+
+On a cluster the distill step's pod submits a KubeRay RayJob (`kubeflow.rayjob`) whose
+entrypoint is this module (`python -m kd_core.kubeflow.steps distill`, the job and inputs in its
+environment), then collects the manifests under `reuse_only`: a RayJob that did not finish is an
+error, never a silent retrain inside the step's small pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from kd_core.config import ConfigError, JobConfig, public_dict, validate_config
+from kd_core.manifest import Manifest, manifest_url, read_manifest_url
+from kd_core.pipeline import cache_steps, distill_steps, eval_step, prep_step, register_step
+from kd_core.stage import reuse_only
+from kd_core.storage import Store
+
+STEP_INPUTS = {
+    "prep": (),
+    "cache": ("prep",),
+    "distill": ("prep", "teacher", "cache"),
+    "eval": ("prep", "teacher", "distill", "baseline"),
+    "register": ("eval", "distill"),
+}
+"""Component -> the manifest URLs it takes (an empty URL: that step did not run, e.g. no baseline)."""
+JOB_ENV, INPUTS_ENV = "KDFLOW_JOB", "KDFLOW_STEP_INPUTS"
+"""How the distill RayJob's entrypoint receives the job and its inputs."""
+
+
+def job_config(job_json: str) -> JobConfig:
+    """The job config a component was given, validated before any work."""
+    try:
+        raw = json.loads(job_json)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"the pipeline's job parameter is not JSON ({err}); compile the pipeline with kdflow") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the pipeline's job parameter must be a JSON object of config sections")
+    return validate_config(raw, source="the pipeline's job parameter")
+
+
+def job_json(config: JobConfig) -> str:
+    """The job as a component parameter: the public config (secrets removed), as compact JSON."""
+    return json.dumps(public_dict(config), sort_keys=True, separators=(",", ":"))
+
+
+def run_step(step: str, job: str, inputs: dict[str, str]) -> dict[str, str]:
+    """Run one component's stage; returns step name -> manifest URL of every step it made."""
+    if step not in STEP_INPUTS:
+        raise ValueError(f"unknown pipeline step {step!r}; one of {', '.join(STEP_INPUTS)}")
+    missing = [name for name in STEP_INPUTS[step] if name not in inputs]
+    if missing:
+        raise ValueError(f"pipeline step {step} needs the manifest URLs of {', '.join(missing)}")
+    config = job_config(job)
+    store = Store(config.storage)
+    given = {name: read_manifest_url(store, url) for name, url in inputs.items() if url}
+    made = _run(step, config, given, inputs)
+    return {name: manifest_url(store, manifest) for name, manifest in made.items()}
+
+
+def _run(step: str, config: JobConfig, given: dict[str, Manifest], urls: dict[str, str]) -> dict[str, Manifest]:
+    if step == "prep":
+        return {"prep": prep_step(config)}
+    if step == "cache":
+        return cache_steps(config, given["prep"])
+    if step == "distill":
+        if config.kubeflow.rayjob.enabled:
+            from kd_core.kubeflow.rayjob import run_distill_rayjob
+
+            run_distill_rayjob(config, urls)
+            with reuse_only():
+                return distill_steps(config, given["prep"], given["teacher"], given.get("cache"))
+        return distill_steps(config, given["prep"], given["teacher"], given.get("cache"))
+    if step == "eval":
+        return {"eval": eval_step(config, given["prep"], given["teacher"], given["distill"], given.get("baseline"))}
+    return {"register": register_step(config, given["eval"], given["distill"])}
+
+
+def eval_metrics(job: str, eval_url: str) -> tuple[bool, dict[str, float], str]:
+    """For the eval component's typed outputs: (gates passed, scalar metrics, report HTML)."""
+    config = job_config(job)
+    store = Store(config.storage)
+    manifest = read_manifest_url(store, eval_url)
+    scalars = {"gates_passed": float(manifest.metrics["gates_passed"])}
+    for model in ("teacher", "student", "baseline"):
+        for name, value in manifest.metrics.get(model, {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                scalars[f"{model}.{name}"] = float(value)
+    report = store.read_bytes(manifest.output("report.html").path).decode()
+    return bool(manifest.metrics["gates_passed"]), scalars, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The RayJob entrypoint: `python -m kd_core.kubeflow.steps STEP`, job and inputs from the environment."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1 or JOB_ENV not in os.environ:
+        print(f"usage: {JOB_ENV}=<job JSON> {INPUTS_ENV}=<inputs JSON> python -m kd_core.kubeflow.steps STEP", file=sys.stderr)
+        return 2
+    made = run_step(args[0], os.environ[JOB_ENV], json.loads(os.environ.get(INPUTS_ENV, "{}")))
+    print(json.dumps(made, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The job as a Kubeflow DAG: kfp.local runs, the compiled pipeline, the distill step's RayJob.
+
+- The tiny job's whole DAG runs through `kfp.local` (SubprocessRunner: every component is a
+  subprocess of this Python, through KFP's executor), registers only when the gates pass, and
+  writes eval's typed outputs (Metrics, HTML).
+- The committed pipelines/compiled/ YAML matches what `make pipelines` would write now, and
+  carries the cluster settings of configs/cluster.yaml (resources, GPUs, placement, secrets).
+- The RayJob: the manifest built from infra/kuberay/rayjob.yaml and a config, and the watch /
+  delete logic against a scripted RayJob API (no Kubernetes API server runs on this machine; the
+  README says so). Its pod templates are validated against the Kubernetes schemas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_core.config import ConfigError, load_config
+from kd_core.kubeflow import engines
+from kd_core.kubeflow.rayjob import RayJobFailed, build_rayjob, run_rayjob, watch_rayjob
+from kd_core.kubeflow.steps import job_config, run_step
+from kd_core.manifest import ManifestError, read_manifest_url
+from kd_core.stage import reuse_only
+from kd_core.storage import Store
+
+REPO = Path(__file__).resolve().parents[1]
+COMPILED = REPO / "pipelines" / "compiled" / "distill_pipeline.yaml"
+
+
+# ------------------------------------------------------------------------------ kfp.local DAG
+@pytest.mark.slow
+def test_kfp_local_dag_runs_every_stage_and_registers_only_past_the_gates(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [
+        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}", "compute.backend=local",
+    ]
+    config = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    steps = engines.run_local(config)
+
+    assert list(steps) == ["prep", "teacher", "cache", "distill", "baseline", "eval", "register"]
+    assert all(manifest.reused for manifest in steps.values()), "every step ran inside the DAG, none in this process"
+    evaluation = steps["eval"].metrics
+    assert evaluation["gates_passed"]
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    (version,) = client.search_model_versions(f"name = '{config.registry.model_name}'")
+    assert client.get_model_version_by_alias(config.registry.model_name, "champion").version == version.version
+
+    # eval's typed outputs: the HTML artifact is the report, the Metrics artifact carries the numbers.
+    (run_folder,) = (tmp_path / "kfp").iterdir()
+    report = (run_folder / "evaluate" / "report").read_text()
+    store = Store(config.storage)
+    assert report == store.read_bytes(steps["eval"].output("report.html").path).decode()
+    executor_output = json.loads((run_folder / "evaluate" / "executor_output.json").read_text())
+    (metrics_artifact,) = executor_output["artifacts"]["metrics"]["artifacts"]
+    assert metrics_artifact["metadata"]["student.perplexity"] == pytest.approx(evaluation["student"]["perplexity"])
+    assert metrics_artifact["metadata"]["gates_passed"] == 1.0
+
+    # A gate that cannot pass: eval reruns, everything before it is reused, register is skipped.
+    failing = load_config(REPO / "configs" / "tiny.yaml", [*overrides, 'eval.gates=["student.perplexity < 1"]'])
+    steps = engines.run_local(failing)
+    assert "register" not in steps and steps["eval"].metrics["gates_passed"] is False
+    assert len(client.search_model_versions(f"name = '{config.registry.model_name}'")) == 1
+
+
+def test_kfp_local_engine_refuses_force(capsys):
+    from kd_core.cli import main
+
+    assert main(["run", "--engine", "kfp-local", str(REPO / "configs" / "tiny.yaml"), "--force", "eval"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ components
+def test_step_inputs_are_checked_before_any_work(tiny_config):
+    with pytest.raises(ConfigError, match="not JSON"):
+        run_step("prep", "{not json", {})
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        job_config(json.dumps({"data": {"seq_len": 2}}))
+    with pytest.raises(ValueError, match="needs the manifest URLs of teacher, cache"):
+        run_step("distill", engines_job(tiny_config), {"prep": "x"})
+    store = Store(tiny_config.storage)
+    with pytest.raises(ManifestError, match="not a step manifest under the job's storage root"):
+        read_manifest_url(store, "s3://elsewhere/prep/abc/manifest.json")
+    with pytest.raises(ManifestError, match="has not finished"):
+        read_manifest_url(store, store.url("prep/0123456789abcdef0123/manifest.json"))
+
+
+def test_reuse_only_never_runs_a_missing_stage(tiny_config):
+    from kd_core.pipeline import prep_step
+
+    with reuse_only(), pytest.raises(ManifestError, match="expected to have run already"):
+        prep_step(tiny_config)
+    assert not Path(tiny_config.storage.root).exists() or not any(Path(tiny_config.storage.root).rglob("*.arrow"))
+
+
+def engines_job(config) -> str:
+    from kd_core.kubeflow.steps import job_json
+
+    return job_json(config)
+
+
+# ------------------------------------------------------------------------------ compiled DAG
+def test_committed_pipeline_yaml_is_current(tmp_path):
+    fresh = engines.compile_pipeline(load_config(REPO / "configs" / "cluster.yaml"), tmp_path / "distill_pipeline.yaml")
+    assert fresh.read_text() == COMPILED.read_text(), "pipelines/compiled/ is stale: run `make pipelines` and commit it"
+
+
+def test_compiled_pipeline_carries_the_cluster_settings():
+    spec, platform = yaml.safe_load_all(COMPILED.read_text())
+    config = load_config(REPO / "configs" / "cluster.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"prep", "cache", "distill", "evaluate", "condition-1"}
+    register = spec["components"]["comp-condition-1"]["dag"]["tasks"]["register"]
+    condition = tasks["condition-1"]["triggerPolicy"]["condition"]
+    assert "evaluate-Output" in condition and "== true" in condition
+    for task in [tasks["prep"], tasks["cache"], tasks["distill"], tasks["evaluate"], register]:
+        assert task.get("cachingOptions") == {}, "KFP caching must be off: the steps' inputs live outside KFP"
+    executors = spec["deploymentSpec"]["executors"]
+    for step, executor in (("cache", "exec-cache"), ("eval", "exec-evaluate"), ("prep", "exec-prep")):
+        wanted, container = config.kubeflow.steps[step], executors[executor]["container"]
+        assert container["image"] == config.kubeflow.image
+        assert container["resources"]["resourceCpuRequest"] == wanted.cpu
+        assert container["resources"]["resourceMemoryLimit"] == wanted.memory
+        assert ("accelerator" in container["resources"]) == (wanted.accelerators > 0)
+    assert executors["exec-cache"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(kubernetes) == set(executors)
+    for executor in kubernetes.values():
+        secrets = {entry["secretName"]: {pair["envVar"] for pair in entry["keyToEnv"]} for entry in executor["secretAsEnv"]}
+        assert secrets == {"kdflow-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "kdflow-mlflow": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}
+    assert kubernetes["exec-cache"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert kubernetes["exec-cache"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "nodeSelector" not in kubernetes["exec-prep"]
+
+
+def test_no_credential_reaches_the_compiled_pipeline(tmp_path):
+    config = load_config(REPO / "configs" / "cluster.yaml", ["storage.s3.secret_access_key=do-not-leak-me"])
+    text = engines.compile_pipeline(config, tmp_path / "p.yaml").read_text()
+    assert "do-not-leak-me" not in text
+
+
+def test_schedule_needs_a_six_field_cron():
+    assert engines.check_cron(" 0 0 3 * *  * ") == "0 0 3 * * *"
+    with pytest.raises(ConfigError, match="six fields"):
+        engines.check_cron("0 3 * * *")
+
+
+# ------------------------------------------------------------------------------ RayJob
+def test_rayjob_manifest_follows_the_config():
+    from kubernetes_validate import validate
+
+    config = load_config(REPO / "configs" / "cluster.yaml")
+    inputs = {"prep": "s3://kdflow/runs/prep/a/manifest.json", "teacher": "s3://kdflow/runs/teacher/b/manifest.json", "cache": ""}
+    job = build_rayjob(config, inputs, "kdflow-distill-test")
+    assert job["kind"] == "RayJob" and job["metadata"] == {**job["metadata"], "name": "kdflow-distill-test", "namespace": "kdflow"}
+    cluster = job["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1  # 8 workers, 8 GPUs per pod
+    worker = group["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"] == {"cpu": "64", "memory": "900Gi", "nvidia.com/gpu": "8"}
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert "tolerations" not in head and "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    for pod in (head, worker):
+        assert pod["containers"][0]["image"] == config.kubeflow.image
+        env = {entry["name"]: entry for entry in pod["containers"][0]["env"]}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kdflow-s3", "key": "secret_access_key"}
+        assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
+        validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod}, "1.30.0", strict=True)
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    inner = job_config(runtime_env["KDFLOW_JOB"])
+    assert inner.compute.ray_address == "auto" and inner.compute.use_gpu and not inner.kubeflow.rayjob.enabled
+    assert inner.distill == config.distill and json.loads(runtime_env["KDFLOW_STEP_INPUTS"]) == inputs
+
+    four_gpu_pods = load_config(REPO / "configs" / "cluster.yaml", ["compute.num_workers=16", "kubeflow.rayjob.worker.accelerators=4", "compute.cpus_per_worker=16"])
+    (group,) = build_rayjob(four_gpu_pods, inputs, "x")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 4
+    with pytest.raises(ConfigError, match="compute.num_workers .12. must be a multiple of kubeflow.rayjob.worker.accelerators"):
+        build_rayjob(load_config(REPO / "configs" / "cluster.yaml", ["compute.num_workers=12", "teacher.train.batch_size=48", "distill.train.batch_size=48", "distill.deepspeed.gradient_accumulation_steps=1"]), inputs, "x")
+    with pytest.raises(ConfigError, match="compute.cpus_per_worker"):
+        build_rayjob(load_config(REPO / "configs" / "cluster.yaml", ["compute.cpus_per_worker=9"]), inputs, "x")
+
+
+class ScriptedRayJobs:
+    """A stand-in for the Kubernetes API's RayJob endpoints: each `get` returns the next status of
+    a script (the last one repeats); `on_get` can act in between (e.g. deliver a signal)."""
+
+    def __init__(self, statuses, on_get=None):
+        self.statuses, self.on_get = list(statuses), on_get
+        self.created, self.deleted, self.gets = [], [], 0
+
+    def create(self, namespace, body):
+        self.created.append((namespace, body["metadata"]["name"]))
+
+    def get(self, namespace, name):
+        self.gets += 1
+        if self.on_get:
+            self.on_get(self.gets)
+        status = self.statuses[min(self.gets, len(self.statuses)) - 1]
+        return {"metadata": {"name": name}, "status": status}
+
+    def delete(self, namespace, name):
+        self.deleted.append((namespace, name))
+
+
+def _rayjob():
+    return build_rayjob(load_config(REPO / "configs" / "cluster.yaml"), {"prep": "x"}, "kdflow-distill-t")
+
+
+def test_rayjob_watch_reports_each_change_and_returns_on_success():
+    api = ScriptedRayJobs([
+        {}, {"jobDeploymentStatus": "Initializing"}, {"jobDeploymentStatus": "Initializing"},
+        {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+        {"jobDeploymentStatus": "Running", "jobStatus": "FAILED"},  # a failed attempt KubeRay may retry
+        {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+        {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+    ])
+    lines = []
+    status = run_rayjob(api, _rayjob(), poll_seconds=0, report=lines.append, sleep=lambda s: None)
+    assert status.succeeded and api.gets == 7
+    assert api.created == api.deleted == [("kdflow", "kdflow-distill-t")]
+    changes = [line for line in lines if line.startswith("RayJob kdflow-distill-t:")]
+    assert changes == [
+        "RayJob kdflow-distill-t: New, Ray job PENDING", "RayJob kdflow-distill-t: Initializing, Ray job PENDING",
+        "RayJob kdflow-distill-t: Running, Ray job RUNNING", "RayJob kdflow-distill-t: Running, Ray job FAILED",
+        "RayJob kdflow-distill-t: Running, Ray job RUNNING", "RayJob kdflow-distill-t: Complete, Ray job SUCCEEDED",
+    ]
+
+
+@pytest.mark.parametrize("final", [
+    {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "reason": "AppFailed", "message": "CUDA out of memory"},
+    {"jobDeploymentStatus": "Failed", "jobStatus": "RUNNING", "reason": "DeadlineExceeded", "message": "activeDeadlineSeconds passed"},
+    {"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"},
+])
+def test_a_failed_rayjob_fails_the_step_with_its_reason_and_is_deleted(final):
+    api = ScriptedRayJobs([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, final])
+    with pytest.raises(RayJobFailed) as failure:
+        run_rayjob(api, _rayjob(), poll_seconds=0, report=lambda line: None, sleep=lambda s: None)
+    assert final["jobStatus"] in str(failure.value) and final.get("message", "") in str(failure.value)
+    assert api.deleted == [("kdflow", "kdflow-distill-t")]
+
+
+def test_a_cancelled_step_deletes_its_rayjob():
+    """KFP cancels a run by terminating the step's pod: SIGTERM must still delete the RayJob."""
+    def terminate(gets):
+        if gets == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    api = ScriptedRayJobs([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}], on_get=terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="terminated"):
+        run_rayjob(api, _rayjob(), poll_seconds=0, report=lambda line: None, sleep=lambda s: None)
+    assert api.deleted == [("kdflow", "kdflow-distill-t")]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_watch_alone_does_not_delete():
+    api = ScriptedRayJobs([{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    assert watch_rayjob(api, "kdflow", "j", poll_seconds=0, report=lambda line: None, sleep=lambda s: None).succeeded
+    assert api.deleted == []
