@@ -5,6 +5,8 @@
   writes eval's typed outputs (Metrics, HTML).
 - The committed pipelines/compiled/ YAML matches what `make pipelines` would write now, and
   carries the cluster settings of configs/cluster.yaml (resources, GPUs, placement, secrets).
+- `kdflow submit` / `kdflow schedule` through the real KFP client, against a loopback stand-in of
+  the KFP v2beta1 REST API that records what the client sends (no KFP server runs here).
 - The RayJob: the manifest built from infra/kuberay/rayjob.yaml and a config, and the watch /
   delete logic against a scripted RayJob API (no Kubernetes API server runs on this machine; the
   README says so). Its pod templates are validated against the Kubernetes schemas.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -150,6 +154,88 @@ def test_schedule_needs_a_six_field_cron():
     assert engines.check_cron(" 0 0 3 * *  * ") == "0 0 3 * * *"
     with pytest.raises(ConfigError, match="six fields"):
         engines.check_cron("0 3 * * *")
+
+
+class KfpApiStandIn:
+    """Answers the KFP v2beta1 endpoints that submit and schedule use, and records every request."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict | None]] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, body):
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                requests.append(("GET", self.path, None))
+                self.reply({"experiments": []})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                requests.append(("POST", self.path.split("?")[0], body))
+                ids = {"/apis/v2beta1/experiments": "experiment_id", "/apis/v2beta1/runs": "run_id", "/apis/v2beta1/recurringruns": "recurring_run_id"}
+                self.reply({ids[self.path.split("?")[0]]: "id-1", **body})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def posted(self, path: str) -> dict:
+        (body,) = [body for method, where, body in self.requests if method == "POST" and where == path]
+        return body
+
+
+@pytest.fixture
+def kfp_api():
+    stand_in = KfpApiStandIn()
+    yield stand_in
+    stand_in.server.shutdown()
+
+
+def test_submit_sends_the_compiled_dag_with_the_service_account_and_no_caching(kfp_api, capsys):
+    from kd_core.cli import main
+
+    assert main(["submit", str(REPO / "configs" / "cluster.yaml"), f"kubeflow.host={kfp_api.url}"]) == 0
+    assert "run id-1" in capsys.readouterr().out
+    assert kfp_api.posted("/apis/v2beta1/experiments") == {"display_name": "kdflow", "namespace": "kdflow"}
+    run = kfp_api.posted("/apis/v2beta1/runs")
+    assert run["display_name"] == "kdflow-cluster" and run["service_account"] == "kdflow-pipeline"
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "kdflow-distill"
+    assert "secretAsEnv" in json.dumps(run["pipeline_spec"]["platform_spec"])
+    spec, _ = yaml.safe_load_all(COMPILED.read_text())
+    def shape(tasks):
+        return {name: (task["componentRef"], task.get("dependentTasks")) for name, task in tasks.items()}
+
+    assert shape(run["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]) == shape(spec["root"]["dag"]["tasks"])
+
+
+def test_schedule_creates_one_recurring_run_at_a_time_without_catch_up(kfp_api, capsys):
+    from kd_core.cli import main
+
+    assert main(["schedule", str(REPO / "configs" / "cluster.yaml"), f"kubeflow.host={kfp_api.url}", "--cron", "0 0 3 * * *"]) == 0
+    assert "recurring run id-1" in capsys.readouterr().out
+    recurring = kfp_api.posted("/apis/v2beta1/recurringruns")
+    assert recurring["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+    assert int(recurring["max_concurrency"]) == 1 and recurring["no_catchup"] is True
+    assert recurring["service_account"] == "kdflow-pipeline" and recurring["experiment_id"] == "id-1"
+    assert main(["schedule", str(REPO / "configs" / "cluster.yaml"), f"kubeflow.host={kfp_api.url}", "--cron", "0 3 * * *"]) == 2
+
+
+def test_submit_without_an_endpoint_says_which_field(capsys, monkeypatch):
+    from kd_core.cli import main
+
+    monkeypatch.delenv("KF_PIPELINES_ENDPOINT", raising=False)
+    assert main(["submit", str(REPO / "configs" / "tiny.yaml")]) == 2
+    assert "kubeflow.host" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ RayJob
