@@ -13,7 +13,8 @@ test: $(STAMP) $(CHECKOV_STAMP)  ## run the test suite
 	$(BIN)/python -m pytest
 
 pipelines: $(STAMP)  ## compile the Kubeflow DAGs to pipelines/compiled/ (committed; a test fails when they are stale)
-	$(BIN)/kdflow compile configs/cluster.yaml --output pipelines/compiled/distill_pipeline.yaml
+	$(BIN)/kdflow compile configs/cluster.yaml --pipeline distill --output pipelines/compiled/distill_pipeline.yaml
+	$(BIN)/kdflow compile configs/cluster.yaml --pipeline tune-distill --output pipelines/compiled/tune_distill_pipeline.yaml
 
 setup: $(STAMP)
 

@@ -1,4 +1,4 @@
-"""One KFP v2 component per kdflow stage: prep, cache, distill, eval, register.
+"""One KFP v2 component per kdflow stage: prep, cache, tune, distill, eval, register.
 
 Each is a lightweight component that runs in the kdflow image (infra/Dockerfile): its body
 imports kdflow and calls `kd_core.kubeflow.steps.run_step`, the same stage functions as
@@ -8,6 +8,7 @@ imports kdflow and calls `kd_core.kubeflow.steps.run_step`, the same stage funct
   environment variables);
 - manifest URLs (strings) naming each step's outputs on the job's storage; an empty string means
   that step did not run (no cache with an online teacher, no baseline);
+- tune's `best_job`: the best trial's complete job, which the steps after it take as their `job`;
 - eval's typed artifacts: `metrics` (`dsl.Metrics`: every scalar per model and gates_passed)
   and `report` (`dsl.HTML`: the report page), and its return value, whether every gate passed.
 
@@ -41,6 +42,25 @@ def cache(job: str, prep_manifest: str) -> NamedTuple("CacheOutputs", [("teacher
 
     made = run_step("cache", job, {"prep": prep_manifest})
     return namedtuple("CacheOutputs", ["teacher", "cache"])(made["teacher"], made.get("cache", ""))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tune(
+    job: str, prep_manifest: str, teacher_manifest: str, cache_manifest: str, results: Output[Metrics], report: Output[HTML]
+) -> NamedTuple("TuneOutputs", [("tune", str), ("best_job", str)]):
+    """Search `tune.space` (a KubeRay RayJob on a cluster, Ray in this pod otherwise); returns the
+    tune manifest URL and the best job, with the search's metrics and its table and plot."""
+    from collections import namedtuple
+    from pathlib import Path
+
+    from kd_core.kubeflow.steps import run_step, tune_outputs
+
+    url = run_step("tune", job, {"prep": prep_manifest, "teacher": teacher_manifest, "cache": cache_manifest})["tune"]
+    best_job, scalars, page = tune_outputs(job, url)
+    for name, value in scalars.items():
+        results.log_metric(name, value)
+    Path(report.path).write_text(page)
+    return namedtuple("TuneOutputs", ["tune", "best_job"])(url, best_job)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

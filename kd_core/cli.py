@@ -5,6 +5,7 @@
     kdflow run CONFIG [a.b=value ...] [--engine local|kfp-local]
                                                 every stage, in order (in this process, or as the
                                                 Kubeflow DAG through kfp.local)
+    kdflow tune CONFIG [a.b=value ...]          search tune.space (Optuna TPE + ASHA on Ray Tune)
     kdflow compile CONFIG [--output FILE]       the Kubeflow DAG as KFP YAML
     kdflow submit CONFIG                        one run of the DAG on kubeflow.host
     kdflow schedule CONFIG --cron "0 0 3 * * *" a recurring run (one at a time, no catch-up)
@@ -28,7 +29,7 @@ from kd_core.config import ConfigError, JobConfig, load_config
 from kd_core.manifest import Manifest
 from kd_core.pipeline import STAGES
 
-_STEPS = ("prep", "teacher", "cache", "distill", "baseline", "eval", "register")
+_STEPS = ("prep", "teacher", "cache", "tune", "distill", "baseline", "eval", "register")
 _STAGE_HELP = {
     "prep": "tokenize raw text into packed, split token shards",
     "cache": "run (or train) the teacher and cache its outputs (top-k, sampled or full)",
@@ -36,6 +37,7 @@ _STAGE_HELP = {
     "eval": "measure teacher, student and baseline on held-out text",
     "register": "log the student to MLflow and register it under an alias",
     "run": "run every stage in order",
+    "tune": "search distillation hyperparameters (tune.space) with Ray Tune; writes the best config",
 }
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     validate = commands.add_parser("validate", help="validate a job config and exit", description="Validate a job config.")
     _add_config_arguments(validate)
-    for stage in (*STAGES, "run"):
+    for stage in (*STAGES, "tune", "run"):
         sub = commands.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage].capitalize() + ".")
         _add_config_arguments(sub)
         sub.add_argument(
@@ -60,16 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
                 "--engine", choices=("local", "kfp-local"), default="local",
                 help="local: the stages in this process (default); kfp-local: the Kubeflow DAG through kfp.local",
             )
+            _add_pipeline_argument(sub)
     compile_ = commands.add_parser("compile", help="compile the Kubeflow DAG to KFP YAML", description="Compile the Kubeflow DAG of a job to KFP YAML.")
     _add_config_arguments(compile_)
     compile_.add_argument("--output", default=None, help="YAML file to write (default: pipelines/compiled/<job name>.yaml)")
+    _add_pipeline_argument(compile_)
     submit = commands.add_parser("submit", help="submit one run of the DAG to kubeflow.host", description="Submit one run of the Kubeflow DAG.")
     _add_config_arguments(submit)
+    _add_pipeline_argument(submit)
     schedule = commands.add_parser(
         "schedule", help="create a recurring run of the DAG on kubeflow.host",
         description="Create a recurring run of the Kubeflow DAG: at most one at a time, missed runs are not caught up.",
     )
     _add_config_arguments(schedule)
+    _add_pipeline_argument(schedule)
     schedule.add_argument("--cron", required=True, help="KFP cron, six fields, seconds first: '0 0 3 * * *' is 03:00 daily")
     promote = commands.add_parser(
         "promote", help="move the champion alias to a model version by hand",
@@ -85,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(rollback)
     return parser
+
+
+def _add_pipeline_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pipeline", choices=("distill", "tune-distill"), default="distill",
+        help="distill: prep → cache → distill → eval → register (default); tune-distill: a search (tune.space) before distill",
+    )
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,12 +124,47 @@ def main(argv: list[str] | None = None) -> int:
         if force:
             stderr.print("[red]error:[/red] --force applies to the local engine; the kfp-local DAG reuses finished steps like a cluster run")
             return 2
-        return _run(config, "register", force, kfp_local=True)
+        return _run(config, "register", force, kfp_local=args.pipeline)
+    if args.command == "tune":
+        return _tune(config, force)
     until = "register" if args.command == "run" else args.command
     return _run(config, until, force)
 
 
-def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: bool = False) -> int:
+def _tune(config: JobConfig, force: frozenset[str]) -> int:
+    from kd_core.data.shards import ShardError
+    from kd_core.manifest import ManifestError
+    from kd_core.pipeline import cache_steps, run_pipeline, tune_step
+    from kd_core.storage import Store
+    from kd_core.tune import BEST_CONFIG_NAME, PLOT_NAME, TRIALS_NAME
+    from kd_core.tune.report import trials_table
+
+    if not config.tune.space:
+        stderr.print("[red]error:[/red] tune.space is empty: list the fields to search (see README, 'Hyperparameter search')")
+        return 2
+    started = time.perf_counter()
+    try:
+        steps = run_pipeline(config, until="prep", force=force)
+        steps |= cache_steps(config, steps["prep"], force)
+        steps["tune"] = tune_step(config, steps["prep"], steps["teacher"], steps.get("cache"), force)
+    except (ShardError, ManifestError) as err:
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2
+    print_summary(steps, time.perf_counter() - started)
+    manifest, store = steps["tune"], Store(config.storage)
+    import json
+
+    trials = json.loads(store.read_bytes(manifest.output(TRIALS_NAME).path))
+    stdout.print(trials_table(trials, config.tune.space))
+    if manifest.details.get("importance"):
+        stdout.print("parameter importance: " + ", ".join(f"{name} {share:.0%}" for name, share in manifest.details["importance"].items()))
+    stdout.print(f"plot: {manifest.output(PLOT_NAME).url}")
+    stdout.print(f"best config: {manifest.output(BEST_CONFIG_NAME).url}  (run it: kdflow run <that file>)")
+    return 0
+
+
+def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str | None = None) -> int:
+    """`kfp_local`: run that Kubeflow DAG (distill or tune-distill) through kfp.local instead."""
     from kd_core.data.shards import ShardError
     from kd_core.data.sources import DataSourceError
     from kd_core.manifest import ManifestError
@@ -128,7 +176,7 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: boo
         if kfp_local:
             from kd_core.kubeflow.engines import run_local
 
-            steps = run_local(config)
+            steps = run_local(config, kfp_local)
         else:
             steps = run_pipeline(config, until=until, force=force)
     except (ShardError, DataSourceError, ManifestError, TeacherError) as err:
@@ -143,16 +191,16 @@ def _kubeflow(config: JobConfig, args: argparse.Namespace) -> int:
 
     try:
         if args.command == "compile":
-            path = engines.compile_pipeline(config, args.output or f"pipelines/compiled/{config.name}.yaml")
+            path = engines.compile_pipeline(config, args.output or f"pipelines/compiled/{config.name}-{args.pipeline}.yaml", args.pipeline)
             stdout.print(f"compiled {config.name}: {path}")
         elif args.command == "submit":
-            run_id = engines.submit(config)
+            run_id = engines.submit(config, args.pipeline)
             stdout.print(f"submitted {config.name} to {engines.client_host(config)}: run {run_id}")
         else:
             import tempfile
 
             with tempfile.TemporaryDirectory() as folder:
-                recurring_id = engines.schedule(config, args.cron, folder)
+                recurring_id = engines.schedule(config, args.cron, folder, args.pipeline)
             stdout.print(f"scheduled {config.name} at '{args.cron}' (max concurrency 1, no catch-up): recurring run {recurring_id}")
     except ConfigError as err:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
@@ -234,6 +282,10 @@ def _headline(step: str, manifest: Manifest) -> str:
         return f"{kept}, {metrics['bytes_per_token']} bytes/token"
     if step == "eval":
         return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"
+    if step == "tune":
+        return (
+            f"{metrics['trials']} trials ({metrics['stopped_early']} stopped early), best val loss {metrics['best_val_loss']:.4f}"
+        )
     if step == "register":
         return f"{details['model_name']} v{details['version']} @{details['alias']}"
     return ""

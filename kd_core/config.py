@@ -366,6 +366,76 @@ class ComputeConfig(Section):
     kill); they continue from the latest checkpoint."""
 
 
+# ------------------------------------------------------------------------------------------ tune
+TUNABLE_PREFIXES = ("distill.loss.", "distill.train.", "student.")
+"""What a search may vary: the objective, the optimisation and the student. Never data, teacher
+or cache settings, which every trial shares (they are computed once, before the search)."""
+
+
+class SearchDimension(Section):
+    """One searched config field: `{kind: loguniform, low: 1e-4, high: 1e-2}` or
+    `{kind: choice, values: [forward_kl, reverse_kl]}`."""
+
+    kind: Literal["uniform", "loguniform", "int", "choice"]
+    """`uniform` / `loguniform` floats in [low, high], `int` integers in [low, high], `choice` one of `values`."""
+    low: float | None = None
+    """Lower bound (uniform, loguniform, int)."""
+    high: float | None = None
+    """Upper bound, inclusive (uniform, loguniform, int)."""
+    values: list[Any] | None = None
+    """The options of a `choice`."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchDimension:
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty `values` list")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.kind} needs low < high, got low={self.low}, high={self.high}")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """Values that bound the dimension (checked against the config before any trial runs)."""
+        if self.kind == "choice":
+            return list(self.values or [])
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class TuneConfig(Section):
+    """`kdflow tune`: an Optuna TPE search with ASHA early stopping over `space`, each trial a short
+    distillation (Ray Train inside a Ray Tune trial) on the shared prep and cache outputs."""
+
+    space: dict[str, SearchDimension] = {}
+    """Dotted config field -> distribution, e.g. `distill.loss.kd_weight: {kind: uniform, low: 0.2,
+    high: 0.9}`; fields under distill.loss, distill.train or student."""
+    num_trials: int = Field(default=8, gt=0)
+    """Trials in the search."""
+    max_concurrent: int = Field(default=2, gt=0)
+    """Trials running at once (each also needs its workers' CPUs/GPUs free)."""
+    max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps per trial; None: `distill.train.max_steps`. The best config keeps the full run's."""
+    eval_every: int = Field(default=25, gt=0)
+    """A trial reports `val_loss` (the student's cross-entropy on the validation split, nats/token)
+    every this many steps; ASHA compares trials at these points."""
+    val_rows: int = Field(default=64, gt=0)
+    """Validation rows per report."""
+    grace_period: int = Field(default=2, gt=0)
+    """Reports a trial gets before ASHA may stop it."""
+    reduction_factor: int = Field(default=2, ge=2)
+    """ASHA keeps 1 / reduction_factor of the trials at each rung."""
+    workers_per_trial: int | None = Field(default=None, gt=0)
+    """Ray Train workers per trial; None: `compute.num_workers`."""
+    cpus_per_worker: int | None = Field(default=None, gt=0)
+    """CPUs per trial worker; None: `compute.cpus_per_worker`. (GPUs: one per worker with `compute.use_gpu`.)"""
+    seed: int = 0
+    """Seed of the TPE sampler."""
+
+
 # -------------------------------------------------------------------------------------- kubeflow
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -411,11 +481,12 @@ class SecretEnv(Section):
 
 
 class RayJobConfig(Section):
-    """The KubeRay RayJob that runs the distill step on a cluster (the pipeline's pod only
-    submits it, streams its status and deletes it). Workers: `compute.num_workers`."""
+    """The KubeRay RayJob that runs the distill and tune steps on a cluster (the pipeline's pod only
+    submits it, streams its status and deletes it). Workers: `compute.num_workers` for distill,
+    `tune.max_concurrent` × `tune.workers_per_trial` for tune."""
 
     enabled: bool = True
-    """False: the distill step runs Ray inside its own pod (`kubeflow.steps.distill` resources)."""
+    """False: the distill and tune steps run Ray inside their own pod (`kubeflow.steps` resources)."""
     ray_version: str = "2.60.0"
     """Ray version of the image (KubeRay checks it against the cluster it starts)."""
     head: PodResources = PodResources(cpu="2", memory="8Gi")
@@ -432,6 +503,7 @@ def _default_steps() -> dict[str, PodResources]:
     return {
         "prep": PodResources(cpu="4", memory="16Gi"),
         "cache": PodResources(cpu="8", memory="64Gi", accelerators=1),
+        "tune": PodResources(cpu="1", memory="2Gi"),
         "distill": PodResources(cpu="1", memory="2Gi"),
         "eval": PodResources(cpu="8", memory="32Gi", accelerators=1),
         "register": PodResources(cpu="1", memory="4Gi"),
@@ -457,7 +529,7 @@ class KubeflowConfig(Section):
         SecretEnv(secret="kdflow-mlflow", env={"MLFLOW_TRACKING_USERNAME": "username", "MLFLOW_TRACKING_PASSWORD": "password"}),
     ]
     """Kubernetes secrets exposed to every step (and Ray pod) as environment variables."""
-    steps: dict[Literal["prep", "cache", "distill", "eval", "register"], PodResources] = Field(default_factory=_default_steps)
+    steps: dict[Literal["prep", "cache", "tune", "distill", "eval", "register"], PodResources] = Field(default_factory=_default_steps)
     """Resources of each step's pod; a step left out asks for nothing."""
     rayjob: RayJobConfig = RayJobConfig()
     """The KubeRay RayJob that runs the distill step on a cluster."""
@@ -486,6 +558,8 @@ class JobConfig(Section):
     """The register stage: MLflow tracking and model registry."""
     compute: ComputeConfig = ComputeConfig()
     """Where the heavy steps run: Ray (local or a cluster) or this process."""
+    tune: TuneConfig = TuneConfig()
+    """`kdflow tune`: hyperparameter search over distillation settings."""
     kubeflow: KubeflowConfig = KubeflowConfig()
     """Kubeflow Pipelines and KubeRay settings (used only when the job runs as a KFP DAG)."""
 
@@ -538,7 +612,33 @@ class JobConfig(Section):
                 f"{reason}, got {loss.temperature}; set both"
                 + ("" if self.cache.format == "sampled" else ", or topk_tail: false")
             )
+        self._check_tune_space()
         return self
+
+    def _check_tune_space(self) -> None:
+        """Every searched field exists, may be searched, and takes each bound of its range."""
+        accumulation = self.distill.deepspeed.gradient_accumulation_steps if self.distill.deepspeed.enabled else 1
+        trial_workers = self.tune.workers_per_trial
+        if trial_workers and self.distill.train.batch_size % (trial_workers * accumulation):
+            raise ValueError(
+                f"tune.workers_per_trial: distill.train.batch_size ({self.distill.train.batch_size}) must be a multiple of "
+                f"tune.workers_per_trial × distill.deepspeed.gradient_accumulation_steps ({trial_workers} × {accumulation})"
+            )
+        for dotted, dimension in self.tune.space.items():
+            if not dotted.startswith(TUNABLE_PREFIXES):
+                raise ValueError(
+                    f"tune.space.{dotted}: only fields under {', '.join(p.rstrip('.') for p in TUNABLE_PREFIXES)} can be searched "
+                    "(data, teacher and cache outputs are shared by every trial)"
+                )
+            for value in dimension.extremes():
+                raw = public_dict(self)
+                raw["tune"]["space"] = {}
+                set_dotted(raw, dotted, value)
+                try:
+                    JobConfig.model_validate(raw)
+                except ValidationError as err:
+                    problems = "; ".join(_describe_error(error) for error in err.errors())
+                    raise ValueError(f"tune.space.{dotted}: the value {value!r} makes the job invalid: {problems}") from None
 
 
 # ------------------------------------------------------------------------------ loading, errors
@@ -573,14 +673,19 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     dotted, sep, value_text = override.partition("=")
     if not sep or not dotted.strip():
         raise ConfigError(f"override {override!r}: expected the form section.field=value")
-    keys = dotted.strip().split(".")
+    set_dotted(raw, dotted.strip(), yaml.safe_load(value_text) if value_text.strip() else None, f"override {override!r}")
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str = "") -> None:
+    """raw[a][b][c] = value for `a.b.c`, creating sections on the way."""
+    keys = dotted.split(".")
     node = raw
     for depth, key in enumerate(keys[:-1]):
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(keys[:depth + 1])} is not a section")
+            raise ConfigError(f"{source or dotted}: {'.'.join(keys[:depth + 1])} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else None
+    node[keys[-1]] = value
 
 
 _MESSAGES = {

@@ -26,6 +26,7 @@ DEPENDS_ON = {
     "baseline": ("prep",),
     "eval": ("prep", "teacher", "distill", "baseline"),
     "register": ("eval", "distill"),
+    "tune": ("prep", "teacher", "cache"),
 }
 """Step -> the steps whose outputs it reads. Forcing a step also redoes everything downstream."""
 
@@ -98,6 +99,16 @@ def distill_steps(
             baseline(config.distill, config.student, prep, store, config.compute, force=is_forced("baseline", force))
         )
     return steps
+
+
+def tune_step(config: JobConfig, prep: Manifest, teacher: Manifest, cache: Manifest | None, force: frozenset[str] = frozenset()) -> Manifest:
+    """The search of `config.tune` (kd_core/tune); its best_config.yaml is the job to distill next."""
+    from kd_core.tune import tune
+
+    targets = cache if config.distill.teacher_source == "cache" else teacher
+    if targets is None:
+        raise ValueError("distill.teacher_source is cache: the tune step needs the cache stage's manifest")
+    return _announce(tune(config, prep, targets, Store(config.storage), force=is_forced("tune", force)))
 
 
 def eval_step(

@@ -1,8 +1,9 @@
 """The job as a Kubeflow DAG: kfp.local runs, the compiled pipeline, the distill step's RayJob.
 
-- The tiny job's whole DAG runs through `kfp.local` (SubprocessRunner: every component is a
-  subprocess of this Python, through KFP's executor), registers only when the gates pass, and
-  writes eval's typed outputs (Metrics, HTML).
+- The tiny job's tune → distill DAG runs through `kfp.local` (SubprocessRunner: every component
+  is a subprocess of this Python, through KFP's executor): the search (Ray Tune, Optuna, ASHA,
+  MLflow child runs, `Tuner.restore`), the best job distilled, registered only past the gates,
+  and the typed outputs (Metrics, HTML).
 - The committed pipelines/compiled/ YAML matches what `make pipelines` would write now, and
   carries the cluster settings of configs/cluster.yaml (resources, GPUs, placement, secrets).
 - `kdflow submit` / `kdflow schedule` through the real KFP client, against a loopback stand-in of
@@ -38,8 +39,13 @@ COMPILED = REPO / "pipelines" / "compiled" / "distill_pipeline.yaml"
 
 # ------------------------------------------------------------------------------ kfp.local DAG
 @pytest.mark.slow
-def test_kfp_local_dag_runs_every_stage_and_registers_only_past_the_gates(tmp_path, monkeypatch):
+def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_only_past_the_gates(tmp_path, monkeypatch):
+    """The tune → distill DAG through kfp.local: a search of 6 trials, 2 at a time (Ray Tune + Ray
+    Train in the tune component's subprocess), then the best job distilled, evaluated, registered."""
     from mlflow import MlflowClient
+
+    from kd_core.pipeline import tune_step
+    from kd_core.tune import TRIALS_NAME
 
     monkeypatch.chdir(tmp_path)
     overrides = [
@@ -47,29 +53,62 @@ def test_kfp_local_dag_runs_every_stage_and_registers_only_past_the_gates(tmp_pa
         f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}", "compute.backend=local",
     ]
     config = load_config(REPO / "configs" / "tiny.yaml", overrides)
-    steps = engines.run_local(config)
+    steps = engines.run_local(config, "tune-distill")
 
-    assert list(steps) == ["prep", "teacher", "cache", "distill", "baseline", "eval", "register"]
+    assert list(steps) == ["prep", "teacher", "cache", "tune", "distill", "baseline", "eval", "register"]
     assert all(manifest.reused for manifest in steps.values()), "every step ran inside the DAG, none in this process"
-    evaluation = steps["eval"].metrics
-    assert evaluation["gates_passed"]
-    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
-    (version,) = client.search_model_versions(f"name = '{config.registry.model_name}'")
-    assert client.get_model_version_by_alias(config.registry.model_name, "champion").version == version.version
-
-    # eval's typed outputs: the HTML artifact is the report, the Metrics artifact carries the numbers.
-    (run_folder,) = (tmp_path / "kfp").iterdir()
-    report = (run_folder / "evaluate" / "report").read_text()
     store = Store(config.storage)
+
+    # The search: 6 trials, at most 2 at a time; ASHA stopped at least one; values within their ranges.
+    search = steps["tune"]
+    assert search.metrics["trials"] == 6 and search.metrics["stopped_early"] >= 1 and search.metrics["errored"] == 0
+    trials = json.loads(store.read_bytes(search.output(TRIALS_NAME).path))
+    for trial in trials:
+        assert 0.1 <= trial["params"]["distill.loss.kd_weight"] <= 0.9
+        assert 0.001 <= trial["params"]["distill.train.learning_rate"] <= 0.05
+        assert all(step % config.tune.eval_every == 0 for step, _ in trial["reports"])
+        assert trial["steps"] == (config.tune.max_steps if trial["status"] == "finished" else trial["reports"][-1][0])
+    best = search.details["best_params"]
+    assert search.metrics["best_val_loss"] == min(trial["val_loss"] for trial in trials)
+
+    # The steps after the search ran the best job: its values, the full run's step count.
+    distilled = steps["distill"].config
+    assert distilled["loss"]["kd_weight"] == pytest.approx(best["distill.loss.kd_weight"])
+    assert distilled["train"]["learning_rate"] == pytest.approx(best["distill.train.learning_rate"])
+    assert distilled["train"]["max_steps"] == config.distill.train.max_steps
+
+    # MLflow: one parent run with the best values and files, one child run per trial.
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    parent = client.get_run(search.details["mlflow_parent_run_id"])
+    assert parent.data.params["best.distill.loss.kd_weight"] == str(best["distill.loss.kd_weight"])
+    assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"best_config.yaml", "trials.json", "tune.png"}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 6
+
+    # KFP's typed outputs: the search's metrics and page, eval's report and metrics.
+    (run_folder,) = (tmp_path / "kfp").iterdir()
+    assert "<img" in (run_folder / "tune" / "report").read_text()
+    report = (run_folder / "evaluate" / "report").read_text()
     assert report == store.read_bytes(steps["eval"].output("report.html").path).decode()
     executor_output = json.loads((run_folder / "evaluate" / "executor_output.json").read_text())
     (metrics_artifact,) = executor_output["artifacts"]["metrics"]["artifacts"]
-    assert metrics_artifact["metadata"]["student.perplexity"] == pytest.approx(evaluation["student"]["perplexity"])
-    assert metrics_artifact["metadata"]["gates_passed"] == 1.0
+    assert metrics_artifact["metadata"]["student.perplexity"] == pytest.approx(steps["eval"].metrics["student"]["perplexity"])
+    assert steps["eval"].metrics["gates_passed"]
+    (version,) = client.search_model_versions(f"name = '{config.registry.model_name}'")
+    assert client.get_model_version_by_alias(config.registry.model_name, "champion").version == version.version
 
-    # A gate that cannot pass: eval reruns, everything before it is reused, register is skipped.
+    # A killed search resumes from Ray Tune's experiment: with its manifest gone (as a kill leaves
+    # it), the stage restores the search and reruns no finished trial.
+    store.delete(f"{search.folder}/manifest.json")
+    trial_files = sorted(path.name for path in (tmp_path / "store" / search.folder / "trials").iterdir())
+    resumed = tune_step(config, steps["prep"], steps["teacher"], steps["cache"])
+    assert resumed.details["best_params"] == best and resumed.details["mlflow_parent_run_id"] == parent.info.run_id
+    assert sorted(path.name for path in (tmp_path / "store" / search.folder / "trials").iterdir()) == trial_files
+    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 6
+
+    # A gate that cannot pass: only eval reruns (the search is reused), register is skipped.
     failing = load_config(REPO / "configs" / "tiny.yaml", [*overrides, 'eval.gates=["student.perplexity < 1"]'])
-    steps = engines.run_local(failing)
+    steps = engines.run_local(failing, "tune-distill")
     assert "register" not in steps and steps["eval"].metrics["gates_passed"] is False
     assert len(client.search_model_versions(f"name = '{config.registry.model_name}'")) == 1
 
@@ -111,9 +150,21 @@ def engines_job(config) -> str:
 
 
 # ------------------------------------------------------------------------------ compiled DAG
-def test_committed_pipeline_yaml_is_current(tmp_path):
-    fresh = engines.compile_pipeline(load_config(REPO / "configs" / "cluster.yaml"), tmp_path / "distill_pipeline.yaml")
-    assert fresh.read_text() == COMPILED.read_text(), "pipelines/compiled/ is stale: run `make pipelines` and commit it"
+@pytest.mark.parametrize("pipeline", ["distill", "tune-distill"])
+def test_committed_pipeline_yaml_is_current(tmp_path, pipeline):
+    name = f"{pipeline.replace('-', '_')}_pipeline.yaml"
+    fresh = engines.compile_pipeline(load_config(REPO / "configs" / "cluster.yaml"), tmp_path / name, pipeline)
+    committed = REPO / "pipelines" / "compiled" / name
+    assert fresh.read_text() == committed.read_text(), "pipelines/compiled/ is stale: run `make pipelines` and commit it"
+
+
+def test_tune_distill_pipeline_runs_the_steps_after_the_search_with_the_best_job():
+    spec, _ = yaml.safe_load_all((REPO / "pipelines" / "compiled" / "tune_distill_pipeline.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"prep", "cache", "tune", "distill", "evaluate", "condition-1"}
+    assert tasks["tune"]["inputs"]["parameters"]["job"] == {"componentInputParameter": "job"}
+    for step in ("distill", "evaluate"):
+        assert tasks[step]["inputs"]["parameters"]["job"] == {"taskOutputParameter": {"outputParameterKey": "best_job", "producerTask": "tune"}}
 
 
 def test_compiled_pipeline_carries_the_cluster_settings():
@@ -244,7 +295,7 @@ def test_rayjob_manifest_follows_the_config():
 
     config = load_config(REPO / "configs" / "cluster.yaml")
     inputs = {"prep": "s3://kdflow/runs/prep/a/manifest.json", "teacher": "s3://kdflow/runs/teacher/b/manifest.json", "cache": ""}
-    job = build_rayjob(config, inputs, "kdflow-distill-test")
+    job = build_rayjob(config, "distill", inputs, "kdflow-distill-test")
     assert job["kind"] == "RayJob" and job["metadata"] == {**job["metadata"], "name": "kdflow-distill-test", "namespace": "kdflow"}
     cluster = job["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
@@ -266,12 +317,12 @@ def test_rayjob_manifest_follows_the_config():
     assert inner.distill == config.distill and json.loads(runtime_env["KDFLOW_STEP_INPUTS"]) == inputs
 
     four_gpu_pods = load_config(REPO / "configs" / "cluster.yaml", ["compute.num_workers=16", "kubeflow.rayjob.worker.accelerators=4", "compute.cpus_per_worker=16"])
-    (group,) = build_rayjob(four_gpu_pods, inputs, "x")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (group,) = build_rayjob(four_gpu_pods, "distill", inputs, "x")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 4
     with pytest.raises(ConfigError, match="compute.num_workers .12. must be a multiple of kubeflow.rayjob.worker.accelerators"):
-        build_rayjob(load_config(REPO / "configs" / "cluster.yaml", ["compute.num_workers=12", "teacher.train.batch_size=48", "distill.train.batch_size=48", "distill.deepspeed.gradient_accumulation_steps=1"]), inputs, "x")
+        build_rayjob(load_config(REPO / "configs" / "cluster.yaml", ["compute.num_workers=12", "teacher.train.batch_size=48", "distill.train.batch_size=48", "distill.deepspeed.gradient_accumulation_steps=1"]), "distill", inputs, "x")
     with pytest.raises(ConfigError, match="compute.cpus_per_worker"):
-        build_rayjob(load_config(REPO / "configs" / "cluster.yaml", ["compute.cpus_per_worker=9"]), inputs, "x")
+        build_rayjob(load_config(REPO / "configs" / "cluster.yaml", ["compute.cpus_per_worker=9"]), "distill", inputs, "x")
 
 
 class ScriptedRayJobs:
@@ -297,7 +348,7 @@ class ScriptedRayJobs:
 
 
 def _rayjob():
-    return build_rayjob(load_config(REPO / "configs" / "cluster.yaml"), {"prep": "x"}, "kdflow-distill-t")
+    return build_rayjob(load_config(REPO / "configs" / "cluster.yaml"), "distill", {"prep": "x"}, "kdflow-distill-t")
 
 
 def test_rayjob_watch_reports_each_change_and_returns_on_success():

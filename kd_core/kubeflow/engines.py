@@ -23,18 +23,26 @@ HOST_ENV = "KF_PIPELINES_ENDPOINT"
 _CRON_FIELD = r"[0-9A-Za-z*/,?#LW-]+"
 
 
-def distill_pipeline(config: JobConfig):
-    from pipelines.distill_pipeline import build_distill_pipeline
-
-    return build_distill_pipeline(config)
+PIPELINES = ("distill", "tune-distill")
+"""`distill`: prep → cache → distill → eval → register. `tune-distill`: … cache → tune → distill with the best config → …"""
 
 
-def compile_pipeline(config: JobConfig, path: str | Path) -> Path:
+def pipeline_function(config: JobConfig, pipeline: str = "distill"):
+    from pipelines.dags import build_distill_pipeline, build_tune_distill_pipeline
+
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"--pipeline {pipeline!r}: one of {', '.join(PIPELINES)}")
+    if pipeline == "tune-distill" and not config.tune.space:
+        raise ConfigError("tune.space is empty: the tune-distill pipeline needs fields to search")
+    return build_tune_distill_pipeline(config) if pipeline == "tune-distill" else build_distill_pipeline(config)
+
+
+def compile_pipeline(config: JobConfig, path: str | Path, pipeline: str = "distill") -> Path:
     from kfp import compiler
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(distill_pipeline(config), str(path))
+    compiler.Compiler().compile(pipeline_function(config, pipeline), str(path))
     return path
 
 
@@ -48,23 +56,31 @@ def local_job(config: JobConfig) -> JobConfig:
     return job
 
 
-def run_local(config: JobConfig) -> dict[str, Manifest]:
-    """Run the DAG through kfp.local, then collect the manifests of the steps it made."""
+def run_local(config: JobConfig, pipeline: str = "distill") -> dict[str, Manifest]:
+    """Run the DAG through kfp.local, then collect the manifests of the steps it made (after a
+    search, those of the best job)."""
     from kfp import local
 
-    from kd_core.pipeline import register_step, run_pipeline
+    from kd_core.pipeline import cache_steps, register_step, run_pipeline, tune_step
     from kd_core.stage import reuse_only
+    from kd_core.tune import best_job
 
     job = local_job(config)
     root = Path(job.kubeflow.local_pipeline_root).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     say(f"kfp.local: running the {job.name} DAG (outputs of KFP itself under {root})")
-    distill_pipeline(job)()
+    pipeline_function(job, pipeline)()
     with reuse_only():
+        searched = {}
+        if pipeline == "tune-distill":
+            prep = run_pipeline(job, until="prep")["prep"]
+            searched = {"prep": prep, **cache_steps(job, prep)}
+            searched["tune"] = tune_step(job, prep, searched["teacher"], searched.get("cache"))
+            job = best_job(job, searched["tune"])
         steps = run_pipeline(job, until="eval")
         if steps["eval"].metrics["gates_passed"]:
             steps["register"] = register_step(job, steps["eval"], steps["distill"])
-    return steps
+    return {**searched, **steps}
 
 
 def client_host(config: JobConfig) -> str:
@@ -80,11 +96,11 @@ def client(config: JobConfig):
     return kfp.Client(host=client_host(config), namespace=config.kubeflow.namespace)
 
 
-def submit(config: JobConfig, kfp_client=None) -> str:
+def submit(config: JobConfig, pipeline: str = "distill", kfp_client=None) -> str:
     """Submit one run of the DAG; returns its run id."""
     kfp_client = kfp_client or client(config)
     result = kfp_client.create_run_from_pipeline_func(
-        distill_pipeline(config), arguments={}, run_name=f"{config.name}", experiment_name=config.kubeflow.experiment,
+        pipeline_function(config, pipeline), arguments={}, run_name=f"{config.name}", experiment_name=config.kubeflow.experiment,
         namespace=config.kubeflow.namespace, enable_caching=False, service_account=config.kubeflow.service_account,
     )
     return result.run_id
@@ -98,12 +114,12 @@ def check_cron(cron: str) -> str:
     return " ".join(fields)
 
 
-def schedule(config: JobConfig, cron: str, package_dir: str | Path, kfp_client=None) -> str:
+def schedule(config: JobConfig, cron: str, package_dir: str | Path, pipeline: str = "distill", kfp_client=None) -> str:
     """Create a recurring run: one at a time (max concurrency 1), no catch-up of missed runs.
     Returns the recurring run's id."""
     cron = check_cron(cron)
     kfp_client = kfp_client or client(config)
-    package = compile_pipeline(config, Path(package_dir) / f"{config.name}.yaml")
+    package = compile_pipeline(config, Path(package_dir) / f"{config.name}.yaml", pipeline)
     experiment = kfp_client.create_experiment(config.kubeflow.experiment, namespace=config.kubeflow.namespace)
     recurring = kfp_client.create_recurring_run(
         experiment_id=experiment.experiment_id, job_name=f"{config.name}-schedule", cron_expression=cron,

@@ -1,14 +1,16 @@
-"""The distill step on a cluster: a KubeRay RayJob, submitted, watched and deleted by the step's pod.
+"""The distill and tune steps on a cluster: a KubeRay RayJob, submitted, watched and deleted by the
+step's pod.
 
-    build_rayjob(config, inputs, name)   the RayJob manifest, from infra/kuberay/rayjob.yaml
-    watch_rayjob(api, name, ...)         poll its status, print every change, raise on failure
-    run_distill_rayjob(config, inputs)   all of it, with the RayJob deleted whatever happens
+    build_rayjob(config, step, inputs, name)   the RayJob manifest, from infra/kuberay/rayjob.yaml
+    watch_rayjob(api, name, ...)               poll its status, print every change, raise on failure
+    run_step_rayjob(config, step, inputs)      all of it, with the RayJob deleted whatever happens
 
-The RayJob starts a Ray cluster of `compute.num_workers` training workers (`kubeflow.rayjob.worker`
-pods, one Ray Train worker per accelerator), runs `python -m kd_core.kubeflow.steps distill` on it
+The RayJob starts a Ray cluster of training workers (`kubeflow.rayjob.worker` pods, one Ray Train
+worker per accelerator): `compute.num_workers` for distill, `tune.max_concurrent` trials of
+`tune.workers_per_trial` for tune. It runs `python -m kd_core.kubeflow.steps STEP` on that cluster
 with the job and the input manifest URLs in its runtime environment, and is deleted (with its
-cluster) when the step ends, fails or is cancelled. Checkpoints live on the job's storage, so a
-retried step resumes training where the last RayJob stopped.
+cluster) when the step ends, fails or is cancelled. Checkpoints and Ray Tune's experiment live on
+the job's storage, so a retried step resumes where the last RayJob stopped.
 
 KubeRay's status: `jobDeploymentStatus` is `Complete` once the Ray job reached a terminal state
 (`jobStatus` SUCCEEDED, FAILED or STOPPED) and `Failed` when the job could not be run at all
@@ -38,7 +40,8 @@ from kd_core.kubeflow.steps import INPUTS_ENV, JOB_ENV, job_json
 from kd_core.progress import say
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
-ENTRYPOINT = "python -m kd_core.kubeflow.steps distill"
+ENTRYPOINT = "python -m kd_core.kubeflow.steps {step}"
+RAYJOB_STEPS = ("distill", "tune")
 INFRA_DIR_ENV = "KDFLOW_INFRA_DIR"
 """Where infra/ lives in the image (set by infra/Dockerfile); a source checkout finds it beside kd_core."""
 
@@ -59,17 +62,19 @@ def load_template() -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def rayjob_name(config: JobConfig, inputs: dict[str, str]) -> str:
-    """`kdflow-distill-<what>-<attempt>`: the same inputs share a prefix, every attempt is unique."""
+def rayjob_name(step: str, inputs: dict[str, str]) -> str:
+    """`kdflow-<step>-<what>-<attempt>`: the same inputs share a prefix, every attempt is unique."""
     what = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:8]
-    return f"kdflow-distill-{what}-{uuid.uuid4().hex[:5]}"
+    return f"kdflow-{step}-{what}-{uuid.uuid4().hex[:5]}"
 
 
-def build_rayjob(config: JobConfig, inputs: dict[str, str], name: str, template: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The RayJob manifest that runs the distill step of `config` on the input manifests `inputs`."""
+def build_rayjob(config: JobConfig, step: str, inputs: dict[str, str], name: str, template: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The RayJob manifest that runs `step` (distill or tune) of `config` on the input manifests `inputs`."""
+    if step not in RAYJOB_STEPS:
+        raise ValueError(f"step {step!r} does not run as a RayJob; one of {', '.join(RAYJOB_STEPS)}")
     settings, kubeflow = config.kubeflow.rayjob, config.kubeflow
     workers_per_pod = max(settings.worker.accelerators, 1)
-    replicas = _worker_replicas(config, workers_per_pod)
+    replicas = _worker_replicas(config, step, workers_per_pod)
     inner = config.model_copy(deep=True)
     inner.compute.ray_address = "auto"
     inner.compute.backend = "ray"
@@ -78,9 +83,10 @@ def build_rayjob(config: JobConfig, inputs: dict[str, str], name: str, template:
     job = copy.deepcopy(template if template is not None else load_template())
     job["metadata"]["name"] = name
     job["metadata"]["namespace"] = kubeflow.namespace
-    job["metadata"].setdefault("labels", {})["kdflow/job"] = _label(config.name)
+    labels = job["metadata"].setdefault("labels", {})
+    labels["kdflow/job"], labels["app.kubernetes.io/component"] = _label(config.name), step
     spec = job["spec"]
-    spec["entrypoint"] = ENTRYPOINT
+    spec["entrypoint"] = ENTRYPOINT.format(step=step)
     spec["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": {JOB_ENV: job_json(inner), INPUTS_ENV: json.dumps(inputs, sort_keys=True)}})
     spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
     spec["submitterPodTemplate"]["spec"]["containers"][0]["image"] = kubeflow.image
@@ -93,17 +99,23 @@ def build_rayjob(config: JobConfig, inputs: dict[str, str], name: str, template:
     return job
 
 
-def _worker_replicas(config: JobConfig, workers_per_pod: int) -> int:
-    workers, worker = config.compute.num_workers, config.kubeflow.rayjob.worker
-    if workers % workers_per_pod:
+def _worker_replicas(config: JobConfig, step: str, workers_per_pod: int) -> int:
+    """Worker pods: distill's `compute.num_workers`, or room for `tune.max_concurrent` trials."""
+    compute, tune, pod_cpu = config.compute, config.tune, config.kubeflow.rayjob.worker.cpu
+    if step == "tune":
+        workers = (tune.workers_per_trial or compute.num_workers) * tune.max_concurrent
+        cpus, cpu_field = tune.cpus_per_worker or compute.cpus_per_worker, "tune.cpus_per_worker"
+    else:
+        workers, cpus, cpu_field = compute.num_workers, compute.cpus_per_worker, "compute.cpus_per_worker"
+        if workers % workers_per_pod:
+            raise ConfigError(
+                f"compute.num_workers ({workers}) must be a multiple of kubeflow.rayjob.worker.accelerators ({workers_per_pod}): "
+                "each worker pod runs one Ray Train worker per accelerator"
+            )
+    if pod_cpu is not None and cpus * workers_per_pod > cpu_count(pod_cpu):
         raise ConfigError(
-            f"compute.num_workers ({workers}) must be a multiple of kubeflow.rayjob.worker.accelerators ({workers_per_pod}): "
-            "each worker pod runs one Ray Train worker per accelerator"
-        )
-    if worker.cpu is not None and config.compute.cpus_per_worker * workers_per_pod > cpu_count(worker.cpu):
-        raise ConfigError(
-            f"compute.cpus_per_worker ({config.compute.cpus_per_worker}) × {workers_per_pod} workers per pod exceeds "
-            f"kubeflow.rayjob.worker.cpu ({worker.cpu}); lower one or raise the other"
+            f"{cpu_field} ({cpus}) × {workers_per_pod} workers per pod exceeds kubeflow.rayjob.worker.cpu ({pod_cpu}); "
+            "lower one or raise the other"
         )
     return math.ceil(workers / workers_per_pod)
 
@@ -258,8 +270,8 @@ def run_rayjob(api: RayJobApi, rayjob: dict[str, Any], *, poll_seconds: float, r
             signal.signal(signal.SIGTERM, previous)
 
 
-def run_distill_rayjob(config: JobConfig, inputs: dict[str, str], api: RayJobApi | None = None) -> RayJobStatus:
-    rayjob = build_rayjob(config, inputs, rayjob_name(config, inputs))
+def run_step_rayjob(config: JobConfig, step: str, inputs: dict[str, str], api: RayJobApi | None = None) -> RayJobStatus:
+    rayjob = build_rayjob(config, step, inputs, rayjob_name(step, inputs))
     return run_rayjob(api or KubernetesRayJobApi(), rayjob, poll_seconds=config.kubeflow.rayjob.poll_seconds)
 
 

@@ -19,7 +19,7 @@ import sys
 
 from kd_core.config import ConfigError, JobConfig, public_dict, validate_config
 from kd_core.manifest import Manifest, manifest_url, read_manifest_url
-from kd_core.pipeline import cache_steps, distill_steps, eval_step, prep_step, register_step
+from kd_core.pipeline import cache_steps, distill_steps, eval_step, prep_step, register_step, tune_step
 from kd_core.stage import reuse_only
 from kd_core.storage import Store
 
@@ -27,6 +27,7 @@ STEP_INPUTS = {
     "prep": (),
     "cache": ("prep",),
     "distill": ("prep", "teacher", "cache"),
+    "tune": ("prep", "teacher", "cache"),
     "eval": ("prep", "teacher", "distill", "baseline"),
     "register": ("eval", "distill"),
 }
@@ -70,14 +71,19 @@ def _run(step: str, config: JobConfig, given: dict[str, Manifest], urls: dict[st
         return {"prep": prep_step(config)}
     if step == "cache":
         return cache_steps(config, given["prep"])
-    if step == "distill":
-        if config.kubeflow.rayjob.enabled:
-            from kd_core.kubeflow.rayjob import run_distill_rayjob
+    if step in ("distill", "tune"):
+        def run_here() -> dict[str, Manifest]:
+            if step == "tune":
+                return {"tune": tune_step(config, given["prep"], given["teacher"], given.get("cache"))}
+            return distill_steps(config, given["prep"], given["teacher"], given.get("cache"))
 
-            run_distill_rayjob(config, urls)
+        if config.kubeflow.rayjob.enabled:
+            from kd_core.kubeflow.rayjob import run_step_rayjob
+
+            run_step_rayjob(config, step, urls)
             with reuse_only():
-                return distill_steps(config, given["prep"], given["teacher"], given.get("cache"))
-        return distill_steps(config, given["prep"], given["teacher"], given.get("cache"))
+                return run_here()
+        return run_here()
     if step == "eval":
         return {"eval": eval_step(config, given["prep"], given["teacher"], given["distill"], given.get("baseline"))}
     return {"register": register_step(config, given["eval"], given["distill"])}
@@ -95,6 +101,38 @@ def eval_metrics(job: str, eval_url: str) -> tuple[bool, dict[str, float], str]:
                 scalars[f"{model}.{name}"] = float(value)
     report = store.read_bytes(manifest.output("report.html").path).decode()
     return bool(manifest.metrics["gates_passed"]), scalars, report
+
+
+def tune_outputs(job: str, tune_url: str) -> tuple[str, dict[str, float], str]:
+    """For the tune component's outputs: (the best job as the `job` parameter of the steps after
+    it, scalar metrics, an HTML page with the trials table and the plot)."""
+    import base64
+
+    from kd_core.tune import PLOT_NAME, TRIALS_NAME, best_job
+
+    config = job_config(job)
+    store = Store(config.storage)
+    manifest = read_manifest_url(store, tune_url)
+    best = best_job(config, manifest)
+    scalars = {name: float(value) for name, value in manifest.metrics.items() if isinstance(value, (int, float))}
+    trials = json.loads(store.read_bytes(manifest.output(TRIALS_NAME).path))
+    ranked = sorted(trials, key=lambda trial: (trial["val_loss"] is None, trial["val_loss"] or 0.0))
+    rows = "".join(_trial_row(trial) for trial in ranked)
+    plot = base64.b64encode(store.read_bytes(manifest.output(PLOT_NAME).path)).decode()
+    page = (
+        f"<html><body><h2>kdflow tune: {len(trials)} trials</h2><img style='max-width:100%' src='data:image/png;base64,{plot}'>"
+        f"<table border=1 cellpadding=4><tr><th>trial</th><th>values</th><th>val_loss</th><th>steps</th><th>status</th></tr>{rows}</table>"
+        "</body></html>"
+    )
+    return job_json(best), scalars, page
+
+
+def _trial_row(trial: dict) -> str:
+    import html
+
+    loss = "" if trial["val_loss"] is None else f"{trial['val_loss']:.4f}"
+    cells = (trial["trial"], json.dumps(trial["params"]), loss, trial["steps"], trial["status"])
+    return "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>"
 
 
 def main(argv: list[str] | None = None) -> int:

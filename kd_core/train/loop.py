@@ -22,12 +22,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from kd_core.cache.format import CacheLayout
 from kd_core.config import ArchitectureConfig, DeepSpeedConfig, LossConfig, StorageConfig, TrainConfig
-from kd_core.data.shards import split_shards
+from kd_core.data.shards import decode_arrow, read_verified, split_shards
 from kd_core.data.stream import TrainingStream, collate
 from kd_core.losses import DistillationObjective
 from kd_core.manifest import Manifest
@@ -35,7 +36,7 @@ from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, lo
 from kd_core.storage import FileRecord, Store
 from kd_core.train.checkpoints import CheckpointSink, StoreCheckpoints, load_rank_state, save_rank_state
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine, deepspeed_config
-from kd_core.train.step import PlainRunner, StudentStep
+from kd_core.train.step import PlainRunner, StudentStep, unwrap
 from kd_core.train.tracking import MlflowLogger, TrainingRun
 
 HISTORY_NAME = "history.jsonl"
@@ -75,6 +76,13 @@ class TrainSpec:
     """Write a checkpoint every this many steps (None: never)."""
     keep_checkpoints: int = 2
     """Checkpoints kept while training."""
+    validation_shards: list[FileRecord] = field(default_factory=list)
+    """Token shards of the validation split (read with `validate_every`)."""
+    validate_every: int | None = None
+    """Every this many steps (and at the last), every rank measures the student's cross-entropy on
+    the first `validation_rows` validation rows and hands `{step, val_loss}` to `on_validation`
+    (what a Ray Tune trial reports to its scheduler)."""
+    validation_rows: int = 64
 
     @property
     def checkpoint_folder(self) -> str:
@@ -138,13 +146,17 @@ def make_optimizer(module: torch.nn.Module, train: TrainConfig):
     return optimizer, schedule
 
 
-def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=None, wrap_model=None, checkpoints: CheckpointSink | None = None) -> dict:
+def train_worker(
+    spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=None, wrap_model=None, checkpoints: CheckpointSink | None = None,
+    on_validation=None,
+) -> dict:
     """Train one model; rank 0 saves it and returns the final metrics with the written files.
 
     `progress(step, metrics)` is called on rank 0 at every log step. `wrap_model` (e.g. Ray
     Train's `prepare_model`, which adds DistributedDataParallel) is applied after building.
     Checkpoints go to `checkpoints` (Ray Train passes its own), by default straight to the store
     under `spec.checkpoint_folder`; training resumes from the latest one found there.
+    `on_validation(metrics)` is called on every rank at each validation (`spec.validate_every`).
     """
     # --- setup
     store = Store(spec.storage)
@@ -169,7 +181,7 @@ def train_worker(spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=N
     device = runner.device if spec.deepspeed else next(module.parameters()).device
     online_teacher = _load_teacher(store, spec.online_teacher, runner, device) if spec.online_teacher else None
     teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if spec.loss and spec.loss.feature_weight > 0 else []
-    run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress)
+    run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress, on_validation=on_validation)
     batches = iter(loader)  # draws its base seed from the torch RNG: before the RNG is restored
     # --- resume: restore the latest checkpoint and replay the data stream up to it
     with checkpoints.latest() as folder:
@@ -217,6 +229,10 @@ class WorkerRun:
     history: list[dict] = field(default_factory=list)
     mlflow_run_id: str | None = None
     logger: MlflowLogger | None = None
+    on_validation: object = None
+    validation: dict = field(default_factory=dict)
+    """The latest validation metrics (`{"step", "val_loss"}`), merged into the returned record."""
+    validation_rows: torch.Tensor | None = field(default=None, repr=False)
 
     def train_steps(self, batches, online_teacher, teacher_layers) -> dict:
         """The optimizer steps from `start_step`, `accumulation` micro-batches each; returns rank
@@ -249,9 +265,38 @@ class WorkerRun:
                         self.logger.log(done, record)
                     if self.progress is not None:
                         self.progress(done, record)
+            if spec.validate_every and (done % spec.validate_every == 0 or done == train.max_steps):
+                self.validation = {"step": done, "val_loss": self.validate(module)}
+                if self.on_validation is not None:
+                    self.on_validation(dict(self.validation))
             if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < train.max_steps:
                 self.checkpoints.save(done, lambda folder: self.write_checkpoint(folder, done), {"step": done})
-        return dict(self.history[-1]) if self.history else {}
+        return (dict(self.history[-1]) if self.history else {}) | ({"val_loss": self.validation["val_loss"]} if self.validation else {})
+
+    @torch.no_grad()
+    def validate(self, module) -> float:
+        """The student's mean next-token cross-entropy (nats, float32) on the validation rows; every
+        rank computes it on the same rows (under ZeRO-3 the forward passes are collective)."""
+        if self.validation_rows is None:
+            store, rows = Store(self.spec.storage), []
+            for record in self.spec.validation_shards:
+                rows.append(decode_arrow(read_verified(store, record), record.url)["input_ids"])
+                if sum(len(block) for block in rows) >= self.spec.validation_rows:
+                    break
+            if not rows:
+                raise ValueError(f"{self.spec.output_folder}: validation needs validation shards (the prep stage's val split)")
+            self.validation_rows = torch.from_numpy(np.concatenate(rows)[: self.spec.validation_rows].astype(np.int64))
+        model = unwrap(module).model
+        model.eval()
+        total, count = 0.0, 0
+        batch_size = max(self.spec.train.batch_size // self.world_size, 1)
+        for start in range(0, len(self.validation_rows), batch_size):
+            ids = self.validation_rows[start : start + batch_size].to(self.device)
+            logits = model(input_ids=ids).logits.float()[:, :-1].flatten(0, 1)
+            total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum"))
+            count += ids[:, 1:].numel()
+        model.train()
+        return total / count
 
     def write_checkpoint(self, folder: Path, step: int) -> None:
         """This rank's part of the checkpoint of `step` (see `kd_core/train/checkpoints.py`)."""

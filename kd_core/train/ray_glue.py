@@ -39,10 +39,17 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train gives up on a worker group that is not up within 60 s by default; on a busy small
+    # machine (concurrent Tune trials, a test suite) starting workers that import torch takes longer.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(
         address=compute.ray_address,
         num_cpus=None if compute.ray_address else compute.num_cpus,
-        include_dashboard=False,
+        # The dashboard serves Ray's state API, through which Ray Train removes the placement
+        # group (the CPUs/GPUs) of a run whose controller died, e.g. a Tune trial ASHA stopped;
+        # without it those resources stay reserved. It listens on loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         logging_level="WARNING",
         log_to_driver=os.environ.get("KDFLOW_RAY_LOGS") == "1",
         configure_logging=True,
@@ -98,18 +105,21 @@ def _status(record: dict) -> str:
     return f"{terms} | {record.get('tokens_per_s', 0):,.0f} tok/s"
 
 
-def _ray_train_loop(config: dict) -> None:
-    """What each Ray Train worker runs."""
+def ray_train_loop(config: dict) -> None:
+    """What each Ray Train worker runs. With a `reporter` actor, rank 0 streams its log records
+    and final result to it; with `report_validation` (a Ray Tune trial), every validation is a
+    `ray.train.report`, which the trial forwards to Tune's scheduler."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
     torch.set_num_threads(config["threads"])
-    reporter = config["reporter"]
+    reporter = config.get("reporter")
     rank = context.get_world_rank()
 
     def progress(step: int, record: dict) -> None:
-        reporter.update.remote(step, record)
+        if reporter is not None:
+            reporter.update.remote(step, record)
 
     result = train_worker(
         config["spec"],
@@ -118,10 +128,12 @@ def _ray_train_loop(config: dict) -> None:
         progress=progress,
         wrap_model=ray.train.torch.prepare_model,
         checkpoints=RayTrainCheckpoints(),
+        on_validation=ray.train.report if config.get("report_validation") else None,
     )
-    if rank == 0:
+    if rank == 0 and reporter is not None:
         ray.get(reporter.finish.remote(result))
-    ray.train.report({key: value for key, value in result.items() if key != "files"})
+    if not config.get("report_validation"):
+        ray.train.report({key: value for key, value in result.items() if key != "files"})
 
 
 def ray_storage(store: Store, folder: str):
@@ -144,7 +156,7 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
     storage_path, storage_filesystem = ray_storage(Store(spec.storage), spec.output_folder)
     reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
     trainer = TorchTrainer(
-        _ray_train_loop,
+        ray_train_loop,
         train_loop_config={"spec": spec, "reporter": reporter, "threads": compute.cpus_per_worker},
         scaling_config=ScalingConfig(
             num_workers=compute.num_workers,

@@ -1,0 +1,193 @@
+"""Ray Tune's side of the tune stage: the trials, the Tuner (new or restored), MLflow runs.
+
+A trial is a Ray Tune function trainable that starts a Ray Train `TorchTrainer` running the same
+worker loop as the distill stage (`ray_train_loop`) with validation on; Ray Train's
+`TuneReportCallback` forwards each `{step, val_loss}` report to Tune, where ASHA may stop the
+trial. The trial itself holds no CPU: its Ray Train workers reserve what they train with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from kd_core.config import JobConfig
+from kd_core.manifest import Manifest
+from kd_core.stage import StageRun
+from kd_core.storage import Store
+from kd_core.tune import METRIC, PARENT_RUN_NAME, job_with, quiet, search_space
+
+SEARCH_FOLDER = "search"
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
+"""A trial's own actor only drives Ray Train; a CPU for it would halve the concurrent trials on a
+small machine. Ray needs a non-empty request, hence a token amount of memory."""
+
+
+def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, folder: str, *, fresh: bool) -> tuple[list[dict], str | None]:
+    """Run the search into `<folder>/search` (restoring it when a previous run left one) and
+    return every trial's summary and the MLflow parent run's id."""
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from kd_core.train.ray_glue import ensure_ray, ray_storage
+
+    settings = config.tune
+    steps = settings.max_steps or config.distill.train.max_steps
+    if fresh:
+        store.delete(f"{folder}/{SEARCH_FOLDER}")
+    ensure_ray(config.compute)
+    parent_run_id = _parent_run(config, store, folder)
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, job=config, prep=prep, targets=targets, folder=folder), TRIAL_DRIVER_RESOURCES
+    )
+    storage_path, storage_filesystem = ray_storage(store, folder)
+    experiment = f"{storage_path}/{SEARCH_FOLDER}"
+    if ray_tune.Tuner.can_restore(experiment, storage_filesystem=storage_filesystem):
+        print(f"tune: resuming the search in {store.url(folder)}/{SEARCH_FOLDER}; finished trials are kept", flush=True)
+        tuner = ray_tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_filesystem
+        )
+    else:
+        searcher = ConcurrencyLimiter(OptunaSearch(seed=settings.seed), max_concurrent=settings.max_concurrent)
+        scheduler = ASHAScheduler(
+            time_attr="step", max_t=steps, grace_period=settings.eval_every * settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space=search_space(settings.space),
+            tune_config=ray_tune.TuneConfig(
+                metric=METRIC, mode="min", num_samples=settings.num_trials, search_alg=searcher, scheduler=scheduler,
+                max_concurrent_trials=settings.max_concurrent,
+            ),
+            run_config=ray_tune.RunConfig(
+                name=SEARCH_FOLDER, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                callbacks=_mlflow_callbacks(config, parent_run_id), verbose=0 if quiet() else 1,
+            ),
+        )
+    results = tuner.fit()
+    return [_summary(result, steps) for result in results], parent_run_id
+
+
+def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str) -> None:
+    """One trial: a short Ray Train distillation with the trial's values, reporting `val_loss`."""
+    from ray import tune as ray_tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from kd_core.cache import cache_shards
+    from kd_core.data.shards import split_shards
+    from kd_core.train.loop import TrainSpec
+    from kd_core.train.ray_glue import ray_storage, ray_train_loop
+
+    trial_job = job_with(job, params)
+    settings, distill = job.tune, trial_job.distill
+    trial_id = ray_tune.get_context().get_trial_id()
+    store = Store(job.storage)
+    train = distill.train.model_copy(update={"max_steps": settings.max_steps or distill.train.max_steps})
+    if targets.stage == "cache":
+        teacher = {"cache_shards": cache_shards(targets), "cache_layout": targets.details["layout"]}
+    else:
+        teacher = {"online_teacher": targets}
+    spec = TrainSpec.from_prep(
+        prep, store, f"{folder}/trials/{trial_id}", trial_job.student.architecture, train, loss=distill.loss,
+        deepspeed=distill.deepspeed if distill.deepspeed.enabled else None, checkpoint_every=None,
+        validation_shards=split_shards(prep, "val"), validate_every=settings.eval_every, validation_rows=settings.val_rows,
+        **teacher,
+    )
+    workers = settings.workers_per_trial or job.compute.num_workers
+    cpus = settings.cpus_per_worker or job.compute.cpus_per_worker
+    storage_path, storage_filesystem = ray_storage(store, f"{folder}/trials")
+    TorchTrainer(
+        ray_train_loop,
+        train_loop_config={"spec": spec, "threads": cpus, "report_validation": True},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=job.compute.use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=trial_id, storage_path=storage_path, storage_filesystem=storage_filesystem, callbacks=[TuneReportCallback()]
+        ),
+    ).fit()
+
+
+def _summary(result, steps: int) -> dict:
+    """One trial as plain data: values, every report, final metric and how it ended."""
+    reports = []
+    if result.metrics_dataframe is not None and METRIC in result.metrics_dataframe:
+        frame = result.metrics_dataframe.dropna(subset=[METRIC])
+        reports = [[int(step), float(value)] for step, value in zip(frame["step"], frame[METRIC])]
+    last_step = reports[-1][0] if reports else 0
+    if result.error is not None:
+        status = "error"
+    elif last_step >= steps:
+        status = "finished"
+    else:
+        status = "stopped early"
+    return {
+        "trial": result.metrics.get("trial_id") if result.metrics else os.path.basename(result.path),
+        "params": {name: _plain(value) for name, value in result.config.items()},
+        "reports": reports,
+        "val_loss": reports[-1][1] if reports else None,
+        "steps": last_step,
+        "status": status,
+        "error": str(result.error)[:500] if result.error is not None else None,
+    }
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+# ------------------------------------------------------------------------------------ MLflow
+def _parent_run(config: JobConfig, store: Store, folder: str) -> str | None:
+    """The MLflow run the trials are children of: created once, found again on a resumed search."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from kd_core.registry import experiment_id
+
+    record = f"{folder}/{PARENT_RUN_NAME}"
+    if store.exists(record):
+        return json.loads(store.read_bytes(record))["run_id"]
+    mlflow.set_tracking_uri(config.registry.tracking_uri)
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    parent = client.create_run(experiment_id(config.registry), run_name=f"tune-{config.name}", tags={"kdflow.stage": "tune"})
+    client.log_dict(parent.info.run_id, {name: dimension.model_dump(exclude_none=True) for name, dimension in config.tune.space.items()}, "search_space.json")
+    store.write_bytes(record, json.dumps({"run_id": parent.info.run_id}).encode())
+    return parent.info.run_id
+
+
+def _mlflow_callbacks(config: JobConfig, parent_run_id: str | None) -> list:
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [
+        MLflowLoggerCallback(
+            tracking_uri=config.registry.tracking_uri, experiment_name=config.registry.experiment,
+            tags={"mlflow.parentRunId": parent_run_id, "kdflow.stage": "tune-trial"}, save_artifact=False,
+        )
+    ]
+
+
+def log_parent_run(config: JobConfig, parent_run_id: str | None, metrics: dict, best_params: dict, run: StageRun) -> None:
+    """Best values and metrics, the trials table, the plot and the best config on the parent run."""
+    from mlflow import MlflowClient
+
+    from kd_core.models import temporary_dir
+    from kd_core.tune import BEST_CONFIG_NAME, PLOT_NAME, TRIALS_NAME
+
+    if parent_run_id is None:
+        return
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            client.log_metric(parent_run_id, name, float(value))
+    for name, value in best_params.items():
+        client.log_param(parent_run_id, f"best.{name}", str(value))
+    with temporary_dir("tune-") as local:
+        for name in (BEST_CONFIG_NAME, TRIALS_NAME, PLOT_NAME):
+            (Path(local) / name).write_bytes(run.store.read_bytes(run.relative(name)))
+            client.log_artifact(parent_run_id, str(Path(local) / name))
+    client.set_terminated(parent_run_id)
