@@ -8,7 +8,7 @@ imports kdflow and calls `kd_core.kubeflow.steps.run_step`, the same stage funct
   environment variables);
 - manifest URLs (strings) naming each step's outputs on the job's storage; an empty string means
   that step did not run (no cache with an online teacher, no baseline);
-- tune's `best_job`: the best trial's complete job, which the steps after it take as their `job`;
+- tune's `best_job`: the job with the best trial's values, which the steps after it take as their `job`;
 - eval's typed artifacts: `metrics` (`dsl.Metrics`: every scalar per model and gates_passed)
   and `report` (`dsl.HTML`: the report page), and its return value, whether every gate passed.
 

@@ -59,8 +59,7 @@ def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, 
     if not finished:
         raise RuntimeError(f"tune: none of the {len(trials)} trials reported {METRIC}; see the Ray logs (KDFLOW_RAY_LOGS=1)")
     best = min(finished, key=lambda trial: trial["val_loss"])
-    best_job = job_with(config, best["params"])
-    run.write_bytes(BEST_CONFIG_NAME, best_config_yaml(best_job, best).encode())
+    run.write_bytes(BEST_CONFIG_NAME, best_config_yaml(job_with(config, best["params"]), best).encode())
     run.write_bytes(TRIALS_NAME, json.dumps(trials, indent=2).encode())
     from kd_core.tune.report import importance, tune_png
 
@@ -92,12 +91,10 @@ def job_with(config: JobConfig, params: dict) -> JobConfig:
 
 
 def best_job(config: JobConfig, tune_manifest: Manifest) -> JobConfig:
-    """The search's best_config.yaml as a job, with `config`'s storage (credentials included) and
-    Kubeflow settings: what the steps after a search run."""
-    record = tune_manifest.output(BEST_CONFIG_NAME)
-    best = validate_config(yaml.safe_load(Store(config.storage).read_bytes(record.path)), source=record.url)
-    best.storage, best.kubeflow = config.storage, config.kubeflow
-    return best
+    """`config` with the search's best values: what the steps after a search run. Everything the
+    search did not vary (eval gates, registry, storage credentials) comes from `config`, not from
+    the job that first ran the search (the tune step is reused across jobs that differ there)."""
+    return job_with(config, tune_manifest.details["best_params"])
 
 
 def best_config_yaml(job: JobConfig, best: dict) -> str:
