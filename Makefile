@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-stamp
 demo: $(STAMP)  ## run the whole pipeline on the embedded default (configs/demo.yaml)
 	$(BIN)/kdflow run configs/demo.yaml
 
-test: $(STAMP) $(CHECKOV_STAMP)  ## run the test suite
+test:  ## run the test suite (the two venvs are set up side by side)
+	@$(MAKE) --no-print-directory -j2 $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/python -m pytest
 
 pipelines: $(STAMP)  ## compile the Kubeflow DAGs to pipelines/compiled/ (committed; a test fails when they are stale)
