@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from kd_core.devtools import loopback_s3
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs two pytest-xdist workers (whole files each): give each its own download
+    # cache, so two files never fill the same cache folder at once.
+    cache = Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow"))
+    os.environ["KDFLOW_CACHE"] = str(cache / os.environ["PYTEST_XDIST_WORKER"])
+
+from kd_core.devtools import loopback_s3  # noqa: E402 (after the cache is chosen)
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KDFLOW_QUIET", "1")

@@ -42,18 +42,33 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # Ray Train gives up on a worker group that is not up within 60 s by default; on a busy small
     # machine (concurrent Tune trials, a test suite) starting workers that import torch takes longer.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    common = {"logging_level": "WARNING", "log_to_driver": os.environ.get("KDFLOW_RAY_LOGS") == "1", "configure_logging": True}
+    if compute.ray_address:
+        ray.init(address=compute.ray_address, **common)
+        return
+    # A new local cluster, with its dashboard on loopback: the dashboard serves Ray's state API,
+    # through which Ray Train frees the placement group (the CPUs/GPUs) of a run whose controller
+    # died, e.g. a Tune trial ASHA stopped; without it later trials wait forever. The job's workers
+    # are told this cluster's dashboard address, because with a second Ray instance on the machine
+    # (another kdflow process, a test suite) the state API cannot guess which one is theirs.
+    dashboard = f"http://127.0.0.1:{_free_port()}"
     ray.init(
-        address=compute.ray_address,
-        num_cpus=None if compute.ray_address else compute.num_cpus,
-        # The dashboard serves Ray's state API, through which Ray Train removes the placement
-        # group (the CPUs/GPUs) of a run whose controller died, e.g. a Tune trial ASHA stopped;
-        # without it those resources stay reserved. It listens on loopback only.
+        address="local",
+        num_cpus=compute.num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        logging_level="WARNING",
-        log_to_driver=os.environ.get("KDFLOW_RAY_LOGS") == "1",
-        configure_logging=True,
+        dashboard_port=int(dashboard.rsplit(":", 1)[1]),
+        runtime_env={"env_vars": {"RAY_ADDRESS": dashboard}},
+        **common,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class TrainReporter:
