@@ -18,6 +18,7 @@ Exit codes: 0 success, 1 a stage failed, 2 the config or an input is unusable.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_pipeline_argument(sub)
     compile_ = commands.add_parser("compile", help="compile the Kubeflow DAG to KFP YAML", description="Compile the Kubeflow DAG of a job to KFP YAML.")
     _add_config_arguments(compile_)
-    compile_.add_argument("--output", default=None, help="YAML file to write (default: pipelines/compiled/<job name>.yaml)")
+    compile_.add_argument("--output", default=None, help="YAML file to write (default: pipelines/compiled/<job name>-<pipeline>.yaml)")
     _add_pipeline_argument(compile_)
     submit = commands.add_parser("submit", help="submit one run of the DAG to kubeflow.host", description="Submit one run of the Kubeflow DAG.")
     _add_config_arguments(submit)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 def _tune(config: JobConfig, force: frozenset[str]) -> int:
     from kd_core.data.shards import ShardError
     from kd_core.manifest import ManifestError
-    from kd_core.pipeline import cache_steps, run_pipeline, tune_step
+    from kd_core.pipeline import search_steps
     from kd_core.storage import Store
     from kd_core.tune import BEST_CONFIG_NAME, PLOT_NAME, TRIALS_NAME
     from kd_core.tune.report import trials_table
@@ -144,16 +145,12 @@ def _tune(config: JobConfig, force: frozenset[str]) -> int:
         return 2
     started = time.perf_counter()
     try:
-        steps = run_pipeline(config, until="prep", force=force)
-        steps |= cache_steps(config, steps["prep"], force)
-        steps["tune"] = tune_step(config, steps["prep"], steps["teacher"], steps.get("cache"), force)
+        steps = search_steps(config, force)
     except (ShardError, ManifestError) as err:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)
     manifest, store = steps["tune"], Store(config.storage)
-    import json
-
     trials = json.loads(store.read_bytes(manifest.output(TRIALS_NAME).path))
     stdout.print(trials_table(trials, config.tune.space))
     if manifest.details.get("importance"):

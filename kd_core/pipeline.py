@@ -82,9 +82,7 @@ def distill_steps(
     from kd_core.train.tracking import TrainingRun
 
     store = Store(config.storage)
-    targets = cache if config.distill.teacher_source == "cache" else teacher
-    if targets is None:
-        raise ValueError("distill.teacher_source is cache: the distill step needs the cache stage's manifest")
+    targets = _teacher_targets(config, teacher, cache, "distill")
     tracking = TrainingRun.for_job(config.registry, f"distill-{config.name}", public_dict(config))
     steps = {
         "distill": _announce(
@@ -105,10 +103,24 @@ def tune_step(config: JobConfig, prep: Manifest, teacher: Manifest, cache: Manif
     """The search of `config.tune` (kd_core/tune); its best_config.yaml is the job to distill next."""
     from kd_core.tune import tune
 
+    targets = _teacher_targets(config, teacher, cache, "tune")
+    return _announce(tune(config, prep, targets, Store(config.storage), force=is_forced("tune", force)))
+
+
+def search_steps(config: JobConfig, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:
+    """prep, teacher, cache (each reused when done), then the search: what `kdflow tune` runs."""
+    steps = {"prep": prep_step(config, force)}
+    steps |= cache_steps(config, steps["prep"], force)
+    steps["tune"] = tune_step(config, steps["prep"], steps["teacher"], steps.get("cache"), force)
+    return steps
+
+
+def _teacher_targets(config: JobConfig, teacher: Manifest, cache: Manifest | None, step: str) -> Manifest:
+    """What the student learns from: the cache, or the teacher itself with an online teacher."""
     targets = cache if config.distill.teacher_source == "cache" else teacher
     if targets is None:
-        raise ValueError("distill.teacher_source is cache: the tune step needs the cache stage's manifest")
-    return _announce(tune(config, prep, targets, Store(config.storage), force=is_forced("tune", force)))
+        raise ValueError(f"distill.teacher_source is cache: the {step} step needs the cache stage's manifest")
+    return targets
 
 
 def eval_step(

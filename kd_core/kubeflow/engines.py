@@ -61,7 +61,7 @@ def run_local(config: JobConfig, pipeline: str = "distill") -> dict[str, Manifes
     search, those of the best job)."""
     from kfp import local
 
-    from kd_core.pipeline import cache_steps, register_step, run_pipeline, tune_step
+    from kd_core.pipeline import register_step, run_pipeline, search_steps
     from kd_core.stage import reuse_only
     from kd_core.tune import best_job
 
@@ -73,9 +73,7 @@ def run_local(config: JobConfig, pipeline: str = "distill") -> dict[str, Manifes
     with reuse_only():
         searched = {}
         if pipeline == "tune-distill":
-            prep = run_pipeline(job, until="prep")["prep"]
-            searched = {"prep": prep, **cache_steps(job, prep)}
-            searched["tune"] = tune_step(job, prep, searched["teacher"], searched.get("cache"))
+            searched = search_steps(job)
             job = best_job(job, searched["tune"])
         steps = run_pipeline(job, until="eval")
         if steps["eval"].metrics["gates_passed"]:
