@@ -267,16 +267,22 @@ def print_summary(steps: dict[str, Manifest], seconds: float) -> None:
 
 def _headline(step: str, manifest: Manifest) -> str:
     metrics, details = manifest.metrics, manifest.details
+    if step == "prep" and details.get("task") == "reward":
+        return f"{metrics['pairs']:,} pairs ({metrics['labeled_pairs']:,} human-labelled), {metrics['images']:,} images, vocab {details['vocab_size']}"
     if step == "prep":
         return f"{metrics['documents']} docs, {metrics['train_tokens']:,} train tokens, vocab {details['vocab_size']}"
     if step in ("teacher", "distill", "baseline") and "parameters" in metrics:
         return f"{metrics['parameters']:,} params, final loss {metrics.get('loss', float('nan')):.3f}"
     if step == "teacher":
         return f"existing model {details.get('external_url', '')}"
+    if step == "cache" and details["layout"]["format"] == "reward":
+        return f"teacher rewards of {sum(shard['rows'] for shard in details['shards']):,} pairs"
     if step == "cache":
         layout = details["layout"]
         kept = {"topk": f"top-{layout['slots']}", "sampled": f"{layout['slots']} samples", "full": "full log-probs"}[details["format"]]
         return f"{kept}, {metrics['bytes_per_token']} bytes/token"
+    if step == "eval" and metrics.get("task") == "reward":
+        return f"{metrics['rows']:,} held-out pairs ({metrics['split']})"
     if step == "eval":
         return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"
     if step == "tune":
@@ -289,6 +295,8 @@ def _headline(step: str, manifest: Manifest) -> str:
 
 
 def comparison_table(metrics: dict) -> Table:
+    if metrics.get("task") == "reward":
+        return reward_comparison_table(metrics)
     table = Table(title=f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens; speed on {metrics.get('device', 'this machine')}")
     columns = ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", "ECE", "tokens/s")
     for column in columns:
@@ -303,6 +311,29 @@ def comparison_table(metrics: dict) -> Table:
                 label, f"{row['parameters']:,}", f"{row['perplexity']:.2f}", "—" if teacher else f"{row['kl_to_teacher']:.4f}",
                 agreement, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}",
             )
+    return table
+
+
+def reward_comparison_table(metrics: dict) -> Table:
+    """The reward recipe's comparison: the distilled student against the human-labels-only model."""
+    table = Table(title=f"held-out {metrics['split']} split, {metrics['rows']:,} preference pairs; speed on {metrics.get('device', 'this machine')}")
+    columns = ("model", "parameters", "accuracy vs human labels", "agreement with teacher", "Spearman ρ vs teacher", "ECE", "pairs/s")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    labels = {"teacher": "text teacher (reads the rendering)", "student": "KD student (reads the image)", "baseline": "same student, human labels only"}
+    for name, label in labels.items():
+        if name in metrics:
+            row = metrics[name]
+            teacher = name == "teacher"
+            human = f"{row['pairwise_accuracy_human']:.1%}" if "pairwise_accuracy_human" in row else "—"
+            table.add_row(
+                label, f"{row['parameters']:,}", human, "—" if teacher else f"{row['pairwise_accuracy_teacher']:.1%}",
+                "—" if teacher else f"{row['spearman_teacher']:.3f}", f"{row['ece']:.3f}" if "ece" in row else "—", f"{row['pairs_per_s']:,.0f}",
+            )
+    if "baseline" in metrics and "pairwise_accuracy_human" in metrics["student"] and "pairwise_accuracy_human" in metrics["baseline"]:
+        gain = metrics["student"]["pairwise_accuracy_human"] - metrics["baseline"]["pairwise_accuracy_human"]
+        verdict = "beats" if gain > 0 else "does not beat"
+        table.caption = f"the distilled student {verdict} the human-labels-only model by {gain * 100:+.1f} points of accuracy vs human labels"
     return table
 
 

@@ -52,12 +52,45 @@ class StorageConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ data
+class PreferenceConfig(Section):
+    """Preference pairs for reward models (`task: reward`): JSONL records of
+    `{"prompt", "chosen", "rejected", "image", "image_text", "human_label"?}` (field names below).
+    `chosen` and `rejected` are the two responses in the order the source gave them; only
+    `human_label`, when present, says which one a person preferred: P(chosen preferred) in [0, 1]."""
+
+    image_size: int = Field(default=16, ge=4, le=512)
+    """Images are resized to image_size × image_size RGB (the student's input)."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt (the question about the image)."""
+    chosen_field: str = "chosen"
+    """Field holding the first response of the pair."""
+    rejected_field: str = "rejected"
+    """Field holding the second response of the pair."""
+    image_field: str = "image"
+    """Image reference: a URL on any fsspec store, or a path relative to the JSONL file's folder."""
+    image_text_field: str = "image_text"
+    """A text rendering of the image (a caption or description): what the text-only teacher reads."""
+    label_field: str = "human_label"
+    """Optional human preference: 1 = chosen preferred, 0 = rejected preferred, in between = a tie
+    or a vote share; missing or null = nobody labelled the pair."""
+    labeled_fraction: float = Field(default=0.1, gt=0, le=1)
+    """Bundled `digit-preferences` data only: the share of pairs that carry a human label."""
+    pairs_per_image: int = Field(default=3, ge=1, le=4)
+    """Bundled `digit-preferences` data only: preference pairs made per image (one per question
+    kind, of four)."""
+
+
 class DataConfig(Section):
-    source: Literal["python-docs", "files"] = "python-docs"
+    source: Literal["python-docs", "files", "preferences", "digit-preferences"] = "python-docs"
     """`python-docs`: the language reference and standard-library docstrings bundled with Python
-    (offline on every machine). `files`: the text, JSONL or Parquet files matched by `files`."""
+    (offline on every machine). `files`: the text, JSONL or Parquet files matched by `files`.
+    `preferences` (`task: reward`): JSONL preference records with images (`preferences`), matched
+    by `files`. `digit-preferences` (`task: reward`): preference pairs about the handwritten digit
+    images bundled with scikit-learn, written to the store and read like `preferences`."""
     files: list[str] = []
-    """fsspec URLs or globs of `.txt`, `.jsonl` or `.parquet` files (source `files` only)."""
+    """fsspec URLs or globs of `.txt`, `.jsonl` or `.parquet` files (sources `files`, `preferences`)."""
+    preferences: PreferenceConfig = PreferenceConfig()
+    """Preference records (sources `preferences` and `digit-preferences`)."""
     text_field: str = "text"
     """Column holding the text in JSONL and Parquet files."""
     max_documents: int | None = Field(default=None, gt=0)
@@ -151,9 +184,36 @@ class TeacherConfig(Section):
     """How a kdflow-trained teacher is optimised (cross-entropy on the training split)."""
 
 
+class VisionConfig(Section):
+    """A ViT image encoder built from config (random init), for multimodal students."""
+
+    patch_size: int = Field(default=4, gt=0)
+    """Side of the square patches; must divide `data.preferences.image_size`."""
+    hidden_size: int = Field(default=64, gt=0)
+    """Width of the ViT."""
+    num_layers: int = Field(default=2, gt=0)
+    """ViT blocks."""
+    num_heads: int = Field(default=4, gt=0)
+    """Attention heads; must divide `hidden_size`."""
+    fusion: Literal["prefix", "late"] = "prefix"
+    """How image and text meet. `prefix` (LLaVA-style): the projected patch features go in front
+    of the text embeddings and the language model reads both. `late`: a dual encoder; the head
+    scores the image vector (the ViT's [CLS], projected) times the text vector (the language
+    model's mean over tokens), beside the text vector."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> VisionConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
 class StudentConfig(Section):
     architecture: ArchitectureConfig = ArchitectureConfig()
-    """Architecture of the student, built from config with random weights."""
+    """Architecture of the student (with `task: reward`, its language model), built from config
+    with random weights."""
+    vision: VisionConfig = VisionConfig()
+    """The image encoder of a multimodal reward student (`task: reward`; ignored otherwise)."""
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -253,9 +313,34 @@ class DeepSpeedConfig(Section):
     num_workers × this many micro-batches."""
 
 
+class RewardLossConfig(Section):
+    """The reward-distillation objective (`task: reward`, kd_core/losses/reward.py):
+    `pointwise_weight · MSE(r_s, r_t) + pairwise_weight · KL(σ(Δ_t/T) ‖ σ(Δ_s/T)) +
+    bradley_terry_weight · BT(human labels)`, Δ = r(chosen) − r(rejected)."""
+
+    pointwise_weight: float = Field(default=0.0, ge=0)
+    """Weight of the squared error between student and teacher rewards (it matches the teacher's
+    scale and offset too, which a pairwise loss leaves free)."""
+    pairwise_weight: float = Field(default=1.0, ge=0)
+    """Weight of the KL between the teacher's and the student's preference probabilities."""
+    temperature: float = Field(default=1.0, gt=0)
+    """T of the pairwise term: margins are divided by it before the sigmoid."""
+    bradley_terry_weight: float = Field(default=0.0, ge=0)
+    """Weight of the Bradley–Terry loss on human labels (pairs without a label do not count). The
+    no-teacher baseline trains on this term alone."""
+
+    @model_validator(mode="after")
+    def _some_term_is_weighted(self) -> RewardLossConfig:
+        if self.pointwise_weight == 0 and self.pairwise_weight == 0 and self.bradley_terry_weight == 0:
+            raise ValueError("pointwise_weight, pairwise_weight and bradley_terry_weight are all 0: nothing would be trained")
+        return self
+
+
 class DistillConfig(Section):
     loss: LossConfig = LossConfig()
-    """The distillation objective."""
+    """The distillation objective of language models (`task: causal_lm`)."""
+    reward: RewardLossConfig = RewardLossConfig()
+    """The distillation objective of reward models (`task: reward`)."""
     train: TrainConfig = TrainConfig()
     """Optimisation of the student."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -325,8 +410,8 @@ class RegistryConfig(Section):
     primary_metric: str = "student.perplexity"
     """The eval metric that ranks versions, named as in `eval.gates` (e.g. `agreement_top1`)."""
     primary_goal: Literal["minimize", "maximize"] | None = None
-    """Whether lower or higher `primary_metric` is better; None: maximize agreement and tokens/s,
-    minimize everything else."""
+    """Whether lower or higher `primary_metric` is better; None: maximize agreement, accuracy,
+    correlation and throughput (`kd_core.gates.MAXIMIZED`), minimize everything else."""
 
     @field_validator("primary_metric")
     @classmethod
@@ -343,7 +428,9 @@ class RegistryConfig(Section):
     def maximize(self) -> bool:
         if self.primary_goal is not None:
             return self.primary_goal == "maximize"
-        return self.primary_metric.rsplit(".", 1)[-1] in ("agreement_top1", "agreement_top5", "tokens_per_s")
+        from kd_core.gates import MAXIMIZED
+
+        return self.primary_metric.rsplit(".", 1)[-1] in MAXIMIZED
 
 
 # --------------------------------------------------------------------------------------- compute
@@ -540,6 +627,10 @@ class KubeflowConfig(Section):
 class JobConfig(Section):
     name: str = Field(default="kdflow-job", min_length=1)
     """Human-readable job name (shown in logs and MLflow)."""
+    task: Literal["causal_lm", "reward"] = "causal_lm"
+    """`causal_lm`: a language-model teacher and student over token shards. `reward`: a text
+    reward model (the teacher, reading each image's text rendering) distilled into a multimodal
+    reward model (the student, reading the image itself), over preference pairs."""
     storage: StorageConfig = StorageConfig()
     """Where every stage reads and writes (fsspec)."""
     data: DataConfig = DataConfig()
@@ -612,8 +703,38 @@ class JobConfig(Section):
                 f"{reason}, got {loss.temperature}; set both"
                 + ("" if self.cache.format == "sampled" else ", or topk_tail: false")
             )
+        self._check_task()
         self._check_tune_space()
         return self
+
+    def _check_task(self) -> None:
+        """Each task's data source, teacher source, metrics and unsupported combinations."""
+        from kd_core.gates import Gate, metrics_of_task
+
+        reward = self.task == "reward"
+        preference_source = self.data.source in ("preferences", "digit-preferences")
+        if reward != preference_source:
+            wanted = "preferences or digit-preferences" if reward else "python-docs or files"
+            raise ValueError(f"data.source: task {self.task} reads {wanted}, got {self.data.source!r}")
+        known = metrics_of_task(self.task)
+        for index, text in enumerate(self.eval.gates):
+            for _, metric in Gate.parse(text).metric_names():
+                if metric not in known:
+                    raise ValueError(f"eval.gates[{index}]: {metric!r} is not a {self.task} metric; use one of {', '.join(known)}")
+        primary = self.registry.primary_metric.rsplit(".", 1)[-1]
+        if primary not in known:
+            raise ValueError(f"registry.primary_metric: {primary!r} is not a {self.task} metric; use one of {', '.join(known)}")
+        if not reward:
+            return
+        if self.distill.teacher_source != "cache":
+            raise ValueError("distill.teacher_source: reward models distill from the cache of teacher rewards; set it to cache")
+        if self.tune.space:
+            raise ValueError("tune.space: hyperparameter search runs for task causal_lm only (its trials validate on next-token loss)")
+        image_size = self.data.preferences.image_size
+        if image_size % self.student.vision.patch_size:
+            raise ValueError(
+                f"student.vision.patch_size: must divide data.preferences.image_size ({image_size}), got {self.student.vision.patch_size}"
+            )
 
     def _check_tune_space(self) -> None:
         """Every searched field exists, may be searched, and takes each bound of its range."""

@@ -7,7 +7,8 @@ A gate is one comparison between two arithmetic expressions over numbers and met
     student.kl_to_teacher < baseline.kl_to_teacher
 
 Names are `<model>.<metric>` with model `student`, `teacher` or `baseline`, or a bare metric of
-the student. The text is parsed with Python's `ast` and only numbers, names, `+ - * /`, unary
+the student. The metrics are those the eval stage measures for the job's task
+(`METRICS_BY_TASK`): language-model metrics for `causal_lm`, preference metrics for `reward`. The text is parsed with Python's `ast` and only numbers, names, `+ - * /`, unary
 minus and one comparison (`< <= > >= == !=`) are accepted: nothing is ever evaluated as code, and
 a call, attribute chain, subscript or anything else is refused with the gate's text.
 """
@@ -19,10 +20,21 @@ import operator
 from dataclasses import dataclass
 
 MODELS = ("student", "teacher", "baseline")
-METRICS = (
-    "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
-    "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
+METRICS_BY_TASK = {
+    "causal_lm": (
+        "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
+        "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
+    ),
+    "reward": (
+        "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "preference_kl_to_teacher", "ece",
+        "parameters", "weight_bytes", "pairs_per_s", "latency_ms",
+    ),
+}
+METRICS = tuple(dict.fromkeys(name for names in METRICS_BY_TASK.values() for name in names))
+MAXIMIZED = frozenset(
+    {"agreement_top1", "agreement_top5", "tokens_per_s", "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "pairs_per_s"}
 )
+"""Metrics where higher is better (the registry's default goal for a primary metric)."""
 _COMPARISONS = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq, ast.NotEq: operator.ne}
 _ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -52,10 +64,18 @@ class Gate:
             _check(side, text)
         return cls(text.strip(), tree.left, type(tree.ops[0]), tree.comparators[0])
 
+    def metric_names(self) -> list[tuple[str, str]]:
+        """(model, metric) of every name the gate reads."""
+        return _names(self.left) + _names(self.right)
+
     def evaluate(self, metrics: dict) -> dict:
         """{"gate", "passed", "left", "right"}: the comparison and the two numbers it compared."""
         left, right = _value(self.left, metrics, self.text), _value(self.right, metrics, self.text)
         return {"gate": self.text, "passed": bool(_COMPARISONS[self.compare](left, right)), "left": left, "right": right}
+
+
+def metrics_of_task(task: str) -> tuple[str, ...]:
+    return METRICS_BY_TASK[task]
 
 
 def evaluate_gates(gates: list[str], metrics: dict) -> list[dict]:
@@ -111,6 +131,15 @@ def _check(node: ast.expr, text: str) -> None:
         raise GateError(f"gate {text!r}: unknown model {model!r}; use {', '.join(MODELS)}")
     if metric not in METRICS:
         raise GateError(f"gate {text!r}: unknown metric {metric!r}; one of {', '.join(METRICS)}")
+
+
+def _names(node: ast.expr) -> list[tuple[str, str]]:
+    if isinstance(node, ast.BinOp):
+        return _names(node.left) + _names(node.right)
+    if isinstance(node, ast.UnaryOp):
+        return _names(node.operand)
+    name = metric_name(node)
+    return [name] if name else []
 
 
 def _value(node: ast.expr, metrics: dict, text: str) -> float:

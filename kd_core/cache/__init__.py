@@ -2,7 +2,7 @@
 
 One cache shard per training token shard, aligned row for row, in the bit-packed Arrow format of
 `kd_core.cache.format` (top-k, sampled or full log-probs, the teacher's entropy, optionally its
-hidden states); the manifest's `details["layout"]` says how to decode them, and lists each
+hidden states; for `task: reward`, the reward teacher's scores of each pair's two responses); the manifest's `details["layout"]` says how to decode them, and lists each
 shard's rows, tokens, bytes and sha256.
 
 Resumable: each shard is written atomically, then a commit record beside it
@@ -29,9 +29,11 @@ from kd_core.config import CacheConfig, ComputeConfig, StorageConfig
 from kd_core.data.shards import decode_arrow, encode_arrow, read_verified, split_shards
 from kd_core.manifest import Manifest
 from kd_core.models import load_causal_lm
+from kd_core.models.reward import load_reward_model, text_rewards
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import FileRecord, Store
+from kd_core.train.step import trim_padding
 
 COMMIT_SUFFIX = ".commit.json"
 """Beside each finished shard: its record and its source shard's sha256, written after it."""
@@ -57,7 +59,7 @@ def cache(
     pending = [job for job in jobs if finished.get(job[1]) is None]
     rows_of: dict[str, int] = {}
     with run.timed("teacher_inference"), progress_bar("cache: teacher", total=len(jobs)) as bar:
-        for record, rows in [*filter(None, finished.values()), *_run_jobs(config, teacher, store, compute, pending, layout)]:
+        for record, rows in [*filter(None, finished.values()), *_run_jobs(config, teacher, store, compute, pending, layout, prep.details.get("pad_id", 1))]:
             run.record(record)
             rows_of[record.path] = rows
             bar.advance()
@@ -85,6 +87,8 @@ def cache_layout(config: CacheConfig, prep: Manifest, store: Store, teacher: Man
     the format settings."""
     from kd_core.train.teacher import teacher_model_config  # the trainer imports this package's format
 
+    if prep.details.get("task") == "reward":  # one score per response: nothing to choose
+        return CacheLayout(format="reward", seq_len=prep.details["seq_len"], vocab_size=prep.details["vocab_size"], slots=1)
     model_config = teacher_model_config(store, teacher)
     data_vocab, teacher_vocab = prep.details["vocab_size"], model_config["vocab_size"]
     if teacher_vocab < data_vocab:
@@ -128,11 +132,11 @@ def committed_shard(store: Store, token_record: FileRecord, output_relative: str
         return None
 
 
-def _run_jobs(config, teacher, store, compute, jobs, layout):
+def _run_jobs(config, teacher, store, compute, jobs, layout, pad_id):
     if not jobs:
         return
     if compute.backend == "local":
-        worker = TeacherWorker(store.config, teacher, config, layout, threads=torch.get_num_threads())
+        worker = TeacherWorker(store.config, teacher, config, layout, threads=torch.get_num_threads(), pad_id=pad_id)
         for job in jobs:
             yield worker.process(*job)
         return
@@ -144,7 +148,7 @@ def _run_jobs(config, teacher, store, compute, jobs, layout):
     ensure_ray(compute)
     actor_class = ray.remote(num_cpus=1, num_gpus=1 if compute.use_gpu else 0)(TeacherWorker)
     actors = [
-        actor_class.remote(store.config, teacher, config, layout, threads=1)
+        actor_class.remote(store.config, teacher, config, layout, threads=1, pad_id=pad_id)
         for _ in range(min(config.num_actors, len(jobs)))
     ]
     try:
@@ -157,24 +161,42 @@ def _run_jobs(config, teacher, store, compute, jobs, layout):
 class TeacherWorker:
     """Loads the teacher once; turns token shards into target shards. Runs as a Ray actor or inline."""
 
-    def __init__(self, storage: StorageConfig, teacher: Manifest, config: CacheConfig, layout: CacheLayout, threads: int):
+    def __init__(self, storage: StorageConfig, teacher: Manifest, config: CacheConfig, layout: CacheLayout, threads: int, pad_id: int = 1):
         from kd_core.train.teacher import teacher_model_dir
 
         torch.set_num_threads(threads)
         self.store = Store(storage)
         self.config, self.layout = config, layout
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(teacher_model_dir(self.store, teacher)).to(self.device).eval()
+        load = load_reward_model if layout.format == "reward" else load_causal_lm
+        self.model = load(teacher_model_dir(self.store, teacher)).to(self.device).eval()
+        self.pad_id = pad_id
 
     def process(self, token_record: FileRecord, output_relative: str) -> tuple[FileRecord, int]:
-        rows = decode_arrow(read_verified(self.store, token_record), token_record.url)["input_ids"]
-        # Draws depend only on the seed and the shard's content: not on which actor runs it, or when.
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.config.seed}:{token_record.sha256}".encode()))
-        payload = encode_arrow(self.columns(rows, generator), metadata=self.layout.schema_metadata())
+        shard = decode_arrow(read_verified(self.store, token_record), token_record.url)
+        if self.layout.format == "reward":
+            columns = self.reward_columns(shard)
+        else:
+            # Draws depend only on the seed and the shard's content: not on which actor runs it, or when.
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.config.seed}:{token_record.sha256}".encode()))
+            columns = self.columns(shard["input_ids"], generator)
+        rows = len(next(iter(shard.values())))
+        payload = encode_arrow(columns, metadata=self.layout.schema_metadata())
         record = self.store.write_bytes(output_relative, payload)
-        commit = {"shard": asdict(record), "rows": len(rows), "source_sha256": token_record.sha256}
+        commit = {"shard": asdict(record), "rows": rows, "source_sha256": token_record.sha256}
         self.store.write_bytes(output_relative + COMMIT_SUFFIX, json.dumps(commit).encode())
-        return record, len(rows)
+        return record, rows
+
+    @torch.no_grad()
+    def reward_columns(self, shard: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The reward teacher's scores of both responses of every pair, from the text view."""
+        scores: dict[str, list[np.ndarray]] = {"teacher_chosen": [], "teacher_rejected": []}
+        for start in range(0, len(shard["text_chosen_ids"]), self.config.batch_size):
+            for name, column in (("teacher_chosen", "text_chosen_ids"), ("teacher_rejected", "text_rejected_ids")):
+                ids = torch.as_tensor(shard[column][start : start + self.config.batch_size], dtype=torch.long, device=self.device)
+                ids = trim_padding(ids, self.pad_id)
+                scores[name].append(text_rewards(self.model, ids, self.pad_id).cpu().numpy())
+        return {name: np.concatenate(parts).astype(np.float32).reshape(-1, 1) for name, parts in scores.items()}
 
     @torch.no_grad()
     def columns(self, rows: np.ndarray, generator: torch.Generator) -> dict[str, np.ndarray]:

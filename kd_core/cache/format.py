@@ -14,6 +14,7 @@ to read them:
 | `full`    | `logprobs`      | float16 × T·V            | every log-prob                                            |
 | all       | `entropy`       | float16 × T              | the teacher's full predictive entropy (nats)              |
 | optional  | `hidden_<L>`    | float16 × T·H            | hidden state L of the teacher (`cache.hidden_layers`)     |
+| `reward`  | `teacher_chosen`, `teacher_rejected` | float32 × 1 | a reward model's scores of a preference pair's two responses (`task: reward`; no `entropy`) |
 
 Packing: entries are unsigned integers of b bits (b ≤ 56), written most-significant bit first
 into one bit stream per row; the row's entry count is padded to a multiple of 8 with zero
@@ -90,7 +91,7 @@ class CacheLayout:
     """Everything needed to encode or decode a cache shard's columns."""
 
     format: str
-    """`topk`, `sampled` or `full`."""
+    """`topk`, `sampled`, `full`, or `reward` (a reward teacher's scores of preference pairs)."""
     seq_len: int
     vocab_size: int
     slots: int
@@ -182,7 +183,10 @@ class CacheLayout:
         """Shard columns -> per-position teacher targets under the trainer's batch keys:
         `teacher_topk_ids` / `teacher_topk_logprobs` (rows, T, k), `teacher_sample_ids` /
         `teacher_sample_counts` (rows, T, n), `teacher_logits` (rows, T, V), `teacher_entropy`
-        (rows, T), `teacher_hidden_<L>` (rows, T, H). Ids are int32, values float32."""
+        (rows, T), `teacher_hidden_<L>` (rows, T, H); for `reward`, `teacher_chosen` and
+        `teacher_rejected` (rows,). Ids are int32, values float32."""
+        if self.format == "reward":
+            return {name: columns[name][:, 0].astype(np.float32) for name in ("teacher_chosen", "teacher_rejected")}
         rows, T = len(columns["entropy"]), self.seq_len
         targets = {"teacher_entropy": columns["entropy"].astype(np.float32).reshape(rows, T)}
         if self.format == "topk":

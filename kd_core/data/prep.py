@@ -11,6 +11,8 @@ Steps:
 6. write each split as Arrow shards of `rows_per_shard` rows, then the manifest.
 
 Outputs: `tokenizer/` (a Hugging Face tokenizer directory) and `shards/<split>-NNNNN.arrow`.
+Preference data (`task: reward`) takes its own path with the same outputs:
+`kd_core/data/preferences.py`.
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ from kd_core.storage import Store, storage_options
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPLITS = ("train", "val", "test")
+PREFERENCE_SOURCES = ("preferences", "digit-preferences")
 
 
 def prep(config: DataConfig, store: Store, *, force: bool = False) -> Manifest:
-    run = StageRun(store, "prep", config, inputs={}, force=force)
+    run = StageRun(store, "prep", prep_section(config), inputs={}, force=force)
     if run.reused:
         return run.reused
+    if config.source in PREFERENCE_SOURCES:
+        from kd_core.data.preferences import prep_preferences
+
+        return prep_preferences(config, store, run)
     with run.timed("collect"):
         documents = collect_documents(config, store)
         splits = split_documents(documents, config.val_fraction, config.test_fraction)
@@ -62,6 +69,12 @@ def prep(config: DataConfig, store: Store, *, force: bool = False) -> Manifest:
         **{f"{split}_tokens": details["splits"][split]["tokens"] for split in SPLITS},
     }
     return run.finish(metrics=metrics, details=details)
+
+
+def prep_section(config: DataConfig) -> dict:
+    """The settings the step's key covers: the preference settings only for preference data (so
+    adding them changed no text job's key)."""
+    return config.model_dump(mode="json", exclude=None if config.source in PREFERENCE_SOURCES else {"preferences"})
 
 
 def collect_documents(config: DataConfig, store: Store) -> list[str]:

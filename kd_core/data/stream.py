@@ -3,8 +3,9 @@
 `TrainingStream` is a torch `IterableDataset`. It reads token shards (and, for distillation, the
 cache shards aligned with them) from any `Store` (local disk, S3, ...), shard by shard, so a cache
 far larger than memory trains the same as a small one. It yields one sample per training row: a
-dict of numpy arrays (`input_ids` (T,), and the cache's decoded targets, see
-`kd_core.cache.format.CacheLayout.decode`).
+dict of numpy arrays, one per column of the token shard (`input_ids` (T,) for language models;
+the pair columns of `kd_core/data/preferences.py` for reward models), and the cache's decoded
+targets (see `kd_core.cache.format.CacheLayout.decode`).
 
 - **Split without overlap.** The consumers are the `world_size` data-parallel ranks times the
   DataLoader workers of each; consumer c of C gets shards c, c+C, c+2C, ... of the epoch's shard
@@ -95,22 +96,26 @@ class TrainingStream(IterableDataset):
     def read_shard(self, store: Store, index: int, rows: slice) -> dict[str, np.ndarray]:
         """One shard's rows (a slice of them) with their decoded targets, after every check."""
         token_record = self.token_shards[index]
-        samples = {"input_ids": decode_arrow(read_verified(store, token_record), token_record.url)["input_ids"]}
+        samples = decode_arrow(read_verified(store, token_record), token_record.url)
+        shard_rows = len(next(iter(samples.values())))
         if self.cache_shards:
             cache_record = self.cache_shards[index]
             columns = decode_arrow(read_verified(store, cache_record), cache_record.url)
             n_rows = len(next(iter(columns.values())))
-            if n_rows != len(samples["input_ids"]):
+            if n_rows != shard_rows:
                 raise ShardError(
                     f"cache shard {cache_record.url} holds {n_rows} rows but its token shard {token_record.url} holds "
-                    f"{len(samples['input_ids'])}; rerun the cache stage with --force"
+                    f"{shard_rows}; rerun the cache stage with --force"
                 )
             try:
-                samples.update(self.cache_layout.decode({name: values[rows] for name, values in columns.items()}))
+                targets = self.cache_layout.decode({name: values[rows] for name, values in columns.items()})
             except (KeyError, ValueError) as err:
                 raise ShardError(f"cache shard {cache_record.url} does not match the cache layout ({err}); rerun the cache stage with --force") from None
-        samples["input_ids"] = samples["input_ids"][rows].astype(np.int64)
-        return samples
+        else:
+            targets = {}
+        # Token ids become int64 (what embeddings take); pixels, labels and targets keep their dtype.
+        samples = {name: values[rows].astype(np.int64) if name.endswith("_ids") else values[rows] for name, values in samples.items()}
+        return samples | targets
 
     def _shards(self, store: Store, consumer: int, consumers: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(epoch, shard samples) in plan order; `prefetch_shards` reads run ahead in threads
@@ -153,7 +158,7 @@ class TrainingStream(IterableDataset):
                     yield from buffer
                     buffer.clear()
                 current_epoch, rng = epoch, np.random.default_rng([self.seed, epoch, consumer])
-            for row in range(len(samples["input_ids"])):
+            for row in range(len(next(iter(samples.values())))):
                 sample = {name: values[row] for name, values in samples.items()}
                 if self.shuffle_buffer <= 1:
                     yield sample

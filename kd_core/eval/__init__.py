@@ -17,6 +17,12 @@ the two numbers it compared. Everything goes to `metrics.json` and the manifest;
 `training_curves.png` shows the training curves beside the held-out perplexities, and
 `report.html` (`kd_core/eval/report.py`) is the page a person reads: verdict, gates, metrics and
 plots.
+
+Reward models (`task: reward`) are measured through the same stage with preference metrics
+instead (pairwise accuracy against the teacher and the human labels, Spearman correlation with the
+teacher's rewards, preference KL, calibration against the labels, size and speed:
+`kd_core/eval/reward.py`); `metrics["task"]` says which set a metrics file holds, and the gates
+and the registry read either the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from kd_core.config import EvalConfig
 from kd_core.data.shards import load_split
 from kd_core.eval.plots import read_history, training_curves_png
 from kd_core.eval.report import report_html
+from kd_core.eval.reward import measure_reward_models, reward_model_dirs, write_rewards
 from kd_core.gates import evaluate_gates
 from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, load_causal_lm, local_copy
@@ -61,13 +68,35 @@ def evaluate(
     run = StageRun(store, "eval", config, inputs=inputs, force=force)
     if run.reused:
         return run.reused
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rewards = None
+    if prep.details.get("task") == "reward":
+        model_dirs = reward_model_dirs(store, teacher_model_dir(store, teacher), student, baseline)
+        scores, rewards = measure_reward_models(config, prep, model_dirs, store, run, device)
+        metrics: dict = {"task": "reward", "split": config.split, "rows": scores["teacher"]["pairs"], "device": _device_name(device)}
+        write_rewards(run, rewards)
+    else:
+        metrics = {"task": "causal_lm", "split": config.split, "device": _device_name(device)}
+        scores = measure_language_models(config, prep, teacher, student, baseline, store, run, device, metrics)
+    metrics |= scores
+    metrics["gates"] = evaluate_gates(config.gates, metrics)
+    metrics["gates_passed"] = all(gate["passed"] for gate in metrics["gates"])
+    run.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
+    histories = {name: read_history(store, manifest) for name, manifest in inputs.items() if name != "prep"}
+    run.write_bytes(CURVES_NAME, training_curves_png(histories, metrics))
+    run.write_bytes(REPORT_NAME, report_html(job_name, metrics, histories, rewards).encode())
+    return run.finish(metrics=metrics)
+
+
+def measure_language_models(config, prep, teacher, student, baseline, store, run, device, metrics: dict) -> dict:
+    """Held-out quality and speed of the teacher, student and baseline LMs; adds the split's
+    row and token counts to `metrics`."""
     rows = torch.from_numpy(load_split(store, prep, config.split, config.max_rows))
     model_dirs = {"teacher": teacher_model_dir(store, teacher), "student": local_copy(store, student.details["model_folder"])}
     if baseline is not None:
         model_dirs["baseline"] = local_copy(store, baseline.details["model_folder"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     models = {name: load_causal_lm(folder).to(device) for name, folder in model_dirs.items()}
-    metrics: dict = {"split": config.split, "rows": len(rows), "tokens": int(rows.numel()), "device": _device_name(device)}
+    metrics |= {"rows": len(rows), "tokens": int(rows.numel())}
     with run.timed("measure"), progress_bar("eval: quality", total=len(rows)) as bar:
         scores = measure_models(models, rows, config.batch_size, bar.advance, device=device)
     with run.timed("speed"), progress_bar("eval: speed", total=len(models)) as bar:
@@ -76,14 +105,7 @@ def evaluate(
             scores[name]["parameters"] = count_parameters(model)
             scores[name]["weight_bytes"] = sum(f.stat().st_size for f in model_dirs[name].glob("*.safetensors"))
             bar.advance(1)
-    metrics |= scores
-    metrics["gates"] = evaluate_gates(config.gates, metrics)
-    metrics["gates_passed"] = all(gate["passed"] for gate in metrics["gates"])
-    run.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
-    histories = {name: read_history(store, manifest) for name, manifest in inputs.items() if name != "prep"}
-    run.write_bytes(CURVES_NAME, training_curves_png(histories, metrics))
-    run.write_bytes(REPORT_NAME, report_html(job_name, metrics, histories).encode())
-    return run.finish(metrics=metrics)
+    return scores
 
 
 class HeldOutScores:

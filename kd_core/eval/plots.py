@@ -1,4 +1,5 @@
-"""The eval stage's picture: training curves beside held-out perplexity, as one PNG."""
+"""The eval stage's picture: training curves beside held-out perplexity (reward models: pairwise
+accuracy against the human labels), as one PNG."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from kd_core.storage import Store
 from kd_core.train.loop import HISTORY_NAME
 
 LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student"}
+REWARD_LABELS = {"teacher": "text teacher", "student": "KD student", "baseline": "human-labels-only"}
 COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#d62728"}
 
 
@@ -28,18 +30,22 @@ def training_curves_png(histories: dict[str, list[dict]], metrics: dict) -> byte
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    reward = metrics.get("task") == "reward"
+    labels = REWARD_LABELS if reward else LABELS
+    term, term_label = ("loss", "training loss (per pair)") if reward else ("ce", "training cross-entropy (nats/token)")
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
     for name, history in histories.items():
         if history:
-            curves.plot([r["step"] for r in history], [r["ce"] for r in history], label=LABELS[name], color=COLORS[name])
-    curves.set(xlabel="optimizer step", ylabel="training cross-entropy (nats/token)", title="Training")
+            curves.plot([r["step"] for r in history], [r[term] for r in history], label=labels[name], color=COLORS[name])
+    curves.set(xlabel="optimizer step", ylabel=term_label, title="Training")
     curves.grid(alpha=0.3)
     curves.legend()
-    names = [name for name in LABELS if name in metrics]
-    values = [metrics[name]["perplexity"] for name in names]
-    drawn = bars.bar([LABELS[n] for n in names], values, color=[COLORS[n] for n in names])
-    bars.bar_label(drawn, labels=[f"{v:.1f}" for v in values])
-    bars.set(ylabel="perplexity (lower is better)", title=f"Held-out {metrics['split']} split")
+    key, key_label, form = ("pairwise_accuracy_human", "accuracy vs human labels", "{:.1%}") if reward else ("perplexity", "perplexity (lower is better)", "{:.1f}")
+    names = [name for name in labels if name in metrics and key in metrics[name]]
+    values = [metrics[name][key] for name in names]
+    drawn = bars.bar([labels[n] for n in names], values, color=[COLORS[n] for n in names])
+    bars.bar_label(drawn, labels=[form.format(v) for v in values])
+    bars.set(ylabel=key_label, title=f"Held-out {metrics['split']} split")
     bars.tick_params(axis="x", labelrotation=10)
     figure.tight_layout()
     buffer = io.BytesIO()

@@ -7,6 +7,8 @@ held-out metrics per model, then four plots:
 - calibration: a reliability diagram (accuracy against confidence per bin) for every model;
 - size and speed against quality: parameters and inference tokens/s against perplexity.
 
+Reward models (`task: reward`) get their own table and plots (`kd_core/eval/reward_report.py`).
+
 The page needs no network (no scripts, fonts or images from elsewhere) and is written beside
 `metrics.json`; the register step logs it to MLflow with the other eval files.
 """
@@ -22,13 +24,25 @@ from kd_core.eval.plots import COLORS, LABELS
 TERM_STYLES = {"loss": "-", "ce": "--", "kd": ":"}
 
 
-def report_html(job_name: str, metrics: dict, histories: dict[str, list[dict]]) -> str:
-    figures = {
-        "Training": training_png(histories),
-        "Quality against the teacher": quality_png(metrics),
-        "Calibration": reliability_png(metrics),
-        "Size and speed against quality": size_speed_png(metrics),
-    }
+def report_html(job_name: str, metrics: dict, histories: dict[str, list[dict]], rewards: dict | None = None) -> str:
+    """The page; `rewards` (per model, chosen and rejected rewards) feeds a reward model's scatter plot."""
+    reward = metrics.get("task") == "reward"
+    if reward:
+        from kd_core.eval.reward_report import reward_figures, reward_metrics_table
+
+        figures = reward_figures(metrics, histories, rewards)
+        table = reward_metrics_table(metrics)
+        held_out = f'{metrics["rows"]:,} preference pairs'
+    else:
+        figures = {
+            "Training": training_png(histories),
+            "Quality against the teacher": quality_png(metrics),
+            "Calibration": reliability_png(metrics),
+            "Size and speed against quality": size_speed_png(metrics),
+        }
+        table = _metrics_table(metrics)
+        held_out = f'{metrics["rows"]:,} rows, {metrics["tokens"]:,} tokens'
+
     passed = metrics.get("gates_passed", True)
     gates = metrics.get("gates", [])
     verdict = (
@@ -40,11 +54,11 @@ def report_html(job_name: str, metrics: dict, histories: dict[str, list[dict]]) 
     )
     body = [
         f"<h1>kdflow evaluation: {html.escape(job_name)}</h1>",
-        f'<p class="meta">Held-out {html.escape(metrics["split"])} split: {metrics["rows"]:,} rows, {metrics["tokens"]:,} tokens. '
+        f'<p class="meta">Held-out {html.escape(metrics["split"])} split: {held_out}. '
         f'Speed measured on {html.escape(str(metrics.get("device", "this machine")))}.</p>',
         verdict,
         _gates_table(gates),
-        _metrics_table(metrics),
+        table,
     ]
     for title, png in figures.items():
         data = base64.b64encode(png).decode()

@@ -8,7 +8,8 @@ Sparse targets from a teacher cache:
     topk_kl (top-k ids and log-probs, optional tail bucket), sampled_kl (Random-Sampling KD)
 Features and structure:
     hidden_mse, hidden_cosine, HiddenStateDistillation (features.py); rkd_distance, rkd_angle,
-    similarity_kl (relational.py); matryoshka_distillation; reward_mse, preference_kl (reward.py)
+    similarity_kl (relational.py); matryoshka_distillation; reward_mse, preference_kl, bradley_terry,
+    RewardObjective (reward.py)
 """
 
 from kd_core.losses.common import align_vocab, masked_mean
@@ -20,7 +21,7 @@ from kd_core.losses.matryoshka import matryoshka_distillation
 from kd_core.losses.objective import DistillationObjective, next_token_cross_entropy
 from kd_core.losses.relational import rkd_angle, rkd_distance, similarity_kl
 from kd_core.losses.reverse_kl import reverse_kl
-from kd_core.losses.reward import preference_kl, reward_mse
+from kd_core.losses.reward import RewardObjective, bradley_terry, preference_kl, reward_mse
 from kd_core.losses.sampled import draw_teacher_samples, sampled_kl
 from kd_core.losses.skew_kl import skew_forward_kl, skew_reverse_kl
 from kd_core.losses.topk import topk_kl
@@ -29,7 +30,9 @@ from kd_core.losses.total_variation import total_variation
 __all__ = [
     "DistillationObjective",
     "HiddenStateDistillation",
+    "RewardObjective",
     "align_vocab",
+    "bradley_terry",
     "dense_teacher_target",
     "draw_teacher_samples",
     "forward_kl",

@@ -1,12 +1,14 @@
 """The distill stage, and the no-teacher baseline it is measured against.
 
 - `distill`: the student learns from the training tokens and the teacher, with the
-  `DistillationObjective` (cross-entropy + T²-scaled KD) configured by `distill.loss`. The
+  `DistillationObjective` (cross-entropy + T²-scaled KD) configured by `distill.loss`; a
+  multimodal reward student (`task: reward`) learns from the cached teacher rewards with the
+  `RewardObjective` of `distill.reward`. The
   teacher's targets come from the cache stage (`distill.teacher_source: cache`, the default:
   top-k, sampled or full, streamed with the tokens) or from running the teacher on every batch
   (`online`: full logits, no cache).
 - `baseline`: the same student architecture, data, seed, optimiser and DeepSpeed settings, with
-  cross-entropy alone.
+  cross-entropy alone (for reward models: Bradley–Terry on the human labels alone).
   Its perplexity is what the student would reach without a teacher, so the evaluation can show
   what distillation bought.
 
@@ -42,9 +44,10 @@ def distill(
     expected = "cache" if config.teacher_source == "cache" else "teacher"
     if targets.stage != expected:
         raise ValueError(f"distill.teacher_source is {config.teacher_source}: distill needs the {expected} step's output, got {targets.stage}'s")
+    reward = prep.details.get("task") == "reward"
     section = {
-        "student": student.model_dump(mode="json"),
-        "loss": config.loss.model_dump(mode="json"),
+        "student": _student_section(student, reward),
+        "loss": config.reward.model_dump(mode="json") if reward else config.loss.model_dump(mode="json"),
         "train": config.train.model_dump(mode="json"),
         "teacher_source": config.teacher_source,
         "deepspeed": config.deepspeed.model_dump(mode="json"),
@@ -72,7 +75,7 @@ def baseline(
     force: bool = False,
 ) -> Manifest:
     section = {
-        "student": student.model_dump(mode="json"),
+        "student": _student_section(student, prep.details.get("task") == "reward"),
         "train": config.train.model_dump(mode="json"),
         "deepspeed": config.deepspeed.model_dump(mode="json"),
     }
@@ -82,13 +85,21 @@ def baseline(
     return _train_student(run, config, student, prep, store, compute, "distill: no-teacher baseline", force, with_teacher=False)
 
 
+def _student_section(student: StudentConfig, reward: bool) -> dict:
+    """The student's settings that shape it: the image encoder only for a multimodal reward model."""
+    return student.model_dump(mode="json", exclude=None if reward else {"vision"})
+
+
 def _train_student(run, config, student, prep, store, compute, description, force, *, with_teacher=True, **teacher) -> Manifest:
     """Train into the step's folder, checkpointing every `distill.checkpoint_every` steps and
     resuming from the latest checkpoint unless forced or `distill.resume` is `never`."""
-    loss = config.loss if with_teacher else None
     deepspeed = config.deepspeed if config.deepspeed.enabled else None
+    if prep.details.get("task") == "reward":
+        objective = {"vision": student.vision, "reward_loss": config.reward if with_teacher else None}
+    else:
+        objective = {"loss": config.loss if with_teacher else None}
     spec = TrainSpec.from_prep(
-        prep, store, run.folder, student.architecture, config.train, loss=loss, deepspeed=deepspeed,
-        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints, **teacher,
+        prep, store, run.folder, student.architecture, config.train, deepspeed=deepspeed,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints, **objective, **teacher,
     )
     return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never")

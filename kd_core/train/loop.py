@@ -1,4 +1,4 @@
-"""The training loop every causal LM in kdflow goes through: teacher, student and baseline.
+"""The training loop every model in kdflow goes through: teacher, student and baseline.
 
 `train_worker(spec, rank, world_size, progress)` is the code one data-parallel worker runs. Ray
 Train calls it in each worker (see `ray_glue.py`); the `local` backend, tests and the GPU check
@@ -12,6 +12,10 @@ With `online_teacher` set, the teacher runs on every batch instead of a
 cache and its full logits are the target (in its own DeepSpeed engine beside a DeepSpeed student).
 Every `checkpoint_every` steps each rank writes its part of a checkpoint, and a run resumes from
 the latest one (`kd_core/train/checkpoints.py`).
+
+The model kind (`TrainSpec.model_kind`) picks what is built and what its step computes: causal
+LMs with `StudentStep` (next-token CE + KD), reward models with `RewardStep` (both responses of
+each preference pair scored, then `RewardObjective`); everything else is the same loop.
 """
 
 from __future__ import annotations
@@ -27,16 +31,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from kd_core.cache.format import CacheLayout
-from kd_core.config import ArchitectureConfig, DeepSpeedConfig, LossConfig, StorageConfig, TrainConfig
+from kd_core.config import (
+    ArchitectureConfig,
+    DeepSpeedConfig,
+    LossConfig,
+    RewardLossConfig,
+    StorageConfig,
+    TrainConfig,
+    VisionConfig,
+)
 from kd_core.data.shards import decode_arrow, read_verified, split_shards
 from kd_core.data.stream import TrainingStream, collate
-from kd_core.losses import DistillationObjective
+from kd_core.losses import DistillationObjective, RewardObjective
 from kd_core.manifest import Manifest
 from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
+from kd_core.models.reward import build_multimodal_reward_model, build_text_reward_model
 from kd_core.storage import FileRecord, Store
 from kd_core.train.checkpoints import CheckpointSink, StoreCheckpoints, load_rank_state, save_rank_state
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine, deepspeed_config
-from kd_core.train.step import PlainRunner, StudentStep, unwrap
+from kd_core.train.step import PlainRunner, RewardStep, StudentStep, unwrap
 from kd_core.train.tracking import MlflowLogger, TrainingRun
 
 HISTORY_NAME = "history.jsonl"
@@ -83,6 +96,17 @@ class TrainSpec:
     the first `validation_rows` validation rows and hands `{step, val_loss}` to `on_validation`
     (what a Ray Tune trial reports to its scheduler)."""
     validation_rows: int = 64
+    model_kind: str = "causal_lm"
+    """`causal_lm` (token shards), or for `task: reward` preference pairs: `text_reward` (the
+    teacher: a sequence-classification reward model on the text view) or `multimodal_reward` (the
+    student and baseline: `kd_core.models.reward.MultimodalRewardModel` on pixels + text)."""
+    vision: VisionConfig | None = None
+    """The image encoder of a `multimodal_reward` model."""
+    reward_loss: RewardLossConfig | None = None
+    """The reward objective of a distilled `multimodal_reward` student; None trains a reward model
+    on human labels alone (Bradley–Terry: the teacher, the baseline)."""
+    pad_id: int = 1
+    image_size: int = 0
 
     @property
     def checkpoint_folder(self) -> str:
@@ -90,8 +114,17 @@ class TrainSpec:
         return f"{self.output_folder}/checkpoints"
 
     @classmethod
-    def from_prep(cls, prep: Manifest, store: Store, output_folder: str, architecture, train, **distillation) -> TrainSpec:
-        """A spec that trains on the prep stage's training split and writes into `output_folder`."""
+    def from_prep(
+        cls, prep: Manifest, store: Store, output_folder: str, architecture, train, *, teacher: bool = False, **distillation
+    ) -> TrainSpec:
+        """A spec that trains on the prep stage's training split and writes into `output_folder`;
+        `teacher` picks the teacher's model kind for the prepared task."""
+        if prep.details.get("task") == "reward":
+            distillation |= {
+                "model_kind": "text_reward" if teacher else "multimodal_reward",
+                "pad_id": prep.details["pad_id"],
+                "image_size": prep.details["image_size"],
+            }
         return cls(
             storage=store.config,
             architecture=architecture,
@@ -168,9 +201,9 @@ def train_worker(
         num_workers=spec.train.data_workers,
         collate_fn=collate,
     )
-    model = build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, seed=spec.train.seed, dropout=spec.train.dropout)
+    model = build_model(spec)
     parameters = count_parameters(model)
-    module = StudentStep(model, make_objective(spec, store), spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None)
+    module = make_step(spec, model, store)
     if spec.deepspeed:
         optimizer, schedule = make_optimizer(module, spec.train)
         runner = DeepSpeedRunner(module, optimizer, schedule, deepspeed_config(spec.deepspeed, spec.train, world_size))
@@ -252,7 +285,7 @@ class WorkerRun:
                     batch["teacher_logits"] = output.logits[..., : spec.vocab_size]  # drop a padded output layer's extra entries
                     batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
                 micro_batches.append(batch)
-                tokens_seen += batch["input_ids"].numel() * self.world_size
+                tokens_seen += batch_tokens(batch) * self.world_size
             terms = self.runner.step(micro_batches)
             done = step + 1
             if step % train.log_every == 0 or done == train.max_steps:
@@ -277,6 +310,8 @@ class WorkerRun:
     def validate(self, module) -> float:
         """The student's mean next-token cross-entropy (nats, float32) on the validation rows; every
         rank computes it on the same rows (under ZeRO-3 the forward passes are collective)."""
+        if self.spec.model_kind != "causal_lm":
+            raise ValueError(f"validation measures next-token loss: it is for language models, not {self.spec.model_kind}")
         if self.validation_rows is None:
             store, rows = Store(self.spec.storage), []
             for record in self.spec.validation_shards:
@@ -327,6 +362,39 @@ def _mean_across_ranks(terms: dict[str, float], device) -> dict[str, float]:
     torch.distributed.all_reduce(values)
     values /= torch.distributed.get_world_size()
     return {**terms, **dict(zip(names, values.tolist()))}
+
+
+def build_model(spec: TrainSpec) -> torch.nn.Module:
+    """The model to train, built from config with seeded random weights."""
+    common = {"seed": spec.train.seed, "dropout": spec.train.dropout}
+    if spec.model_kind == "causal_lm":
+        return build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, **common)
+    if spec.model_kind == "text_reward":
+        return build_text_reward_model(spec.architecture, spec.vocab_size, spec.seq_len, pad_id=spec.pad_id, **common)
+    if spec.model_kind == "multimodal_reward":
+        return build_multimodal_reward_model(
+            spec.vision or VisionConfig(), spec.architecture, spec.vocab_size, spec.seq_len, image_size=spec.image_size, pad_id=spec.pad_id, **common
+        )
+    raise ValueError(f"unknown model kind {spec.model_kind!r}")
+
+
+def make_step(spec: TrainSpec, model: torch.nn.Module, store: Store) -> torch.nn.Module:
+    """The trained module: the model and its objective, whose forward returns the loss terms."""
+    if spec.model_kind == "causal_lm":
+        return StudentStep(model, make_objective(spec, store), spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None)
+    if spec.reward_loss is None:  # the teacher and the baseline: human labels alone
+        objective = RewardObjective(pairwise_weight=0.0, bradley_terry_weight=1.0)
+    else:
+        objective = RewardObjective(**spec.reward_loss.model_dump())
+    return RewardStep(model, objective, multimodal=spec.model_kind == "multimodal_reward", pad_id=spec.pad_id)
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Text tokens the model reads in a batch (padding included): the LM's rows, or both responses
+    of each preference pair in the view the model reads."""
+    if "input_ids" in batch:
+        return batch["input_ids"].numel()
+    return sum(batch[name].numel() for name in ("chosen_ids", "rejected_ids") if name in batch)
 
 
 def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:

@@ -51,6 +51,38 @@ class StudentStep(nn.Module):
         return self.objective(output.logits, input_ids, **targets, **features)
 
 
+class RewardStep(nn.Module):
+    """A reward model and its objective: scores both responses of every pair in one forward pass
+    (chosen rows first, then rejected) and returns the `RewardObjective` terms. A multimodal model
+    reads the student view (`chosen_ids`, `rejected_ids`, `pixels`); a text model the teacher view
+    (`text_chosen_ids`, `text_rejected_ids`). Teacher rewards (`teacher_chosen`,
+    `teacher_rejected`, from the cache) and `human_label` are the targets when present."""
+
+    def __init__(self, model: nn.Module, objective, *, multimodal: bool, pad_id: int):
+        super().__init__()
+        self.model, self.objective, self.multimodal, self.pad_id = model, objective, multimodal, pad_id
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        view = "" if self.multimodal else "text_"
+        ids = trim_padding(torch.cat([batch[f"{view}chosen_ids"], batch[f"{view}rejected_ids"]]), self.pad_id)
+        if self.multimodal:
+            rewards = self.model(input_ids=ids, pixel_values=torch.cat([batch["pixels"], batch["pixels"]]))
+        else:
+            rewards = self.model(input_ids=ids, attention_mask=(ids != self.pad_id).long()).logits[:, 0].float()
+        chosen, rejected = rewards.chunk(2)
+        return self.objective(
+            chosen, rejected, teacher_chosen=batch.get("teacher_chosen"), teacher_rejected=batch.get("teacher_rejected"),
+            human_label=batch["human_label"][:, 0] if "human_label" in batch else None,
+        )
+
+
+def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Right-padded rows cut to the longest one in the batch (the rewards do not change: padding
+    is masked out; the compute does)."""
+    longest = int((ids != pad_id).sum(-1).max()) if ids.numel() else 0
+    return ids[:, : max(longest, 1)]
+
+
 def unwrap(module: nn.Module) -> StudentStep:
     """The `StudentStep` inside a DDP wrapper (or the module itself)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module

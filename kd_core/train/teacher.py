@@ -7,6 +7,10 @@
 - `teacher.path` unset: kdflow trains the teacher from `teacher.architecture` with cross-entropy
   on the training split (seeded, through the same loop and Ray Train workers as students). The
   result is stored under its key and reused by every later run with the same data and config.
+  For `task: reward` the teacher is a text reward model (sequence classification, one output)
+  trained with Bradley–Terry on the human labels of the training pairs' text view (the image's
+  text rendering, the prompt and each response); an existing one (`teacher.path`) is any Hugging
+  Face sequence-classification reward model that uses the data's tokenizer.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def teacher(config: TeacherConfig, prep: Manifest, store: Store, compute: Comput
     run = StageRun(store, "teacher", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
-    spec = TrainSpec.from_prep(prep, store, run.folder, config.architecture, config.train)
+    spec = TrainSpec.from_prep(prep, store, run.folder, config.architecture, config.train, teacher=True)
     return fit_stage(run, spec, compute, "teacher: train")
 
 

@@ -1,0 +1,236 @@
+"""The prep stage for reward models: preference records with images -> tokenizer and pair shards.
+
+Input: JSONL files of preference records (`data.preferences` names the fields):
+
+    {"prompt": "...", "chosen": "...", "rejected": "...", "image": "images/0001.png",
+     "image_text": "a text rendering of the image", "human_label": 1.0}
+
+`image` is a URL on any fsspec store or a path relative to the JSONL file's folder. Every record
+and every image is checked before any shard is written: a broken record, a bad label or a missing
+or unreadable image raises `DataSourceError` naming the file and line.
+
+Steps:
+1. read and check the records (source `preferences`), or first write the bundled digit data to the
+   store (`digit-preferences`, kd_core/data/digits.py);
+2. split by image (seeded), so no held-out image was seen in training under another question;
+3. train a byte-level BPE tokenizer on the training texts (or load `data.tokenizer`);
+4. encode two views of every pair: the student's (`prompt ⏎ response`, plus the image as
+   image_size² RGB pixels) and the teacher's (`image_text ⏎ prompt ⏎ response`, text only), each
+   padded to `seq_len` tokens or cut to its last `seq_len` (the response is at the end);
+5. write each split as Arrow shards of `rows_per_shard` pairs, then the manifest.
+
+Shard columns (one row per pair): `chosen_ids`, `rejected_ids` (student view) and
+`text_chosen_ids`, `text_rejected_ids` (teacher view), int32 × seq_len, right-padded with the pad
+id; `pixels`, uint8 × image_size²·3 (H, W, RGB); `human_label`, float32 × 1 (NaN: no label).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+from kd_core.config import DataConfig, PreferenceConfig
+from kd_core.data.sources import DataSourceError
+from kd_core.progress import progress_bar
+from kd_core.stage import StageRun
+from kd_core.storage import Store, storage_options
+
+PAIR_COLUMNS = ("chosen_ids", "rejected_ids", "text_chosen_ids", "text_rejected_ids", "pixels", "human_label")
+
+
+@dataclass
+class PreferenceRecord:
+    prompt: str
+    chosen: str
+    rejected: str
+    image_url: str
+    image_text: str
+    human_label: float | None
+    source: str
+    """`file:line`, for error messages."""
+
+
+def prep_preferences(config: DataConfig, store: Store, run: StageRun):
+    """The body of the prep stage for `task: reward`; returns the finished manifest."""
+    from kd_core.data.prep import PAD, SPLITS, load_tokenizer, save_hf_tokenizer, train_tokenizer
+
+    with run.timed("collect"):
+        urls = _source_urls(config, store)
+        records = list(read_preference_records(urls, config.preferences, storage_options(store.config)))
+        if not records:
+            raise DataSourceError(f"data.files: {', '.join(urls)} hold no preference records")
+        images = load_images(records, config.preferences.image_size, storage_options(store.config))
+        splits = split_by_image(records, config.val_fraction, config.test_fraction, config.seed)
+    with run.timed("tokenizer"):
+        if config.tokenizer:
+            tokenizer = load_tokenizer(config.tokenizer, store)
+        else:
+            texts = [text for record in splits["train"] for text in (record.prompt, record.chosen, record.rejected, record.image_text)]
+            tokenizer = train_tokenizer(texts, config.vocab_size)
+        save_hf_tokenizer(tokenizer, run)
+    pad_id = tokenizer.token_to_id(PAD)
+    details: dict = {
+        "task": "reward",
+        "seq_len": config.seq_len,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "pad_id": pad_id,
+        "image_size": config.preferences.image_size,
+        "splits": {},
+    }
+    truncated = 0
+    with run.timed("encode"), progress_bar("prep: encode pairs", total=len(records)) as bar:
+        for split in SPLITS:
+            columns, cut = encode_pairs(tokenizer, splits[split], images, config.seq_len, pad_id)
+            truncated += cut
+            details["splits"][split] = _write_split(run, split, columns, config.rows_per_shard, pad_id)
+            bar.advance(len(splits[split]))
+    metrics = {
+        "pairs": len(records),
+        "images": len(images),
+        "labeled_pairs": sum(record.human_label is not None for record in records),
+        "truncated_responses": truncated,
+        **{f"{split}_pairs": details["splits"][split]["rows"] for split in SPLITS},
+        **{f"{split}_labeled": details["splits"][split]["labeled"] for split in SPLITS},
+        **{f"{split}_tokens": details["splits"][split]["tokens"] for split in SPLITS},
+    }
+    return run.finish(metrics=metrics, details=details)
+
+
+def _source_urls(config: DataConfig, store: Store) -> list[str]:
+    if config.source == "digit-preferences":
+        from kd_core.data.digits import digit_preferences_url
+
+        return [digit_preferences_url(store, config.preferences, config.seed)]
+    urls = []
+    for pattern in config.files:
+        fs, _ = fsspec.core.url_to_fs(pattern, **storage_options(store.config))
+        matches = sorted(fs.glob(pattern)) if any(ch in pattern for ch in "*?[") else [fs._strip_protocol(pattern)]
+        if not matches or not fs.exists(matches[0]):
+            raise DataSourceError(f"data.files: {pattern!r} matches no file")
+        urls.extend(fs.unstrip_protocol(path) for path in matches)
+    return urls
+
+
+def read_preference_records(urls: list[str], config: PreferenceConfig, options: dict):
+    """Every record of the JSONL files, checked; errors name `file:line` and the field."""
+    for url in urls:
+        if not url.endswith((".jsonl", ".json")):
+            raise DataSourceError(f"{url}: preference records must be JSONL (.jsonl)")
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        folder = url.rsplit("/", 1)[0]
+        for line_number, line in enumerate(fs.cat_file(path).decode("utf-8").splitlines(), start=1):
+            if line.strip():
+                yield _parse_record(line, f"{url}:{line_number}", folder, config)
+
+
+def _parse_record(line: str, where: str, folder: str, config: PreferenceConfig) -> PreferenceRecord:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{where}: not valid JSON ({err.msg}); fix or remove the line") from None
+    if not isinstance(raw, dict):
+        raise DataSourceError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    texts = {}
+    for field in (config.prompt_field, config.chosen_field, config.rejected_field, config.image_field, config.image_text_field):
+        value = raw.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise DataSourceError(f"{where}: field {field!r} must be a non-empty string, got {json.dumps(value)[:60]}")
+        texts[field] = value
+    label = raw.get(config.label_field)
+    if label is not None:
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1 or math.isnan(label):
+            raise DataSourceError(
+                f"{where}: field {config.label_field!r} must be a number in [0, 1] (1 = chosen preferred) or null, got {json.dumps(label)}"
+            )
+        label = float(label)
+    image = texts[config.image_field]
+    image_url = image if "://" in image or image.startswith("/") else f"{folder}/{image}"
+    return PreferenceRecord(
+        prompt=texts[config.prompt_field], chosen=texts[config.chosen_field], rejected=texts[config.rejected_field],
+        image_url=image_url, image_text=texts[config.image_text_field], human_label=label, source=where,
+    )
+
+
+def load_images(records: list[PreferenceRecord], size: int, options: dict) -> dict[str, np.ndarray]:
+    """image URL -> (size·size·3,) uint8 RGB, each image read and resized once."""
+    from PIL import Image, UnidentifiedImageError
+
+    images: dict[str, np.ndarray] = {}
+    wanted = {record.image_url: record.source for record in records}
+    with progress_bar("prep: images", total=len(wanted)) as bar:
+        for url, where in wanted.items():
+            fs, path = fsspec.core.url_to_fs(url, **options)
+            try:
+                data = fs.cat_file(path)
+                with Image.open(io.BytesIO(data)) as image:
+                    resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            except FileNotFoundError:
+                raise DataSourceError(f"{where}: image {url} does not exist; fix the record's image reference or add the file") from None
+            except (UnidentifiedImageError, OSError) as err:
+                raise DataSourceError(f"{where}: image {url} is not a readable image ({err})") from None
+            images[url] = np.asarray(resized, dtype=np.uint8).reshape(-1)
+            bar.advance()
+    return images
+
+
+def split_by_image(records: list[PreferenceRecord], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
+    """Held-out splits by image (every pair about one image lands in one split), seeded."""
+    images = sorted({record.image_url for record in records})
+    random.Random(seed).shuffle(images)
+    if len(images) < 3:
+        raise DataSourceError(f"data: found {len(images)} distinct images; need at least 3 (one per split)")
+    n_val = max(1, round(len(images) * val_fraction))
+    n_test = max(1, round(len(images) * test_fraction))
+    split_of = {url: "val" for url in images[:n_val]} | {url: "test" for url in images[n_val : n_val + n_test]}
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    for record in records:
+        splits[split_of.get(record.image_url, "train")].append(record)
+    random.Random(seed + 1).shuffle(splits["train"])  # every shard a uniform sample of the pairs
+    return splits
+
+
+def encode_pairs(tokenizer, records: list[PreferenceRecord], images: dict[str, np.ndarray], seq_len: int, pad_id: int):
+    """The shard columns of `records` (see the module docstring) and how many responses were cut."""
+    def ids(texts: list[str]) -> tuple[np.ndarray, int]:
+        out = np.full((len(texts), seq_len), pad_id, dtype=np.int32)
+        cut = 0
+        for row, encoding in enumerate(tokenizer.encode_batch(texts)):
+            tokens = encoding.ids[-seq_len:]  # a cut keeps the end: the response the reward is about
+            cut += len(encoding.ids) > seq_len
+            out[row, : len(tokens)] = tokens
+        return out, cut
+
+    columns, truncated = {}, 0
+    for name, text_of in (
+        ("chosen_ids", lambda r: f"{r.prompt}\n{r.chosen}"),
+        ("rejected_ids", lambda r: f"{r.prompt}\n{r.rejected}"),
+        ("text_chosen_ids", lambda r: f"{r.image_text}\n{r.prompt}\n{r.chosen}"),
+        ("text_rejected_ids", lambda r: f"{r.image_text}\n{r.prompt}\n{r.rejected}"),
+    ):
+        columns[name], cut = ids([text_of(record) for record in records])
+        truncated += cut
+    width = len(next(iter(images.values())))
+    columns["pixels"] = np.stack([images[record.image_url] for record in records]) if records else np.zeros((0, width), np.uint8)
+    labels = [np.nan if record.human_label is None else record.human_label for record in records]
+    columns["human_label"] = np.asarray(labels, dtype=np.float32).reshape(-1, 1)
+    return columns, truncated
+
+
+def _write_split(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int, pad_id: int) -> dict:
+    from kd_core.data.shards import encode_arrow
+
+    rows = len(columns["pixels"])
+    names = []
+    for index, start in enumerate(range(0, rows, rows_per_shard)):
+        name = f"shards/{split}-{index:05d}.arrow"
+        run.write_bytes(name, encode_arrow({column: values[start : start + rows_per_shard] for column, values in columns.items()}))
+        names.append(name)
+    tokens = int((columns["chosen_ids"] != pad_id).sum() + (columns["rejected_ids"] != pad_id).sum())
+    labeled = int(np.isfinite(columns["human_label"]).sum())
+    return {"shards": names, "rows": rows, "tokens": tokens, "labeled": labeled}

@@ -1,0 +1,244 @@
+"""Multimodal reward-model distillation (`task: reward`): data, models, losses, eval, and the
+tiny recipe end to end (prep → teacher → cache → distill + baseline → eval → register on MLflow).
+
+The end-to-end test runs the training in this process (`compute.backend: local`, the same
+`train_worker` Ray Train workers run) with a DeepSpeed student, to keep `make test` inside its budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_core.config import ConfigError, PreferenceConfig, VisionConfig, load_config, validate_config
+from kd_core.data.digits import digit_records
+from kd_core.data.preferences import read_preference_records, split_by_image
+from kd_core.data.sources import DataSourceError
+from kd_core.eval.reward import preference_calibration, preference_scores
+from kd_core.losses import RewardObjective, bradley_terry
+from kd_core.models.reward import build_multimodal_reward_model, load_reward_model
+from kd_core.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reward_job(tmp_path, **overrides):
+    raw = {
+        "task": "reward",
+        "data": {"source": "digit-preferences"},
+        "storage": {"root": str(tmp_path / "store")},
+        "registry": {"primary_metric": "student.pairwise_accuracy_human"},
+    }
+    for dotted, value in overrides.items():
+        section, field = dotted.split(".")
+        raw.setdefault(section, {})[field] = value
+    return validate_config(raw)
+
+
+# ------------------------------------------------------------------------------------- losses
+def test_bradley_terry_matches_a_float64_reference_and_skips_unlabelled_pairs():
+    chosen = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=torch.bfloat16)
+    rejected = torch.tensor([1.0, 1.0, 0.5, -2.0], dtype=torch.bfloat16)
+    labels = torch.tensor([1.0, 0.0, 0.7, float("nan")])
+    margin = (chosen.double() - rejected.double())[:3]
+    y = labels[:3].double()
+    expected = -(y * torch.nn.functional.logsigmoid(margin) + (1 - y) * torch.nn.functional.logsigmoid(-margin)).mean()
+    loss = bradley_terry(chosen, rejected, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    unlabelled = bradley_terry(chosen, rejected, torch.full((4,), float("nan")))
+    assert unlabelled.item() == 0.0 and not math.isnan(unlabelled.item())
+
+
+def test_reward_objective_weights_each_term_and_leaves_out_missing_targets():
+    chosen, rejected = torch.tensor([1.0, 0.0], requires_grad=True), torch.tensor([0.0, 2.0], requires_grad=True)
+    teacher = {"teacher_chosen": torch.tensor([2.0, 1.0]), "teacher_rejected": torch.tensor([0.0, 0.0])}
+    labels = torch.tensor([1.0, float("nan")])
+    objective = RewardObjective(pointwise_weight=0.5, pairwise_weight=2.0, temperature=1.0, bradley_terry_weight=3.0)
+    terms = objective(chosen, rejected, **teacher, human_label=labels)
+    assert set(terms) == {"loss", "pointwise", "pairwise", "bt"}
+    torch.testing.assert_close(terms["loss"], 0.5 * terms["pointwise"] + 2.0 * terms["pairwise"] + 3.0 * terms["bt"])
+    terms["loss"].backward()
+    assert chosen.grad is not None and torch.isfinite(chosen.grad).all()
+    baseline = RewardObjective(pairwise_weight=0.0, bradley_terry_weight=1.0)(chosen, rejected, human_label=labels)
+    assert set(baseline) == {"loss", "bt"}
+    with pytest.raises(ValueError, match="no term"):
+        RewardObjective(pairwise_weight=1.0)(chosen, rejected)
+
+
+# --------------------------------------------------------------------------------------- data
+def test_digit_preferences_are_real_scans_with_right_and_wrong_answers_in_random_order():
+    records = list(digit_records(PreferenceConfig(labeled_fraction=0.5, pairs_per_image=2), seed=3))
+    assert len(records) == 1797 * 2
+    again = list(digit_records(PreferenceConfig(labeled_fraction=0.5, pairs_per_image=2), seed=3))
+    assert [r for _, _, r in records[:50]] == [r for _, _, r in again[:50]]
+    labelled = [record for _, _, record in records if "human_label" in record]
+    assert 0.45 < len(labelled) / len(records) < 0.55
+    assert 0.4 < np.mean([record["human_label"] for record in labelled]) < 0.6  # the order says nothing
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    for pixels, digit, record in records[:40]:
+        assert pixels.shape == (8, 8) and pixels.dtype == np.uint8 and pixels.max() > 100
+        assert f"digit {words[digit]}," in record["image_text"]
+        assert record["chosen"] != record["rejected"]
+
+
+def write_jsonl(folder: Path, records: list) -> Path:
+    from kd_core.data.digits import png_bytes
+
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    (folder / "img" / "a.png").write_bytes(png_bytes(np.full((8, 8), 200, np.uint8)))
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in records) + "\n")
+    return path
+
+
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b", "image": "img/a.png", "image_text": "t", "human_label": 1}
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ("{not json", r"pairs.jsonl:2: not valid JSON"),
+        (json.dumps({**GOOD, "chosen": ""}), r"pairs.jsonl:2: field 'chosen' must be a non-empty string"),
+        (json.dumps({**GOOD, "human_label": 2}), r"pairs.jsonl:2: field 'human_label' must be a number in \[0, 1\]"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "image_text"}), r"pairs.jsonl:2: field 'image_text'"),
+    ],
+)
+def test_a_broken_record_is_reported_by_file_and_line(tmp_path, bad_line, message):
+    path = write_jsonl(tmp_path, [GOOD, bad_line])
+    with pytest.raises(DataSourceError, match=message):
+        list(read_preference_records([str(path)], PreferenceConfig(), {}))
+
+
+def test_a_missing_image_is_reported_by_file_and_line_before_any_shard_is_written(tmp_path):
+    from kd_core.data.prep import prep
+    from kd_core.storage import Store
+
+    path = write_jsonl(tmp_path / "data", [GOOD, {**GOOD, "image": "img/missing.png"}, {**GOOD, "human_label": None}])
+    config = reward_job(tmp_path, **{"data.source": "preferences", "data.files": [str(path)]})
+    with pytest.raises(DataSourceError, match=r"pairs.jsonl:2: image .*img/missing.png does not exist"):
+        prep(config.data, Store(config.storage))
+    assert not list((tmp_path / "store").rglob("*.arrow"))
+
+
+def test_pairs_are_split_by_image():
+    records = read_preference_records_for(12, 3)
+    splits = split_by_image(records, 0.2, 0.2, seed=0)
+    images = {split: {record.image_url for record in pairs} for split, pairs in splits.items()}
+    assert not images["train"] & images["val"] and not images["train"] & images["test"] and not images["val"] & images["test"]
+    assert sum(len(pairs) for pairs in splits.values()) == 36
+
+
+def read_preference_records_for(images: int, pairs: int):
+    from kd_core.data.preferences import PreferenceRecord
+
+    return [PreferenceRecord("p", "a", "b", f"mem://{i}.png", "t", None, f"x:{i}") for i in range(images) for _ in range(pairs)]
+
+
+# ------------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("fusion", ["prefix", "late"])
+def test_multimodal_reward_model_reads_the_image_ignores_padding_and_round_trips(tmp_path, fusion):
+    from kd_core.config import ArchitectureConfig
+
+    model = build_multimodal_reward_model(
+        VisionConfig(patch_size=2, hidden_size=16, num_layers=1, num_heads=2, fusion=fusion),
+        ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2),
+        vocab_size=50, max_positions=12, image_size=8, pad_id=1, seed=0,
+    ).eval()
+    pixels = torch.randint(0, 256, (2, 8 * 8 * 3), dtype=torch.uint8)
+    ids = torch.tensor([[5, 6, 7, 1, 1, 1], [8, 9, 1, 1, 1, 1]])
+    rewards = model(input_ids=ids, pixel_values=pixels)
+    assert rewards.shape == (2,) and rewards.dtype == torch.float32
+    torch.testing.assert_close(model(input_ids=ids[:, :3], pixel_values=pixels), rewards)  # right padding changes nothing
+    assert not torch.allclose(model(input_ids=ids, pixel_values=pixels.flip(0)), rewards)  # the image does
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    assert not list((tmp_path / "m").glob("*.bin")) and (tmp_path / "m" / "model.safetensors").exists()
+    torch.testing.assert_close(load_reward_model(tmp_path / "m")(input_ids=ids, pixel_values=pixels), rewards)
+
+
+# --------------------------------------------------------------------------------------- eval
+def test_preference_scores_against_teacher_and_human_labels():
+    teacher = {"chosen": np.array([1.0, 0.0, 2.0, 0.0]), "rejected": np.array([0.0, 1.0, 0.0, 3.0])}
+    model = {"chosen": np.array([2.0, 1.0, 1.0, -1.0]), "rejected": np.array([0.0, 0.0, 0.0, 0.0])}
+    labels = np.array([1.0, 1.0, np.nan, 0.5])  # pair 3 unlabelled, pair 4 a tie: both left out
+    scores = preference_scores(model, teacher, labels)
+    assert scores["pairwise_accuracy_teacher"] == 0.75  # pairs 1, 3 and 4 agree with the teacher
+    assert scores["pairwise_accuracy_human"] == 1.0 and scores["labeled_pairs"] == 2
+    itself = preference_scores(teacher, teacher, labels)
+    assert itself["spearman_teacher"] == pytest.approx(1.0) and itself["preference_kl_to_teacher"] == pytest.approx(0.0, abs=1e-7)
+    assert "pairwise_accuracy_human" not in preference_scores(model, teacher, np.full(4, np.nan))
+
+
+def test_preference_calibration_of_confident_wrong_and_right_models():
+    always_right = preference_calibration(np.array([20.0, -20.0]), np.array([True, False]))
+    assert always_right["ece"] == pytest.approx(0.0, abs=1e-6)
+    always_wrong = preference_calibration(np.array([20.0, -20.0]), np.array([False, True]))
+    assert always_wrong["ece"] == pytest.approx(1.0, abs=1e-6)
+    coin = preference_calibration(np.zeros(4), np.array([True, False, True, False]))  # p = 0.5: confidence 0.5, right half the time
+    assert coin["ece"] == pytest.approx(0.0, abs=1e-9) and coin["calibration"]["count"][0] == 4
+
+
+# ------------------------------------------------------------------------------------- config
+def test_reward_config_rules_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.gates\[0\]: 'perplexity' is not a reward metric"):
+        reward_job(tmp_path, **{"eval.gates": ["student.perplexity < 10"]})
+    with pytest.raises(ConfigError, match=r"data.source: task reward reads preferences or digit-preferences"):
+        reward_job(tmp_path, **{"data.source": "python-docs"})
+    with pytest.raises(ConfigError, match=r"registry.primary_metric: 'perplexity' is not a reward metric"):
+        reward_job(tmp_path, **{"registry.primary_metric": "student.perplexity"})
+    with pytest.raises(ConfigError, match=r"student.vision.patch_size: must divide data.preferences.image_size"):
+        validate_config({"task": "reward", "data": {"source": "digit-preferences", "preferences": {"image_size": 10}},
+                         "student": {"vision": {"patch_size": 4}}, "registry": {"primary_metric": "pairwise_accuracy_human"}})
+    with pytest.raises(ConfigError, match=r"data.source: task causal_lm reads python-docs or files"):
+        validate_config({"data": {"source": "digit-preferences"}})
+    assert reward_job(tmp_path, **{"eval.gates": ["pairwise_accuracy_human > baseline.pairwise_accuracy_human"]}).registry.maximize
+
+
+# --------------------------------------------------------------------------------- end to end
+def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from kd_core.cli import print_summary
+
+    config = load_config(
+        REPO / "configs" / "reward_tiny.yaml",
+        [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+    )
+    steps = run_pipeline(config)
+    assert list(steps) == ["prep", "teacher", "cache", "distill", "baseline", "eval", "register"]
+    prep = steps["prep"]
+    assert prep.metrics["images"] == 1797 and prep.metrics["labeled_pairs"] > 0
+    cache_rows = sum(shard["rows"] for shard in steps["cache"].details["shards"])
+    assert cache_rows == prep.details["splits"]["train"]["rows"] and steps["cache"].details["layout"]["format"] == "reward"
+    metrics = steps["eval"].metrics
+    assert metrics["task"] == "reward" and metrics["rows"] == min(config.eval.max_rows, prep.details["splits"]["test"]["rows"])
+    assert metrics["teacher"]["pairwise_accuracy_teacher"] == 1.0
+    for name in ("student", "baseline"):
+        assert 0 <= metrics[name]["pairwise_accuracy_human"] <= 1 and -1 <= metrics[name]["spearman_teacher"] <= 1
+        assert metrics[name]["parameters"] == metrics["student"]["parameters"] and metrics[name]["pairs_per_s"] > 0
+    assert [gate["gate"] for gate in metrics["gates"]] == config.eval.gates
+    assert metrics["gates_passed"] == all(gate["passed"] for gate in metrics["gates"])
+    assert {"rewards.json", "report.html", "metrics.json", "training_curves.png"} <= set(steps["eval"].outputs)
+    history = [json.loads(line) for line in (tmp_path / "store" / steps["distill"].folder / "history.jsonl").read_text().splitlines()]
+    assert {"loss", "pairwise", "bt"} <= set(history[-1])
+    report = (tmp_path / "store" / steps["eval"].folder / "report.html").read_text()
+    assert "preference pairs" in report and "Rewards against the teacher" in report
+
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    version = client.get_model_version_by_alias(config.registry.model_name, "challenger")
+    assert version.tags["kdflow.gates_passed"] == str(metrics["gates_passed"]).lower()
+    champion = steps["register"].details["champion"]
+    assert (champion is not None) == metrics["gates_passed"]
+    model_dir = Path(client.download_artifacts(version.run_id, "model", str(tmp_path / "download")))
+    registered = load_reward_model(model_dir)
+    pixels = torch.zeros((1, 8 * 8 * 3), dtype=torch.uint8)
+    assert torch.isfinite(registered(input_ids=torch.tensor([[5, 6, 7]]), pixel_values=pixels)).all()
+
+    print_summary(steps, 1.0)
+    printed = capsys.readouterr().out
+    assert "human labels only" in printed and "accuracy vs human labels" in printed
