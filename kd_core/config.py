@@ -195,11 +195,11 @@ class VisionConfig(Section):
     """ViT blocks."""
     num_heads: int = Field(default=4, gt=0)
     """Attention heads; must divide `hidden_size`."""
-    fusion: Literal["prefix", "late"] = "prefix"
-    """How image and text meet. `prefix` (LLaVA-style): the projected patch features go in front
-    of the text embeddings and the language model reads both. `late`: a dual encoder; the head
-    scores the image vector (the ViT's [CLS], projected) times the text vector (the language
-    model's mean over tokens), beside the text vector."""
+    fusion: Literal["late", "prefix"] = "late"
+    """How image and text meet. `late`: a dual encoder; the head scores the image vector (the ViT's
+    [CLS], projected) times the text vector (the language model's mean over tokens), beside the
+    text vector; learns quickly from preference pairs. `prefix` (LLaVA-style): the projected patch
+    features go in front of the text embeddings and the language model reads both."""
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> VisionConfig:

@@ -73,6 +73,17 @@ def test_cache_quality_benchmark_smoke(tmp_path):
     assert all(0 <= row["ece"] <= 1 and row["perplexity"] > 1 for row in table.values())
 
 
+def test_reward_fusion_benchmark_smoke(tmp_path):
+    results = tmp_path / "fusion.jsonl"
+    run = run_script("benchmarks/reward_fusion.py", "configs/reward_tiny.yaml", f"storage.root={tmp_path / 'store'}",
+                     "--steps", "4", "--every", "2", "--results", str(results))
+    assert run.returncode == 0, run.stderr
+    curves = json.loads(results.read_text().splitlines()[-1])["curves"]
+    assert set(curves) == {"late", "prefix"} and all(set(curve) == {"2", "4"} for curve in curves.values())
+    assert all(0 <= value <= 1 for curve in curves.values() for value in curve.values())
+    assert "late − prefix" in run.stdout
+
+
 def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):
     """`gpu_check.sh --tiny`: the plain baselines and kdflow's online and cached runs through
     `train_worker` (no Ray), the table, the record, and the loss benchmark after them."""

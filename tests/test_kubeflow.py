@@ -40,7 +40,7 @@ COMPILED = REPO / "pipelines" / "compiled" / "distill_pipeline.yaml"
 # ------------------------------------------------------------------------------ kfp.local DAG
 @pytest.mark.slow
 def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_only_past_the_gates(tmp_path, monkeypatch):
-    """The tune → distill DAG through kfp.local: a search of 6 trials, 2 at a time (Ray Tune + Ray
+    """The tune → distill DAG through kfp.local: a search of 4 trials, 2 at a time (Ray Tune + Ray
     Train in the tune component's subprocess), then the best job distilled, evaluated, registered."""
     from mlflow import MlflowClient
 
@@ -50,7 +50,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     monkeypatch.chdir(tmp_path)
     overrides = [
         f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}", "compute.backend=local",
+        f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}", "compute.backend=local", "tune.num_trials=4",
     ]
     config = load_config(REPO / "configs" / "tiny.yaml", overrides)
     steps = engines.run_local(config, "tune-distill")
@@ -59,9 +59,9 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     assert all(manifest.reused for manifest in steps.values()), "every step ran inside the DAG, none in this process"
     store = Store(config.storage)
 
-    # The search: 6 trials, at most 2 at a time; ASHA stopped at least one; values within their ranges.
+    # The search: 4 trials, at most 2 at a time; ASHA stopped at least one; values within their ranges.
     search = steps["tune"]
-    assert search.metrics["trials"] == 6 and search.metrics["stopped_early"] >= 1 and search.metrics["errored"] == 0
+    assert search.metrics["trials"] == 4 and search.metrics["stopped_early"] >= 1 and search.metrics["errored"] == 0
     trials = json.loads(store.read_bytes(search.output(TRIALS_NAME).path))
     for trial in trials:
         assert 0.1 <= trial["params"]["distill.loss.kd_weight"] <= 0.9
@@ -83,7 +83,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     assert parent.data.params["best.distill.loss.kd_weight"] == str(best["distill.loss.kd_weight"])
     assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"best_config.yaml", "trials.json", "tune.png"}
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 6
+    assert len(children) == 4
 
     # KFP's typed outputs: the search's metrics and page, eval's report and metrics.
     (run_folder,) = (tmp_path / "kfp").iterdir()
@@ -104,7 +104,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     resumed = tune_step(config, steps["prep"], steps["teacher"], steps["cache"])
     assert resumed.details["best_params"] == best and resumed.details["mlflow_parent_run_id"] == parent.info.run_id
     assert sorted(path.name for path in (tmp_path / "store" / search.folder / "trials").iterdir()) == trial_files
-    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 6
+    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 4
 
     # A gate that cannot pass: only eval reruns (the search is reused), register is skipped.
     failing = load_config(REPO / "configs" / "tiny.yaml", [*overrides, 'eval.gates=["student.perplexity < 1"]'])

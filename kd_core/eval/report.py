@@ -101,21 +101,25 @@ def _metrics_table(metrics: dict) -> str:
         ("parameters", "parameters", "{:,}"), ("weight_bytes", "size on disk", None), ("tokens_per_s", "tokens/s", "{:,.0f}"),
         ("latency_ms", "latency (ms/batch)", "{:.1f}"),
     ]
+    return metrics_table_html(metrics, columns, LABELS, not_for_teacher=("kl_to_teacher", "agreement_top1", "agreement_top5"))
+
+
+def metrics_table_html(metrics: dict, columns: list[tuple], labels: dict, not_for_teacher: tuple = ()) -> str:
+    """One row per model in `labels`; `columns` are (metric, header, format or None for MB); a
+    metric the model lacks, or one in `not_for_teacher` on the teacher's row, shows a dash."""
     header = "".join(f"<th>{label}</th>" for _, label, _ in columns)
     rows = []
-    for name in LABELS:
-        if name not in metrics:
-            continue
+    for name in (name for name in labels if name in metrics):
         row = metrics[name]
         cells = []
         for key, _, form in columns:
-            if name == "teacher" and key in ("kl_to_teacher", "agreement_top1", "agreement_top5"):
+            if key not in row or (name == "teacher" and key in not_for_teacher):
                 cells.append("—")
             elif form is None:
                 cells.append(f"{row[key] / 1e6:.2f} MB")
             else:
                 cells.append(form.format(row[key]))
-        rows.append(f"<tr><td>{LABELS[name]}</td>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+        rows.append(f"<tr><td>{labels[name]}</td>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     return f"<h2>Held-out metrics</h2><table><tr><th>model</th>{header}</tr>{''.join(rows)}</table>"
 
 
@@ -137,18 +141,28 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def training_png(histories: dict[str, list[dict]]) -> bytes:
+def training_png(
+    histories: dict[str, list[dict]], *, labels: dict = LABELS, styles: dict = TERM_STYLES, others: tuple = ("ce",),
+    ylabel: str = "nats / token", title: str = "Training loss terms", smooth: int = 1,
+) -> bytes:
+    """Every term in `styles` of the student's history; the `others` terms of the other models.
+    With `smooth` > 1 each curve is the running mean of that many log records (noisy per-batch
+    terms), drawn over the raw values in a light line."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(10.5, 3.8))
     for name, history in histories.items():
         if not history:
             continue
         steps = [r["step"] for r in history]
-        terms = [term for term in TERM_STYLES if term in history[0]] if name == "student" else ["ce"]
+        terms = [term for term in (styles if name == "student" else others) if term in history[0]]
         for term in terms:
-            label = f"{LABELS[name]}: {term}" + (" (total)" if term == "loss" else "")
-            axes.plot(steps, [r[term] for r in history], TERM_STYLES[term], color=COLORS[name], label=label)
-    axes.set(xlabel="optimizer step", ylabel="nats / token", title="Training loss terms")
+            label = f"{labels[name]}: {term}" + (" (total)" if term == "loss" else "")
+            values = [r[term] for r in history]
+            if smooth > 1:
+                axes.plot(steps, values, styles[term], color=COLORS[name], alpha=0.18, linewidth=0.8)
+                values = [sum(values[max(0, i - smooth + 1) : i + 1]) / len(values[max(0, i - smooth + 1) : i + 1]) for i in range(len(values))]
+            axes.plot(steps, values, styles[term], color=COLORS[name], label=label)
+    axes.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     axes.grid(alpha=0.3)
     axes.legend(ncol=2, fontsize=9)
     return _png(figure)
@@ -199,20 +213,37 @@ def reliability_png(metrics: dict) -> bytes:
     return _png(figure)
 
 
-def size_speed_png(metrics: dict) -> bytes:
+def _short_number(value: float) -> str:
+    for divisor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= divisor:
+            return f"{value / divisor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def size_speed_png(
+    metrics: dict, *, labels: dict = LABELS, quality: tuple[str, str] = ("perplexity", "perplexity (lower is better)"),
+    speed: tuple[str, str] = ("tokens_per_s", "inference tokens/s"),
+) -> bytes:
+    """Parameters and speed (x, log scale) against one quality metric (y), a point per model."""
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter
 
-    names = [name for name in LABELS if name in metrics]
-    figure, (size, speed) = plt.subplots(1, 2, figsize=(10.5, 3.8))
-    for axis, key, label in ((size, "parameters", "parameters"), (speed, "tokens_per_s", "inference tokens/s")):
+    names = [name for name in labels if name in metrics]
+    key, quality_label = quality
+    figure, (size, fast) = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    for axis, x_key, label in ((size, "parameters", "parameters"), (fast, *speed)):
         for name in names:
-            axis.scatter(metrics[name][key], metrics[name]["perplexity"], s=90, color=COLORS[name], zorder=3)
-            axis.annotate(LABELS[name], (metrics[name][key], metrics[name]["perplexity"]), textcoords="offset points", xytext=(8, 6), fontsize=9)
-        axis.set(xscale="log", xlabel=f"{label} (log scale)", ylabel="perplexity (lower is better)")
+            axis.scatter(metrics[name][x_key], metrics[name][key], s=90, color=COLORS[name], zorder=3)
+            axis.annotate(labels[name], (metrics[name][x_key], metrics[name][key]), textcoords="offset points", xytext=(8, 6), fontsize=9)
+        axis.set(xscale="log", xlabel=f"{label} (log scale)", ylabel=quality_label)
+        ticks: list[float] = []
+        for value in sorted(metrics[name][x_key] for name in names):  # a tick per model (a narrow range has no decade), none crowded
+            if not ticks or value > 1.1 * ticks[-1]:
+                ticks.append(value)
+        axis.set_xticks(ticks, [_short_number(value) for value in ticks])
         axis.xaxis.set_minor_formatter(NullFormatter())
         axis.grid(alpha=0.3, which="both")
         axis.margins(x=0.35, y=0.25)
     size.set(title="Size against quality")
-    speed.set(title="Speed against quality")
+    fast.set(title="Speed against quality")
     return _png(figure)

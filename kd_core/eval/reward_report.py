@@ -20,22 +20,11 @@ def reward_metrics_table(metrics: dict) -> str:
         ("ece", "ECE", "{:.3f}"), ("parameters", "parameters", "{:,}"), ("weight_bytes", "size on disk", None),
         ("pairs_per_s", "pairs/s", "{:,.0f}"), ("latency_ms", "latency (ms/batch)", "{:.1f}"),
     ]
-    header = "".join(f"<th>{label}</th>" for _, label, _ in columns)
-    rows = []
-    for name, label in REWARD_LABELS.items():
-        if name not in metrics:
-            continue
-        row = metrics[name]
-        cells = []
-        for key, _, form in columns:
-            if key not in row or (name == "teacher" and key in ("pairwise_accuracy_teacher", "spearman_teacher", "preference_kl_to_teacher")):
-                cells.append("—")
-            elif form is None:
-                cells.append(f"{row[key] / 1e6:.2f} MB")
-            else:
-                cells.append(form.format(row[key]))
-        rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
-    return f"<h2>Held-out metrics</h2><table><tr><th>model</th>{header}</tr>{''.join(rows)}</table>"
+    from kd_core.eval.report import metrics_table_html
+
+    return metrics_table_html(
+        metrics, columns, REWARD_LABELS, not_for_teacher=("pairwise_accuracy_teacher", "spearman_teacher", "preference_kl_to_teacher")
+    )
 
 
 def reward_figures(metrics: dict, histories: dict[str, list[dict]], rewards: dict | None) -> dict[str, bytes]:
@@ -50,21 +39,12 @@ def reward_figures(metrics: dict, histories: dict[str, list[dict]], rewards: dic
 
 
 def training_png(histories: dict[str, list[dict]]) -> bytes:
-    from kd_core.eval.report import _png, _pyplot
+    from kd_core.eval.report import training_png as loss_terms_png
 
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(10.5, 3.8))
-    for name, history in histories.items():
-        if not history:
-            continue
-        steps = [r["step"] for r in history]
-        for term in (t for t in TERM_STYLES if t in history[0] and (t != "loss" or name == "student")):
-            label = f"{REWARD_LABELS[name]}: {term}" + (" (total)" if term == "loss" else "")
-            axes.plot(steps, [r[term] for r in history], TERM_STYLES[term], color=COLORS[name], label=label)
-    axes.set(xlabel="optimizer step", ylabel="loss (per pair)", title="Training loss terms (bt: Bradley–Terry on human labels)")
-    axes.grid(alpha=0.3)
-    axes.legend(ncol=2, fontsize=9)
-    return _png(figure)
+    return loss_terms_png(
+        histories, labels=REWARD_LABELS, styles=TERM_STYLES, others=("bt",), ylabel="loss (per pair)",
+        title="Training loss terms (bt: Bradley–Terry on human labels; running mean of 5 log steps)", smooth=5,
+    )
 
 
 def accuracy_png(metrics: dict) -> bytes:
@@ -132,22 +112,9 @@ def reliability_png(metrics: dict) -> bytes | None:
 
 
 def size_speed_png(metrics: dict) -> bytes:
-    from matplotlib.ticker import NullFormatter
+    from kd_core.eval.report import size_speed_png as points_png
 
-    from kd_core.eval.report import _png, _pyplot
-
-    plt = _pyplot()
     names = [name for name in REWARD_LABELS if name in metrics]
     key = "pairwise_accuracy_human" if all("pairwise_accuracy_human" in metrics[n] for n in names) else "pairwise_accuracy_teacher"
-    figure, (size, speed) = plt.subplots(1, 2, figsize=(10.5, 3.8))
-    for axis, x_key, label in ((size, "parameters", "parameters"), (speed, "pairs_per_s", "pairs scored per second")):
-        for name in names:
-            axis.scatter(metrics[name][x_key], metrics[name][key], s=90, color=COLORS[name], zorder=3)
-            axis.annotate(REWARD_LABELS[name], (metrics[name][x_key], metrics[name][key]), textcoords="offset points", xytext=(8, 6), fontsize=9)
-        axis.set(xscale="log", xlabel=f"{label} (log scale)", ylabel=key.replace("_", " "))
-        axis.xaxis.set_minor_formatter(NullFormatter())
-        axis.grid(alpha=0.3, which="both")
-        axis.margins(x=0.35, y=0.25)
-    size.set(title="Size against accuracy")
-    speed.set(title="Speed against accuracy")
-    return _png(figure)
+    quality = (key, "accuracy vs human labels" if key == "pairwise_accuracy_human" else "agreement with the teacher")
+    return points_png(metrics, labels=REWARD_LABELS, quality=quality, speed=("pairs_per_s", "pairs scored per second"))

@@ -29,25 +29,32 @@ def quiet_transformers() -> None:
 CACHE_ROOT = Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow"))
 
 
+def llama_config(arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, dropout: float = 0.0, **extra):
+    """The `transformers.LlamaConfig` of an `ArchitectureConfig` (`extra` overrides, e.g. num_labels)."""
+    from transformers import LlamaConfig
+
+    settings = {
+        "vocab_size": vocab_size,
+        "hidden_size": arch.hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_heads,
+        "intermediate_size": arch.intermediate_size or 4 * arch.hidden_size,
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": arch.tie_embeddings,
+        "attention_dropout": dropout,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 1,
+    }
+    return LlamaConfig(**(settings | extra))
+
+
 def build_causal_lm(arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, seed: int, dropout: float = 0.0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     quiet_transformers()
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_heads,
-        intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=arch.tie_embeddings,
-        attention_dropout=dropout,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
-    )
+    config = llama_config(arch, vocab_size, max_positions, dropout=dropout)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 

@@ -13,9 +13,10 @@
       prefix (LLaVA-style): pixels ──ViT──► (B, P+1, d_v) ──projector──► image tokens ─┐
                             input_ids ──embed──► (B, T, d) ───────────────────────────┴─► Llama ─► h[last] ─► head ─► r
 
-  `prefix` lets every text token attend to every patch, as vision-language models do; `late`
-  scores a bilinear form of the image and text vectors (cheaper: the text is read once, without
-  the image tokens).
+  `late` scores a bilinear form of the image and text vectors, so the image encoder gets a
+  gradient from the first step; `prefix` lets every text token attend to every patch, as
+  vision-language models do, but the text model must first learn to look at the image tokens
+  (`benchmarks/reward_fusion.py` compares how fast each learns).
   It is a `transformers.PreTrainedModel` with its own config class (`model_type`
   `kdflow_multimodal_reward`), so `save_pretrained` / `from_pretrained` write and read a normal
   Hugging Face directory (config.json + model.safetensors), and `load_reward_model` opens either
@@ -32,27 +33,14 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel, ViTConfig, ViTModel
 
 from kd_core.config import ArchitectureConfig, VisionConfig
-from kd_core.models import quiet_transformers
+from kd_core.models import llama_config, quiet_transformers
 
 MULTIMODAL_MODEL_TYPE = "kdflow_multimodal_reward"
 
 
-def text_reward_config(arch: ArchitectureConfig, vocab_size: int, max_positions: int, pad_id: int, dropout: float = 0.0) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_heads,
-        intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        attention_dropout=dropout,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=pad_id,
-        num_labels=1,
-    )
+def text_reward_config(arch: ArchitectureConfig, vocab_size: int, max_positions: int, pad_id: int, dropout: float = 0.0):
+    """A Llama config with one output and no output embedding to tie."""
+    return llama_config(arch, vocab_size, max_positions, dropout=dropout, tie_word_embeddings=False, pad_token_id=pad_id, num_labels=1)
 
 
 def build_text_reward_model(arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, pad_id: int, seed: int, dropout: float = 0.0):
@@ -68,7 +56,7 @@ class MultimodalRewardConfig(PretrainedConfig):
     model_type = MULTIMODAL_MODEL_TYPE
 
     def __init__(
-        self, vision_config: dict | None = None, text_config: dict | None = None, image_size: int = 16, fusion: str = "prefix", **kwargs
+        self, vision_config: dict | None = None, text_config: dict | None = None, image_size: int = 16, fusion: str = "late", **kwargs
     ):
         super().__init__(**kwargs)
         self.vision_config = dict(vision_config or {})
@@ -99,10 +87,11 @@ class MultimodalRewardModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, 0.02)
-            if module.bias is not None:
-                module.bias.data.zero_()
+        """The towers keep their own initialisation; the projector and the head take torch's default
+        (fan-in scaled): at std 0.02 the projector shrinks the image features' gradient so much that
+        the image encoder learns several times slower."""
+        if module in (*self.projector, self.head) and isinstance(module, nn.Linear):
+            module.reset_parameters()
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, P+1, d): the image's ViT features projected to the language model's width."""
@@ -117,14 +106,14 @@ class MultimodalRewardModel(PreTrainedModel):
         if attention_mask is None:
             attention_mask = (input_ids != self.pad_id).long()
         image = self.image_tokens(pixel_values)
-        rows = torch.arange(len(input_ids), device=input_ids.device)
-        last = attention_mask.sum(-1).clamp_min(1) - 1  # right padding: the last real token
         if self.config.fusion == "late":
             hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             text = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)  # mean over the real tokens
             image_vector = image[:, 0]  # the ViT's [CLS] position, projected
             return self.head(torch.cat([image_vector * text, text], dim=-1)).squeeze(-1).float()
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        last = attention_mask.sum(-1).clamp_min(1) - 1  # right padding: the last real token
         embeddings = torch.cat([image, self.text.embed_tokens(input_ids)], dim=1)
         mask = torch.cat([torch.ones(image.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1)
         hidden = self.text(inputs_embeds=embeddings, attention_mask=mask).last_hidden_state
