@@ -1,5 +1,6 @@
 """Multimodal reward-model distillation (`task: reward`): data, models, losses, eval, and the
-tiny recipe end to end (prep → teacher → cache → distill + baseline → eval → register on MLflow).
+tiny recipe end to end (prep → teacher → cache → distill + baseline → eval → register on MLflow),
+then its teacher used as an existing Hugging Face reward model (`teacher.path`).
 
 The end-to-end test runs the training in this process (`compute.backend: local`, the same
 `train_worker` Ray Train workers run) with a DeepSpeed student, to keep `make test` inside its budget.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,15 @@ def reward_job(tmp_path, **overrides):
         section, field = dotted.split(".")
         raw.setdefault(section, {})[field] = value
     return validate_config(raw)
+
+
+def cache_rewards(config, cache_manifest) -> list[np.ndarray]:
+    from kd_core.cache import cache_shards
+    from kd_core.data.shards import decode_arrow, read_verified
+    from kd_core.storage import Store
+
+    store = Store(config.storage)
+    return [decode_arrow(read_verified(store, record), record.url)["teacher_chosen"] for record in cache_shards(cache_manifest)]
 
 
 # ------------------------------------------------------------------------------------- losses
@@ -239,6 +250,17 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys):
     pixels = torch.zeros((1, 8 * 8 * 3), dtype=torch.uint8)
     assert torch.isfinite(registered(input_ids=torch.tensor([[5, 6, 7]]), pixel_values=pixels)).all()
 
+    # The same teacher as an existing Hugging Face reward model (`teacher.path`): the same rewards.
+    external = load_config(
+        REPO / "configs" / "reward_tiny.yaml",
+        [f"storage.root={tmp_path / 'store2'}", f"teacher.path={tmp_path / 'store' / steps['teacher'].details['model_folder']}"],
+    )
+    again = run_pipeline(external, until="cache")
+    assert again["teacher"].details["external_url"] and again["cache"].key != steps["cache"].key
+    for first, second in zip(cache_rewards(config, steps["cache"]), cache_rewards(external, again["cache"])):
+        np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-5)
+
     print_summary(steps, 1.0)
-    printed = capsys.readouterr().out
-    assert "human labels only" in printed and "accuracy vs human labels" in printed
+    printed = " ".join(capsys.readouterr().out.split())  # the tables wrap in a narrow terminal; captions wrap at spaces
+    assert re.search(r"the distilled student (beats|does not beat) the human-labels-only model by [+-]\d+\.\d points", printed)
+    assert "preference pairs" in printed
