@@ -264,3 +264,16 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys):
     printed = " ".join(capsys.readouterr().out.split())  # the tables wrap in a narrow terminal; captions wrap at spaces
     assert re.search(r"the distilled student (beats|does not beat) the human-labels-only model by [+-]\d+\.\d points", printed)
     assert "preference pairs" in printed
+
+
+def test_the_reward_job_compiles_to_the_same_kubeflow_dag(tmp_path):
+    """On a cluster the reward job runs through the same DAG and components as a language model."""
+    import yaml
+
+    from kd_core.kubeflow import engines
+
+    config = load_config(REPO / "configs" / "reward_multimodal.yaml")
+    spec, *_platform = yaml.safe_load_all(engines.compile_pipeline(config, tmp_path / "reward.yaml", "distill").read_text())
+    job = json.loads(spec["root"]["inputDefinitions"]["parameters"]["job"]["defaultValue"])
+    assert job["task"] == "reward" and job["data"]["source"] == "digit-preferences"
+    assert set(spec["root"]["dag"]["tasks"]) >= {"prep", "cache", "distill", "evaluate"}
