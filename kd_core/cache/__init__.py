@@ -2,8 +2,9 @@
 
 One cache shard per training token shard, aligned row for row, in the bit-packed Arrow format of
 `kd_core.cache.format` (top-k, sampled or full log-probs, the teacher's entropy, optionally its
-hidden states; for `task: reward`, the reward teacher's scores of each pair's two responses); the manifest's `details["layout"]` says how to decode them, and lists each
-shard's rows, tokens, bytes and sha256.
+hidden states; for `task: reward`, the reward teacher's scores of each pair's two responses);
+the manifest's `details["layout"]` says how to decode them, and lists each shard's rows, tokens,
+bytes and sha256.
 
 Resumable: each shard is written atomically, then a commit record beside it
 (`<shard>.commit.json`: the shard's size and sha256, and its source token shard's sha256). A rerun
