@@ -198,8 +198,9 @@ class VisionConfig(Section):
     fusion: Literal["late", "prefix"] = "late"
     """How image and text meet. `late`: a dual encoder; the head scores the image vector (the ViT's
     [CLS], projected) times the text vector (the language model's mean over tokens), beside the
-    text vector; learns quickly from preference pairs. `prefix` (LLaVA-style): the projected patch
-    features go in front of the text embeddings and the language model reads both."""
+    text vector. `prefix` (LLaVA-style): the projected patch features go in front of the text
+    embeddings and the language model reads both (about 1.3× the compute; benchmarks/reward_fusion.py
+    compares how fast each learns)."""
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> VisionConfig:

@@ -13,10 +13,9 @@
       prefix (LLaVA-style): pixels ──ViT──► (B, P+1, d_v) ──projector──► image tokens ─┐
                             input_ids ──embed──► (B, T, d) ───────────────────────────┴─► Llama ─► h[last] ─► head ─► r
 
-  `late` scores a bilinear form of the image and text vectors, so the image encoder gets a
-  gradient from the first step; `prefix` lets every text token attend to every patch, as
-  vision-language models do, but the text model must first learn to look at the image tokens
-  (`benchmarks/reward_fusion.py` compares how fast each learns).
+  `late` scores a bilinear form of the image and text vectors and reads the text once, without
+  image tokens; `prefix` lets every text token attend to every patch, as vision-language models
+  do (`benchmarks/reward_fusion.py` compares how fast each learns; docs/benchmarks.md).
   It is a `transformers.PreTrainedModel` with its own config class (`model_type`
   `kdflow_multimodal_reward`), so `save_pretrained` / `from_pretrained` write and read a normal
   Hugging Face directory (config.json + model.safetensors), and `load_reward_model` opens either
