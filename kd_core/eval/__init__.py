@@ -76,8 +76,8 @@ def evaluate(
         metrics: dict = {"task": "reward", "split": config.split, "rows": scores["teacher"]["pairs"], "device": _device_name(device)}
         write_rewards(run, rewards)
     else:
-        metrics = {"task": "causal_lm", "split": config.split, "device": _device_name(device)}
-        scores = measure_language_models(config, prep, teacher, student, baseline, store, run, device, metrics)
+        held_out, scores = measure_language_models(config, prep, teacher, student, baseline, store, run, device)
+        metrics = {"task": "causal_lm", "split": config.split, **held_out, "device": _device_name(device)}
     metrics |= scores
     metrics["gates"] = evaluate_gates(config.gates, metrics)
     metrics["gates_passed"] = all(gate["passed"] for gate in metrics["gates"])
@@ -88,15 +88,14 @@ def evaluate(
     return run.finish(metrics=metrics)
 
 
-def measure_language_models(config, prep, teacher, student, baseline, store, run, device, metrics: dict) -> dict:
-    """Held-out quality and speed of the teacher, student and baseline LMs; adds the split's
-    row and token counts to `metrics`."""
+def measure_language_models(config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict]:
+    """({rows, tokens} of the held-out split, held-out quality and speed of the teacher, student
+    and baseline LMs)."""
     rows = torch.from_numpy(load_split(store, prep, config.split, config.max_rows))
     model_dirs = {"teacher": teacher_model_dir(store, teacher), "student": local_copy(store, student.details["model_folder"])}
     if baseline is not None:
         model_dirs["baseline"] = local_copy(store, baseline.details["model_folder"])
     models = {name: load_causal_lm(folder).to(device) for name, folder in model_dirs.items()}
-    metrics |= {"rows": len(rows), "tokens": int(rows.numel())}
     with run.timed("measure"), progress_bar("eval: quality", total=len(rows)) as bar:
         scores = measure_models(models, rows, config.batch_size, bar.advance, device=device)
     with run.timed("speed"), progress_bar("eval: speed", total=len(models)) as bar:
@@ -105,7 +104,7 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
             scores[name]["parameters"] = count_parameters(model)
             scores[name]["weight_bytes"] = sum(f.stat().st_size for f in model_dirs[name].glob("*.safetensors"))
             bar.advance(1)
-    return scores
+    return {"rows": len(rows), "tokens": int(rows.numel())}, scores
 
 
 class HeldOutScores:
