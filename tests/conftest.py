@@ -29,16 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KDFLOW_QUIET", "1")
 
 
-SLOWEST_FILES = ("test_kubeflow.py", "test_tune.py", "test_end_to_end.py", "test_checkpoints.py", "test_benchmarks.py")
-"""Run first: `make test`'s two workers take whole files as they free up, so a long file started
-last would leave one worker idle while the other finishes it."""
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: index for index, name in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of a moto S3 server on loopback; credentials are fake and only valid for it."""
