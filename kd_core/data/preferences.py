@@ -36,12 +36,10 @@ import fsspec
 import numpy as np
 
 from kd_core.config import DataConfig, PreferenceConfig
-from kd_core.data.sources import DataSourceError
+from kd_core.data.sources import DataSourceError, matching_files
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import Store, storage_options
-
-PAIR_COLUMNS = ("chosen_ids", "rejected_ids", "text_chosen_ids", "text_rejected_ids", "pixels", "human_label")
 
 
 @dataclass
@@ -109,9 +107,8 @@ def _source_urls(config: DataConfig, store: Store) -> list[str]:
         return [digit_preferences_url(store, config.preferences, config.seed)]
     urls = []
     for pattern in config.files:
-        fs, _ = fsspec.core.url_to_fs(pattern, **storage_options(store.config))
-        matches = sorted(fs.glob(pattern)) if any(ch in pattern for ch in "*?[") else [fs._strip_protocol(pattern)]
-        if not matches or not fs.exists(matches[0]):
+        fs, matches = matching_files(pattern, storage_options(store.config))
+        if not fs.exists(matches[0]):
             raise DataSourceError(f"data.files: {pattern!r} matches no file")
         urls.extend(fs.unstrip_protocol(path) for path in matches)
     return urls
@@ -223,14 +220,10 @@ def encode_pairs(tokenizer, records: list[PreferenceRecord], images: dict[str, n
 
 
 def _write_split(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int, pad_id: int) -> dict:
-    from kd_core.data.shards import encode_arrow
+    from kd_core.data.prep import write_shards
 
     rows = len(columns["pixels"])
-    names = []
-    for index, start in enumerate(range(0, rows, rows_per_shard)):
-        name = f"shards/{split}-{index:05d}.arrow"
-        run.write_bytes(name, encode_arrow({column: values[start : start + rows_per_shard] for column, values in columns.items()}))
-        names.append(name)
+    names = write_shards(run, split, columns, rows_per_shard)
     tokens = int((columns["chosen_ids"] != pad_id).sum() + (columns["rejected_ids"] != pad_id).sum())
     labeled = int(np.isfinite(columns["human_label"]).sum())
     return {"shards": names, "rows": rows, "tokens": tokens, "labeled": labeled}

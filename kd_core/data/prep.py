@@ -155,9 +155,16 @@ def pack(tokenizer: Tokenizer, documents: Iterable[str], seq_len: int, advance=l
 
 
 def write_split(run: StageRun, split: str, rows: np.ndarray, rows_per_shard: int) -> dict:
-    names = []
-    for index, start in enumerate(range(0, len(rows), rows_per_shard)):
-        name = f"shards/{split}-{index:05d}.arrow"
-        run.write_bytes(name, encode_arrow({"input_ids": rows[start : start + rows_per_shard]}))
-        names.append(name)
+    names = write_shards(run, split, {"input_ids": rows}, rows_per_shard)
     return {"shards": names, "rows": int(len(rows)), "tokens": int(rows.size)}
+
+
+def write_shards(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int) -> list[str]:
+    """`shards/<split>-NNNNN.arrow`, `rows_per_shard` rows of every column each; their names."""
+    names = []
+    rows = len(next(iter(columns.values())))
+    for index, start in enumerate(range(0, rows, rows_per_shard)):
+        name = f"shards/{split}-{index:05d}.arrow"
+        run.write_bytes(name, encode_arrow({column: values[start : start + rows_per_shard] for column, values in columns.items()}))
+        names.append(name)
+    return names

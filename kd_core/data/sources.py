@@ -80,12 +80,18 @@ def _paragraphs(text: str, limit: int) -> Iterator[str]:
         yield paragraph
 
 
+def matching_files(pattern: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The filesystem of one `data.files` entry and the paths it names (a glob's matches, sorted)."""
+    fs, _ = fsspec.core.url_to_fs(pattern, **storage_options)
+    matches = sorted(fs.glob(pattern)) if any(ch in pattern for ch in "*?[") else [fs._strip_protocol(pattern)]
+    if not matches:
+        raise DataSourceError(f"data.files: {pattern!r} matches no file")
+    return fs, matches
+
+
 def file_documents(urls: list[str], text_field: str, storage_options: dict) -> Iterator[str]:
     for pattern in urls:
-        fs, _ = fsspec.core.url_to_fs(pattern, **storage_options)
-        matches = sorted(fs.glob(pattern)) if any(ch in pattern for ch in "*?[") else [fs._strip_protocol(pattern)]
-        if not matches:
-            raise DataSourceError(f"data.files: {pattern!r} matches no file")
+        fs, matches = matching_files(pattern, storage_options)
         for path in matches:
             yield from _read_one(fs, path, text_field)
 
