@@ -355,7 +355,8 @@ class DistillConfig(Section):
     so the evaluation shows what the teacher added."""
     checkpoint_every: int | None = Field(default=100, gt=0)
     """Write a checkpoint (model, optimizer, schedule, RNG and data position, from every rank)
-    every this many optimizer steps; None writes none. Applies to the student and the baseline."""
+    every this many optimizer steps; None writes none. Applies to every model kdflow trains: the
+    student, the baseline and a teacher trained from `teacher.architecture`."""
     resume: Literal["auto", "never"] = "auto"
     """`auto`: a run of the same step (same key) that stopped midway continues from its latest
     checkpoint, with the same number of workers. `never`: start over."""

@@ -68,7 +68,11 @@ def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = froze
     from kd_core.train.teacher import teacher
 
     store = Store(config.storage)
-    steps = {"teacher": _announce(teacher(config.teacher, prep, store, config.compute, force=is_forced("teacher", force)))}
+    steps = {
+        "teacher": _announce(
+            teacher(config.teacher, prep, store, config.compute, checkpointing=config.distill, force=is_forced("teacher", force))
+        )
+    }
     if config.distill.teacher_source == "cache":
         steps["cache"] = _announce(cache(config.cache, prep, steps["teacher"], store, config.compute, force=is_forced("cache", force)))
     return steps

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from kd_core.cache import cache, cache_shards
-from kd_core.config import load_config
+from kd_core.config import load_config, validate_config
 from kd_core.data.prep import prep
 from kd_core.storage import Store
 from kd_core.train.checkpoints import (
@@ -30,6 +32,7 @@ from kd_core.train.distill import distill
 from kd_core.train.loop import TrainSpec, train_worker
 from kd_core.train.ray_glue import fit
 from kd_core.train.teacher import teacher
+from kd_core.train.tracking import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 RESUMABLE = ["distill.train.max_steps=12", "distill.train.log_every=1", "distill.checkpoint_every=4", "distill.train.dropout=0.1"]
@@ -91,6 +94,55 @@ def test_a_crashed_run_resumes_from_its_checkpoint_with_the_same_losses(job, run
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in reference])
+
+
+def test_a_resumed_run_logs_each_step_once_to_its_mlflow_run(job, tmp_path):
+    from mlflow import MlflowClient
+
+    registry = job[0].registry.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    spec = student_spec(job, "tracked", "plain")
+    spec.tracking = TrainingRun.for_job(registry, "resumed", {"distill.train.max_steps": 12})
+    with pytest.raises(SimulatedCrash):
+        train_worker(spec, progress=crash_at(7))  # steps 1-7 logged, checkpoint at 4
+    result = train_worker(spec)  # replays 5-7 from the checkpoint at 4
+    assert result["resumed_from_step"] == 4
+    client = MlflowClient(registry.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["distill.train.max_steps"] == "12"
+    for metric in ("loss", "lr", "samples_seen"):
+        assert sorted(point.step for point in client.get_metric_history(run.info.run_id, metric)) == list(range(1, 13)), metric
+
+
+def test_a_killed_teacher_resumes_from_its_checkpoint(job):
+    """The teacher step checkpoints like a student (`distill.checkpoint_every`): SIGKILLed midway,
+    the rerun of the same step continues from its latest checkpoint."""
+    config, store, prepared = job[0], job[1], job[2]
+    script = (
+        "import sys, json\n"
+        "from kd_core.config import validate_config\n"
+        "from kd_core.manifest import Manifest\n"
+        "from kd_core.storage import Store\n"
+        "from kd_core.train.teacher import teacher\n"
+        "config = validate_config(json.loads(sys.argv[1]))\n"
+        "prepared = Manifest.from_json(sys.argv[2], \"prep manifest\")\n"
+        "teacher(config.teacher, prepared, Store(config.storage), config.compute, checkpointing=config.distill)\n"
+    )
+    raw = config.model_dump(mode="json")
+    raw["teacher"]["train"]["max_steps"] = 200  # killed long before the end (a step takes milliseconds)
+    environment = dict(os.environ, KDFLOW_QUIET="1", PYTHONPATH=str(REPO))
+    child = subprocess.Popen([sys.executable, "-c", script, json.dumps(raw), prepared.to_json()], env=environment)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(store.fs.glob(store.path("teacher/*/checkpoints/step-*/COMPLETE"))):
+            assert child.poll() is None and time.monotonic() < deadline, "the teacher wrote no checkpoint"
+            time.sleep(0.02)
+    finally:
+        child.kill()
+        child.wait()
+    # The same step (same key: max_steps is part of it) resumes; the checkpoints go once it is saved.
+    taught = teacher(validate_config(raw).teacher, prepared, store, config.compute, checkpointing=config.distill)
+    assert 4 <= taught.metrics["resumed_from_step"] < 200, taught.metrics["resumed_from_step"]
+    assert not store.exists(f"{taught.folder}/checkpoints") and "model/model.safetensors" in taught.outputs
 
 
 def test_a_fresh_run_ignores_old_checkpoints_and_a_finished_run_deletes_them(job):

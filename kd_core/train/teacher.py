@@ -7,6 +7,8 @@
 - `teacher.path` unset: kdflow trains the teacher from `teacher.architecture` with cross-entropy
   on the training split (seeded, through the same loop and Ray Train workers as students). The
   result is stored under its key and reused by every later run with the same data and config.
+  It checkpoints like a student (`distill.checkpoint_every`, `keep_checkpoints`, `resume`), so
+  a teacher run that stops midway continues from its latest checkpoint.
   For `task: reward` the teacher is a text reward model (sequence classification, one output)
   trained with Bradley–Terry on the human labels of the training pairs' text view (the image's
   text rendering, the prompt and each response); an existing one (`teacher.path`) is any Hugging
@@ -22,7 +24,8 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from kd_core.config import ComputeConfig, TeacherConfig
+from kd_core.config import ComputeConfig, DistillConfig, TeacherConfig
+from kd_core.errors import InputError
 from kd_core.manifest import Manifest
 from kd_core.models import CACHE_ROOT, local_copy
 from kd_core.stage import StageRun
@@ -31,19 +34,32 @@ from kd_core.train.loop import TrainSpec
 from kd_core.train.ray_glue import fit_stage
 
 
-class TeacherError(ValueError):
+class TeacherError(InputError):
     """A teacher directory that cannot teach this data."""
 
 
-def teacher(config: TeacherConfig, prep: Manifest, store: Store, compute: ComputeConfig, *, force: bool = False) -> Manifest:
+def teacher(
+    config: TeacherConfig,
+    prep: Manifest,
+    store: Store,
+    compute: ComputeConfig,
+    *,
+    checkpointing: DistillConfig = DistillConfig(),
+    force: bool = False,
+) -> Manifest:
+    """`checkpointing` gives the checkpoint settings of a teacher kdflow trains (`checkpoint_every`,
+    `keep_checkpoints`, `resume`: the job's `distill` section; none of them is part of the key)."""
     if config.path:
         return _use_existing(config.path, prep, store, force)
     section = config.model_dump(mode="json", exclude={"path"})
     run = StageRun(store, "teacher", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
-    spec = TrainSpec.from_prep(prep, store, run.folder, config.architecture, config.train, teacher=True)
-    return fit_stage(run, spec, compute, "teacher: train")
+    spec = TrainSpec.from_prep(
+        prep, store, run.folder, config.architecture, config.train, teacher=True,
+        checkpoint_every=checkpointing.checkpoint_every, keep_checkpoints=checkpointing.keep_checkpoints,
+    )
+    return fit_stage(run, spec, compute, "teacher: train", fresh=force or checkpointing.resume == "never")
 
 
 def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manifest:

@@ -4,8 +4,10 @@
 MLflow run in the registry's experiment, logs the job's flattened public config as params (no
 secrets: `config.public_dict` has dropped them), then at every log step each loss term, the
 learning rate, the gradient norm, tokens/s and samples seen. The run id is recorded in the stage
-manifest (`details["mlflow_run_id"]`). A relative SQLite tracking URI is made absolute on the
-driver, so workers started in other folders write to the same database.
+manifest (`details["mlflow_run_id"]`). A run resumed from a checkpoint reopens its MLflow run
+and logs only the steps after the last one there, so each step is logged once. A relative SQLite
+tracking URI is made absolute on the driver, so workers started in other folders write to the
+same database.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class MlflowLogger:
 
     def __init__(self, run: TrainingRun):
         self.run, self.run_id = run, None
+        self.logged_through = 0
+        """The last step already in the run: a resumed run replays the steps between its checkpoint
+        and the crash, which were logged before; they are not logged twice."""
 
     def start(self, resume_run_id: str | None = None) -> None:
         """Open a new run, or reopen `resume_run_id` (a run resumed from a checkpoint goes on
@@ -49,6 +54,7 @@ class MlflowLogger:
         mlflow.set_tracking_uri(self.run.registry.tracking_uri)
         if resume_run_id is not None:
             self.run_id = mlflow.start_run(run_id=resume_run_id).info.run_id
+            self.logged_through = _last_logged_step(self.run_id)
             return
         active = mlflow.start_run(experiment_id=experiment_id(self.run.registry), run_name=self.run.run_name)
         self.run_id = active.info.run_id
@@ -57,6 +63,8 @@ class MlflowLogger:
     def log(self, step: int, record: dict) -> None:
         import mlflow
 
+        if step <= self.logged_through:
+            return
         numbers = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and v == v}
         mlflow.log_metrics(numbers, step=step)
 
@@ -65,3 +73,10 @@ class MlflowLogger:
 
         if self.run_id is not None:
             mlflow.end_run(status=status)
+
+
+def _last_logged_step(run_id: str) -> int:
+    """The highest step of the run's `loss` metric (every log record has one), 0 if none."""
+    from mlflow import MlflowClient
+
+    return max((metric.step for metric in MlflowClient().get_metric_history(run_id, "loss")), default=0)
