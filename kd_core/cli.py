@@ -27,6 +27,7 @@ from rich.table import Table
 
 from kd_core import __version__
 from kd_core.config import ConfigError, JobConfig, load_config
+from kd_core.errors import InputError
 from kd_core.manifest import Manifest
 from kd_core.pipeline import STAGES
 
@@ -133,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tune(config: JobConfig, force: frozenset[str]) -> int:
-    from kd_core.data.shards import ShardError
-    from kd_core.manifest import ManifestError
     from kd_core.pipeline import search_steps
     from kd_core.storage import Store
     from kd_core.tune import BEST_CONFIG_NAME, PLOT_NAME, TRIALS_NAME
@@ -146,7 +145,7 @@ def _tune(config: JobConfig, force: frozenset[str]) -> int:
     started = time.perf_counter()
     try:
         steps = search_steps(config, force)
-    except (ShardError, ManifestError) as err:
+    except InputError as err:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)
@@ -162,11 +161,7 @@ def _tune(config: JobConfig, force: frozenset[str]) -> int:
 
 def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str | None = None) -> int:
     """`kfp_local`: run that Kubeflow DAG (distill or tune-distill) through kfp.local instead."""
-    from kd_core.data.shards import ShardError
-    from kd_core.data.sources import DataSourceError
-    from kd_core.manifest import ManifestError
     from kd_core.pipeline import run_pipeline
-    from kd_core.train.teacher import TeacherError
 
     started = time.perf_counter()
     try:
@@ -176,7 +171,7 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str
             steps = run_local(config, kfp_local)
         else:
             steps = run_pipeline(config, until=until, force=force)
-    except (ShardError, DataSourceError, ManifestError, TeacherError) as err:
+    except InputError as err:  # a shard, data file, manifest or teacher to fix: its message names it
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)

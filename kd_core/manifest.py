@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
+from kd_core.errors import InputError
 from kd_core.storage import FileRecord, Store
 
 MANIFEST_NAME = "manifest.json"
@@ -21,7 +22,7 @@ SCHEMA_VERSION = 1
 _TRACKED_LIBRARIES = ("kdflow", "torch", "transformers", "tokenizers", "ray", "mlflow", "pyarrow", "fsspec")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that is missing, unreadable or not what the caller needs."""
 
 

@@ -13,11 +13,12 @@ import io
 import numpy as np
 import pyarrow as pa
 
+from kd_core.errors import InputError
 from kd_core.manifest import Manifest
 from kd_core.storage import FileRecord, Store
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard that is missing, corrupt or not shaped as its manifest says."""
 
 

@@ -21,12 +21,14 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 
+from kd_core.errors import InputError
+
 MAX_DOC_CHARS = 4000
 MIN_DOCSTRING_CHARS = 200
 _SKIPPED_STDLIB_PARTS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 
 
-class DataSourceError(ValueError):
+class DataSourceError(InputError):
     """Raw input that cannot be read; names the file and what to do."""
 
 
