@@ -281,7 +281,8 @@ def main() -> None:
         if args.tiny:
             losses += ["--rows", "64", "--vocabs", "512", "--hidden", "32", "--repeats", "1", "--results", str(args.results.with_name("losses-tiny.jsonl"))]
         else:
-            losses += ["--device", "cuda", "--hidden", "4096", "--dtype", "bf16", "--vocabs", "128256"]
+            # 256 rows is the chunk Liger-Kernel picks for this shape (B·T / ⌈V / H⌉, to a power of 2).
+            losses += ["--device", "cuda", "--hidden", "4096", "--dtype", "bf16", "--vocabs", "128256", "--chunk-sizes", "256", "1024"]
         subprocess.run(losses, check=True)
 
 

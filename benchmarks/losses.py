@@ -5,7 +5,8 @@ Generalized JSD (beta = 0.5) between a student and a teacher LM head, from hidde
 resident memory is its own; on CUDA the allocator's peak is reset per case.
 
 - naive: student logits and teacher logits materialised (B·T, V), plain torch, then the loss.
-- kdflow fused: `kd_core.losses.fused.fused_lm_head_loss`, `--chunk-size` rows at a time.
+- kdflow fused: `kd_core.losses.fused.fused_lm_head_loss`, `--chunk-sizes` rows at a time (one
+  column per chunk size: `kdflow@256`, ...).
 - Liger-Kernel's `LigerFusedLinearJSD`, with `--device cuda` when it is installed.
 
     .venv/bin/python benchmarks/losses.py                       # CPU, H=256, fp32
@@ -55,13 +56,13 @@ def make_inputs(rows, vocab, hidden, dtype, device):
     )
 
 
-def step(implementation, tensors, chunk_size):
+def step(implementation, tensors):
     student_hidden, student_weight, teacher_hidden, teacher_weight = tensors
     if implementation == "naive":
         loss = generalized_jsd(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, beta=0.5)
-    elif implementation == "kdflow":
+    elif implementation.startswith("kdflow@"):
         target = dense_teacher_target(partial(generalized_jsd_per_position, beta=0.5), teacher_hidden, teacher_weight)
-        loss = fused_lm_head_loss(student_hidden, student_weight, target, chunk_size=chunk_size)
+        loss = fused_lm_head_loss(student_hidden, student_weight, target, chunk_size=int(implementation.split("@")[1]))
     else:
         from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
@@ -80,12 +81,12 @@ def run_one(implementation, rows, vocab, args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline_mb = torch.cuda.memory_allocated() / 2**20
-    loss = step(implementation, tensors, args.chunk_size)  # warm-up
+    loss = step(implementation, tensors)  # warm-up
     times = []
     for _ in range(args.repeats):
         synchronize()
         started = time.perf_counter()
-        loss = step(implementation, tensors, args.chunk_size)
+        loss = step(implementation, tensors)
         synchronize()
         times.append((time.perf_counter() - started) * 1000)
     peak_mb = (_peak_resident_mb() if device.type == "cpu" else torch.cuda.max_memory_allocated() / 2**20) - baseline_mb
@@ -124,7 +125,7 @@ def measure(implementation, rows, vocab, args) -> dict | str:
 
 def _passthrough(args) -> list[str]:
     return ["--device", args.device, "--hidden", str(args.hidden), "--dtype", args.dtype,
-            "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats)]
+            "--chunk-sizes", *map(str, args.chunk_sizes), "--repeats", str(args.repeats)]
 
 
 def main() -> None:
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--hidden", type=int, default=256, help="H (use 4096 on a GPU)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024], help="rows per chunk of the fused loss; one column each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
     parser.add_argument("--vocabs", type=int, nargs="+", default=list(VOCABS))
@@ -145,10 +146,11 @@ def main() -> None:
         implementation, rows, vocab = args.one
         print(json.dumps(run_one(implementation, int(rows), int(vocab), args)))
         return
-    implementations = ["naive", "kdflow"] + (["liger"] if args.device == "cuda" and _has_liger() else [])
-    print(f"generalized JSD (beta 0.5), forward+backward, {args.device}, {args.dtype}, H={args.hidden}, chunk {args.chunk_size}")
-    header = f"{'B*T':>6} {'V':>7} | " + " | ".join(f"{name + ' ms':>12} {name + ' MB':>12}" for name in implementations)
-    print(header + " | kdflow/naive time | kdflow/naive memory")
+    fused = [f"kdflow@{size}" for size in args.chunk_sizes]
+    implementations = ["naive", *fused] + (["liger"] if args.device == "cuda" and _has_liger() else [])
+    print(f"generalized JSD (beta 0.5), forward+backward, {args.device}, {args.dtype}, H={args.hidden}")
+    header = f"{'B*T':>6} {'V':>7} | " + " | ".join(f"{name + ' ms':>17} {name + ' MB':>17}" for name in implementations)
+    print(header + "".join(f" | {name}/{base} time, memory" for name in fused for base in implementations if base in ("naive", "liger")))
     records = []
     for vocab in args.vocabs:
         for rows in args.rows:
@@ -170,11 +172,15 @@ def _row(rows, vocab, results, implementations) -> str:
     cells = []
     for name in implementations:
         value = results[name]
-        cells.append(f"{value['ms']:>12.1f} {value['peak_mb']:>12.0f}" if isinstance(value, dict) else f"{value:>25}")
-    naive, fused = results.get("naive"), results.get("kdflow")
+        cells.append(f"{value['ms']:>17.1f} {value['peak_mb']:>17.0f}" if isinstance(value, dict) else f"{value:>35}")
     ratios = ""
-    if isinstance(naive, dict) and isinstance(fused, dict):
-        ratios = f" | {fused['ms'] / naive['ms']:>17.2f} | {fused['peak_mb'] / max(naive['peak_mb'], 1):>18.1%}"
+    for name in implementations:
+        for base in ("naive", "liger"):
+            fused, reference = results.get(name), results.get(base)
+            if name.startswith("kdflow@") and isinstance(fused, dict) and isinstance(reference, dict):
+                ratios += f" | {fused['ms'] / reference['ms']:.2f}x, {fused['peak_mb'] / max(reference['peak_mb'], 1):.1%}"
+            elif name.startswith("kdflow@") and base in results:
+                ratios += " | -"
     return f"{rows:>6} {vocab:>7} | " + " | ".join(cells) + ratios
 
 

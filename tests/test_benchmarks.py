@@ -24,16 +24,17 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 def test_loss_benchmark_smoke(tmp_path):
     results = tmp_path / "losses.jsonl"
-    run = run_script("benchmarks/losses.py", "--rows", "64", "128", "--vocabs", "300", "--hidden", "16",
-                     "--chunk-size", "32", "--repeats", "1", "--results", str(results))
+    run = run_script("benchmarks/losses.py", "--rows", "64", "--vocabs", "300", "--hidden", "16",
+                     "--chunk-sizes", "32", "48", "--repeats", "1", "--results", str(results))
     assert run.returncode == 0, run.stderr
-    assert "kdflow/naive memory" in run.stdout
+    assert "kdflow@32/naive time, memory" in run.stdout and "kdflow@48/naive time, memory" in run.stdout
     record = json.loads(results.read_text().splitlines()[-1])
-    assert [case["rows"] for case in record["results"]] == [64, 128]
+    assert [(case["rows"], case["vocab"]) for case in record["results"]] == [(64, 300)]
     for case in record["results"]:
-        naive, fused = case["naive"], case["kdflow"]
-        assert fused["loss"] == naive["loss"] or abs(fused["loss"] - naive["loss"]) < 1e-4 * abs(naive["loss"])
-        assert fused["ms"] > 0 and naive["peak_mb"] >= 0
+        naive = case["naive"]
+        for fused in (case["kdflow@32"], case["kdflow@48"]):
+            assert fused["loss"] == naive["loss"] or abs(fused["loss"] - naive["loss"]) < 1e-4 * abs(naive["loss"])
+            assert fused["ms"] > 0 and naive["peak_mb"] >= 0
 
 
 def test_pipeline_reuse_benchmark_smoke(tmp_path):

@@ -29,6 +29,7 @@ from kd_core.losses import (
 )
 from kd_core.losses.forward_kl import forward_kl_per_position
 from kd_core.losses.fused import dense_teacher_target, fused_lm_head_loss, sampled_target, topk_target
+from kd_core.losses.gradients import closed_form
 from kd_core.losses.objective import DIVERGENCES
 
 SHAPE = (3, 47, 123)
@@ -103,6 +104,31 @@ def test_matches_naive_reference(name, parameter, temperature, dtype):
     torch.testing.assert_close(loss.double(), expected, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(gradient.double(), expected_gradient, rtol=tolerance, atol=tolerance * 1e-2)
     assert gradient[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name,parameter", CASES)
+def test_closed_form_gradients_equal_autograd(name, parameter, temperature):
+    """The fused loss's closed-form ∂D/∂logits (`gradients.py`), in float64 against autograd on the
+    same per-position function, with padded (−inf) vocabulary entries on both sides."""
+    student, teacher, _ = inputs(torch.float64, seed=5, shape=(4, 7, 37))
+    student, teacher = student.detach().clone(), teacher.clone()
+    student[..., -3:] = teacher[..., -3:] = -math.inf
+    student[0, 0] = teacher[0, 0]  # one position where the two agree: its gradient is 0
+    keyword = LOSSES[name][1]
+    per_position = partial(DIVERGENCES[name], **({keyword: parameter} if keyword else {}))
+    student.requires_grad_()
+    teacher_logprobs = torch.log_softmax(teacher / temperature, -1)
+    expected = per_position(torch.log_softmax(student / temperature, -1), teacher_logprobs)
+    weights = torch.rand(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    (expected_gradient,) = torch.autograd.grad((expected * weights).sum(), student)
+
+    value, gradient = closed_form(per_position)(torch.log_softmax(student.detach() / temperature, -1), teacher_logprobs, temperature)
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gradient * weights.unsqueeze(-1), expected_gradient, rtol=1e-9, atol=1e-12)
+    assert gradient[..., -3:].abs().max() == 0 and torch.isfinite(gradient).all()
+    assert gradient[0, 0].abs().max() < 1e-12
+    assert gradient[1, 0].abs().max() > 1e-3 or (name.startswith("skew") and parameter == 1.0)  # α = 1: D ≡ 0
 
 
 # ---------------------------------------------------------------- properties
@@ -224,7 +250,7 @@ def lm_head(dtype, seed=8, rows=47, hidden=16, vocab=123, teacher_hidden=24):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name,parameter", [("forward_kl", None), ("reverse_kl", None), ("generalized_jsd", 0.5),
-                                            ("skew_forward_kl", 0.1), ("total_variation", None)])
+                                            ("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.1), ("total_variation", None)])
 def test_fused_matches_unfused(name, parameter, dtype):
     hidden, weight, teacher_hidden, teacher_weight, mask = lm_head(dtype)
     keyword = LOSSES[name][1]

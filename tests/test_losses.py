@@ -225,9 +225,10 @@ def test_cross_entropy_predicts_the_next_token():
     assert next_token_cross_entropy(torch.zeros(1, 4, vocab), input_ids).item() == pytest.approx(torch.log(torch.tensor(5.0)).item())
 
 
+@pytest.mark.parametrize("balance_terms", [False, True], ids=["one-pass", "balanced"])
 @pytest.mark.parametrize("targets", ["topk", "sampled", "dense"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])
-def test_fused_objective_matches_the_unfused_objective_in_value_and_gradient(targets, chunk_size):
+def test_fused_objective_matches_the_unfused_objective_in_value_and_gradient(targets, chunk_size, balance_terms):
     torch.manual_seed(0)
     batch, length, width, vocab = 3, 7, 10, 13
     hidden = torch.randn(batch, length, width, requires_grad=True)
@@ -243,7 +244,8 @@ def test_fused_objective_matches_the_unfused_objective_in_value_and_gradient(tar
         "sampled": {"teacher_sample_ids": ids, "teacher_sample_counts": counts},
         "dense": {"teacher_logits": teacher},
     }[targets]
-    options = dict(ce_weight=0.4, kd_weight=0.9, temperature=1.0, token_weighting="teacher_confidence", divergence="generalized_jsd")
+    options = dict(ce_weight=0.4, kd_weight=0.9, temperature=2.0, token_weighting="teacher_confidence", divergence="generalized_jsd",
+                   balance_terms=balance_terms)
     unfused = DistillationObjective(**options)(hidden @ weight.T, input_ids, teacher_entropy=entropy, mask=mask, **given)
     expected = [g.clone() for g in torch.autograd.grad(unfused["loss"], (hidden, weight))]
     fused = DistillationObjective(**options).fused(

@@ -1,6 +1,7 @@
 """Distillation losses. Each divergence is a pure function in its own module, with its formula and
 tensor shapes in the module docstring; `fused.py` computes any of them chunk by chunk from hidden
-states and output weights without materialising the full logits.
+states and output weights without materialising the full logits (`fused_lm_head_terms`: several
+weighted terms in one pass), with the closed-form gradients of `gradients.py` for dense targets.
 
 Token-level divergences on logits (..., V), float32 at temperature T, masked mean:
     forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl, total_variation
@@ -15,7 +16,14 @@ Features and structure:
 from kd_core.losses.common import align_vocab, masked_mean
 from kd_core.losses.features import HiddenStateDistillation, hidden_cosine, hidden_mse
 from kd_core.losses.forward_kl import forward_kl
-from kd_core.losses.fused import dense_teacher_target, fused_lm_head_loss, sampled_target, topk_target
+from kd_core.losses.fused import (
+    FusedTerm,
+    dense_teacher_target,
+    fused_lm_head_loss,
+    fused_lm_head_terms,
+    sampled_target,
+    topk_target,
+)
 from kd_core.losses.jsd import generalized_jsd
 from kd_core.losses.matryoshka import matryoshka_distillation
 from kd_core.losses.objective import DistillationObjective, next_token_cross_entropy
@@ -29,6 +37,7 @@ from kd_core.losses.total_variation import total_variation
 
 __all__ = [
     "DistillationObjective",
+    "FusedTerm",
     "HiddenStateDistillation",
     "RewardObjective",
     "align_vocab",
@@ -37,6 +46,7 @@ __all__ = [
     "draw_teacher_samples",
     "forward_kl",
     "fused_lm_head_loss",
+    "fused_lm_head_terms",
     "generalized_jsd",
     "hidden_cosine",
     "hidden_mse",

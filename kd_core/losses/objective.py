@@ -32,7 +32,8 @@ from torch import nn
 from kd_core.losses.common import log_probs, masked_mean
 from kd_core.losses.features import HiddenStateDistillation
 from kd_core.losses.forward_kl import forward_kl_per_position
-from kd_core.losses.fused import fused_lm_head_loss
+from kd_core.losses.fused import FusedTerm, fused_lm_head_loss, fused_lm_head_terms
+from kd_core.losses.gradients import closed_form
 from kd_core.losses.jsd import generalized_jsd_per_position
 from kd_core.losses.reverse_kl import reverse_kl_per_position
 from kd_core.losses.sampled import sampled_kl_per_position
@@ -150,8 +151,10 @@ class DistillationObjective(nn.Module):
         teacher_hidden_states=None,
     ) -> dict[str, torch.Tensor]:
         """`forward`'s terms from the student's final hidden states (B, T, H) and output weight
-        (V, H), computed `chunk_size` positions at a time by `fused_lm_head_loss`: the student's
-        (B·T, V) logits never exist at once. Same values and gradients as `forward`."""
+        (V, H), computed `chunk_size` positions at a time (`kd_core.losses.fused`): the student's
+        (B·T, V) logits never exist at once. CE and KD share one pass over the logits (with
+        `balance_terms`, one pass each); the returned `ce` and `kd` are values for logging, `loss`
+        carries the gradient. Same values and gradients as `forward`."""
         batch, length, width = student_hidden.shape
         hidden = student_hidden.reshape(batch * length, width)
         # CE: position t predicts token t+1 and counts when that token is valid; a row's last position has none.
@@ -162,9 +165,17 @@ class DistillationObjective(nn.Module):
         def ce_chunk(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
             return F.cross_entropy(student_logits, next_tokens[rows], reduction="none")
 
-        terms = {"ce": fused_lm_head_loss(hidden, output_weight, ce_chunk, mask=has_next.reshape(-1), chunk_size=chunk_size)}
+        def ce_value_and_grad(student_logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            """CE = logsumexp(z) − z_y and ∂CE/∂z = softmax(z) − onehot(y), without autograd."""
+            targets = next_tokens[rows].unsqueeze(-1)
+            logprobs = torch.log_softmax(student_logits, -1)
+            return -logprobs.gather(-1, targets).squeeze(-1), logprobs.exp_().scatter_add_(-1, targets, -torch.ones_like(targets, dtype=logprobs.dtype))
+
+        ce_chunk.value_and_grad = ce_value_and_grad
+        ce = FusedTerm(ce_chunk, has_next.reshape(-1))
         has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
         if not has_targets or self.kd_weight == 0:
+            terms = {"ce": fused_lm_head_loss(hidden, output_weight, ce_chunk, mask=ce.mask, chunk_size=chunk_size)}
             return self._add_features(self._without_kd(terms, has_targets), student_hidden_states, teacher_hidden_states, mask)
         flat = lambda values: None if values is None else values.reshape(batch * length, *values.shape[2:])  # noqa: E731
         topk_logprobs, topk_ids, sample_ids, sample_counts, dense = map(
@@ -181,8 +192,24 @@ class DistillationObjective(nn.Module):
             )
             return per_position if weights is None else per_position * weights[rows]
 
-        terms["kd"] = fused_lm_head_loss(hidden, output_weight, kd_chunk, mask=flat_mask, chunk_size=chunk_size)
-        return self._add_features(self._total(terms), student_hidden_states, teacher_hidden_states, mask)
+        closed = None if dense is None else closed_form(self.dense_divergence)
+        if closed is not None:  # full teacher logits: the divergence's closed-form gradient, no autograd
+
+            def kd_value_and_grad(student_logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                teacher_logprobs = log_probs(dense[rows], self.temperature)
+                value, gradient = closed(log_probs(student_logits, self.temperature), teacher_logprobs, self.temperature)
+                return (value, gradient) if weights is None else (value * weights[rows], gradient * weights[rows].unsqueeze(-1))
+
+            kd_chunk.value_and_grad = kd_value_and_grad
+        kd = FusedTerm(kd_chunk, flat_mask)
+        if self.balance_terms:  # the balance needs both values first: one pass per term
+            terms = {name: fused_lm_head_loss(hidden, output_weight, term.chunk_loss, mask=term.mask, chunk_size=chunk_size)
+                     for name, term in (("ce", ce), ("kd", kd))}
+            return self._add_features(self._total(terms), student_hidden_states, teacher_hidden_states, mask)
+        # Fixed weights: both terms from one pass over the logits (one set of LM-head matmuls).
+        ce.weight, kd.weight = self.ce_weight, self.kd_weight * self.kd_scale
+        total, terms = fused_lm_head_terms(hidden, output_weight, {"ce": ce, "kd": kd}, chunk_size=chunk_size)
+        return self._add_features(terms | {"loss": total}, student_hidden_states, teacher_hidden_states, mask)
 
     def _without_kd(self, terms: dict[str, torch.Tensor], has_targets: bool) -> dict[str, torch.Tensor]:
         """Cross-entropy alone: weighted when teacher targets were given but kd_weight is 0."""
