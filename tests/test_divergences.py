@@ -28,7 +28,14 @@ from kd_core.losses import (
     total_variation,
 )
 from kd_core.losses.forward_kl import forward_kl_per_position
-from kd_core.losses.fused import dense_teacher_target, fused_lm_head_loss, sampled_target, topk_target
+from kd_core.losses.fused import (
+    FusedTerm,
+    dense_teacher_target,
+    fused_lm_head_loss,
+    fused_lm_head_terms,
+    sampled_target,
+    topk_target,
+)
 from kd_core.losses.gradients import closed_form
 from kd_core.losses.objective import DIVERGENCES
 
@@ -299,6 +306,25 @@ def test_fused_gradient_accumulation_is_invariant_to_micro_batching():
         )
         accumulated += torch.autograd.grad(part, weight)[0]
     torch.testing.assert_close(accumulated, whole_gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_terms_share_one_pass_and_a_zero_weight_term_is_only_logged():
+    hidden, weight, teacher_hidden, teacher_weight, mask = lm_head(torch.float32, seed=12)
+    kd = FusedTerm(dense_teacher_target(forward_kl_per_position, teacher_hidden, teacher_weight), mask, weight=0.7)
+    tokens = torch.randint(0, weight.shape[0], (hidden.shape[0],), generator=torch.Generator().manual_seed(0))
+    ce = FusedTerm(lambda logits, rows: torch.nn.functional.cross_entropy(logits, tokens[rows], reduction="none"), weight=0.0)
+    total, values = fused_lm_head_terms(hidden, weight, {"ce": ce, "kd": kd}, chunk_size=9)
+    plain_ce = torch.nn.functional.cross_entropy(hidden @ weight.T, tokens)
+    plain_kd = forward_kl(hidden @ weight.T, teacher_hidden @ teacher_weight.T, mask=mask)
+    torch.testing.assert_close(values["ce"], plain_ce.detach())
+    torch.testing.assert_close(values["kd"], plain_kd.detach())
+    torch.testing.assert_close(total, 0.7 * plain_kd.detach())
+    for got, want in zip(torch.autograd.grad(total, (hidden, weight)), torch.autograd.grad(0.7 * plain_kd, (hidden, weight))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    kd.weight = 0.0  # nothing to train on: zero gradients, values still logged
+    total, values = fused_lm_head_terms(hidden, weight, {"ce": ce, "kd": kd}, chunk_size=9)
+    assert total.item() == 0 and all(g.abs().max() == 0 for g in torch.autograd.grad(total, (hidden, weight)))
+    torch.testing.assert_close(values["kd"], plain_kd.detach())
 
 
 def test_fused_all_masked_is_zero_not_nan():

@@ -101,7 +101,8 @@ def sampled_target(sample_ids, sample_counts, *, temperature=1.0) -> ChunkLoss:
 @dataclass
 class FusedTerm:
     """One loss term of a fused pass: Σ over its valid rows of `chunk_loss`, divided by
-    `num_valid_tokens` (default: its valid rows), entering the total with `weight`."""
+    `num_valid_tokens` (default: its valid rows), entering the total with `weight`. A term of
+    weight 0 is computed for its value alone (logged, no gradient work)."""
 
     chunk_loss: ChunkLoss
     mask: torch.Tensor | None = None
@@ -148,9 +149,16 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             logits = hidden @ weight.T
             grad_logits = None
             for index, (term, scale) in enumerate(zip(terms, scales)):
+                if scale == 0:  # logged, not trained on (e.g. CE at ce_weight 0): its value alone
+                    valid = None if term.mask is None else term.mask[rows]
+                    sums[index] += masked_sum(term.chunk_loss(logits.float(), rows), valid)
+                    continue
                 chunk_sum, term_grad = _chunk_value_and_grad(term, logits, rows)
                 sums[index] += chunk_sum
                 grad_logits = term_grad.mul_(scale) if grad_logits is None else grad_logits.add_(term_grad, alpha=scale)
+            if grad_logits is None:
+                grad_hidden[rows] = 0
+                continue
             grad_logits = grad_logits.to(weight.dtype)
             grad_hidden[rows] = grad_logits @ weight
             grad_weight.addmm_(grad_logits.T, hidden)
