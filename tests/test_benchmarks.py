@@ -92,7 +92,7 @@ def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):
     run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny", "--results", str(results)], cwd=REPO, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable, "KDFLOW_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "× plain (same ZeRO)" in run.stdout and "kdflow/naive memory" in run.stdout
+    assert "× plain (same ZeRO)" in run.stdout and "kdflow@1024/naive time, memory" in run.stdout
     record = json.loads(results.read_text().splitlines()[-1])
     runs = {row["run"]: row for row in record["runs"]}
     assert list(runs) == ["plain ZeRO-2", "plain ZeRO-3", "kdflow ZeRO-3 online", "kdflow ZeRO-3 cache"]
