@@ -184,7 +184,8 @@ def test_deepspeed_checkpoints_are_loaded_without_unpickling_code(tmp_path):
 def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint, s3_bucket, tmp_path):
     """2 Ray Train workers at ZeRO-2 with their run storage on S3 (moto, through an explicit
     filesystem); one worker is SIGKILLed mid-run; Ray Train restarts the group, which resumes from
-    the latest checkpoint and finishes with the loss curve of an uninterrupted 1-worker run."""
+    the latest checkpoint and finishes with the loss curve and gradient norms of an uninterrupted
+    1-worker run (2 × 4 rows = 1 × 8: the data-parallel equivalence is checked here too)."""
     import psutil
     import s3fs
 
@@ -223,6 +224,10 @@ def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint,
     assert killed, "no Ray Train worker was found to kill"
     assert manifest.metrics["resumed_from_step"] >= 5
     two_workers, one_worker = history(store, manifest.folder), history(store, reference.folder)
-    assert [r["step"] for r in two_workers] == list(range(1, 31))
+    # 2 workers × 4 rows at ZeRO-2 follow 1 worker × 8 rows, through the kill and the resume.
+    saved = json.loads(store.read_bytes(f"{manifest.folder}/deepspeed_config.json"))
+    assert (saved["train_batch_size"], saved["train_micro_batch_size_per_gpu"], saved["zero_optimization"]["stage"]) == (8, 4, 2)
+    assert [r["step"] for r in two_workers] == list(range(1, 31)) and all(r["kd"] > 0 for r in two_workers)
     assert [r["loss"] for r in two_workers] == pytest.approx([r["loss"] for r in one_worker], rel=1e-4)
+    assert [r["grad_norm"] for r in two_workers] == pytest.approx([r["grad_norm"] for r in one_worker], rel=1e-3)
     assert not bucket.exists(f"{s3_bucket}/kdflow/{manifest.folder}/checkpoints")
