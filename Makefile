@@ -21,12 +21,9 @@ setup: $(STAMP)
 
 # Pinned set-up: every package at the version in constraints.txt. torch is pinned to the CPU
 # build (2.13.0+cpu), so set-up never pulls a multi-GB CUDA build onto a CPU machine.
-# --no-compile: Python compiles a module's bytecode when it is first imported, only for the
-# modules used, instead of pip compiling all of torch, ray and transformers up front (set-up
-# takes about 3 minutes instead of 6 on 2 cores).
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # checkov (the infra/ security scan in tests/test_infra.py) pins its own dependency set, which
@@ -35,7 +32,7 @@ CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 $(CHECKOV_STAMP):
 	test -d $(CHECKOV_VENV) || $(PYTHON) -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/python -m pip install --quiet --no-compile --disable-pip-version-check checkov==3.3.30
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check checkov==3.3.30
 	touch $(CHECKOV_STAMP)
 
 lock:  ## refresh constraints.txt from the current .venv (after changing dependencies)
