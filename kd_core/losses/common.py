@@ -40,10 +40,13 @@ def masked_sum(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 def kl_terms(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
     """p (log p − log q) elementwise; exactly 0 where p = 0 (e.g. −inf padded logits)."""
     p = p_logprobs.exp()
-    # Mask the difference before multiplying: where p = 0 it may be (−inf) − (−inf) = NaN, and
-    # 0 · NaN would reach the gradient of p even though the forward value is masked out.
-    log_ratio = torch.where(p > 0, p_logprobs - q_logprobs, 0.0)
-    return p * log_ratio
+    return p * masked_log_ratio(p, p_logprobs, q_logprobs)
+
+
+def masked_log_ratio(p: torch.Tensor, p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
+    """log p − log q where p > 0, else 0. Masking the difference before any product with p keeps a
+    (−inf) − (−inf) = NaN out of both the value and the gradient of p."""
+    return torch.where(p > 0, p_logprobs - q_logprobs, 0.0)
 
 
 def log_mixture(a_logprobs: torch.Tensor, b_logprobs: torch.Tensor, weight_a: float) -> torch.Tensor:

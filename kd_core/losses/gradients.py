@@ -35,7 +35,7 @@ from functools import partial
 
 import torch
 
-from kd_core.losses.common import PerPosition
+from kd_core.losses.common import PerPosition, masked_log_ratio
 from kd_core.losses.forward_kl import forward_kl_per_position
 from kd_core.losses.jsd import generalized_jsd_per_position
 from kd_core.losses.reverse_kl import reverse_kl_per_position
@@ -51,11 +51,6 @@ def _through_softmax(student_probs: torch.Tensor, u: torch.Tensor, temperature: 
     return (u - student_probs * u.sum(-1, keepdim=True)) / temperature
 
 
-def _log_ratio(probs: torch.Tensor, logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.Tensor:
-    """log p − log q where p > 0, else 0 (so p · it is 0 there, as in `kl_terms`)."""
-    return torch.where(probs > 0, logprobs - other_logprobs, 0.0)
-
-
 def _mixture(weight_a: float, a_probs: torch.Tensor, b_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, log M) for M = w·a + (1−w)·b, formed in probability space (one pass; exact wherever
     either side has mass, which is where M is used)."""
@@ -65,13 +60,13 @@ def _mixture(weight_a: float, a_probs: torch.Tensor, b_probs: torch.Tensor) -> t
 
 def forward_kl_value_and_grad(student_logprobs, teacher_logprobs, temperature=1.0):
     teacher_probs = teacher_logprobs.exp()
-    value = (teacher_probs * _log_ratio(teacher_probs, teacher_logprobs, student_logprobs)).sum(-1)
+    value = (teacher_probs * masked_log_ratio(teacher_probs, teacher_logprobs, student_logprobs)).sum(-1)
     return value, (student_logprobs.exp() - teacher_probs) / temperature
 
 
 def reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, temperature=1.0):
     student_probs = student_logprobs.exp()
-    log_ratio = _log_ratio(student_probs, student_logprobs, teacher_logprobs)
+    log_ratio = masked_log_ratio(student_probs, student_logprobs, teacher_logprobs)
     value = (student_probs * log_ratio).sum(-1)
     # u = p (a − b + 1); the +1 cancels against p Σu, leaving p (a − b − D) / T.
     return value, student_probs * (log_ratio - value.unsqueeze(-1)) / temperature
@@ -86,9 +81,9 @@ def generalized_jsd_value_and_grad(student_logprobs, teacher_logprobs, temperatu
         return reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, temperature)
     student_probs, teacher_probs = student_logprobs.exp(), teacher_logprobs.exp()
     _, log_mixture = _mixture(beta, teacher_probs, student_probs)
-    student_to_mixture = _log_ratio(student_probs, student_logprobs, log_mixture)
+    student_to_mixture = masked_log_ratio(student_probs, student_logprobs, log_mixture)
     kl_student = (student_probs * student_to_mixture).sum(-1)
-    kl_teacher = (teacher_probs * _log_ratio(teacher_probs, teacher_logprobs, log_mixture)).sum(-1)
+    kl_teacher = (teacher_probs * masked_log_ratio(teacher_probs, teacher_logprobs, log_mixture)).sum(-1)
     # u = (1−β) p (a − m) and Σu = (1−β) KL(p ‖ M).
     gradient = (1 - beta) * student_probs * (student_to_mixture - kl_student.unsqueeze(-1)) / temperature
     return beta * kl_teacher + (1 - beta) * kl_student, gradient
@@ -99,7 +94,7 @@ def skew_forward_kl_value_and_grad(student_logprobs, teacher_logprobs, temperatu
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     student_probs, teacher_probs = student_logprobs.exp(), teacher_logprobs.exp()
     mixture, log_mixture = _mixture(alpha, teacher_probs, student_probs)
-    value = (teacher_probs * _log_ratio(teacher_probs, teacher_logprobs, log_mixture)).sum(-1)
+    value = (teacher_probs * masked_log_ratio(teacher_probs, teacher_logprobs, log_mixture)).sum(-1)
     # u = −(1−α) q p / M, 0 where neither side has mass.
     u = torch.where(mixture > 0, teacher_probs * student_probs / mixture, 0.0) * -(1 - alpha)
     return value, _through_softmax(student_probs, u, temperature)
@@ -110,7 +105,7 @@ def skew_reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, temperatu
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     student_probs = student_logprobs.exp()
     mixture, log_mixture = _mixture(alpha, student_probs, teacher_logprobs.exp())
-    student_to_mixture = _log_ratio(student_probs, student_logprobs, log_mixture)
+    student_to_mixture = masked_log_ratio(student_probs, student_logprobs, log_mixture)
     value = (student_probs * student_to_mixture).sum(-1)
     # u = p (a − m + 1 − α p / M); p / M ≤ 1/α where the student has mass.
     share = torch.where(student_probs > 0, student_probs / mixture, 0.0)
