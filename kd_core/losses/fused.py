@@ -35,7 +35,9 @@ from kd_core.losses.sampled import sampled_kl_per_position
 from kd_core.losses.topk import topk_kl_per_position
 
 ChunkLoss = Callable[[torch.Tensor, slice], torch.Tensor]
-"""(student logits of one chunk (c, V) in float32, the chunk's row slice) -> per-position loss (c,)."""
+"""(student logits of one chunk (c, V) in float32, the chunk's row slice) -> per-position loss (c,).
+One that carries a `value_and_grad` attribute, (logits, rows) -> (per-position loss (c,), its
+gradient with respect to the logits (c, V)), gets its gradient from it instead of autograd."""
 
 
 class DenseTeacherTarget:
