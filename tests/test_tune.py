@@ -1,9 +1,9 @@
 """kdflow tune: the search space is checked before any work, importance and the report are right,
 and the RayJob for a search sizes its cluster for the concurrent trials.
 
-The search itself (6 trials, 2 at a time, ASHA stopping some, MLflow parent and child runs,
-Tuner.restore, the best config distilled) runs inside the tune → distill DAG in
-tests/test_kubeflow.py, so the tiny job's stages are computed once for both.
+The search itself (4 trials, 2 at a time, MLflow parent and child runs, Tuner.restore, the best
+config distilled) runs inside the tune → distill DAG in tests/test_kubeflow.py, so the tiny job's
+stages are computed once for both; ASHA's stopping rule is checked here on the real scheduler.
 """
 
 from __future__ import annotations
@@ -108,3 +108,31 @@ def test_search_rayjob_holds_every_concurrent_trial():
     assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "tune"
     with pytest.raises(ValueError, match="does not run as a RayJob"):
         build_rayjob(config, "eval", {}, "x")
+
+
+def test_asha_stops_a_trial_that_trails_at_its_first_rung_and_no_sooner():
+    """The scheduler the search runs with, fed the reports two trials would send: the rung sits at
+    `grace_period` validations (in optimizer steps), and the trial behind there is stopped. (In the
+    kfp.local search, whether ASHA stops one of the 4 trials depends on which reaches a rung first.)"""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from kd_core.tune import METRIC
+    from kd_core.tune.search import asha_scheduler
+
+    settings = load_config(REPO / "configs" / "tiny.yaml").tune
+    rung = settings.eval_every * settings.grace_period
+    scheduler = asha_scheduler(settings, steps=4 * rung)
+    scheduler.set_search_properties(METRIC, "min")  # what the Tuner's TuneConfig(metric, mode) sets
+    leader, trailer, close = (SimpleNamespace(trial_id=name) for name in ("leader", "trailer", "close"))
+    for trial in (leader, trailer, close):
+        scheduler.on_trial_add(None, trial)
+
+    def report(trial, step, val_loss):
+        return scheduler.on_trial_result(None, trial, {"step": step, METRIC: val_loss})
+
+    assert report(trailer, rung - settings.eval_every, 9.0) == TrialScheduler.CONTINUE, "stopped before its first rung"
+    assert report(leader, rung, 3.0) == TrialScheduler.CONTINUE
+    assert report(trailer, rung, 9.0) == TrialScheduler.STOP
+    assert report(close, rung, 2.5) == TrialScheduler.CONTINUE, "a trial ahead of the rung's cutoff goes on"

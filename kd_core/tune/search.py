@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from kd_core.config import JobConfig
+from kd_core.config import JobConfig, TuneConfig
 from kd_core.manifest import Manifest
 from kd_core.stage import StageRun
 from kd_core.storage import Store
@@ -29,7 +29,6 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
     """Run the search into `<folder>/search` (restoring it when a previous run left one) and
     return every trial's summary and the MLflow parent run's id."""
     from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -53,15 +52,11 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
         )
     else:
         searcher = ConcurrencyLimiter(OptunaSearch(seed=settings.seed), max_concurrent=settings.max_concurrent)
-        scheduler = ASHAScheduler(
-            time_attr="step", max_t=steps, grace_period=settings.eval_every * settings.grace_period,
-            reduction_factor=settings.reduction_factor,
-        )
         tuner = ray_tune.Tuner(
             trainable,
             param_space=search_space(settings.space),
             tune_config=ray_tune.TuneConfig(
-                metric=METRIC, mode="min", num_samples=settings.num_trials, search_alg=searcher, scheduler=scheduler,
+                metric=METRIC, mode="min", num_samples=settings.num_trials, search_alg=searcher, scheduler=asha_scheduler(settings, steps),
                 max_concurrent_trials=settings.max_concurrent,
             ),
             run_config=ray_tune.RunConfig(
@@ -71,6 +66,17 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
         )
     results = tuner.fit()
     return [_summary(result, steps) for result in results], parent_run_id
+
+
+def asha_scheduler(settings: TuneConfig, steps: int):
+    """ASHA on the optimizer step a report comes from: the first rung at `grace_period` validations,
+    a trial behind the best 1 / `reduction_factor` of those that reached a rung is stopped there."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="step", max_t=steps, grace_period=settings.eval_every * settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
 
 
 def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str) -> None:
