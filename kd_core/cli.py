@@ -271,7 +271,8 @@ def _headline(step: str, manifest: Manifest) -> str:
     if step == "teacher":
         return f"existing model {details.get('external_url', '')}"
     if step == "cache" and details["layout"]["format"] == "reward":
-        return f"teacher rewards of {sum(shard['rows'] for shard in details['shards']):,} pairs"
+        pairs = {split: sum(s["rows"] for s in details["shards"] if s.get("split", "train") == split) for split in ("train", "val")}
+        return f"teacher rewards of {pairs['train']:,} training and {pairs['val']:,} validation pairs"
     if step == "cache":
         layout = details["layout"]
         kept = {"topk": f"top-{layout['slots']}", "sampled": f"{layout['slots']} samples", "full": "full log-probs"}[details["format"]]

@@ -456,9 +456,13 @@ class ComputeConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ tune
-TUNABLE_PREFIXES = ("distill.loss.", "distill.train.", "student.")
-"""What a search may vary: the objective, the optimisation and the student. Never data, teacher
-or cache settings, which every trial shares (they are computed once, before the search)."""
+TUNABLE_PREFIXES = {
+    "causal_lm": ("distill.loss.", "distill.train.", "student."),
+    "reward": ("distill.reward.", "distill.train.", "student."),
+}
+"""What a search may vary, per task: the objective the task trains with, the optimisation and the
+student. Never data, teacher or cache settings, which every trial shares (they are computed once,
+before the search)."""
 
 
 class SearchDimension(Section):
@@ -501,7 +505,7 @@ class TuneConfig(Section):
 
     space: dict[str, SearchDimension] = {}
     """Dotted config field -> distribution, e.g. `distill.loss.kd_weight: {kind: uniform, low: 0.2,
-    high: 0.9}`; fields under distill.loss, distill.train or student."""
+    high: 0.9}`; fields under distill.loss (`task: reward`: distill.reward), distill.train or student."""
     num_trials: int = Field(default=8, gt=0)
     """Trials in the search."""
     max_concurrent: int = Field(default=2, gt=0)
@@ -509,10 +513,11 @@ class TuneConfig(Section):
     max_steps: int | None = Field(default=None, gt=0)
     """Optimizer steps per trial; None: `distill.train.max_steps`. The best config keeps the full run's."""
     eval_every: int = Field(default=25, gt=0)
-    """A trial reports `val_loss` (the student's cross-entropy on the validation split, nats/token)
-    every this many steps; ASHA compares trials at these points."""
+    """A trial reports `val_loss` every this many steps; ASHA compares trials at these points. It is
+    the student's cross-entropy on the validation split (nats/token), or with `task: reward` its
+    preference KL to the teacher on the validation pairs (nats/pair, T = 1)."""
     val_rows: int = Field(default=64, gt=0)
-    """Validation rows per report."""
+    """Validation rows (reward: pairs) per report."""
     grace_period: int = Field(default=2, gt=0)
     """Reports a trial gets before ASHA may stop it."""
     reduction_factor: int = Field(default=2, ge=2)
@@ -730,8 +735,6 @@ class JobConfig(Section):
             return
         if self.distill.teacher_source != "cache":
             raise ValueError("distill.teacher_source: reward models distill from the cache of teacher rewards; set it to cache")
-        if self.tune.space:
-            raise ValueError("tune.space: hyperparameter search runs for task causal_lm only (its trials validate on next-token loss)")
         image_size = self.data.preferences.image_size
         if image_size % self.student.vision.patch_size:
             raise ValueError(
@@ -748,9 +751,11 @@ class JobConfig(Section):
                 f"tune.workers_per_trial × distill.deepspeed.gradient_accumulation_steps ({trial_workers} × {accumulation})"
             )
         for dotted, dimension in self.tune.space.items():
-            if not dotted.startswith(TUNABLE_PREFIXES):
+            tunable = TUNABLE_PREFIXES[self.task]
+            if not dotted.startswith(tunable):
                 raise ValueError(
-                    f"tune.space.{dotted}: only fields under {', '.join(p.rstrip('.') for p in TUNABLE_PREFIXES)} can be searched "
+                    f"tune.space.{dotted}: only fields under {', '.join(p.rstrip('.') for p in tunable)} can be searched "
+                    f"for task {self.task} "
                     "(data, teacher and cache outputs are shared by every trial)"
                 )
             for value in dimension.extremes():

@@ -11,20 +11,26 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from kd_core.cache import cache_shards
 from kd_core.config import ConfigError, PreferenceConfig, VisionConfig, load_config, validate_config
 from kd_core.data.digits import digit_records
 from kd_core.data.preferences import read_preference_records, split_by_image
+from kd_core.data.shards import read_columns
 from kd_core.data.sources import DataSourceError
-from kd_core.eval.reward import preference_calibration, preference_scores
+from kd_core.eval.reward import load_pairs, preference_calibration, preference_scores, score_pairs
 from kd_core.losses import RewardObjective, bradley_terry
+from kd_core.manifest import ManifestError
 from kd_core.models.reward import build_multimodal_reward_model, load_reward_model
-from kd_core.pipeline import run_pipeline
+from kd_core.pipeline import run_pipeline, search_steps
+from kd_core.storage import Store
+from kd_core.tune import TRIALS_NAME, best_job, tune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,12 +49,8 @@ def reward_job(tmp_path, **overrides):
 
 
 def cache_rewards(config, cache_manifest) -> list[np.ndarray]:
-    from kd_core.cache import cache_shards
-    from kd_core.data.shards import decode_arrow, read_verified
-    from kd_core.storage import Store
-
     store = Store(config.storage)
-    return [decode_arrow(read_verified(store, record), record.url)["teacher_chosen"] for record in cache_shards(cache_manifest)]
+    return [read_columns(store, [record])["teacher_chosen"] for record in cache_shards(cache_manifest)]
 
 
 # ------------------------------------------------------------------------------------- losses
@@ -224,8 +226,9 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys):
     assert list(steps) == ["prep", "teacher", "cache", "distill", "baseline", "eval", "register"]
     prep = steps["prep"]
     assert prep.metrics["images"] == 1797 and prep.metrics["labeled_pairs"] > 0
-    cache_rows = sum(shard["rows"] for shard in steps["cache"].details["shards"])
-    assert cache_rows == prep.details["splits"]["train"]["rows"] and steps["cache"].details["layout"]["format"] == "reward"
+    cached = {split: sum(s["rows"] for s in steps["cache"].details["shards"] if s["split"] == split) for split in ("train", "val")}
+    assert cached == {split: prep.details["splits"][split]["rows"] for split in cached}
+    assert steps["cache"].details["layout"]["format"] == "reward"
     metrics = steps["eval"].metrics
     assert metrics["task"] == "reward" and metrics["rows"] == min(config.eval.max_rows, prep.details["splits"]["test"]["rows"])
     assert metrics["teacher"]["pairwise_accuracy_teacher"] == 1.0
@@ -264,6 +267,41 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys):
     printed = " ".join(capsys.readouterr().out.split())  # the tables wrap in a narrow terminal; captions wrap at spaces
     assert re.search(r"the distilled student (beats|does not beat) the human-labels-only model by [+-]\d+\.\d points", printed)
     assert "preference pairs" in printed
+
+    # The cache also holds the teacher's rewards of the validation pairs (what tune trials validate
+    # against): the same as the teacher scoring those pairs here.
+    store = Store(config.storage)
+    teacher_model = load_reward_model(tmp_path / "store" / steps["teacher"].details["model_folder"])
+    expected = score_pairs(teacher_model, load_pairs(store, prep, "val"), 64, prep.details["pad_id"], "cpu", text_view=True)
+    val_rewards = read_columns(store, cache_shards(steps["cache"], "val"))
+    for side in ("chosen", "rejected"):
+        np.testing.assert_allclose(val_rewards[f"teacher_{side}"][:, 0], expected[side], rtol=1e-5, atol=1e-5)
+
+    # kdflow tune on the same prep and cache: Ray Tune trials (Ray Train workers) of the reward
+    # student, each reporting its preference KL to the teacher on the validation pairs.
+    searched = load_config(REPO / "configs" / "reward_tiny.yaml", [
+        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tune.num_trials=2", "tune.max_steps=4", "tune.eval_every=2", "tune.val_rows=48",
+        "tune.space={distill.reward.pairwise_weight: {kind: uniform, low: 0.5, high: 2.0}, distill.train.learning_rate: {kind: loguniform, low: 0.001, high: 0.03}}",
+    ])
+    searched_steps = search_steps(searched)
+    assert all(searched_steps[name].key == steps[name].key for name in ("prep", "teacher", "cache")), "the search reuses them"
+    search = searched_steps["tune"]
+    assert search.metrics["trials"] == 2 and search.metrics["errored"] == 0 and "best_val_perplexity" not in search.metrics
+    trials = json.loads(store.read_bytes(search.output(TRIALS_NAME).path))
+    for trial in trials:
+        assert [step for step, _ in trial["reports"]] == [2, 4]
+        assert all(0 < kl < 5 for _, kl in trial["reports"]), trial["reports"]
+        assert 0.5 <= trial["params"]["distill.reward.pairwise_weight"] <= 2.0
+    assert search.metrics["best_val_loss"] == min(trial["val_loss"] for trial in trials)
+    best = best_job(searched, search)
+    assert best.distill.reward.pairwise_weight == search.details["best_params"]["distill.reward.pairwise_weight"]
+
+    # A reward cache without validation rewards (made before kdflow cached them) is refused up front.
+    stale = replace(steps["cache"], details={**steps["cache"].details, "shards": [
+        shard for shard in steps["cache"].details["shards"] if shard["split"] == "train"
+    ]})
+    with pytest.raises(ManifestError, match=r"no teacher rewards of the validation pairs.*--force cache"):
+        tune(searched, prep, stale, store, force=True)
 
 
 def test_the_reward_job_compiles_to_the_same_kubeflow_dag(tmp_path):

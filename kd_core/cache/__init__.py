@@ -1,6 +1,7 @@
 """The cache stage: run the teacher once over the training shards and store what students need.
 
-One cache shard per training token shard, aligned row for row, in the bit-packed Arrow format of
+One cache shard per training token shard (for `task: reward`, per validation shard too), aligned
+row for row, in the bit-packed Arrow format of
 `kd_core.cache.format` (top-k, sampled or full log-probs, the teacher's entropy, optionally its
 hidden states; for `task: reward`, the reward teacher's scores of each pair's two responses);
 the manifest's `details["layout"]` says how to decode them, and lists each shard's rows, tokens,
@@ -52,12 +53,18 @@ def cache(
     run = StageRun(store, "cache", config, inputs={"prep": prep, "teacher": teacher}, force=force)
     if run.reused:
         return run.reused
-    token_shards = split_shards(prep, "train")
-    jobs = [(record, run.relative(f"shards/train-{index:05d}.arrow")) for index, record in enumerate(token_shards)]
+    # A reward teacher also scores the validation pairs (two floats a pair): what a `kdflow tune`
+    # trial measures its student against. Language-model trials validate on the tokens themselves.
+    splits = ["train", "val"] if prep.details.get("task") == "reward" else ["train"]
+    jobs = [
+        (record, run.relative(f"shards/{split}-{index:05d}.arrow"), split)
+        for split in splits
+        for index, record in enumerate(split_shards(prep, split))
+    ]
     layout = cache_layout(config, prep, store, teacher)
     # An earlier attempt that was killed left finished shards with commit records: keep those.
-    finished = {} if force else {job[1]: committed_shard(store, *job) for job in jobs}
-    pending = [job for job in jobs if finished.get(job[1]) is None]
+    finished = {} if force else {output: committed_shard(store, record, output) for record, output, _ in jobs}
+    pending = [(record, output) for record, output, _ in jobs if finished.get(output) is None]
     rows_of: dict[str, int] = {}
     with run.timed("teacher_inference"), progress_bar("cache: teacher", total=len(jobs)) as bar:
         for record, rows in [*filter(None, finished.values()), *_run_jobs(config, teacher, store, compute, pending, layout, prep.details.get("pad_id", 1))]:
@@ -70,8 +77,8 @@ def cache(
         "format": config.format,
         "layout": layout.to_dict(),
         "shards": [
-            {"name": run.name_of(output), "rows": rows_of[output], "tokens": rows_of[output] * layout.seq_len, "source": token.path}
-            for token, output in jobs
+            {"name": run.name_of(output), "split": split, "rows": rows_of[output], "tokens": rows_of[output] * layout.seq_len, "source": token.path}
+            for token, output, split in jobs
         ],
     }
     metrics = {
@@ -111,9 +118,11 @@ def cache_layout(config: CacheConfig, prep: Manifest, store: Store, teacher: Man
     return CacheLayout.from_config(config, prep.details["seq_len"], data_vocab, model_config.get("hidden_size", 0))
 
 
-def cache_shards(cache_manifest: Manifest) -> list[FileRecord]:
-    """The cache's shard records, in training-shard order."""
-    return [cache_manifest.output(shard["name"]) for shard in cache_manifest.details["shards"]]
+def cache_shards(cache_manifest: Manifest, split: str = "train") -> list[FileRecord]:
+    """The cache's shard records of a split, in the order of that split's token shards (a reward
+    cache also holds `val`; shards listed without a split are `train`)."""
+    shards = cache_manifest.details["shards"]
+    return [cache_manifest.output(shard["name"]) for shard in shards if shard.get("split", "train") == split]
 
 
 def committed_shard(store: Store, token_record: FileRecord, output_relative: str) -> tuple[FileRecord, int] | None:

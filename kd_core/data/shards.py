@@ -78,14 +78,21 @@ def split_shards(prep: Manifest, split: str) -> list[FileRecord]:
     return [prep.output(name) for name in names]
 
 
-def load_split(store: Store, prep: Manifest, split: str, max_rows: int | None = None) -> np.ndarray:
-    """All rows of a split as one (rows, seq_len) int64 array (small splits: eval, tests)."""
-    rows, total = [], 0
-    for record in split_shards(prep, split):
-        block = decode_arrow(read_verified(store, record), record.url)["input_ids"]
-        rows.append(block)
-        total += len(block)
+def read_columns(store: Store, records: list[FileRecord], max_rows: int | None = None) -> dict[str, np.ndarray]:
+    """Every column of `records`, concatenated in order, the first `max_rows` rows of them ({} for
+    no records). Reads only as many shards as those rows need."""
+    blocks: dict[str, list[np.ndarray]] = {}
+    total = 0
+    for record in records:
+        columns = decode_arrow(read_verified(store, record), record.url)
+        for name, values in columns.items():
+            blocks.setdefault(name, []).append(values)
+        total += len(next(iter(columns.values())))
         if max_rows is not None and total >= max_rows:
             break
-    stacked = np.concatenate(rows).astype(np.int64)
-    return stacked[:max_rows] if max_rows is not None else stacked
+    return {name: np.concatenate(parts)[:max_rows] for name, parts in blocks.items()}
+
+
+def load_split(store: Store, prep: Manifest, split: str, max_rows: int | None = None) -> np.ndarray:
+    """All rows of a split as one (rows, seq_len) int64 array (small splits: eval, tests)."""
+    return read_columns(store, split_shards(prep, split), max_rows)["input_ids"].astype(np.int64)

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from kd_core.data.shards import decode_arrow, read_verified, split_shards
+from kd_core.data.shards import read_columns, split_shards
 from kd_core.losses.reward import preference_kl
 from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, local_copy
@@ -42,15 +42,7 @@ CALIBRATION_BINS = 10
 
 def load_pairs(store: Store, prep: Manifest, split: str, max_rows: int | None = None) -> dict[str, np.ndarray]:
     """Every column of a split's pair shards, concatenated (at most `max_rows` pairs)."""
-    blocks: dict[str, list[np.ndarray]] = {}
-    total = 0
-    for record in split_shards(prep, split):
-        for name, values in decode_arrow(read_verified(store, record), record.url).items():
-            blocks.setdefault(name, []).append(values)
-        total += len(values)
-        if max_rows is not None and total >= max_rows:
-            break
-    return {name: np.concatenate(parts)[:max_rows] for name, parts in blocks.items()}
+    return read_columns(store, split_shards(prep, split), max_rows)
 
 
 def measure_reward_models(config, prep: Manifest, model_dirs: dict, store: Store, run: StageRun, device: str) -> tuple[dict, dict]:

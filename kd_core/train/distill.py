@@ -94,12 +94,18 @@ def _train_student(run, config, student, prep, store, compute, description, forc
     """Train into the step's folder, checkpointing every `distill.checkpoint_every` steps and
     resuming from the latest checkpoint unless forced or `distill.resume` is `never`."""
     deepspeed = config.deepspeed if config.deepspeed.enabled else None
-    if prep.details.get("task") == "reward":
-        objective = {"vision": student.vision, "reward_loss": config.reward if with_teacher else None}
-    else:
-        objective = {"loss": config.loss if with_teacher else None}
     spec = TrainSpec.from_prep(
         prep, store, run.folder, student.architecture, config.train, deepspeed=deepspeed,
-        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints, **objective, **teacher,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+        **student_objective(config, student, prep, with_teacher=with_teacher), **teacher,
     )
     return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never")
+
+
+def student_objective(config: DistillConfig, student: StudentConfig, prep: Manifest, *, with_teacher: bool = True) -> dict:
+    """The `TrainSpec` fields of the student's objective for the prepared task: a language model's
+    `distill.loss`, or a multimodal reward model's image encoder and `distill.reward`; without the
+    teacher (the baseline), the task's loss on the data alone."""
+    if prep.details.get("task") == "reward":
+        return {"vision": student.vision, "reward_loss": config.reward if with_teacher else None}
+    return {"loss": config.loss if with_teacher else None}

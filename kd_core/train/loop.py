@@ -40,7 +40,7 @@ from kd_core.config import (
     TrainConfig,
     VisionConfig,
 )
-from kd_core.data.shards import decode_arrow, read_verified, split_shards
+from kd_core.data.shards import read_columns, split_shards
 from kd_core.data.stream import TrainingStream, collate
 from kd_core.losses import DistillationObjective, RewardObjective
 from kd_core.manifest import Manifest
@@ -90,11 +90,16 @@ class TrainSpec:
     keep_checkpoints: int = 2
     """Checkpoints kept while training."""
     validation_shards: list[FileRecord] = field(default_factory=list)
-    """Token shards of the validation split (read with `validate_every`)."""
+    """Shards of the validation split (read with `validate_every`): token rows, or preference pairs."""
+    validation_cache_shards: list[FileRecord] = field(default_factory=list)
+    """For a reward student: the cache's teacher rewards of the validation pairs, aligned with
+    `validation_shards` (`kd_core.cache.cache_shards(manifest, "val")`)."""
     validate_every: int | None = None
-    """Every this many steps (and at the last), every rank measures the student's cross-entropy on
-    the first `validation_rows` validation rows and hands `{step, val_loss}` to `on_validation`
-    (what a Ray Tune trial reports to its scheduler)."""
+    """Every this many steps (and at the last), every rank measures the student on the first
+    `validation_rows` validation rows and hands `{step, val_loss}` to `on_validation` (what a Ray
+    Tune trial reports to its scheduler). `val_loss` is a language model's next-token
+    cross-entropy (nats/token), a reward student's preference KL to the teacher (nats/pair, T = 1:
+    the eval stage's `preference_kl_to_teacher`)."""
     validation_rows: int = 64
     model_kind: str = "causal_lm"
     """`causal_lm` (token shards), or for `task: reward` preference pairs: `text_reward` (the
@@ -265,7 +270,8 @@ class WorkerRun:
     on_validation: object = None
     validation: dict = field(default_factory=dict)
     """The latest validation metrics (`{"step", "val_loss"}`), merged into the returned record."""
-    validation_rows: torch.Tensor | None = field(default=None, repr=False)
+    validation_rows: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    """The validation rows' columns (and, for a reward student, the teacher's rewards), read once."""
 
     def train_steps(self, batches, online_teacher, teacher_layers) -> dict:
         """The optimizer steps from `start_step`, `accumulation` micro-batches each; returns rank
@@ -308,30 +314,37 @@ class WorkerRun:
 
     @torch.no_grad()
     def validate(self, module) -> float:
-        """The student's mean next-token cross-entropy (nats, float32) on the validation rows; every
-        rank computes it on the same rows (under ZeRO-3 the forward passes are collective)."""
-        if self.spec.model_kind != "causal_lm":
-            raise ValueError(f"validation measures next-token loss: it is for language models, not {self.spec.model_kind}")
+        """`val_loss` on the first `validation_rows` validation rows (see `TrainSpec.validate_every`),
+        in float32; every rank computes it on the same rows (under ZeRO-3 the forward passes are
+        collective)."""
+        kind = self.spec.model_kind
+        if kind not in ("causal_lm", "multimodal_reward"):
+            raise ValueError(f"validation measures a student: a causal_lm or a multimodal_reward model, not {kind}")
         if self.validation_rows is None:
-            store, rows = Store(self.spec.storage), []
-            for record in self.spec.validation_shards:
-                rows.append(decode_arrow(read_verified(store, record), record.url)["input_ids"])
-                if sum(len(block) for block in rows) >= self.spec.validation_rows:
-                    break
-            if not rows:
-                raise ValueError(f"{self.spec.output_folder}: validation needs validation shards (the prep stage's val split)")
-            self.validation_rows = torch.from_numpy(np.concatenate(rows)[: self.spec.validation_rows].astype(np.int64))
+            self.validation_rows = self.read_validation_rows()
         model = unwrap(module).model
-        model.eval()
-        total, count = 0.0, 0
         batch_size = max(self.spec.train.batch_size // self.world_size, 1)
-        for start in range(0, len(self.validation_rows), batch_size):
-            ids = self.validation_rows[start : start + batch_size].to(self.device)
-            logits = model(input_ids=ids).logits.float()[:, :-1].flatten(0, 1)
-            total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum"))
-            count += ids[:, 1:].numel()
-        model.train()
-        return total / count
+        model.eval()
+        try:
+            if kind == "multimodal_reward":
+                return preference_kl_to_teacher(model, self.validation_rows, batch_size, self.spec.pad_id, self.device)
+            return next_token_loss(model, torch.from_numpy(self.validation_rows["input_ids"].astype(np.int64)), batch_size, self.device)
+        finally:
+            model.train()
+
+    def read_validation_rows(self) -> dict[str, np.ndarray]:
+        spec, store = self.spec, Store(self.spec.storage)
+        rows = read_columns(store, spec.validation_shards, spec.validation_rows)
+        if not rows:
+            raise ValueError(f"{spec.output_folder}: validation needs validation shards (the prep stage's val split)")
+        if spec.model_kind == "multimodal_reward":
+            if not spec.validation_cache_shards:
+                raise ValueError(
+                    f"{spec.output_folder}: validating a reward student needs the teacher's rewards of the validation pairs, "
+                    "which caches made before kdflow scored them lack: rerun the cache step (--force cache)"
+                )
+            rows |= read_columns(store, spec.validation_cache_shards, spec.validation_rows)
+        return rows
 
     def write_checkpoint(self, folder: Path, step: int) -> None:
         """This rank's part of the checkpoint of `step` (see `kd_core/train/checkpoints.py`)."""
@@ -438,3 +451,26 @@ def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict], deep
     if deepspeed_json is not None:
         records.append(store.write_bytes(f"{spec.output_folder}/{DEEPSPEED_CONFIG_NAME}", json.dumps(deepspeed_json, indent=2).encode()))
     return records
+
+
+def next_token_loss(model, rows: torch.Tensor, batch_size: int, device) -> float:
+    """A causal LM's mean next-token cross-entropy (nats/token, float32) over `rows`."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids = rows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids).logits.float()[:, :-1].flatten(0, 1)
+        total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+def preference_kl_to_teacher(model, pairs: dict[str, np.ndarray], batch_size: int, pad_id: int, device) -> float:
+    """A multimodal reward model's mean preference KL to the teacher (nats/pair, T = 1) over the
+    pairs, which carry the teacher's rewards (`teacher_chosen`, `teacher_rejected`)."""
+    from kd_core.eval.reward import score_pairs
+    from kd_core.losses.reward import preference_kl
+
+    student = score_pairs(model, pairs, batch_size, pad_id, device, text_view=False)
+    rewards = (student["chosen"], student["rejected"], pairs["teacher_chosen"][:, 0], pairs["teacher_rejected"][:, 0])
+    return float(preference_kl(*(torch.from_numpy(np.ascontiguousarray(values)) for values in rewards)))
+

@@ -59,9 +59,10 @@ def _show(value) -> str:
     return str(value)
 
 
-def tune_png(trials: list[dict], importances: dict[str, float], settings: TuneConfig) -> bytes:
-    """Left: validation loss over steps per trial (ASHA's stops visible). Middle: final loss per
-    trial in launch order, best marked. Right: parameter importance."""
+def tune_png(trials: list[dict], importances: dict[str, float], settings: TuneConfig, metric: str = "validation loss (nats/token)") -> bytes:
+    """Left: the validation metric (`metric` names it) over steps per trial (ASHA's stops
+    visible). Middle: its last value per trial in launch order, best marked. Right: parameter
+    importance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +75,7 @@ def tune_png(trials: list[dict], importances: dict[str, float], settings: TuneCo
         steps, losses = zip(*trial["reports"])
         style = {"linewidth": 2.4, "color": "#1f77b4", "zorder": 3} if trial["trial"] == best else {"linewidth": 1, "alpha": 0.6}
         curves.plot(steps, losses, marker="o", markersize=3, linestyle="--" if trial["status"] == "stopped early" else "-", **style)
-    curves.set(xlabel="optimizer step", ylabel="validation loss (nats/token)", title="Trials (dashed: stopped early by ASHA)")
+    curves.set(xlabel="optimizer step", ylabel=metric, title="Trials (dashed: stopped early by ASHA)")
     curves.grid(alpha=0.3)
     colors = {"finished": "#2ca02c", "stopped early": "#ff7f0e", "error": "#d62728"}
     for index, trial in enumerate(trials):

@@ -88,6 +88,7 @@ def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest
 
     from kd_core.cache import cache_shards
     from kd_core.data.shards import split_shards
+    from kd_core.train.distill import student_objective
     from kd_core.train.loop import TrainSpec
     from kd_core.train.ray_glue import ray_storage, ray_train_loop
 
@@ -96,12 +97,16 @@ def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest
     trial_id = ray_tune.get_context().get_trial_id()
     store = Store(job.storage)
     train = distill.train.model_copy(update={"max_steps": settings.max_steps or distill.train.max_steps})
-    if targets.stage == "cache":
-        teacher = {"cache_shards": cache_shards(targets), "cache_layout": targets.details["layout"]}
+    if targets.stage == "cache":  # a reward cache also holds the teacher's rewards of the validation pairs
+        teacher = {
+            "cache_shards": cache_shards(targets), "cache_layout": targets.details["layout"],
+            "validation_cache_shards": cache_shards(targets, "val"),
+        }
     else:
         teacher = {"online_teacher": targets}
     spec = TrainSpec.from_prep(
-        prep, store, f"{folder}/trials/{trial_id}", trial_job.student.architecture, train, loss=distill.loss,
+        prep, store, f"{folder}/trials/{trial_id}", trial_job.student.architecture, train,
+        **student_objective(distill, trial_job.student, prep),
         deepspeed=distill.deepspeed if distill.deepspeed.enabled else None, checkpoint_every=None,
         validation_shards=split_shards(prep, "val"), validate_every=settings.eval_every, validation_rows=settings.val_rows,
         **teacher,
