@@ -283,7 +283,7 @@ def _headline(step: str, manifest: Manifest) -> str:
         return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"
     if step == "tune":
         return (
-            f"{metrics['trials']} trials ({metrics['stopped_early']} stopped early), best val loss {metrics['best_val_loss']:.4f}"
+            f"{metrics['trials']} trials ({metrics['stopped_early']} stopped early), best val loss {metrics['best_val_loss']:.4g}"
         )
     if step == "register":
         return f"{details['model_name']} v{details['version']} @{details['alias']}"

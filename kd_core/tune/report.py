@@ -46,7 +46,7 @@ def trials_table(trials: list[dict], space: dict[str, SearchDimension]) -> Table
         table.add_column(column, justify="left" if column in ("trial", "status") else "right")
     for trial in ranked:
         values = [_show(trial["params"].get(name)) for name in space]
-        loss = "—" if trial["val_loss"] is None else f"{trial['val_loss']:.4f}"
+        loss = "—" if trial["val_loss"] is None else f"{trial['val_loss']:.4g}"  # a reward KL may be ~1e-5
         status = f"[{STATUS_STYLE[trial['status']]}]{trial['status']}[/]"
         name = f"[bold]{trial['trial']} ★[/bold]" if trial["trial"] == best else trial["trial"]
         table.add_row(name, *values, loss, str(trial["steps"]), status)
