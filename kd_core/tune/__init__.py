@@ -91,7 +91,7 @@ def _check_validation_targets(config: JobConfig, targets: Manifest) -> None:
     if config.task == "reward" and targets.stage == "cache" and not cache_shards(targets, "val"):
         raise ManifestError(
             f"{targets.folder}: this reward cache has no teacher rewards of the validation pairs, which every trial "
-            "validates against (it was made before kdflow cached them); rerun its step: kdflow run <config> --force cache"
+            "validates against (it was made before kdflow cached them); rerun that step: add --force cache to the command"
         )
 
 
