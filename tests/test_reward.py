@@ -213,7 +213,7 @@ def test_reward_config_rules_name_the_field(tmp_path):
 
 
 # --------------------------------------------------------------------------------- end to end
-def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys):
+def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys, monkeypatch):
     from mlflow import MlflowClient
 
     from kd_core.cli import print_summary
@@ -278,9 +278,11 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys):
         np.testing.assert_allclose(val_rewards[f"teacher_{side}"][:, 0], expected[side], rtol=1e-5, atol=1e-5)
 
     # kdflow tune on the same prep and cache: Ray Tune trials (Ray Train workers) of the reward
-    # student, each reporting its preference KL to the teacher on the validation pairs.
+    # student, each reporting its preference KL to the teacher on the validation pairs. The store's
+    # root is relative, as in the shipped configs: the trials run in folders of Ray's choosing.
+    monkeypatch.chdir(tmp_path)
     searched = load_config(REPO / "configs" / "reward_tiny.yaml", [
-        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tune.num_trials=2", "tune.max_steps=4", "tune.eval_every=2", "tune.val_rows=48",
+        "storage.root=store", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tune.num_trials=2", "tune.max_steps=4", "tune.eval_every=2", "tune.val_rows=48",
         "tune.space={distill.reward.pairwise_weight: {kind: uniform, low: 0.5, high: 2.0}, distill.train.learning_rate: {kind: loguniform, low: 0.001, high: 0.03}}",
     ])
     searched_steps = search_steps(searched)

@@ -60,7 +60,9 @@ def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, 
         trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force)
     finished = [trial for trial in trials if trial["val_loss"] is not None]
     if not finished:
-        raise RuntimeError(f"tune: none of the {len(trials)} trials reported {METRIC}; see the Ray logs (KDFLOW_RAY_LOGS=1)")
+        errors = [trial["error"].strip().splitlines()[-1] for trial in trials if trial["error"]]
+        cause = f"; the first trial's error: {errors[0]}" if errors else ""
+        raise RuntimeError(f"tune: none of the {len(trials)} trials reported {METRIC}{cause}; see the Ray logs (KDFLOW_RAY_LOGS=1)")
     best = min(finished, key=lambda trial: trial["val_loss"])
     run.write_bytes(BEST_CONFIG_NAME, best_config_yaml(job_with(config, best["params"]), best).encode())
     run.write_bytes(TRIALS_NAME, json.dumps(trials, indent=2).encode())

@@ -40,8 +40,11 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
         store.delete(f"{folder}/{SEARCH_FOLDER}")
     ensure_ray(config.compute)
     parent_run_id = _parent_run(config, store, folder)
+    # Trials run in folders of Ray's choosing: a relative local root (runs/artifacts) must reach
+    # them as the absolute path it means here.
+    job = config.model_copy(update={"storage": store.config})
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, job=config, prep=prep, targets=targets, folder=folder), TRIAL_DRIVER_RESOURCES
+        ray_tune.with_parameters(run_trial, job=job, prep=prep, targets=targets, folder=folder), TRIAL_DRIVER_RESOURCES
     )
     storage_path, storage_filesystem = ray_storage(store, folder)
     experiment = f"{storage_path}/{SEARCH_FOLDER}"
@@ -144,7 +147,7 @@ def _summary(result, steps: int) -> dict:
         "val_loss": reports[-1][1] if reports else None,
         "steps": last_step,
         "status": status,
-        "error": str(result.error)[:500] if result.error is not None else None,
+        "error": str(result.error)[-500:] if result.error is not None else None,  # the end names the cause
     }
 
 
