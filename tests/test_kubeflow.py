@@ -40,7 +40,7 @@ COMPILED = REPO / "pipelines" / "compiled" / "distill_pipeline.yaml"
 # ------------------------------------------------------------------------------ kfp.local DAG
 @pytest.mark.slow
 def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_only_past_the_gates(tmp_path, monkeypatch):
-    """The tune → distill DAG through kfp.local: a search of 3 trials, 2 at a time (Ray Tune + Ray
+    """The tune → distill DAG through kfp.local: a search of 2 trials at once (Ray Tune + Ray
     Train in the tune component's subprocess), then the best job distilled, evaluated, registered."""
     from mlflow import MlflowClient
 
@@ -50,7 +50,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     monkeypatch.chdir(tmp_path)
     overrides = [
         f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}", "compute.backend=local", "tune.num_trials=3",
+        f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}", "compute.backend=local", "tune.num_trials=2",
     ]
     config = load_config(REPO / "configs" / "tiny.yaml", overrides)
     steps = engines.run_local(config, "tune-distill")
@@ -59,12 +59,12 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     assert all(manifest.reused for manifest in steps.values()), "every step ran inside the DAG, none in this process"
     store = Store(config.storage)
 
-    # The search: 3 trials, at most 2 at a time; values within their ranges. Which trials ASHA stops
+    # The search: 2 trials at once; values within their ranges. Which trials ASHA stops
     # depends on the order the concurrent trials reach each rung, so the test checks that every stop
     # was earned: the stopped trial was behind another trial at its last report. (That ASHA stops a
     # trailing trial is tested on the scheduler itself in tests/test_tune.py.)
     search = steps["tune"]
-    assert search.metrics["trials"] == 3 and search.metrics["errored"] == 0
+    assert search.metrics["trials"] == 2 and search.metrics["errored"] == 0
     trials = json.loads(store.read_bytes(search.output(TRIALS_NAME).path))
     assert search.metrics["stopped_early"] == sum(trial["status"] == "stopped early" for trial in trials)
     for trial in (t for t in trials if t["status"] == "stopped early"):
@@ -90,7 +90,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     assert parent.data.params["best.distill.loss.kd_weight"] == str(best["distill.loss.kd_weight"])
     assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"best_config.yaml", "trials.json", "tune.png"}
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 3
+    assert len(children) == 2
 
     # KFP's typed outputs: the search's metrics and page, eval's report and metrics.
     (run_folder,) = (tmp_path / "kfp").iterdir()
@@ -111,7 +111,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     resumed = tune_step(config, steps["prep"], steps["teacher"], steps["cache"])
     assert resumed.details["best_params"] == best and resumed.details["mlflow_parent_run_id"] == parent.info.run_id
     assert sorted(path.name for path in (tmp_path / "store" / search.folder / "trials").iterdir()) == trial_files
-    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 3
+    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
 
     # A gate that cannot pass: only eval reruns (the search is reused), register is skipped.
     failing = load_config(REPO / "configs" / "tiny.yaml", [*overrides, 'eval.gates=["student.perplexity < 1"]'])

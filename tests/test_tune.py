@@ -1,7 +1,7 @@
 """kdflow tune: the search space is checked before any work, importance and the report are right,
 and the RayJob for a search sizes its cluster for the concurrent trials.
 
-The search itself (3 trials, 2 at a time, MLflow parent and child runs, Tuner.restore, the best
+The search itself (2 trials at once, MLflow parent and child runs, Tuner.restore, the best
 config distilled) runs inside the tune → distill DAG in tests/test_kubeflow.py, so the tiny job's
 stages are computed once for both; ASHA's stopping rule is checked here on the real scheduler.
 """
@@ -113,7 +113,7 @@ def test_search_rayjob_holds_every_concurrent_trial():
 def test_asha_stops_a_trial_that_trails_at_its_first_rung_and_no_sooner():
     """The scheduler the search runs with, fed the reports two trials would send: the rung sits at
     `grace_period` validations (in optimizer steps), and the trial behind there is stopped. (In the
-    kfp.local search, whether ASHA stops one of the 3 trials depends on which reaches a rung first.)"""
+    kfp.local search, whether ASHA stops one of the 2 trials depends on which reaches a rung first.)"""
     from types import SimpleNamespace
 
     from ray.tune.schedulers import TrialScheduler

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Collection
 
 import numpy as np
 import pyarrow as pa
@@ -37,18 +38,24 @@ def encode_arrow(columns: dict[str, np.ndarray], metadata: dict[bytes, bytes] | 
     return sink.getvalue()
 
 
-def decode_arrow(data: bytes, source: str) -> dict[str, np.ndarray]:
-    """Inverse of `encode_arrow`: each column as a 2-D numpy array."""
+def decode_arrow(data: bytes, source: str, columns: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """Inverse of `encode_arrow`: each column (or only those named in `columns`) as a 2-D numpy array."""
     try:
         table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
     except pa.ArrowInvalid as err:
         raise ShardError(f"{source}: not a readable Arrow IPC file ({err}); delete it and rerun its stage") from None
-    columns = {}
-    for name in table.column_names:
+    missing = [name for name in columns or () if name not in table.column_names]
+    if missing:
+        raise ShardError(
+            f"{source}: has no column {', '.join(map(repr, missing))} (it has {', '.join(table.column_names)}): "
+            "it was written for another task or model; rerun the stage that wrote it with --force"
+        )
+    decoded = {}
+    for name in table.column_names if columns is None else columns:
         column = table.column(name).combine_chunks()
         width = column.type.list_size
-        columns[name] = np.array(column.flatten().to_numpy(zero_copy_only=False)).reshape(-1, width)
-    return columns
+        decoded[name] = np.array(column.flatten().to_numpy(zero_copy_only=False)).reshape(-1, width)
+    return decoded
 
 
 def read_verified(store: Store, record: FileRecord) -> bytes:

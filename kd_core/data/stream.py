@@ -3,9 +3,10 @@
 `TrainingStream` is a torch `IterableDataset`. It reads token shards (and, for distillation, the
 cache shards aligned with them) from any `Store` (local disk, S3, ...), shard by shard, so a cache
 far larger than memory trains the same as a small one. It yields one sample per training row: a
-dict of numpy arrays, one per column of the token shard (`input_ids` (T,) for language models;
-the pair columns of `kd_core/data/preferences.py` for reward models), and the cache's decoded
-targets (see `kd_core.cache.format.CacheLayout.decode`).
+dict of numpy arrays, one per column of the token shard it is asked for (`columns`: `input_ids`
+(T,) for language models; for reward models the pair columns of `kd_core/data/preferences.py`
+that the model's view reads, so a text teacher never decodes or batches the images), and the
+cache's decoded targets (see `kd_core.cache.format.CacheLayout.decode`).
 
 - **Split without overlap.** The consumers are the `world_size` data-parallel ranks times the
   DataLoader workers of each; consumer c of C gets shards c, c+C, c+2C, ... of the epoch's shard
@@ -28,7 +29,7 @@ targets (see `kd_core.cache.format.CacheLayout.decode`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 
@@ -57,6 +58,7 @@ class TrainingStream(IterableDataset):
         prefetch_shards: int = 2,
         epochs: int | None = None,
         split: str = "shards",
+        columns: Collection[str] | None = None,
     ):
         if cache_shards and len(cache_shards) != len(token_shards):
             raise ShardError(
@@ -74,6 +76,8 @@ class TrainingStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.prefetch_shards, self.epochs = shuffle_buffer, max(1, prefetch_shards), epochs
         self.split = split
+        self.columns = tuple(columns) if columns is not None else None
+        """The token-shard columns to read (None: all of them)."""
 
     # ------------------------------------------------------------------------------ the plan
     def consumer(self) -> tuple[int, int]:
@@ -96,7 +100,7 @@ class TrainingStream(IterableDataset):
     def read_shard(self, store: Store, index: int, rows: slice) -> dict[str, np.ndarray]:
         """One shard's rows (a slice of them) with their decoded targets, after every check."""
         token_record = self.token_shards[index]
-        samples = decode_arrow(read_verified(store, token_record), token_record.url)
+        samples = decode_arrow(read_verified(store, token_record), token_record.url, self.columns)
         shard_rows = len(next(iter(samples.values())))
         if self.cache_shards:
             cache_record = self.cache_shards[index]

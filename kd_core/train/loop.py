@@ -49,7 +49,7 @@ from kd_core.models.reward import build_multimodal_reward_model, build_text_rewa
 from kd_core.storage import FileRecord, Store
 from kd_core.train.checkpoints import CheckpointSink, StoreCheckpoints, load_rank_state, save_rank_state
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine, deepspeed_config
-from kd_core.train.step import PlainRunner, RewardStep, StudentStep, unwrap
+from kd_core.train.step import PlainRunner, RewardStep, StudentStep, input_columns, unwrap
 from kd_core.train.tracking import MlflowLogger, TrainingRun
 
 HISTORY_NAME = "history.jsonl"
@@ -156,6 +156,7 @@ def training_stream(spec: TrainSpec, rank: int, world_size: int) -> TrainingStre
         shuffle_buffer=spec.train.shuffle_buffer,
         prefetch_shards=spec.train.prefetch_shards,
         split=spec.train.data_split,
+        columns=input_columns(spec.model_kind),
     )
 
 
@@ -404,10 +405,11 @@ def make_step(spec: TrainSpec, model: torch.nn.Module, store: Store) -> torch.nn
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Text tokens the model reads in a batch (padding included): the LM's rows, or both responses
-    of each preference pair in the view the model reads."""
+    of each preference pair in the view the model reads (the only one its batches carry)."""
     if "input_ids" in batch:
         return batch["input_ids"].numel()
-    return sum(batch[name].numel() for name in ("chosen_ids", "rejected_ids") if name in batch)
+    views = ("chosen_ids", "rejected_ids", "text_chosen_ids", "text_rejected_ids")
+    return sum(batch[name].numel() for name in views if name in batch)
 
 
 def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:
