@@ -82,11 +82,11 @@ def synthetic_prep(store: Store, vocab: int, seq_len: int, rows: int):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    from kd_core.data.prep import END_OF_TEXT, PAD
+    from kd_core.data.prep import END_OF_TEXT, PAD, PreparedTokenizer
 
     run = StageRun(store, "prep", {"synthetic": True, "vocab": vocab, "seq_len": seq_len, "rows": rows}, inputs={})
     words = {END_OF_TEXT: 0, PAD: 1} | {f"w{i}": i for i in range(2, vocab)}
-    save_hf_tokenizer(Tokenizer(WordLevel(words, unk_token=END_OF_TEXT)), run)
+    save_hf_tokenizer(PreparedTokenizer(Tokenizer(WordLevel(words, unk_token=END_OF_TEXT)), bos=END_OF_TEXT, eos=END_OF_TEXT, pad=PAD), run)
     data = np.random.default_rng(0).integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
     details = {"seq_len": seq_len, "vocab_size": vocab, "splits": {"train": write_split(run, "train", data, rows_per_shard=64)}}
     return run.finish(details=details)

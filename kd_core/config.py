@@ -88,7 +88,9 @@ class DataConfig(Section):
     by `files`. `digit-preferences` (`task: reward`): preference pairs about the handwritten digit
     images bundled with scikit-learn, written to the store and read like `preferences`."""
     files: list[str] = []
-    """fsspec URLs or globs of `.txt`, `.jsonl` or `.parquet` files (sources `files`, `preferences`)."""
+    """fsspec URLs, globs or folders of `.txt`, `.jsonl` or `.parquet` files, optionally compressed
+    (`.jsonl.gz`) (sources `files`, `preferences`). A file matched twice is read once; an `s3://`
+    URL uses the `storage.s3` settings."""
     preferences: PreferenceConfig = PreferenceConfig()
     """Preference records (sources `preferences` and `digit-preferences`)."""
     text_field: str = "text"
@@ -96,10 +98,12 @@ class DataConfig(Section):
     max_documents: int | None = Field(default=None, gt=0)
     """Use at most this many documents (after a seeded shuffle); None uses all."""
     tokenizer: str | None = None
-    """fsspec URL of a Hugging Face tokenizer directory (with `tokenizer.json`) to use, e.g. the
-    teacher's own; None trains a byte-level BPE tokenizer on the training split."""
+    """fsspec URL of a Hugging Face tokenizer directory (with `tokenizer.json`) to use as it is,
+    e.g. the teacher's own: its eos token separates documents, its pad token (else the eos) pads.
+    None: the teacher's folder when `teacher.path` is set, else a byte-level BPE tokenizer trained
+    on the training split."""
     vocab_size: int = Field(default=2048, ge=260, le=1_000_000)
-    """Vocabulary size of the tokenizer kdflow trains (ignored when `tokenizer` is set)."""
+    """Vocabulary size of the tokenizer kdflow trains (ignored when `tokenizer` or `teacher.path` is set)."""
     seq_len: int = Field(default=128, ge=8)
     """Tokens per packed training row."""
     val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
@@ -665,11 +669,14 @@ class JobConfig(Section):
     def _cross_section_checks(self) -> JobConfig:
         if self.data.source == "files" and not self.data.files:
             raise ValueError("data.files: must list at least one file when data.source is 'files'")
-        if self.cache.format == "topk" and self.cache.top_k > self.data.vocab_size:
+        if self.teacher.path and not self.data.tokenizer:
+            self.data.tokenizer = self.teacher.path  # an existing teacher reads its own tokenizer's ids
+        trains_tokenizer = self.data.tokenizer is None  # else the vocabulary is the tokenizer's, checked by the cache stage
+        if trains_tokenizer and self.cache.format == "topk" and self.cache.top_k > self.data.vocab_size:
             raise ValueError(
                 f"cache.top_k: must be <= data.vocab_size ({self.data.vocab_size}), got {self.cache.top_k}"
             )
-        if self.cache.format == "full" and self.data.vocab_size > self.cache.full_max_vocab:
+        if trains_tokenizer and self.cache.format == "full" and self.data.vocab_size > self.cache.full_max_vocab:
             raise ValueError(
                 f"cache.format: 'full' stores every log-prob and is for vocabularies up to cache.full_max_vocab "
                 f"({self.cache.full_max_vocab}); data.vocab_size is {self.data.vocab_size}: use topk or sampled"

@@ -12,14 +12,22 @@ Atomicity: a reader never sees a half-written file.
   midway never uploads at all (a plain `fs.open(..., "wb")` would commit the partial buffer when
   the `with` block unwinds).
 
+Files get the permissions of an ordinary file under the process's umask (0644 under the usual
+022), not the 0600 of a temporary file, so a team can read what a stage wrote.
+
 Credentials come from the config's `storage.s3` section or, preferably, from the environment
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`); they live only in the
-filesystem object and never appear in URLs, manifests or logs.
+filesystem object and never appear in URLs, manifests or logs. `storage.s3` applies to every
+`s3://` URL of a job (data, tokenizer, teacher), not only to `root`: `url_to_fs(url, config)`.
+
+`file_identity` says whether a file changed without reading it where the store can tell (an
+ETag, or size and modification time); a step's key covers the identities of the files it reads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +41,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from kd_core.config import StorageConfig
+from kd_core.errors import InputError
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
 _CHUNK = 1 << 20
@@ -48,12 +57,19 @@ class FileRecord:
     sha256: str
 
 
-def storage_options(config: StorageConfig) -> dict:
-    """fsspec options for the root's protocol; secrets are unwrapped only here."""
-    if not config.root.startswith(("s3://", "s3a://")):
+class StorageError(InputError):
+    """A URL that cannot be reached: a missing bucket or file, missing or refused credentials, an
+    endpoint that does not answer. Names the URL, the config field and what to set."""
+
+
+def storage_options(config: StorageConfig, url: str | None = None) -> dict:
+    """fsspec options for `url` (default: the root): the `storage.s3` settings for an `s3://` URL,
+    nothing for other protocols. Secrets are unwrapped only here."""
+    if not (url or config.root).startswith(("s3://", "s3a://")):
         return {}
     s3 = config.s3
-    options: dict = {}
+    # Fail within seconds on an endpoint that does not answer (botocore's defaults wait 60 s per try).
+    options: dict = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}}
     client_kwargs = {}
     if s3.endpoint_url:
         options["endpoint_url"] = s3.endpoint_url
@@ -66,6 +82,96 @@ def storage_options(config: StorageConfig) -> dict:
     if client_kwargs:
         options["client_kwargs"] = client_kwargs
     return options
+
+
+def url_to_fs(url: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of any URL a job names, with the job's settings for its protocol."""
+    return fsspec.core.url_to_fs(url, **storage_options(config, url))
+
+
+@contextmanager
+def reaching(url: str, field: str) -> Iterator[None]:
+    """Turn the ways a store refuses a request into one `StorageError` line naming `field`, `url`
+    and what to set (a raw botocore or aiohttp traceback tells a user neither)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except FileNotFoundError as err:
+        missing = str(err) or url
+        hint = " (the bucket does not exist, or storage.s3.endpoint_url points at another store)" if "bucket" in missing.lower() else ""
+        raise StorageError(f"{field}: {url}: not found{hint}: {missing}") from None
+    except PermissionError as err:
+        raise StorageError(
+            f"{field}: {url}: access denied ({err}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or storage.s3) for this bucket"
+        ) from None
+    except Exception as err:  # botocore / aiohttp errors: no common base class worth importing here
+        name = type(err).__name__
+        if name == "NoCredentialsError":
+            raise StorageError(
+                f"{field}: {url}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment "
+                "(or a Kubernetes secret), or storage.s3.access_key_id / secret_access_key"
+            ) from None
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError") or isinstance(err, OSError):
+            raise StorageError(
+                f"{field}: {url}: the S3 endpoint does not answer ({name}); set storage.s3.endpoint_url "
+                "(or AWS_ENDPOINT_URL) to a reachable S3 API, e.g. http://minio.minio:9000"
+            ) from None
+        raise
+
+
+def file_identity(fs: fsspec.AbstractFileSystem, path: str, info: dict | None = None) -> str:
+    """What changes when the file does, read without downloading it where the store can tell: an
+    object store's ETag, else size and modification time; a sha256 of the bytes where the store
+    gives neither."""
+    info = info if info is not None else fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}:{info.get('size')}"
+    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if modified is not None:
+        return f"mtime:{modified}:{info.get('size')}"
+    return f"sha256:{sha256_of(fs, path)}"
+
+
+def content_identity(fs: fsspec.AbstractFileSystem, path: str, info: dict | None = None) -> str:
+    """A file's sha256, or its ETag on an object store (no download of a large teacher). Local
+    files are hashed once per (path, size, mtime): the hash is kept under `KDFLOW_CACHE/hashes`."""
+    info = info if info is not None else fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    if not isinstance(fs, LocalFileSystem) or info.get("mtime") is None:
+        return f"sha256:{sha256_of(fs, path)}"
+    stamp = json.dumps([os.path.abspath(path), info.get("size"), info["mtime"]])
+    cached = _hash_cache_folder() / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.sha256"
+    if cached.exists():
+        return f"sha256:{cached.read_text().strip()}"
+    digest = sha256_of(fs, path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+    staging.write_text(digest)
+    os.replace(staging, cached)
+    return f"sha256:{digest}"
+
+
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_cache_folder() -> Path:
+    return Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow")) / "hashes"
+
+
+def _file_mode() -> int:
+    """0666 less the process's umask: the mode `open()` would have given the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class Store:
@@ -120,6 +226,7 @@ class Store:
 
     def _publish(self, local_tmp: str, target: str) -> None:
         if self.is_local:
+            os.chmod(local_tmp, _FILE_MODE)  # a temporary file is created 0600
             os.replace(local_tmp, target)
         elif self.protocol in _OBJECT_STORES:
             self.fs.put_file(local_tmp, target)
@@ -179,3 +286,6 @@ class Store:
             self.fs.get_file(remote, str(destination))
         return local_dir
 
+
+
+_FILE_MODE = _file_mode()

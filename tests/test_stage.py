@@ -80,7 +80,7 @@ def test_stage_without_manifest_did_not_happen(corpus, store):
 
 def test_forcing_deletes_the_old_manifest_before_work(corpus, store):
     manifest = prep(data_config(corpus), store)
-    run = StageRun(store, "prep", prep_section(data_config(corpus)), inputs={}, force=True)
+    run = StageRun(store, "prep", prep_section(data_config(corpus), store.config), inputs={}, force=True)
     assert run.key == manifest.key
     assert read_manifest(store, "prep", manifest.key) is None  # a crash from here on leaves it incomplete
 

@@ -29,6 +29,7 @@ import torch
 from kd_core.cache.format import CacheLayout
 from kd_core.config import CacheConfig, ComputeConfig, StorageConfig
 from kd_core.data.shards import decode_arrow, encode_arrow, read_verified, split_shards
+from kd_core.errors import InputError
 from kd_core.manifest import Manifest
 from kd_core.models import load_causal_lm
 from kd_core.models.reward import load_reward_model, text_rewards
@@ -36,6 +37,10 @@ from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import FileRecord, Store
 from kd_core.train.step import trim_padding
+
+class CacheSettingsError(InputError):
+    """Cache settings this teacher and data cannot satisfy, found before any teacher inference."""
+
 
 COMMIT_SUFFIX = ".commit.json"
 """Beside each finished shard: its record and its source shard's sha256, written after it."""
@@ -100,19 +105,21 @@ def cache_layout(config: CacheConfig, prep: Manifest, store: Store, teacher: Man
     model_config = teacher_model_config(store, teacher)
     data_vocab, teacher_vocab = prep.details["vocab_size"], model_config["vocab_size"]
     if teacher_vocab < data_vocab:
-        raise ValueError(
-            f"the teacher predicts {teacher_vocab} tokens but the prepared data's vocabulary has {data_vocab}; "
-            "prepare the data with the teacher's tokenizer"
+        raise CacheSettingsError(
+            f"teacher: it predicts {teacher_vocab} tokens (config.json vocab_size) but the prepared data's tokenizer has "
+            f"{data_vocab}; prepare the data with the teacher's own tokenizer (data.tokenizer: the teacher's folder)"
         )
+    if config.format == "topk" and config.top_k > data_vocab:
+        raise CacheSettingsError(f"cache.top_k: {config.top_k} is more than the vocabulary's {data_vocab} tokens; set cache.top_k <= {data_vocab}")
     if config.format == "full" and data_vocab > config.full_max_vocab:
-        raise ValueError(
+        raise CacheSettingsError(
             f"cache.format: 'full' is for vocabularies up to cache.full_max_vocab ({config.full_max_vocab}); "
             f"the data has {data_vocab}: use topk or sampled"
         )
     layers = model_config.get("num_hidden_layers", 0)
     for layer in config.hidden_layers:
         if not 0 <= layer <= layers:
-            raise ValueError(f"cache.hidden_layers: {layer} is not a hidden state of the teacher (0..{layers})")
+            raise CacheSettingsError(f"cache.hidden_layers: {layer} is not a hidden state of the teacher (0..{layers}); pick layers in that range")
     # A teacher output layer padded past the tokenizer (e.g. 152064 logits for 151936 tokens) is cut
     # to the data's vocabulary: the cache describes the distribution over real tokens only.
     return CacheLayout.from_config(config, prep.details["seq_len"], data_vocab, model_config.get("hidden_size", 0))

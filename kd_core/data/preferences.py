@@ -32,14 +32,13 @@ import math
 import random
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
-from kd_core.config import DataConfig, PreferenceConfig
+from kd_core.config import DataConfig, PreferenceConfig, StorageConfig
 from kd_core.data.sources import DataSourceError, matching_files
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
-from kd_core.storage import Store, storage_options
+from kd_core.storage import Store, url_to_fs
 
 
 @dataclass
@@ -56,28 +55,30 @@ class PreferenceRecord:
 
 def prep_preferences(config: DataConfig, store: Store, run: StageRun):
     """The body of the prep stage for `task: reward`; returns the finished manifest."""
-    from kd_core.data.prep import PAD, SPLITS, load_tokenizer, save_hf_tokenizer, train_tokenizer
+    from kd_core.data.prep import SPLITS, load_tokenizer, save_hf_tokenizer, train_tokenizer
 
     with run.timed("collect"):
         urls = _source_urls(config, store)
-        records = list(read_preference_records(urls, config.preferences, storage_options(store.config)))
+        records = list(read_preference_records(urls, config.preferences, store.config))
         if not records:
             raise DataSourceError(f"data.files: {', '.join(urls)} hold no preference records")
-        images = load_images(records, config.preferences.image_size, storage_options(store.config))
+        images = load_images(records, config.preferences.image_size, store.config)
         splits = split_by_image(records, config.val_fraction, config.test_fraction, config.seed)
     with run.timed("tokenizer"):
         if config.tokenizer:
-            tokenizer = load_tokenizer(config.tokenizer, store)
+            prepared = load_tokenizer(config.tokenizer, store.config)
         else:
             texts = [text for record in splits["train"] for text in (record.prompt, record.chosen, record.rejected, record.image_text)]
-            tokenizer = train_tokenizer(texts, config.vocab_size)
-        save_hf_tokenizer(tokenizer, run)
-    pad_id = tokenizer.token_to_id(PAD)
+            prepared = train_tokenizer(texts, config.vocab_size)
+        save_hf_tokenizer(prepared, run)
+    tokenizer, special_ids = prepared.tokenizer, prepared.ids()
+    pad_id = special_ids["pad"]
     details: dict = {
         "task": "reward",
         "seq_len": config.seq_len,
         "vocab_size": tokenizer.get_vocab_size(),
         "pad_id": pad_id,
+        "special_token_ids": special_ids,
         "image_size": config.preferences.image_size,
         "splits": {},
     }
@@ -107,19 +108,19 @@ def _source_urls(config: DataConfig, store: Store) -> list[str]:
         return [digit_preferences_url(store, config.preferences, config.seed)]
     urls = []
     for pattern in config.files:
-        fs, matches = matching_files(pattern, storage_options(store.config))
+        fs, matches = matching_files(pattern, store.config)
         if not fs.exists(matches[0]):
             raise DataSourceError(f"data.files: {pattern!r} matches no file")
         urls.extend(fs.unstrip_protocol(path) for path in matches)
     return urls
 
 
-def read_preference_records(urls: list[str], config: PreferenceConfig, options: dict):
+def read_preference_records(urls: list[str], config: PreferenceConfig, storage: StorageConfig):
     """Every record of the JSONL files, checked; errors name `file:line` and the field."""
     for url in urls:
         if not url.endswith((".jsonl", ".json")):
             raise DataSourceError(f"{url}: preference records must be JSONL (.jsonl)")
-        fs, path = fsspec.core.url_to_fs(url, **options)
+        fs, path = url_to_fs(url, storage)
         folder = url.rsplit("/", 1)[0]
         for line_number, line in enumerate(fs.cat_file(path).decode("utf-8").splitlines(), start=1):
             if line.strip():
@@ -154,7 +155,7 @@ def _parse_record(line: str, where: str, folder: str, config: PreferenceConfig) 
     )
 
 
-def load_images(records: list[PreferenceRecord], size: int, options: dict) -> dict[str, np.ndarray]:
+def load_images(records: list[PreferenceRecord], size: int, storage: StorageConfig) -> dict[str, np.ndarray]:
     """image URL -> (size·size·3,) uint8 RGB, each image read and resized once."""
     from PIL import Image, UnidentifiedImageError
 
@@ -162,7 +163,7 @@ def load_images(records: list[PreferenceRecord], size: int, options: dict) -> di
     wanted = {record.image_url: record.source for record in records}
     with progress_bar("prep: images", total=len(wanted)) as bar:
         for url, where in wanted.items():
-            fs, path = fsspec.core.url_to_fs(url, **options)
+            fs, path = url_to_fs(url, storage)
             try:
                 data = fs.cat_file(path)
                 with Image.open(io.BytesIO(data)) as image:

@@ -3,10 +3,22 @@
 - `python_docs()`: real English technical prose that ships with every CPython install: the
   language reference topics of `pydoc_data` and the long docstrings of the standard library.
   No download, identical on every machine with the same Python.
-- `file_documents(urls)`: `.txt`, `.jsonl` and `.parquet` files on any fsspec store.
+- `FileSource`: `.txt` / `.md` / `.rst`, `.jsonl` and `.parquet` files on any fsspec store, named
+  by `data.files` (URLs, globs or folders), optionally compressed (`.jsonl.gz`, `.txt.bz2`, ...).
 
-Long documents are cut at paragraph boundaries into pieces of at most `MAX_DOC_CHARS`, so that a
-held-out split is a spread of many pieces, not a handful of huge topics.
+How files become documents:
+- a text file is one document; a JSON Lines record or a Parquet row is one document (the string
+  in `data.text_field`);
+- null and empty (whitespace-only) values are skipped and counted; any other non-string value is
+  an error naming `file:line` (a number or a nested object is not text to train on);
+- every file must be UTF-8 (a leading byte-order mark is dropped); anything else is an error
+  naming `file:line`;
+- long documents are cut at paragraph boundaries (blank lines) into pieces of at most
+  `MAX_DOC_CHARS`, so that a held-out split is a spread of many pieces, not a handful of huge
+  topics. Files are read as a stream and cut in linear time: memory holds one piece, not the file.
+
+`FileSource.listing()` is the identity of every matched file (URL, size, ETag or modification
+time): the prep step's key covers it, so an edited or added file is seen.
 """
 
 from __future__ import annotations
@@ -15,23 +27,35 @@ import ast
 import io
 import json
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kd_core.config import StorageConfig
 from kd_core.errors import InputError
+from kd_core.storage import file_identity, reaching, url_to_fs
 
 MAX_DOC_CHARS = 4000
 MIN_DOCSTRING_CHARS = 200
+READ_CHARS = 1 << 20
+"""Characters decoded per read of a text file."""
 _SKIPPED_STDLIB_PARTS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+SUPPORTED = "a .txt, .md, .rst, .jsonl or .parquet file (optionally .gz, .bz2, .xz or .zst compressed), or a folder of them"
 
 
 class DataSourceError(InputError):
     """Raw input that cannot be read; names the file and what to do."""
 
 
+# ----------------------------------------------------------------------------------- bundled text
 def python_docs() -> Iterator[str]:
     import pydoc_data.topics
 
@@ -57,71 +81,294 @@ def _docstrings(source_file: Path) -> Iterator[str]:
                 yield docstring
 
 
+# ------------------------------------------------------------------------------ cutting documents
 def split_long(text: str, limit: int = MAX_DOC_CHARS) -> Iterator[str]:
     """Cut text into pieces of at most `limit` characters, at blank lines where possible."""
+    return split_stream([text], limit)
+
+
+def split_stream(chunks: Iterable[str], limit: int = MAX_DOC_CHARS) -> Iterator[str]:
+    """`split_long` of the concatenated chunks, read one chunk at a time, in linear time."""
     piece: list[str] = []
     size = 0
-    for paragraph in _paragraphs(text, limit):
+    for paragraph in _paragraphs(chunks, limit):
         if piece and size + len(paragraph) > limit:
             yield "\n\n".join(piece)
             piece, size = [], 0
         piece.append(paragraph)
         size += len(paragraph) + 2
-    if piece and size > 0:
+    if piece:
         yield "\n\n".join(piece)
 
 
-def _paragraphs(text: str, limit: int) -> Iterator[str]:
-    """Blank-line paragraphs; one longer than `limit` is cut at a space (or hard, if it has none)."""
-    for paragraph in text.split("\n\n"):
-        while len(paragraph) > limit:
-            cut = paragraph.rfind(" ", limit // 2, limit)
-            cut = cut if cut > 0 else limit
-            yield paragraph[:cut]
-            paragraph = paragraph[cut:]
-        yield paragraph
+def _paragraphs(chunks: Iterable[str], limit: int) -> Iterator[str]:
+    """The blank-line paragraphs of the concatenated chunks; one longer than `limit` is cut at a
+    space (or hard, if it has none). An unfinished paragraph longer than `limit` is cut as soon as
+    it is, so the text held between chunks stays under `limit` characters."""
+    carry = ""
+    for chunk in chunks:
+        buffer = carry + chunk
+        start = 0
+        while (end := buffer.find("\n\n", start)) >= 0:
+            yield from _cut(buffer, start, end, limit)
+            start = end + 2
+        start = yield from _cut_while_longer(buffer, start, len(buffer), limit)
+        carry = buffer[start:]
+    yield from _cut(carry, 0, len(carry), limit)
 
 
-def matching_files(pattern: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The filesystem of one `data.files` entry and the paths it names (a glob's matches, sorted)."""
-    fs, _ = fsspec.core.url_to_fs(pattern, **storage_options)
-    matches = sorted(fs.glob(pattern)) if any(ch in pattern for ch in "*?[") else [fs._strip_protocol(pattern)]
-    if not matches:
-        raise DataSourceError(f"data.files: {pattern!r} matches no file")
-    return fs, matches
+def _cut(text: str, start: int, end: int, limit: int) -> Iterator[str]:
+    """text[start:end] in pieces of at most `limit`, cut at the last space of each piece's second half."""
+    start = yield from _cut_while_longer(text, start, end, limit)
+    yield text[start:end]
 
 
-def file_documents(urls: list[str], text_field: str, storage_options: dict) -> Iterator[str]:
-    for pattern in urls:
-        fs, matches = matching_files(pattern, storage_options)
-        for path in matches:
-            yield from _read_one(fs, path, text_field)
+def _cut_while_longer(text: str, start: int, end: int, limit: int):
+    """Yields the cuts of text[start:end] while more than `limit` remains; returns where the rest starts."""
+    while end - start > limit:
+        cut = text.rfind(" ", start + limit // 2, start + limit)
+        cut = cut if cut >= 0 else start + limit
+        yield text[start:cut]
+        start = cut
+    return start
 
 
-def _read_one(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -> Iterator[str]:
-    if not fs.exists(path):
-        raise DataSourceError(f"data.files: {path} does not exist")
-    data = fs.cat_file(path)
-    if path.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-        if text_field not in table.column_names:
-            raise DataSourceError(f"{path}: no column {text_field!r} (data.text_field); columns are {table.column_names}")
-        for text in table.column(text_field).to_pylist():
-            if text:
-                yield from split_long(str(text))
-    elif path.endswith((".jsonl", ".json")):
-        for line_number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text = record[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataSourceError(
-                    f"{path}:{line_number}: expected a JSON object with a {text_field!r} field (data.text_field)"
-                ) from None
-            yield from split_long(str(text))
-    elif path.endswith((".txt", ".md", ".rst")):
-        yield from split_long(data.decode("utf-8", errors="replace"))
+# ------------------------------------------------------------------------------------ data files
+@dataclass(frozen=True)
+class MatchedFile:
+    url: str
+    """The file's URL (with protocol for remote stores), as named in errors."""
+    path: str
+    """Its path on `FileSource.fs`."""
+    size: int
+    identity: str
+    """ETag, or modification time and size, or sha256: what changes when the file does."""
+
+
+@dataclass
+class SourceCounts:
+    """What collecting skipped, for the manifest and the summary."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped_empty: int = 0
+    """Records whose text was null or empty (or whitespace only)."""
+
+
+class FileSource:
+    """The files `data.files` names: every URL, glob and folder expanded, each file once."""
+
+    def __init__(self, patterns: list[str], text_field: str, storage: StorageConfig):
+        self.text_field = text_field
+        self.files: list[MatchedFile] = []
+        self.filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+        seen: set[str] = set()
+        for pattern in patterns:
+            for matched in self._expand(pattern, storage):
+                if matched.url not in seen:  # a file matched by two patterns is read once
+                    seen.add(matched.url)
+                    self.files.append(matched)
+
+    def _expand(self, pattern: str, storage: StorageConfig) -> list[MatchedFile]:
+        fs, _ = url_to_fs(pattern, storage)
+        self.filesystems[pattern] = fs
+        with reaching(pattern, "data.files"):
+            infos = _listing(fs, pattern)
+        matched = []
+        for path, info in sorted(infos.items()):
+            if not path.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES) and not _is_compressed(path):
+                if _is_glob(pattern) or info.get("_in_folder"):
+                    continue  # a folder or glob may hold other files (a README, a _SUCCESS marker)
+                raise DataSourceError(f"data.files: {_url(fs, path)}: unsupported file type; use {SUPPORTED}")
+            matched.append(MatchedFile(_url(fs, path), path, int(info.get("size") or 0), file_identity(fs, path, info)))
+        if not matched:
+            _check_bucket(fs, pattern)
+            raise DataSourceError(f"data.files: {pattern!r} matches no file ({SUPPORTED})")
+        for file in matched:
+            self.filesystems[file.url] = fs
+        return matched
+
+    def listing(self) -> list[dict]:
+        """Each matched file's URL, size and identity, in reading order (what the prep key covers)."""
+        return [{"url": file.url, "size": file.size, "identity": file.identity} for file in self.files]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(file.size for file in self.files)
+
+    def documents(self, counts: SourceCounts, advance: Callable[[int], None] = lambda n: None) -> Iterator[str]:
+        """Every document of every file, cut into pieces; `advance(bytes)` after each file."""
+        for file in self.files:
+            fs = self.filesystems[file.url]
+            with reaching(file.url, "data.files"):
+                yield from _read_one(fs, file, self.text_field, counts)
+            counts.files += 1
+            counts.bytes += file.size
+            advance(file.size)
+
+
+def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict]:
+    """path -> info of what one entry names: a glob's matches, a folder's files, or one file (one
+    listing request per prefix on an object store, never an earlier listing kept by the filesystem)."""
+    fs.invalidate_cache()
+    if _is_glob(pattern):
+        infos = fs.glob(pattern, detail=True)
     else:
-        raise DataSourceError(f"{path}: unsupported file type; use .txt, .md, .rst, .jsonl or .parquet")
+        path = fs._strip_protocol(pattern)
+        try:  # `info`, not `exists`: s3fs's exists answers False to an endpoint that does not answer
+            infos = {path: fs.info(path)}
+        except FileNotFoundError:
+            raise DataSourceError(f"data.files: {pattern} does not exist") from None
+    expanded: dict[str, dict] = {}
+    for path, info in infos.items():
+        if info.get("type") == "directory":
+            for inner, inner_info in fs.find(path, detail=True).items():
+                expanded[inner] = {**inner_info, "_in_folder": True}
+        else:
+            expanded[path] = info
+    return expanded
+
+
+def _check_bucket(fs: fsspec.AbstractFileSystem, pattern: str) -> None:
+    """On an object store, a glob in a missing bucket matches nothing: say that the bucket is missing."""
+    if "://" in pattern and not pattern.startswith("file://"):
+        bucket = fs._strip_protocol(pattern).split("/", 1)[0]
+        with reaching(pattern, "data.files"):
+            try:
+                fs.info(bucket)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"bucket {bucket!r} does not exist") from None
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def _is_compressed(path: str) -> bool:
+    return path.endswith(COMPRESSION_SUFFIXES) and path[: path.rfind(".")].endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+def _read_one(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts) -> Iterator[str]:
+    name = file.path[: file.path.rfind(".")] if _is_compressed(file.path) else file.path
+    if name.endswith(PARQUET_SUFFIXES):
+        yield from _parquet_documents(fs, file, text_field, counts)
+    elif name.endswith(JSON_SUFFIXES):
+        yield from _jsonl_documents(fs, file, text_field, counts)
+    else:
+        yield from _text_documents(fs, file)
+
+
+def _text_stream(fs: fsspec.AbstractFileSystem, file: MatchedFile) -> io.TextIOWrapper:
+    """The file decoded as strict UTF-8 (BOM dropped, any newline convention read as \\n),
+    decompressed by its suffix."""
+    raw = fs.open(file.path, "rb", compression="infer")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict")
+
+
+def _text_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile) -> Iterator[str]:
+    def chunks(stream: io.TextIOWrapper) -> Iterator[str]:
+        try:
+            while chunk := stream.read(READ_CHARS):
+                yield chunk
+        except UnicodeDecodeError as err:
+            raise _not_utf8(fs, file, err) from None
+
+    with _text_stream(fs, file) as stream:
+        yield from (piece for piece in split_stream(chunks(stream)) if piece.strip())
+
+
+def _jsonl_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts) -> Iterator[str]:
+    with _text_stream(fs, file) as stream:
+        try:
+            for line_number, line in enumerate(stream, start=1):
+                if line.strip():
+                    text = _record_text(line, f"{file.url}:{line_number}", text_field)
+                    if text is None or not text.strip():
+                        counts.skipped_empty += 1
+                        continue
+                    yield from split_long(text)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(fs, file, err) from None
+
+
+def _record_text(line: str, where: str, text_field: str) -> str | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise DataSourceError(f"{where}: not valid JSON; JSON Lines expected: one JSON object per line") from None
+    if isinstance(record, list):
+        raise DataSourceError(
+            f"{where}: a JSON array; JSON Lines expected: one JSON object per line (convert with: jq -c '.[]' FILE)"
+        )
+    if not isinstance(record, dict) or text_field not in record:
+        raise DataSourceError(f"{where}: expected a JSON object with a {text_field!r} field (data.text_field)")
+    text = record[text_field]
+    if text is not None and not isinstance(text, str):
+        raise DataSourceError(
+            f"{where}: field {text_field!r} (data.text_field) holds {type(text).__name__} {_preview(text)}; expected a string"
+        )
+    return text
+
+
+def _parquet_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts) -> Iterator[str]:
+    with fs.open(file.path, "rb") as handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataSourceError(f"{file.url}: not a readable Parquet file ({err}); rewrite it or drop it from data.files") from None
+        schema = parquet.schema_arrow
+        if text_field not in schema.names:
+            raise DataSourceError(f"{file.url}: no column {text_field!r} (data.text_field); columns are {schema.names}")
+        column_type = schema.field(text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise DataSourceError(
+                f"{file.url}: column {text_field!r} (data.text_field) has type {column_type}; expected strings"
+            )
+        try:
+            for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if text is None or not text.strip():
+                        counts.skipped_empty += 1
+                        continue
+                    yield from split_long(text)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataSourceError(f"{file.url}: a damaged Parquet file ({err}); rewrite it or drop it from data.files") from None
+
+
+def _not_utf8(fs: fsspec.AbstractFileSystem, file: MatchedFile, err: UnicodeDecodeError) -> DataSourceError:
+    return DataSourceError(
+        f"{file.url}:{_first_bad_line(fs, file)}: not UTF-8 text ({err.reason}); "
+        "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
+    )
+
+
+def _first_bad_line(fs: fsspec.AbstractFileSystem, file: MatchedFile) -> int | str:
+    """The number of the first line that is not UTF-8 (the decoder reads ahead, so the error
+    itself does not say); read again, only on this error path."""
+    with fs.open(file.path, "rb", compression="infer") as raw:
+        for number, line in enumerate(raw, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return "?"
+
+
+def _preview(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def matching_files(pattern: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The filesystem of one `data.files` entry and the paths it names (a glob's matches, sorted)."""
+    fs, _ = url_to_fs(pattern, storage)
+    with reaching(pattern, "data.files"):
+        paths = sorted(_listing(fs, pattern))
+    if not paths:
+        raise DataSourceError(f"data.files: {pattern!r} matches no file")
+    return fs, paths

@@ -29,8 +29,19 @@ def quiet_transformers() -> None:
 CACHE_ROOT = Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow"))
 
 
-def llama_config(arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, dropout: float = 0.0, **extra):
-    """The `transformers.LlamaConfig` of an `ArchitectureConfig` (`extra` overrides, e.g. num_labels)."""
+DEFAULT_SPECIAL_IDS = {"bos": 0, "eos": 0, "pad": 1}
+"""The special token ids of the tokenizer kdflow trains (end-of-text 0, pad 1), and of prepared
+data made before the prep stage recorded them."""
+
+
+def llama_config(
+    arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, dropout: float = 0.0, special_ids: dict[str, int] | None = None,
+    **extra,
+):
+    """The `transformers.LlamaConfig` of an `ArchitectureConfig`; `special_ids` are the prepared
+    tokenizer's bos / eos / pad ids (the prep manifest's `special_token_ids`), which generation
+    uses; `extra` overrides, e.g. num_labels."""
+    ids = special_ids or DEFAULT_SPECIAL_IDS
     from transformers import LlamaConfig
 
     settings = {
@@ -43,18 +54,20 @@ def llama_config(arch: ArchitectureConfig, vocab_size: int, max_positions: int, 
         "max_position_embeddings": max_positions,
         "tie_word_embeddings": arch.tie_embeddings,
         "attention_dropout": dropout,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-        "pad_token_id": 1,
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["pad"],
     }
     return LlamaConfig(**(settings | extra))
 
 
-def build_causal_lm(arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, seed: int, dropout: float = 0.0):
+def build_causal_lm(
+    arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, seed: int, dropout: float = 0.0, special_ids: dict[str, int] | None = None
+):
     from transformers import LlamaForCausalLM
 
     quiet_transformers()
-    config = llama_config(arch, vocab_size, max_positions, dropout=dropout)
+    config = llama_config(arch, vocab_size, max_positions, dropout=dropout, special_ids=special_ids)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -65,11 +78,17 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def save_model_dir(model, tokenizer_dir: Path, folder: Path) -> Path:
-    """Write model (safetensors) and tokenizer into one Hugging Face directory on local disk."""
+    """Write model (safetensors) and tokenizer into one Hugging Face directory on local disk. A
+    tokenizer with more ids than the model's embedding (a pad token added past the vocabulary)
+    would crash the saved model on its first batch: refused here, before anything is written."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab_size = getattr(model.config, "vocab_size", None) or model.config.to_dict().get("text_config", {}).get("vocab_size")
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}")
     model.save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

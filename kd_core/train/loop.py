@@ -43,7 +43,7 @@ from kd_core.config import (
 from kd_core.data.shards import read_columns, split_shards
 from kd_core.data.stream import TrainingStream, collate
 from kd_core.losses import DistillationObjective, RewardObjective
-from kd_core.manifest import Manifest
+from kd_core.manifest import Manifest, ManifestError
 from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
 from kd_core.models.reward import build_multimodal_reward_model, build_text_reward_model
 from kd_core.storage import FileRecord, Store
@@ -112,6 +112,8 @@ class TrainSpec:
     on human labels alone (Bradley–Terry: the teacher, the baseline)."""
     pad_id: int = 1
     image_size: int = 0
+    special_token_ids: dict[str, int] | None = None
+    """The prepared tokenizer's bos / eos / pad ids (None: kdflow's trained tokenizer's)."""
 
     @property
     def checkpoint_folder(self) -> str:
@@ -139,6 +141,7 @@ class TrainSpec:
             token_shards=split_shards(prep, "train"),
             tokenizer_folder=f"{prep.folder}/tokenizer",
             output_folder=output_folder,
+            special_token_ids=prep.details.get("special_token_ids"),
             **distillation,
         )
 
@@ -340,7 +343,7 @@ class WorkerRun:
             raise ValueError(f"{spec.output_folder}: validation needs validation shards (the prep stage's val split)")
         if spec.model_kind == "multimodal_reward":
             if not spec.validation_cache_shards:
-                raise ValueError(
+                raise ManifestError(
                     f"{spec.output_folder}: validating a reward student needs the teacher's rewards of the validation pairs, "
                     "which caches made before kdflow scored them lack: rerun the cache step (--force cache)"
                 )
@@ -382,7 +385,7 @@ def build_model(spec: TrainSpec) -> torch.nn.Module:
     """The model to train, built from config with seeded random weights."""
     common = {"seed": spec.train.seed, "dropout": spec.train.dropout}
     if spec.model_kind == "causal_lm":
-        return build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, **common)
+        return build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, special_ids=spec.special_token_ids, **common)
     if spec.model_kind == "text_reward":
         return build_text_reward_model(spec.architecture, spec.vocab_size, spec.seq_len, pad_id=spec.pad_id, **common)
     if spec.model_kind == "multimodal_reward":

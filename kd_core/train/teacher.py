@@ -1,9 +1,11 @@
 """The teacher step of the cache stage: an existing model, or one kdflow trains and keeps.
 
 - `teacher.path` set: the directory is used where it is. The stage records its identity (the
-  object store's ETags of its weight files, or their sha256) so a changed teacher gives a new
-  cache key, and checks that its
-  tokenizer has the prepared data's vocabulary.
+  object store's ETags, or the sha256, of its weights, `config.json` and tokenizer files; a local
+  file's hash is kept by size and modification time, so weights are not hashed on every run) so
+  a changed teacher gives a new cache key. It checks, reading only `config.json` and the
+  tokenizer, that the teacher reads the prepared data: the same full vocabulary (added tokens
+  included) and a context of at least `data.seq_len` tokens.
 - `teacher.path` unset: kdflow trains the teacher from `teacher.architecture` with cross-entropy
   on the training split (seeded, through the same loop and Ray Train workers as students). The
   result is stored under its key and reused by every later run with the same data and config.
@@ -21,7 +23,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from kd_core.config import ComputeConfig, DistillConfig, TeacherConfig
@@ -29,7 +30,7 @@ from kd_core.errors import InputError
 from kd_core.manifest import Manifest
 from kd_core.models import CACHE_ROOT, local_copy
 from kd_core.stage import StageRun
-from kd_core.storage import Store, storage_options
+from kd_core.storage import Store, content_identity, reaching, url_to_fs
 from kd_core.train.loop import TrainSpec
 from kd_core.train.ray_glue import fit_stage
 
@@ -62,44 +63,58 @@ def teacher(
     return fit_stage(run, spec, compute, "teacher: train", fresh=force or checkpointing.resume == "never")
 
 
+IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+"""Besides the weights, what makes a teacher directory the teacher it is."""
+
+
 def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manifest:
-    fs, root = fsspec.core.url_to_fs(url, **storage_options(store.config))
-    weight_files = sorted(path for path in fs.find(root) if path.endswith(".safetensors"))
-    if not weight_files:
-        raise TeacherError(f"teacher.path: {url} holds no .safetensors weights; kdflow loads only safetensors")
-    digest = hashlib.sha256()
-    for path in weight_files:
-        digest.update(_file_identity(fs, path).encode())
-    identity = {"path": url, "weights_identity": digest.hexdigest()}
-    run = StageRun(store, "teacher", identity, inputs={"prep": prep}, force=force)
-    if run.reused:
-        return run.reused
-    _check_vocabulary(fs, root, url, store, prep)
+    fs, root = url_to_fs(url, store.config)
+    root = root.rstrip("/")
+    with reaching(url, "teacher.path"):
+        if not fs.isdir(root):
+            raise TeacherError(f"teacher.path: {url} is not a folder; point it at a Hugging Face model directory")
+        files = fs.find(root, detail=True)
+        weight_files = sorted(path for path in files if path.endswith(".safetensors"))
+        if not weight_files:
+            raise TeacherError(f"teacher.path: {url} holds no .safetensors weights; kdflow loads only safetensors")
+        if f"{root}/config.json" not in files:
+            raise TeacherError(f"teacher.path: {url} has no config.json; point it at a Hugging Face model directory")
+        digest = hashlib.sha256()
+        for path in [*weight_files, *(f"{root}/{name}" for name in IDENTITY_FILES if f"{root}/{name}" in files)]:
+            digest.update(f"{path[len(root):]}={content_identity(fs, path, files[path])}\n".encode())
+        identity = {"path": url, "weights_identity": digest.hexdigest()}
+        run = StageRun(store, "teacher", identity, inputs={"prep": prep}, force=force)
+        if run.reused:
+            return run.reused
+        _check_vocabulary(fs, root, url, store, prep)
+        _check_context(json.loads(fs.cat_file(f"{root}/config.json")), url, prep)
     return run.finish(details={"external_url": url})
 
 
-def _file_identity(fs, path: str) -> str:
-    """The object store's ETag when it has one (no download of a large teacher), else the sha256."""
-    etag = fs.info(path).get("ETag")
-    if etag:
-        return f"etag:{etag}"
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_vocabulary(fs, root: str, url: str, store: Store, prep: Manifest) -> None:
+    """The teacher's tokenizer must be the prepared data's, every token and id (added ones too)."""
+    from tokenizers import Tokenizer
+
     teacher_tokenizer = f"{root}/tokenizer.json"
     if not fs.exists(teacher_tokenizer):
         raise TeacherError(f"teacher.path: {url} has no tokenizer.json; the teacher must share the data's tokenizer")
-    prepared = json.loads(store.read_bytes(f"{prep.folder}/tokenizer/tokenizer.json"))["model"]["vocab"]
-    theirs = json.loads(fs.cat_file(teacher_tokenizer))["model"]["vocab"]
+    prepared = Tokenizer.from_str(store.read_bytes(f"{prep.folder}/tokenizer/tokenizer.json").decode()).get_vocab(with_added_tokens=True)
+    theirs = Tokenizer.from_str(fs.cat_file(teacher_tokenizer).decode()).get_vocab(with_added_tokens=True)
     if prepared != theirs:
+        differ = sorted(set(prepared.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
         raise TeacherError(
             f"teacher.path: {url} uses a different vocabulary ({len(theirs)} entries) from the prepared data "
-            f"({len(prepared)}); prepare the data with the teacher's tokenizer"
+            f"({len(prepared)}; e.g. {', '.join(f'{token!r}={index}' for token, index in differ)}); prepare the data with "
+            f"the teacher's tokenizer (data.tokenizer: {url}, or leave data.tokenizer unset)"
+        )
+
+
+def _check_context(model_config: dict, url: str, prep: Manifest) -> None:
+    context = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    if context is not None and context < prep.details["seq_len"]:
+        raise TeacherError(
+            f"data.seq_len: {prep.details['seq_len']} tokens per row, but the teacher at {url} reads at most {context} "
+            f"(max_position_embeddings); set data.seq_len <= {context}"
         )
 
 
@@ -108,7 +123,7 @@ def teacher_model_config(store: Store, teacher_manifest: Manifest) -> dict:
     external = teacher_manifest.details.get("external_url")
     if external is None:
         return json.loads(store.read_bytes(f"{teacher_manifest.details['model_folder']}/config.json"))
-    fs, root = fsspec.core.url_to_fs(external, **storage_options(store.config))
+    fs, root = url_to_fs(external, store.config)
     return json.loads(fs.cat_file(f"{root.rstrip('/')}/config.json"))
 
 
@@ -117,7 +132,7 @@ def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
     external = teacher_manifest.details.get("external_url")
     if external is None:
         return local_copy(store, teacher_manifest.details["model_folder"])
-    fs, root = fsspec.core.url_to_fs(external, **storage_options(store.config))
+    fs, root = url_to_fs(external, store.config)
     if isinstance(fs, LocalFileSystem):
         return Path(root)
     target = CACHE_ROOT / "teachers" / teacher_manifest.key

@@ -1,0 +1,346 @@
+"""A user's own data and teacher: which files become which documents, what a changed file or
+teacher does to the step keys, tokenizers kdflow did not train (Llama- and GPT-2-style), data on
+a real S3 API with a local store, and the one-line errors for bad input.
+
+The teachers are saved here with transformers (random weights, tiny); the S3 API is moto's
+server on loopback. Run: .venv/bin/python -m pytest tests/test_own_data.py
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kd_core.config import DataConfig, StorageConfig, load_config
+from kd_core.data.prep import prep
+from kd_core.data.shards import load_split
+from kd_core.data.sources import DataSourceError, split_long, split_stream
+from kd_core.storage import Store, StorageError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "teacher student distill cache shard token layer model python data loss batch step".split()
+
+
+def paragraphs(count: int, seed: int, prefix: str = "doc") -> list[str]:
+    rng = random.Random(seed)
+    return [f"{prefix}{i} " + " ".join(rng.choice(WORDS) for _ in range(30)) for i in range(count)]
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
+
+
+def files_config(files, **changes) -> DataConfig:
+    return DataConfig(**{"source": "files", "files": [str(f) for f in files], "vocab_size": 300, "seq_len": 16, "rows_per_shard": 8, **changes})
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(StorageConfig(root=str(tmp_path / "store")))
+
+
+# ------------------------------------------------------------------------------ changed data is seen
+def test_an_edited_or_added_file_redoes_prep_and_an_unchanged_corpus_is_reused(tmp_path, store):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    first = write_jsonl(corpus / "a.jsonl", paragraphs(20, 0))
+    config = files_config([corpus / "*.jsonl"])
+    original = prep(config, store)
+    assert prep(config, store).reused
+
+    write_jsonl(first, paragraphs(20, 1))  # same name, new content
+    edited = prep(config, store)
+    assert not edited.reused and edited.key != original.key
+
+    write_jsonl(corpus / "b.jsonl", paragraphs(10, 2, prefix="extra"))
+    added = prep(config, store)
+    assert not added.reused and added.key != edited.key and added.metrics["documents"] == 30 and added.metrics["files"] == 2
+
+
+def test_a_refreshed_bucket_is_seen_with_data_on_s3_and_a_local_store(tmp_path, s3_endpoint, s3_bucket, store):
+    import s3fs
+
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    s3.pipe(f"{s3_bucket}/corpus/a.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in paragraphs(20, 0)).encode())
+    # The store is a local folder: the data's s3:// URLs still get storage.s3 (else kdflow would go to AWS).
+    local_store = Store(StorageConfig(root=str(tmp_path / "local"), s3={"endpoint_url": s3_endpoint}))
+    config = files_config([f"s3://{s3_bucket}/corpus/*.jsonl"])
+    original = prep(config, local_store)
+    assert original.metrics["documents"] == 20
+    assert prep(config, local_store).reused
+
+    s3.pipe(f"{s3_bucket}/corpus/b.jsonl", json.dumps({"text": "a new record " * 20}).encode() + b"\n")
+    refreshed = prep(config, local_store)
+    assert not refreshed.reused and refreshed.metrics["documents"] == 21
+
+
+def test_a_teachers_config_and_tokenizer_are_part_of_its_identity_and_local_weights_are_hashed_once(tmp_path, store, monkeypatch):
+    from kd_core.storage import content_identity
+    from kd_core.train.teacher import teacher
+
+    monkeypatch.setenv("KDFLOW_CACHE", str(tmp_path / "kdflow-cache"))
+    folder = save_teacher(tmp_path / "teacher", "gpt2")
+    prepared = prep(files_config([write_jsonl(tmp_path / "d.jsonl", paragraphs(30, 0))], tokenizer=str(folder)), store)
+    from kd_core.config import ComputeConfig, TeacherConfig
+
+    def teacher_key():
+        return teacher(TeacherConfig(path=str(folder)), prepared, store, ComputeConfig(backend="local")).key
+
+    key = teacher_key()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.5}))
+    assert teacher_key() != key
+
+    weights = folder / "model.safetensors"
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    identity = content_identity(fs, str(weights))
+    assert list((tmp_path / "kdflow-cache" / "hashes").iterdir())  # the hash was kept by size and mtime
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size; the modification time put back: the kept hash is used, the bytes not read
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert content_identity(fs, str(weights)) == identity
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert content_identity(fs, str(weights)) != identity
+
+
+# ---------------------------------------------------------------------------- only text is trained on
+def test_null_and_empty_values_are_skipped_and_counted(tmp_path, store):
+    path = tmp_path / "d.jsonl"
+    records = [{"text": t} for t in paragraphs(12, 0)] + [{"text": None}, {"text": ""}, {"text": "   "}]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    pq.write_table(pa.table({"text": pa.array([*paragraphs(5, 1, "pq"), None], pa.string())}), tmp_path / "e.parquet")
+    manifest = prep(files_config([path, tmp_path / "e.parquet"]), store)
+    assert manifest.metrics["documents"] == 17 and manifest.metrics["skipped_empty"] == 4
+
+
+@pytest.mark.parametrize(
+    "value, shown", [(42, "int 42"), (["a", "b"], 'list ["a", "b"]'), ({"nested": "x"}, 'dict {"nested": "x"}'), (True, "bool true")]
+)
+def test_a_value_that_is_not_a_string_names_file_and_line(tmp_path, store, value, shown):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "fine text"}) + "\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(DataSourceError, match=re.escape(f"d.jsonl:2: field 'text' (data.text_field) holds {shown}; expected a string")):
+        prep(files_config([path]), store)
+
+
+def test_parquet_numbers_corrupt_parquet_and_json_arrays_are_named(tmp_path, store):
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataSourceError, match=r"ints.parquet: column 'text' \(data.text_field\) has type int64; expected strings"):
+        prep(files_config([tmp_path / "ints.parquet"]), store)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataSourceError, match=r"broken.parquet: not a readable Parquet file"):
+        prep(files_config([tmp_path / "broken.parquet"]), store)
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    with pytest.raises(DataSourceError, match=r"array.json:1: a JSON array; JSON Lines expected"):
+        prep(files_config([tmp_path / "array.json"]), store)
+
+
+def test_text_that_is_not_utf8_is_named_and_a_bom_is_dropped(tmp_path, store):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("first line\nsecond line\ncaf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(DataSourceError, match=r"latin.txt:3: not UTF-8 text"):
+        prep(files_config([latin]), store)
+    records = tmp_path / "latin.jsonl"
+    records.write_bytes(b'{"text": "ok"}\n' + json.dumps({"text": "caf\xe9"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(DataSourceError, match=r"latin.jsonl:2: not UTF-8 text"):
+        prep(files_config([records]), store)
+
+    bom = write_jsonl(tmp_path / "bom.jsonl", paragraphs(12, 0))
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())  # as Windows editors save UTF-8
+    assert prep(files_config([bom]), store).metrics["documents"] == 12
+
+
+def test_folders_and_compressed_files_are_read(tmp_path, store):
+    folder = tmp_path / "corpus"
+    (folder / "nested").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", paragraphs(6, 0, "plain"))
+    with gzip.open(folder / "nested" / "b.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps({"text": t}) + "\n" for t in paragraphs(6, 1, "zipped")))
+    (folder / "README").write_text("not data")  # a folder may hold other files
+    manifest = prep(files_config([folder]), store)
+    assert manifest.metrics["files"] == 2 and manifest.metrics["documents"] == 12
+
+
+# ------------------------------------------------------------------------ no leaks into held-out data
+def word_ngrams(store, manifest, split, n=12):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(store.local_path(f"{manifest.folder}/tokenizer"))
+    words = tokenizer.decode(load_split(store, manifest, split).reshape(-1)).split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_a_file_matched_twice_and_duplicate_documents_do_not_leak_into_the_test_split(tmp_path, store):
+    rng = random.Random(0)
+    texts = [f"record{i} " + " ".join(f"{rng.choice(WORDS)}{rng.randrange(1000)}" for _ in range(30)) for i in range(60)]
+    write_jsonl(tmp_path / "a.jsonl", texts)
+    write_jsonl(tmp_path / "copy.jsonl", texts[:20])  # the same records in a second file
+    config = files_config([tmp_path / "*.jsonl", tmp_path / "a.jsonl"], val_fraction=0.2, test_fraction=0.2, vocab_size=2000)
+    manifest = prep(config, store)
+    assert manifest.metrics["files"] == 2  # a.jsonl, matched by both entries, is read once
+    assert manifest.metrics["documents"] == 60 and manifest.metrics["duplicates_removed"] == 20
+    test = word_ngrams(store, manifest, "test")
+    assert test and not test & word_ngrams(store, manifest, "train")
+
+
+# ------------------------------------------------------------------------------ prep scales linearly
+def test_streamed_splitting_gives_the_same_pieces_as_the_whole_text():
+    rng = random.Random(0)
+    text = "".join(rng.choice(["word ", "x" * 9, "\n", "\n\n", "\n\n\n", " "]) for _ in range(20_000))
+    whole = list(split_long(text, limit=300))
+    cuts = sorted(rng.sample(range(1, len(text)), 200))
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    assert list(split_stream(chunks, limit=300)) == whole
+    assert "\n\n".join(whole) == text and max(map(len, whole)) <= 300
+    single_line = "y" * 1000 + " " + "z" * 700
+    assert [len(p) for p in split_stream([single_line[i : i + 64] for i in range(0, len(single_line), 64)], limit=300)] == [
+        len(p) for p in split_long(single_line, limit=300)
+    ]
+
+
+# ----------------------------------------------------------------------------------- S3 errors
+def test_s3_data_errors_name_the_url_and_what_to_set(tmp_path, s3_endpoint, monkeypatch):
+    storage = {"root": str(tmp_path / "local"), "s3": {"endpoint_url": s3_endpoint}}
+    with pytest.raises(StorageError, match=r"data.files: s3://no-such-bucket-kdflow/x/\*.jsonl: not found"):
+        prep(files_config(["s3://no-such-bucket-kdflow/x/*.jsonl"]), Store(StorageConfig(**storage)))
+    unreachable = {"root": str(tmp_path / "local"), "s3": {"endpoint_url": "http://127.0.0.1:9"}}
+    with pytest.raises(StorageError, match=r"s3://bucket/x.jsonl: the S3 endpoint does not answer.*storage.s3.endpoint_url"):
+        prep(files_config(["s3://bucket/x.jsonl"]), Store(StorageConfig(**unreachable)))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # the instance above holds the credentials it found
+    with pytest.raises(StorageError, match=r"s3://bucket/x.jsonl: no S3 credentials; set AWS_ACCESS_KEY_ID"):
+        prep(files_config(["s3://bucket/x.jsonl"]), Store(StorageConfig(**storage)))
+
+
+# ------------------------------------------------------------------------------------- file modes
+def test_outputs_respect_the_umask(tmp_path):
+    script = (
+        "import os, sys; os.umask(int(sys.argv[2], 8));"
+        "from kd_core.config import StorageConfig; from kd_core.storage import Store;"
+        "Store(StorageConfig(root=sys.argv[1])).write_bytes('a/b.json', b'{}')"
+    )
+    for umask, mode in (("022", 0o644), ("027", 0o640)):
+        root = tmp_path / umask
+        subprocess.run([sys.executable, "-c", script, str(root), umask], check=True, cwd=REPO)
+        assert (root / "a" / "b.json").stat().st_mode & 0o777 == mode
+
+
+# ------------------------------------------------------------------------------ teachers and tokenizers
+def style_tokenizer(style: str, texts: list[str]):
+    """A tokenizer as transformers saves them: Llama-style (<s>, </s>, a bos template, no pad) or
+    GPT-2-style (<|endoftext|> as bos, eos and unk, no pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] if style == "llama" else ["<|endoftext|>"]
+    tokenizer = Tokenizer(models.BPE(unk_token=specials[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if style == "llama":
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def save_teacher(folder, style: str, *, padded: int = 0, context: int = 64):
+    """A tiny teacher saved with transformers: Llama with a Llama-style tokenizer, GPT-2 with a
+    GPT-2-style one; `padded` extra output rows past the tokenizer (as many released models have)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = style_tokenizer(style, paragraphs(200, 7))
+    vocab = len(tokenizer) + padded
+    torch.manual_seed(0)
+    if style == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, max_position_embeddings=context, bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=context, bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def teacher_job(tmp_path, teacher_folder, *overrides):
+    write_jsonl(tmp_path / "own.jsonl", paragraphs(80, 3))
+    return load_config(
+        os.path.join(REPO, "configs", "tiny.yaml"),
+        [
+            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "compute.backend=local", "data.source=files", f"data.files=[{tmp_path / 'own.jsonl'}]", f"teacher.path={teacher_folder}",
+            "distill.baseline=false", "data.max_documents=null", *overrides,
+        ],
+    )
+
+
+@pytest.mark.parametrize("style, padded", [("llama", 0), ("gpt2", 64)])
+def test_a_teacher_saved_with_transformers_teaches_with_its_own_tokenizer_and_the_student_generates(tmp_path, style, padded):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kd_core.pipeline import run_pipeline
+
+    folder = save_teacher(tmp_path / "teacher", style, padded=padded)
+    config = teacher_job(tmp_path, folder)
+    assert config.data.tokenizer == str(folder)  # teacher.path alone: the teacher's own tokenizer
+    steps = run_pipeline(config, until="distill")
+    teacher_tokenizer = AutoTokenizer.from_pretrained(folder)
+    prepared = steps["prep"].details
+    assert prepared["vocab_size"] == len(teacher_tokenizer)  # nothing added
+    assert prepared["special_token_ids"]["eos"] == teacher_tokenizer.eos_token_id
+    rows = load_split(Store(config.storage), steps["prep"], "train")
+    assert rows.max() < len(teacher_tokenizer) and (rows == teacher_tokenizer.eos_token_id).any()  # documents end with the eos
+
+    student_dir = Store(config.storage).local_path(steps["distill"].details["model_folder"])
+    tokenizer = AutoTokenizer.from_pretrained(student_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id < model.config.vocab_size
+    assert (model.config.eos_token_id, model.config.pad_token_id) == (teacher_tokenizer.eos_token_id, tokenizer.pad_token_id)
+    batch = tokenizer(["teacher student", "a much longer prompt about the data and the model"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    prompt_length = batch["input_ids"].shape[1]
+    assert generated.shape[0] == 2 and prompt_length < generated.shape[1] <= prompt_length + 4
+    assert torch.equal(generated[:, :prompt_length], batch["input_ids"])
+
+
+def test_a_teacher_with_a_short_context_or_a_too_large_top_k_is_a_named_error(tmp_path):
+    from kd_core.cache import CacheSettingsError
+    from kd_core.pipeline import run_pipeline
+    from kd_core.train.teacher import TeacherError
+
+    short = save_teacher(tmp_path / "short", "llama", context=16)
+    with pytest.raises(TeacherError, match=r"data.seq_len: 32 tokens per row, but the teacher at .* reads at most 16"):
+        run_pipeline(teacher_job(tmp_path, short), until="cache")
+    folder = save_teacher(tmp_path / "teacher", "llama")
+    with pytest.raises(CacheSettingsError, match=r"cache.top_k: 5000 is more than the vocabulary's \d+ tokens"):
+        run_pipeline(teacher_job(tmp_path, folder, "cache.top_k=5000"), until="cache")
+
+
+def test_a_split_without_a_full_row_is_a_named_error(tmp_path, store):
+    path = write_jsonl(tmp_path / "d.jsonl", [f"w{i}" for i in range(20)])  # train: 16 documents, 2 rows; val: 2 documents
+    with pytest.raises(DataSourceError, match=r"data: the val split holds no full row of data.seq_len=16 tokens \(2 documents"):
+        prep(files_config([path], val_fraction=0.1, test_fraction=0.1), store)
