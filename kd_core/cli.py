@@ -265,7 +265,11 @@ def _headline(step: str, manifest: Manifest) -> str:
     if step == "prep" and details.get("task") == "reward":
         return f"{metrics['pairs']:,} pairs ({metrics['labeled_pairs']:,} human-labelled), {metrics['images']:,} images, vocab {details['vocab_size']}"
     if step == "prep":
-        return f"{metrics['documents']} docs, {metrics['train_tokens']:,} train tokens, vocab {details['vocab_size']}"
+        dropped = [f"{metrics[key]:,} {label}" for key, label in (("duplicates_removed", "duplicates"), ("skipped_empty", "empty")) if metrics.get(key)]
+        return (
+            f"{metrics['documents']:,} docs{' (dropped ' + ', '.join(dropped) + ')' if dropped else ''}, "
+            f"{metrics['train_tokens']:,} train tokens, vocab {details['vocab_size']}"
+        )
     if step in ("teacher", "distill", "baseline") and "parameters" in metrics:
         return f"{metrics['parameters']:,} params, final loss {metrics.get('loss', float('nan')):.3f}"
     if step == "teacher":

@@ -112,3 +112,14 @@ def test_checkpoint_cost_benchmark_smoke(tmp_path):
     assert [(row["checkpoint_every"], row["checkpoints"]) for row in record["rows"]] == [("none", 0), ("3", 3)]
     # Checkpoints change nothing about the training: the same final loss with and without.
     assert record["rows"][0]["final_loss"] == pytest.approx(record["rows"][1]["final_loss"], rel=1e-6)
+
+
+def test_prep_throughput_benchmark_smoke(tmp_path):
+    results = tmp_path / "prep.jsonl"
+    run = run_script("benchmarks/prep_throughput.py", "--megabytes", "0.3", "--files", "5", "--results", str(results))
+    assert run.returncode == 0, run.stderr
+    assert "kdflow MB/s" in run.stdout and "whole-file MB/s" in run.stdout
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert [row["case"] for row in record["results"]] == ["one huge file", "5 small files"]
+    for row in record["results"]:
+        assert row["documents"] > 0 and row["kdflow"]["mb_per_s"] > 0 and row["whole_file"]["peak_mb"] > 0

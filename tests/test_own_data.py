@@ -198,18 +198,37 @@ def test_a_file_matched_twice_and_duplicate_documents_do_not_leak_into_the_test_
 
 
 # ------------------------------------------------------------------------------ prep scales linearly
-def test_streamed_splitting_gives_the_same_pieces_as_the_whole_text():
+def whole_text_pieces(text: str, limit: int) -> list[str]:
+    """The reference cut (kdflow's before it streamed): the whole text in memory, blank-line
+    paragraphs, a long paragraph cut by re-slicing what is left (quadratic in its length), the
+    paragraphs gathered into pieces of at most `limit`. benchmarks/prep_throughput.py times it."""
+    pieces, piece, size = [], [], 0
+    for paragraph in text.split("\n\n"):
+        parts = []
+        while len(paragraph) > limit:
+            cut = paragraph.rfind(" ", limit // 2, limit)
+            cut = cut if cut > 0 else limit
+            parts.append(paragraph[:cut])
+            paragraph = paragraph[cut:]
+        for part in [*parts, paragraph]:
+            if piece and size + len(part) > limit:
+                pieces.append("\n\n".join(piece))
+                piece, size = [], 0
+            piece.append(part)
+            size += len(part) + 2
+    return pieces + (["\n\n".join(piece)] if piece else [])
+
+
+def test_streamed_splitting_gives_the_reference_pieces_wherever_the_chunks_break():
     rng = random.Random(0)
     text = "".join(rng.choice(["word ", "x" * 9, "\n", "\n\n", "\n\n\n", " "]) for _ in range(20_000))
-    whole = list(split_long(text, limit=300))
-    cuts = sorted(rng.sample(range(1, len(text)), 200))
+    text += "y" * 1000 + " " + "z" * 700  # a long last paragraph, with and without spaces to cut at
+    whole = whole_text_pieces(text, 300)
+    assert list(split_long(text, limit=300)) == whole
+    cuts = sorted(rng.sample(range(1, len(text)), 300))
     chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     assert list(split_stream(chunks, limit=300)) == whole
-    assert "\n\n".join(whole) == text and max(map(len, whole)) <= 300
-    single_line = "y" * 1000 + " " + "z" * 700
-    assert [len(p) for p in split_stream([single_line[i : i + 64] for i in range(0, len(single_line), 64)], limit=300)] == [
-        len(p) for p in split_long(single_line, limit=300)
-    ]
+    assert "".join(whole).replace("\n", "") == text.replace("\n", "") and max(map(len, whole)) <= 300
 
 
 # ----------------------------------------------------------------------------------- S3 errors

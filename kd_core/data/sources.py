@@ -84,6 +84,8 @@ def _docstrings(source_file: Path) -> Iterator[str]:
 # ------------------------------------------------------------------------------ cutting documents
 def split_long(text: str, limit: int = MAX_DOC_CHARS) -> Iterator[str]:
     """Cut text into pieces of at most `limit` characters, at blank lines where possible."""
+    if len(text) <= limit:  # what split_stream gives too: every paragraph fits in one piece
+        return iter((text,))
     return split_stream([text], limit)
 
 
@@ -197,14 +199,22 @@ class FileSource:
         return sum(file.size for file in self.files)
 
     def documents(self, counts: SourceCounts, advance: Callable[[int], None] = lambda n: None) -> Iterator[str]:
-        """Every document of every file, cut into pieces; `advance(bytes)` after each file."""
+        """Every document of every file, cut into pieces; `advance(bytes)` as the files are read."""
         for file in self.files:
             fs = self.filesystems[file.url]
+            reported = 0
+
+            def read_up_to(position: int) -> None:
+                nonlocal reported
+                position = min(position, file.size)
+                advance(position - reported)
+                reported = max(reported, position)
+
             with reaching(file.url, "data.files"):
-                yield from _read_one(fs, file, self.text_field, counts)
+                yield from _read_one(fs, file, self.text_field, counts, read_up_to)
+            read_up_to(file.size)
             counts.files += 1
             counts.bytes += file.size
-            advance(file.size)
 
 
 def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict]:
@@ -253,47 +263,64 @@ def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
 
 
-def _read_one(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts) -> Iterator[str]:
+def _read_one(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts, read_up_to) -> Iterator[str]:
+    """`read_up_to(byte)` reports progress through the file (decompressed bytes for a compressed one)."""
     name = file.path[: file.path.rfind(".")] if _is_compressed(file.path) else file.path
     if name.endswith(PARQUET_SUFFIXES):
         yield from _parquet_documents(fs, file, text_field, counts)
     elif name.endswith(JSON_SUFFIXES):
-        yield from _jsonl_documents(fs, file, text_field, counts)
+        yield from _jsonl_documents(fs, file, text_field, counts, read_up_to)
     else:
-        yield from _text_documents(fs, file)
+        yield from _text_documents(fs, file, read_up_to)
 
 
-def _text_stream(fs: fsspec.AbstractFileSystem, file: MatchedFile) -> io.TextIOWrapper:
+def _text_stream(fs: fsspec.AbstractFileSystem, file: MatchedFile) -> tuple[io.TextIOWrapper, io.IOBase]:
     """The file decoded as strict UTF-8 (BOM dropped, any newline convention read as \\n),
-    decompressed by its suffix."""
+    decompressed by its suffix; and the byte stream under it (its position is the progress)."""
     raw = fs.open(file.path, "rb", compression="infer")
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict"), raw
 
 
-def _text_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile) -> Iterator[str]:
-    def chunks(stream: io.TextIOWrapper) -> Iterator[str]:
+def _text_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, read_up_to) -> Iterator[str]:
+    stream, raw = _text_stream(fs, file)
+
+    def chunks() -> Iterator[str]:
         try:
             while chunk := stream.read(READ_CHARS):
+                read_up_to(raw.tell())
                 yield chunk
         except UnicodeDecodeError as err:
             raise _not_utf8(fs, file, err) from None
 
-    with _text_stream(fs, file) as stream:
-        yield from (piece for piece in split_stream(chunks(stream)) if piece.strip())
+    with stream:
+        yield from (piece for piece in split_stream(chunks()) if piece.strip())
 
 
-def _jsonl_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts) -> Iterator[str]:
-    with _text_stream(fs, file) as stream:
-        try:
-            for line_number, line in enumerate(stream, start=1):
-                if line.strip():
-                    text = _record_text(line, f"{file.url}:{line_number}", text_field)
-                    if text is None or not text.strip():
-                        counts.skipped_empty += 1
-                        continue
-                    yield from split_long(text)
-        except UnicodeDecodeError as err:
-            raise _not_utf8(fs, file, err) from None
+def _jsonl_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts, read_up_to) -> Iterator[str]:
+    stream, raw = _text_stream(fs, file)
+    with stream:
+        for line_number, line in enumerate(_lines(stream, fs, file, lambda: read_up_to(raw.tell())), start=1):
+            if line.strip():
+                text = _record_text(line, f"{file.url}:{line_number}", text_field)
+                if text is None or not text.strip():
+                    counts.skipped_empty += 1
+                    continue
+                yield from split_long(text)
+
+
+def _lines(stream: io.TextIOWrapper, fs: fsspec.AbstractFileSystem, file: MatchedFile, on_chunk) -> Iterator[str]:
+    """The stream's lines, read a large chunk at a time (a readline per record is slower)."""
+    carry = ""
+    try:
+        while chunk := stream.read(READ_CHARS):
+            on_chunk()
+            lines = (carry + chunk).split("\n")
+            carry = lines.pop()
+            yield from lines
+    except UnicodeDecodeError as err:
+        raise _not_utf8(fs, file, err) from None
+    if carry:
+        yield carry
 
 
 def _record_text(line: str, where: str, text_field: str) -> str | None:
