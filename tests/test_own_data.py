@@ -363,3 +363,13 @@ def test_a_split_without_a_full_row_is_a_named_error(tmp_path, store):
     path = write_jsonl(tmp_path / "d.jsonl", [f"w{i}" for i in range(20)])  # train: 16 documents, 2 rows; val: 2 documents
     with pytest.raises(DataSourceError, match=r"data: the val split holds no full row of data.seq_len=16 tokens \(2 documents"):
         prep(files_config([path], val_fraction=0.1, test_fraction=0.1), store)
+
+
+def test_a_tokenizer_that_names_a_token_it_lacks_is_refused_before_any_id_is_added(tmp_path, store):
+    tokenizer = style_tokenizer("gpt2", paragraphs(50, 0))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    settings = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "<pad>"}))
+    path = write_jsonl(tmp_path / "d.jsonl", paragraphs(30, 1))
+    with pytest.raises(DataSourceError, match=r"data.tokenizer: .*tok: tokenizer_config.json / special_tokens_map.json name tokens that tokenizer.json lacks \(<pad>\)"):
+        prep(files_config([path], tokenizer=str(tmp_path / "tok")), store)

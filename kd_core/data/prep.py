@@ -65,8 +65,8 @@ class PreparedTokenizer:
     """Separates documents in packed rows; the end of a generation."""
     pad: str
     """Fills rows shorter than seq_len (preference pairs); never trained on."""
-    hf_folder: Path | None = None
-    """A local copy of the Hugging Face directory it came from (None: trained here)."""
+    hf: object | None = None
+    """The `transformers` tokenizer it was loaded as (None: trained here); saved as it is."""
 
     def ids(self) -> dict[str, int]:
         return {name: self.tokenizer.token_to_id(getattr(self, name)) for name in ("bos", "eos", "pad")}
@@ -125,6 +125,22 @@ def prep_section(config: DataConfig, storage: StorageConfig, source: FileSource 
     if config.tokenizer:
         section["tokenizer_identity"] = tokenizer_identity(config.tokenizer, storage)
     return section
+
+
+def check_prep_inputs(config: DataConfig, storage: StorageConfig) -> list[str]:
+    """What prep will read, checked without preparing anything (`kdflow validate --check-inputs`):
+    the files are listed and the first record of each (up to 20) read; the tokenizer is loaded.
+    Raises the error prep would raise; returns one line per input checked."""
+    checked = []
+    source = file_source(config, storage)
+    if source is not None:
+        source.check_records()
+        checked.append(f"data.files: {len(source.files)} files, {source.total_bytes:,} bytes, first records readable")
+    if config.tokenizer:
+        prepared = load_tokenizer(config.tokenizer, storage)
+        vocabulary = prepared.tokenizer.get_vocab_size()
+        checked.append(f"data.tokenizer: {config.tokenizer} ({vocabulary:,} tokens; separator {prepared.eos!r}, pad {prepared.pad!r})")
+    return checked
 
 
 def file_source(config: DataConfig, storage: StorageConfig) -> FileSource | None:
@@ -205,21 +221,26 @@ def load_tokenizer(url: str, storage: StorageConfig) -> PreparedTokenizer:
     every id stays inside the teacher's vocabulary."""
     from transformers import PreTrainedTokenizerFast
 
-    folder = Path(tempfile.mkdtemp(prefix="kdflow-tokenizer-"))
     fs, root = url_to_fs(url, storage)
     with reaching(url, "data.tokenizer"):
+        if not fs.exists(root):
+            raise DataSourceError(
+                f"data.tokenizer: {url} does not exist (unset, it is teacher.path's folder); point it at a Hugging Face "
+                "tokenizer directory"
+            )
         if not fs.exists(f"{root.rstrip('/')}/tokenizer.json"):
             raise DataSourceError(
                 f"data.tokenizer: {url} has no tokenizer.json; point it at a Hugging Face tokenizer directory "
                 "(a folder written by tokenizer.save_pretrained)"
             )
-        for name in TOKENIZER_FILES:
-            if fs.exists(f"{root.rstrip('/')}/{name}"):
-                fs.get_file(f"{root.rstrip('/')}/{name}", str(folder / name))
-    hf = PreTrainedTokenizerFast.from_pretrained(folder)
-    declared = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
-    if len(hf) > declared:
-        extra = sorted(set(hf.get_vocab()) - set(Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab()))
+        with tempfile.TemporaryDirectory(prefix="kdflow-tokenizer-") as folder:
+            for name in TOKENIZER_FILES:
+                if fs.exists(f"{root.rstrip('/')}/{name}"):
+                    fs.get_file(f"{root.rstrip('/')}/{name}", str(Path(folder) / name))
+            hf = PreTrainedTokenizerFast.from_pretrained(folder)
+            declared = Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).get_vocab()
+    if len(hf) > len(declared):
+        extra = sorted(set(hf.get_vocab()) - set(declared))
         raise DataSourceError(
             f"data.tokenizer: {url}: tokenizer_config.json / special_tokens_map.json name tokens that tokenizer.json lacks "
             f"({', '.join(extra[:4])}); they would get ids past the teacher's vocabulary: name existing tokens instead"
@@ -229,9 +250,7 @@ def load_tokenizer(url: str, storage: StorageConfig) -> PreparedTokenizer:
             f"data.tokenizer: {url} declares no eos token (tokenizer_config.json 'eos_token'); kdflow separates documents "
             "with it: set it to the end-of-text token the teacher was trained with"
         )
-    tokenizer = hf.backend_tokenizer
-    bos = hf.bos_token or hf.eos_token
-    return PreparedTokenizer(tokenizer, bos=bos, eos=hf.eos_token, pad=hf.pad_token or hf.eos_token, hf_folder=folder)
+    return PreparedTokenizer(hf.backend_tokenizer, bos=hf.bos_token or hf.eos_token, eos=hf.eos_token, pad=hf.pad_token or hf.eos_token, hf=hf)
 
 
 def tokenizer_identity(url: str, storage: StorageConfig) -> str:
@@ -252,8 +271,8 @@ def save_hf_tokenizer(prepared: PreparedTokenizer, run: StageRun) -> None:
     an existing one."""
     from transformers import PreTrainedTokenizerFast
 
-    if prepared.hf_folder is not None:
-        wrapped = PreTrainedTokenizerFast.from_pretrained(prepared.hf_folder)
+    if prepared.hf is not None:
+        wrapped = prepared.hf
         wrapped.pad_token = wrapped.pad_token or prepared.pad
     else:
         wrapped = PreTrainedTokenizerFast(

@@ -194,6 +194,14 @@ class FileSource:
         """Each matched file's URL, size and identity, in reading order (what the prep key covers)."""
         return [{"url": file.url, "size": file.size, "identity": file.identity} for file in self.files]
 
+    def check_records(self, files: int = 20) -> None:
+        """Read the first record of up to `files` files (each file's format, encoding and text
+        field), raising what reading them all would raise first; reads a few kilobytes a file."""
+        for file in self.files[:files]:
+            counts = SourceCounts()
+            with reaching(file.url, "data.files"):
+                next(_read_one(self.filesystems[file.url], file, self.text_field, counts, lambda position: None), None)
+
     @property
     def total_bytes(self) -> int:
         return sum(file.size for file in self.files)

@@ -71,14 +71,8 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
     fs, root = url_to_fs(url, store.config)
     root = root.rstrip("/")
     with reaching(url, "teacher.path"):
-        if not fs.isdir(root):
-            raise TeacherError(f"teacher.path: {url} is not a folder; point it at a Hugging Face model directory")
-        files = fs.find(root, detail=True)
+        files = _teacher_files(fs, root, url)
         weight_files = sorted(path for path in files if path.endswith(".safetensors"))
-        if not weight_files:
-            raise TeacherError(f"teacher.path: {url} holds no .safetensors weights; kdflow loads only safetensors")
-        if f"{root}/config.json" not in files:
-            raise TeacherError(f"teacher.path: {url} has no config.json; point it at a Hugging Face model directory")
         digest = hashlib.sha256()
         for path in [*weight_files, *(f"{root}/{name}" for name in IDENTITY_FILES if f"{root}/{name}" in files)]:
             digest.update(f"{path[len(root):]}={content_identity(fs, path, files[path])}\n".encode())
@@ -87,8 +81,30 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
         if run.reused:
             return run.reused
         _check_vocabulary(fs, root, url, store, prep)
-        _check_context(json.loads(fs.cat_file(f"{root}/config.json")), url, prep)
+        _check_context(json.loads(fs.cat_file(f"{root}/config.json")), url, prep.details["seq_len"])
     return run.finish(details={"external_url": url})
+
+
+def check_teacher_folder(url: str, store: Store, seq_len: int) -> None:
+    """What the teacher step checks before a run, from the folder alone (`kdflow validate
+    --check-inputs`): weights, config.json and a context of at least `seq_len` tokens."""
+    fs, root = url_to_fs(url, store.config)
+    root = root.rstrip("/")
+    with reaching(url, "teacher.path"):
+        _teacher_files(fs, root, url)
+        _check_context(json.loads(fs.cat_file(f"{root}/config.json")), url, seq_len)
+
+
+def _teacher_files(fs, root: str, url: str) -> dict[str, dict]:
+    """path -> info of every file in a teacher folder that has safetensors weights and a config.json."""
+    if not fs.isdir(root):
+        raise TeacherError(f"teacher.path: {url} is not a folder; point it at a Hugging Face model directory")
+    files = fs.find(root, detail=True)
+    if not any(path.endswith(".safetensors") for path in files):
+        raise TeacherError(f"teacher.path: {url} holds no .safetensors weights; kdflow loads only safetensors")
+    if f"{root}/config.json" not in files:
+        raise TeacherError(f"teacher.path: {url} has no config.json; point it at a Hugging Face model directory")
+    return files
 
 
 def _check_vocabulary(fs, root: str, url: str, store: Store, prep: Manifest) -> None:
@@ -109,11 +125,11 @@ def _check_vocabulary(fs, root: str, url: str, store: Store, prep: Manifest) -> 
         )
 
 
-def _check_context(model_config: dict, url: str, prep: Manifest) -> None:
+def _check_context(model_config: dict, url: str, seq_len: int) -> None:
     context = model_config.get("max_position_embeddings") or model_config.get("n_positions")
-    if context is not None and context < prep.details["seq_len"]:
+    if context is not None and context < seq_len:
         raise TeacherError(
-            f"data.seq_len: {prep.details['seq_len']} tokens per row, but the teacher at {url} reads at most {context} "
+            f"data.seq_len: {seq_len} tokens per row, but the teacher at {url} reads at most {context} "
             f"(max_position_embeddings); set data.seq_len <= {context}"
         )
 
