@@ -373,3 +373,27 @@ def test_a_tokenizer_that_names_a_token_it_lacks_is_refused_before_any_id_is_add
     path = write_jsonl(tmp_path / "d.jsonl", paragraphs(30, 1))
     with pytest.raises(DataSourceError, match=r"data.tokenizer: .*tok: tokenizer_config.json / special_tokens_map.json name tokens that tokenizer.json lacks \(<pad>\)"):
         prep(files_config([path], tokenizer=str(tmp_path / "tok")), store)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cache.hidden_layers=[7]", "error: cache.hidden_layers: 7 is not a hidden state of the teacher (0..1); pick layers in that range"),
+        ("data.val_fraction=0.2", "error: data: the train split holds no full row of data.seq_len=32 tokens (3 documents"),
+    ],
+)
+def test_cache_and_split_checks_end_in_one_line_and_exit_2(tmp_path, override, message):
+    folder = save_teacher(tmp_path / "teacher", "llama")
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": f"w{i}"}) + "\n" for i in range(5)))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"storage: {{root: {tmp_path / 'store'}}}\ndata: {{source: files, files: ['{tmp_path}/*.jsonl'], seq_len: 32}}\n"
+        f"teacher: {{path: {folder}}}\ncache: {{top_k: 8}}\ncompute: {{backend: local}}\n"
+    )
+    write_jsonl(tmp_path / "own.jsonl", paragraphs(40, 3))
+    if "val_fraction" in override:  # five one-word documents: no split fills a row
+        (tmp_path / "own.jsonl").unlink()
+    done = subprocess.run([sys.executable, "-m", "kd_core.cli", "cache", str(job), override], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "KDFLOW_QUIET": "1"}, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in done.stderr
