@@ -203,15 +203,27 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str
         if kfp_local or until in _TRACKED_STAGES:
             _probe_tracking(config)
         if kfp_local:
-            from kd_core.kubeflow.engines import run_local
-
-            steps = run_local(config, kfp_local)
-        else:
-            steps = run_pipeline(config, until=until, force=force)
+            return _run_kfp_local(config, kfp_local, started)
+        steps = run_pipeline(config, until=until, force=force)
     except InputError as err:  # a shard, data file, manifest or teacher to fix: its message names it
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)
+    return 0
+
+
+def _run_kfp_local(config: JobConfig, pipeline: str, started: float) -> int:
+    """The DAG through kfp.local; a failed task's own cause is the last line: exit 2 for bad input, else 1."""
+    from kd_core.kubeflow.engines import DagTaskFailed, run_local
+
+    try:
+        steps = run_local(config, pipeline)
+    except DagTaskFailed as err:
+        if err.step:
+            stderr.print(f"kfp.local: the {err.step} task failed (its log is above)")
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2 if err.bad_input else 1
+    print_summary(steps, time.perf_counter() - started, dag="kfp.local")
     return 0
 
 
@@ -263,11 +275,13 @@ def _describe(config: JobConfig) -> str:
     return f"job {config.name!r}, storage {config.storage.root}, backend {config.compute.backend}"
 
 
-def print_summary(steps: dict[str, Manifest], seconds: float) -> None:
-    table = Table(
-        title=f"kdflow: {len(steps)} steps in {seconds:.1f}s",
-        caption="seconds in parentheses: what a reused step took when it was made",
-    )
+def print_summary(steps: dict[str, Manifest], seconds: float, dag: str | None = None) -> None:
+    """`dag`: the steps ran as Kubeflow DAG tasks through that engine (the caption lists them)."""
+    caption = "seconds in parentheses: what a reused step took when it was made"
+    if dag:
+        ran = [name for name in _STEPS if name in steps and not steps[name].reused]
+        caption = f"ran as Kubeflow DAG tasks ({dag}): {', '.join(ran) or 'none, every task reused its step by key'}\n" + caption
+    table = Table(title=f"kdflow: {len(steps)} steps in {seconds:.1f}s", caption=caption)
     for column in ("step", "key", "status", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for name in _STEPS:
