@@ -1,8 +1,9 @@
 """`registry.tracking_uri` is probed before any stage work, and `kdflow validate --check-inputs`.
 
 - A tracking server that is down (nothing listens on the port; a host that does not resolve) stops
-  `kdflow run` at once with exit 2 and one line naming `registry.tracking_uri`, before any stage
-  wrote to storage; `validate --check-inputs` reports the same way.
+  `kdflow run` (either engine), `distill` and `tune` at once with exit 2 and one line naming
+  `registry.tracking_uri`, before any stage wrote to storage; `validate --check-inputs` reports
+  the same way.
 - A real MLflow server (the `mlflow_server` fixture) passes the probe.
 - An HTTP server that is not MLflow, and one that refuses the credentials (401), are named as
   such. Both are small loopback stand-ins: they are exactly the kind of server the probe must
@@ -39,11 +40,20 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "kdflow-no-such-host.invalid:5000"])
-def test_run_with_a_tracking_server_that_is_down_exits_2_before_any_stage(tmp_path, capsys, host):
+@pytest.mark.parametrize(
+    ("command", "host"),
+    [
+        (["run"], "127.0.0.1:{port}"),
+        (["run"], "kdflow-no-such-host.invalid:5000"),
+        (["run", "--engine", "kfp-local"], "127.0.0.1:{port}"),
+        (["distill"], "127.0.0.1:{port}"),
+        (["tune"], "127.0.0.1:{port}"),
+    ],
+)
+def test_a_tracking_server_that_is_down_stops_the_command_before_any_stage(tmp_path, capsys, command, host):
     uri = "http://" + host.format(port=free_port()) + "/"
     started = time.monotonic()
-    code = main(["run", TINY, f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={uri}"])
+    code = main([*command, TINY, f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={uri}"])
     seconds = time.monotonic() - started
 
     assert code == 2
