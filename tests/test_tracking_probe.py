@@ -5,6 +5,7 @@
   `registry.tracking_uri`, before any stage wrote to storage; `validate --check-inputs` reports
   the same way.
 - A real MLflow server (the `mlflow_server` fixture) passes the probe.
+- A server that accepts the connection but never answers is named after the probe's timeout.
 - An HTTP server that is not MLflow, and one that refuses the credentials (401), are named as
   such. Both are small loopback stand-ins: they are exactly the kind of server the probe must
   reject (an MLflow server with an auth app needs extra packages this suite does not install).
@@ -110,6 +111,17 @@ def test_a_server_that_is_not_mlflow_is_named(stand_in):
     url, _ = stand_in
     with pytest.raises(TrackingServerError, match=r"answered HTTP 404, but not as an MLflow tracking server"):
         probe_tracking_uri(url)
+
+
+def test_a_server_that_never_answers_is_named_after_the_timeout():
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(TrackingServerError, match=rf"no MLflow server at {url} \(no answer within 1 s\)"):
+            probe_tracking_uri(url, timeout=1)
 
 
 def test_refused_credentials_are_named_without_showing_them(stand_in, monkeypatch, capsys):

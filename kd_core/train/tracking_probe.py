@@ -22,6 +22,7 @@ MLflow's default 7 retries with exponential back-off (over 4 minutes).
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import socket
@@ -74,7 +75,7 @@ def _probe_server(uri: str, experiment: str, timeout: float) -> None:
             status, body = response.status, response.read(65536)
     except urllib.error.HTTPError as answer:
         status, body = answer.code, answer.read(65536)
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         raise TrackingServerError(
             f"{_FIELD}: no MLflow server at {shown} ({_unreachable_reason(err, timeout)}); start the server, "
             f"fix the URI, or use sqlite:///runs/mlflow.db for a local file"
@@ -116,6 +117,8 @@ def _unreachable_reason(err: Exception, timeout: float) -> str:
         return f"no answer within {timeout:g} s"
     if isinstance(reason, ssl.SSLError):
         return f"TLS failed: {reason.reason or reason}"
+    if isinstance(reason, http.client.HTTPException):
+        return f"the answer is not HTTP ({type(reason).__name__})"
     return str(reason) or type(reason).__name__
 
 
