@@ -1,6 +1,9 @@
 """The `kdflow` command line.
 
-    kdflow validate CONFIG [a.b=value ...]      check a job config, do nothing else
+    kdflow validate CONFIG [a.b=value ...] [--check-inputs]
+                                                check a job config, do nothing else (--check-inputs:
+                                                also check that its inputs are there, e.g. the
+                                                MLflow tracking server answers)
     kdflow prep|cache|distill|eval|register CONFIG [a.b=value ...] [--force STEP] [--force-all]
     kdflow run CONFIG [a.b=value ...] [--engine local|kfp-local]
                                                 every stage, in order (in this process, or as the
@@ -10,8 +13,10 @@
     kdflow submit CONFIG                        one run of the DAG on kubeflow.host
     kdflow schedule CONFIG --cron "0 0 3 * * *" a recurring run (one at a time, no catch-up)
 
-Every command validates the whole config before any work starts. A stage runs what it depends on
-first and reuses every step whose manifest already exists. The end prints a summary table.
+Every command validates the whole config before any work starts; a command that reaches a step
+logging to MLflow (distill, eval, register, run, tune, promote, rollback) then probes
+`registry.tracking_uri` (seconds). A stage runs what it depends on first and reuses every step
+whose manifest already exists. The end prints a summary table.
 Exit codes: 0 success, 1 a stage failed, 2 the config or an input is unusable.
 """
 
@@ -30,8 +35,12 @@ from kd_core.config import ConfigError, JobConfig, load_config
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest
 from kd_core.pipeline import STAGES
+from kd_core.train.tracking_probe import fail_fast_mlflow_client, probe_tracking_uri
 
 _STEPS = ("prep", "teacher", "cache", "tune", "distill", "baseline", "eval", "register")
+_TRACKED_STAGES = ("distill", "eval", "register")
+"""Stage commands that reach a step logging to MLflow; prep and cache never talk to it, so a
+tracking server that is down does not stop them."""
 _STAGE_HELP = {
     "prep": "tokenize raw text into packed, split token shards",
     "cache": "run (or train) the teacher and cache its outputs (top-k, sampled or full)",
@@ -51,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     validate = commands.add_parser("validate", help="validate a job config and exit", description="Validate a job config.")
     _add_config_arguments(validate)
+    validate.add_argument(
+        "--check-inputs", action="store_true",
+        help="also check that the job's inputs are usable: the MLflow server at registry.tracking_uri answers and "
+        "accepts the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN), or the SQLite folder "
+        "is writable; exit 2 naming the first that is not",
+    )
     for stage in (*STAGES, "tune", "run"):
         sub = commands.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage].capitalize() + ".")
         _add_config_arguments(sub)
@@ -109,14 +124,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    fail_fast_mlflow_client()
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
         stderr.print(f"[red]error:[/red] {err}", markup=True, soft_wrap=True)
         return 2
     if args.command == "validate":
-        stdout.print(f"{args.config}: valid ({_describe(config)})")
-        return 0
+        return _validate(config, args.config, args.check_inputs)
     if args.command in ("promote", "rollback"):
         return _move_champion(config, args.command, getattr(args, "version", None))
     if args.command in ("compile", "submit", "schedule"):
@@ -133,6 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     return _run(config, until, force)
 
 
+def _validate(config: JobConfig, path: str, check: bool) -> int:
+    if check:
+        from kd_core.checks import check_inputs
+
+        try:
+            checked = check_inputs(config)
+        except InputError as err:
+            stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+            return 2
+        for line in checked:
+            stdout.print(line, soft_wrap=True)
+    stdout.print(f"{path}: valid ({_describe(config)})")
+    return 0
+
+
+def _probe_tracking(config: JobConfig) -> None:
+    probe_tracking_uri(config.registry.tracking_uri, config.registry.experiment)
+
+
 def _tune(config: JobConfig, force: frozenset[str]) -> int:
     from kd_core.pipeline import search_steps
     from kd_core.storage import Store
@@ -144,6 +178,7 @@ def _tune(config: JobConfig, force: frozenset[str]) -> int:
         return 2
     started = time.perf_counter()
     try:
+        _probe_tracking(config)
         steps = search_steps(config, force)
     except InputError as err:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
@@ -165,16 +200,30 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str
 
     started = time.perf_counter()
     try:
+        if kfp_local or until in _TRACKED_STAGES:
+            _probe_tracking(config)
         if kfp_local:
-            from kd_core.kubeflow.engines import run_local
-
-            steps = run_local(config, kfp_local)
-        else:
-            steps = run_pipeline(config, until=until, force=force)
+            return _run_kfp_local(config, kfp_local, started)
+        steps = run_pipeline(config, until=until, force=force)
     except InputError as err:  # a shard, data file, manifest or teacher to fix: its message names it
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)
+    return 0
+
+
+def _run_kfp_local(config: JobConfig, pipeline: str, started: float) -> int:
+    """The DAG through kfp.local; a failed task's own cause is the last line: exit 2 for bad input, else 1."""
+    from kd_core.kubeflow.engines import DagTaskFailed, run_local
+
+    try:
+        steps = run_local(config, pipeline)
+    except DagTaskFailed as err:
+        if err.step:
+            stderr.print(f"kfp.local: the {err.step} task failed (its log is above)")
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2 if err.bad_input else 1
+    print_summary(steps, time.perf_counter() - started, dag="kfp.local")
     return 0
 
 
@@ -209,13 +258,14 @@ def _move_champion(config: JobConfig, command: str, version: int | None) -> int:
     registry = config.registry
     client = MlflowClient(tracking_uri=registry.tracking_uri)
     try:
+        _probe_tracking(config)
         if command == "promote":
             chosen = promote(client, registry, version)
             stdout.print(f"{registry.model_name}: @{registry.champion_alias} -> version {chosen} (by hand)")
         else:
             rejected, restored = rollback(client, registry)
             stdout.print(f"{registry.model_name}: version {rejected} rejected; @{registry.champion_alias} -> version {restored}")
-    except (RegistryError, MlflowException) as err:
+    except (RegistryError, MlflowException, InputError) as err:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     return 0
@@ -225,11 +275,13 @@ def _describe(config: JobConfig) -> str:
     return f"job {config.name!r}, storage {config.storage.root}, backend {config.compute.backend}"
 
 
-def print_summary(steps: dict[str, Manifest], seconds: float) -> None:
-    table = Table(
-        title=f"kdflow: {len(steps)} steps in {seconds:.1f}s",
-        caption="seconds in parentheses: what a reused step took when it was made",
-    )
+def print_summary(steps: dict[str, Manifest], seconds: float, dag: str | None = None) -> None:
+    """`dag`: the steps ran as Kubeflow DAG tasks through that engine (the caption lists them)."""
+    caption = "seconds in parentheses: what a reused step took when it was made"
+    if dag:
+        ran = [name for name in _STEPS if name in steps and not steps[name].reused]
+        caption = f"ran as Kubeflow DAG tasks ({dag}): {', '.join(ran) or 'none, every task reused its step by key'}\n" + caption
+    table = Table(title=f"kdflow: {len(steps)} steps in {seconds:.1f}s", caption=caption)
     for column in ("step", "key", "status", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for name in _STEPS:

@@ -6,16 +6,29 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 _QUIET = os.environ.get("KDFLOW_QUIET") == "1"
+_SILENCED: ContextVar[bool] = ContextVar("kdflow_silenced", default=False)
+
+
+@contextmanager
+def silenced() -> Iterator[None]:
+    """No `say` messages in this block: e.g. while collecting the manifests of steps that ran
+    elsewhere, whose "reused" lines would only mislead."""
+    token = _SILENCED.set(True)
+    try:
+        yield
+    finally:
+        _SILENCED.reset(token)
 
 
 def say(message: str) -> None:
-    if not _QUIET:
+    if not _QUIET and not _SILENCED.get():
         console.print(message)
 
 

@@ -57,6 +57,21 @@ def tiny_config(tmp_path):
     )
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_client_settings():
+    """`kdflow` commands run in-process set MLflow's retry settings in this process's environment
+    (kd_core.train.tracking_probe.fail_fast_mlflow_client); later tests start from the original."""
+    from kd_core.train.tracking_probe import MLFLOW_CLIENT_DEFAULTS
+
+    saved = {name: os.environ.get(name) for name in MLFLOW_CLIENT_DEFAULTS}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray_at_end():
     yield

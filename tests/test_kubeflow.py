@@ -4,6 +4,9 @@
   is a subprocess of this Python, through KFP's executor): the search (Ray Tune, Optuna, ASHA,
   MLflow child runs, `Tuner.restore`), the best job distilled, registered only past the gates,
   and the typed outputs (Metrics, HTML).
+- A task that fails in kfp.local ends the run with its own one-line cause as the last line: exit 2
+  for bad input (a data pattern that matches no file, failing in the prep task before any
+  training), 1 otherwise; the executor's dump of the job JSON is left out of the log.
 - The committed pipelines/compiled/ YAML matches what `make pipelines` would write now, and
   carries the cluster settings of configs/cluster.yaml (resources, GPUs, placement, secrets).
 - `kdflow submit` / `kdflow schedule` through the real KFP client, against a loopback stand-in of
@@ -13,8 +16,7 @@
   README says so). Its pod templates are validated against the Kubernetes schemas.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: KFP reads the test component's annotations as types.
 import json
 import os
 import signal
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kfp import dsl
 
 from kd_core.config import ConfigError, load_config
 from kd_core.kubeflow import engines
@@ -56,7 +59,8 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     steps = engines.run_local(config, "tune-distill")
 
     assert list(steps) == ["prep", "teacher", "cache", "tune", "distill", "baseline", "eval", "register"]
-    assert all(manifest.reused for manifest in steps.values()), "every step ran inside the DAG, none in this process"
+    # Collected here under reuse_only (so none ran in this process); all made by the DAG's tasks just now.
+    assert not any(manifest.reused for manifest in steps.values()), "every step ran as a DAG task, none was reused"
     store = Store(config.storage)
 
     # The search: 2 trials at once; values within their ranges. Which trials ASHA stops
@@ -118,6 +122,84 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     steps = engines.run_local(failing, "tune-distill")
     assert "register" not in steps and steps["eval"].metrics["gates_passed"] is False
     assert len(client.search_model_versions(f"name = '{config.registry.model_name}'")) == 1
+
+
+def test_kfp_local_bad_input_in_a_task_exits_2_with_its_cause_last(tmp_path, capsys):
+    from kd_core.cli import main
+
+    pattern = tmp_path / "missing" / "*.jsonl"
+    code = main([
+        "run", "--engine", "kfp-local", str(REPO / "configs" / "tiny.yaml"), f"storage.root={tmp_path / 'store'}",
+        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}",
+        "data.source=files", f"data.files=[{pattern}]",
+    ])
+    captured = capsys.readouterr()
+
+    assert code == 2
+    assert captured.err.strip().splitlines()[-2:] == [
+        "kfp.local: the prep task failed (its log is above)", f"error: data.files: '{pattern}' matches no file",
+    ]
+    assert "Executing task" in captured.out, "kfp's own lines stay"
+    assert f"error: data.files: '{pattern}' matches no file" in captured.out and "Traceback" not in captured.out, "the task's log says it in one line"
+    assert "executor_input" not in captured.out and '"storage"' not in captured.out, "the job JSON dump is left out"
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def distill_missing_its_inputs(job: str) -> str:
+    """A step given too few manifest URLs: a programming error, not bad input."""
+    from kd_core.kubeflow.steps import run_step
+
+    return run_step("distill", job, {"prep": "unused"})["distill"]
+
+
+def test_kfp_local_task_failing_on_other_than_input_is_named_and_not_bad_input(tmp_path, tiny_config):
+    from kfp import local
+
+    @dsl.pipeline(name="kdflow-broken")
+    def broken():
+        distill_missing_its_inputs(job=engines_job(tiny_config))
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"), raise_on_error=True)
+    with pytest.raises(engines.DagTaskFailed) as failed:
+        engines.run_dag(broken)
+    assert failed.value.step == "distill" and failed.value.bad_input is False
+    assert str(failed.value) == "ValueError: pipeline step distill needs the manifest URLs of teacher, cache"
+
+
+def test_executor_input_filter_drops_only_the_executor_info_and_its_json():
+    import io
+
+    lines = [
+        "    [KFP Executor 2026-01-01 00:00:00,000 INFO]: Looking for component `prep`",
+        "    [KFP Executor 2026-01-01 00:00:00,000 INFO]: Got executor_input:",
+        "    {", '        "inputs": {', '            "job": "{}"', "        }", "    }",
+        "    the component's own line", "    [KFP Executor 2026-01-01 00:00:00,000 WARNING]: kept",
+        "    [KFP Executor 2026-01-01 00:00:00,000 INFO]: Got executor_input:", "    not JSON: passed through",
+    ]
+    sink = io.StringIO()
+    quiet = engines.ExecutorInputFilter(sink)
+    for line in lines:  # as kfp.local writes it: the indentation and the line in separate writes
+        quiet.write(line[:4])
+        quiet.write(line[4:] + "\n")
+    assert sink.getvalue().splitlines() == [
+        "    the component's own line", "    [KFP Executor 2026-01-01 00:00:00,000 WARNING]: kept", "    not JSON: passed through",
+    ]
+
+
+def test_summary_of_a_dag_run_lists_the_steps_that_ran_as_tasks_and_marks_the_reused(capsys):
+    from kd_core.cli import print_summary
+    from kd_core.manifest import Manifest
+
+    def prep(key: str, reused: bool) -> Manifest:
+        metrics = {"documents": 3, "train_tokens": 96}
+        return Manifest("prep", key, "", {}, {}, {}, metrics=metrics, details={"vocab_size": 300}, reused=reused)
+
+    print_summary({"prep": prep("made-before", True)}, 1.0, dag="kfp.local")
+    reused = capsys.readouterr().out
+    assert "ran as Kubeflow DAG tasks (kfp.local): none" in reused and "reused" in reused
+    print_summary({"prep": prep("made-now", False)}, 1.0, dag="kfp.local")
+    ran = capsys.readouterr().out
+    assert "ran as Kubeflow DAG tasks (kfp.local): prep" in ran and "reused" not in ran.split("ran as")[0]
 
 
 def test_kfp_local_engine_refuses_force(capsys):

@@ -6,18 +6,27 @@
 
 Locally, every component runs as a subprocess of this Python environment and the distill step
 runs Ray in-process (`kubeflow.rayjob.enabled` is switched off): what `kdflow run` does, step for
-step, through KFP's own executor, parameter passing and condition handling.
+step, through KFP's own executor, parameter passing and condition handling. A task that fails
+raises `DagTaskFailed` with the task's own one-line cause (`run_dag`), and the executor's dump of
+each task's input (the whole job JSON) is left out of the streamed logs (`ExecutorInputFilter`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kd_core.config import ConfigError, JobConfig
 from kd_core.manifest import Manifest
-from kd_core.progress import say
+from kd_core.progress import say, silenced
 
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
 _CRON_FIELD = r"[0-9A-Za-z*/,?#LW-]+"
@@ -25,6 +34,20 @@ _CRON_FIELD = r"[0-9A-Za-z*/,?#LW-]+"
 
 PIPELINES = ("distill", "tune-distill")
 """`distill`: prep → cache → distill → eval → register. `tune-distill`: … cache → tune → distill with the best config → …"""
+
+
+_KFP_LOCAL_NOTICES = (r"Task '.*': settings .* have no effect in the current local runner", r"You may be attemping to run a task that uses custom")
+"""kfp.local's warnings on every task of a kdflow DAG, all expected: resources do not apply
+locally, and the kdflow image's code is this Python's on purpose (SubprocessRunner)."""
+
+
+class DagTaskFailed(RuntimeError):
+    """A kfp.local task failed: `step` (None if unknown), its one-line cause as the message, and
+    whether the cause was bad input (the CLI exits 2 then, else 1)."""
+
+    def __init__(self, step: str | None, cause: str, bad_input: bool):
+        super().__init__(cause)
+        self.step, self.bad_input = step, bad_input
 
 
 def pipeline_function(config: JobConfig, pipeline: str = "distill"):
@@ -58,19 +81,28 @@ def local_job(config: JobConfig) -> JobConfig:
 
 def run_local(config: JobConfig, pipeline: str = "distill") -> dict[str, Manifest]:
     """Run the DAG through kfp.local, then collect the manifests of the steps it made (after a
-    search, those of the best job)."""
+    search, those of the best job). A manifest is marked `reused` when it is older than this run:
+    its task found it by key instead of running the stage."""
     from kfp import local
-
-    from kd_core.pipeline import register_step, run_pipeline, search_steps
-    from kd_core.stage import reuse_only
-    from kd_core.tune import best_job
 
     job = local_job(config)
     root = Path(job.kubeflow.local_pipeline_root).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     say(f"kfp.local: running the {job.name} DAG (outputs of KFP itself under {root})")
-    pipeline_function(job, pipeline)()
-    with reuse_only():
+    started = datetime.now(timezone.utc).replace(microsecond=0)
+    run_dag(pipeline_function(job, pipeline))
+    steps = _collect_manifests(job, pipeline)
+    for manifest in steps.values():
+        manifest.reused = datetime.fromisoformat(manifest.created_at) < started
+    return steps
+
+
+def _collect_manifests(job: JobConfig, pipeline: str) -> dict[str, Manifest]:
+    from kd_core.pipeline import register_step, run_pipeline, search_steps
+    from kd_core.stage import reuse_only
+    from kd_core.tune import best_job
+
+    with reuse_only(), silenced():
         searched = {}
         if pipeline == "tune-distill":
             searched = search_steps(job)
@@ -79,6 +111,115 @@ def run_local(config: JobConfig, pipeline: str = "distill") -> dict[str, Manifes
         if steps["eval"].metrics["gates_passed"]:
             steps["register"] = register_step(job, steps["eval"], steps["distill"])
     return {**searched, **steps}
+
+
+def run_dag(dag: Callable[[], object]) -> None:
+    """Run a kfp.local pipeline; a failed task raises `DagTaskFailed` with the task's own cause.
+
+    kfp.local runs each task in a subprocess, streams its output into this process's stdout and
+    reports a failure only as "Inner task failed: 'prep'", the cause some 35 lines up. So each
+    component (`steps.run_step`) writes its cause as JSON into the folder named by
+    `STEP_ERROR_DIR_ENV`, which this function sets for the subprocesses (they inherit the
+    environment) and reads back. A file does not depend on the wording or layout of kfp's logs, as
+    scraping a marker line from the streamed output would, nor on where KFP puts a task's outputs.
+    A task that fails outside `run_step` leaves no file: kfp's own message is the cause then.
+    """
+    from kd_core.kubeflow.steps import STEP_ERROR_DIR_ENV
+
+    with tempfile.TemporaryDirectory(prefix="kdflow-kfp-errors-") as folder, _environment(STEP_ERROR_DIR_ENV, folder):
+        with quiet_executor_input(), warnings.catch_warnings():
+            for expected in _KFP_LOCAL_NOTICES:
+                warnings.filterwarnings("ignore", message=expected)
+            try:
+                dag()
+            except RuntimeError as err:
+                raise _task_failure(Path(folder), err) from None
+
+
+def _task_failure(folder: Path, kfp_error: RuntimeError) -> DagTaskFailed:
+    """The first task's cause written to `folder`; kfp's own message when there is none."""
+    records = sorted(folder.glob("*.json"), key=lambda path: path.stat().st_mtime)
+    if not records:
+        return DagTaskFailed(None, re.sub(r"\x1b\[[0-9;]*m", "", str(kfp_error)), bad_input=False)
+    record = json.loads(records[0].read_text())
+    return DagTaskFailed(record["step"], record["error"], bad_input=record["bad_input"])
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+class ExecutorInputFilter:
+    """This process's stdout while kfp.local streams task output into it, without the KFP
+    executor's INFO lines: above all "Got executor_input:" and the JSON after it (the whole job,
+    dozens of lines per task). The executor logs those at INFO on its root logger in the task's
+    subprocess (`kfp/dsl/executor_main.py`, `logging.basicConfig(level=INFO)`) before any kdflow
+    code runs, so the level cannot be lowered there; this drops those records where they arrive.
+    Everything else passes unchanged: the executor's warnings and errors, the component's output
+    and tracebacks, kfp.local's own lines. A block that does not look like the JSON dump is passed
+    through rather than guessed at."""
+
+    _EXECUTOR_INFO = re.compile(r"\[KFP Executor [^\]]* INFO\]: ")
+
+    def __init__(self, target):
+        self.target, self._pending = target, ""
+        self._closing: str | None = None
+        """While inside the dumped JSON: the line that closes it ("" until its first line)."""
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            if not self._drops(line):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def _drops(self, line: str) -> bool:
+        if self._closing == "":
+            if line.strip() != "{":
+                self._closing = None
+                return False
+            self._closing = line.rstrip()[:-1] + "}"
+            return True
+        if self._closing is not None:
+            if line.rstrip() == self._closing:
+                self._closing = None
+            return True
+        if self._EXECUTOR_INFO.search(line):
+            self._closing = "" if line.rstrip().endswith("Got executor_input:") else None
+            return True
+        return False
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def close_pending(self) -> None:
+        if self._pending:
+            self.target.write(self._pending)
+            self._pending = ""
+
+    def __getattr__(self, name: str):
+        return getattr(self.target, name)
+
+
+@contextmanager
+def quiet_executor_input() -> Iterator[None]:
+    """`sys.stdout` is an `ExecutorInputFilter` in this block."""
+    original = sys.stdout
+    sys.stdout = quiet = ExecutorInputFilter(original)
+    try:
+        yield
+    finally:
+        quiet.close_pending()
+        sys.stdout = original
 
 
 def client_host(config: JobConfig) -> str:

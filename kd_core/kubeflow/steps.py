@@ -9,6 +9,10 @@ On a cluster the distill step's pod submits a KubeRay RayJob (`kubeflow.rayjob`)
 entrypoint is this module (`python -m kd_core.kubeflow.steps distill`, the job and inputs in its
 environment), then collects the manifests under `reuse_only`: a RayJob that did not finish is an
 error, never a silent retrain inside the step's small pod.
+
+When `KDFLOW_STEP_ERROR_DIR` is set (kfp.local runs: `engines.run_dag` sets it and reads it
+back), a failing step writes its one-line cause there; bad input then ends the task with that line
+and exit status 2, any other error raises as everywhere else (`reporting_failure`).
 """
 
 from __future__ import annotations
@@ -16,12 +20,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from kd_core.config import ConfigError, JobConfig, public_dict, validate_config
+from kd_core.errors import InputError
 from kd_core.manifest import Manifest, manifest_url, read_manifest_url
 from kd_core.pipeline import cache_steps, distill_steps, eval_step, prep_step, register_step, tune_step
 from kd_core.stage import reuse_only
 from kd_core.storage import Store
+from kd_core.train.tracking_probe import fail_fast_mlflow_client
 
 STEP_INPUTS = {
     "prep": (),
@@ -34,6 +43,9 @@ STEP_INPUTS = {
 """Component -> the manifest URLs it takes (an empty URL: that step did not run, e.g. no baseline)."""
 JOB_ENV, INPUTS_ENV = "KDFLOW_JOB", "KDFLOW_STEP_INPUTS"
 """How the distill RayJob's entrypoint receives the job and its inputs."""
+STEP_ERROR_DIR_ENV = "KDFLOW_STEP_ERROR_DIR"
+"""A folder where a failing step writes `<step>.json`: {"step", "error" (one line), "bad_input"}.
+kfp.local sets nothing like it; `engines.run_local` does, for its task subprocesses."""
 
 
 def job_config(job_json: str) -> JobConfig:
@@ -54,6 +66,42 @@ def job_json(config: JobConfig) -> str:
 
 def run_step(step: str, job: str, inputs: dict[str, str]) -> dict[str, str]:
     """Run one component's stage; returns step name -> manifest URL of every step it made."""
+    fail_fast_mlflow_client()
+    with reporting_failure(step):
+        return _run_checked(step, job, inputs)
+
+
+@contextmanager
+def reporting_failure(step: str) -> Iterator[None]:
+    """Re-raise any error of the block, first writing its cause to `STEP_ERROR_DIR_ENV` if set.
+    There, bad input ends the task with its one line and exit status 2 instead of a traceback: the
+    caller reports it, and a traceback through kdflow's internals says nothing more about a data
+    pattern that matches no file."""
+    try:
+        yield
+    except Exception as err:
+        folder = os.environ.get(STEP_ERROR_DIR_ENV)
+        if not folder:
+            raise
+        bad_input = isinstance(err, (InputError, ConfigError))
+        record = {"step": step, "error": one_line_cause(err), "bad_input": bad_input}
+        Path(folder, f"{step}.json").write_text(json.dumps(record))
+        if not bad_input:
+            raise
+        print(f"error: {record['error']}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def one_line_cause(err: BaseException) -> str:
+    """Bad input's message on one line (it names the field or file); else the error's type and
+    first line."""
+    if isinstance(err, (InputError, ConfigError)):
+        return " ".join(str(err).split())
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _run_checked(step: str, job: str, inputs: dict[str, str]) -> dict[str, str]:
     if step not in STEP_INPUTS:
         raise ValueError(f"unknown pipeline step {step!r}; one of {', '.join(STEP_INPUTS)}")
     missing = [name for name in STEP_INPUTS[step] if name not in inputs]
