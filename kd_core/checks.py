@@ -1,12 +1,20 @@
 """`kdflow validate --check-inputs`: are the job's inputs there and usable, before any work?
 
 `check_inputs(config)` raises an `InputError` (one line naming the field and what to do) for the
-first unusable input. It checks today:
+first unusable input. It checks:
 
+- `storage.root` on an object store: the bucket answers with the job's S3 settings and credentials;
+- `data.files`: every URL, glob and folder matches files, and the first record of each (up to 20)
+  reads as prep will read it (format, UTF-8, `data.text_field` holding a string);
+- `data.tokenizer` (the teacher's folder when only `teacher.path` is set): it loads, and names no
+  token it lacks;
+- `teacher.path`: a folder with safetensors weights and a `config.json` whose context holds
+  `data.seq_len` tokens;
 - `registry.tracking_uri`: the MLflow server answers as MLflow and accepts kdflow's credentials,
   or the SQLite database's folder can be written (`kd_core.train.tracking_probe`).
 
-Each check is quick (seconds) and reads nothing large. It sits beside the CLI's other helpers:
+Each check is quick (seconds) and reads nothing large: listings, a few kilobytes per data file,
+the tokenizer and `config.json`; never the weights. It sits beside the CLI's other helpers:
 it calls into the library and nothing in the library calls it.
 """
 
@@ -18,6 +26,16 @@ from kd_core.train.tracking_probe import probe_tracking_uri, redact
 
 def check_inputs(config: JobConfig) -> list[str]:
     """Run every input check; returns what was checked, one line each, for the CLI to print."""
+    from kd_core.data.prep import check_prep_inputs
+    from kd_core.storage import Store, check_object_store
+    from kd_core.train.teacher import check_teacher_folder
+
+    checked = [line for line in [check_object_store(config.storage)] if line]
+    if config.data.source in ("files", "preferences") or config.data.tokenizer:
+        checked += check_prep_inputs(config.data, config.storage)
+    if config.teacher.path:
+        check_teacher_folder(config.teacher.path, Store(config.storage), config.data.seq_len)
+        checked.append(f"teacher.path: {config.teacher.path} has safetensors weights and a context of at least data.seq_len")
     probe_tracking_uri(config.registry.tracking_uri, config.registry.experiment)
-    return [f"registry.tracking_uri: {redact(config.registry.tracking_uri)} is usable"]
+    return [*checked, f"registry.tracking_uri: {redact(config.registry.tracking_uri)} is usable"]
 

@@ -120,6 +120,21 @@ def reaching(url: str, field: str) -> Iterator[None]:
         raise
 
 
+def check_object_store(config: StorageConfig) -> str | None:
+    """For a root on an object store: its bucket answers with these settings (else a
+    `StorageError`); what was checked, or None for a local root."""
+    fs, root = url_to_fs(config.root, config)
+    if isinstance(fs, LocalFileSystem) or fs.protocol == "memory":
+        return None
+    bucket = root.split("/", 1)[0]
+    with reaching(config.root, "storage.root"):
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist") from None
+    return f"storage.root: {config.root} answers"
+
+
 def file_identity(fs: fsspec.AbstractFileSystem, path: str, info: dict | None = None) -> str:
     """What changes when the file does, read without downloading it where the store can tell: an
     object store's ETag, else size and modification time; a sha256 of the bytes where the store

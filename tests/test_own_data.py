@@ -397,3 +397,30 @@ def test_cache_and_split_checks_end_in_one_line_and_exit_2(tmp_path, override, m
                           cwd=REPO, env={**os.environ, "KDFLOW_QUIET": "1"}, timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in done.stderr
+
+
+def test_validate_check_inputs_probes_data_tokenizer_teacher_and_store(tmp_path, capsys, s3_endpoint):
+    from kd_core.cli import main
+
+    folder = save_teacher(tmp_path / "teacher", "gpt2")
+    write_jsonl(tmp_path / "own.jsonl", paragraphs(40, 3))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"storage: {{root: {tmp_path / 'store'}}}\ndata: {{source: files, files: ['{tmp_path}/*.jsonl'], seq_len: 32}}\n"
+        f"teacher: {{path: {folder}}}\nregistry: {{tracking_uri: 'sqlite:///{tmp_path}/mlflow.db'}}\n"
+    )
+    assert main(["validate", "--check-inputs", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "data.files: 1 files" in out and "data.tokenizer:" in out and "teacher.path:" in out
+    assert not (tmp_path / "store").exists()  # nothing was prepared
+
+    cases = {
+        "data.seq_len=100": "data.seq_len: 100 tokens per row, but the teacher at",
+        f"teacher.path={tmp_path / 'missing'}": "data.tokenizer: ",
+        f"data.files=[{tmp_path / 'nothing-*.jsonl'}]": "data.files: ",
+        f"storage.root=s3://kdflow-no-such-bucket/job": "storage.root: s3://kdflow-no-such-bucket/job: not found",
+    }
+    for override, message in cases.items():
+        assert main(["validate", "--check-inputs", str(job), override, f"storage.s3.endpoint_url={s3_endpoint}"]) == 2, override
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (override, lines)
