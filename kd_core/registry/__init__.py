@@ -21,7 +21,8 @@ registrar of its own that runs the same loop after creating it; so however regis
 interleave, the alias ends on the best eligible version, never on a worse or a gate-failing one
 (`tests/test_registry.py` runs concurrent registrations against a real MLflow server).
 
-By hand: `promote(version)` moves the champion to any version; `rollback()` marks the champion
+By hand: `promote(version)` moves the champion to any version (one that failed its gates only with
+`force=True`, `kdflow promote --force`); `rollback()` marks the champion
 rejected and moves the alias back to the previous champion in the registered model's
 `kdflow.champion_history` tag, walking further back on each call.
 """
@@ -35,7 +36,7 @@ from urllib.parse import urlparse
 
 from kd_core import __version__
 from kd_core.config import RegistryConfig, flatten
-from kd_core.gates import metric_value
+from kd_core.gates import describe_failed, metric_value
 from kd_core.manifest import Manifest
 from kd_core.models import local_copy
 from kd_core.stage import StageRun
@@ -207,16 +208,30 @@ def alias_version(client, model_name: str, alias: str) -> str | None:
         return None
 
 
-def promote(client, config: RegistryConfig, version: int) -> str:
+def promote(client, config: RegistryConfig, version: int, *, force: bool = False) -> str:
     """Make `version` the champion by hand; automatic promotion then only considers versions
-    from this one on."""
+    from this one on. A version that failed its gates is refused unless `force`."""
     chosen = client.get_model_version(config.model_name, str(version))
+    if chosen.tags.get(GATES_PASSED_TAG) == "false" and not force:
+        raise RegistryError(
+            f"{config.model_name} version {chosen.version} failed its gates: {failed_gates(chosen.tags)}; "
+            "promote it anyway with --force"
+        )
     if REJECTED_TAG in chosen.tags:
         client.delete_model_version_tag(config.model_name, chosen.version, REJECTED_TAG)
     _pin(client, config, chosen.version)
     client.set_registered_model_alias(config.model_name, config.champion_alias, chosen.version)
     _append_history(client, config, chosen.version)
     return str(chosen.version)
+
+
+def failed_gates(tags: dict) -> str:
+    """The failed gates recorded on a version (its `kdflow.gates` tag), for a message."""
+    try:
+        gates = json.loads(tags.get(GATES_TAG, "[]"))
+    except json.JSONDecodeError:  # cut at the tag length limit
+        return f"see its {GATES_TAG} tag"
+    return "; ".join(describe_failed(gates)) or f"see its {GATES_TAG} tag"
 
 
 def rollback(client, config: RegistryConfig) -> tuple[str, str]:
