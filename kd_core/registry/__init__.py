@@ -139,7 +139,7 @@ def log_student(model_dir: Path, task: str):
       (prompt, response, image) rows, one reward each.
 
     The task is the one the eval stage recorded in its metrics. This is the only place the registry
-    asks which task it serves; it moves into the task classes when they arrive (docs/ARCHITECTURE.md).
+    asks which task it serves; it moves into the task classes (`kd_core/tasks/`) with the task redesign.
     """
     if task == "reward":
         return _log_reward_pyfunc(Path(model_dir))
@@ -184,7 +184,9 @@ def _log_reward_pyfunc(model_dir: Path):
 
 
 def _pinned(*distributions: str) -> list[str]:
-    """`name==version` of each installed distribution: what loading the logged model needs."""
+    """`name==version` of each installed distribution: what loading the logged model needs. Given
+    explicitly because MLflow's default list for a torch model adds torchvision, which kdflow
+    neither needs nor installs."""
     return [f"{name}=={metadata.version(name)}" for name in distributions]
 
 
