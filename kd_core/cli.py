@@ -2,12 +2,15 @@
 
     kdflow validate CONFIG [a.b=value ...] [--check-inputs]
                                                 check a job config, do nothing else (--check-inputs:
-                                                also check that its inputs are there, e.g. the
-                                                MLflow tracking server answers)
+                                                also check that its inputs are there: data files,
+                                                tokenizer, teacher, bucket, MLflow server)
     kdflow prep|cache|distill|eval|register CONFIG [a.b=value ...] [--force STEP] [--force-all]
     kdflow run CONFIG [a.b=value ...] [--engine local|kfp-local]
                                                 every stage, in order (in this process, or as the
                                                 Kubeflow DAG through kfp.local)
+    kdflow run|eval|register ... --fail-on-gates   exit 3 when a gate in eval.gates failed (for CI)
+    kdflow promote CONFIG VERSION [--force]     make VERSION the champion (--force: even if it failed a gate)
+    kdflow rollback CONFIG                      reject the champion, restore the previous one
     kdflow tune CONFIG [a.b=value ...]          search tune.space (Optuna TPE + ASHA on Ray Tune)
     kdflow compile CONFIG [--output FILE]       the Kubeflow DAG as KFP YAML
     kdflow submit CONFIG                        one run of the DAG on kubeflow.host
@@ -17,7 +20,9 @@ Every command validates the whole config before any work starts; a command that 
 logging to MLflow (distill, eval, register, run, tune, promote, rollback) then probes
 `registry.tracking_uri` (seconds). A stage runs what it depends on first and reuses every step
 whose manifest already exists. The end prints a summary table.
-Exit codes: 0 success, 1 a stage failed, 2 the config or an input is unusable.
+Exit codes: 0 success, 1 a stage failed, 2 the config or an input is unusable (or `promote` of a
+version that failed its gates, without --force), 3 a gate failed and --fail-on-gates was given
+(after the summary is printed).
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ from rich.table import Table
 from kd_core import __version__
 from kd_core.config import ConfigError, JobConfig, load_config
 from kd_core.errors import InputError
+from kd_core.gates import describe_failed
 from kd_core.manifest import Manifest
 from kd_core.pipeline import STAGES
 from kd_core.train.tracking_probe import fail_fast_mlflow_client, probe_tracking_uri
 
+EXIT_GATES_FAILED = 3
+"""Exit status of `run`, `eval` and `register` with --fail-on-gates when a gate failed."""
 _STEPS = ("prep", "teacher", "cache", "tune", "distill", "baseline", "eval", "register")
 _TRACKED_STAGES = ("distill", "eval", "register")
 """Stage commands that reach a step logging to MLflow; prep and cache never talk to it, so a
@@ -74,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"redo STEP even if its outputs exist (repeatable; one of {', '.join(_STEPS)})",
         )
         sub.add_argument("--force-all", action="store_true", help="redo every step")
+        if stage in ("eval", "register", "run"):
+            sub.add_argument(
+                "--fail-on-gates", action="store_true",
+                help=f"exit {EXIT_GATES_FAILED} when a gate in eval.gates failed (after the summary), so CI notices",
+            )
         if stage == "run":
             sub.add_argument(
                 "--engine", choices=("local", "kfp-local"), default="local",
@@ -101,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     promote.add_argument("config", metavar="CONFIG", help="job YAML file (its registry section names the model)")
     promote.add_argument("version", metavar="VERSION", type=int, help="the model version to make champion")
+    promote.add_argument("--force", action="store_true", help="promote it even if it failed its gates")
     promote.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. registry.tracking_uri=http://mlflow:5000")
     rollback = commands.add_parser(
         "rollback", help="reject the champion and restore the previous one",
@@ -133,19 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         return _validate(config, args.config, args.check_inputs)
     if args.command in ("promote", "rollback"):
-        return _move_champion(config, args.command, getattr(args, "version", None))
+        return _move_champion(config, args.command, getattr(args, "version", None), force=getattr(args, "force", False))
     if args.command in ("compile", "submit", "schedule"):
         return _kubeflow(config, args)
     force = frozenset(["all"] if args.force_all else args.force)
+    fail_on_gates = getattr(args, "fail_on_gates", False)
     if getattr(args, "engine", "local") == "kfp-local":
         if force:
             stderr.print("[red]error:[/red] --force applies to the local engine; the kfp-local DAG reuses finished steps like a cluster run")
             return 2
-        return _run(config, "register", force, kfp_local=args.pipeline)
+        return _run(config, "register", force, kfp_local=args.pipeline, fail_on_gates=fail_on_gates)
     if args.command == "tune":
         return _tune(config, force)
     until = "register" if args.command == "run" else args.command
-    return _run(config, until, force)
+    return _run(config, until, force, fail_on_gates=fail_on_gates)
 
 
 def _validate(config: JobConfig, path: str, check: bool) -> int:
@@ -194,8 +209,9 @@ def _tune(config: JobConfig, force: frozenset[str]) -> int:
     return 0
 
 
-def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str | None = None) -> int:
-    """`kfp_local`: run that Kubeflow DAG (distill or tune-distill) through kfp.local instead."""
+def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str | None = None, fail_on_gates: bool = False) -> int:
+    """`kfp_local`: run that Kubeflow DAG (distill or tune-distill) through kfp.local instead;
+    `fail_on_gates`: exit EXIT_GATES_FAILED when the eval step's gates did not all pass."""
     from kd_core.pipeline import run_pipeline
 
     started = time.perf_counter()
@@ -209,6 +225,10 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)
+    failed = describe_failed(steps["eval"].metrics.get("gates", [])) if "eval" in steps else []
+    if fail_on_gates and failed:
+        stderr.print(f"[red]gates failed:[/red] {'; '.join(failed)} (--fail-on-gates: exit {EXIT_GATES_FAILED})", soft_wrap=True)
+        return EXIT_GATES_FAILED
     return 0
 
 
@@ -249,7 +269,7 @@ def _kubeflow(config: JobConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _move_champion(config: JobConfig, command: str, version: int | None) -> int:
+def _move_champion(config: JobConfig, command: str, version: int | None, *, force: bool = False) -> int:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -260,7 +280,7 @@ def _move_champion(config: JobConfig, command: str, version: int | None) -> int:
     try:
         _probe_tracking(config)
         if command == "promote":
-            chosen = promote(client, registry, version)
+            chosen = promote(client, registry, version, force=force)
             stdout.print(f"{registry.model_name}: @{registry.champion_alias} -> version {chosen} (by hand)")
         else:
             rejected, restored = rollback(client, registry)

@@ -718,8 +718,26 @@ class JobConfig(Section):
                 + ("" if self.cache.format == "sampled" else ", or topk_tail: false")
             )
         self._check_task()
+        self._check_baseline_metrics()
         self._check_tune_space()
         return self
+
+    def _check_baseline_metrics(self) -> None:
+        """A gate or primary metric that reads `baseline.*` needs the baseline to be trained; without
+        it the eval stage would fail after training, so refuse it here."""
+        from kd_core.gates import Gate, parse_metric
+
+        if self.distill.baseline:
+            return
+        advice = "set distill.baseline: true or drop"
+        for index, text in enumerate(self.eval.gates):
+            if any(model == "baseline" for model, _ in Gate.parse(text).metric_names()):
+                raise ValueError(f"eval.gates[{index}]: {text!r} reads the baseline, but distill.baseline is false; {advice} the gate")
+        if parse_metric(self.registry.primary_metric)[0] == "baseline":
+            raise ValueError(
+                f"registry.primary_metric: {self.registry.primary_metric!r} reads the baseline, but distill.baseline is false; "
+                f"{advice} it (e.g. student.perplexity)"
+            )
 
     def _check_task(self) -> None:
         """Each task's data source, teacher source, metrics and unsupported combinations."""

@@ -82,6 +82,12 @@ def evaluate_gates(gates: list[str], metrics: dict) -> list[dict]:
     return [Gate.parse(text).evaluate(metrics) for text in gates]
 
 
+def describe_failed(results: list[dict]) -> list[str]:
+    """Each failed gate of `evaluate_gates`' results with the two numbers it compared, e.g.
+    `student.perplexity < 100 (131.2 vs 100)`."""
+    return [f"{gate['gate']} ({gate['left']:.4g} vs {gate['right']:.4g})" for gate in results if not gate["passed"]]
+
+
 def parse_metric(text: str) -> tuple[str, str]:
     """(model, metric) of one metric name such as `student.perplexity` or `agreement_top1`."""
     try:

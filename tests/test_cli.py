@@ -1,4 +1,6 @@
-"""The `kdflow` command line, run as a user runs it (a subprocess of the installed entry point).
+"""The `kdflow` command line: as a user runs it (a subprocess of the installed entry point), and
+in-process through `kd_core.cli.main` for the gate exits (--fail-on-gates, promote --force) on a
+real tiny job (compute.backend=local: no Ray) registered to MLflow on SQLite.
 
 Run: .venv/bin/python -m pytest tests/test_cli.py
 """
@@ -81,3 +83,32 @@ def test_prep_prints_summary_and_reuses_on_second_call(tmp_path):
     assert second.returncode == 0 and "reused" in second.stdout
     forced = kdflow(*args, "--force", "prep")
     assert forced.returncode == 0 and "ran" in forced.stdout
+
+
+def test_fail_on_gates_exits_3_after_the_summary_and_promote_asks_for_force(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from kd_core.cli import main
+    from kd_core.registry import alias_version
+
+    storage = [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    job = [str(REPO / "configs" / "tiny.yaml"), *storage, "compute.backend=local"]
+    failing = 'eval.gates=["student.perplexity < 1", "agreement_top1 >= 0"]'
+    assert main(["run", *job, failing]) == 0  # without the flag a failed gate is reported, not an error
+    assert "FAIL" in capsys.readouterr().out
+    for command in ("eval", "register", "run"):
+        assert main([command, *job, failing, "--fail-on-gates"]) == 3, command
+        printed = capsys.readouterr()
+        assert "quality gates" in printed.out and "FAIL" in printed.out  # the summary comes first
+        assert "gates failed: student.perplexity < 1 (" in printed.err and "agreement_top1" not in printed.err
+    assert main(["eval", *job, 'eval.gates=["student.perplexity > 1"]', "--fail-on-gates"]) == 0
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model_name = "kdflow-tiny-student"
+    assert alias_version(client, model_name, "champion") is None  # version 1 failed its gates
+    assert main(["promote", job[0], "1", *storage]) == 2
+    refused = capsys.readouterr().err
+    assert "version 1 failed its gates: student.perplexity < 1 (" in refused and "--force" in refused
+    assert alias_version(client, model_name, "champion") is None
+    assert main(["promote", job[0], "1", *storage, "--force"]) == 0
+    assert alias_version(client, model_name, "champion") == "1"

@@ -66,3 +66,17 @@ def test_a_metric_that_was_not_measured_is_a_clear_error():
 def test_gates_are_checked_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"eval.gates: \[1\] gate 'student.ppl < 3': unknown metric"):
         load_config(REPO / "configs" / "tiny.yaml", ['eval.gates=["agreement_top1 >= 0.5", "student.ppl < 3"]'])
+
+
+def test_a_gate_or_primary_metric_on_the_baseline_needs_the_baseline():
+    gates = 'eval.gates=["agreement_top1 >= 0.5", "student.perplexity < baseline.perplexity"]'
+    with pytest.raises(ConfigError) as gate_error:
+        load_config(REPO / "configs" / "tiny.yaml", [gates, "distill.baseline=false"])
+    assert gate_error.value.args[0].splitlines()[-1].strip() == (
+        "eval.gates[1]: 'student.perplexity < baseline.perplexity' reads the baseline, but distill.baseline is false; "
+        "set distill.baseline: true or drop the gate"
+    )
+    with pytest.raises(ConfigError, match=r"registry.primary_metric: 'baseline.perplexity' reads the baseline, but distill.baseline is false; set distill.baseline: true or drop it"):
+        load_config(REPO / "configs" / "tiny.yaml", ["registry.primary_metric=baseline.perplexity", "distill.baseline=false"])
+    assert load_config(REPO / "configs" / "tiny.yaml", [gates]).distill.baseline  # with the baseline: fine
+    assert load_config(REPO / "configs" / "tiny.yaml", ['eval.gates=["agreement_top1 >= 0.5"]', "distill.baseline=false"])

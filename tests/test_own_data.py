@@ -247,8 +247,11 @@ def test_s3_data_errors_name_the_url_and_what_to_set(tmp_path, s3_endpoint, monk
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # the instance above holds the credentials it found
-    with pytest.raises(StorageError, match=r"s3://bucket/x.jsonl: no S3 credentials; set AWS_ACCESS_KEY_ID"):
-        prep(files_config(["s3://bucket/x.jsonl"]), Store(StorageConfig(**storage)))
+    try:
+        with pytest.raises(StorageError, match=r"s3://bucket/x.jsonl: no S3 credentials; set AWS_ACCESS_KEY_ID"):
+            prep(files_config(["s3://bucket/x.jsonl"]), Store(StorageConfig(**storage)))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # nor may a later test get this one, without credentials
 
 
 # ------------------------------------------------------------------------------------- file modes

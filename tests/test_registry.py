@@ -2,6 +2,9 @@
 
 Each registration here is what the register stage does after logging its run: a real MLflow run
 with a model artifact, `create_version` (tags: gate outcome, primary metric) and `promote_best`.
+The last tests run the register stage itself on tiny students built here from config (a Llama LM,
+a multimodal reward model; random weights, real tokenizer, real stage manifests, no training) and
+load the champion back by alias: the LM generates, the reward model scores.
 
 Run: .venv/bin/python -m pytest tests/test_registry.py
 """
@@ -155,3 +158,127 @@ def test_promote_by_hand_and_rollback(registry, tmp_path):
     assert f"version {v1} rejected" in rolled.stdout and champion(config, client) == v2
     missing = subprocess.run([*cli, "promote", "configs/tiny.yaml", "99", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "error" in missing.stderr
+
+
+# ------------------------------------------------------------------ the registered model loads by alias
+def tiny_tokenizer(folder: Path) -> Path:
+    """A byte-level BPE tokenizer trained here on a few sentences, saved as a Hugging Face tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    from kd_core.data.prep import END_OF_TEXT, PAD, train_tokenizer
+
+    texts = ["Which digit is written in the image?", "The digit is seven.", "The student learns from the teacher."] * 10
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(texts, 300), bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=PAD, unk_token=END_OF_TEXT,
+    )
+    wrapped.save_pretrained(folder)
+    return folder
+
+
+def register_student(config: RegistryConfig, store_root: Path, student_dir: Path, task: str, metrics: dict):
+    """The register stage on a student directory, with real (hand-made) distill and eval manifests."""
+    from kd_core.config import StorageConfig
+    from kd_core.registry import register as register_stage
+    from kd_core.stage import StageRun
+    from kd_core.storage import Store
+
+    store = Store(StorageConfig(root=str(store_root)))
+    distill = StageRun(store, "distill", {"task": task}, inputs={})
+    distill.upload_dir(student_dir, "model")
+    student = distill.finish(details={"model_folder": f"{distill.folder}/model"})
+    evaluation = StageRun(store, "eval", {"gates": []}, inputs={"student": student})
+    eval_metrics = {"task": task, "student": metrics, "gates": [], "gates_passed": True}
+    evaluation.write_bytes("metrics.json", json.dumps(eval_metrics).encode())
+    return register_stage(config, evaluation.finish(metrics=eval_metrics), student, store, {"task": task})
+
+
+def test_the_champion_language_model_loads_by_alias_and_generates(registry, tmp_path):
+    import mlflow
+    import torch
+    from transformers import AutoTokenizer
+
+    from kd_core.config import ArchitectureConfig
+    from kd_core.models import build_causal_lm, save_model_dir
+
+    config, client = registry
+    tokenizer_dir = tiny_tokenizer(tmp_path / "tokenizer")
+    model = build_causal_lm(ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2), 300, 32, seed=0).eval()
+    save_model_dir(model, tokenizer_dir, tmp_path / "student")
+    registration = register_student(config, tmp_path / "store", tmp_path / "student", "causal_lm", {"perplexity": 120.0})
+    assert registration.details["champion"] == registration.details["version"]
+    version = client.get_model_version(config.model_name, str(registration.details["version"]))
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))  # the source is the logged model
+    assert version.source.startswith("models:/m-") and (logged.name, logged.source_run_id) == ("model", version.run_id)
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    champion_uri = f"models:/{config.model_name}@champion"
+    generated = mlflow.pyfunc.load_model(champion_uri).predict(["The student"], params={"max_new_tokens": 6})
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompt = tokenizer("The student", return_tensors="pt").input_ids
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert greedy.shape[1] == prompt.shape[1] + 6
+    expected = tokenizer.decode(greedy[0], skip_special_tokens=True)
+    assert list(generated) == [expected] and expected.startswith("The student")
+    pipeline = mlflow.transformers.load_model(champion_uri)
+    assert pipeline.task == "text-generation"
+
+
+def test_the_champion_reward_model_loads_by_alias_and_scores_rows_as_the_model_does(registry, tmp_path):
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+    from tokenizers import Tokenizer
+
+    from kd_core.config import ArchitectureConfig, VisionConfig
+    from kd_core.models.reward import build_multimodal_reward_model
+
+    config, client = registry
+    config = config.model_copy(update={"primary_metric": "student.pairwise_accuracy_human"})
+    tokenizer_dir = tiny_tokenizer(tmp_path / "student")
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    pad_id, seq_len = tokenizer.token_to_id("<|pad|>"), 12
+    model = build_multimodal_reward_model(
+        VisionConfig(patch_size=2, hidden_size=16, num_layers=1, num_heads=2, fusion="prefix"),
+        ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2),
+        vocab_size=300, max_positions=seq_len, image_size=8, pad_id=pad_id, seed=0,
+    ).eval()
+    model.save_pretrained(tmp_path / "student", safe_serialization=True)
+    register_student(config, tmp_path / "store", tmp_path / "student", "reward", {"pairwise_accuracy_human": 0.8})
+
+    generator = np.random.default_rng(0)
+    images = [generator.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    rows = pd.DataFrame({
+        "prompt": ["Which digit is written in the image?"] * 3,
+        "response": ["The digit is seven.", "The digit is one.", "The student learns from the teacher. " * 4],  # the last one is cut
+        "image": [png_bytes(image) for image in images],
+    })
+    mlflow.set_tracking_uri(config.tracking_uri)
+    scored = mlflow.pyfunc.load_model(f"models:/{config.model_name}@champion").predict(rows)
+
+    # The model's own rewards: the prep stage's student view, built here by hand.
+    expected = []
+    for prompt, response, image in zip(rows["prompt"], rows["response"], images):
+        ids = torch.tensor([tokenizer.encode(f"{prompt}\n{response}").ids[-seq_len:]])
+        pixels = np.array(Image.fromarray(image).resize((8, 8), Image.Resampling.BICUBIC), dtype=np.uint8).reshape(1, -1)
+        with torch.no_grad():
+            expected.append(float(model(input_ids=ids, pixel_values=torch.from_numpy(pixels))[0]))
+    assert np.asarray(scored).shape == (3,)
+    np.testing.assert_allclose(np.asarray(scored, dtype=np.float64), expected, rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(expected, 6))) == 3  # three different rows, three different rewards
+
+    # Models from code: the logged model holds the code and the safetensors weights, nothing pickled.
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{config.model_name}@champion", dst_path=str(tmp_path / "download")))
+    assert (files / "pyfunc.py").exists() and (files / "artifacts" / "student" / "model.safetensors").exists()
+    assert not [path.name for path in files.rglob("*") if path.suffix in (".pkl", ".pickle", ".bin", ".pt")]
+
+
+def png_bytes(image) -> bytes:
+    from PIL import Image
+
+    buffer = __import__("io").BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -248,7 +248,10 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys, m
     assert version.tags["kdflow.gates_passed"] == str(metrics["gates_passed"]).lower()
     champion = steps["register"].details["champion"]
     assert (champion is not None) == metrics["gates_passed"]
-    model_dir = Path(client.download_artifacts(version.run_id, "model", str(tmp_path / "download")))
+    import mlflow  # the registered pyfunc holds the student's Hugging Face directory as its artifact `student`
+
+    registered_dir = mlflow.artifacts.download_artifacts(f"models:/{config.registry.model_name}/{version.version}", dst_path=str(tmp_path / "download"))
+    model_dir = Path(registered_dir) / "artifacts" / "student"
     registered = load_reward_model(model_dir)
     pixels = torch.zeros((1, 8 * 8 * 3), dtype=torch.uint8)
     assert torch.isfinite(registered(input_ids=torch.tensor([[5, 6, 7]]), pixel_values=pixels)).all()

@@ -157,7 +157,7 @@ def _parse_record(line: str, where: str, folder: str, config: PreferenceConfig) 
 
 def load_images(records: list[PreferenceRecord], size: int, storage: StorageConfig) -> dict[str, np.ndarray]:
     """image URL -> (size·size·3,) uint8 RGB, each image read and resized once."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     images: dict[str, np.ndarray] = {}
     wanted = {record.image_url: record.source for record in records}
@@ -165,16 +165,23 @@ def load_images(records: list[PreferenceRecord], size: int, storage: StorageConf
         for url, where in wanted.items():
             fs, path = url_to_fs(url, storage)
             try:
-                data = fs.cat_file(path)
-                with Image.open(io.BytesIO(data)) as image:
-                    resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+                images[url] = decode_image(fs.cat_file(path), size)
             except FileNotFoundError:
                 raise DataSourceError(f"{where}: image {url} does not exist; fix the record's image reference or add the file") from None
             except (UnidentifiedImageError, OSError) as err:
                 raise DataSourceError(f"{where}: image {url} is not a readable image ({err})") from None
-            images[url] = np.asarray(resized, dtype=np.uint8).reshape(-1)
             bar.advance()
     return images
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """(size·size·3,) uint8 RGB of an encoded image (PNG, JPEG, ...), resized bicubic: the pixels
+    a multimodal student reads (prep, and the registered model's pyfunc)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.uint8).reshape(-1)
 
 
 def split_by_image(records: list[PreferenceRecord], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
@@ -193,25 +200,33 @@ def split_by_image(records: list[PreferenceRecord], val_fraction: float, test_fr
     return splits
 
 
+def student_text(prompt: str, response: str) -> str:
+    """The text a multimodal student reads for one response (the image comes beside it)."""
+    return f"{prompt}\n{response}"
+
+
+def encode_texts(tokenizer, texts: list[str], seq_len: int, pad_id: int) -> tuple[np.ndarray, int]:
+    """(len(texts), seq_len) int32 ids, right-padded, each cut to its last `seq_len` tokens (the
+    response the reward is about is at the end), and how many were cut."""
+    out = np.full((len(texts), seq_len), pad_id, dtype=np.int32)
+    cut = 0
+    for row, encoding in enumerate(tokenizer.encode_batch(texts)):
+        tokens = encoding.ids[-seq_len:]
+        cut += len(encoding.ids) > seq_len
+        out[row, : len(tokens)] = tokens
+    return out, cut
+
+
 def encode_pairs(tokenizer, records: list[PreferenceRecord], images: dict[str, np.ndarray], seq_len: int, pad_id: int):
     """The shard columns of `records` (see the module docstring) and how many responses were cut."""
-    def ids(texts: list[str]) -> tuple[np.ndarray, int]:
-        out = np.full((len(texts), seq_len), pad_id, dtype=np.int32)
-        cut = 0
-        for row, encoding in enumerate(tokenizer.encode_batch(texts)):
-            tokens = encoding.ids[-seq_len:]  # a cut keeps the end: the response the reward is about
-            cut += len(encoding.ids) > seq_len
-            out[row, : len(tokens)] = tokens
-        return out, cut
-
     columns, truncated = {}, 0
     for name, text_of in (
-        ("chosen_ids", lambda r: f"{r.prompt}\n{r.chosen}"),
-        ("rejected_ids", lambda r: f"{r.prompt}\n{r.rejected}"),
+        ("chosen_ids", lambda r: student_text(r.prompt, r.chosen)),
+        ("rejected_ids", lambda r: student_text(r.prompt, r.rejected)),
         ("text_chosen_ids", lambda r: f"{r.image_text}\n{r.prompt}\n{r.chosen}"),
         ("text_rejected_ids", lambda r: f"{r.image_text}\n{r.prompt}\n{r.rejected}"),
     ):
-        columns[name], cut = ids([text_of(record) for record in records])
+        columns[name], cut = encode_texts(tokenizer, [text_of(record) for record in records], seq_len, pad_id)
         truncated += cut
     width = len(next(iter(images.values())))
     columns["pixels"] = np.stack([images[record.image_url] for record in records]) if records else np.zeros((0, width), np.uint8)

@@ -1,11 +1,14 @@
 """The register stage: log the student to MLflow, register it, and promote it only through gates.
 
 One MLflow run per registration holds the job's public config as params (no secrets), the eval
-metrics, the eval stage's files (`eval/metrics.json`, `eval/training_curves.png`) and the student's
-Hugging Face directory (safetensors + tokenizer) as the `model` artifact. A new version of
-`registry.model_name` is created from that artifact, tagged with the teacher, data, cache and
-config keys, the code version, the gate results (`kdflow.gates_passed`, `kdflow.gates`) and its
-`registry.primary_metric` value, and `registry.alias` (challenger) is pointed at it.
+metrics, the eval stage's files (`eval/metrics.json`, `eval/training_curves.png`) and the student
+as an MLflow model named `model` (`log_student`: a language model in the transformers flavour, a
+reward model as the pyfunc of kd_core/registry/pyfunc.py), so
+`mlflow.pyfunc.load_model("models:/<registry.model_name>@champion")` loads it. A new version of
+`registry.model_name` is created from that logged model (its source is the model's `models:/m-…`
+URI), tagged with the teacher, data, cache and config keys, the code version, the gate results
+(`kdflow.gates_passed`, `kdflow.gates`) and its `registry.primary_metric` value, and
+`registry.alias` (challenger) is pointed at it.
 
 Promotion (`promote_best`): the champion alias always names the best version, by the primary
 metric, among the eligible ones: versions whose gates all passed and that a rollback has not
@@ -21,7 +24,8 @@ registrar of its own that runs the same loop after creating it; so however regis
 interleave, the alias ends on the best eligible version, never on a worse or a gate-failing one
 (`tests/test_registry.py` runs concurrent registrations against a real MLflow server).
 
-By hand: `promote(version)` moves the champion to any version; `rollback()` marks the champion
+By hand: `promote(version)` moves the champion to any version (one that failed its gates only with
+`force=True`, `kdflow promote --force`); `rollback()` marks the champion
 rejected and moves the alias back to the previous champion in the registered model's
 `kdflow.champion_history` tag, walking further back on each call.
 """
@@ -29,13 +33,15 @@ rejected and moves the alias back to the previous champion in the registered mod
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
 
 from kd_core import __version__
 from kd_core.config import RegistryConfig, flatten
-from kd_core.gates import metric_value
+from kd_core.gates import describe_failed, metric_value
 from kd_core.manifest import Manifest
 from kd_core.models import local_copy
 from kd_core.stage import StageRun
@@ -50,6 +56,10 @@ GATES_TAG = "kdflow.gates"
 PRIMARY_METRIC_TAG = "kdflow.primary_metric"
 PRIMARY_VALUE_TAG = "kdflow.primary_value"
 REJECTED_TAG = "kdflow.rejected"
+MODEL_NAME = "model"
+"""The name of the student's MLflow model in the registration run."""
+GENERATION_PARAMS = {"max_new_tokens": 64, "do_sample": False}
+"""A language-model student's generation settings, with defaults, as its signature's params."""
 PINNED_TAG = "kdflow.champion_pinned"
 """On the registered model: "<pinned version>:<latest version then>", set by a promotion by hand
 or a rollback."""
@@ -87,7 +97,7 @@ def register(
         gates_passed = eval_manifest.metrics.get("gates_passed", True)
         mlflow.log_metric("gates_passed", float(gates_passed))
         mlflow.log_dict({"gates": gates, "passed": gates_passed}, "eval/gates.json")
-        mlflow.log_artifacts(str(local_copy(store, student.details["model_folder"])), artifact_path="model")
+        logged = log_student(local_copy(store, student.details["model_folder"]), eval_manifest.metrics.get("task", "causal_lm"))
     tags = {
         "kdflow.version": __version__,
         "kdflow.student_key": student.key,
@@ -100,7 +110,7 @@ def register(
     }
     client = MlflowClient()
     version = create_version(
-        client, config, source=f"{mlflow_run.info.artifact_uri}/model", run_id=mlflow_run.info.run_id,
+        client, config, source=logged.model_uri, run_id=mlflow_run.info.run_id, model_id=logged.model_id,
         primary_value=metric_value(config.primary_metric, eval_manifest.metrics), gates_passed=gates_passed, tags=tags,
     )
     champion = promote_best(client, config)
@@ -116,6 +126,68 @@ def register(
     }
     run.write_bytes("registration.json", json.dumps(registration, indent=2).encode())
     return run.finish(details=registration)
+
+
+def log_student(model_dir: Path, task: str):
+    """Log the student's Hugging Face directory as the active run's MLflow model `model`, in the
+    flavour its task needs; returns MLflow's ModelInfo (its `model_uri` is the version's source).
+
+    - `causal_lm`: the transformers flavour, a `text-generation` pipeline of the model and its
+      tokenizer: `mlflow.pyfunc.load_model(uri).predict(["a prompt"])` generates,
+      `mlflow.transformers.load_model(uri)` returns the pipeline.
+    - `reward`: the pyfunc of kd_core/registry/pyfunc.py: `predict` scores a DataFrame of
+      (prompt, response, image) rows, one reward each.
+
+    The task is the one the eval stage recorded in its metrics. This is the only place the registry
+    asks which task it serves; it moves into the task classes (`kd_core/tasks/`) with the task redesign.
+    """
+    if task == "reward":
+        return _log_reward_pyfunc(Path(model_dir))
+    return _log_text_generation(Path(model_dir))
+
+
+def _log_text_generation(model_dir: Path):
+    import mlflow
+    from mlflow.models import infer_signature
+    from transformers import AutoTokenizer
+
+    from kd_core.models import load_causal_lm
+
+    # An absolute path as the model's name: MLflow asks the Hugging Face Hub for a model card under
+    # that name, and a local path is refused there before any request is made.
+    model_dir = model_dir.resolve()
+    components = {"model": load_causal_lm(model_dir), "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
+    signature = infer_signature(["a prompt"], ["a prompt and its continuation"], params=GENERATION_PARAMS)
+    return mlflow.transformers.log_model(
+        components, name=MODEL_NAME, task="text-generation", signature=signature,
+        pip_requirements=_pinned("kdflow", "torch", "transformers", "tokenizers", "safetensors"),
+    )
+
+
+def _log_reward_pyfunc(model_dir: Path):
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from kd_core.registry.pyfunc import STUDENT_ARTIFACT
+
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec("string", "response"), ColSpec("binary", "image")])
+    with tempfile.TemporaryDirectory() as folder:
+        # MLflow stores an artifact folder under its own name: copy it to a fixed one, so the
+        # directory is `artifacts/student` in every registered reward model.
+        student_dir = shutil.copytree(model_dir, Path(folder) / STUDENT_ARTIFACT)
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=str(Path(__file__).with_name("pyfunc.py")), artifacts={STUDENT_ARTIFACT: str(student_dir)},
+            signature=ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double")])),
+            pip_requirements=_pinned("kdflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas"),
+        )
+
+
+def _pinned(*distributions: str) -> list[str]:
+    """`name==version` of each installed distribution: what loading the logged model needs. Given
+    explicitly because MLflow's default list for a torch model adds torchvision, which kdflow
+    neither needs nor installs."""
+    return [f"{name}=={metadata.version(name)}" for name in distributions]
 
 
 def experiment_id(config: RegistryConfig) -> str:
@@ -143,9 +215,13 @@ def _numeric(mapping: dict) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ versions, aliases
-def create_version(client, config: RegistryConfig, *, source: str, run_id: str, primary_value: float, gates_passed: bool, tags: dict) -> str:
+def create_version(
+    client, config: RegistryConfig, *, source: str, run_id: str, primary_value: float, gates_passed: bool, tags: dict,
+    model_id: str | None = None,
+) -> str:
     """A new version of `registry.model_name` (the registered model is created if missing), with
-    its gate outcome and primary metric as tags, and the challenger alias on it."""
+    its gate outcome and primary metric as tags, and the challenger alias on it. `source` is the
+    logged model's URI (`models:/m-…`) and `model_id` its id."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -159,7 +235,7 @@ def create_version(client, config: RegistryConfig, *, source: str, run_id: str, 
         PRIMARY_METRIC_TAG: config.primary_metric,
         PRIMARY_VALUE_TAG: repr(float(primary_value)),
     }
-    version = client.create_model_version(config.model_name, source=source, run_id=run_id, tags=tags)
+    version = client.create_model_version(config.model_name, source=source, run_id=run_id, tags=tags, model_id=model_id)
     client.set_registered_model_alias(config.model_name, config.alias, version.version)
     return str(version.version)
 
@@ -207,16 +283,30 @@ def alias_version(client, model_name: str, alias: str) -> str | None:
         return None
 
 
-def promote(client, config: RegistryConfig, version: int) -> str:
+def promote(client, config: RegistryConfig, version: int, *, force: bool = False) -> str:
     """Make `version` the champion by hand; automatic promotion then only considers versions
-    from this one on."""
+    from this one on. A version that failed its gates is refused unless `force`."""
     chosen = client.get_model_version(config.model_name, str(version))
+    if chosen.tags.get(GATES_PASSED_TAG) == "false" and not force:
+        raise RegistryError(
+            f"{config.model_name} version {chosen.version} failed its gates: {failed_gates(chosen.tags)}; "
+            "promote it anyway with --force"
+        )
     if REJECTED_TAG in chosen.tags:
         client.delete_model_version_tag(config.model_name, chosen.version, REJECTED_TAG)
     _pin(client, config, chosen.version)
     client.set_registered_model_alias(config.model_name, config.champion_alias, chosen.version)
     _append_history(client, config, chosen.version)
     return str(chosen.version)
+
+
+def failed_gates(tags: dict) -> str:
+    """The failed gates recorded on a version (its `kdflow.gates` tag), for a message."""
+    try:
+        gates = json.loads(tags.get(GATES_TAG, "[]"))
+    except json.JSONDecodeError:  # cut at the tag length limit
+        return f"see its {GATES_TAG} tag"
+    return "; ".join(describe_failed(gates)) or f"see its {GATES_TAG} tag"
 
 
 def rollback(client, config: RegistryConfig) -> tuple[str, str]:
