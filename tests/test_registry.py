@@ -169,7 +169,7 @@ def tiny_tokenizer(folder: Path) -> Path:
 
     texts = ["Which digit is written in the image?", "The digit is seven.", "The student learns from the teacher."] * 10
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(texts, 300), bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=PAD, unk_token=END_OF_TEXT,
+        tokenizer_object=train_tokenizer(texts, 300).tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=PAD, unk_token=END_OF_TEXT,
     )
     wrapped.save_pretrained(folder)
     return folder
