@@ -131,7 +131,11 @@ def test_tiny_job_on_s3_storage_and_existing_teacher(tiny_config, s3_endpoint, s
     teacher_url = f"s3://{s3_bucket}/kdflow/{steps['teacher'].details['model_folder']}"
     raw["teacher"]["path"] = teacher_url
     with_existing = run_pipeline(validate_config(raw))
-    assert with_existing["prep"].reused
+    # teacher.path alone: prep tokenizes with the teacher's own tokenizer (here the one the first
+    # job trained), a new prep key that makes the very same shards.
+    assert with_existing["prep"].config["data"]["tokenizer"] == teacher_url and not with_existing["prep"].reused
+    shard_hashes = [{n: r.sha256 for n, r in job["prep"].outputs.items() if n.startswith("shards/")} for job in (steps, with_existing)]
+    assert shard_hashes[0] == shard_hashes[1]
     assert with_existing["teacher"].details["external_url"] == teacher_url
     # The same weights teach the same student: the evaluation matches the first job's.
     quality = ("cross_entropy", "perplexity", "kl_to_teacher", "agreement_top1", "agreement_top5", "ece", "parameters")

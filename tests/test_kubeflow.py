@@ -135,12 +135,13 @@ def test_kfp_local_bad_input_in_a_task_exits_2_with_its_cause_last(tmp_path, cap
     ])
     captured = capsys.readouterr()
 
+    from kd_core.data.sources import SUPPORTED
+
+    cause = f"error: data.files: '{pattern}' matches no file ({SUPPORTED})"
     assert code == 2
-    assert captured.err.strip().splitlines()[-2:] == [
-        "kfp.local: the prep task failed (its log is above)", f"error: data.files: '{pattern}' matches no file",
-    ]
+    assert captured.err.strip().splitlines()[-2:] == ["kfp.local: the prep task failed (its log is above)", cause]
     assert "Executing task" in captured.out, "kfp's own lines stay"
-    assert f"error: data.files: '{pattern}' matches no file" in captured.out and "Traceback" not in captured.out, "the task's log says it in one line"
+    assert cause in captured.out and "Traceback" not in captured.out, "the task's log says it in one line"
     assert "executor_input" not in captured.out and '"storage"' not in captured.out, "the job JSON dump is left out"
 
 

@@ -319,16 +319,17 @@ def teacher_job(tmp_path, teacher_folder, *overrides):
 
 
 @pytest.mark.parametrize("style, padded", [("llama", 0), ("gpt2", 64)])
-def test_a_teacher_saved_with_transformers_teaches_with_its_own_tokenizer_and_the_student_generates(tmp_path, style, padded):
+def test_a_teacher_saved_with_transformers_teaches_with_its_own_tokenizer_and_the_registered_student_generates(tmp_path, style, padded):
+    import mlflow
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kd_core.pipeline import run_pipeline
 
     folder = save_teacher(tmp_path / "teacher", style, padded=padded)
     config = teacher_job(tmp_path, folder)
     assert config.data.tokenizer == str(folder)  # teacher.path alone: the teacher's own tokenizer
-    steps = run_pipeline(config, until="distill")
+    steps = run_pipeline(config)
     teacher_tokenizer = AutoTokenizer.from_pretrained(folder)
     prepared = steps["prep"].details
     assert prepared["vocab_size"] == len(teacher_tokenizer)  # nothing added
@@ -336,9 +337,10 @@ def test_a_teacher_saved_with_transformers_teaches_with_its_own_tokenizer_and_th
     rows = load_split(Store(config.storage), steps["prep"], "train")
     assert rows.max() < len(teacher_tokenizer) and (rows == teacher_tokenizer.eos_token_id).any()  # documents end with the eos
 
-    student_dir = Store(config.storage).local_path(steps["distill"].details["model_folder"])
-    tokenizer = AutoTokenizer.from_pretrained(student_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    mlflow.set_tracking_uri(config.registry.tracking_uri)
+    champion = mlflow.transformers.load_model(f"models:/{config.registry.model_name}@champion", return_type="components")
+    tokenizer, model = champion["tokenizer"], champion["model"].eval()
+    tokenizer.padding_side = "left"
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id < model.config.vocab_size
     assert (model.config.eos_token_id, model.config.pad_token_id) == (teacher_tokenizer.eos_token_id, tokenizer.pad_token_id)
     batch = tokenizer(["teacher student", "a much longer prompt about the data and the model"], return_tensors="pt", padding=True)
