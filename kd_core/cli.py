@@ -219,12 +219,17 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str
         if kfp_local or until in _TRACKED_STAGES:
             _probe_tracking(config)
         if kfp_local:
-            return _run_kfp_local(config, kfp_local, started)
+            return _run_kfp_local(config, kfp_local, started, fail_on_gates)
         steps = run_pipeline(config, until=until, force=force)
     except InputError as err:  # a shard, data file, manifest or teacher to fix: its message names it
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     print_summary(steps, time.perf_counter() - started)
+    return _gates_exit(steps, fail_on_gates)
+
+
+def _gates_exit(steps: dict[str, Manifest], fail_on_gates: bool) -> int:
+    """EXIT_GATES_FAILED, after one line naming the failed gates, when asked to and a gate failed; else 0."""
     failed = describe_failed(steps["eval"].metrics.get("gates", [])) if "eval" in steps else []
     if fail_on_gates and failed:
         stderr.print(f"[red]gates failed:[/red] {'; '.join(failed)} (--fail-on-gates: exit {EXIT_GATES_FAILED})", soft_wrap=True)
@@ -232,7 +237,7 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str
     return 0
 
 
-def _run_kfp_local(config: JobConfig, pipeline: str, started: float) -> int:
+def _run_kfp_local(config: JobConfig, pipeline: str, started: float, fail_on_gates: bool) -> int:
     """The DAG through kfp.local; a failed task's own cause is the last line: exit 2 for bad input, else 1."""
     from kd_core.kubeflow.engines import DagTaskFailed, run_local
 
@@ -244,7 +249,7 @@ def _run_kfp_local(config: JobConfig, pipeline: str, started: float) -> int:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2 if err.bad_input else 1
     print_summary(steps, time.perf_counter() - started, dag="kfp.local")
-    return 0
+    return _gates_exit(steps, fail_on_gates)
 
 
 def _kubeflow(config: JobConfig, args: argparse.Namespace) -> int:

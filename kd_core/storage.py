@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
+import socket
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,7 +95,9 @@ def url_to_fs(url: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSyste
 @contextmanager
 def reaching(url: str, field: str) -> Iterator[None]:
     """Turn the ways a store refuses a request into one `StorageError` line naming `field`, `url`
-    and what to set (a raw botocore or aiohttp traceback tells a user neither)."""
+    and what to set (a raw botocore or aiohttp traceback tells a user neither). Keep the block to
+    the calls that read `url`: whatever else fails inside it is reported against `url`."""
+    remote = "://" in url and not url.startswith("file://")
     try:
         yield
     except InputError:
@@ -102,9 +107,8 @@ def reaching(url: str, field: str) -> Iterator[None]:
         hint = " (the bucket does not exist, or storage.s3.endpoint_url points at another store)" if "bucket" in missing.lower() else ""
         raise StorageError(f"{field}: {url}: not found{hint}: {missing}") from None
     except PermissionError as err:
-        raise StorageError(
-            f"{field}: {url}: access denied ({err}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or storage.s3) for this bucket"
-        ) from None
+        what = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or storage.s3) for this bucket" if remote else "check the file's permissions"
+        raise StorageError(f"{field}: {url}: access denied ({err}); {what}") from None
     except Exception as err:  # botocore / aiohttp errors: no common base class worth importing here
         name = type(err).__name__
         if name == "NoCredentialsError":
@@ -112,12 +116,18 @@ def reaching(url: str, field: str) -> Iterator[None]:
                 f"{field}: {url}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment "
                 "(or a Kubernetes secret), or storage.s3.access_key_id / secret_access_key"
             ) from None
-        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError") or isinstance(err, OSError):
+        if remote and (name in _UNREACHABLE or isinstance(err, (ConnectionError, TimeoutError, socket.gaierror))):
             raise StorageError(
                 f"{field}: {url}: the S3 endpoint does not answer ({name}); set storage.s3.endpoint_url "
                 "(or AWS_ENDPOINT_URL) to a reachable S3 API, e.g. http://minio.minio:9000"
             ) from None
+        if isinstance(err, (OSError, EOFError, zlib.error, lzma.LZMAError)):  # e.g. a damaged .gz / .bz2 / .xz file
+            raise StorageError(f"{field}: {url}: cannot be read ({name}: {err}); replace or remove it") from None
         raise
+
+
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError", "ServerTimeoutError"}
+"""botocore and aiohttp's names for an endpoint that does not answer."""
 
 
 def check_object_store(config: StorageConfig) -> str | None:
@@ -160,13 +170,18 @@ def content_identity(fs: fsspec.AbstractFileSystem, path: str, info: dict | None
         return f"sha256:{sha256_of(fs, path)}"
     stamp = json.dumps([os.path.abspath(path), info.get("size"), info["mtime"]])
     cached = _hash_cache_folder() / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.sha256"
-    if cached.exists():
+    try:
         return f"sha256:{cached.read_text().strip()}"
+    except OSError:
+        pass
     digest = sha256_of(fs, path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    staging = cached.with_name(f".{cached.name}.{os.getpid()}")
-    staging.write_text(digest)
-    os.replace(staging, cached)
+    try:  # best effort: a read-only home only costs hashing again next time
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+        staging.write_text(digest)
+        os.replace(staging, cached)
+    except OSError:
+        pass
     return f"sha256:{digest}"
 
 
@@ -183,9 +198,14 @@ def _hash_cache_folder() -> Path:
 
 
 def _file_mode() -> int:
-    """0666 less the process's umask: the mode `open()` would have given the file."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """0666 less the process's umask: the mode `open()` would have given the file. Read from
+    /proc where it can be (setting the umask to read it is a race with other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

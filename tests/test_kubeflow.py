@@ -42,7 +42,7 @@ COMPILED = REPO / "pipelines" / "compiled" / "distill_pipeline.yaml"
 
 # ------------------------------------------------------------------------------ kfp.local DAG
 @pytest.mark.slow
-def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_only_past_the_gates(tmp_path, monkeypatch):
+def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_only_past_the_gates(tmp_path, monkeypatch, capsys):
     """The tune → distill DAG through kfp.local: a search of 2 trials at once (Ray Tune + Ray
     Train in the tune component's subprocess), then the best job distilled, evaluated, registered."""
     from mlflow import MlflowClient
@@ -117,10 +117,14 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     assert sorted(path.name for path in (tmp_path / "store" / search.folder / "trials").iterdir()) == trial_files
     assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
 
-    # A gate that cannot pass: only eval reruns (the search is reused), register is skipped.
-    failing = load_config(REPO / "configs" / "tiny.yaml", [*overrides, 'eval.gates=["student.perplexity < 1"]'])
-    steps = engines.run_local(failing, "tune-distill")
-    assert "register" not in steps and steps["eval"].metrics["gates_passed"] is False
+    # A gate that cannot pass: only eval reruns (the search is reused), register is skipped, and
+    # --fail-on-gates makes the command exit 3 (what CI checks).
+    from kd_core.cli import main
+
+    gate = 'eval.gates=["student.perplexity < 1"]'
+    capsys.readouterr()
+    code = main(["run", "--engine", "kfp-local", "--pipeline", "tune-distill", "--fail-on-gates", str(REPO / "configs" / "tiny.yaml"), *overrides, gate])
+    assert code == 3 and "gates failed: student.perplexity < 1" in capsys.readouterr().err
     assert len(client.search_model_versions(f"name = '{config.registry.model_name}'")) == 1
 
 

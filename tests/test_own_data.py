@@ -170,9 +170,14 @@ def test_folders_and_compressed_files_are_read(tmp_path, store):
     write_jsonl(folder / "a.jsonl", paragraphs(6, 0, "plain"))
     with gzip.open(folder / "nested" / "b.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.write("".join(json.dumps({"text": t}) + "\n" for t in paragraphs(6, 1, "zipped")))
-    (folder / "README").write_text("not data")  # a folder may hold other files
+    for beside in ("README", "README.md", ".hidden.txt", "dataset_info.json", "_SUCCESS"):  # what tools leave beside data
+        (folder / beside).write_text('{"not": "data"}')
     manifest = prep(files_config([folder]), store)
     assert manifest.metrics["files"] == 2 and manifest.metrics["documents"] == 12
+
+    (folder / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "cut short"}\n' * 50)[:-12])
+    with pytest.raises(StorageError, match=r"data.files: .*broken.jsonl.gz: cannot be read \((EOFError|BadGzipFile)"):
+        prep(files_config([folder]), store)
 
 
 # ------------------------------------------------------------------------ no leaks into held-out data
@@ -229,6 +234,14 @@ def test_streamed_splitting_gives_the_reference_pieces_wherever_the_chunks_break
     chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     assert list(split_stream(chunks, limit=300)) == whole
     assert "".join(whole).replace("\n", "") == text.replace("\n", "") and max(map(len, whole)) <= 300
+    # A paragraph exactly `limit` long whose blank line is split between two chunks.
+    assert list(split_stream(["aaaaaaaaaa\n", "\ncc"], limit=10)) == whole_text_pieces("aaaaaaaaaa\n\ncc", 10) == ["aaaaaaaaaa", "cc"]
+    for trial in range(200):  # short texts, every limit, chunks broken anywhere
+        text = "".join(rng.choice(["ab ", "x" * 7, "\n", "\n\n", " ", "y" * 13]) for _ in range(rng.randrange(60)))
+        limit = rng.randrange(2, 40)
+        cuts = sorted(rng.sample(range(1, len(text)), min(10, len(text) - 1))) if len(text) > 1 else []
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert list(split_stream(chunks, limit)) == whole_text_pieces(text, limit), (text, limit, chunks)
 
 
 # ----------------------------------------------------------------------------------- S3 errors
@@ -368,6 +381,17 @@ def test_a_split_without_a_full_row_is_a_named_error(tmp_path, store):
     path = write_jsonl(tmp_path / "d.jsonl", [f"w{i}" for i in range(20)])  # train: 16 documents, 2 rows; val: 2 documents
     with pytest.raises(DataSourceError, match=r"data: the val split holds no full row of data.seq_len=16 tokens \(2 documents"):
         prep(files_config([path], val_fraction=0.1, test_fraction=0.1), store)
+
+
+def test_truncation_saved_in_a_teachers_tokenizer_does_not_cut_documents(tmp_path, store):
+    tokenizer = style_tokenizer("gpt2", paragraphs(50, 0))
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["truncation"]["max_length"] == 4
+    texts = paragraphs(30, 1)
+    manifest = prep(files_config([write_jsonl(tmp_path / "d.jsonl", texts)], tokenizer=str(tmp_path / "tok")), store)
+    tokens = sum(manifest.metrics[f"{split}_tokens"] for split in ("train", "val", "test"))
+    assert tokens > 30 * 20  # thirty-word documents, not four tokens each
 
 
 def test_a_tokenizer_that_names_a_token_it_lacks_is_refused_before_any_id_is_added(tmp_path, store):

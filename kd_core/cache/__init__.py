@@ -116,13 +116,14 @@ def cache_layout(config: CacheConfig, prep: Manifest, store: Store, teacher: Man
             f"cache.format: 'full' is for vocabularies up to cache.full_max_vocab ({config.full_max_vocab}); "
             f"the data has {data_vocab}: use topk or sampled"
         )
-    layers = model_config.get("num_hidden_layers", 0)
+    layers = model_config.get("num_hidden_layers", model_config.get("n_layer", 0))  # GPT-2 configs name it n_layer
     for layer in config.hidden_layers:
         if not 0 <= layer <= layers:
             raise CacheSettingsError(f"cache.hidden_layers: {layer} is not a hidden state of the teacher (0..{layers}); pick layers in that range")
     # A teacher output layer padded past the tokenizer (e.g. 152064 logits for 151936 tokens) is cut
     # to the data's vocabulary: the cache describes the distribution over real tokens only.
-    return CacheLayout.from_config(config, prep.details["seq_len"], data_vocab, model_config.get("hidden_size", 0))
+    hidden_size = model_config.get("hidden_size", model_config.get("n_embd", 0))
+    return CacheLayout.from_config(config, prep.details["seq_len"], data_vocab, hidden_size)
 
 
 def cache_shards(cache_manifest: Manifest, split: str = "train") -> list[FileRecord]:

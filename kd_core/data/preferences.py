@@ -66,7 +66,7 @@ def prep_preferences(config: DataConfig, store: Store, run: StageRun):
         splits = split_by_image(records, config.val_fraction, config.test_fraction, config.seed)
     with run.timed("tokenizer"):
         if config.tokenizer:
-            prepared = load_tokenizer(config.tokenizer, store.config)
+            prepared = load_tokenizer(config.tokenizer, store.config, separates_documents=False)
         else:
             texts = [text for record in splits["train"] for text in (record.prompt, record.chosen, record.rejected, record.image_text)]
             prepared = train_tokenizer(texts, config.vocab_size)

@@ -134,10 +134,12 @@ def check_prep_inputs(config: DataConfig, storage: StorageConfig) -> list[str]:
     checked = []
     source = file_source(config, storage)
     if source is not None:
-        source.check_records()
-        checked.append(f"data.files: {len(source.files)} files, {source.total_bytes:,} bytes, first records readable")
+        if config.source == "files":  # preference records are checked one by one when prep reads them
+            source.check_records()
+        readable = ", first records readable" if config.source == "files" else ""
+        checked.append(f"data.files: {len(source.files)} files, {source.total_bytes:,} bytes{readable}")
     if config.tokenizer:
-        prepared = load_tokenizer(config.tokenizer, storage)
+        prepared = load_tokenizer(config.tokenizer, storage, separates_documents=config.source not in PREFERENCE_SOURCES)
         vocabulary = prepared.tokenizer.get_vocab_size()
         checked.append(f"data.tokenizer: {config.tokenizer} ({vocabulary:,} tokens; separator {prepared.eos!r}, pad {prepared.pad!r})")
     return checked
@@ -215,10 +217,12 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> PreparedTokenizer:
     return PreparedTokenizer(tokenizer, bos=END_OF_TEXT, eos=END_OF_TEXT, pad=PAD)
 
 
-def load_tokenizer(url: str, storage: StorageConfig) -> PreparedTokenizer:
+def load_tokenizer(url: str, storage: StorageConfig, *, separates_documents: bool = True) -> PreparedTokenizer:
     """An existing Hugging Face tokenizer directory (e.g. the teacher's) on any fsspec store, as it
-    is: its eos separates documents, its pad token (else its eos) pads. No token is added, so
-    every id stays inside the teacher's vocabulary."""
+    is: its eos separates documents (`separates_documents`; preference pairs need none), its pad
+    token (else its eos, else its unk) pads. No token is added, so every id stays inside the
+    teacher's vocabulary; truncation or padding saved in its tokenizer.json is switched off for
+    prep (it would silently cut every document)."""
     from transformers import PreTrainedTokenizerFast
 
     fs, root = url_to_fs(url, storage)
@@ -245,12 +249,18 @@ def load_tokenizer(url: str, storage: StorageConfig) -> PreparedTokenizer:
             f"data.tokenizer: {url}: tokenizer_config.json / special_tokens_map.json name tokens that tokenizer.json lacks "
             f"({', '.join(extra[:4])}); they would get ids past the teacher's vocabulary: name existing tokens instead"
         )
-    if hf.eos_token is None:
+    if hf.eos_token is None and separates_documents:
         raise DataSourceError(
             f"data.tokenizer: {url} declares no eos token (tokenizer_config.json 'eos_token'); kdflow separates documents "
             "with it: set it to the end-of-text token the teacher was trained with"
         )
-    return PreparedTokenizer(hf.backend_tokenizer, bos=hf.bos_token or hf.eos_token, eos=hf.eos_token, pad=hf.pad_token or hf.eos_token, hf=hf)
+    pad = hf.pad_token or hf.eos_token or hf.unk_token
+    if pad is None:
+        raise DataSourceError(f"data.tokenizer: {url} declares no pad, eos or unk token to pad with; set pad_token in tokenizer_config.json")
+    backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return PreparedTokenizer(backend, bos=hf.bos_token or hf.eos_token or pad, eos=hf.eos_token or pad, pad=pad, hf=hf)
 
 
 def tokenizer_identity(url: str, storage: StorageConfig) -> str:

@@ -4,7 +4,10 @@
   language reference topics of `pydoc_data` and the long docstrings of the standard library.
   No download, identical on every machine with the same Python.
 - `FileSource`: `.txt` / `.md` / `.rst`, `.jsonl` and `.parquet` files on any fsspec store, named
-  by `data.files` (URLs, globs or folders), optionally compressed (`.jsonl.gz`, `.txt.bz2`, ...).
+  by `data.files` (URLs, globs or folders), optionally compressed (`.jsonl.gz`, `.txt.bz2`, `.xz`).
+  A folder is read recursively, skipping hidden files, `README*` and `.json` files (metadata that
+  tools such as `datasets.save_to_disk` write beside the data); name a `.json` file explicitly
+  to read it as JSON Lines.
 
 How files become documents:
 - a text file is one document; a JSON Lines record or a Parquet row is one document (the string
@@ -47,8 +50,9 @@ _SKIPPED_STDLIB_PARTS = {"site-packages", "test", "tests", "idlelib", "lib2to3",
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-SUPPORTED = "a .txt, .md, .rst, .jsonl or .parquet file (optionally .gz, .bz2, .xz or .zst compressed), or a folder of them"
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
+"""Compressions Python reads without extra packages (fsspec infers them from the suffix)."""
+SUPPORTED = "a .txt, .md, .rst, .jsonl or .parquet file (optionally .gz, .bz2 or .xz compressed), or a folder of them"
 
 
 class DataSourceError(InputError):
@@ -107,6 +111,8 @@ def _paragraphs(chunks: Iterable[str], limit: int) -> Iterator[str]:
     """The blank-line paragraphs of the concatenated chunks; one longer than `limit` is cut at a
     space (or hard, if it has none). An unfinished paragraph longer than `limit` is cut as soon as
     it is, so the text held between chunks stays under `limit` characters."""
+    if limit < 2:
+        raise ValueError(f"limit must be at least 2, got {limit}")
     carry = ""
     for chunk in chunks:
         buffer = carry + chunk
@@ -114,7 +120,9 @@ def _paragraphs(chunks: Iterable[str], limit: int) -> Iterator[str]:
         while (end := buffer.find("\n\n", start)) >= 0:
             yield from _cut(buffer, start, end, limit)
             start = end + 2
-        start = yield from _cut_while_longer(buffer, start, len(buffer), limit)
+        # A trailing "\n" may open the next paragraph break: it is not known to be paragraph text yet.
+        known_end = len(buffer) - buffer.endswith("\n")
+        start = yield from _cut_while_longer(buffer, start, known_end, limit)
         carry = buffer[start:]
     yield from _cut(carry, 0, len(carry), limit)
 
@@ -178,9 +186,11 @@ class FileSource:
             infos = _listing(fs, pattern)
         matched = []
         for path, info in sorted(infos.items()):
+            if info.get("_in_folder") and _not_data(path):
+                continue
             if not path.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES) and not _is_compressed(path):
-                if _is_glob(pattern) or info.get("_in_folder"):
-                    continue  # a folder or glob may hold other files (a README, a _SUCCESS marker)
+                if _is_glob(pattern):
+                    continue  # a glob may match other files (a _SUCCESS marker)
                 raise DataSourceError(f"data.files: {_url(fs, path)}: unsupported file type; use {SUPPORTED}")
             matched.append(MatchedFile(_url(fs, path), path, int(info.get("size") or 0), file_identity(fs, path, info)))
         if not matched:
@@ -196,7 +206,8 @@ class FileSource:
 
     def check_records(self, files: int = 20) -> None:
         """Read the first record of up to `files` files (each file's format, encoding and text
-        field), raising what reading them all would raise first; reads a few kilobytes a file."""
+        field), raising what reading them all would raise first; reads at most the first
+        megabyte of each."""
         for file in self.files[:files]:
             counts = SourceCounts()
             with reaching(file.url, "data.files"):
@@ -256,6 +267,14 @@ def _check_bucket(fs: fsspec.AbstractFileSystem, pattern: str) -> None:
                 fs.info(bucket)
             except FileNotFoundError:
                 raise FileNotFoundError(f"bucket {bucket!r} does not exist") from None
+
+
+def _not_data(path: str) -> bool:
+    """In a folder: what is beside the data rather than data (hidden files, READMEs, .json metadata)."""
+    name = path.rsplit("/", 1)[-1]
+    return name.startswith((".", "_")) or name.upper().startswith("README") or name.endswith(".json") or not (
+        name.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES) or _is_compressed(name)
+    )
 
 
 def _is_glob(pattern: str) -> bool:
@@ -318,17 +337,21 @@ def _jsonl_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_fiel
 
 def _lines(stream: io.TextIOWrapper, fs: fsspec.AbstractFileSystem, file: MatchedFile, on_chunk) -> Iterator[str]:
     """The stream's lines, read a large chunk at a time (a readline per record is slower)."""
-    carry = ""
+    unfinished: list[str] = []  # pieces of a line longer than one chunk, joined once it ends
     try:
         while chunk := stream.read(READ_CHARS):
             on_chunk()
-            lines = (carry + chunk).split("\n")
-            carry = lines.pop()
+            lines = chunk.split("\n")
+            if len(lines) == 1:
+                unfinished.append(chunk)
+                continue
+            lines[0] = "".join([*unfinished, lines[0]])
+            unfinished = [lines.pop()]
             yield from lines
     except UnicodeDecodeError as err:
         raise _not_utf8(fs, file, err) from None
-    if carry:
-        yield carry
+    if last := "".join(unfinished):
+        yield last
 
 
 def _record_text(line: str, where: str, text_field: str) -> str | None:

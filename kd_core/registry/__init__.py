@@ -160,7 +160,7 @@ def _log_text_generation(model_dir: Path):
     signature = infer_signature(["a prompt"], ["a prompt and its continuation"], params=GENERATION_PARAMS)
     return mlflow.transformers.log_model(
         components, name=MODEL_NAME, task="text-generation", signature=signature,
-        pip_requirements=_pinned("kdflow", "torch", "transformers", "tokenizers", "safetensors"),
+        pip_requirements=_pinned("torch", "transformers", "tokenizers", "safetensors"),
     )
 
 
@@ -179,7 +179,9 @@ def _log_reward_pyfunc(model_dir: Path):
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(Path(__file__).with_name("pyfunc.py")), artifacts={STUDENT_ARTIFACT: str(student_dir)},
             signature=ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double")])),
-            pip_requirements=_pinned("kdflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas"),
+            # kdflow itself is not listed: it is installed from this repository, and a pin on a name
+            # PyPI does not hold for us would install whatever a stranger published under it.
+            pip_requirements=_pinned("torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas"),
         )
 
 

@@ -422,7 +422,8 @@ def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:
     if spec.online_teacher is not None:
         from kd_core.train.teacher import teacher_model_config  # teacher.py trains through this module
 
-        teacher_hidden_size = teacher_model_config(store, spec.online_teacher).get("hidden_size")
+        model_config = teacher_model_config(store, spec.online_teacher)
+        teacher_hidden_size = model_config.get("hidden_size", model_config.get("n_embd"))  # GPT-2 configs: n_embd
     else:
         teacher_hidden_size = (spec.cache_layout or {}).get("hidden_size") or None
     return DistillationObjective(

@@ -72,16 +72,19 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
     root = root.rstrip("/")
     with reaching(url, "teacher.path"):
         files = _teacher_files(fs, root, url)
-        weight_files = sorted(path for path in files if path.endswith(".safetensors"))
-        digest = hashlib.sha256()
-        for path in [*weight_files, *(f"{root}/{name}" for name in IDENTITY_FILES if f"{root}/{name}" in files)]:
-            digest.update(f"{path[len(root):]}={content_identity(fs, path, files[path])}\n".encode())
-        identity = {"path": url, "weights_identity": digest.hexdigest()}
-        run = StageRun(store, "teacher", identity, inputs={"prep": prep}, force=force)
-        if run.reused:
-            return run.reused
-        _check_vocabulary(fs, root, url, store, prep)
-        _check_context(json.loads(fs.cat_file(f"{root}/config.json")), url, prep.details["seq_len"])
+        named = [*sorted(path for path in files if path.endswith(".safetensors")), *(f"{root}/{name}" for name in IDENTITY_FILES)]
+        identities = [f"{path[len(root):]}={content_identity(fs, path, files[path])}" for path in named if path in files]
+    identity = {"path": url, "weights_identity": hashlib.sha256("\n".join(identities).encode()).hexdigest()}
+    run = StageRun(store, "teacher", identity, inputs={"prep": prep}, force=force)
+    if run.reused:
+        return run.reused
+    with reaching(url, "teacher.path"):
+        model_config = fs.cat_file(f"{root}/config.json")
+        tokenizer = fs.cat_file(f"{root}/tokenizer.json") if f"{root}/tokenizer.json" in files else None
+    if tokenizer is None:
+        raise TeacherError(f"teacher.path: {url} has no tokenizer.json; the teacher must share the data's tokenizer")
+    _check_vocabulary(tokenizer, url, store, prep)
+    _check_context(_read_json(model_config, f"{url}/config.json"), url, prep.details["seq_len"])
     return run.finish(details={"external_url": url})
 
 
@@ -92,7 +95,8 @@ def check_teacher_folder(url: str, store: Store, seq_len: int) -> None:
     root = root.rstrip("/")
     with reaching(url, "teacher.path"):
         _teacher_files(fs, root, url)
-        _check_context(json.loads(fs.cat_file(f"{root}/config.json")), url, seq_len)
+        model_config = fs.cat_file(f"{root}/config.json")
+    _check_context(_read_json(model_config, f"{url}/config.json"), url, seq_len)
 
 
 def _teacher_files(fs, root: str, url: str) -> dict[str, dict]:
@@ -107,15 +111,22 @@ def _teacher_files(fs, root: str, url: str) -> dict[str, dict]:
     return files
 
 
-def _check_vocabulary(fs, root: str, url: str, store: Store, prep: Manifest) -> None:
+def _read_json(data: bytes, where: str) -> dict:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TeacherError(f"teacher.path: {where} is not valid JSON ({err}); save the model again with save_pretrained") from None
+
+
+def _check_vocabulary(teacher_tokenizer: bytes, url: str, store: Store, prep: Manifest) -> None:
     """The teacher's tokenizer must be the prepared data's, every token and id (added ones too)."""
     from tokenizers import Tokenizer
 
-    teacher_tokenizer = f"{root}/tokenizer.json"
-    if not fs.exists(teacher_tokenizer):
-        raise TeacherError(f"teacher.path: {url} has no tokenizer.json; the teacher must share the data's tokenizer")
     prepared = Tokenizer.from_str(store.read_bytes(f"{prep.folder}/tokenizer/tokenizer.json").decode()).get_vocab(with_added_tokens=True)
-    theirs = Tokenizer.from_str(fs.cat_file(teacher_tokenizer).decode()).get_vocab(with_added_tokens=True)
+    try:
+        theirs = Tokenizer.from_str(teacher_tokenizer.decode()).get_vocab(with_added_tokens=True)
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise TeacherError(f"teacher.path: {url}/tokenizer.json cannot be read ({err}); save the tokenizer again") from None
     if prepared != theirs:
         differ = sorted(set(prepared.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
         raise TeacherError(

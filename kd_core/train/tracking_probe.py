@@ -12,7 +12,10 @@ line and exits 2) when:
   `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`) and never appear in a message;
 - a `sqlite:///` URI names a database whose folder cannot be created or written.
 
-Other schemes (databricks, file, postgresql, ...) are left to MLflow.
+Other schemes (databricks, file, postgresql, ...) are left to MLflow, and so is a server the
+probe cannot speak to as MLflow's client would (client certificates, AWS SigV4 signing, an auth
+plugin: `MLFLOW_TRACKING_CLIENT_CERT_PATH`, `MLFLOW_TRACKING_AWS_SIGV4`, `MLFLOW_TRACKING_AUTH`).
+`KDFLOW_SKIP_TRACKING_PROBE=1` skips the probe altogether.
 
 `fail_fast_mlflow_client()` caps MLflow's own HTTP retries and timeout for kdflow's processes
 (unless the user set them), so a server that goes away mid-run fails a step in seconds, not after
@@ -55,9 +58,17 @@ def fail_fast_mlflow_client() -> None:
         os.environ.setdefault(name, value)
 
 
+_UNPROBED_AUTH = ("MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_AWS_SIGV4", "MLFLOW_TRACKING_AUTH")
+"""Ways MLflow's client authenticates that the probe does not reproduce: such servers are not probed."""
+
+
 def probe_tracking_uri(uri: str, experiment: str = "Default", timeout: float = PROBE_TIMEOUT_S) -> None:
     """Raise `TrackingServerError` unless `uri` is usable (see the module docstring)."""
+    if _true(os.environ.get("KDFLOW_SKIP_TRACKING_PROBE")):
+        return
     scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https") and any(os.environ.get(name) for name in _UNPROBED_AUTH):
+        return
     if scheme in ("http", "https"):
         _probe_server(uri, experiment, timeout)
     elif scheme == "sqlite":
@@ -68,8 +79,8 @@ def _probe_server(uri: str, experiment: str, timeout: float) -> None:
     shown = redact(uri)
     query = urllib.parse.urlencode({"experiment_name": experiment})
     request = urllib.request.Request(f"{_without_userinfo(uri).rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}")
-    for header, value in _auth_headers().items():
-        request.add_header(header, value)
+    for header, value in _auth_headers(uri).items():
+        request.add_unredirected_header(header, value)  # never sent on to where a redirect points
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=_tls_context()) as response:
             status, body = response.status, response.read(65536)
@@ -122,21 +133,29 @@ def _unreachable_reason(err: Exception, timeout: float) -> str:
     return str(reason) or type(reason).__name__
 
 
-def _auth_headers() -> dict[str, str]:
-    """The Authorization header MLflow's client would send, from the same environment variables."""
+def _auth_headers(uri: str) -> dict[str, str]:
+    """The Authorization header MLflow's client would send: from the same environment variables,
+    else from a user name and password in the URI itself."""
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     if token:
         return {"Authorization": f"Bearer {token}"}
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    parsed = urllib.parse.urlsplit(uri)
+    if not (user and password) and parsed.username:
+        user, password = urllib.parse.unquote(parsed.username), urllib.parse.unquote(parsed.password or "")
     if user and password:
         return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
     return {}
 
 
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
 def _tls_context() -> ssl.SSLContext:
     """TLS as MLflow's client is told: a CA bundle (`MLFLOW_TRACKING_SERVER_CERT_PATH`), or no
     verification (`MLFLOW_TRACKING_INSECURE_TLS=true`)."""
-    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+    if _true(os.environ.get("MLFLOW_TRACKING_INSECURE_TLS")):
         return ssl._create_unverified_context()
     return ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
 
