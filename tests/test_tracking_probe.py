@@ -159,3 +159,18 @@ def test_kdflow_mlflow_client_gives_up_on_a_dead_server_in_seconds(monkeypatch):
     with pytest.raises(MlflowException):
         MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}").search_experiments()
     assert time.monotonic() - started < FAST
+
+
+def test_credentials_in_the_uri_are_sent_when_the_environment_has_none_and_the_probe_can_be_skipped(stand_in, monkeypatch, capsys):
+    url, handler = stand_in
+    handler.status, handler.body = 401, b'{"error_code": "UNAUTHENTICATED"}'
+    for name in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    with_userinfo = url.replace("http://", "http://inline:inline-pass@")
+    assert main(["validate", "--check-inputs", TINY, f"registry.tracking_uri={with_userinfo}"]) == 2
+    assert handler.seen_authorization == ["Basic " + base64.b64encode(b"inline:inline-pass").decode()]
+    assert "inline-pass" not in capsys.readouterr().err
+
+    monkeypatch.setenv("KDFLOW_SKIP_TRACKING_PROBE", "1")  # e.g. a server behind an auth plugin the probe cannot speak
+    probe_tracking_uri(with_userinfo)
+    assert len(handler.seen_authorization) == 1  # nothing was asked
