@@ -88,3 +88,13 @@ def test_the_report_is_one_self_contained_page_with_the_verdict_gates_and_plots(
     assert "1 of 1 gates failed" in page and 'class="fail">FAIL' in page and "agreement_top1 &gt;= 2" in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
+
+
+def test_a_diverged_model_gets_an_infinite_perplexity_not_an_overflow(models_and_rows):
+    teacher, _, rows = models_and_rows
+    diverged = build_causal_lm(ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2), VOCAB, SEQ, seed=3).eval()
+    with torch.no_grad():
+        diverged.lm_head.weight.mul_(1e6)  # logits of ~1e5: cross-entropy far past exp's 709-nat limit
+    scores = measure_models({"teacher": teacher, "student": diverged}, rows, batch_size=4)
+    assert scores["student"]["cross_entropy"] > 710 and math.isfinite(scores["student"]["cross_entropy"])
+    assert scores["student"]["perplexity"] == math.inf

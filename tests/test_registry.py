@@ -282,3 +282,30 @@ def png_bytes(image) -> bytes:
     buffer = __import__("io").BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_version_with_a_non_finite_primary_metric_never_becomes_champion(registry):
+    config, client = registry
+    diverged = register(config, perplexity=float("nan"))  # its gates said pass (e.g. none were set)
+    assert champion(config, client) is None and alias_version(client, config.model_name, "challenger") == diverged
+    register(config, perplexity=float("inf"))
+    assert champion(config, client) is None
+    sane = register(config, perplexity=150.0)
+    assert champion(config, client) == sane
+
+
+def test_a_training_run_logs_nan_as_nan(tmp_path):
+    import math
+
+    from mlflow import MlflowClient
+
+    from kd_core.train.tracking import MlflowLogger, TrainingRun
+
+    registry = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="kdflow-nan")
+    logger = MlflowLogger(TrainingRun.for_job(registry, "diverging", {}))
+    logger.start()
+    logger.log(1, {"step": 1, "loss": 2.5})
+    logger.log(2, {"step": 2, "loss": float("nan")})
+    logger.end()
+    history = MlflowClient(tracking_uri=registry.tracking_uri).get_metric_history(logger.run_id, "loss")
+    assert [metric.step for metric in history] == [1, 2] and math.isnan(history[1].value)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -107,6 +108,11 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
     return {"rows": len(rows), "tokens": int(rows.numel())}, scores
 
 
+def perplexity(cross_entropy: float) -> float:
+    """exp(cross-entropy); infinite for a diverged model (exp overflows a float past 709 nats), NaN for NaN."""
+    return math.inf if cross_entropy > math.log(sys.float_info.max) else math.exp(cross_entropy)
+
+
 class HeldOutScores:
     """One model's running sums over the held-out batches."""
 
@@ -139,7 +145,7 @@ class HeldOutScores:
         ece = float((self.bin_count / n * (accuracy - confidence).abs()).sum())
         return {
             "cross_entropy": cross_entropy,
-            "perplexity": math.exp(cross_entropy),
+            "perplexity": perplexity(cross_entropy),
             "kl_to_teacher": self.kl / n,
             "agreement_top1": self.agree_top1 / n,
             "agreement_top5": self.agree_top5 / n,

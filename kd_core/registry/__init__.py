@@ -13,7 +13,8 @@ URI), tagged with the teacher, data, cache and config keys, the code version, th
 Promotion (`promote_best`): the champion alias always names the best version, by the primary
 metric, among the eligible ones: versions whose gates all passed and that a rollback has not
 rejected; after a promotion by hand (`kdflow promote`) or a rollback, only the version chosen
-then and versions registered after it. A new version that failed a gate is never eligible, and one
+then and versions registered after it. A new version that failed a gate, or whose primary metric
+is NaN or infinite (a diverged run), is never eligible, and one
 that does not beat the champion leaves it where it is.
 
 Race safety without locks: each registrar creates its version first, then loops: read every
@@ -33,6 +34,7 @@ rejected and moves the alias back to the previous champion in the registered mod
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from importlib import metadata
@@ -256,8 +258,8 @@ def promote_best(client, config: RegistryConfig) -> str | None:
 
 
 def best_eligible_version(client, config: RegistryConfig) -> str | None:
-    """The best version that passed its gates, is not rejected, and, after a promotion by hand or
-    a rollback, is the version chosen then or was registered after it."""
+    """The best version that passed its gates, has a finite primary metric, is not rejected, and,
+    after a promotion by hand or a rollback, is the version chosen then or was registered after it."""
     model = client.get_registered_model(config.model_name)
     pinned, latest_then = (int(part) for part in model.tags.get(PINNED_TAG, "0:0").split(":"))
     eligible = [
@@ -265,6 +267,7 @@ def best_eligible_version(client, config: RegistryConfig) -> str | None:
         if version.tags.get(GATES_PASSED_TAG) == "true"
         and REJECTED_TAG not in version.tags
         and version.tags.get(PRIMARY_METRIC_TAG) == config.primary_metric
+        and math.isfinite(float(version.tags.get(PRIMARY_VALUE_TAG, "nan")))  # a diverged student, whatever its gates said
         and (int(version.version) > latest_then or int(version.version) == pinned)
     ]
     if not eligible:

@@ -65,7 +65,8 @@ class MlflowLogger:
 
         if step <= self.logged_through:
             return
-        numbers = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and v == v}
+        # NaN and inf are logged as they are: a diverging run must show in its curves, not vanish from them.
+        numbers = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(numbers, step=step)
 
     def end(self, status: str = "FINISHED") -> None:
