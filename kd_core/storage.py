@@ -133,16 +133,24 @@ _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutEr
 def check_object_store(config: StorageConfig) -> str | None:
     """For a root on an object store: its bucket answers with these settings (else a
     `StorageError`); what was checked, or None for a local root."""
-    fs, root = url_to_fs(config.root, config)
+    fs, _ = url_to_fs(config.root, config)
     if isinstance(fs, LocalFileSystem) or fs.protocol == "memory":
         return None
-    bucket = root.split("/", 1)[0]
-    with reaching(config.root, "storage.root"):
+    check_bucket(fs, config.root, "storage.root")
+    return f"storage.root: {config.root} answers"
+
+
+def check_bucket(fs: fsspec.AbstractFileSystem, url: str, field: str) -> None:
+    """On an object store, the bucket of `url` exists (a glob in a missing bucket matches nothing,
+    silently): else a `StorageError` naming `field`, `url` and the bucket. Local paths pass."""
+    if isinstance(fs, LocalFileSystem) or "://" not in url or url.startswith("file://"):
+        return
+    bucket = fs._strip_protocol(url).split("/", 1)[0]
+    with reaching(url, field):
         try:
             fs.info(bucket)
         except FileNotFoundError:
             raise FileNotFoundError(f"bucket {bucket!r} does not exist") from None
-    return f"storage.root: {config.root} answers"
 
 
 def file_identity(fs: fsspec.AbstractFileSystem, path: str, info: dict | None = None) -> str:

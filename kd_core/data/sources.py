@@ -31,7 +31,7 @@ import io
 import json
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from kd_core.config import StorageConfig
 from kd_core.errors import InputError
-from kd_core.storage import file_identity, reaching, url_to_fs
+from kd_core.storage import check_bucket, file_identity, reaching, url_to_fs
 
 MAX_DOC_CHARS = 4000
 MIN_DOCSTRING_CHARS = 200
@@ -149,10 +149,12 @@ class MatchedFile:
     url: str
     """The file's URL (with protocol for remote stores), as named in errors."""
     path: str
-    """Its path on `FileSource.fs`."""
+    """Its path on `fs`."""
     size: int
     identity: str
     """ETag, or modification time and size, or sha256: what changes when the file does."""
+    fs: fsspec.AbstractFileSystem = field(compare=False, repr=False)
+    """The filesystem it is on, with the job's settings for its protocol."""
 
 
 @dataclass
@@ -160,7 +162,6 @@ class SourceCounts:
     """What collecting skipped, for the manifest and the summary."""
 
     files: int = 0
-    bytes: int = 0
     skipped_empty: int = 0
     """Records whose text was null or empty (or whitespace only)."""
 
@@ -171,7 +172,6 @@ class FileSource:
     def __init__(self, patterns: list[str], text_field: str, storage: StorageConfig):
         self.text_field = text_field
         self.files: list[MatchedFile] = []
-        self.filesystems: dict[str, fsspec.AbstractFileSystem] = {}
         seen: set[str] = set()
         for pattern in patterns:
             for matched in self._expand(pattern, storage):
@@ -181,7 +181,6 @@ class FileSource:
 
     def _expand(self, pattern: str, storage: StorageConfig) -> list[MatchedFile]:
         fs, _ = url_to_fs(pattern, storage)
-        self.filesystems[pattern] = fs
         with reaching(pattern, "data.files"):
             infos = _listing(fs, pattern)
         matched = []
@@ -192,12 +191,10 @@ class FileSource:
                 if _is_glob(pattern):
                     continue  # a glob may match other files (a _SUCCESS marker)
                 raise DataSourceError(f"data.files: {_url(fs, path)}: unsupported file type; use {SUPPORTED}")
-            matched.append(MatchedFile(_url(fs, path), path, int(info.get("size") or 0), file_identity(fs, path, info)))
+            matched.append(MatchedFile(_url(fs, path), path, int(info.get("size") or 0), file_identity(fs, path, info), fs))
         if not matched:
-            _check_bucket(fs, pattern)
+            check_bucket(fs, pattern, "data.files")
             raise DataSourceError(f"data.files: {pattern!r} matches no file ({SUPPORTED})")
-        for file in matched:
-            self.filesystems[file.url] = fs
         return matched
 
     def listing(self) -> list[dict]:
@@ -211,7 +208,7 @@ class FileSource:
         for file in self.files[:files]:
             counts = SourceCounts()
             with reaching(file.url, "data.files"):
-                next(_read_one(self.filesystems[file.url], file, self.text_field, counts, lambda position: None), None)
+                next(_read_one(file, self.text_field, counts, lambda position: None), None)
 
     @property
     def total_bytes(self) -> int:
@@ -220,7 +217,6 @@ class FileSource:
     def documents(self, counts: SourceCounts, advance: Callable[[int], None] = lambda n: None) -> Iterator[str]:
         """Every document of every file, cut into pieces; `advance(bytes)` as the files are read."""
         for file in self.files:
-            fs = self.filesystems[file.url]
             reported = 0
 
             def read_up_to(position: int) -> None:
@@ -230,10 +226,9 @@ class FileSource:
                 reported = max(reported, position)
 
             with reaching(file.url, "data.files"):
-                yield from _read_one(fs, file, self.text_field, counts, read_up_to)
+                yield from _read_one(file, self.text_field, counts, read_up_to)
             read_up_to(file.size)
             counts.files += 1
-            counts.bytes += file.size
 
 
 def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict]:
@@ -258,17 +253,6 @@ def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict]:
     return expanded
 
 
-def _check_bucket(fs: fsspec.AbstractFileSystem, pattern: str) -> None:
-    """On an object store, a glob in a missing bucket matches nothing: say that the bucket is missing."""
-    if "://" in pattern and not pattern.startswith("file://"):
-        bucket = fs._strip_protocol(pattern).split("/", 1)[0]
-        with reaching(pattern, "data.files"):
-            try:
-                fs.info(bucket)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"bucket {bucket!r} does not exist") from None
-
-
 def _not_data(path: str) -> bool:
     """In a folder: what is beside the data rather than data (hidden files, READMEs, .json metadata)."""
     name = path.rsplit("/", 1)[-1]
@@ -290,26 +274,26 @@ def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
 
 
-def _read_one(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts, read_up_to) -> Iterator[str]:
+def _read_one(file: MatchedFile, text_field: str, counts: SourceCounts, read_up_to) -> Iterator[str]:
     """`read_up_to(byte)` reports progress through the file (decompressed bytes for a compressed one)."""
     name = file.path[: file.path.rfind(".")] if _is_compressed(file.path) else file.path
     if name.endswith(PARQUET_SUFFIXES):
-        yield from _parquet_documents(fs, file, text_field, counts)
+        yield from _parquet_documents(file, text_field, counts)
     elif name.endswith(JSON_SUFFIXES):
-        yield from _jsonl_documents(fs, file, text_field, counts, read_up_to)
+        yield from _jsonl_documents(file, text_field, counts, read_up_to)
     else:
-        yield from _text_documents(fs, file, read_up_to)
+        yield from _text_documents(file, read_up_to)
 
 
-def _text_stream(fs: fsspec.AbstractFileSystem, file: MatchedFile) -> tuple[io.TextIOWrapper, io.IOBase]:
+def _text_stream(file: MatchedFile) -> tuple[io.TextIOWrapper, io.IOBase]:
     """The file decoded as strict UTF-8 (BOM dropped, any newline convention read as \\n),
     decompressed by its suffix; and the byte stream under it (its position is the progress)."""
-    raw = fs.open(file.path, "rb", compression="infer")
+    raw = file.fs.open(file.path, "rb", compression="infer")
     return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict"), raw
 
 
-def _text_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, read_up_to) -> Iterator[str]:
-    stream, raw = _text_stream(fs, file)
+def _text_documents(file: MatchedFile, read_up_to) -> Iterator[str]:
+    stream, raw = _text_stream(file)
 
     def chunks() -> Iterator[str]:
         try:
@@ -317,16 +301,16 @@ def _text_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, read_up_to
                 read_up_to(raw.tell())
                 yield chunk
         except UnicodeDecodeError as err:
-            raise _not_utf8(fs, file, err) from None
+            raise _not_utf8(file, err) from None
 
     with stream:
         yield from (piece for piece in split_stream(chunks()) if piece.strip())
 
 
-def _jsonl_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts, read_up_to) -> Iterator[str]:
-    stream, raw = _text_stream(fs, file)
+def _jsonl_documents(file: MatchedFile, text_field: str, counts: SourceCounts, read_up_to) -> Iterator[str]:
+    stream, raw = _text_stream(file)
     with stream:
-        for line_number, line in enumerate(_lines(stream, fs, file, lambda: read_up_to(raw.tell())), start=1):
+        for line_number, line in enumerate(_lines(stream, file, lambda: read_up_to(raw.tell())), start=1):
             if line.strip():
                 text = _record_text(line, f"{file.url}:{line_number}", text_field)
                 if text is None or not text.strip():
@@ -335,7 +319,7 @@ def _jsonl_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_fiel
                 yield from split_long(text)
 
 
-def _lines(stream: io.TextIOWrapper, fs: fsspec.AbstractFileSystem, file: MatchedFile, on_chunk) -> Iterator[str]:
+def _lines(stream: io.TextIOWrapper, file: MatchedFile, on_chunk) -> Iterator[str]:
     """The stream's lines, read a large chunk at a time (a readline per record is slower)."""
     unfinished: list[str] = []  # pieces of a line longer than one chunk, joined once it ends
     try:
@@ -349,7 +333,7 @@ def _lines(stream: io.TextIOWrapper, fs: fsspec.AbstractFileSystem, file: Matche
             unfinished = [lines.pop()]
             yield from lines
     except UnicodeDecodeError as err:
-        raise _not_utf8(fs, file, err) from None
+        raise _not_utf8(file, err) from None
     if last := "".join(unfinished):
         yield last
 
@@ -373,8 +357,8 @@ def _record_text(line: str, where: str, text_field: str) -> str | None:
     return text
 
 
-def _parquet_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_field: str, counts: SourceCounts) -> Iterator[str]:
-    with fs.open(file.path, "rb") as handle:
+def _parquet_documents(file: MatchedFile, text_field: str, counts: SourceCounts) -> Iterator[str]:
+    with file.fs.open(file.path, "rb") as handle:
         try:
             parquet = pq.ParquetFile(handle)
         except (pa.ArrowInvalid, OSError) as err:
@@ -398,17 +382,17 @@ def _parquet_documents(fs: fsspec.AbstractFileSystem, file: MatchedFile, text_fi
             raise DataSourceError(f"{file.url}: a damaged Parquet file ({err}); rewrite it or drop it from data.files") from None
 
 
-def _not_utf8(fs: fsspec.AbstractFileSystem, file: MatchedFile, err: UnicodeDecodeError) -> DataSourceError:
+def _not_utf8(file: MatchedFile, err: UnicodeDecodeError) -> DataSourceError:
     return DataSourceError(
-        f"{file.url}:{_first_bad_line(fs, file)}: not UTF-8 text ({err.reason}); "
+        f"{file.url}:{_first_bad_line(file)}: not UTF-8 text ({err.reason}); "
         "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8"
     )
 
 
-def _first_bad_line(fs: fsspec.AbstractFileSystem, file: MatchedFile) -> int | str:
+def _first_bad_line(file: MatchedFile) -> int | str:
     """The number of the first line that is not UTF-8 (the decoder reads ahead, so the error
     itself does not say); read again, only on this error path."""
-    with fs.open(file.path, "rb", compression="infer") as raw:
+    with file.fs.open(file.path, "rb", compression="infer") as raw:
         for number, line in enumerate(raw, start=1):
             try:
                 line.decode("utf-8")
