@@ -13,8 +13,8 @@ first unusable input. It checks:
 - `registry.tracking_uri`: the MLflow server answers as MLflow and accepts kdflow's credentials,
   or the SQLite database's folder can be written (`kd_core.train.tracking_probe`).
 
-Each check is quick (seconds) and reads nothing large: listings, a few kilobytes per data file,
-the tokenizer and `config.json`; never the weights. It sits beside the CLI's other helpers:
+Each check is quick (seconds) and reads nothing large: listings, at most the first megabyte of up to
+20 data files, the tokenizer and `config.json`; never the weights. It sits beside the CLI's other helpers:
 it calls into the library and nothing in the library calls it.
 """
 

@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(validate)
     validate.add_argument(
         "--check-inputs", action="store_true",
-        help="also check that the job's inputs are usable: the MLflow server at registry.tracking_uri answers and "
-        "accepts the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN), or the SQLite folder "
-        "is writable; exit 2 naming the first that is not",
+        help="also check that the job's inputs are usable: the bucket of an s3:// storage.root, the data files and "
+        "their first records, the tokenizer, the teacher folder, and the MLflow server at registry.tracking_uri "
+        "(or a writable SQLite folder); exit 2 naming the first that is not",
     )
     for stage in (*STAGES, "tune", "run"):
         sub = commands.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage].capitalize() + ".")

@@ -238,9 +238,8 @@ def load_tokenizer(url: str, storage: StorageConfig, *, separates_documents: boo
                 "(a folder written by tokenizer.save_pretrained)"
             )
         with tempfile.TemporaryDirectory(prefix="kdflow-tokenizer-") as folder:
-            for name in TOKENIZER_FILES:
-                if fs.exists(f"{root.rstrip('/')}/{name}"):
-                    fs.get_file(f"{root.rstrip('/')}/{name}", str(Path(folder) / name))
+            for name, path in _tokenizer_files(fs, root).items():
+                fs.get_file(path, str(Path(folder) / name))
             hf = PreTrainedTokenizerFast.from_pretrained(folder)
             declared = Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).get_vocab()
     if len(hf) > len(declared):
@@ -268,11 +267,15 @@ def tokenizer_identity(url: str, storage: StorageConfig) -> str:
     fs, root = url_to_fs(url, storage)
     digest = hashlib.sha256()
     with reaching(url, "data.tokenizer"):
-        for name in TOKENIZER_FILES:
-            path = f"{root.rstrip('/')}/{name}"
-            if fs.exists(path):
-                digest.update(f"{name}={content_identity(fs, path)}\n".encode())
+        for name, path in _tokenizer_files(fs, root).items():
+            digest.update(f"{name}={content_identity(fs, path)}\n".encode())
     return digest.hexdigest()
+
+
+def _tokenizer_files(fs, root: str) -> dict[str, str]:
+    """name -> path of each of `TOKENIZER_FILES` that the folder holds."""
+    paths = {name: f"{root.rstrip('/')}/{name}" for name in TOKENIZER_FILES}
+    return {name: path for name, path in paths.items() if fs.exists(path)}
 
 
 def save_hf_tokenizer(prepared: PreparedTokenizer, run: StageRun) -> None:
