@@ -37,7 +37,7 @@ from rich.table import Table
 
 from kd_core import __version__
 from kd_core.config import ConfigError, JobConfig, load_config
-from kd_core.errors import InputError
+from kd_core.errors import InputError, TrainingDiverged
 from kd_core.gates import describe_failed
 from kd_core.manifest import Manifest
 from kd_core.pipeline import STAGES
@@ -224,6 +224,9 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str
     except InputError as err:  # a shard, data file, manifest or teacher to fix: its message names it
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
+    except TrainingDiverged as err:  # names the run, the step and the last finite loss
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 1
     print_summary(steps, time.perf_counter() - started)
     return _gates_exit(steps, fail_on_gates)
 
@@ -415,7 +418,7 @@ def reward_comparison_table(metrics: dict) -> Table:
 
 
 def gates_table(metrics: dict) -> Table:
-    table = Table(title="quality gates (eval.gates)")
+    table = Table(title="sanity gates (the default: eval.gates is empty)" if metrics.get("gates_default") else "quality gates (eval.gates)")
     for column in ("gate", "left", "right", "result"):
         table.add_column(column, justify="left" if column == "gate" else "right")
     for gate in metrics["gates"]:

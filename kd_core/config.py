@@ -157,6 +157,10 @@ class TrainConfig(Section):
     """AdamW weight decay."""
     grad_clip: float | None = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this value; None disables clipping."""
+    max_nonfinite_steps: int = Field(default=3, ge=0)
+    """Steps in a row whose loss or gradient norm is NaN or infinite that are skipped (no update:
+    the weights, optimizer state and schedule stay as they were); one more aborts the run with
+    `TrainingDiverged`, naming the step and the last finite loss. 0 aborts on the first."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
     """Attention dropout during training."""
     seed: int = 0
@@ -381,6 +385,11 @@ class EvalConfig(Section):
     """Quality gates the student must pass to be promoted, each one comparison over the eval
     metrics, e.g. `student.perplexity <= 1.3 * teacher.perplexity` or `agreement_top1 >= 0.55`
     (see kd_core/gates.py). Parsed here, never run as code."""
+    sanity_gates: bool = True
+    """With no `gates`, gate the student on sanity: it must beat the uniform predictor (by 1%)
+    and, when one was trained, the no-teacher baseline (`kd_core/gates.py`: perplexity for a
+    language model, preference KL to the teacher for a reward model). false opts out: a job with
+    no gates then promotes any student that is not diverged."""
     throughput_batches: int = Field(default=5, gt=0)
     """Timed forward passes per model for inference tokens/s and latency (after one warm-up)."""
 

@@ -1,8 +1,28 @@
-"""The base class of bad-input errors: a config, data file, cache shard, manifest or teacher that
-the user must fix. Each subclass's message names the field, file or shard and says what to do;
-the CLI prints it and exits with status 2 (no traceback). It lives alone so that catching it
-imports nothing heavy (a `kdflow prep` never loads torch)."""
+"""The errors the CLI reports in one line, without a traceback. They live alone so that catching
+them imports nothing heavy (a `kdflow prep` never loads torch).
+
+- `InputError`: a config, data file, cache shard, manifest or teacher that the user must fix.
+  Each subclass's message names the field, file or shard and says what to do; exit status 2.
+- `TrainingDiverged`: a training run whose loss or gradient norm stayed NaN or infinite for more
+  steps in a row than `train.max_nonfinite_steps`; its message names the run, the step and the
+  last finite loss; exit status 1.
+"""
 
 
 class InputError(ValueError):
     """Bad input, reported by name before any expensive work starts."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A training run stopped because its loss or gradient norm was not finite."""
+
+    def __init__(self, message: str, *, step: int, last_finite_loss: float | None, last_finite_step: int | None):
+        super().__init__(message)
+        self.step, self.last_finite_loss, self.last_finite_step = step, last_finite_loss, last_finite_step
+
+    def __reduce__(self):  # crosses process boundaries (Ray workers) with its fields
+        return (_rebuild_diverged, (str(self), self.step, self.last_finite_loss, self.last_finite_step))
+
+
+def _rebuild_diverged(message: str, step: int, last_finite_loss: float | None, last_finite_step: int | None) -> TrainingDiverged:
+    return TrainingDiverged(message, step=step, last_finite_loss=last_finite_loss, last_finite_step=last_finite_step)

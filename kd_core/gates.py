@@ -6,11 +6,18 @@ A gate is one comparison between two arithmetic expressions over numbers and met
     agreement_top1 >= 0.55                  # a bare name is the student's metric
     student.kl_to_teacher < baseline.kl_to_teacher
 
-Names are `<model>.<metric>` with model `student`, `teacher` or `baseline`, or a bare metric of
-the student. The metrics are those the eval stage measures for the job's task
-(`METRICS_BY_TASK`): language-model metrics for `causal_lm`, preference metrics for `reward`. The text is parsed with Python's `ast` and only numbers, names, `+ - * /`, unary
-minus and one comparison (`< <= > >= == !=`) are accepted: nothing is ever evaluated as code, and
-a call, attribute chain, subscript or anything else is refused with the gate's text.
+Names are `<model>.<metric>` with model `student`, `teacher`, `baseline` or `uniform` (the
+uniform predictor: what a model that learned nothing scores, worked out by the eval stage), or a
+bare metric of the student. The metrics are those the eval stage measures for the job's task
+(`METRICS_BY_TASK`): language-model metrics for `causal_lm`, preference metrics for `reward`. The
+text is parsed with Python's `ast` and only numbers, names, `+ - * /`, unary minus and one
+comparison (`< <= > >= == !=`) are accepted: nothing is ever evaluated as code, and a call,
+attribute chain, subscript or anything else is refused with the gate's text.
+
+A job with no `eval.gates` is gated on sanity (`sanity_gates`, unless `eval.sanity_gates` is
+false): the student must beat the uniform predictor by a clear margin, and the no-teacher baseline
+when one was trained. A diverged student that collapsed to uniform output therefore fails its
+gates, and the registry never makes it champion.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import ast
 import operator
 from dataclasses import dataclass
 
-MODELS = ("student", "teacher", "baseline")
+MODELS = ("student", "teacher", "baseline", "uniform")
 METRICS_BY_TASK = {
     "causal_lm": (
         "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
@@ -30,6 +37,15 @@ METRICS_BY_TASK = {
         "parameters", "weight_bytes", "pairs_per_s", "latency_ms",
     ),
 }
+SANITY_GATES_BY_TASK = {
+    # A student must be at least 1% better than uniform: float error puts a collapsed student a hair below.
+    "causal_lm": ("student.perplexity < 0.99 * uniform.perplexity", "student.perplexity < baseline.perplexity"),
+    "reward": (
+        "student.preference_kl_to_teacher < 0.99 * uniform.preference_kl_to_teacher",
+        "student.preference_kl_to_teacher < baseline.preference_kl_to_teacher",
+    ),
+}
+"""The default gates of a task: [0] beats the uniform predictor, [1] beats the no-teacher baseline."""
 METRICS = tuple(dict.fromkeys(name for names in METRICS_BY_TASK.values() for name in names))
 MAXIMIZED = frozenset(
     {"agreement_top1", "agreement_top5", "tokens_per_s", "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "pairs_per_s"}
@@ -76,6 +92,12 @@ class Gate:
 
 def metrics_of_task(task: str) -> tuple[str, ...]:
     return METRICS_BY_TASK[task]
+
+
+def sanity_gates(task: str, has_baseline: bool) -> list[str]:
+    """The gates of a job that set none (see the module docstring)."""
+    beats_uniform, beats_baseline = SANITY_GATES_BY_TASK[task]
+    return [beats_uniform, beats_baseline] if has_baseline else [beats_uniform]
 
 
 def evaluate_gates(gates: list[str], metrics: dict) -> list[dict]:

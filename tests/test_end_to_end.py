@@ -48,7 +48,12 @@ def test_tiny_job_on_ray_registers_reuses_and_forces(tiny_config):
     steps = run_pipeline(tiny_config)
     assert_complete_run(steps, tiny_config)
     assert not any(manifest.reused for manifest in steps.values())
-    assert steps["eval"].metrics["gates"] == [] and steps["eval"].metrics["gates_passed"] is True
+    # No eval.gates: the default sanity gates, against the uniform predictor (perplexity = the
+    # vocabulary size) and the baseline, which a trained student passes.
+    evaluation = steps["eval"].metrics
+    assert evaluation["uniform"]["perplexity"] == steps["prep"].details["vocab_size"] and evaluation["gates_default"] is True
+    assert [gate["gate"] for gate in evaluation["gates"]] == ["student.perplexity < 0.99 * uniform.perplexity", "student.perplexity < baseline.perplexity"]
+    assert evaluation["gates_passed"] is True
 
     client, versions = registered_versions(tiny_config.registry.tracking_uri, tiny_config.registry.model_name)
     assert len(versions) == 1
@@ -83,7 +88,7 @@ def test_tiny_job_on_ray_registers_reuses_and_forces(tiny_config):
     for model in ("teacher", "student", "baseline"):  # seeded training reproduces the student exactly
         assert {name: forced["eval"].metrics[model][name] for name in quality} == {name: steps["eval"].metrics[model][name] for name in quality}
     assert len(registered_versions(tiny_config.registry.tracking_uri, tiny_config.registry.model_name)[1]) == 2
-    # No gates configured: both versions are eligible; the second only ties the first, so the
+    # Both versions passed the sanity gates and are eligible; the second only ties the first, so the
     # champion stays on version 1 while the challenger alias moves to version 2.
     assert (forced["register"].details["version"], forced["register"].details["champion"]) == (2, 1)
     assert str(client.get_model_version_by_alias(tiny_config.registry.model_name, "champion").version) == "1"

@@ -12,8 +12,10 @@ Per model, over every predicted position of the held-out split (float32):
 - `tokens_per_s` and `latency_ms`: inference speed on this machine, `throughput_batches` timed
   forward passes of `batch_size` rows after a warm-up (the device is recorded beside them).
 
-Then `eval.gates` are evaluated over these numbers (`kd_core/gates.py`), each pass or fail with
-the two numbers it compared. Everything goes to `metrics.json` and the manifest;
+The uniform predictor's numbers go beside them (`uniform`: cross-entropy ln V and perplexity V
+for a language model; the preference KL of tied rewards for a reward model). Then `eval.gates`,
+or with none the default sanity gates (`kd_core/gates.py`: beat uniform, beat the baseline), are
+evaluated over these numbers, each pass or fail with the two numbers it compared. Everything goes to `metrics.json` and the manifest;
 `training_curves.png` shows the training curves beside the held-out perplexities, and
 `report.html` (`kd_core/eval/report.py`) is the page a person reads: verdict, gates, metrics and
 plots.
@@ -33,6 +35,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +43,8 @@ from kd_core.config import EvalConfig
 from kd_core.data.shards import load_split
 from kd_core.eval.plots import read_history, training_curves_png
 from kd_core.eval.report import report_html
-from kd_core.eval.reward import measure_reward_models, reward_model_dirs, write_rewards
-from kd_core.gates import evaluate_gates
+from kd_core.eval.reward import measure_reward_models, reward_model_dirs, uniform_preference_scores, write_rewards
+from kd_core.gates import evaluate_gates, sanity_gates
 from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, load_causal_lm, local_copy
 from kd_core.progress import progress_bar
@@ -75,12 +78,17 @@ def evaluate(
         model_dirs = reward_model_dirs(store, teacher_model_dir(store, teacher), student, baseline)
         scores, rewards = measure_reward_models(config, prep, model_dirs, store, run, device)
         metrics: dict = {"task": "reward", "split": config.split, "rows": scores["teacher"]["pairs"], "device": _device_name(device)}
+        scores["uniform"] = uniform_preference_scores({side: np.asarray(values) for side, values in rewards["teacher"].items()})
         write_rewards(run, rewards)
     else:
         held_out, scores = measure_language_models(config, prep, teacher, student, baseline, store, run, device)
         metrics = {"task": "causal_lm", "split": config.split, **held_out, "device": _device_name(device)}
+        vocab_size = prep.details["vocab_size"]
+        scores["uniform"] = {"cross_entropy": math.log(vocab_size), "perplexity": float(vocab_size)}
     metrics |= scores
-    metrics["gates"] = evaluate_gates(config.gates, metrics)
+    gates = config.gates or (sanity_gates(metrics["task"], baseline is not None) if config.sanity_gates else [])
+    metrics["gates"] = evaluate_gates(gates, metrics)
+    metrics["gates_default"] = not config.gates and bool(gates)
     metrics["gates_passed"] = all(gate["passed"] for gate in metrics["gates"])
     run.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
     histories = {name: read_history(store, manifest) for name, manifest in inputs.items() if name != "prep"}

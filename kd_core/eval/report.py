@@ -48,7 +48,7 @@ def report_html(job_name: str, metrics: dict, histories: dict[str, list[dict]], 
     verdict = (
         f'<p class="verdict {"pass" if passed else "fail"}">'
         + ("All gates passed: the student may be promoted." if passed and gates else
-           "No gates configured: the student is promoted on its primary metric alone." if not gates else
+           "No gates: the student is promoted on its primary metric alone (eval.sanity_gates is false)." if not gates else
            f"{sum(not g['passed'] for g in gates)} of {len(gates)} gates failed: the student will not be promoted.")
         + "</p>"
     )
@@ -57,7 +57,7 @@ def report_html(job_name: str, metrics: dict, histories: dict[str, list[dict]], 
         f'<p class="meta">Held-out {html.escape(metrics["split"])} split: {held_out}. '
         f'Speed measured on {html.escape(str(metrics.get("device", "this machine")))}.</p>',
         verdict,
-        _gates_table(gates),
+        _gates_table(gates, default=metrics.get("gates_default", False)),
         table,
     ]
     for title, png in figures.items():
@@ -83,15 +83,16 @@ img {{ max-width: 100%; }}
 """
 
 
-def _gates_table(gates: list[dict]) -> str:
+def _gates_table(gates: list[dict], default: bool) -> str:
     if not gates:
         return ""
+    title = "Sanity gates (the default, as eval.gates is empty)" if default else "Quality gates"
     rows = "".join(
         f"<tr><td><code>{html.escape(g['gate'])}</code></td><td>{g['left']:.4g}</td><td>{g['right']:.4g}</td>"
         f'<td class="{"pass" if g["passed"] else "fail"}">{"pass" if g["passed"] else "FAIL"}</td></tr>'
         for g in gates
     )
-    return f"<h2>Quality gates</h2><table><tr><th>gate</th><th>left side</th><th>right side</th><th>result</th></tr>{rows}</table>"
+    return f"<h2>{title}</h2><table><tr><th>gate</th><th>left side</th><th>right side</th><th>result</th></tr>{rows}</table>"
 
 
 def _metrics_table(metrics: dict) -> str:

@@ -114,6 +114,14 @@ def preference_scores(model: dict[str, np.ndarray], teacher: dict[str, np.ndarra
     return scores
 
 
+def uniform_preference_scores(teacher: dict[str, np.ndarray]) -> dict:
+    """What a reward model that learned nothing scores (one reward for every response: each side
+    of every pair equally likely): the reference of the default sanity gate."""
+    tie = torch.zeros(len(teacher["chosen"]))
+    kl = preference_kl(tie, tie, *(torch.from_numpy(np.ascontiguousarray(teacher[side], dtype=np.float32)) for side in ("chosen", "rejected")))
+    return {"preference_kl_to_teacher": float(kl), "pairwise_accuracy_teacher": 0.5, "pairwise_accuracy_human": 0.5}
+
+
 def preference_calibration(margin: np.ndarray, human_prefers_chosen: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
     """ECE of σ(margin) as P(chosen preferred) against the labels: confidence max(p, 1 − p) in
     `bins` equal bins over [0.5, 1], accuracy = how often the more likely side is the labelled one."""

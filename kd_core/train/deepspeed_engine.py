@@ -34,6 +34,7 @@ from torch import nn
 from kd_core.config import DeepSpeedConfig, TrainConfig
 from kd_core.devtools import free_port
 from kd_core.train.checkpoints import CheckpointError, weights_only_checkpoint_engine_class
+from kd_core.train.step import all_ranks_finite
 
 CHECKPOINT_FOLDER, CHECKPOINT_TAG = "deepspeed", "state"
 
@@ -87,30 +88,56 @@ class DeepSpeedRunner:
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=config)
         self.engine.checkpoint_engine = weights_only_checkpoint_engine_class()(self.engine._config)
         self.zero_stage = config["zero_optimization"]["stage"]
+        self.checks_gradients_itself = hasattr(self.engine.optimizer, "overflow")
+        """DeepSpeed's own optimizers (ZeRO, bf16) skip a step with non-finite gradients; a plain
+        torch optimizer (ZeRO-0, fp32) is checked here."""
 
     @property
     def device(self) -> torch.device:
         return self.engine.device
 
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over `micro_batches`; a step whose gradients are not finite is
+        skipped. DeepSpeed's own optimizers (ZeRO 1–3; bf16, whose `check_grad_overflow` is on
+        by default) check the gradients themselves and skip the update and the schedule; with a
+        plain torch optimizer (ZeRO-0 in fp32) the check is made here (`_skip_step`)."""
         sums: dict[str, float] = {}
+        losses = []
         unclipped_norm = None
         for index, batch in enumerate(micro_batches):
             terms = self.engine(batch)
             self.engine.backward(terms["loss"])
+            losses.append(terms["loss"].detach())
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
             if index == len(micro_batches) - 1 and self.zero_stage == 0:
                 # Without ZeRO, DeepSpeed clips but does not report the norm: take it from the
                 # all-reduced gradients before the step.
                 grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-                unclipped_norm = float(torch.stack(grads).norm()) if grads else 0.0
+                norm = torch.stack(grads).norm() if grads else torch.zeros(())
+                unclipped_norm = float(norm)
+                if not self.checks_gradients_itself and not all_ranks_finite([*losses, norm]):
+                    self._skip_step()
+                    continue
             self.engine.step()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
         logged = {name: total / len(micro_batches) for name, total in sums.items()}
         grad_norm = unclipped_norm if unclipped_norm is not None else self.engine.get_global_grad_norm()
         logged["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         logged["lr"] = self.engine.get_lr()[0]
+        finite = self.engine.was_step_applied() and all_ranks_finite([*losses, torch.tensor(logged["grad_norm"])])
+        logged["nonfinite"] = float(not finite)
         return logged
+
+    def _skip_step(self) -> None:
+        """End this step's last micro-batch without an update: the engine is told it is not at a
+        gradient-accumulation boundary (so it neither clips, steps the optimizer nor the
+        schedule, and its micro-step count stays aligned), then the gradients are dropped."""
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            self.engine.step()
+        finally:
+            self.engine.set_gradient_accumulation_boundary(None)
+        self.engine.zero_grad()
 
     def save_state(self, folder: Path, rank: int) -> None:
         """DeepSpeed's checkpoint: every rank writes its optimizer partition (and, at ZeRO-3, its

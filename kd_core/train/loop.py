@@ -13,6 +13,11 @@ cache and its full logits are the target (in its own DeepSpeed engine beside a D
 Every `checkpoint_every` steps each rank writes its part of a checkpoint, and a run resumes from
 the latest one (`kd_core/train/checkpoints.py`).
 
+A step whose loss or gradient norm is NaN or infinite on any rank is skipped by the runner (no
+update); `NonFiniteSteps` counts them (`skipped_steps` in each log record) and, after more than
+`train.max_nonfinite_steps` in a row, aborts every rank with `TrainingDiverged`, which names the
+step and the last finite loss.
+
 The model kind (`TrainSpec.model_kind`) picks what is built and what its step computes: causal
 LMs with `StudentStep` (next-token CE + KD), reward models with `RewardStep` (both responses of
 each preference pair scored, then `RewardObjective`); everything else is the same loop.
@@ -42,8 +47,10 @@ from kd_core.config import (
 )
 from kd_core.data.shards import read_columns, split_shards
 from kd_core.data.stream import TrainingStream, collate
+from kd_core.errors import TrainingDiverged
 from kd_core.losses import DistillationObjective, RewardObjective
 from kd_core.manifest import Manifest, ManifestError
+from kd_core.progress import say
 from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
 from kd_core.models.reward import build_multimodal_reward_model, build_text_reward_model
 from kd_core.storage import FileRecord, Store
@@ -284,6 +291,7 @@ class WorkerRun:
         started, tokens_seen = time.perf_counter(), 0
         module = self.runner.engine.module if spec.deepspeed else self.runner.module
         module.train()
+        nonfinite = NonFiniteSteps(train.max_nonfinite_steps, spec.output_folder, self.rank)
         # --- train steps
         for step in range(self.start_step, train.max_steps):
             micro_batches = []
@@ -298,11 +306,15 @@ class WorkerRun:
                 tokens_seen += batch_tokens(batch) * self.world_size
             terms = self.runner.step(micro_batches)
             done = step + 1
+            nonfinite.observe(done, terms)
             if step % train.log_every == 0 or done == train.max_steps:
                 terms = _mean_across_ranks(terms, self.device)  # every rank takes part; rank 0 records
                 if self.rank == 0:
                     elapsed = time.perf_counter() - started
-                    record = {"step": done, **terms, "tokens_per_s": tokens_seen / elapsed, "samples_seen": done * train.batch_size}
+                    record = {
+                        "step": done, **terms, "skipped_steps": nonfinite.skipped,
+                        "tokens_per_s": tokens_seen / elapsed, "samples_seen": done * train.batch_size,
+                    }
                     self.history.append(record)
                     if self.logger is not None:
                         self.logger.log(done, record)
@@ -367,6 +379,41 @@ class WorkerRun:
             self.history = [json.loads(line) for line in (folder / HISTORY_NAME).read_text().splitlines() if line]
             self.mlflow_run_id = json.loads((folder / RUN_STATE_NAME).read_text()).get("mlflow_run_id")
             print(f"resuming {self.spec.output_folder} from its checkpoint at step {step}", flush=True)
+
+
+class NonFiniteSteps:
+    """The abort policy for non-finite steps (the runners skip them): more than `limit` in a row
+    raises `TrainingDiverged` on every rank (the runners' verdict is the same on all ranks)."""
+
+    def __init__(self, limit: int, run_name: str, rank: int):
+        self.limit, self.run_name, self.rank = limit, run_name, rank
+        self.in_a_row = self.skipped = 0
+        self.last_finite_loss: float | None = None
+        self.last_finite_step: int | None = None
+
+    def observe(self, step: int, terms: dict[str, float]) -> None:
+        """Take the runner's `nonfinite` verdict out of `terms`; count, warn or abort."""
+        if not terms.pop("nonfinite", 0.0):
+            self.in_a_row, self.last_finite_loss, self.last_finite_step = 0, terms["loss"], step
+            return
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row > self.limit:
+            last = (
+                f"the last finite loss was {self.last_finite_loss:.4g} at step {self.last_finite_step}"
+                if self.last_finite_step is not None else "no step had a finite loss"
+            )
+            raise TrainingDiverged(
+                f"{self.run_name}: training diverged at step {step}: the loss or gradient norm was NaN or infinite "
+                f"for {self.in_a_row} steps in a row (train.max_nonfinite_steps = {self.limit}); {last}. "
+                "Lower train.learning_rate, keep train.grad_clip set, or check the data and teacher targets",
+                step=step, last_finite_loss=self.last_finite_loss, last_finite_step=self.last_finite_step,
+            )
+        if self.rank == 0:
+            say(
+                f"[yellow]{self.run_name}: step {step}: loss {terms['loss']:.4g}, gradient norm {terms['grad_norm']:.4g}: "
+                f"not finite, update skipped ({self.in_a_row} in a row; more than {self.limit} aborts)[/yellow]"
+            )
 
 
 def _mean_across_ranks(terms: dict[str, float], device) -> dict[str, float]:

@@ -22,6 +22,7 @@ import time
 import torch
 
 from kd_core.config import ComputeConfig
+from kd_core.errors import TrainingDiverged
 from kd_core.manifest import Manifest
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
@@ -198,13 +199,24 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
         time.sleep(_POLL_SECONDS)
     thread.join()
     if failure:
-        raise failure[0]
+        raise _diverged_worker(failure[0]) or failure[0]
     step, record, result = ray.get(reporter.poll.remote())
     bar.update(step, _status(record) if record else "")
     ray.kill(reporter)
     if result is None:
         raise RuntimeError("Ray Train finished but rank 0 reported no result; see the Ray worker logs")
     return result
+
+
+def _diverged_worker(error: BaseException) -> TrainingDiverged | None:
+    """The `TrainingDiverged` a worker raised, out of Ray Train's `WorkerGroupError` (every rank
+    raises it at the same step; the CLI reports it in one line), or None."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        while failure is not None:
+            if isinstance(failure, TrainingDiverged):
+                return failure
+            failure = failure.__cause__
+    return None
 
 
 def _capture(function, failures: list[BaseException]) -> None:

@@ -7,7 +7,10 @@
 - `DeepSpeedRunner` steps a DeepSpeed engine built around it (`kd_core/train/deepspeed_engine.py`).
 
 Both take the micro-batches of one optimizer step and return the logged floats: each loss term
-averaged over the micro-batches, the learning rate and the gradient norm (before clipping). Both
+averaged over the micro-batches, the learning rate, the gradient norm (before clipping) and
+`nonfinite`: 1.0 when a micro-batch's loss or the gradient norm was NaN or infinite on any rank, in
+which case the update was skipped (weights, optimizer state and schedule unchanged; every rank
+agrees, so the loop's abort policy acts on all ranks at once). Both
 save their model, optimizer and schedule into a checkpoint folder (`save_state`, every rank) and
 restore them from one (`load_state`); see `kd_core/train/checkpoints.py`.
 """
@@ -92,6 +95,17 @@ def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return ids[:, : max(longest, 1)]
 
 
+def all_ranks_finite(values: list[torch.Tensor]) -> bool:
+    """Whether every value is finite on every data-parallel rank (one all-reduce of a flag when
+    there is more than one rank, so that all ranks skip or abort together)."""
+    finite = torch.stack([value.detach().float().reshape(()) for value in values]).isfinite().all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flag = finite.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag.bool()
+    return bool(finite)
+
+
 def unwrap(module: nn.Module) -> StudentStep:
     """The `StudentStep` inside a DDP wrapper (or the module itself)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
@@ -110,10 +124,12 @@ class PlainRunner:
         terms["loss"].backward()
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip if self.grad_clip else float("inf"))
-        self.optimizer.step()
-        self.schedule.step()
+        finite = all_ranks_finite([terms["loss"].detach(), grad_norm])
+        if finite:  # a non-finite step leaves everything as it was
+            self.optimizer.step()
+            self.schedule.step()
         logged = {name: float(value.detach()) for name, value in terms.items()}
-        return {**logged, "grad_norm": float(grad_norm), "lr": self.schedule.get_last_lr()[0]}
+        return {**logged, "grad_norm": float(grad_norm), "lr": self.schedule.get_last_lr()[0], "nonfinite": float(not finite)}
 
     def student(self) -> nn.Module:
         return unwrap(self.module).model
