@@ -42,6 +42,18 @@ class S3Config(Section):
     """Access key. Prefer the environment (`AWS_ACCESS_KEY_ID`) or a Kubernetes secret."""
     secret_access_key: SecretStr | None = None
     """Secret key. Prefer the environment (`AWS_SECRET_ACCESS_KEY`) or a Kubernetes secret."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Attempts botocore makes per request (the first included): 5xx replies, 429 / throttling,
+    dropped connections and timeouts are retried with jittered exponential backoff."""
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    """botocore's retry mode; `adaptive` also slows the client down when the store throttles."""
+    retries: int = Field(default=5, ge=1)
+    """s3fs's own attempts around each call, for errors botocore leaves to it (a response cut
+    short, a timeout while reading the body)."""
+    connect_timeout: float = Field(default=5, gt=0)
+    """Seconds to wait for a connection to the endpoint (a dead endpoint fails in seconds)."""
+    read_timeout: float = Field(default=60, gt=0)
+    """Seconds to wait for a reply once connected."""
 
 
 class StorageConfig(Section):
@@ -466,6 +478,12 @@ class ComputeConfig(Section):
     max_failures: int = Field(default=3, ge=0)
     """Times Ray Train restarts the training workers after one dies (a preempted node, an OOM
     kill); they continue from the latest checkpoint."""
+    lease_ttl_s: float = Field(default=120, gt=0)
+    """A training step holds a lease on its folder, renewed every third of this; a lease not
+    renewed for this long (its run died) is taken over by the next run of the step."""
+    lease_wait_s: float = Field(default=300, ge=0)
+    """How long a second run of a training step that is already running waits for it (then
+    reuses its result) before it stops, naming the holder."""
 
 
 # ------------------------------------------------------------------------------------------ tune

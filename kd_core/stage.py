@@ -19,13 +19,23 @@ a forced run that dies midway leaves the stage incomplete, never stale-but-compl
 Inside `with reuse_only():` a stage whose manifest is missing raises instead of running: how a
 caller collects the manifests of steps that ran elsewhere (a KubeRay RayJob, a kfp.local DAG)
 without ever redoing their work by accident.
+
+`StageLease` keeps two runs of one training step apart (a retried pod beside a live one, two
+overlapping schedules): the step holds `LEASE.json` in its folder, created by a conditional write
+and renewed while it trains. A second run waits for it, reuses the manifest the first one commits,
+takes over a lease whose holder stopped renewing it, or after `compute.lease_wait_s` says who
+holds it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -36,6 +46,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kd_core.config import public_dict, section_hash
+from kd_core.errors import InputError
 from kd_core.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -45,6 +56,7 @@ from kd_core.manifest import (
     stage_folder,
     write_manifest,
 )
+from kd_core.progress import say
 from kd_core.storage import FileRecord, Store
 
 # Bump a stage's number when its code changes what it writes: old outputs then stop matching.
@@ -170,3 +182,119 @@ class StageRun:
         )
         write_manifest(self.store, manifest)
         return manifest
+
+
+def reused_manifest(run: StageRun) -> Manifest:
+    """The manifest another run committed at `run`'s key while this one waited for its lease."""
+    manifest = read_manifest(run.store, run.stage, run.key)
+    if manifest is None:
+        raise ManifestError(f"{run.stage} step {run.key}: its manifest vanished after another run committed it; rerun the step")
+    manifest.reused = True
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------ lease
+LEASE_NAME = "LEASE.json"
+
+
+class StageBusy(InputError):
+    """Another run holds the step's lease and did not finish within `compute.lease_wait_s`."""
+
+
+class StageLease:
+    """The lease on one step's folder (see the module docstring). Use as a context manager:
+
+        with StageLease(store, "distill", folder, ttl_s, wait_s) as lease:
+            if lease.finished_elsewhere: ...   # the other run committed its manifest meanwhile
+    """
+
+    def __init__(self, store: Store, stage: str, folder: str, ttl_s: float, wait_s: float, poll_s: float = 2.0):
+        self.store, self.stage, self.folder = store, stage, folder
+        self.ttl_s, self.wait_s, self.poll_s = ttl_s, wait_s, poll_s
+        self.path = f"{folder}/{LEASE_NAME}"
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.finished_elsewhere = False
+        self._since: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __enter__(self) -> StageLease:
+        deadline, announced = time.monotonic() + self.wait_s, False
+        while True:
+            if self.store.exists(f"{self.folder}/{MANIFEST_NAME}") and announced:
+                self.finished_elsewhere = True  # the run we waited for committed: reuse its work
+                return self
+            if self.store.create_exclusive(self.path, self._record()) and self._held():
+                break
+            current = self._read()
+            if current is not None and (stopped := _stopped_holder(current)):
+                say(f"[yellow]{self.stage} step: taking over the lease of {current['holder']}: {stopped}[/yellow]")
+                self.store.delete(self.path)
+                continue
+            if time.monotonic() > deadline:
+                raise StageBusy(self._busy_message(current))
+            if not announced and current is not None:
+                say(f"{self.stage} step: waiting for the run that holds {self.store.url(self.path)} ({current['holder']}, "
+                    f"since {current['since']}); up to compute.lease_wait_s = {self.wait_s:.0f} s")
+                announced = True
+            time.sleep(self.poll_s)
+        self._renewer = threading.Thread(target=self._renew, name="kdflow-stage-lease", daemon=True)
+        self._renewer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            if self._held():
+                self.store.delete(self.path)
+
+    def _record(self) -> bytes:
+        self._since = self._since or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return json.dumps({"holder": self.holder, "since": self._since, "renewed": time.time(), "ttl_s": self.ttl_s}).encode()
+
+    def _read(self) -> dict | None:
+        """The lease as written, or None when it is gone or half-written (a moment later it is not)."""
+        try:
+            return json.loads(self.store.read_bytes(self.path))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _held(self) -> bool:
+        current = self._read()
+        return current is not None and current["holder"] == self.holder
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.store.write_bytes(self.path, self._record())
+            except Exception as err:  # a missed renewal is retried at the next one; the ttl allows two
+                say(f"[yellow]{self.stage} step: could not renew its lease ({type(err).__name__}); retrying[/yellow]")
+
+    def _busy_message(self, current: dict | None) -> str:
+        holder = f"{current['holder']} (host:pid:id), since {current['since']}" if current else "another run"
+        return (
+            f"{self.stage} step {self.folder}: held by {holder} at {self.store.url(self.path)}; waited "
+            f"compute.lease_wait_s = {self.wait_s:.0f} s. Let that run finish (a rerun then reuses its result) or stop it; "
+            f"a lease that is not renewed expires after {self.ttl_s:.0f} s"
+        )
+
+
+def _stopped_holder(lease: dict) -> str | None:
+    """Why the lease's holder no longer runs (its process on this machine is gone, or it stopped
+    renewing), or None while it may still run."""
+    host, pid, _ = lease["holder"].rsplit(":", 2)
+    if host == socket.gethostname() and not _process_alive(int(pid)):
+        return f"its process {pid} on this machine is gone"
+    silent = time.time() - lease["renewed"]
+    return f"not renewed for {silent:.0f} s" if silent > lease["ttl_s"] else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

@@ -26,13 +26,16 @@ ETag, or size and modification time); a step's key covers the identities of the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import lzma
 import os
+import random
 import shutil
 import socket
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,9 +45,11 @@ from typing import IO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from rich.markup import escape
 
 from kd_core.config import StorageConfig
 from kd_core.errors import InputError
+from kd_core.progress import say
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
 _CHUNK = 1 << 20
@@ -71,8 +76,13 @@ def storage_options(config: StorageConfig, url: str | None = None) -> dict:
     if not (url or config.root).startswith(("s3://", "s3a://")):
         return {}
     s3 = config.s3
-    # Fail within seconds on an endpoint that does not answer (botocore's defaults wait 60 s per try).
-    options: dict = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}}
+    options: dict = {
+        "config_kwargs": {
+            "connect_timeout": s3.connect_timeout,
+            "read_timeout": s3.read_timeout,
+            "retries": {"max_attempts": s3.max_attempts, "mode": s3.retry_mode},
+        },
+    }
     client_kwargs = {}
     if s3.endpoint_url:
         options["endpoint_url"] = s3.endpoint_url
@@ -89,7 +99,10 @@ def storage_options(config: StorageConfig, url: str | None = None) -> dict:
 
 def url_to_fs(url: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of any URL a job names, with the job's settings for its protocol."""
-    return fsspec.core.url_to_fs(url, **storage_options(config, url))
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(config, url))
+    if fs.protocol in ("s3", ("s3", "s3a")):
+        fs.retries = config.s3.retries  # an attribute of s3fs's filesystem, not a constructor option
+    return fs, path
 
 
 @contextmanager
@@ -128,6 +141,43 @@ def reaching(url: str, field: str) -> Iterator[None]:
 
 _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError", "ServerTimeoutError"}
 """botocore and aiohttp's names for an endpoint that does not answer."""
+_CUT_SHORT = {"ClientPayloadError", "IncompleteRead", "ResponseStreamingError", "ServerDisconnectedError", "ProtocolError"}
+"""botocore, urllib3 and aiohttp's names for a reply cut short."""
+_TRANSIENT_ERRNOS = {errno.EREMOTEIO, errno.EBUSY, errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED}
+"""What s3fs makes of a 500 (EREMOTEIO) and a 503 / SlowDown (EBUSY), and dropped connections."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying may succeed: a store that answered 5xx or 429 or throttled, a connection
+    dropped or timed out, a reply cut short (checked along the exception's causes)."""
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in _UNREACHABLE | _CUT_SHORT:
+            return True
+        if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+            return True
+        reply = getattr(error, "response", None)
+        if isinstance(reply, dict):
+            status = reply.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500 or status == 429 or reply.get("Error", {}).get("Code") in ("SlowDown", "Throttling", "RequestTimeout"):
+                return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def with_retries(call, what: str, attempts: int = 4, first_wait: float = 0.5):
+    """`call()`, tried again on a transient error (`is_transient`) after 0.5, 1, 2 ... s (with
+    jitter), on top of the S3 client's own retries; the last error is raised as it is."""
+    failures = 0
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            failures += 1
+            if failures == attempts or not is_transient(err):
+                raise
+            wait = first_wait * 2 ** (failures - 1) * (0.5 + random.random())
+            say(f"[yellow]{escape(what)}: {type(err).__name__} ({escape(str(err))}); retrying in {wait:.1f} s[/yellow]")
+            time.sleep(wait)
 
 
 def check_object_store(config: StorageConfig) -> str | None:
@@ -221,7 +271,7 @@ class Store:
     """A folder on any fsspec filesystem, with atomic writes and checksummed reads."""
 
     def __init__(self, config: StorageConfig):
-        self.fs, root = fsspec.core.url_to_fs(config.root, **storage_options(config))
+        self.fs, root = url_to_fs(config.root, config)
         self.root = root.rstrip("/")
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -301,6 +351,31 @@ class Store:
             for file in sorted(local_dir.rglob("*"))
             if file.is_file()
         ]
+
+    def create_exclusive(self, relative: str, data: bytes) -> bool:
+        """Write `relative` only if it does not exist (a conditional write: `O_EXCL` on disk,
+        `If-None-Match: *` on S3); False when it already did. Two processes racing for the same
+        name: exactly one gets True."""
+        target = self.path(relative)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                descriptor = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            return True
+        if self.protocol in ("s3", "s3a"):
+            try:
+                self.fs.pipe_file(target, data, mode="create")
+            except FileExistsError:  # s3fs's name for 412 PreconditionFailed
+                return False
+            return True
+        if self.fs.exists(target):  # memory:// and other stores without conditional writes: one process
+            return False
+        self.write_bytes(relative, data)
+        return True
 
     # ------------------------------------------------------------------------------- reading
     def exists(self, relative: str) -> bool:

@@ -249,7 +249,8 @@ def test_s3_data_errors_name_the_url_and_what_to_set(tmp_path, s3_endpoint, monk
     storage = {"root": str(tmp_path / "local"), "s3": {"endpoint_url": s3_endpoint}}
     with pytest.raises(StorageError, match=r"data.files: s3://no-such-bucket-kdflow/x/\*.jsonl: not found"):
         prep(files_config(["s3://no-such-bucket-kdflow/x/*.jsonl"]), Store(StorageConfig(**storage)))
-    unreachable = {"root": str(tmp_path / "local"), "s3": {"endpoint_url": "http://127.0.0.1:9"}}
+    # One attempt each (storage.s3's retry settings; the defaults retry for about 12 s first).
+    unreachable = {"root": str(tmp_path / "local"), "s3": {"endpoint_url": "http://127.0.0.1:9", "max_attempts": 1, "retries": 1}}
     with pytest.raises(StorageError, match=r"s3://bucket/x.jsonl: the S3 endpoint does not answer.*storage.s3.endpoint_url"):
         prep(files_config(["s3://bucket/x.jsonl"]), Store(StorageConfig(**unreachable)))
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):

@@ -107,3 +107,66 @@ def test_forcing_a_step_forces_what_reads_it():
     assert not is_forced("baseline", frozenset({"distill"}))
     assert not is_forced("prep", frozenset({"cache"}))
     assert all(is_forced(step, frozenset({"all"})) for step in ("prep", "baseline", "register"))
+
+
+# ------------------------------------------------------------------------------------- the lease
+HOLD_LEASE = """
+import sys, time
+from kd_core.config import StorageConfig
+from kd_core.storage import Store
+from kd_core.stage import StageLease
+store = Store(StorageConfig(root=sys.argv[1]))
+with StageLease(store, "distill", "distill/k1", ttl_s=30, wait_s=0):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+    store.write_bytes("distill/k1/manifest.json", b"{}")  # the step commits, then lets go
+"""
+
+
+def hold_lease(root, seconds: float):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, str(root), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_of_a_step_waits_for_the_first_then_reuses_its_result(tmp_path):
+    from kd_core.stage import StageBusy, StageLease
+
+    store = Store(StorageConfig(root=str(tmp_path)))
+    holder = hold_lease(tmp_path, 4)
+    try:
+        with pytest.raises(StageBusy, match=r"distill step distill/k1: held by .*:\d+:\w+ \(host:pid:id\), since .*compute.lease_wait_s = 0 s"):
+            StageLease(store, "distill", "distill/k1", ttl_s=30, wait_s=0).__enter__()
+        with StageLease(store, "distill", "distill/k1", ttl_s=30, wait_s=60, poll_s=0.2) as lease:
+            assert lease.finished_elsewhere  # waited, then found the first run's manifest
+    finally:
+        holder.wait(timeout=30)
+    assert holder.returncode == 0 and not store.exists("distill/k1/LEASE.json")
+
+
+def test_the_lease_of_a_killed_run_is_taken_over_and_a_stale_one_expires(tmp_path):
+    from kd_core.stage import LEASE_NAME, StageLease
+
+    store = Store(StorageConfig(root=str(tmp_path)))
+    holder = hold_lease(tmp_path, 300)
+    holder.kill()  # SIGKILL: no chance to let go
+    holder.wait()
+    with StageLease(store, "distill", "distill/k1", ttl_s=30, wait_s=0) as lease:  # its process is gone
+        assert not lease.finished_elsewhere and json.loads(store.read_bytes(f"distill/k1/{LEASE_NAME}"))["holder"] == lease.holder
+    # A holder on another machine that stopped renewing 40 s ago, past its 30 s ttl.
+    store.write_bytes(f"distill/k2/{LEASE_NAME}", json.dumps({"holder": "node-7:12:ab", "since": "-", "renewed": 0, "ttl_s": 30}).encode())
+    with StageLease(store, "distill", "distill/k2", ttl_s=30, wait_s=0):
+        pass
+    assert not store.exists(f"distill/k2/{LEASE_NAME}")
+
+
+def test_a_conditional_create_on_s3_lets_exactly_one_writer_win(s3_endpoint, s3_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(StorageConfig(root=f"s3://{s3_bucket}/leases", s3={"endpoint_url": s3_endpoint}))
+    with ThreadPoolExecutor(4) as pool:
+        won = list(pool.map(lambda n: store.create_exclusive("distill/k/LEASE.json", str(n).encode()), range(8)))
+    assert won.count(True) == 1 and store.read_bytes("distill/k/LEASE.json") == str(won.index(True)).encode()

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest
-from kd_core.storage import FileRecord, Store
+from kd_core.storage import FileRecord, Store, with_retries
 
 
 class ShardError(InputError):
@@ -59,22 +59,26 @@ def decode_arrow(data: bytes, source: str, columns: Collection[str] | None = Non
 
 
 def read_verified(store: Store, record: FileRecord) -> bytes:
-    """The bytes of a manifest-listed file, after checking they are the ones the manifest recorded."""
-    try:
-        data = store.read_bytes(record.path)
-    except FileNotFoundError:
-        raise ShardError(f"shard {record.url} is missing; rerun the stage that wrote it with --force") from None
+    """The bytes of a manifest-listed file, after checking they are the ones the manifest recorded.
+    A transient store error is retried (`storage.with_retries`), and bytes that do not match are
+    read once more before the shard is called truncated or corrupt (a reply cut short in transit
+    is not a corrupt shard)."""
+    for attempt in (1, 2):
+        try:
+            data = with_retries(lambda: store.read_bytes(record.path), f"reading shard {record.url}")
+        except FileNotFoundError:
+            raise ShardError(f"shard {record.url} is missing; rerun the stage that wrote it with --force") from None
+        if len(data) == record.bytes and hashlib.sha256(data).hexdigest() == record.sha256:
+            return data
     if len(data) != record.bytes:
         raise ShardError(
             f"shard {record.url} is truncated or altered: {len(data)} bytes, the manifest says {record.bytes}; "
             "rerun the stage that wrote it with --force"
         )
-    if hashlib.sha256(data).hexdigest() != record.sha256:
-        raise ShardError(
-            f"shard {record.url} is corrupt: its sha256 does not match the manifest; "
-            "rerun the stage that wrote it with --force"
-        )
-    return data
+    raise ShardError(
+        f"shard {record.url} is corrupt: its sha256 does not match the manifest; "
+        "rerun the stage that wrote it with --force"
+    )
 
 
 def split_shards(prep: Manifest, split: str) -> list[FileRecord]:

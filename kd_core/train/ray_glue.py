@@ -24,8 +24,8 @@ import torch
 from kd_core.config import ComputeConfig
 from kd_core.errors import TrainingDiverged
 from kd_core.manifest import Manifest
-from kd_core.progress import progress_bar
-from kd_core.stage import StageRun
+from kd_core.progress import progress_bar, say
+from kd_core.stage import StageLease, StageRun, reused_manifest
 from kd_core.storage import Store
 from kd_core.train.checkpoints import RayTrainCheckpoints
 from kd_core.train.loop import TrainSpec, train_worker
@@ -103,17 +103,25 @@ def fit(spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: boo
 
 
 def fit_stage(run: StageRun, spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: bool = False) -> Manifest:
-    """Train into a stage's folder, adopt the files rank 0 wrote, and finish the stage; the
-    checkpoints are deleted once the model is saved."""
-    with run.timed("train"):
-        result = fit(spec, compute, description, fresh=fresh)
-    run.store.delete(spec.checkpoint_folder)
-    for record in result.pop("files"):
-        run.record(record)
-    details = {"model_folder": f"{run.folder}/model"}
-    if "mlflow_run_id" in result:
-        details["mlflow_run_id"] = result.pop("mlflow_run_id")
-    return run.finish(metrics=result, details=details)
+    """Train into a stage's folder under its lease (`StageLease`: a concurrent run of the same
+    step waits, then reuses this one's result), adopt the files rank 0 wrote, and finish the
+    stage; the checkpoints are deleted only after the manifest is committed."""
+    with StageLease(run.store, run.stage, run.folder, compute.lease_ttl_s, compute.lease_wait_s) as lease:
+        if lease.finished_elsewhere:
+            return reused_manifest(run)
+        with run.timed("train"):
+            result = fit(spec, compute, description, fresh=fresh)
+        for record in result.pop("files"):
+            run.record(record)
+        details = {"model_folder": f"{run.folder}/model"}
+        if "mlflow_run_id" in result:
+            details["mlflow_run_id"] = result.pop("mlflow_run_id")
+        manifest = run.finish(metrics=result, details=details)
+    try:
+        run.store.delete(spec.checkpoint_folder)
+    except Exception as err:  # the step is done; stale checkpoints cost only space
+        say(f"[yellow]{run.stage}: could not delete {run.store.url(spec.checkpoint_folder)} ({type(err).__name__}); delete it by hand[/yellow]")
+    return manifest
 
 
 def _status(record: dict) -> str:
