@@ -4,16 +4,28 @@
 s3fs talks to exactly as it talks to AWS or MinIO, with throwaway credentials in the environment.
 moto is a test dependency (`pip install -e '.[test]'`). `loopback_mlflow(folder)` starts a real
 MLflow tracking server (`mlflow server`, SQLite backend) on 127.0.0.1.
+
+`FaultyProxy(upstream)` is an HTTP proxy on 127.0.0.1 in front of such a server that injects the
+faults of a flaky network and an overloaded store: a seeded share of requests answered 503 (or
+500) without reaching the server, others held back, and every request matching a pattern failed.
+It counts what it did, for the reliability figures.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,10 +75,10 @@ def loopback_s3(start_timeout: float = 60) -> Iterator[str]:
 
 
 @contextmanager
-def loopback_mlflow(folder: Path, start_timeout: float = 120) -> Iterator[str]:
+def loopback_mlflow(folder: Path, start_timeout: float = 120, port: int | None = None) -> Iterator[str]:
     """Yields the URL of a real MLflow tracking server (SQLite backend, artifacts served from
-    `folder`) on loopback; stops it afterwards."""
-    port = free_port()
+    `folder`) on loopback (on `port`, e.g. to restart one); stops it afterwards."""
+    port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "server.log", "wb")
     command = [
@@ -95,3 +107,109 @@ def loopback_mlflow(folder: Path, start_timeout: float = 120) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@dataclass
+class FaultCounts:
+    requests: int = 0
+    failed: int = 0
+    delayed: int = 0
+    delay_seconds: float = 0.0
+    by_method: dict[str, int] = field(default_factory=dict)
+
+
+class FaultyProxy:
+    """A loopback HTTP proxy to `upstream` that fails `fail_share` of the requests with a 5xx
+    (never reaching the server), holds back `delay_share` of them for `delay_s`, and fails every
+    request whose `METHOD path` matches `fail_pattern` (a regex; None: none). Seeded: the same
+    requests meet the same faults. Use as a context manager; `url` is its endpoint, `counts` what
+    it did."""
+
+    def __init__(self, upstream: str, *, fail_share: float = 0.0, delay_share: float = 0.0, delay_s: float = 0.2,
+                 fail_pattern: str | None = None, seed: int = 0):
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.fail_share, self.delay_share, self.delay_s = fail_share, delay_share, delay_s
+        self.fail_pattern = re.compile(fail_pattern) if fail_pattern else None
+        self.random, self.lock, self.counts = random.Random(seed), threading.Lock(), FaultCounts()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FaultyProxy:
+        threading.Thread(target=self.server.serve_forever, name="kdflow-faulty-proxy", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def fate(self, method: str, path: str) -> str:
+        """`fail`, `delay` or `pass` for one request (and count it)."""
+        with self.lock:
+            self.counts.requests += 1
+            self.counts.by_method[method] = self.counts.by_method.get(method, 0) + 1
+            draw = self.random.random()
+            if (self.fail_pattern and self.fail_pattern.search(f"{method} {path}")) or draw < self.fail_share:
+                self.counts.failed += 1
+                return "fail"
+            if draw < self.fail_share + self.delay_share:
+                self.counts.delayed += 1
+                self.counts.delay_seconds += self.delay_s
+                return "delay"
+            return "pass"
+
+    def _handler_class(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _relay(self) -> None:
+                body = self._body()
+                fate = proxy.fate(self.command, self.path)
+                if fate == "fail":
+                    status = 503 if proxy.random.random() < 0.5 else 500
+                    code = "SlowDown" if status == 503 else "InternalError"
+                    reply = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
+                if fate == "delay":
+                    time.sleep(proxy.delay_s)
+                connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
+                headers = {name: value for name, value in self.headers.items() if name.lower() not in ("transfer-encoding", "expect", "connection")}
+                headers["Content-Length"] = str(len(body))
+                connection.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+                self.send_response(response.status, response.reason)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                # A HEAD reply tells the object's size: pass the server's Content-Length through.
+                self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                connection.close()
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
+
+        return Handler
