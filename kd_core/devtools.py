@@ -121,15 +121,17 @@ class FaultCounts:
 class FaultyProxy:
     """A loopback HTTP proxy to `upstream` that fails `fail_share` of the requests with a 5xx
     (never reaching the server), holds back `delay_share` of them for `delay_s`, and fails every
-    request whose `METHOD path` matches `fail_pattern` (a regex; None: none). Seeded: the same
+    request whose `METHOD path` matches `fail_pattern` (a regex; None: none), or only the first
+    `fail_times` of them. Seeded: the same
     requests meet the same faults. Use as a context manager; `url` is its endpoint, `counts` what
     it did."""
 
     def __init__(self, upstream: str, *, fail_share: float = 0.0, delay_share: float = 0.0, delay_s: float = 0.2,
-                 fail_pattern: str | None = None, seed: int = 0):
+                 fail_pattern: str | None = None, fail_times: int | None = None, seed: int = 0):
         self.upstream = urllib.parse.urlsplit(upstream)
         self.fail_share, self.delay_share, self.delay_s = fail_share, delay_share, delay_s
         self.fail_pattern = re.compile(fail_pattern) if fail_pattern else None
+        self.fail_times = fail_times
         self.random, self.lock, self.counts = random.Random(seed), threading.Lock(), FaultCounts()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
@@ -149,7 +151,10 @@ class FaultyProxy:
             self.counts.requests += 1
             self.counts.by_method[method] = self.counts.by_method.get(method, 0) + 1
             draw = self.random.random()
-            if (self.fail_pattern and self.fail_pattern.search(f"{method} {path}")) or draw < self.fail_share:
+            matched = bool(self.fail_pattern and self.fail_pattern.search(f"{method} {path}")) and self.fail_times != 0
+            if matched and self.fail_times is not None:
+                self.fail_times -= 1
+            if matched or draw < self.fail_share:
                 self.counts.failed += 1
                 return "fail"
             if draw < self.fail_share + self.delay_share:

@@ -92,3 +92,18 @@ def test_mlflow_going_away_mid_run_never_fails_training_and_loses_no_step(tmp_pa
         run = client.get_run(logger.run_id)
         assert run.info.status == "FINISHED" and run.data.params["distill.train.max_steps"] == "9"
     assert not logger.pending
+
+
+def test_a_shard_read_rides_out_transient_errors_the_client_gave_up_on(s3_endpoint, s3_bucket):
+    from kd_core.config import StorageConfig
+    from kd_core.data.shards import ShardError, read_verified
+
+    with FaultyProxy(s3_endpoint, fail_pattern=r"^GET /[^?]*shards/0\.arrow", fail_times=3) as proxy:
+        # One attempt per request in the client: each injected 5xx reaches kdflow's own retry.
+        store = Store(StorageConfig(root=f"s3://{s3_bucket}/r", s3={"endpoint_url": proxy.url, "max_attempts": 1, "retries": 1}))
+        record = store.write_bytes("shards/0.arrow", b"rows" * 1000)
+        assert read_verified(store, record) == b"rows" * 1000 and proxy.fail_times == 0 and proxy.counts.failed == 3
+        proxy.fail_times = None  # failing for good: the error comes through once the retries are spent
+        with pytest.raises(OSError) as raised:
+            read_verified(store, record)
+        assert not isinstance(raised.value, ShardError)  # a store that keeps failing is not a corrupt shard
