@@ -712,3 +712,102 @@ def test_the_long_steps_are_retried_by_kfp_and_know_their_pod():
     assert engines.local_job(config).kubeflow.retry.retries == 0, "kfp.local shows a failure at once"
     with pytest.raises(ConfigError, match="kubeflow: retry.max_duration_seconds .* must exceed rayjob.active_deadline_seconds"):
         load_config(REPO / "configs" / "cluster.yaml", ["kubeflow.retry.max_duration_seconds=3600"])
+
+
+class KubernetesApiStandIn:
+    """Answers the RayJob endpoints of the Kubernetes API on loopback, for the real kubernetes
+    client: one stored RayJob, `faults` (method -> (status, headers) answers to give first) and
+    every request recorded as (method, path with query, Content-Type)."""
+
+    PREFIX = "/apis/ray.io/v1/namespaces/kdflow/rayjobs"
+
+    def __init__(self, faults):
+        self.requests, self.faults, self.jobs = [], {method: list(answers) for method, answers in faults.items()}, {}
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body, headers=()):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in [("Content-Type", "application/json"), *headers]:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def handle_one(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                stand_in.requests.append((self.command, self.path, self.headers.get("Content-Type")))
+                queue = stand_in.faults.get(self.command)
+                if queue:
+                    status, headers = queue.pop(0)
+                    return self.reply(status, {"kind": "Status", "code": status, "message": "injected"}, headers)
+                name = self.path.split("?")[0].removeprefix(self.PREFIX).strip("/")
+                if self.command == "POST":
+                    stand_in.jobs[body["metadata"]["name"]] = {**body, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
+                    return self.reply(201, body)
+                if self.command == "GET" and not name:
+                    return self.reply(200, {"kind": "RayJobList", "items": list(stand_in.jobs.values())})
+                if self.command == "PATCH":
+                    stand_in.jobs[name]["metadata"].update(body["metadata"])
+                if self.command == "DELETE":
+                    return self.reply(200, stand_in.jobs.pop(name))
+                return self.reply(200, stand_in.jobs[name])
+
+            do_GET = do_POST = do_PATCH = do_DELETE = handle_one
+
+        Handler.PREFIX = self.PREFIX
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_the_kubernetes_client_errors_are_read_as_transient_or_not_through_a_loopback_api():
+    """The real kubernetes client against a loopback stand-in: a 429 with Retry-After and a 503 are
+    retried, the list filters by the step key, the owners go in a merge patch; a closed port is a
+    transient error, a 403 is not."""
+    from kubernetes import client
+
+    from kd_core.kubeflow.rayjob import ApiError, KubernetesRayJobApi
+
+    stand_in = KubernetesApiStandIn({"GET": [(429, [("Retry-After", "3")]), (503, [])]})
+    try:
+        api = KubernetesRayJobApi(client.Configuration(host=stand_in.url))
+        clock = VirtualClock()
+        status = run_rayjob(api, _rayjob(), poll_seconds=0, report=lambda line: None, sleep=clock.sleep, clock=clock)
+        assert status.succeeded and stand_in.jobs == {}
+        assert clock.sleeps[0] == 3.0 and len(clock.sleeps) == 2
+        methods = [(method, path.split("?")[0].removeprefix(stand_in.PREFIX)) for method, path, _ in stand_in.requests]
+        assert methods == [("GET", "")] * 3 + [("POST", ""), ("GET", "/kdflow-distill-t"), ("DELETE", "/kdflow-distill-t")]
+        assert f"labelSelector=kdflow%2Fstep-key%3D{_rayjob()['metadata']['labels'][STEP_KEY_LABEL]}" in stand_in.requests[0][1]
+
+        stand_in.jobs["j"] = {"metadata": {"name": "j"}}
+        api.set_owners("kdflow", "j", [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u"}])
+        assert stand_in.requests[-1][0::2] == ("PATCH", "application/merge-patch+json")
+        assert stand_in.jobs["j"]["metadata"]["ownerReferences"][0]["uid"] == "u"
+
+        stand_in.faults["GET"] = [(403, [])]
+        with pytest.raises(Exception) as forbidden:
+            api.get("kdflow", "j")
+        assert ApiError.of(forbidden.value).transient is False and ApiError.of(forbidden.value).status == 403
+    finally:
+        stand_in.server.shutdown()
+        stand_in.server.server_close()
+    with pytest.raises(Exception) as refused:
+        KubernetesRayJobApi(client.Configuration(host=stand_in.url)).get("kdflow", "j")
+    assert ApiError.of(refused.value).transient is True, repr(refused.value)
+    # An API server that takes the connection and never answers: a timeout, retried like any outage.
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        api = KubernetesRayJobApi(client.Configuration(host=f"http://127.0.0.1:{silent.getsockname()[1]}"))
+        api.REQUEST_TIMEOUT = (1.0, 0.2)
+        with pytest.raises(Exception) as timed_out:
+            api.get("kdflow", "j")
+    assert ApiError.of(timed_out.value).transient is True and "Timeout" in ApiError.of(timed_out.value).description

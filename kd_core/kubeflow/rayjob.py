@@ -248,7 +248,16 @@ class RayJobApi(Protocol):
 
 class KubernetesRayJobApi:
     """RayJobs through the Kubernetes API: the in-cluster service account or the local kubeconfig,
-    or `configuration` (a `kubernetes.client.Configuration`) when given."""
+    or `configuration` (a `kubernetes.client.Configuration`) when given.
+
+    urllib3's own retries are off (by default it retries a dropped connection, and a 429 or 503
+    with Retry-After, three times, sleeping inside the call): `ApiRetry` is the one retry loop, so
+    its budget counts every wait and each retry is reported. Every request has a timeout
+    (`REQUEST_TIMEOUT`; the client sets none): an API server that stops answering is a transient
+    error, not a watcher that hangs."""
+
+    REQUEST_TIMEOUT = (10.0, 60.0)
+    """Seconds to connect, and to wait for the answer."""
 
     def __init__(self, configuration=None):
         from kubernetes import client, config
@@ -258,27 +267,34 @@ class KubernetesRayJobApi:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-        self._objects = client.CustomObjectsApi(client.ApiClient(configuration) if configuration is not None else None)
+            configuration = client.Configuration.get_default_copy()
+        configuration.retries = False
+        self._objects = client.CustomObjectsApi(client.ApiClient(configuration))
 
     def list(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        found = self._objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, label_selector=label_selector)
+        found = self._objects.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, label_selector=label_selector, _request_timeout=self.REQUEST_TIMEOUT
+        )
         return found.get("items", [])
 
     def create(self, namespace: str, body: dict[str, Any]) -> None:
-        self._objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        self._objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _request_timeout=self.REQUEST_TIMEOUT)
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
-        return self._objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return self._objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.REQUEST_TIMEOUT)
 
     def set_owners(self, namespace: str, name: str, owners: list[dict[str, str]]) -> None:
         """Replace the ownerReferences (a JSON merge patch replaces a list whole)."""
-        self._objects.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"ownerReferences": owners}})
+        patch = {"metadata": {"ownerReferences": owners}}
+        self._objects.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch, _request_timeout=self.REQUEST_TIMEOUT)
 
     def delete(self, namespace: str, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self._objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Foreground")
+            self._objects.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Foreground", _request_timeout=self.REQUEST_TIMEOUT
+            )
         except ApiException as err:
             if err.status != 404:
                 raise
