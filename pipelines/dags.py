@@ -8,7 +8,8 @@ KFP's own caching is off for every step: the steps' inputs and outputs live on t
 outside KFP, and kdflow's step keys already skip work that is done. The long steps
 (`kubeflow.retry.steps`) get KFP's retry policy: a retried step reuses the steps and checkpoints
 it finished and adopts the RayJob it left running. The steps that run a RayJob know their own pod
-(name, uid, namespace) through the downward API, to make it the RayJob's owner.
+(name, uid, namespace) through the downward API, to make it the RayJob's owner, and are marked not
+safe to evict for the cluster autoscaler (the RayJob would go with them).
 """
 
 from kfp import dsl, kubernetes
@@ -106,6 +107,8 @@ def configure(task: dsl.PipelineTask, config: JobConfig, step: str) -> dsl.Pipel
     if step in RAYJOB_STEPS:
         for variable, field_path in POD_ENV.items():
             kubernetes.use_field_path_as_env(task, env_name=variable, field_path=field_path)
+        # The RayJob is owned by this pod: the autoscaler must not evict it to empty a node.
+        kubernetes.add_pod_annotation(task, annotation_key="cluster-autoscaler.kubernetes.io/safe-to-evict", annotation_value="false")
     retry = kubeflow.retry
     if retry.retries and step in retry.steps:
         task.set_retry(

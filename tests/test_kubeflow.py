@@ -708,7 +708,8 @@ def test_the_long_steps_are_retried_by_kfp_and_know_their_pod():
     assert {entry["name"]: entry["fieldPath"] for entry in kubernetes["exec-distill"]["fieldPathAsEnv"]} == {
         "KDFLOW_POD_NAME": "metadata.name", "KDFLOW_POD_UID": "metadata.uid", "KDFLOW_POD_NAMESPACE": "metadata.namespace",
     }
-    assert "fieldPathAsEnv" not in kubernetes["exec-prep"]
+    assert kubernetes["exec-distill"]["podMetadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    assert "fieldPathAsEnv" not in kubernetes["exec-prep"] and "podMetadata" not in kubernetes["exec-prep"]
     assert engines.local_job(config).kubeflow.retry.retries == 0, "kfp.local shows a failure at once"
     with pytest.raises(ConfigError, match="kubeflow: retry.max_duration_seconds .* must exceed rayjob.active_deadline_seconds"):
         load_config(REPO / "configs" / "cluster.yaml", ["kubeflow.retry.max_duration_seconds=3600"])

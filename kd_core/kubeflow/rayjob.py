@@ -353,13 +353,14 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
     return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
 _HINTS = {
     401: "the step's credentials were not accepted by the API server",
     403: "the step's service account (kubeflow.service_account) lacks this permission: see infra/k8s/rbac.yaml",
-    404: "is the KubeRay operator (the RayJob resource) installed in the cluster?",
+    404: "no such RayJob, or no RayJob resource at all: is the KubeRay operator installed?",
     409: "a RayJob of that name exists already",
     422: "the API server rejected the RayJob manifest: check kubeflow.rayjob and infra/kuberay/rayjob.yaml",
 }
@@ -385,7 +386,7 @@ class ApiRetry:
         return cls(settings.api_retry_seconds, settings.api_backoff_seconds, settings.api_backoff_max_seconds)
 
     def backoff(self, retry: int) -> float:
-        return min(self.first_backoff * 2.0**retry, self.max_backoff) * random.uniform(0.5, 1.0)
+        return min(self.first_backoff * 2.0 ** min(retry, 40), self.max_backoff) * random.uniform(0.5, 1.0)
 
     def call(
         self, what: str, request: Callable[[], Result], *, report: Callable[[str], None], sleep: Callable[[float], None],
@@ -594,7 +595,9 @@ def _left_running(err: KubernetesApiFailed, namespace: str, name: str, rayjob: d
         return f"{err}; the RayJob is gone (deleted, or garbage-collected with the pods that owned it): rerun the step"
     key = rayjob["metadata"]["labels"][STEP_KEY_LABEL]
     if not exists:
-        return f"{err}; if a RayJob was created, a rerun of this step adopts it (kubectl get rayjobs -n {namespace} -l {STEP_KEY_LABEL}={key})"
+        if isinstance(err, KubernetesApiRefused):
+            return str(err)
+        return f"{err}; if a RayJob was created after all, a rerun of this step adopts it (kubectl get rayjobs -n {namespace} -l {STEP_KEY_LABEL}={key})"
     return (
         f"{err}; RayJob {namespace}/{name} is left running: see it with `kubectl get rayjob -n {namespace} {name}`, "
         f"and a rerun of this step adopts it ({STEP_KEY_LABEL}={key})"
