@@ -440,7 +440,7 @@ class ScriptedRayJobs:
     status of a script (the last one repeats); `on_get` can act in between (e.g. deliver a signal).
     `faults`: method -> what its next calls raise before answering (None: answer that call).
     `existing`: RayJobs in the namespace before the step (`list` finds them and the created ones).
-    `calls` records every answered call in order."""
+    `calls` records every answered call in order; a watcher that never stops fails at the 1000th get."""
 
     def __init__(self, statuses, on_get=None, faults=None, existing=()):
         self.statuses, self.on_get, self.faults = list(statuses), on_get, {name: list(queue) for name, queue in (faults or {}).items()}
@@ -468,6 +468,7 @@ class ScriptedRayJobs:
     def get(self, namespace, name):
         self._fault("get")
         self.gets += 1
+        assert self.gets < 1000, "1000 polls: the watcher does not stop"
         self.calls.append(("get", name))
         if self.on_get:
             self.on_get(self.gets)
@@ -659,7 +660,7 @@ def test_only_a_rayjob_still_going_is_adopted():
     ("list", api_error(404, "Not Found", message="the server could not find the requested resource"), "is the KubeRay operator"),
 ])
 def test_permanent_api_errors_fail_at_once_and_delete_nothing(method, error, says):
-    api = ScriptedRayJobs([RUNNING], faults={method: [error]})
+    api = ScriptedRayJobs([RUNNING, SUCCEEDED], faults={method: [error]})
     clock = VirtualClock()
     with pytest.raises(KubernetesApiRefused) as failure:
         run_rayjob(api, _rayjob(), poll_seconds=10, report=lambda line: None, sleep=clock.sleep, clock=clock)
