@@ -14,13 +14,14 @@ experiment live on the job's storage, so a new RayJob for a step resumes where t
 
 A distill job runs for days, and the step's pod must not lose it to a hiccup of the Kubernetes API:
 
-- Every API call is retried through transient errors (no connection, HTTP 429, 5xx) with capped
-  exponential backoff and jitter, waiting out a Retry-After, for up to
-  `kubeflow.rayjob.api_retry_seconds` (`ApiRetry`). Other errors (403, 404, 422, ...) fail the
-  step at once, with what to check.
+- Every API call has a timeout and is retried through transient errors (no connection, a
+  timeout, HTTP 408, 429, 5xx) with capped exponential backoff and jitter, waiting out a
+  Retry-After, for up to `kubeflow.rayjob.api_retry_seconds` (`ApiRetry`). Other errors (403,
+  404, 422, ...) fail the step at once, with what to check.
 - The RayJob is deleted only when it has finished (succeeded or failed) or when the run is
-  cancelled (SIGTERM from KFP, Ctrl-C). A step that fails on the API leaves it running and says
-  how to look at it.
+  cancelled (SIGTERM from KFP, Ctrl-C; Kubernetes stops an evicted pod the same way, which is
+  why the DAG marks these pods not safe to evict). A step that fails on the API, or on anything
+  else, leaves it running and says how to look at it.
 - Submission is idempotent: the RayJob is labelled with the step key (`kdflow/step-key`: the step,
   its input manifests and the job apart from its `kubeflow` section). A retried or rerun step first
   lists the RayJobs with its key and adopts one that is still going instead of starting a second
