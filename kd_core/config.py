@@ -622,6 +622,40 @@ class RayJobConfig(Section):
     """The job is stopped after this long."""
     poll_seconds: float = Field(default=10.0, gt=0)
     """How often the step reads the RayJob's status."""
+    api_retry_seconds: float = Field(default=900.0, ge=0)
+    """How long the step retries a Kubernetes API call that fails transiently (no connection, 429,
+    5xx) before it fails; the RayJob is left running then, and a rerun of the step adopts it."""
+    api_backoff_seconds: float = Field(default=1.0, gt=0)
+    """The first wait before retrying an API call; it doubles per retry (with jitter) up to
+    `api_backoff_max_seconds`. A Retry-After from the API server is waited out in full."""
+    api_backoff_max_seconds: float = Field(default=60.0, gt=0)
+    """The longest wait between two retries of an API call."""
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> RayJobConfig:
+        if self.api_backoff_max_seconds < self.api_backoff_seconds:
+            raise ValueError(
+                f"api_backoff_max_seconds ({self.api_backoff_max_seconds}) must be at least api_backoff_seconds ({self.api_backoff_seconds})"
+            )
+        return self
+
+
+class StepRetry(Section):
+    """KFP's retry policy for the long steps: a step whose pod was lost (node failure, eviction, an
+    API outage longer than `kubeflow.rayjob.api_retry_seconds`) is started again, and picks up
+    where it was (a running RayJob adopted, checkpoints and finished steps reused)."""
+
+    steps: list[Literal["prep", "cache", "tune", "distill", "eval", "register"]] = ["cache", "tune", "distill"]
+    """The steps that are retried."""
+    retries: int = Field(default=2, ge=0)
+    """Retries after the first attempt (0: none)."""
+    backoff_seconds: int = Field(default=60, ge=0)
+    """The wait before the first retry; multiplied by `backoff_factor` for each one after it."""
+    backoff_factor: float = Field(default=2.0, ge=1)
+    """Growth of the wait from one retry to the next."""
+    max_duration_seconds: int = Field(default=4 * 24 * 3600, gt=0)
+    """Argo retries a step only this long after its first attempt started, and bounds a retried
+    pod's deadline by it: keep it above the longest a step runs (`kubeflow.rayjob.active_deadline_seconds`)."""
 
 
 def _default_steps() -> dict[str, PodResources]:
@@ -658,8 +692,19 @@ class KubeflowConfig(Section):
     """Resources of each step's pod; a step left out asks for nothing."""
     rayjob: RayJobConfig = RayJobConfig()
     """The KubeRay RayJob that runs the distill step on a cluster."""
+    retry: StepRetry = StepRetry()
+    """KFP's retry policy for the long steps."""
     local_pipeline_root: str = "runs/kfp-local"
     """Folder where `kdflow run --engine kfp-local` keeps KFP's own outputs (metrics, report)."""
+
+    @model_validator(mode="after")
+    def _retries_outlast_a_rayjob(self) -> KubeflowConfig:
+        if self.retry.retries and self.retry.max_duration_seconds <= self.rayjob.active_deadline_seconds:
+            raise ValueError(
+                f"retry.max_duration_seconds ({self.retry.max_duration_seconds}) must exceed rayjob.active_deadline_seconds "
+                f"({self.rayjob.active_deadline_seconds}): Argo would not retry a step that ran longer, and would cut a retry's deadline short"
+            )
+        return self
 
 
 class JobConfig(Section):

@@ -5,13 +5,18 @@ pipeline for one job config. The job (as JSON, no secrets) is its one parameter;
 the steps after tune take the best trial's job instead, and the config's `kubeflow` section sets each step's image,
 requests and limits, accelerators, node selectors, tolerations and secret-backed environment.
 KFP's own caching is off for every step: the steps' inputs and outputs live on the job's storage,
-outside KFP, and kdflow's step keys already skip work that is done.
+outside KFP, and kdflow's step keys already skip work that is done. The long steps
+(`kubeflow.retry.steps`) get KFP's retry policy: a retried step reuses the steps and checkpoints
+it finished and adopts the RayJob it left running. The steps that run a RayJob know their own pod
+(name, uid, namespace) through the downward API, to make it the RayJob's owner, and are marked not
+safe to evict for the cluster autoscaler (the RayJob would go with them).
 """
 
 from kfp import dsl, kubernetes
 
 from components import stages
 from kd_core.config import JobConfig
+from kd_core.kubeflow.rayjob import POD_ENV, RAYJOB_STEPS
 from kd_core.kubeflow.steps import job_json
 
 PIPELINE_NAME = "kdflow-distill"
@@ -78,7 +83,7 @@ def _distill_and_register(job, config: JobConfig, prep, cache) -> None:
 
 
 def configure(task: dsl.PipelineTask, config: JobConfig, step: str) -> dsl.PipelineTask:
-    """Image, resources, placement and secrets of one step's pod, from `config.kubeflow`."""
+    """Image, resources, placement, secrets and retries of one step's pod, from `config.kubeflow`."""
     kubeflow = config.kubeflow
     task.set_display_name(step).set_caching_options(False).set_container_image(kubeflow.image)
     resources = kubeflow.steps.get(step)
@@ -99,4 +104,15 @@ def configure(task: dsl.PipelineTask, config: JobConfig, step: str) -> dsl.Pipel
             kubernetes.add_toleration(task, **toleration.model_dump())
     for secret in kubeflow.secrets:
         kubernetes.use_secret_as_env(task, secret_name=secret.secret, secret_key_to_env={key: env for env, key in secret.env.items()})
+    if step in RAYJOB_STEPS:
+        for variable, field_path in POD_ENV.items():
+            kubernetes.use_field_path_as_env(task, env_name=variable, field_path=field_path)
+        # The RayJob is owned by this pod: the autoscaler must not evict it to empty a node.
+        kubernetes.add_pod_annotation(task, annotation_key="cluster-autoscaler.kubernetes.io/safe-to-evict", annotation_value="false")
+    retry = kubeflow.retry
+    if retry.retries and step in retry.steps:
+        task.set_retry(
+            num_retries=retry.retries, backoff_duration=f"{retry.backoff_seconds}s", backoff_factor=retry.backoff_factor,
+            backoff_max_duration=f"{retry.max_duration_seconds}s",
+        )
     return task

@@ -13,7 +13,11 @@
   the KFP v2beta1 REST API that records what the client sends (no KFP server runs here).
 - The RayJob: the manifest built from infra/kuberay/rayjob.yaml and a config, and the watch /
   delete logic against a scripted RayJob API (no Kubernetes API server runs on this machine; the
-  README says so). Its pod templates are validated against the Kubernetes schemas.
+  README says so). Its pod templates are validated against the Kubernetes schemas. The scripted
+  API injects the errors the kubernetes client raises (real `ApiException`s built from HTTP
+  responses: 500, 503, 429 with Retry-After, 403, 404, 422; urllib3's connection errors) on list,
+  create, get and delete, on a virtual clock: transient ones are retried and the job goes on; a
+  step whose retries ran out fails and leaves the RayJob running, and its rerun adopts it.
 """
 
 # No `from __future__ import annotations`: KFP reads the test component's annotations as types.
@@ -30,7 +34,19 @@ from kfp import dsl
 
 from kd_core.config import ConfigError, load_config
 from kd_core.kubeflow import engines
-from kd_core.kubeflow.rayjob import RayJobFailed, build_rayjob, run_rayjob, watch_rayjob
+from kd_core.kubeflow.rayjob import (
+    STEP_KEY_LABEL,
+    ApiRetry,
+    KubernetesApiRefused,
+    KubernetesApiUnavailable,
+    RayJobFailed,
+    build_rayjob,
+    run_rayjob,
+    run_step_rayjob,
+    step_key,
+    step_pod_owner,
+    watch_rayjob,
+)
 from kd_core.kubeflow.steps import job_config, run_step
 from kd_core.manifest import ManifestError, read_manifest_url
 from kd_core.stage import reuse_only
@@ -420,29 +436,92 @@ def test_rayjob_manifest_follows_the_config():
 
 
 class ScriptedRayJobs:
-    """A stand-in for the Kubernetes API's RayJob endpoints: each `get` returns the next status of
-    a script (the last one repeats); `on_get` can act in between (e.g. deliver a signal)."""
+    """A stand-in for the Kubernetes API's RayJob endpoints: each answered `get` returns the next
+    status of a script (the last one repeats); `on_get` can act in between (e.g. deliver a signal).
+    `faults`: method -> what its next calls raise before answering (None: answer that call).
+    `existing`: RayJobs in the namespace before the step (`list` finds them and the created ones).
+    `calls` records every answered call in order; a watcher that never stops fails at the 1000th get."""
 
-    def __init__(self, statuses, on_get=None):
-        self.statuses, self.on_get = list(statuses), on_get
-        self.created, self.deleted, self.gets = [], [], 0
+    def __init__(self, statuses, on_get=None, faults=None, existing=()):
+        self.statuses, self.on_get, self.faults = list(statuses), on_get, {name: list(queue) for name, queue in (faults or {}).items()}
+        self.jobs = list(existing)
+        self.created, self.deleted, self.owners, self.calls, self.gets = [], [], [], [], 0
+
+    def _fault(self, method):
+        queue = self.faults.get(method)
+        fault = queue.pop(0) if queue else None
+        if fault is not None:
+            raise fault
+
+    def list(self, namespace, label_selector):
+        self._fault("list")
+        self.calls.append(("list", label_selector))
+        label, value = label_selector.split("=")
+        return [job for job in self.jobs if job["metadata"]["labels"].get(label) == value]
 
     def create(self, namespace, body):
+        self._fault("create")
+        self.calls.append(("create", body["metadata"]["name"]))
         self.created.append((namespace, body["metadata"]["name"]))
+        self.jobs.append({**body, "status": {}})
 
     def get(self, namespace, name):
+        self._fault("get")
         self.gets += 1
+        assert self.gets < 1000, "1000 polls: the watcher does not stop"
+        self.calls.append(("get", name))
         if self.on_get:
             self.on_get(self.gets)
         status = self.statuses[min(self.gets, len(self.statuses)) - 1]
         return {"metadata": {"name": name}, "status": status}
 
+    def set_owners(self, namespace, name, owners):
+        self._fault("set_owners")
+        self.calls.append(("set_owners", name))
+        self.owners.append((name, owners))
+
     def delete(self, namespace, name):
+        self._fault("delete")
+        self.calls.append(("delete", name))
         self.deleted.append((namespace, name))
 
 
-def _rayjob():
-    return build_rayjob(load_config(REPO / "configs" / "cluster.yaml"), "distill", {"prep": "x"}, "kdflow-distill-t")
+def api_error(status, reason, retry_after=None, message=None):
+    """What the kubernetes client raises for an HTTP error: an ApiException made from the response."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.client.rest import RESTResponse
+
+    headers = {"Content-Type": "application/json", **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
+    body = json.dumps({"kind": "Status", "status": "Failure", "message": message or reason.lower(), "code": status}).encode()
+    response = RESTResponse(urllib3.HTTPResponse(body=body, headers=headers, status=status, reason=reason, preload_content=True))
+    response.data = response.data.decode()
+    return ApiException(http_resp=response)
+
+
+def connection_reset():
+    """What urllib3 raises when the API server's connection drops mid-request."""
+    import urllib3
+
+    return urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "Connection reset by peer"))
+
+
+class VirtualClock:
+    """`sleep` and `clock` for the watcher: sleeping advances the time at once and is recorded."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def __call__(self):
+        return self.now
+
+
+def _rayjob(name="kdflow-distill-t", owner=None):
+    return build_rayjob(load_config(REPO / "configs" / "cluster.yaml"), "distill", {"prep": "x"}, name, owner=owner)
 
 
 def test_rayjob_watch_reports_each_change_and_returns_on_success():
@@ -469,30 +548,268 @@ def test_rayjob_watch_reports_each_change_and_returns_on_success():
     {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "reason": "AppFailed", "message": "CUDA out of memory"},
     {"jobDeploymentStatus": "Failed", "jobStatus": "RUNNING", "reason": "DeadlineExceeded", "message": "activeDeadlineSeconds passed"},
     {"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"},
+    {"jobDeploymentStatus": "ValidationFailed", "jobStatus": "", "reason": "ValidationFailed", "message": "invalid runtimeEnvYAML"},
 ])
 def test_a_failed_rayjob_fails_the_step_with_its_reason_and_is_deleted(final):
     api = ScriptedRayJobs([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, final])
     with pytest.raises(RayJobFailed) as failure:
         run_rayjob(api, _rayjob(), poll_seconds=0, report=lambda line: None, sleep=lambda s: None)
-    assert final["jobStatus"] in str(failure.value) and final.get("message", "") in str(failure.value)
+    assert final["jobDeploymentStatus"] in str(failure.value) and final.get("message", "") in str(failure.value)
     assert api.deleted == [("kdflow", "kdflow-distill-t")]
 
 
 def test_a_cancelled_step_deletes_its_rayjob():
-    """KFP cancels a run by terminating the step's pod: SIGTERM must still delete the RayJob."""
+    """KFP cancels a run by terminating the step's pod: SIGTERM must still delete the RayJob, even
+    through a failing API (the delete is retried within the pod's grace period)."""
     def terminate(gets):
         if gets == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    api = ScriptedRayJobs([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}], on_get=terminate)
+    faults = {"delete": [api_error(503, "Service Unavailable")]}
+    api = ScriptedRayJobs([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}], on_get=terminate, faults=faults)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit, match="terminated"):
         run_rayjob(api, _rayjob(), poll_seconds=0, report=lambda line: None, sleep=lambda s: None)
     assert api.deleted == [("kdflow", "kdflow-distill-t")]
     assert signal.getsignal(signal.SIGTERM) == before
 
+    def interrupt(gets):
+        raise KeyboardInterrupt
+
+    api = ScriptedRayJobs([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}], on_get=interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_rayjob(api, _rayjob(), poll_seconds=0, report=lambda line: None, sleep=lambda s: None)
+    assert api.deleted == [("kdflow", "kdflow-distill-t")]
+
 
 def test_watch_alone_does_not_delete():
     api = ScriptedRayJobs([{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
     assert watch_rayjob(api, "kdflow", "j", poll_seconds=0, report=lambda line: None, sleep=lambda s: None).succeeded
     assert api.deleted == []
+
+
+RUNNING = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+SUCCEEDED = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+
+
+def test_transient_api_errors_are_retried_and_the_job_is_neither_failed_nor_deleted_while_it_runs():
+    """500 on list, a dropped connection and a 504 that did create the job (then 409) on create,
+    429 with Retry-After, 503 and a dropped connection on get: the step rides them all out."""
+    faults = {
+        "list": [api_error(500, "Internal Server Error")],
+        "create": [connection_reset(), None, api_error(409, "Conflict")],
+        "get": [None, api_error(429, "Too Many Requests", retry_after=7), api_error(503, "Service Unavailable"), connection_reset()],
+    }
+    api = ScriptedRayJobs([RUNNING, RUNNING, SUCCEEDED], faults=faults)
+    # the second create "times out" after the job was stored: the scripted API answers it, the step sees a 504
+    original_create = api.create
+
+    def create_that_lands_then_times_out(namespace, body):
+        original_create(namespace, body)
+        if len(api.created) == 1:
+            raise api_error(504, "Gateway Timeout")
+
+    api.create = create_that_lands_then_times_out
+    clock, lines = VirtualClock(), []
+    status = run_rayjob(api, _rayjob(), poll_seconds=10, report=lines.append, sleep=clock.sleep, clock=clock, retry=ApiRetry(900, 1, 60))
+
+    assert status.succeeded and api.created == [("kdflow", "kdflow-distill-t")]
+    assert [call for call, _ in api.calls] == ["list", "create", "get", "get", "get", "delete"], "deleted only once it succeeded"
+    waits = [seconds for seconds in clock.sleeps if seconds != 10]
+    assert len(waits) == 6  # list 1, create 2, get 3
+    assert 0.5 <= waits[0] <= 1.0 and 0.5 <= waits[1] <= 1.0 and 1.0 <= waits[2] <= 2.0  # doubling, jittered
+    assert waits[3] == 7.0, "Retry-After is waited out"
+    assert sum("retry" in line for line in lines) == 6 and any("429 Too Many Requests" in line for line in lines)
+
+
+def test_retries_used_up_fail_the_step_and_leave_the_rayjob_running_for_a_rerun_to_adopt():
+    pod_a = {"apiVersion": "v1", "kind": "Pod", "name": "step-a", "uid": "uid-a"}
+    pod_b = {"apiVersion": "v1", "kind": "Pod", "name": "step-b", "uid": "uid-b"}
+    outage = [api_error(503, "Service Unavailable")] * 100
+    api = ScriptedRayJobs([RUNNING, RUNNING, SUCCEEDED], faults={"get": [None, *outage]})
+    clock = VirtualClock()
+    with pytest.raises(KubernetesApiUnavailable) as failure:
+        run_rayjob(api, _rayjob("kdflow-distill-a", pod_a), poll_seconds=10, report=lambda line: None, sleep=clock.sleep, clock=clock,
+                   retry=ApiRetry(120, 1, 30))
+    message = str(failure.value)
+    assert "503 Service Unavailable" in message and "kubeflow.rayjob.api_retry_seconds = 120" in message
+    assert "RayJob kdflow/kdflow-distill-a is left running" in message and "kubectl get rayjob -n kdflow kdflow-distill-a" in message
+    assert api.deleted == [] and clock.now <= 10 + 120
+
+    api.faults = {}  # the API is back; KFP retries the step in a new pod, which builds a new RayJob of the same key
+    status = run_rayjob(api, _rayjob("kdflow-distill-b", pod_b), poll_seconds=0, report=lambda line: None, sleep=clock.sleep, clock=clock)
+    assert status.succeeded
+    assert api.created == [("kdflow", "kdflow-distill-a")], "adopted, not created a second time"
+    assert api.calls[-2:] == [("get", "kdflow-distill-a"), ("delete", "kdflow-distill-a")]
+    assert api.owners == [("kdflow-distill-a", [pod_a, pod_b])], "the adopting pod owns it too"
+
+
+def test_only_a_rayjob_still_going_is_adopted():
+    failed = _rayjob("kdflow-distill-old") | {"status": {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}}
+    other_key = _rayjob("kdflow-distill-other") | {"status": RUNNING}
+    other_key["metadata"] = {**other_key["metadata"], "labels": {**other_key["metadata"]["labels"], STEP_KEY_LABEL: "0" * 20}}
+    api = ScriptedRayJobs([SUCCEEDED], existing=[failed, other_key])
+    run_rayjob(api, _rayjob(), poll_seconds=0, report=lambda line: None, sleep=lambda s: None)
+    assert api.created == [("kdflow", "kdflow-distill-t")]
+
+
+@pytest.mark.parametrize("method, error, says", [
+    ("get", api_error(403, "Forbidden", message='rayjobs.ray.io "j" is forbidden'), "see infra/k8s/rbac.yaml"),
+    ("get", api_error(404, "Not Found", message='rayjobs.ray.io "j" not found'), "the RayJob is gone"),
+    ("create", api_error(422, "Unprocessable Entity", message="spec.entrypoint: Required value"), "check kubeflow.rayjob"),
+    ("list", api_error(404, "Not Found", message="the server could not find the requested resource"), "is the KubeRay operator"),
+])
+def test_permanent_api_errors_fail_at_once_and_delete_nothing(method, error, says):
+    api = ScriptedRayJobs([RUNNING, SUCCEEDED], faults={method: [error]})
+    clock = VirtualClock()
+    with pytest.raises(KubernetesApiRefused) as failure:
+        run_rayjob(api, _rayjob(), poll_seconds=10, report=lambda line: None, sleep=clock.sleep, clock=clock)
+    assert says in str(failure.value) and str(error.status) in str(failure.value)
+    assert clock.sleeps == [] and api.deleted == []
+
+
+def test_rayjob_is_labelled_with_its_step_key_and_owned_by_the_step_pod_known_through_the_downward_api(monkeypatch):
+    config = load_config(REPO / "configs" / "cluster.yaml")
+    inputs = {"prep": "s3://kdflow/runs/prep/a/manifest.json"}
+    key = step_key(config, "distill", inputs)
+    assert key == step_key(load_config(REPO / "configs" / "cluster.yaml", ["kubeflow.rayjob.poll_seconds=1"]), "distill", inputs)
+    assert key != step_key(load_config(REPO / "configs" / "cluster.yaml", ["distill.train.learning_rate=0.1"]), "distill", inputs)
+    assert key != step_key(config, "distill", {"prep": "s3://kdflow/runs/prep/b/manifest.json"}) != step_key(config, "tune", inputs)
+
+    pod = {"KDFLOW_POD_NAME": "kdflow-abc-distill", "KDFLOW_POD_UID": "0f9e", "KDFLOW_POD_NAMESPACE": "kdflow"}
+    assert step_pod_owner("kdflow", {}) is None
+    assert step_pod_owner("kdflow", {**pod, "KDFLOW_POD_NAMESPACE": "kubeflow"}, report=lambda line: None) is None
+    for variable, value in pod.items():
+        monkeypatch.setenv(variable, value)
+    api = ScriptedRayJobs([SUCCEEDED])
+    run_step_rayjob(config, "distill", inputs, api=api)
+    created = next(job for job in api.jobs if job["metadata"]["name"] == api.created[0][1])
+    assert created["metadata"]["labels"][STEP_KEY_LABEL] == key and api.calls[0] == ("list", f"{STEP_KEY_LABEL}={key}")
+    assert created["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "kdflow-abc-distill", "uid": "0f9e"}]
+
+    for variable in pod:
+        monkeypatch.delenv(variable)
+    api = ScriptedRayJobs([SUCCEEDED])
+    run_step_rayjob(config, "distill", inputs, api=api)
+    assert "ownerReferences" not in api.jobs[0]["metadata"]
+
+
+def test_the_long_steps_are_retried_by_kfp_and_know_their_pod():
+    spec, platform = yaml.safe_load_all(COMPILED.read_text())
+    config = load_config(REPO / "configs" / "cluster.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    for step in ("cache", "distill"):
+        policy = tasks[step]["retryPolicy"]
+        assert policy["maxRetryCount"] == 2 and policy["backoffDuration"] == "60s" and policy["backoffFactor"] == 2.0
+        assert int(policy["backoffMaxDuration"].removesuffix("s")) > config.kubeflow.rayjob.active_deadline_seconds
+    assert "retryPolicy" not in tasks["prep"] and "retryPolicy" not in tasks["evaluate"]
+    tune_spec, _ = yaml.safe_load_all((REPO / "pipelines" / "compiled" / "tune_distill_pipeline.yaml").read_text())
+    assert tune_spec["root"]["dag"]["tasks"]["tune"]["retryPolicy"]["maxRetryCount"] == 2
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {entry["name"]: entry["fieldPath"] for entry in kubernetes["exec-distill"]["fieldPathAsEnv"]} == {
+        "KDFLOW_POD_NAME": "metadata.name", "KDFLOW_POD_UID": "metadata.uid", "KDFLOW_POD_NAMESPACE": "metadata.namespace",
+    }
+    assert kubernetes["exec-distill"]["podMetadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    assert "fieldPathAsEnv" not in kubernetes["exec-prep"] and "podMetadata" not in kubernetes["exec-prep"]
+    assert engines.local_job(config).kubeflow.retry.retries == 0, "kfp.local shows a failure at once"
+    with pytest.raises(ConfigError, match="kubeflow: retry.max_duration_seconds .* must exceed rayjob.active_deadline_seconds"):
+        load_config(REPO / "configs" / "cluster.yaml", ["kubeflow.retry.max_duration_seconds=3600"])
+
+
+class KubernetesApiStandIn:
+    """Answers the RayJob endpoints of the Kubernetes API on loopback, for the real kubernetes
+    client: one stored RayJob, `faults` (method -> (status, headers) answers to give first) and
+    every request recorded as (method, path with query, Content-Type)."""
+
+    PREFIX = "/apis/ray.io/v1/namespaces/kdflow/rayjobs"
+
+    def __init__(self, faults):
+        self.requests, self.faults, self.jobs = [], {method: list(answers) for method, answers in faults.items()}, {}
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body, headers=()):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in [("Content-Type", "application/json"), *headers]:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def handle_one(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                stand_in.requests.append((self.command, self.path, self.headers.get("Content-Type")))
+                queue = stand_in.faults.get(self.command)
+                if queue:
+                    status, headers = queue.pop(0)
+                    return self.reply(status, {"kind": "Status", "code": status, "message": "injected"}, headers)
+                name = self.path.split("?")[0].removeprefix(self.PREFIX).strip("/")
+                if self.command == "POST":
+                    stand_in.jobs[body["metadata"]["name"]] = {**body, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
+                    return self.reply(201, body)
+                if self.command == "GET" and not name:
+                    return self.reply(200, {"kind": "RayJobList", "items": list(stand_in.jobs.values())})
+                if self.command == "PATCH":
+                    stand_in.jobs[name]["metadata"].update(body["metadata"])
+                if self.command == "DELETE":
+                    return self.reply(200, stand_in.jobs.pop(name))
+                return self.reply(200, stand_in.jobs[name])
+
+            do_GET = do_POST = do_PATCH = do_DELETE = handle_one
+
+        Handler.PREFIX = self.PREFIX
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_the_kubernetes_client_errors_are_read_as_transient_or_not_through_a_loopback_api():
+    """The real kubernetes client against a loopback stand-in: a 429 with Retry-After and a 503 are
+    retried, the list filters by the step key, the owners go in a merge patch; a closed port is a
+    transient error, a 403 is not."""
+    from kubernetes import client
+
+    from kd_core.kubeflow.rayjob import ApiError, KubernetesRayJobApi
+
+    stand_in = KubernetesApiStandIn({"GET": [(429, [("Retry-After", "3")]), (503, [])]})
+    try:
+        api = KubernetesRayJobApi(client.Configuration(host=stand_in.url))
+        clock = VirtualClock()
+        status = run_rayjob(api, _rayjob(), poll_seconds=0, report=lambda line: None, sleep=clock.sleep, clock=clock)
+        assert status.succeeded and stand_in.jobs == {}
+        assert clock.sleeps[0] == 3.0 and len(clock.sleeps) == 2
+        methods = [(method, path.split("?")[0].removeprefix(stand_in.PREFIX)) for method, path, _ in stand_in.requests]
+        assert methods == [("GET", "")] * 3 + [("POST", ""), ("GET", "/kdflow-distill-t"), ("DELETE", "/kdflow-distill-t")]
+        assert f"labelSelector=kdflow%2Fstep-key%3D{_rayjob()['metadata']['labels'][STEP_KEY_LABEL]}" in stand_in.requests[0][1]
+
+        stand_in.jobs["j"] = {"metadata": {"name": "j"}}
+        api.set_owners("kdflow", "j", [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u"}])
+        assert stand_in.requests[-1][0::2] == ("PATCH", "application/merge-patch+json")
+        assert stand_in.jobs["j"]["metadata"]["ownerReferences"][0]["uid"] == "u"
+
+        stand_in.faults["GET"] = [(403, [])]
+        with pytest.raises(Exception) as forbidden:
+            api.get("kdflow", "j")
+        assert ApiError.of(forbidden.value).transient is False and ApiError.of(forbidden.value).status == 403
+    finally:
+        stand_in.server.shutdown()
+        stand_in.server.server_close()
+    with pytest.raises(Exception) as refused:
+        KubernetesRayJobApi(client.Configuration(host=stand_in.url)).get("kdflow", "j")
+    assert ApiError.of(refused.value).transient is True, repr(refused.value)
+    # An API server that takes the connection and never answers: a timeout, retried like any outage.
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        api = KubernetesRayJobApi(client.Configuration(host=f"http://127.0.0.1:{silent.getsockname()[1]}"))
+        api.REQUEST_TIMEOUT = (1.0, 0.2)
+        with pytest.raises(Exception) as timed_out:
+            api.get("kdflow", "j")
+    assert ApiError.of(timed_out.value).transient is True and "Timeout" in ApiError.of(timed_out.value).description

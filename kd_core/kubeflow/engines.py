@@ -70,10 +70,12 @@ def compile_pipeline(config: JobConfig, path: str | Path, pipeline: str = "disti
 
 
 def local_job(config: JobConfig) -> JobConfig:
-    """The job as the kfp.local steps see it: Ray in-process for distill, a local storage root made
-    absolute (every step is a subprocess, possibly elsewhere)."""
+    """The job as the kfp.local steps see it: Ray in-process for distill, no task retried (a local
+    failure is a bug or bad input to show now, not a lost pod; kfp.local would wait out the
+    backoff), a local storage root made absolute (every step is a subprocess, possibly elsewhere)."""
     job = config.model_copy(deep=True)
     job.kubeflow.rayjob.enabled = False
+    job.kubeflow.retry.retries = 0
     if "://" not in job.storage.root or job.storage.root.startswith("file://"):
         job.storage.root = str(Path(job.storage.root.removeprefix("file://")).resolve())
     return job
