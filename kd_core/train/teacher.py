@@ -28,9 +28,9 @@ from fsspec.implementations.local import LocalFileSystem
 from kd_core.config import ComputeConfig, DistillConfig, TeacherConfig
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest
-from kd_core.models import CACHE_ROOT, local_copy
+from kd_core.models import CACHE_ROOT, model_copy
 from kd_core.stage import StageRun
-from kd_core.storage import Store, content_identity, reaching, url_to_fs
+from kd_core.storage import Store, content_identity, download_folder, reaching, url_to_fs
 from kd_core.train.loop import TrainSpec
 from kd_core.train.ray_glue import fit_stage
 
@@ -155,14 +155,15 @@ def teacher_model_config(store: Store, teacher_manifest: Manifest) -> dict:
 
 
 def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
-    """A local folder holding the teacher's Hugging Face directory."""
+    """A local folder holding the teacher's Hugging Face directory. A remote one is downloaded
+    once per node, under a lock, into a temporary folder renamed into place when complete
+    (`storage.download_folder`): a trained teacher checked against its manifest's sha256s, an
+    external one against the sizes and ETags of its listing."""
     external = teacher_manifest.details.get("external_url")
     if external is None:
-        return local_copy(store, teacher_manifest.details["model_folder"])
+        return model_copy(store, teacher_manifest)
     fs, root = url_to_fs(external, store.config)
     if isinstance(fs, LocalFileSystem):
         return Path(root)
-    target = CACHE_ROOT / "teachers" / teacher_manifest.key
-    if not target.exists():
-        fs.get(root.rstrip("/") + "/", str(target), recursive=True)
-    return target
+    with reaching(external, "teacher.path"):
+        return download_folder(fs, root, CACHE_ROOT / "teachers" / teacher_manifest.key, source=external)
