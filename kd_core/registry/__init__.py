@@ -47,7 +47,7 @@ from kd_core.gates import describe_failed, metric_value
 from kd_core.manifest import Manifest
 from kd_core.models import model_copy
 from kd_core.stage import StageRun
-from kd_core.storage import DOWNLOAD_MARKER, Store
+from kd_core.storage import DOWNLOAD_MARKER, Store, inside
 
 _MAX_PARAM_LENGTH = 500
 _MAX_TAG_LENGTH = 5000
@@ -93,7 +93,10 @@ def register(
         mlflow.log_metrics(_numeric(flatten(eval_manifest.metrics)))
         with tempfile.TemporaryDirectory() as folder:
             for name, record in eval_manifest.outputs.items():
-                (Path(folder) / name).write_bytes(store.read_bytes(record.path))
+                fix = "the eval manifest was not written by kdflow: delete its folder and rerun eval"
+                destination = inside(Path(folder), name, f"{eval_manifest.folder}: output", fix)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(store.read_bytes(record.path))
             mlflow.log_artifacts(folder, artifact_path="eval")
         gates = eval_manifest.metrics.get("gates", [])
         gates_passed = eval_manifest.metrics.get("gates_passed", True)
