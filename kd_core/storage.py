@@ -22,6 +22,12 @@ filesystem object and never appear in URLs, manifests or logs. `storage.s3` appl
 
 `file_identity` says whether a file changed without reading it where the store can tell (an
 ETag, or size and modification time); a step's key covers the identities of the files it reads.
+
+Names read from a manifest or a store listing are input: `relative_name` refuses one that is
+absolute or holds `..`, and `inside` checks a local path after resolving symbolic links.
+`download_folder` (behind `Store.download_dir`) gives each node one checked copy of a remote
+folder: under a file lock per target, into a temporary folder renamed into place when complete,
+with a marker written last; a copy whose marker matches its source is reused.
 """
 
 from __future__ import annotations
