@@ -357,7 +357,13 @@ without it, or whose record differs from the source's listing, is fetched again.
 
 
 def download_folder(
-    fs: fsspec.AbstractFileSystem, remote_root: str, local_dir: Path, *, source: str, expected: dict[str, FileRecord] | None = None
+    fs: fsspec.AbstractFileSystem,
+    remote_root: str,
+    local_dir: Path,
+    *,
+    source: str,
+    expected: dict[str, FileRecord] | None = None,
+    listing: dict[str, dict] | None = None,
 ) -> Path:
     """A local copy of the folder `remote_root` on `fs` at `local_dir`, safe under concurrency.
 
@@ -366,14 +372,15 @@ def download_folder(
     - The files go to a private temporary folder beside the target and are checked (sizes, and
       the manifest's sha256 from `expected`); the marker is written last, and the folder is
       renamed into place: `local_dir` is always absent or complete, never half-written.
-    - With `expected`, exactly the manifest's files are fetched; otherwise those of the listing.
+    - With `expected`, exactly the manifest's files are fetched; otherwise those of the listing
+      (`listing`: a `fs.find(remote_root, detail=True)` the caller already made and checked).
       Every name is checked to stay inside the folder.
     - A target whose marker matches the source (names, sizes, sha256 or ETag / mtime) is reused
       without a download; anything else there (a partial folder of older code, a changed source)
       is replaced.
     """
     remote_root = remote_root.rstrip("/")
-    wanted = _wanted_files(fs, remote_root, source, expected)
+    wanted = _wanted_files(fs, remote_root, source, expected, listing)
     record = {"source": source, "files": {name: {"bytes": size, "identity": identity} for name, (_, size, identity) in wanted.items()}}
     local_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(local_dir.with_name(f"{local_dir.name}.lock")):
@@ -391,7 +398,9 @@ def download_folder(
     return local_dir
 
 
-def _wanted_files(fs, remote_root: str, source: str, expected: dict[str, FileRecord] | None) -> dict[str, tuple[str, int, str]]:
+def _wanted_files(
+    fs, remote_root: str, source: str, expected: dict[str, FileRecord] | None, listing: dict[str, dict] | None
+) -> dict[str, tuple[str, int, str]]:
     """name -> (remote path, bytes, identity) of the files to fetch."""
     if expected is not None:
         fix = "the manifest was not written by kdflow: delete the step's folder and rerun it"
@@ -401,7 +410,7 @@ def _wanted_files(fs, remote_root: str, source: str, expected: dict[str, FileRec
             relative_name(name, source, fix): (f"{remote_root}/{name}", record.bytes, f"sha256:{record.sha256}")
             for name, record in sorted(expected.items())
         }
-    listing = fs.find(remote_root, detail=True)
+    listing = listing if listing is not None else fs.find(remote_root, detail=True)
     if not listing:
         raise StorageError(f"{source}: no files there; check the URL (and storage.s3.endpoint_url)")
     wanted = {}

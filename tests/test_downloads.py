@@ -107,16 +107,21 @@ def test_concurrent_loads_survive_a_killed_download_and_never_reuse_a_partial_fo
     assert_complete(target, files)
 
 
-def test_external_teacher_partial_folder_is_not_reused(s3_endpoint, s3_bucket, tmp_path, monkeypatch):
-    """A folder left by a download that died (here: only config.json) is completed, not loaded."""
+def test_external_teacher_partial_folder_is_not_reused_and_a_changed_teacher_is_refused(s3_endpoint, s3_bucket, tmp_path, monkeypatch):
+    """A folder left by a download that died (here: only config.json) is completed, not loaded;
+    a teacher folder changed after the teacher step recorded it is refused, not loaded."""
     import kd_core.train.teacher as teacher_module
+    from kd_core.storage import url_to_fs
 
     store = Store(StorageConfig(root=f"s3://{s3_bucket}/jobs", s3=S3Config(endpoint_url=s3_endpoint)))
     files = teacher_files()
+    url = f"s3://{s3_bucket}/external-teacher"
     for name, data in files.items():
         store.fs.pipe_file(f"{s3_bucket}/external-teacher/{name}", data)
+    fs, root = url_to_fs(url, store.config)
+    recorded = {"path": url, "weights_identity": teacher_module.weights_identity(fs, root, fs.find(root, detail=True))}
     key = "abcdef0123456789abcd"
-    manifest = Manifest("teacher", key, "", {}, {}, {}, details={"external_url": f"s3://{s3_bucket}/external-teacher"})
+    manifest = Manifest("teacher", key, "", recorded, {}, {}, details={"external_url": url})
     monkeypatch.setattr(teacher_module, "CACHE_ROOT", tmp_path / "cache")
     partial = tmp_path / "cache" / "teachers" / key
     partial.mkdir(parents=True)
@@ -124,6 +129,10 @@ def test_external_teacher_partial_folder_is_not_reused(s3_endpoint, s3_bucket, t
 
     folder = teacher_module.teacher_model_dir(store, manifest)
     assert_complete(folder, files)
+
+    store.fs.pipe_file(f"{s3_bucket}/external-teacher/tokenizer.json", b'{"version": "2.0"}')
+    with pytest.raises(teacher_module.TeacherError, match=r"teacher.path: s3://.*/external-teacher changed after the teacher step abcdef"):
+        teacher_module.teacher_model_dir(store, manifest)
 
 
 def test_a_store_model_is_checked_against_its_manifest(s3_teacher, tmp_path, monkeypatch):
