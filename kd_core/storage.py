@@ -337,7 +337,7 @@ def relative_name(name: str, where: str, fix: str) -> str:
     naming `where`, the name and `fix`. Names read from a manifest or a store listing pass here
     before they become paths: an absolute name or a `..` would read or write outside the folder."""
     parts = name.replace("\\", "/").split("/")
-    if not name or name.startswith(("/", "~")) or ".." in parts or "\0" in name:
+    if not name or name.startswith("/") or ".." in parts or "\0" in name:
         raise StorageError(f"{where}: {name!r} is not a name inside its folder (empty, absolute or with '..'); {fix}")
     return name
 
@@ -389,6 +389,7 @@ def download_folder(
             return local_dir
         staging = Path(tempfile.mkdtemp(dir=local_dir.parent, prefix=f".{local_dir.name}.partial-{os.getpid()}-"))
         try:
+            os.chmod(staging, _DIR_MODE)  # a temporary folder is created 0700
             for name, (path, size, identity) in wanted.items():
                 _fetch_checked(fs, path, inside(staging, name, source, "remove that object from the store"), size, identity, f"{source}/{name}")
             (staging / DOWNLOAD_MARKER).write_text(json.dumps(record, sort_keys=True))
@@ -442,11 +443,14 @@ def _fetch_checked(fs, path: str, destination: Path, size: int, identity: str, u
     """Copy one remote file, hashing on the way; check its size, and its sha256 when known."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     digest, received = hashlib.sha256(), 0
-    with fs.open(path, "rb") as source, open(destination, "wb") as target:
-        while chunk := source.read(_CHUNK):
-            digest.update(chunk)
-            received += len(chunk)
-            target.write(chunk)
+    try:
+        with fs.open(path, "rb") as source, open(destination, "wb") as target:
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+                received += len(chunk)
+                target.write(chunk)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: missing from the store; rerun the step that wrote it") from None
     if received != size:
         raise StorageError(
             f"{url}: got {received} bytes, expected {size}; it changed during the download or is damaged: "
@@ -473,3 +477,5 @@ def _swap_in(staging: Path, local_dir: Path) -> None:
 
 
 _FILE_MODE = _file_mode()
+_DIR_MODE = _FILE_MODE | (_FILE_MODE & 0o444) >> 2
+"""A folder's mode under the umask: searchable wherever it is readable."""

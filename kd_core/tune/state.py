@@ -97,13 +97,15 @@ class StateRecordingHandler(pyarrow.fs.FSSpecHandler):
         self.search_path = store.path(search).rstrip("/")
         self.record = record
         self._store: Store | None = store
+        self._recorded: dict[str, list[str]] | None = None
+        """The record as this handler last wrote it (read once: only the driver writes it)."""
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
         return {"fs": self.fs, "search_path": self.search_path, "record": self.record}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _store=None, _lock=threading.Lock())
+        self.__dict__.update(state, _store=None, _recorded=None, _lock=threading.Lock())
 
     def open_output_stream(self, path, metadata):
         name = self._state_name(path)
@@ -136,10 +138,11 @@ class StateRecordingHandler(pyarrow.fs.FSSpecHandler):
         if self._store is None:
             return
         with self._lock:
-            recorded = _read_digests(self._store, self.record)
-            versions = [known for known in recorded.get(name, []) if known != digest] + [digest]
-            recorded[name] = versions[-KEPT_VERSIONS:]
-            self._store.write_bytes(self.record, json.dumps(recorded, indent=1, sort_keys=True).encode())
+            if self._recorded is None:
+                self._recorded = _read_digests(self._store, self.record)
+            versions = [known for known in self._recorded.get(name, []) if known != digest] + [digest]
+            self._recorded[name] = versions[-KEPT_VERSIONS:]
+            self._store.write_bytes(self.record, json.dumps(self._recorded, indent=1, sort_keys=True).encode())
 
 
 class _DigestingWriter:
