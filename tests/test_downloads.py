@@ -3,7 +3,7 @@
 `Store.download_dir` and `teacher_model_dir` fetch into a private temporary folder under one file
 lock per target, check what they fetched, write a completion marker last and rename the folder
 into place. Checked here with real processes: four load the same teacher at once and the one
-downloading is killed with SIGKILL (once its temporary folder exists); the others end with the
+downloading is killed with SIGKILL (once part of the weights is in its temporary folder); the others end with the
 complete folder, and a later load neither reuses a partial folder nor refetches a complete one.
 
 Run: .venv/bin/python -m pytest tests/test_downloads.py
@@ -63,6 +63,17 @@ def assert_complete(folder: Path, files: dict[str, bytes]) -> None:
         assert (folder / name).read_bytes() == data, name
 
 
+def downloading(target: Path) -> Path | None:
+    """A temporary folder beside `target` holding part of the weights (over 64 KiB), if any."""
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        try:
+            if sum(path.stat().st_size for path in partial.rglob("*") if path.is_file()) > 64 * 2**10:
+                return partial
+        except FileNotFoundError:  # renamed into place meanwhile
+            continue
+    return None
+
+
 def leftovers(target: Path) -> list[str]:
     return sorted(path.name for path in target.parent.iterdir() if path.name.startswith(f".{target.name}."))
 
@@ -75,11 +86,11 @@ def test_concurrent_loads_survive_a_killed_download_and_never_reuse_a_partial_fo
     loaders = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     try:
         deadline = time.monotonic() + 60
-        while not (partial := list(target.parent.glob(f".{target.name}.partial-*"))):
+        while not (partial := downloading(target)):
             assert time.monotonic() < deadline, "no loader downloaded into a temporary folder beside the target"
             assert all(loader.poll() is None for loader in loaders), "a loader finished without a temporary folder"
             time.sleep(0.002)
-        victim = int(partial[0].name.split(".partial-")[1].split("-")[0])
+        victim = int(partial.name.split(".partial-")[1].split("-")[0])
         os.kill(victim, signal.SIGKILL)
         outcomes = {loader.pid: (loader.wait(timeout=120), loader.stdout.read(), loader.stderr.read()) for loader in loaders}
     finally:
