@@ -391,7 +391,8 @@ def download_folder(
         try:
             os.chmod(staging, _DIR_MODE)  # a temporary folder is created 0700
             for name, (path, size, identity) in wanted.items():
-                _fetch_checked(fs, path, inside(staging, name, source, "remove that object from the store"), size, identity, f"{source}/{name}")
+                destination = inside(staging, name, source, "remove that object from the store")
+                _fetch_checked(fs, path, destination, size, identity, f"{source}/{name}")
             (staging / DOWNLOAD_MARKER).write_text(json.dumps(record, sort_keys=True))
             _swap_in(staging, local_dir)
         finally:
@@ -436,7 +437,9 @@ def _holds(local_dir: Path, record: dict) -> bool:
             return False
     except (OSError, ValueError):
         return False
-    return all((local_dir / name).is_file() and (local_dir / name).stat().st_size == entry["bytes"] for name, entry in record["files"].items())
+    return all(
+        (local_dir / name).is_file() and (local_dir / name).stat().st_size == entry["bytes"] for name, entry in record["files"].items()
+    )
 
 
 def _fetch_checked(fs, path: str, destination: Path, size: int, identity: str, url: str) -> None:

@@ -175,7 +175,8 @@ def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
         if weights_identity(fs, root, files) != teacher_manifest.config.get("weights_identity"):
             raise TeacherError(
                 f"teacher.path: {external} changed after the teacher step {teacher_manifest.key} recorded it (its weights, "
-                "config or tokenizer files differ); rerun the job: the teacher step's key covers those files, so it and the cache are redone"
+                "config or tokenizer files differ); rerun the job: the teacher step's key covers those files, "
+                "so it and the cache are redone"
             )
         if isinstance(fs, LocalFileSystem):
             return Path(root)
