@@ -79,7 +79,15 @@ class PreferenceConfig(Section):
     rejected_field: str = "rejected"
     """Field holding the second response of the pair."""
     image_field: str = "image"
-    """Image reference: a URL on any fsspec store, or a path relative to the JSONL file's folder."""
+    """Image reference: a path relative to the JSONL file's folder that stays inside it, or a URL
+    whose scheme is in `allowed_schemes`."""
+    allowed_schemes: list[str] = []
+    """URL schemes an image reference may use (e.g. `[s3]`); empty: only paths relative to the
+    JSONL file. A record is input: without this it cannot make prep read another bucket, a local
+    file or a web address. The `storage.s3` settings (credentials) go to `s3://` URLs only."""
+    max_image_bytes: int = Field(default=20 * 2**20, gt=0)
+    """Largest image file prep reads, in bytes (20 MiB); a larger one is an error naming its record.
+    Decoding also keeps to PIL's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`): past it, an error."""
     image_text_field: str = "image_text"
     """A text rendering of the image (a caption or description): what the text-only teacher reads."""
     label_field: str = "human_label"
@@ -90,6 +98,14 @@ class PreferenceConfig(Section):
     pairs_per_image: int = Field(default=3, ge=1, le=4)
     """Bundled `digit-preferences` data only: preference pairs made per image (one per question
     kind, of four)."""
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _plain_schemes(cls, schemes: list[str]) -> list[str]:
+        for scheme in schemes:
+            if not scheme.isascii() or not scheme[:1].isalpha() or not all(c.isalnum() or c in "+.-" for c in scheme):
+                raise ValueError(f"{scheme!r} is not a URL scheme; write it without '://', e.g. s3")
+        return [scheme.lower() for scheme in schemes]
 
 
 class DataConfig(Section):

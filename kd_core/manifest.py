@@ -4,21 +4,30 @@ A manifest is written last and atomically, so a stage without a complete manifes
 It records the stage, its key and config hash, the keys of its inputs, every output (URL, bytes,
 sha256), metrics, timings and library versions. Stage-specific facts that later stages need
 (e.g. which shard holds which split) go under `details`.
+
+A manifest read back is checked before any of its names becomes a path: its stage is a plain
+name, its key a stage key, and every output lies in the stage's own folder under a relative name
+(no absolute path, no `..`). `read_manifest_url` takes only the manifest of a known stage under
+the job's storage root.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
 from kd_core.errors import InputError
-from kd_core.storage import FileRecord, Store
+from kd_core.storage import FileRecord, StorageError, Store, relative_name
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
+STAGE_NAME = re.compile(r"[a-z][a-z_]*")
+STAGE_KEY = re.compile(r"[0-9a-f]{20}")
+"""What `kd_core.stage.stage_key` makes: 20 lowercase hex digits."""
 _TRACKED_LIBRARIES = ("kdflow", "torch", "transformers", "tokenizers", "ray", "mlflow", "pyarrow", "fsspec")
 
 
@@ -58,6 +67,12 @@ class Manifest:
                 f"{self.stage} manifest {self.key} has no output {name!r}; it has {sorted(self.outputs)[:8]}"
             ) from None
 
+    def files_under(self, folder: str) -> dict[str, FileRecord]:
+        """The outputs inside `folder` (relative to the store root), by their name in that folder:
+        what `Store.download_dir` checks a downloaded model folder against."""
+        prefix = folder.rstrip("/") + "/"
+        return {record.path[len(prefix) :]: record for record in self.outputs.values() if record.path.startswith(prefix)}
+
     def to_json(self) -> str:
         record = asdict(self)
         del record["reused"]
@@ -70,9 +85,27 @@ class Manifest:
             raw["outputs"] = {name: FileRecord(**record) for name, record in raw["outputs"].items()}
             if raw.get("schema_version") != SCHEMA_VERSION:
                 raise ManifestError(f"{source}: schema_version {raw.get('schema_version')}, expected {SCHEMA_VERSION}")
-            return cls(**raw)
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            manifest = cls(**raw)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ManifestError(f"{source}: not a valid kdflow manifest ({err}); delete the folder and rerun the stage") from None
+        manifest.check_names(source)
+        return manifest
+
+    def check_names(self, source: str) -> None:
+        """Every name that will become a path is safe: the stage and key are what a stage writes,
+        and each output lies in this stage's folder under a relative name."""
+        fix = "it was not written by kdflow: delete that folder and rerun the step"
+        if not isinstance(self.stage, str) or not STAGE_NAME.fullmatch(self.stage):
+            raise ManifestError(f"{source}: stage {self.stage!r} is not a stage name; {fix}")
+        if not isinstance(self.key, str) or not STAGE_KEY.fullmatch(self.key):
+            raise ManifestError(f"{source}: key {self.key!r} is not a stage key (20 hex digits); {fix}")
+        for name, record in self.outputs.items():
+            try:
+                relative_name(name, f"{source}: output", fix)
+            except StorageError as err:
+                raise ManifestError(str(err)) from None
+            if record.path != f"{self.folder}/{name}":
+                raise ManifestError(f"{source}: output {name!r} points at {record.path!r}, outside the step's folder {self.folder}; {fix}")
 
 
 def stage_folder(stage: str, key: str) -> str:
@@ -88,7 +121,13 @@ def read_manifest(store: Store, stage: str, key: str) -> Manifest | None:
     relative = f"{stage_folder(stage, key)}/{MANIFEST_NAME}"
     if not store.exists(relative):
         return None
-    return Manifest.from_json(store.read_bytes(relative).decode(), source=store.url(relative))
+    manifest = Manifest.from_json(store.read_bytes(relative).decode(), source=store.url(relative))
+    if (manifest.stage, manifest.key) != (stage, key):
+        raise ManifestError(
+            f"{store.url(relative)}: holds the manifest of {manifest.stage}/{manifest.key}, not of its folder {stage}/{key}; "
+            "delete that folder and rerun the step"
+        )
+    return manifest
 
 
 def manifest_url(store: Store, manifest: Manifest) -> str:
@@ -97,13 +136,22 @@ def manifest_url(store: Store, manifest: Manifest) -> str:
 
 
 def read_manifest_url(store: Store, url: str) -> Manifest:
-    """The manifest at `url`, which must be a step's manifest under `store`'s root."""
+    """The manifest at `url`, which must be a step's manifest under `store`'s root: a known stage
+    and a stage key (a URL from a pipeline parameter never reads outside the job's steps)."""
+    from kd_core.stage import STAGE_CODE_VERSIONS  # stage.py imports this module: the stages are named there
+
     root = store.url("").rstrip("/") + "/"
     suffix = "/" + MANIFEST_NAME
     parts = url[len(root) : -len(suffix)].split("/") if url.startswith(root) and url.endswith(suffix) else []
     if len(parts) != 2:
         raise ManifestError(f"{url}: not a step manifest under the job's storage root {root} (expected {root}<stage>/<key>{suffix})")
-    manifest = read_manifest(store, *parts)
+    stage, key = parts
+    if stage not in STAGE_CODE_VERSIONS or not STAGE_KEY.fullmatch(key):
+        raise ManifestError(
+            f"{url}: {stage}/{key} is not a step's folder (a stage of {', '.join(STAGE_CODE_VERSIONS)} and a key of 20 hex "
+            "digits); pass the manifest URL a kdflow step returned"
+        )
+    manifest = read_manifest(store, stage, key)
     if manifest is None:
         raise ManifestError(f"{url}: no such manifest; the step that writes it has not finished (or storage.root differs)")
     return manifest

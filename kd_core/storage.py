@@ -22,6 +22,12 @@ filesystem object and never appear in URLs, manifests or logs. `storage.s3` appl
 
 `file_identity` says whether a file changed without reading it where the store can tell (an
 ETag, or size and modification time); a step's key covers the identities of the files it reads.
+
+Names read from a manifest or a store listing are input: `relative_name` refuses one that is
+absolute or holds `..`, and `inside` checks a local path after resolving symbolic links.
+`download_folder` (behind `Store.download_dir`) gives each node one checked copy of a remote
+folder: under a file lock per target, into a temporary folder renamed into place when complete,
+with a marker written last; a copy whose marker matches its source is reused.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pathlib import Path
 from typing import IO
 
 import fsspec
+from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 from rich.markup import escape
 
@@ -388,22 +395,165 @@ class Store:
         if self.fs.exists(self.path(relative)):
             self.fs.rm(self.path(relative), recursive=True)
 
-    def download_dir(self, relative: str, local_dir: str | Path) -> Path:
-        """Make a remote folder available on local disk (a no-op view for local stores)."""
+    def download_dir(self, relative: str, local_dir: str | Path, expected: dict[str, FileRecord] | None = None) -> Path:
+        """Make a remote folder available on local disk (the store's own path for local stores):
+        `download_folder` of `relative`, checked against `expected` (name in the folder -> the
+        manifest's record) when the manifest that names the folder is at hand."""
+        relative_name(relative, f"{self.url('')}: folder", "name a folder inside the store")
         local = self.local_path(relative)
         if local is not None:
             return local
-        local_dir = Path(local_dir)
-        if local_dir.exists():
-            shutil.rmtree(local_dir)
-        local_dir.mkdir(parents=True)
-        prefix = self.path(relative).rstrip("/")
-        for remote in self.fs.find(prefix):
-            destination = local_dir / remote[len(prefix) + 1 :]
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(remote, str(destination))
-        return local_dir
+        return download_folder(self.fs, self.path(relative), Path(local_dir), source=self.url(relative), expected=expected)
 
+
+# ----------------------------------------------------------------------------------- names
+def relative_name(name: str, where: str, fix: str) -> str:
+    """`name` when it is a relative path that stays inside its folder, else a `StorageError`
+    naming `where`, the name and `fix`. Names read from a manifest or a store listing pass here
+    before they become paths: an absolute name or a `..` would read or write outside the folder."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith("/") or ".." in parts or "\0" in name:
+        raise StorageError(f"{where}: {name!r} is not a name inside its folder (empty, absolute or with '..'); {fix}")
+    return name
+
+
+def inside(folder: Path, name: str, where: str, fix: str) -> Path:
+    """`folder / name`, checked after resolving (symbolic links included) to lie inside `folder`."""
+    target = (folder / relative_name(name, where, fix)).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise StorageError(f"{where}: {name!r} resolves to {target}, outside {folder}; {fix}")
+    return target
+
+
+# ------------------------------------------------------------------------------- downloads
+DOWNLOAD_MARKER = ".kdflow-download.json"
+"""Written last into a downloaded folder: its source and every file's size and identity. A folder
+without it, or whose record differs from the source's listing, is fetched again."""
+
+
+def download_folder(
+    fs: fsspec.AbstractFileSystem,
+    remote_root: str,
+    local_dir: Path,
+    *,
+    source: str,
+    expected: dict[str, FileRecord] | None = None,
+    listing: dict[str, dict] | None = None,
+) -> Path:
+    """A local copy of the folder `remote_root` on `fs` at `local_dir`, safe under concurrency.
+
+    - One file lock per target (`<local_dir>.lock`): two cache actors or teacher ranks on a node
+      take turns; a process killed holding it releases it (the kernel drops the lock).
+    - The files go to a private temporary folder beside the target and are checked (sizes, and
+      the manifest's sha256 from `expected`); the marker is written last, and the folder is
+      renamed into place: `local_dir` is always absent or complete, never half-written.
+    - With `expected`, exactly the manifest's files are fetched; otherwise those of the listing
+      (`listing`: a `fs.find(remote_root, detail=True)` the caller already made and checked).
+      Every name is checked to stay inside the folder.
+    - A target whose marker matches the source (names, sizes, sha256 or ETag / mtime) is reused
+      without a download; anything else there (a partial folder of older code, a changed source)
+      is replaced.
+    """
+    remote_root = remote_root.rstrip("/")
+    wanted = _wanted_files(fs, remote_root, source, expected, listing)
+    record = {"source": source, "files": {name: {"bytes": size, "identity": identity} for name, (_, size, identity) in wanted.items()}}
+    local_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(local_dir.with_name(f"{local_dir.name}.lock")):
+        _remove_leftovers(local_dir)
+        if _holds(local_dir, record):
+            return local_dir
+        staging = Path(tempfile.mkdtemp(dir=local_dir.parent, prefix=f".{local_dir.name}.partial-{os.getpid()}-"))
+        try:
+            os.chmod(staging, _DIR_MODE)  # a temporary folder is created 0700
+            for name, (path, size, identity) in wanted.items():
+                destination = inside(staging, name, source, "remove that object from the store")
+                _fetch_checked(fs, path, destination, size, identity, f"{source}/{name}")
+            (staging / DOWNLOAD_MARKER).write_text(json.dumps(record, sort_keys=True))
+            _swap_in(staging, local_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return local_dir
+
+
+def _wanted_files(
+    fs, remote_root: str, source: str, expected: dict[str, FileRecord] | None, listing: dict[str, dict] | None
+) -> dict[str, tuple[str, int, str]]:
+    """name -> (remote path, bytes, identity) of the files to fetch."""
+    if expected is not None:
+        fix = "the manifest was not written by kdflow: delete the step's folder and rerun it"
+        if not expected:
+            raise StorageError(f"{source}: its manifest records no file in this folder; {fix}")
+        return {
+            relative_name(name, source, fix): (f"{remote_root}/{name}", record.bytes, f"sha256:{record.sha256}")
+            for name, record in sorted(expected.items())
+        }
+    listing = listing if listing is not None else fs.find(remote_root, detail=True)
+    if not listing:
+        raise StorageError(f"{source}: no files there; check the URL (and storage.s3.endpoint_url)")
+    wanted = {}
+    for path, info in sorted(listing.items()):
+        name = relative_name(path[len(remote_root) + 1 :], source, "remove that object from the store")
+        wanted[name] = (path, int(info.get("size") or 0), file_identity(fs, path, info))
+    return wanted
+
+
+def _remove_leftovers(local_dir: Path) -> None:
+    """Temporary folders of downloads that died (the lock is held: nobody else is writing)."""
+    for leftover in local_dir.parent.glob(f".{local_dir.name}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in local_dir.parent.glob(f".{local_dir.name}.replaced-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _holds(local_dir: Path, record: dict) -> bool:
+    """Whether `local_dir` is a finished download of this very source (marker and sizes)."""
+    try:
+        if json.loads((local_dir / DOWNLOAD_MARKER).read_text()) != record:
+            return False
+    except (OSError, ValueError):
+        return False
+    return all(
+        (local_dir / name).is_file() and (local_dir / name).stat().st_size == entry["bytes"] for name, entry in record["files"].items()
+    )
+
+
+def _fetch_checked(fs, path: str, destination: Path, size: int, identity: str, url: str) -> None:
+    """Copy one remote file, hashing on the way; check its size, and its sha256 when known."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    digest, received = hashlib.sha256(), 0
+    try:
+        with fs.open(path, "rb") as source, open(destination, "wb") as target:
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+                received += len(chunk)
+                target.write(chunk)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: missing from the store; rerun the step that wrote it") from None
+    if received != size:
+        raise StorageError(
+            f"{url}: got {received} bytes, expected {size}; it changed during the download or is damaged: "
+            "retry, or rerun the step that wrote it"
+        )
+    kind, _, value = identity.partition(":")
+    if kind == "sha256" and digest.hexdigest() != value:
+        raise StorageError(
+            f"{url}: sha256 {digest.hexdigest()} differs from the recorded {value}; it was changed after it was "
+            "written: delete the step's folder and rerun the step"
+        )
+
+
+def _swap_in(staging: Path, local_dir: Path) -> None:
+    """Rename the finished `staging` folder to `local_dir`, moving an old folder aside first
+    (a folder cannot replace a non-empty one in one rename)."""
+    if local_dir.exists() or local_dir.is_symlink():
+        aside = local_dir.with_name(f".{local_dir.name}.replaced-{os.getpid()}")
+        os.rename(local_dir, aside)
+        os.rename(staging, local_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(staging, local_dir)
 
 
 _FILE_MODE = _file_mode()
+_DIR_MODE = _FILE_MODE | (_FILE_MODE & 0o444) >> 2
+"""A folder's mode under the umask: searchable wherever it is readable."""

@@ -139,6 +139,54 @@ def test_a_missing_image_is_reported_by_file_and_line_before_any_shard_is_writte
     assert not list((tmp_path / "store").rglob("*.arrow"))
 
 
+@pytest.mark.parametrize(
+    "image",
+    ["../outside.png", "/etc/hostname", "file:///etc/hostname", "s3://another-bucket/a.png", "simplecache::s3://b/a.png", "img/out/a.png"],
+)
+def test_an_image_reference_leaving_the_jsonl_folder_is_refused_by_file_and_line(tmp_path, image):
+    """A record is input: it may name a file beside its JSONL, not one anywhere else (the last case
+    is a symbolic link inside the folder that points out of it, caught after resolving)."""
+    path = write_jsonl(tmp_path / "data", [GOOD, {**GOOD, "image": image}])
+    (tmp_path / "outside.png").write_bytes((tmp_path / "data" / "img" / "a.png").read_bytes())
+    (tmp_path / "data" / "img" / "out").symlink_to(tmp_path)
+    with pytest.raises(DataSourceError, match=r"pairs.jsonl:2: image: .*(allowed_schemes|not a name inside its folder|resolves to)"):
+        list(read_preference_records([str(path)], PreferenceConfig(), {}))
+
+
+def test_an_image_url_of_an_allowed_scheme_is_read(tmp_path):
+    import fsspec
+
+    from kd_core.data.digits import png_bytes
+    from kd_core.data.preferences import load_images
+
+    url = f"memory://kdflow-tests/{tmp_path.name}/a.png"
+    fsspec.filesystem("memory").pipe_file(url, png_bytes(np.full((8, 8), 7, np.uint8)))
+    path = write_jsonl(tmp_path, [{**GOOD, "image": url}])
+    records = list(read_preference_records([str(path)], PreferenceConfig(allowed_schemes=["memory"]), {}))
+    assert records[0].image_url == url
+    assert load_images(records, 4, {}, max_bytes=2**20)[url].tolist() == [7] * 48
+
+
+def test_an_oversized_image_or_a_decompression_bomb_is_refused_by_file_and_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from kd_core.data.digits import png_bytes
+    from kd_core.data.preferences import load_images
+
+    path = write_jsonl(tmp_path, [GOOD])
+    (tmp_path / "img" / "big.png").write_bytes(png_bytes(np.zeros((40, 40), np.uint8)))  # 1,600 pixels
+    big = list(read_preference_records([str(path)], PreferenceConfig(), {}))
+    big[0].image_url = str(tmp_path / "img" / "big.png")
+    size = (tmp_path / "img" / "big.png").stat().st_size
+    with pytest.raises(DataSourceError, match=rf"pairs.jsonl:1: image .*big.png is larger than data.preferences.max_image_bytes \({size - 1} bytes\)"):
+        load_images(big, 4, {}, max_bytes=size - 1)
+    assert load_images(big, 4, {}, max_bytes=size)  # the limit itself is allowed
+    # Past PIL's limit PIL only warns (up to twice it): a warning must stop prep all the same.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    with pytest.raises(DataSourceError, match=r"pairs.jsonl:1: image .*big.png has too many pixels to decode safely"):
+        load_images(big, 4, {}, max_bytes=size)
+
+
 def test_pairs_are_split_by_image():
     records = read_preference_records_for(12, 3)
     splits = split_by_image(records, 0.2, 0.2, seed=0)

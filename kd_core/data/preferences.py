@@ -5,9 +5,13 @@ Input: JSONL files of preference records (`data.preferences` names the fields):
     {"prompt": "...", "chosen": "...", "rejected": "...", "image": "images/0001.png",
      "image_text": "a text rendering of the image", "human_label": 1.0}
 
-`image` is a URL on any fsspec store or a path relative to the JSONL file's folder. Every record
-and every image is checked before any shard is written: a broken record, a bad label or a missing
-or unreadable image raises `DataSourceError` naming the file and line.
+A record is input, and so is its `image`: a path relative to the JSONL file's folder that stays
+inside it (no absolute path, no `..`, and on local disk no symbolic link out of it), or a URL
+whose scheme is in `data.preferences.allowed_schemes` (none by default). The `storage.s3` settings
+reach `s3://` URLs only. An image file is read up to `max_image_bytes`, and decoding keeps to
+PIL's pixel limit (its decompression-bomb warning is an error). Every record and every image is
+checked before any shard is written: a broken record, a bad label, a refused reference or a
+missing, oversized or unreadable image raises `DataSourceError` naming the file and line.
 
 Steps:
 1. read and check the records (source `preferences`), or first write the bundled digit data to the
@@ -30,15 +34,18 @@ import io
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from kd_core.config import DataConfig, PreferenceConfig, StorageConfig
 from kd_core.data.sources import DataSourceError, matching_files
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
-from kd_core.storage import Store, url_to_fs
+from kd_core.storage import StorageError, Store, inside, relative_name, url_to_fs
 
 
 @dataclass
@@ -62,7 +69,7 @@ def prep_preferences(config: DataConfig, store: Store, run: StageRun):
         records = list(read_preference_records(urls, config.preferences, store.config))
         if not records:
             raise DataSourceError(f"data.files: {', '.join(urls)} hold no preference records")
-        images = load_images(records, config.preferences.image_size, store.config)
+        images = load_images(records, config.preferences.image_size, store.config, config.preferences.max_image_bytes)
         splits = split_by_image(records, config.val_fraction, config.test_fraction, config.seed)
     with run.timed("tokenizer"):
         if config.tokenizer:
@@ -121,13 +128,45 @@ def read_preference_records(urls: list[str], config: PreferenceConfig, storage: 
         if not url.endswith((".jsonl", ".json")):
             raise DataSourceError(f"{url}: preference records must be JSONL (.jsonl)")
         fs, path = url_to_fs(url, storage)
-        folder = url.rsplit("/", 1)[0]
+        folder = ImageFolder(url.rsplit("/", 1)[0], Path(path).parent if isinstance(fs, LocalFileSystem) else None)
         for line_number, line in enumerate(fs.cat_file(path).decode("utf-8").splitlines(), start=1):
             if line.strip():
                 yield _parse_record(line, f"{url}:{line_number}", folder, config)
 
 
-def _parse_record(line: str, where: str, folder: str, config: PreferenceConfig) -> PreferenceRecord:
+@dataclass(frozen=True)
+class ImageFolder:
+    """Where a JSONL file's relative image paths point: its folder's URL, and its local path when
+    it is on this machine's disk (where symbolic links are resolved before the containment check)."""
+
+    url: str
+    local: Path | None
+
+
+def image_url(image: str, where: str, folder: ImageFolder, allowed_schemes: list[str]) -> str:
+    """The URL of a record's image reference, refused (naming `where`) unless it is a path inside
+    the JSONL file's folder or a URL of an allowed scheme."""
+    if "://" in image or "::" in image:
+        scheme = image.split("://", 1)[0].lower()
+        if "::" in image or scheme not in allowed_schemes:
+            allowed = ", ".join(allowed_schemes) or "none"
+            raise DataSourceError(
+                f"{where}: image: {image!r} has URL scheme {scheme!r}, not in data.preferences.allowed_schemes ({allowed}); "
+                "give a path relative to the JSONL file, or add the scheme to data.preferences.allowed_schemes"
+            )
+        return image
+    fix = "give a path relative to the JSONL file's folder, inside it (or a URL of a scheme in data.preferences.allowed_schemes)"
+    try:
+        if folder.local is not None:
+            inside(folder.local, image, f"{where}: image", fix)
+        else:
+            relative_name(image, f"{where}: image", fix)
+    except StorageError as err:
+        raise DataSourceError(str(err)) from None
+    return f"{folder.url}/{image}"
+
+
+def _parse_record(line: str, where: str, folder: ImageFolder, config: PreferenceConfig) -> PreferenceRecord:
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as err:
@@ -147,17 +186,16 @@ def _parse_record(line: str, where: str, folder: str, config: PreferenceConfig) 
                 f"{where}: field {config.label_field!r} must be a number in [0, 1] (1 = chosen preferred) or null, got {json.dumps(label)}"
             )
         label = float(label)
-    image = texts[config.image_field]
-    image_url = image if "://" in image or image.startswith("/") else f"{folder}/{image}"
     return PreferenceRecord(
         prompt=texts[config.prompt_field], chosen=texts[config.chosen_field], rejected=texts[config.rejected_field],
-        image_url=image_url, image_text=texts[config.image_text_field], human_label=label, source=where,
+        image_url=image_url(texts[config.image_field], where, folder, config.allowed_schemes),
+        image_text=texts[config.image_text_field], human_label=label, source=where,
     )
 
 
-def load_images(records: list[PreferenceRecord], size: int, storage: StorageConfig) -> dict[str, np.ndarray]:
-    """image URL -> (size·size·3,) uint8 RGB, each image read and resized once."""
-    from PIL import UnidentifiedImageError
+def load_images(records: list[PreferenceRecord], size: int, storage: StorageConfig, max_bytes: int) -> dict[str, np.ndarray]:
+    """image URL -> (size·size·3,) uint8 RGB, each image read (at most `max_bytes`) and resized once."""
+    from PIL import Image, UnidentifiedImageError
 
     images: dict[str, np.ndarray] = {}
     wanted = {record.image_url: record.source for record in records}
@@ -165,9 +203,18 @@ def load_images(records: list[PreferenceRecord], size: int, storage: StorageConf
         for url, where in wanted.items():
             fs, path = url_to_fs(url, storage)
             try:
-                images[url] = decode_image(fs.cat_file(path), size)
+                with fs.open(path, "rb") as handle:
+                    data = handle.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise DataSourceError(
+                        f"{where}: image {url} is larger than data.preferences.max_image_bytes ({max_bytes} bytes); "
+                        "shrink the image or raise the limit"
+                    )
+                images[url] = decode_image(data, size)
             except FileNotFoundError:
                 raise DataSourceError(f"{where}: image {url} does not exist; fix the record's image reference or add the file") from None
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+                raise DataSourceError(f"{where}: image {url} has too many pixels to decode safely ({err}); shrink the image") from None
             except (UnidentifiedImageError, OSError) as err:
                 raise DataSourceError(f"{where}: image {url} is not a readable image ({err})") from None
             bar.advance()
@@ -176,11 +223,14 @@ def load_images(records: list[PreferenceRecord], size: int, storage: StorageConf
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """(size·size·3,) uint8 RGB of an encoded image (PNG, JPEG, ...), resized bicubic: the pixels
-    a multimodal student reads (prep, and the registered model's pyfunc)."""
+    a multimodal student reads (prep, and the registered model's pyfunc). An image past PIL's
+    pixel limit raises (`DecompressionBombWarning` is an error here, not a line in a log)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(resized, dtype=np.uint8).reshape(-1)
 
 

@@ -46,7 +46,7 @@ from kd_core.eval.report import report_html
 from kd_core.eval.reward import measure_reward_models, reward_model_dirs, uniform_preference_scores, write_rewards
 from kd_core.gates import evaluate_gates, sanity_gates
 from kd_core.manifest import Manifest
-from kd_core.models import count_parameters, load_causal_lm, local_copy
+from kd_core.models import count_parameters, load_causal_lm, model_copy
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import Store
@@ -101,9 +101,9 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
     """({rows, tokens} of the held-out split, held-out quality and speed of the teacher, student
     and baseline LMs)."""
     rows = torch.from_numpy(load_split(store, prep, config.split, config.max_rows))
-    model_dirs = {"teacher": teacher_model_dir(store, teacher), "student": local_copy(store, student.details["model_folder"])}
+    model_dirs = {"teacher": teacher_model_dir(store, teacher), "student": model_copy(store, student)}
     if baseline is not None:
-        model_dirs["baseline"] = local_copy(store, baseline.details["model_folder"])
+        model_dirs["baseline"] = model_copy(store, baseline)
     models = {name: load_causal_lm(folder).to(device) for name, folder in model_dirs.items()}
     with run.timed("measure"), progress_bar("eval: quality", total=len(rows)) as bar:
         scores = measure_models(models, rows, config.batch_size, bar.advance, device=device)

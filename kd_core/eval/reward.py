@@ -29,7 +29,7 @@ import torch
 from kd_core.data.shards import read_columns, split_shards
 from kd_core.losses.reward import preference_kl
 from kd_core.manifest import Manifest
-from kd_core.models import count_parameters, local_copy
+from kd_core.models import count_parameters, model_copy
 from kd_core.models.reward import load_reward_model, text_rewards
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
@@ -66,9 +66,9 @@ def measure_reward_models(config, prep: Manifest, model_dirs: dict, store: Store
 
 
 def reward_model_dirs(store: Store, teacher_dir, student: Manifest, baseline: Manifest | None) -> dict:
-    dirs = {"teacher": teacher_dir, "student": local_copy(store, student.details["model_folder"])}
+    dirs = {"teacher": teacher_dir, "student": model_copy(store, student)}
     if baseline is not None:
-        dirs["baseline"] = local_copy(store, baseline.details["model_folder"])
+        dirs["baseline"] = model_copy(store, baseline)
     return dirs
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from kd_core.config import ArchitectureConfig
-from kd_core.storage import Store
+from kd_core.manifest import Manifest
+from kd_core.storage import FileRecord, Store
 
 
 def quiet_transformers() -> None:
@@ -92,13 +93,19 @@ def save_model_dir(model, tokenizer_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def local_copy(store: Store, relative: str) -> Path:
-    """A local folder holding `relative` (the store's own path when it is on local disk)."""
-    local = store.local_path(relative)
-    if local is not None:
-        return local
+def local_copy(store: Store, relative: str, expected: dict[str, FileRecord] | None = None) -> Path:
+    """A local folder holding `relative` (the store's own path when it is on local disk); a
+    download is checked against `expected`, the manifest's records of the folder's files
+    (`Manifest.files_under`), and shared safely by the processes of a node (`Store.download_dir`)."""
     target = CACHE_ROOT / "downloads" / store.protocol / relative.replace("/", "__")
-    return store.download_dir(relative, target)
+    return store.download_dir(relative, target, expected)
+
+
+def model_copy(store: Store, manifest: Manifest) -> Path:
+    """A local folder holding the model a training step wrote (`details["model_folder"]`),
+    checked against that step's manifest."""
+    folder = manifest.details["model_folder"]
+    return local_copy(store, folder, manifest.files_under(folder))
 
 
 def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32):

@@ -45,9 +45,9 @@ from kd_core import __version__
 from kd_core.config import RegistryConfig, flatten
 from kd_core.gates import describe_failed, metric_value
 from kd_core.manifest import Manifest
-from kd_core.models import local_copy
+from kd_core.models import model_copy
 from kd_core.stage import StageRun
-from kd_core.storage import Store
+from kd_core.storage import DOWNLOAD_MARKER, Store, inside
 
 _MAX_PARAM_LENGTH = 500
 _MAX_TAG_LENGTH = 5000
@@ -93,13 +93,16 @@ def register(
         mlflow.log_metrics(_numeric(flatten(eval_manifest.metrics)))
         with tempfile.TemporaryDirectory() as folder:
             for name, record in eval_manifest.outputs.items():
-                (Path(folder) / name).write_bytes(store.read_bytes(record.path))
+                fix = "the eval manifest was not written by kdflow: delete its folder and rerun eval"
+                destination = inside(Path(folder), name, f"{eval_manifest.folder}: output", fix)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(store.read_bytes(record.path))
             mlflow.log_artifacts(folder, artifact_path="eval")
         gates = eval_manifest.metrics.get("gates", [])
         gates_passed = eval_manifest.metrics.get("gates_passed", True)
         mlflow.log_metric("gates_passed", float(gates_passed))
         mlflow.log_dict({"gates": gates, "passed": gates_passed}, "eval/gates.json")
-        logged = log_student(local_copy(store, student.details["model_folder"]), eval_manifest.metrics.get("task", "causal_lm"))
+        logged = log_student(model_copy(store, student), eval_manifest.metrics.get("task", "causal_lm"))
     tags = {
         "kdflow.version": __version__,
         "kdflow.student_key": student.key,
@@ -177,7 +180,7 @@ def _log_reward_pyfunc(model_dir: Path):
     with tempfile.TemporaryDirectory() as folder:
         # MLflow stores an artifact folder under its own name: copy it to a fixed one, so the
         # directory is `artifacts/student` in every registered reward model.
-        student_dir = shutil.copytree(model_dir, Path(folder) / STUDENT_ARTIFACT)
+        student_dir = shutil.copytree(model_dir, Path(folder) / STUDENT_ARTIFACT, ignore=shutil.ignore_patterns(DOWNLOAD_MARKER))
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(Path(__file__).with_name("pyfunc.py")), artifacts={STUDENT_ARTIFACT: str(student_dir)},
             signature=ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double")])),

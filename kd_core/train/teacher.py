@@ -28,9 +28,9 @@ from fsspec.implementations.local import LocalFileSystem
 from kd_core.config import ComputeConfig, DistillConfig, TeacherConfig
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest
-from kd_core.models import CACHE_ROOT, local_copy
+from kd_core.models import CACHE_ROOT, model_copy
 from kd_core.stage import StageRun
-from kd_core.storage import Store, content_identity, reaching, url_to_fs
+from kd_core.storage import Store, content_identity, download_folder, reaching, url_to_fs
 from kd_core.train.loop import TrainSpec
 from kd_core.train.ray_glue import fit_stage
 
@@ -72,9 +72,7 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
     root = root.rstrip("/")
     with reaching(url, "teacher.path"):
         files = _teacher_files(fs, root, url)
-        named = [*sorted(path for path in files if path.endswith(".safetensors")), *(f"{root}/{name}" for name in IDENTITY_FILES)]
-        identities = [f"{path[len(root):]}={content_identity(fs, path, files[path])}" for path in named if path in files]
-    identity = {"path": url, "weights_identity": hashlib.sha256("\n".join(identities).encode()).hexdigest()}
+        identity = {"path": url, "weights_identity": weights_identity(fs, root, files)}
     run = StageRun(store, "teacher", identity, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
@@ -86,6 +84,13 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
     _check_vocabulary(tokenizer, url, store, prep)
     _check_context(_read_json(model_config, f"{url}/config.json"), url, prep.details["seq_len"])
     return run.finish(details={"external_url": url})
+
+
+def weights_identity(fs, root: str, files: dict[str, dict]) -> str:
+    """sha256 over the identities (ETag, or sha256) of a teacher folder's weights and IDENTITY_FILES."""
+    named = [*sorted(path for path in files if path.endswith(".safetensors")), *(f"{root}/{name}" for name in IDENTITY_FILES)]
+    identities = [f"{path[len(root):]}={content_identity(fs, path, files[path])}" for path in named if path in files]
+    return hashlib.sha256("\n".join(identities).encode()).hexdigest()
 
 
 def check_teacher_folder(url: str, store: Store, seq_len: int) -> None:
@@ -155,14 +160,24 @@ def teacher_model_config(store: Store, teacher_manifest: Manifest) -> dict:
 
 
 def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
-    """A local folder holding the teacher's Hugging Face directory."""
+    """A local folder holding the teacher's Hugging Face directory. A remote one is downloaded
+    once per node, under a lock, into a temporary folder renamed into place when complete
+    (`storage.download_folder`): a trained teacher checked against its manifest's sha256s; an
+    external one must still be the folder the teacher step recorded (`weights_identity`), and its
+    files are checked against the sizes of that listing."""
     external = teacher_manifest.details.get("external_url")
     if external is None:
-        return local_copy(store, teacher_manifest.details["model_folder"])
+        return model_copy(store, teacher_manifest)
     fs, root = url_to_fs(external, store.config)
-    if isinstance(fs, LocalFileSystem):
-        return Path(root)
-    target = CACHE_ROOT / "teachers" / teacher_manifest.key
-    if not target.exists():
-        fs.get(root.rstrip("/") + "/", str(target), recursive=True)
-    return target
+    root = root.rstrip("/")
+    with reaching(external, "teacher.path"):
+        files = _teacher_files(fs, root, external)
+        if weights_identity(fs, root, files) != teacher_manifest.config.get("weights_identity"):
+            raise TeacherError(
+                f"teacher.path: {external} changed after the teacher step {teacher_manifest.key} recorded it (its weights, "
+                "config or tokenizer files differ); rerun the job: the teacher step's key covers those files, "
+                "so it and the cache are redone"
+            )
+        if isinstance(fs, LocalFileSystem):
+            return Path(root)
+        return download_folder(fs, root, CACHE_ROOT / "teachers" / teacher_manifest.key, source=external, listing=files)

@@ -18,26 +18,29 @@ from kd_core.manifest import Manifest
 from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.tune import METRIC, PARENT_RUN_NAME, job_with, quiet, search_space
+from kd_core.tune.state import DIGESTS_NAME, SEARCH_FOLDER, check_search_state, search_storage
 
-SEARCH_FOLDER = "search"
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
 """A trial's own actor only drives Ray Train; a CPU for it would halve the concurrent trials on a
 small machine. Ray needs a non-empty request, hence a token amount of memory."""
 
 
 def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, folder: str, *, fresh: bool) -> tuple[list[dict], str | None]:
-    """Run the search into `<folder>/search` (restoring it when a previous run left one) and
-    return every trial's summary and the MLflow parent run's id."""
+    """Run the search into `<folder>/search` (restoring it when a previous run left one, after
+    checking that this step wrote its state: `kd_core.tune.state`) and return every trial's
+    summary and the MLflow parent run's id."""
     from ray import tune as ray_tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from kd_core.train.ray_glue import ensure_ray, ray_storage
+    from kd_core.train.ray_glue import ensure_ray
 
     settings = config.tune
     steps = settings.max_steps or config.distill.train.max_steps
     if fresh:
         store.delete(f"{folder}/{SEARCH_FOLDER}")
+        store.delete(f"{folder}/{DIGESTS_NAME}")
+    check_search_state(store, folder)
     ensure_ray(config.compute)
     parent_run_id = _parent_run(config, store, folder)
     # Trials run in folders of Ray's choosing: a relative local root (runs/artifacts) must reach
@@ -46,7 +49,7 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, job=job, prep=prep, targets=targets, folder=folder), TRIAL_DRIVER_RESOURCES
     )
-    storage_path, storage_filesystem = ray_storage(store, folder)
+    storage_path, storage_filesystem = search_storage(store, folder)
     experiment = f"{storage_path}/{SEARCH_FOLDER}"
     if ray_tune.Tuner.can_restore(experiment, storage_filesystem=storage_filesystem):
         print(f"tune: resuming the search in {store.url(folder)}/{SEARCH_FOLDER}; finished trials are kept", flush=True)
