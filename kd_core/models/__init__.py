@@ -101,8 +101,9 @@ def local_copy(store: Store, relative: str) -> Path:
     return store.download_dir(relative, target)
 
 
-def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32):
-    """Load a Hugging Face causal LM from local disk (safetensors only, never pickle)."""
+def load_causal_lm(model_dir: Path, dtype: torch.dtype | str = torch.float32):
+    """Load a Hugging Face causal LM from local disk (safetensors only, never pickle); `dtype`
+    `"auto"` keeps the checkpoint's own (config.json's `dtype`, else its weights')."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
