@@ -14,7 +14,8 @@ rest; teacher inference is deterministic, so the result is byte-identical to an 
 Two writers of the same cache write the same bytes for a shard, each through an atomic replace,
 so either order leaves a valid shard. Teacher inference runs in a Ray actor pool (each actor
 loads the teacher once and processes whole shards), or in this process when `compute.backend` is
-`local`.
+`local`; a language-model teacher runs its output layer chunk by chunk over positions, in its own
+dtype on a GPU (`kd_core.cache.inference`).
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ def _run_jobs(config, teacher, store, compute, jobs, layout, pad_id):
 
 
 class TeacherWorker:
-    """Loads the teacher once; turns token shards into target shards. Runs as a Ray actor or inline."""
+    """Loads the teacher once; turns token shards into target shards. Runs as a Ray actor or inline.
+    `positions_per_chunk` sets how many positions a language-model teacher's output layer takes
+    at once (default: `kd_core.cache.inference.default_positions_per_chunk`)."""
 
     def __init__(
         self, storage: StorageConfig, teacher: Manifest, config: CacheConfig, layout: CacheLayout, threads: int, pad_id: int = 1,

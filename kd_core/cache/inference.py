@@ -11,11 +11,12 @@ chunk × V float32 tensors beside the body's activations.
 
 Chunks are `positions_per_chunk` positions, by default as many as fit `LOGITS_CHUNK_BYTES` of
 float32 log-probs, in whole blocks of 64. The targets do not depend on the chunk size where the
-arithmetic is the same: on a CPU in float32 each position's logits are the same dot products
-whatever the chunk (the CPU matrix kernels take another code path for a remainder of fewer rows
-than their block; whole blocks of 64 keep to the main one), and the draws take the generator's
-stream in position order, so the cache is byte-identical to computing the whole batch at once
-(`tests/test_cache.py`). On a GPU the draws use the device's generator, whose stream advances per
+arithmetic is the same. On a CPU in float32 a position's logits are the same dot products in any
+chunk while the matrix kernels take their main path (chunks of 1 to 7 rows, a remainder path,
+rounded differently on this project's test machine; blocks of 64, and a batch's last chunk, a
+multiple of T, did not), and the draws take the generator's stream in position order: the cache
+is byte-identical to computing the whole batch at once (`tests/test_cache.py`, at several chunk
+sizes). On a GPU the draws use the device's generator, whose stream advances per
 call: the chunk boundaries, a pure function of V, are part of what fixes a sampled cache's bytes
 there, and changing `LOGITS_CHUNK_BYTES` needs a new cache code version (`STAGE_CODE_VERSIONS`).
 
@@ -37,6 +38,7 @@ LOGITS_CHUNK_BYTES = 256 * 2**20
 (384 positions for a 152k vocabulary; every position of a batch at the demo's 2k)."""
 
 POSITION_BLOCK = 64
+"""Default chunks are whole blocks of this many positions (see the module docstring)."""
 
 
 def teacher_dtype(device: str) -> torch.dtype | str:
