@@ -3,7 +3,8 @@
 `loopback_s3()` starts moto's S3 server in its own process on 127.0.0.1, a real S3 HTTP API that
 s3fs talks to exactly as it talks to AWS or MinIO, with throwaway credentials in the environment.
 moto is a test dependency (`pip install -e '.[test]'`). `loopback_mlflow(folder)` starts a real
-MLflow tracking server (`mlflow server`, SQLite backend) on 127.0.0.1.
+MLflow tracking server (`mlflow server`, SQLite backend) on 127.0.0.1. `tensor_bytes()` measures
+the peak bytes of the tensors a block of torch code allocates.
 
 `FaultyProxy(upstream)` is an HTTP proxy on 127.0.0.1 in front of such a server that injects the
 faults of a flaky network and an overloaded store: a seeded share of requests answered 503 (or
@@ -24,10 +25,10 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kdflow-test-key", "AWS_SECRET_ACCESS_KEY": "kdflow-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -218,3 +219,52 @@ class FaultyProxy:
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
 
         return Handler
+
+
+class TensorBytes:
+    """Bytes of the tensors that torch operations allocated inside a `tensor_bytes()` block."""
+
+    live: int = 0
+    """Still held (by the block's results, or leaked)."""
+    peak: int = 0
+    """The most held at any moment."""
+    largest: int = 0
+    """The largest single allocation."""
+
+
+@contextmanager
+def tensor_bytes() -> Iterator[TensorBytes]:
+    """Counts, exactly and on any device, the storage every torch operation in the block allocates,
+    until it is freed. Storages that existed before the block (model weights, inputs) and views of
+    them count nothing. For tests and benchmarks: each operation passes through Python."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    counted = TensorBytes()
+    sizes: dict[int, int] = {}  # id of a live storage -> the bytes it counts (0: not the block's)
+
+    def track(storage, nbytes: int) -> None:
+        sizes[id(storage)] = nbytes
+        counted.live += nbytes
+        counted.peak, counted.largest = max(counted.peak, counted.live), max(counted.largest, nbytes)
+        weakref.finalize(storage, release, id(storage))
+
+    def release(key: int) -> None:
+        counted.live -= sizes.pop(key)
+
+    class Meter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for tensor in tree_leaves((args, kwargs)):
+                if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in sizes:
+                    track(tensor.untyped_storage(), 0)
+            result = func(*args, **(kwargs or {}))
+            for tensor in tree_leaves(result):
+                if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in sizes:
+                    track(tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+            return result
+
+    with Meter():
+        yield counted

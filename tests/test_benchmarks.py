@@ -50,15 +50,21 @@ def test_pipeline_reuse_benchmark_smoke(tmp_path):
 def test_cache_benchmark_smoke(tmp_path):
     results = tmp_path / "cache.jsonl"
     run = run_script("benchmarks/cache.py", "configs/tiny.yaml", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
-                     "--rows", "32", "--shards", "2", "--train-steps", "1", "--results", str(results))
+                     "--rows", "32", "--shards", "2", "--train-steps", "1", "--memory-sizes", "4x64x4096", "--memory-hidden", "32",
+                     "--results", str(results))
     assert run.returncode == 0, run.stderr
-    assert "trainer consumes" in run.stdout and "moto S3" in run.stdout
+    assert "trainer consumes" in run.stdout and "moto S3" in run.stdout and "chunked/whole" in run.stdout
     record = json.loads(results.read_text().splitlines()[-1])
     sizes = {row["format"]: row for row in record["sizes"]}
     default = sizes["topk-8 12-bit log-probs + tail (default)"]
     assert default["bytes_per_entry"] == (9 + 12) / 8  # 300-token vocabulary: 9-bit ids
     assert sizes["topk-8 8-bit log-probs + tail"]["kl_exact_to_decoded"] > default["kl_exact_to_decoded"]
     assert record["reader_local"]["tokens"] == record["reader_s3"]["tokens"] == 2 * 32 * 32
+    (memory,) = record["teacher_memory"]
+    assert (memory["batch"], memory["seq_len"], memory["vocab"]) == (4, 64, 4096)
+    # One batch's float32 logits are 4 MiB: held whole, with their log-softmax and the targets'
+    # temporaries, about 5 of them; chunked, the logits are freed before the temporaries.
+    assert memory["chunked"]["peak_tensor_mb"] < memory["whole"]["peak_tensor_mb"] and memory["whole"]["peak_tensor_mb"] >= 2 * 4
 
 
 def test_cache_quality_benchmark_smoke(tmp_path):

@@ -1,4 +1,5 @@
-"""The student's DeepSpeed engine: same updates as plain torch, accumulation, the online teacher.
+"""The student's DeepSpeed engine: same updates as plain torch, accumulation, the online teacher,
+and 2 ranks at ZeRO-3 (processes on a gloo group) holding half of the student and the teacher each.
 (2 Ray workers at ZeRO-2 against 1 worker: tests/test_checkpoints.py, through a killed worker.)
 
 Run: .venv/bin/python -m pytest tests/test_distributed.py
@@ -110,3 +111,101 @@ def test_the_online_teacher_runs_frozen_and_partitioned_beside_a_zero3_student(j
         manifest = distill(section, config.student, prepared, taught, store, config.compute)
         histories[stage] = [json.loads(line) for line in store.read_bytes(f"{manifest.folder}/history.jsonl").decode().splitlines()]
     assert losses(histories[3]) == pytest.approx(losses(histories[2]), rel=1e-4)
+
+
+def random_teacher_folder(prepared, store, folder: Path, hidden_size: int) -> Path:
+    """A random one-layer Llama teacher in a Hugging Face folder, with the prepared tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=prepared.details["vocab_size"], hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=prepared.details["seq_len"])
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer = store.local_path(f"{prepared.folder}/tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tokenizer / name).read_bytes())
+    return folder
+
+
+def train_rank(rank: int, world_size: int, port: int, spec, results) -> None:
+    """One data-parallel rank, as a Ray Train worker runs it: a gloo group on loopback, then the loop."""
+    import os
+
+    import torch
+
+    from kd_core.train.loop import train_worker
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    result = train_worker(spec, rank, world_size)
+    results.put((rank, {name: value for name, value in result.items() if name != "files"}))
+    torch.distributed.destroy_process_group()
+
+
+def train_ranks(spec, world_size: int) -> dict:
+    """Rank 0's result of training `spec` on `world_size` processes."""
+    import multiprocessing
+    import queue
+    import time
+
+    from kd_core.devtools import free_port
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=train_rank, args=(rank, world_size, port, spec, results)) for rank in range(world_size)]
+    for process in ranks:
+        process.start()
+    returned: dict[int, dict] = {}
+    deadline = time.monotonic() + 300
+    try:
+        while len(returned) < world_size:
+            assert time.monotonic() < deadline, "the ranks did not finish within 5 minutes"
+            try:
+                rank, result = results.get(timeout=1)
+                returned[rank] = result
+            except queue.Empty:  # a rank that died leaves the others waiting in a collective: stop them
+                failed = [process.exitcode for process in ranks if process.exitcode not in (None, 0)]
+                assert not failed, f"a rank exited with {failed[0]}; its traceback is above"
+    finally:
+        for process in ranks:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    return returned[0]
+
+
+def test_two_zero3_ranks_each_hold_half_of_the_online_teacher_and_the_student(job, tmp_path):
+    """ZeRO-3 at 2 ranks (gloo on CPU) with the online teacher in its optimizer-free engine: each
+    rank holds half of both models' parameters, and training is the 1-rank training."""
+    from kd_core.config import ArchitectureConfig, DeepSpeedConfig
+    from kd_core.models import count_parameters, load_causal_lm
+    from kd_core.train.loop import TrainSpec, train_worker
+
+    config, store, prepared, _ = job
+    # Models wide enough (H = 384) that every weight matrix exceeds DeepSpeed's persistence
+    # threshold (100,000 elements): only the norms stay whole on every rank.
+    teacher_dir = random_teacher_folder(prepared, store, tmp_path / "teacher", hidden_size=384)
+    taught = teacher(config.teacher.model_copy(update={"path": str(teacher_dir)}), prepared, store, config.compute)
+    student = ArchitectureConfig(hidden_size=384, num_layers=1, num_heads=2)
+    train = config.distill.train.model_copy(update={"max_steps": 3, "log_every": 1, "data_split": "rows"})
+    runs = {}
+    for world_size in (1, 2):
+        spec = TrainSpec.from_prep(prepared, store, f"zero3-{world_size}-ranks", student, train, loss=config.distill.loss,
+                                   deepspeed=DeepSpeedConfig(zero_stage=3), online_teacher=taught)
+        result = train_worker(spec) if world_size == 1 else train_ranks(spec, world_size)  # one rank: in this process
+        history = [json.loads(line) for line in store.read_bytes(f"{spec.output_folder}/history.jsonl").decode().splitlines()]
+        runs[world_size] = result, history
+    (one, one_history), (two, two_history) = runs[1], runs[2]
+    totals = {"student": one["parameters"], "teacher": count_parameters(load_causal_lm(teacher_dir))}
+    for model, total in totals.items():
+        # One rank holds everything (and a second copy of the norms, its gathered persistent ones);
+        # each of two ranks half, give or take the norms and the partitions' padding.
+        assert total <= one["parameters_per_rank"][model][0] <= 1.01 * total, model
+        assert two["parameters_per_rank"][model] == pytest.approx([total / 2, total / 2], rel=0.01), model
+    # Same global batches of 8 rows (4 per rank); float32 sums in another order: 1e-4 relative.
+    assert losses(two_history) == pytest.approx(losses(one_history), rel=1e-4)
+    assert [r["grad_norm"] for r in two_history] == pytest.approx([r["grad_norm"] for r in one_history], rel=1e-3)

@@ -14,7 +14,8 @@ rest; teacher inference is deterministic, so the result is byte-identical to an 
 Two writers of the same cache write the same bytes for a shard, each through an atomic replace,
 so either order leaves a valid shard. Teacher inference runs in a Ray actor pool (each actor
 loads the teacher once and processes whole shards), or in this process when `compute.backend` is
-`local`.
+`local`; a language-model teacher runs its output layer chunk by chunk over positions, in its own
+dtype on a GPU (`kd_core.cache.inference`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from kd_core.cache.format import CacheLayout
+from kd_core.cache.inference import CausalLMTeacher, teacher_dtype
 from kd_core.config import CacheConfig, ComputeConfig, StorageConfig
 from kd_core.data.shards import decode_arrow, encode_arrow, read_verified, split_shards
 from kd_core.errors import InputError
@@ -177,17 +179,26 @@ def _run_jobs(config, teacher, store, compute, jobs, layout, pad_id):
 
 
 class TeacherWorker:
-    """Loads the teacher once; turns token shards into target shards. Runs as a Ray actor or inline."""
+    """Loads the teacher once; turns token shards into target shards. Runs as a Ray actor or inline.
+    `positions_per_chunk` sets how many positions a language-model teacher's output layer takes
+    at once (default: `kd_core.cache.inference.default_positions_per_chunk`)."""
 
-    def __init__(self, storage: StorageConfig, teacher: Manifest, config: CacheConfig, layout: CacheLayout, threads: int, pad_id: int = 1):
+    def __init__(
+        self, storage: StorageConfig, teacher: Manifest, config: CacheConfig, layout: CacheLayout, threads: int, pad_id: int = 1,
+        positions_per_chunk: int | None = None,
+    ):
         from kd_core.train.teacher import teacher_model_dir
 
         torch.set_num_threads(threads)
         self.store = Store(storage)
         self.config, self.layout = config, layout
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        load = load_reward_model if layout.format == "reward" else load_causal_lm
-        self.model = load(teacher_model_dir(self.store, teacher)).to(self.device).eval()
+        model_dir = teacher_model_dir(self.store, teacher)
+        if layout.format == "reward":
+            self.model = load_reward_model(model_dir).to(self.device).eval()
+        else:
+            self.model = load_causal_lm(model_dir, dtype=teacher_dtype(self.device)).to(self.device).eval()
+            self.teacher = CausalLMTeacher(self.model, layout, positions_per_chunk)
         self.pad_id = pad_id
 
     def process(self, token_record: FileRecord, output_relative: str) -> tuple[FileRecord, int]:
@@ -196,8 +207,9 @@ class TeacherWorker:
             columns = self.reward_columns(shard)
         else:
             # Draws depend only on the seed and the shard's content: not on which actor runs it, or when.
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.config.seed}:{token_record.sha256}".encode()))
-            columns = self.columns(shard["input_ids"], generator)
+            seed = zlib.crc32(f"{self.config.seed}:{token_record.sha256}".encode())
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            columns = self.teacher.columns(shard["input_ids"], self.config.batch_size, generator)
         rows = len(next(iter(shard.values())))
         payload = encode_arrow(columns, metadata=self.layout.schema_metadata())
         record = self.store.write_bytes(output_relative, payload)
@@ -215,18 +227,3 @@ class TeacherWorker:
                 ids = trim_padding(ids, self.pad_id)
                 scores[name].append(text_rewards(self.model, ids, self.pad_id).cpu().numpy())
         return {name: np.concatenate(parts).astype(np.float32).reshape(-1, 1) for name, parts in scores.items()}
-
-    @torch.no_grad()
-    def columns(self, rows: np.ndarray, generator: torch.Generator) -> dict[str, np.ndarray]:
-        """The shard's Arrow columns, each (rows, width), batch by batch through the teacher."""
-        blocks: dict[str, list[np.ndarray]] = {}
-        wants_hidden = bool(self.layout.hidden_layers)
-        for start in range(0, len(rows), self.config.batch_size):
-            batch = torch.as_tensor(rows[start : start + self.config.batch_size], dtype=torch.long, device=self.device)
-            output = self.model(input_ids=batch, output_hidden_states=wants_hidden)
-            logits = output.logits[..., : self.layout.vocab_size].float()  # drop padded output entries
-            teacher_logprobs = torch.log_softmax(logits / self.config.temperature, dim=-1)
-            hidden = {layer: output.hidden_states[layer] for layer in self.layout.hidden_layers}
-            for name, values in self.layout.encode(teacher_logprobs, generator, hidden).items():
-                blocks.setdefault(name, []).append(values)
-        return {name: np.concatenate(parts) for name, parts in blocks.items()}

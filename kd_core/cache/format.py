@@ -153,27 +153,47 @@ class CacheLayout:
     # ---------------------------------------------------------------------------------- encode
     def encode(self, teacher_logprobs: torch.Tensor, generator: torch.Generator, hidden: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
         """Columns (rows × width arrays) for one batch of teacher log-probs (rows, T, V) at the
-        cache temperature, plus the chosen hidden states (rows, T, H)."""
-        rows = teacher_logprobs.shape[0]
-        columns: dict[str, np.ndarray] = {}
+        cache temperature, plus the chosen hidden states (rows, T, H). The cache stage computes the
+        same columns without holding (rows, T, V): `position_targets` per chunk of positions, then
+        `pack`."""
+        return self.pack(self.position_targets(teacher_logprobs.flatten(0, -2), generator), hidden, rows=teacher_logprobs.shape[0])
+
+    def position_targets(self, teacher_logprobs: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """What the cache keeps of n positions' log-probs (n, V) at the cache temperature, on their
+        device: `topk_entries` (n, k) ids with their quantized log-probs and `tail_logprob` (n,),
+        `sample_entries` (n, slots) ids with their counts (drawn with `generator`, which must live
+        on the log-probs' device), or `logprobs` (n, V) float16; and `entropy` (n,). Each position
+        is computed alone (the draws take the generator's stream in position order), so the targets
+        of consecutive chunks, concatenated, are those of all the positions at once."""
+        targets: dict[str, torch.Tensor] = {}
         if self.format == "topk":
             top = teacher_logprobs.topk(self.slots, dim=-1)
             levels = (1 << self.logprob_bits) - 1
             quantized = torch.round(top.values.clamp_min(self.logprob_floor) / self.logprob_floor * levels).long()
-            entries = (top.indices.long() << self.logprob_bits) | quantized
-            columns["topk_packed"] = pack_bits(entries.reshape(rows, -1).cpu().numpy().astype(np.uint64), self.entry_bits)
+            targets["topk_entries"] = (top.indices.long() << self.logprob_bits) | quantized
             if self.tail:
                 # log Σ over the other V − k ids, computed from the full distribution (not 1 − Σ head).
                 rest = teacher_logprobs.scatter(-1, top.indices, float("-inf"))
-                columns["tail_logprob"] = torch.logsumexp(rest, dim=-1).clamp_min(-65504).half().cpu().numpy()
+                targets["tail_logprob"] = torch.logsumexp(rest, dim=-1).clamp_min(-65504).half()
         elif self.format == "sampled":
-            ids, counts = draw_teacher_samples(teacher_logprobs.cpu(), self.slots, generator=generator)
-            entries = (ids.long() << self.count_bits) | counts.long()
-            columns["sample_packed"] = pack_bits(entries.reshape(rows, -1).numpy().astype(np.uint64), self.entry_bits)
+            ids, counts = draw_teacher_samples(teacher_logprobs, self.slots, generator=generator)
+            targets["sample_entries"] = (ids.long() << self.count_bits) | counts.long()
         else:
-            columns["logprobs"] = teacher_logprobs.clamp_min(-65504).half().reshape(rows, -1).cpu().numpy()
+            targets["logprobs"] = teacher_logprobs.clamp_min(-65504).half()
         entropy = -(teacher_logprobs.exp() * teacher_logprobs).nan_to_num(0.0).sum(-1)
-        columns["entropy"] = entropy.half().cpu().numpy()
+        targets["entropy"] = entropy.half()
+        return targets
+
+    def pack(self, targets: dict[str, torch.Tensor], hidden: dict[int, torch.Tensor], rows: int) -> dict[str, np.ndarray]:
+        """The Arrow columns (rows × width arrays) of rows·T positions' `position_targets`
+        (concatenated in row order) and the chosen hidden states (rows, T, H)."""
+        columns: dict[str, np.ndarray] = {}
+        for name, values in targets.items():
+            values = values.reshape(rows, -1).cpu().numpy()
+            if name.endswith("_entries"):  # topk_entries -> topk_packed, sample_entries -> sample_packed
+                columns[name.removesuffix("_entries") + "_packed"] = pack_bits(values.astype(np.uint64), self.entry_bits)
+            else:
+                columns[name] = values
         for layer in self.hidden_layers:
             columns[f"hidden_{layer}"] = hidden[layer].half().reshape(rows, -1).cpu().numpy()
         return columns

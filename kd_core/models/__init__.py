@@ -108,8 +108,9 @@ def model_copy(store: Store, manifest: Manifest) -> Path:
     return local_copy(store, folder, manifest.files_under(folder))
 
 
-def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32):
-    """Load a Hugging Face causal LM from local disk (safetensors only, never pickle)."""
+def load_causal_lm(model_dir: Path, dtype: torch.dtype | str = torch.float32):
+    """Load a Hugging Face causal LM from local disk (safetensors only, never pickle); `dtype`
+    `"auto"` keeps the checkpoint's own (config.json's `dtype`, else its weights')."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()

@@ -161,6 +161,15 @@ class DeepSpeedRunner:
         with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None, enabled=self.zero_stage == 3):
             yield student
 
+    def parameters_per_rank(self, teacher: TeacherEngine | None = None) -> dict[str, list[int]]:
+        """The student's (and the online teacher's) parameter elements each rank holds
+        (`parameters_held`), gathered from every rank: enter on all ranks."""
+        models = {"student": self.engine.module.model} | ({"teacher": teacher.model} if teacher is not None else {})
+        held = torch.tensor([parameters_held(model) for model in models.values()], dtype=torch.long, device=self.device)
+        every_rank = [torch.empty_like(held) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(every_rank, held)
+        return {name: [int(rank_held[index]) for rank_held in every_rank] for index, name in enumerate(models)}
+
 
 class TeacherEngine:
     """The frozen teacher for online distillation, beside the student's `DeepSpeedRunner`."""
@@ -211,6 +220,16 @@ class TeacherEngine:
     def __call__(self, **inputs):
         with torch.no_grad():
             return self.engine(**inputs)
+
+
+def parameters_held(model: nn.Module) -> int:
+    """Parameter elements this rank holds between forward passes. Under ZeRO-3: its partition of
+    each parameter (`ds_tensor`, 1/world size of it, padded) plus the whole of those DeepSpeed keeps
+    gathered after their first use (parameters of up to `stage3_param_persistence_threshold`
+    elements, 100,000 by default: norms, and every parameter of a tiny model). Otherwise every
+    element. Tied parameters count once."""
+    unique = {id(parameter): parameter for parameter in model.parameters()}.values()
+    return sum(p.ds_tensor.numel() + p.numel() if hasattr(p, "ds_tensor") else p.numel() for p in unique)
 
 
 def load_partitioned_weights(model: nn.Module, model_dir: Path) -> None:

@@ -249,6 +249,8 @@ def train_worker(
             run.logger.end("FAILED")
         raise
     result |= {"parameters": parameters, "train_seconds": time.perf_counter() - started, "resumed_from_step": run.start_step}
+    if spec.deepspeed:  # how ZeRO spread the student and the online teacher over the ranks (collective)
+        result["parameters_per_rank"] = runner.parameters_per_rank(online_teacher)
     if run.logger is not None:
         run.logger.end()
         result["mlflow_run_id"] = run.logger.run_id
