@@ -2,7 +2,7 @@
 
 `TrainingRun` travels in the `TrainSpec` (plain data); rank 0 of the training workers opens an
 MLflow run in the registry's experiment, logs the job's flattened public config as params (no
-secrets: `config.public_dict` has dropped them), then at every log step each loss term, the
+secrets: `config.public_dict` has dropped them, and credentials in URLs are masked), then at every log step each loss term, the
 learning rate, the gradient norm, tokens/s and samples seen. The run id is recorded in the stage
 manifest (`details["mlflow_run_id"]`). A run resumed from a checkpoint reopens its MLflow run
 and logs only the steps after the last one there, so each step is logged once. A relative SQLite
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd_core.config import RegistryConfig, flatten
+from kd_core.redaction import redact
 
 MAX_PARAM_LENGTH = 500
 """MLflow's limit on a param value."""
@@ -58,7 +59,7 @@ class MlflowLogger:
             return
         active = mlflow.start_run(experiment_id=experiment_id(self.run.registry), run_name=self.run.run_name)
         self.run_id = active.info.run_id
-        mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in self.run.params.items()})
+        mlflow.log_params({key: redact(str(value))[:MAX_PARAM_LENGTH] for key, value in self.run.params.items()})
 
     def log(self, step: int, record: dict) -> None:
         import mlflow
