@@ -1,0 +1,136 @@
+"""The cluster image has what the cluster runs, proved without a container engine.
+
+`test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_point` replays the
+image's Python install (infra/install-python.sh, the script both stages of infra/Dockerfile run)
+into a fresh virtual environment, with the CPU torch of constraints.txt standing in for the CUDA
+build: the builder phase makes the wheels (kdflow[cluster] built from this tree, every dependency
+pinned by constraints.txt), the runtime phase installs them with no index. In that venv it then
+imports every module that kdflow's own code imports (its packages, components/, pipelines/ and
+every third-party module named in them, lazy imports inside functions included: what a
+component, the RayJob entrypoint `python -m kd_core.kubeflow.steps` and `kdflow tune` load) and
+what the MLflow server of infra/k8s/mlflow.yaml loads, runs `ray job submit --help` (job
+submission needs ray[default]) and `kdflow tune --help`, and checks that kdflow is installed
+from a wheel, not from this checkout.
+
+It costs a few minutes (a 2 GB venv; pip reads the wheels already on this machine's disk and
+its cache). The other tests check the Dockerfile's shape: two stages, no compiler in the one
+that runs, no editable or --no-deps install, a non-root user.
+
+    PYTHONPATH=$PWD python -m pytest tests/test_image.py -q
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "infra" / "Dockerfile"
+INSTALL_SCRIPT = REPO / "infra" / "install-python.sh"
+PROJECT_PACKAGES = ("kd_core", "components", "pipelines")
+SERVER_MODULES = ("mlflow.server", "mlflow.server.auth", "psycopg2", "boto3")
+"""What `mlflow server --app-name basic-auth` with PostgreSQL and S3 artifacts loads (infra/k8s/mlflow.yaml)."""
+
+
+def cpu_torch_version() -> str:
+    (pin,) = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("torch==")]
+    version = pin.removeprefix("torch==")
+    assert version.endswith("+cpu"), f"constraints.txt pins {pin}: the replay must never pull a CUDA build"
+    return version
+
+
+def modules_the_code_imports() -> list[str]:
+    """Every module of kdflow's packages, and every absolute import in them (lazy ones too)."""
+    modules, standard = set(), sys.stdlib_module_names
+    for package in PROJECT_PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            relative = path.relative_to(REPO).with_suffix("")
+            modules.add(".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts))
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module]
+                modules.update(name for name in names if name.split(".")[0] not in standard)
+    return sorted(modules)
+
+
+def replay_environment(tmp_path: Path) -> dict[str, str]:
+    """This process's environment minus what would let the venv see this checkout."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # Bytecode is compiled on first import in the test; the image compiles it at install.
+    environment.update(PIP_NO_COMPILE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", HOME=str(tmp_path / "home"), KDFLOW_QUIET="1")
+    return environment
+
+
+def run(command: list[str], environment: dict[str, str], cwd: Path, timeout: float = 900) -> str:
+    result = subprocess.run(command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+IMPORT_EVERYTHING = """
+import importlib, json, sys
+failed = {}
+for name in json.loads(sys.argv[1]):
+    try:
+        importlib.import_module(name)
+    except Exception as err:
+        failed[name] = f"{type(err).__name__}: {err}"
+import kd_core, torch
+print(json.dumps({"failed": failed, "kd_core": kd_core.__file__, "torch": torch.__version__}))
+"""
+
+
+@pytest.mark.slow
+def test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_point(tmp_path):
+    import json
+
+    environment = replay_environment(tmp_path)
+    wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # The builder phase, with this interpreter's pip; the runtime phase makes its own venv.
+    builder = {**environment, "PYTHON": sys.executable, "TORCH_VERSION": cpu_torch_version()}
+    builder.pop("TORCH_INDEX", None)  # the pip configuration of this machine finds the CPU wheel
+    run(["sh", str(INSTALL_SCRIPT), "wheels", str(REPO), str(wheels)], builder, elsewhere)
+    run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], {**environment, "PYTHON": sys.executable}, elsewhere)
+    python = str(venv / "bin" / "python")
+
+    wanted = [*modules_the_code_imports(), *SERVER_MODULES]
+    report = json.loads(run([python, "-c", IMPORT_EVERYTHING, json.dumps(wanted)], environment, elsewhere).splitlines()[-1])
+    assert report["failed"] == {}, f"modules the cluster runs that the image cannot import: {report['failed']}"
+    assert report["kd_core"].startswith(str(venv)), f"kd_core imported from {report['kd_core']}, not from the venv's wheel"
+    assert report["torch"] == cpu_torch_version()
+    assert "usage" in run([str(venv / "bin" / "ray"), "job", "submit", "--help"], environment, elsewhere).lower()
+    assert "tune.space" in run([str(venv / "bin" / "kdflow"), "tune", "--help"], environment, elsewhere)
+    run([python, "-m", "pip", "check"], environment, elsewhere)
+
+
+def dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's instructions (continuation lines joined), one list per FROM."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            stages.append([])
+        if line.strip() and not line.lstrip().startswith("#") and stages:
+            stages[-1].append(line.strip())
+    return stages
+
+
+def test_the_dockerfile_builds_wheels_in_one_stage_and_runs_from_a_stage_without_a_compiler():
+    builder, runtime = dockerfile_stages()
+    assert any("install-python.sh wheels" in line for line in builder)
+    assert any("install-python.sh venv" in line and "--mount=type=bind,from=builder" in line for line in runtime)
+    run_lines = " ".join(line for line in runtime if line.startswith("RUN "))
+    for compiler in ("build-essential", "gcc", "g++", "-dev ", "clang"):
+        assert compiler not in run_lines, f"the runtime stage installs {compiler}"
+    whole = DOCKERFILE.read_text()
+    assert "--no-deps" not in whole and " -e " not in whole and "--editable" not in whole
+    assert "chown" not in whole, "the code stays root-owned: nothing is handed to the runtime user"
+    assert [line for line in runtime if line.startswith("USER ")][-1] == "USER 10001:10001"
