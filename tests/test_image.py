@@ -3,14 +3,16 @@
 `test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_point` replays the
 image's Python install (infra/install-python.sh, the script both stages of infra/Dockerfile run)
 into a fresh virtual environment, with the CPU torch of constraints.txt standing in for the CUDA
-build: the builder phase makes the wheels (kdflow[cluster] built from this tree, every dependency
-pinned by constraints.txt), the runtime phase installs them with no index. In that venv it then
+build: the builder stage's COPY lines, read from the Dockerfile, fill a build folder; the builder
+phase makes the wheels there (kdflow[cluster] and every dependency, pinned by constraints.txt),
+the runtime phase installs them with no index. In that venv it then
 imports every module that kdflow's own code imports (its packages, components/, pipelines/ and
 every third-party module named in them, lazy imports inside functions included: what a
 component, the RayJob entrypoint `python -m kd_core.kubeflow.steps` and `kdflow tune` load) and
 what the MLflow server of infra/k8s/mlflow.yaml loads, runs `ray job submit --help` (job
 submission needs ray[default]) and `kdflow tune --help`, and checks that kdflow is installed
-from a wheel, not from this checkout.
+from a wheel, not from this checkout, and finds the RayJob templates through KDFLOW_INFRA_DIR as
+the image sets it.
 
 It costs a few minutes (a 2 GB venv; pip reads the wheels already on this machine's disk and
 its cache). The other tests check the Dockerfile's shape: two stages, no compiler in the one
@@ -24,6 +26,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +86,28 @@ for name in json.loads(sys.argv[1]):
     except Exception as err:
         failed[name] = f"{type(err).__name__}: {err}"
 import kd_core, torch
-print(json.dumps({"failed": failed, "kd_core": kd_core.__file__, "torch": torch.__version__}))
+from kd_core.kubeflow.isolation import POLICY_TEMPLATE_NAME, load_policy_template
+from kd_core.kubeflow.rayjob import load_template, template_path
+templates = [load_template()["kind"], load_policy_template(template_path().with_name(POLICY_TEMPLATE_NAME))["kind"]]
+print(json.dumps({"failed": failed, "kd_core": kd_core.__file__, "torch": torch.__version__, "templates": templates}))
 """
+
+
+def replay_builder_copies(source: Path) -> None:
+    """Fill `source` as the builder stage's COPY lines fill its working folder."""
+    builder, _ = dockerfile_stages()
+    for line in builder:
+        if not line.startswith("COPY ") or "--from" in line:
+            continue
+        *sources, target = line.split()[1:]
+        for name in sources:
+            origin = REPO / name
+            destination = source / target / origin.name if target.endswith("/") else source / target
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if origin.is_dir():
+                shutil.copytree(origin, destination, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(origin, destination)
 
 
 @pytest.mark.slow
@@ -92,20 +115,23 @@ def test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_p
     import json
 
     environment = replay_environment(tmp_path)
-    wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
+    source, wheels, venv, elsewhere = tmp_path / "src", tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
+    replay_builder_copies(source)
     # The builder phase, with this interpreter's pip; the runtime phase makes its own venv.
     builder = {**environment, "PYTHON": sys.executable, "TORCH_VERSION": cpu_torch_version()}
     builder.pop("TORCH_INDEX", None)  # the pip configuration of this machine finds the CPU wheel
-    run(["sh", str(INSTALL_SCRIPT), "wheels", str(REPO), str(wheels)], builder, elsewhere)
+    run(["sh", str(source / "infra" / "install-python.sh"), "wheels", str(source), str(wheels)], builder, elsewhere)
     run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], {**environment, "PYTHON": sys.executable}, elsewhere)
     python = str(venv / "bin" / "python")
 
     wanted = [*modules_the_code_imports(), *SERVER_MODULES]
-    report = json.loads(run([python, "-c", IMPORT_EVERYTHING, json.dumps(wanted)], environment, elsewhere).splitlines()[-1])
+    image = {**environment, "KDFLOW_INFRA_DIR": str(REPO / "infra")}  # the image's COPY infra /opt/kdflow/infra
+    report = json.loads(run([python, "-c", IMPORT_EVERYTHING, json.dumps(wanted)], image, elsewhere).splitlines()[-1])
     assert report["failed"] == {}, f"modules the cluster runs that the image cannot import: {report['failed']}"
     assert report["kd_core"].startswith(str(venv)), f"kd_core imported from {report['kd_core']}, not from the venv's wheel"
     assert report["torch"] == cpu_torch_version()
+    assert report["templates"] == ["RayJob", "NetworkPolicy"]
     assert "usage" in run([str(venv / "bin" / "ray"), "job", "submit", "--help"], environment, elsewhere).lower()
     assert "tune.space" in run([str(venv / "bin" / "kdflow"), "tune", "--help"], environment, elsewhere)
     run([python, "-m", "pip", "check"], environment, elsewhere)
