@@ -4,7 +4,7 @@
   holding a URL names the URL without its password.
 - Credentials written into URLs (user:password, a token as user, presigned query signatures)
   are masked, and nothing else is, in: manifests as written to the store, console messages
-  (`progress.say`), bad-input errors (`InputError`) and the one-line cause of a failed step,
+  (`progress.say`, `kdflow validate`), bad-input errors (`InputError`) and the one-line cause of a failed step,
   the MLflow params of a training run (a real SQLite tracking store), and the compiled KFP
   pipeline (the real compiler).
 
@@ -71,6 +71,14 @@ def test_console_messages_mask_url_credentials(monkeypatch, capsys):
     monkeypatch.setattr(progress, "_QUIET", False)
     progress.say(f"prep: reading {' '.join(SECRET_DATA_URLS)}")
     assert_no_secret(capsys.readouterr().err, "a console message")
+
+
+def test_kdflow_validate_names_the_storage_root_without_its_credentials(capsys):
+    from kd_core.cli import main
+
+    assert main(["validate", "configs/tiny.yaml", f"storage.root=s3://AKIAEXAMPLE:{PASSWORD}@bucket/runs"]) == 0
+    printed = capsys.readouterr().out
+    assert "s3://***@bucket/runs" in printed and PASSWORD not in printed and "AKIAEXAMPLE" not in printed
 
 
 def test_a_manifest_on_the_store_masks_url_credentials(tmp_path):
