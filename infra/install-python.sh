@@ -13,7 +13,8 @@
 #       installed, not editable, from those wheels and nothing else.
 #
 # $PYTHON (default python3.11) runs pip and makes the venv; pip's own settings (PIP_* variables,
-# pip.conf) apply, so a test can point it at wheels already on disk.
+# pip.conf) apply, so a test can point it at wheels already on disk. Wheels already in WHEELHOUSE
+# are used as they are (a test keeps one between runs and sets PIP_NO_INDEX=1).
 set -eu
 
 PYTHON="${PYTHON:-python3.11}"
@@ -26,7 +27,8 @@ case "$phase" in
     sed "s/^torch==.*/torch==${TORCH_VERSION}/" "$source_dir/constraints.txt" > "$wheelhouse/constraints.txt"
     # torch alone first: its index (PyTorch's CUDA builds) is not the index of everything else.
     # shellcheck disable=SC2086 # TORCH_INDEX is one URL or nothing
-    "$PYTHON" -m pip wheel --wheel-dir "$wheelhouse" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
+    "$PYTHON" -m pip wheel --wheel-dir "$wheelhouse" --find-links "$wheelhouse" \
+      ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
     "$PYTHON" -m pip wheel --wheel-dir "$wheelhouse" --find-links "$wheelhouse" \
       --constraint "$wheelhouse/constraints.txt" "${source_dir}[cluster]"
     ;;

@@ -14,8 +14,10 @@ submission needs ray[default]) and `kdflow tune --help`, and checks that kdflow 
 from a wheel, not from this checkout, and finds the RayJob templates through KDFLOW_INFRA_DIR as
 the image sets it.
 
-It costs a few minutes (a 2 GB venv; pip reads the wheels already on this machine's disk and
-its cache). The other tests check the Dockerfile's shape: two stages, no compiler in the one
+It costs a few minutes: a 2 GB venv. The third-party wheels of the builder phase are kept in
+~/.cache/kdflow/image-wheels/<hash of constraints.txt, pyproject.toml and the install script>,
+and a run that finds them builds with no package index (kdflow's own wheel is always built anew
+from this tree). The other tests check the Dockerfile's shape: two stages, no compiler in the one
 that runs, no editable or --no-deps install, a non-root user.
 
     PYTHONPATH=$PWD python -m pytest tests/test_image.py -q
@@ -24,6 +26,7 @@ that runs, no editable or --no-deps install, a non-root user.
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import re
 import shutil
@@ -37,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "infra" / "Dockerfile"
 INSTALL_SCRIPT = REPO / "infra" / "install-python.sh"
 PROJECT_PACKAGES = ("kd_core", "components", "pipelines")
+WHEEL_CACHE = Path.home() / ".cache" / "kdflow" / "image-wheels"
+"""Third-party wheels of earlier replays, one folder per set of pins."""
 SERVER_MODULES = ("mlflow.server", "mlflow.server.auth", "psycopg2", "boto3")
 """What `mlflow server --app-name basic-auth` with PostgreSQL and S3 artifacts loads (infra/k8s/mlflow.yaml)."""
 
@@ -61,6 +66,35 @@ def modules_the_code_imports() -> list[str]:
                     names = [node.module]
                 modules.update(name for name in names if name.split(".")[0] not in standard)
     return sorted(modules)
+
+
+def cached_wheels() -> Path:
+    digest = hashlib.sha256()
+    for name in ("constraints.txt", "pyproject.toml", "infra/install-python.sh"):
+        digest.update((REPO / name).read_bytes())
+    return WHEEL_CACHE / digest.hexdigest()[:16]
+
+
+def copy_wheels(source: Path, destination: Path, *, with_kdflow: bool) -> None:
+    """Hard links where the filesystem allows (the wheelhouse is 500 MB), else copies."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for wheel in source.iterdir():
+        if wheel.name.startswith("kdflow-") and not with_kdflow:
+            continue
+        try:
+            os.link(wheel, destination / wheel.name)
+        except OSError:
+            shutil.copy2(wheel, destination / wheel.name)
+
+
+def keep_wheels(wheels: Path, cache: Path) -> None:
+    staging = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    copy_wheels(wheels, staging, with_kdflow=False)
+    try:
+        staging.rename(cache)
+    except OSError:  # another run kept them first
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def replay_environment() -> dict[str, str]:
@@ -122,7 +156,13 @@ def test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_p
     # The builder phase, with this interpreter's pip; the runtime phase makes its own venv.
     builder = {**environment, "PYTHON": sys.executable, "TORCH_VERSION": cpu_torch_version()}
     builder.pop("TORCH_INDEX", None)  # the pip configuration of this machine finds the CPU wheel
+    cache = cached_wheels()
+    if cache.is_dir():
+        copy_wheels(cache, wheels, with_kdflow=False)
+        builder["PIP_NO_INDEX"] = "1"
     run(["sh", str(source / "infra" / "install-python.sh"), "wheels", str(source), str(wheels)], builder, elsewhere)
+    if not cache.is_dir():
+        keep_wheels(wheels, cache)
     run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], {**environment, "PYTHON": sys.executable}, elsewhere)
     python = str(venv / "bin" / "python")
 
