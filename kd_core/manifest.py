@@ -2,8 +2,8 @@
 
 A manifest is written last and atomically, so a stage without a complete manifest did not happen.
 It records the stage, its key and config hash, the keys of its inputs, every output (URL, bytes,
-sha256), metrics, timings and library versions; credentials written into a URL are masked. Stage-specific facts that later stages need
-(e.g. which shard holds which split) go under `details`.
+sha256), metrics, timings and library versions; credentials written into a URL are masked.
+Stage-specific facts that later stages need (e.g. which shard holds which split) go under `details`.
 """
 
 from __future__ import annotations

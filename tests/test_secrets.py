@@ -35,7 +35,8 @@ def assert_no_secret(text: str, where: str) -> None:
 
 
 def job_with_secret_urls(tiny_config):
-    return tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"source": "files", "files": SECRET_DATA_URLS})})
+    data = tiny_config.data.model_copy(update={"source": "files", "files": SECRET_DATA_URLS})
+    return tiny_config.model_copy(update={"data": data})
 
 
 def test_a_config_error_on_a_secret_field_masks_its_value():

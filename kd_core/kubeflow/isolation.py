@@ -43,7 +43,9 @@ def label_ray_pods(rayjob: dict[str, Any]) -> None:
 
 def load_policy_template(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the RayJob NetworkPolicy template is missing; set KDFLOW_INFRA_DIR to the infra/ folder of kdflow")
+        raise FileNotFoundError(
+            f"{path}: the RayJob NetworkPolicy template is missing; set KDFLOW_INFRA_DIR to the infra/ folder of kdflow"
+        )
     return yaml.safe_load(path.read_text())
 
 

@@ -2,8 +2,8 @@
 
 `TrainingRun` travels in the `TrainSpec` (plain data); rank 0 of the training workers opens an
 MLflow run in the registry's experiment, logs the job's flattened public config as params (no
-secrets: `config.public_dict` has dropped them, and credentials in URLs are masked), then at every log step each loss term, the
-learning rate, the gradient norm, tokens/s and samples seen. The run id is recorded in the stage
+secrets: `config.public_dict` has dropped them, and credentials in URLs are masked), then at
+every log step each loss term, the learning rate, the gradient norm, tokens/s and samples seen. The run id is recorded in the stage
 manifest (`details["mlflow_run_id"]`). A run resumed from a checkpoint reopens its MLflow run
 and logs only the steps after the last one there, so each step is logged once. A relative SQLite
 tracking URI is made absolute on the driver, so workers started in other folders write to the
