@@ -108,7 +108,8 @@ def replay_environment() -> dict[str, str]:
 
 def run(command: list[str], environment: dict[str, str], cwd: Path, timeout: float = 900) -> str:
     result = subprocess.run(command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    failed = f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, failed
     return result.stdout
 
 
@@ -163,14 +164,15 @@ def test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_p
     run(["sh", str(source / "infra" / "install-python.sh"), "wheels", str(source), str(wheels)], builder, elsewhere)
     if not cache.is_dir():
         keep_wheels(wheels, cache)
-    run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], {**environment, "PYTHON": sys.executable}, elsewhere)
+    runtime = {**environment, "PYTHON": sys.executable}
+    run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], runtime, elsewhere)
     python = str(venv / "bin" / "python")
 
     wanted = [*modules_the_code_imports(), *SERVER_MODULES]
     image = {**environment, "KDFLOW_INFRA_DIR": str(REPO / "infra")}  # the image's COPY infra /opt/kdflow/infra
     report = json.loads(run([python, "-c", IMPORT_EVERYTHING, json.dumps(wanted)], image, elsewhere).splitlines()[-1])
     assert report["failed"] == {}, f"modules the cluster runs that the image cannot import: {report['failed']}"
-    assert report["kd_core"].startswith(str(venv)), f"kd_core imported from {report['kd_core']}, not from the venv's wheel"
+    assert report["kd_core"].startswith(str(venv)), f"kd_core imported from {report['kd_core']}, not the venv's wheel"
     assert report["torch"] == cpu_torch_version()
     assert report["templates"] == ["RayJob", "NetworkPolicy"]
     assert "usage" in run([str(venv / "bin" / "ray"), "job", "submit", "--help"], environment, elsewhere).lower()
