@@ -230,7 +230,10 @@ def test_creating_a_rayjob_through_the_kubernetes_api_creates_its_network_policy
         "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "stand-in"}}],
     }
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    from kubernetes.config import kube_config
+
+    # The client reads KUBECONFIG once, when first imported: point its default there instead.
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     try:
         rayjob = built_rayjob()
