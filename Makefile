@@ -20,10 +20,11 @@ pipelines: $(STAMP)  ## compile the Kubeflow DAGs to pipelines/compiled/ (commit
 setup: $(STAMP)
 
 # Pinned set-up: every package at the version in constraints.txt. torch is pinned to the CPU
-# build (2.13.0+cpu), so set-up never pulls a multi-GB CUDA build onto a CPU machine.
+# build (2.13.0+cpu), so set-up never pulls a multi-GB CUDA build onto a CPU machine. The cluster
+# extra is installed too, so that `make lock` keeps the pins the image needs.
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,cluster]'
 	touch $(STAMP)
 
 # checkov (the infra/ security scan in tests/test_infra.py) pins its own dependency set, which

@@ -41,6 +41,7 @@ from kd_core.errors import InputError, TrainingDiverged
 from kd_core.gates import describe_failed
 from kd_core.manifest import Manifest
 from kd_core.pipeline import STAGES
+from kd_core.redaction import redact
 from kd_core.train.tracking_probe import fail_fast_mlflow_client, probe_tracking_uri
 
 EXIT_GATES_FAILED = 3
@@ -173,8 +174,8 @@ def _validate(config: JobConfig, path: str, check: bool) -> int:
             stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
             return 2
         for line in checked:
-            stdout.print(line, soft_wrap=True)
-    stdout.print(f"{path}: valid ({_describe(config)})")
+            stdout.print(redact(line), soft_wrap=True)
+    stdout.print(redact(f"{path}: valid ({_describe(config)})"))
     return 0
 
 
@@ -294,7 +295,7 @@ def _move_champion(config: JobConfig, command: str, version: int | None, *, forc
             rejected, restored = rollback(client, registry)
             stdout.print(f"{registry.model_name}: version {rejected} rejected; @{registry.champion_alias} -> version {restored}")
     except (RegistryError, MlflowException, InputError) as err:
-        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        stderr.print(f"[red]error:[/red] {redact(str(err))}", soft_wrap=True)
         return 2
     return 0
 

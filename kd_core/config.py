@@ -21,9 +21,16 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from kd_core.redaction import MASK, redact
+
 
 class ConfigError(ValueError):
-    """A job config that cannot be used; the message lists every problem, one per line."""
+    """A job config that cannot be used; the message lists every problem, one per line. A secret
+    never shows in it: the value of a `SecretStr` field is masked, and a URL is named without the
+    credentials it may carry (`kd_core.redaction`)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 class Section(BaseModel):
@@ -949,7 +956,20 @@ def _describe_error(error: dict[str, Any]) -> str:
     template = _MESSAGES.get(error["type"])
     bounds = {name: value if name == "expected" else _show(value) for name, value in error.get("ctx", {}).items()}
     message = template.format(**bounds) if template else error["msg"][0].lower() + error["msg"][1:]
-    return f"{field_path}: {message}, got {_show(error.get('input'))}"
+    shown = f"{MASK} (a secret: its value is not shown)" if _is_secret(error["loc"]) else _show(error.get("input"))
+    return f"{field_path}: {message}, got {shown}"
+
+
+def _is_secret(location: tuple[Any, ...]) -> bool:
+    """Whether a field path (as pydantic reports it) lies in a `SecretStr` field of the job."""
+    secrets: Any = _secret_fields(JobConfig())
+    for part in location:
+        if not isinstance(secrets, dict) or str(part) not in secrets:
+            return False
+        secrets = secrets[str(part)]
+        if secrets is True:
+            return True
+    return False
 
 
 def _suggestion(location: tuple[Any, ...]) -> str:

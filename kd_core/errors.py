@@ -6,11 +6,18 @@ them imports nothing heavy (a `kdflow prep` never loads torch).
 - `TrainingDiverged`: a training run whose loss or gradient norm stayed NaN or infinite for more
   steps in a row than `train.max_nonfinite_steps`; its message names the run, the step and the
   last finite loss; exit status 1.
+
+A message naming a URL names it without the credentials the URL may carry (`kd_core.redaction`).
 """
+
+from kd_core.redaction import redact
 
 
 class InputError(ValueError):
     """Bad input, reported by name before any expensive work starts."""
+
+    def __init__(self, *args):
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class TrainingDiverged(RuntimeError):

@@ -3,7 +3,8 @@
 A manifest is written last and atomically, so a stage without a complete manifest did not happen.
 It records the stage, its key and config hash, the keys of its inputs, every output (URL, bytes,
 sha256), metrics, timings and library versions. Stage-specific facts that later stages need
-(e.g. which shard holds which split) go under `details`.
+(e.g. which shard holds which split) go under `details`; credentials written into a URL are
+masked.
 
 A manifest read back is checked before any of its names becomes a path: its stage is a plain
 name, its key a stage key, and every output lies in the stage's own folder under a relative name
@@ -21,6 +22,7 @@ from importlib import metadata
 from typing import Any
 
 from kd_core.errors import InputError
+from kd_core.redaction import redact_data
 from kd_core.storage import FileRecord, StorageError, Store, relative_name
 
 MANIFEST_NAME = "manifest.json"
@@ -74,9 +76,11 @@ class Manifest:
         return {record.path[len(prefix) :]: record for record in self.outputs.values() if record.path.startswith(prefix)}
 
     def to_json(self) -> str:
+        """The manifest as written, with credentials in URLs masked (`kd_core.redaction`): a data
+        file or teacher named by a presigned or user:password URL is recorded without them."""
         record = asdict(self)
         del record["reused"]
-        return json.dumps(record, indent=2, sort_keys=True)
+        return json.dumps(redact_data(record), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str) -> Manifest:

@@ -1,4 +1,5 @@
-"""Console progress bars and messages shared by every stage (rich, on stderr)."""
+"""Console progress bars and messages shared by every stage (rich, on stderr). A message never
+shows the credentials of a URL it names."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from contextvars import ContextVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from kd_core.redaction import redact
 
 console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 _QUIET = os.environ.get("KDFLOW_QUIET") == "1"
@@ -28,8 +31,9 @@ def silenced() -> Iterator[None]:
 
 
 def say(message: str) -> None:
+    """Print a message, with credentials written into URLs masked (`kd_core.redaction`)."""
     if not _QUIET and not _SILENCED.get():
-        console.print(message)
+        console.print(redact(message))
 
 
 class Bar:

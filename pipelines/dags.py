@@ -1,7 +1,9 @@
 """The DAGs: prep → cache → [tune →] distill → eval → register, register only if every gate passed.
 
 `build_distill_pipeline(config)` and `build_tune_distill_pipeline(config)` return the KFP
-pipeline for one job config. The job (as JSON, no secrets) is its one parameter; in the tune DAG
+pipeline for one job config. The job (as JSON, no secrets; credentials written into a URL are
+masked, so a cluster run reads such a file with the credentials of `kubeflow.secrets`) is its one
+parameter; in the tune DAG
 the steps after tune take the best trial's job instead, and the config's `kubeflow` section sets each step's image,
 requests and limits, accelerators, node selectors, tolerations and secret-backed environment.
 KFP's own caching is off for every step: the steps' inputs and outputs live on the job's storage,
@@ -18,6 +20,7 @@ from components import stages
 from kd_core.config import JobConfig
 from kd_core.kubeflow.rayjob import POD_ENV, RAYJOB_STEPS
 from kd_core.kubeflow.steps import job_json
+from kd_core.redaction import redact
 
 PIPELINE_NAME = "kdflow-distill"
 TUNE_PIPELINE_NAME = "kdflow-tune-distill"
@@ -28,7 +31,7 @@ def build_distill_pipeline(config: JobConfig):
         name=PIPELINE_NAME,
         description="kdflow: prep → teacher cache → distillation (KubeRay) → eval with quality gates → MLflow registration",
     )
-    def distill_pipeline(job: str = job_json(config)):
+    def distill_pipeline(job: str = redact(job_json(config))):
         prep, cache = _prepare(job, config)
         _distill_and_register(job, config, prep, cache)
 
@@ -41,7 +44,7 @@ def build_tune_distill_pipeline(config: JobConfig):
         description="kdflow: prep → teacher cache → hyperparameter search (Ray Tune on KubeRay) → distillation with the best "
         "config → eval with quality gates → MLflow registration",
     )
-    def tune_distill_pipeline(job: str = job_json(config)):
+    def tune_distill_pipeline(job: str = redact(job_json(config))):
         prep, cache = _prepare(job, config)
         search = configure(
             stages.tune(job=job, prep_manifest=prep.output, teacher_manifest=cache.outputs["teacher"], cache_manifest=cache.outputs["cache"]),

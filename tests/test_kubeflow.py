@@ -725,6 +725,7 @@ class KubernetesApiStandIn:
 
     def __init__(self, faults):
         self.requests, self.faults, self.jobs = [], {method: list(answers) for method, answers in faults.items()}, {}
+        self.policies: list[dict] = []
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -749,7 +750,11 @@ class KubernetesApiStandIn:
                     status, headers = queue.pop(0)
                     return self.reply(status, {"kind": "Status", "code": status, "message": "injected"}, headers)
                 name = self.path.split("?")[0].removeprefix(self.PREFIX).strip("/")
+                if self.command == "POST" and self.path.split("?")[0].endswith("/networkpolicies"):
+                    stand_in.policies.append(body)  # the RayJob's NetworkPolicy (kd_core/kubeflow/isolation.py)
+                    return self.reply(201, body)
                 if self.command == "POST":
+                    body["metadata"]["uid"] = f"uid-{body['metadata']['name']}"
                     stand_in.jobs[body["metadata"]["name"]] = {**body, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
                     return self.reply(201, body)
                 if self.command == "GET" and not name:
@@ -784,7 +789,11 @@ def test_the_kubernetes_client_errors_are_read_as_transient_or_not_through_a_loo
         assert status.succeeded and stand_in.jobs == {}
         assert clock.sleeps[0] == 3.0 and len(clock.sleeps) == 2
         methods = [(method, path.split("?")[0].removeprefix(stand_in.PREFIX)) for method, path, _ in stand_in.requests]
-        assert methods == [("GET", "")] * 3 + [("POST", ""), ("GET", "/kdflow-distill-t"), ("DELETE", "/kdflow-distill-t")]
+        assert methods == [("GET", "")] * 3 + [
+            ("POST", ""), ("POST", "/apis/networking.k8s.io/v1/namespaces/kdflow/networkpolicies"),
+            ("GET", "/kdflow-distill-t"), ("DELETE", "/kdflow-distill-t"),
+        ]
+        assert stand_in.policies[0]["metadata"]["ownerReferences"][0]["uid"] == "uid-kdflow-distill-t"
         assert f"labelSelector=kdflow%2Fstep-key%3D{_rayjob()['metadata']['labels'][STEP_KEY_LABEL]}" in stand_in.requests[0][1]
 
         stand_in.jobs["j"] = {"metadata": {"name": "j"}}

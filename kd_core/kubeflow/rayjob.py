@@ -57,6 +57,7 @@ from typing import Any, Protocol, TypeVar
 import yaml
 
 from kd_core.config import ConfigError, JobConfig, PodResources, RayJobConfig, SecretEnv, public_dict, section_hash
+from kd_core.kubeflow.isolation import POLICY_TEMPLATE_NAME, fence_rayjob, label_ray_pods
 from kd_core.kubeflow.steps import INPUTS_ENV, JOB_ENV, job_json
 from kd_core.progress import say
 
@@ -134,6 +135,7 @@ def build_rayjob(
     (group,) = cluster["workerGroupSpecs"]
     group["replicas"] = group["minReplicas"] = group["maxReplicas"] = replicas
     _fill_pod(group["template"]["spec"], kubeflow.image, settings.worker, kubeflow.secrets)
+    label_ray_pods(job)  # what its NetworkPolicy admits (kd_core/kubeflow/isolation.py)
     return job
 
 
@@ -279,7 +281,9 @@ class KubernetesRayJobApi:
         return found.get("items", [])
 
     def create(self, namespace: str, body: dict[str, Any]) -> None:
-        self._objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _request_timeout=self.REQUEST_TIMEOUT)
+        """Create the RayJob, then its NetworkPolicy, owned by it (kd_core/kubeflow/isolation.py)."""
+        created = self._objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _request_timeout=self.REQUEST_TIMEOUT)
+        fence_rayjob(self._objects.api_client, created, template_path().with_name(POLICY_TEMPLATE_NAME))
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         return self._objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.REQUEST_TIMEOUT)

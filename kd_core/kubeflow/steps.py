@@ -28,6 +28,7 @@ from kd_core.config import ConfigError, JobConfig, public_dict, validate_config
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest, manifest_url, read_manifest_url
 from kd_core.pipeline import cache_steps, distill_steps, eval_step, prep_step, register_step, tune_step
+from kd_core.redaction import redact
 from kd_core.stage import reuse_only
 from kd_core.storage import Store
 from kd_core.train.tracking_probe import fail_fast_mlflow_client
@@ -96,8 +97,8 @@ def one_line_cause(err: BaseException) -> str:
     """Bad input's message on one line (it names the field or file); else the error's type and
     first line."""
     if isinstance(err, (InputError, ConfigError)):
-        return " ".join(str(err).split())
-    lines = str(err).strip().splitlines()
+        return " ".join(str(err).split())  # already redacted when raised
+    lines = redact(str(err)).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 

@@ -46,6 +46,7 @@ from kd_core.config import RegistryConfig, flatten
 from kd_core.gates import describe_failed, metric_value
 from kd_core.manifest import Manifest
 from kd_core.models import model_copy
+from kd_core.redaction import redact
 from kd_core.stage import StageRun
 from kd_core.storage import DOWNLOAD_MARKER, Store, inside
 
@@ -89,7 +90,7 @@ def register(
         return run.reused
     mlflow.set_tracking_uri(config.tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id(config), run_name=f"register-{student.key[:8]}") as mlflow_run:
-        mlflow.log_params({key: str(value)[:_MAX_PARAM_LENGTH] for key, value in flatten(job_params).items()})
+        mlflow.log_params({key: redact(str(value))[:_MAX_PARAM_LENGTH] for key, value in flatten(job_params).items()})
         mlflow.log_metrics(_numeric(flatten(eval_manifest.metrics)))
         with tempfile.TemporaryDirectory() as folder:
             for name, record in eval_manifest.outputs.items():

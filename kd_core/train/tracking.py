@@ -2,8 +2,8 @@
 
 `TrainingRun` travels in the `TrainSpec` (plain data); rank 0 of the training workers opens an
 MLflow run in the registry's experiment, logs the job's flattened public config as params (no
-secrets: `config.public_dict` has dropped them), then at every log step each loss term, the
-learning rate, the gradient norm, tokens/s and samples seen. The run id is recorded in the stage
+secrets: `config.public_dict` has dropped them, and credentials in URLs are masked), then at
+every log step each loss term, the learning rate, the gradient norm, tokens/s and samples seen. The run id is recorded in the stage
 manifest (`details["mlflow_run_id"]`). A run resumed from a checkpoint reopens its MLflow run
 and logs only the steps after the last one there, so each step is logged once. A relative SQLite
 tracking URI is made absolute on the driver, so workers started in other folders write to the
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kd_core.config import RegistryConfig, flatten
 from kd_core.progress import say
+from kd_core.redaction import redact
 
 MAX_PARAM_LENGTH = 500
 """MLflow's limit on a param value."""
@@ -113,7 +114,7 @@ class MlflowLogger:
             else:
                 self.run_id = client.create_run(experiment_id(self.run.registry), run_name=self.run.run_name).info.run_id
         if not self._params_logged:
-            params = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in self.run.params.items()]
+            params = [Param(key, redact(str(value))[:MAX_PARAM_LENGTH]) for key, value in self.run.params.items()]
             for start in range(0, len(params), 100):  # MLflow takes 100 params per batch
                 client.log_batch(self.run_id, params=params[start : start + 100])
             self._params_logged = True
