@@ -119,9 +119,10 @@ def test_a_resume_reads_back_its_buffers_not_the_steps_before_it(job, capsys, da
     referenced = {shard for position in saved["positions"].values() for _, shard, _ in position["buffer"]}
     rows_per_shard, rows_before = 64, 96 * train.batch_size
 
+    reference = pytest.approx([r["loss"] for r in history(store, whole.output_folder)], rel=1e-5)
     resumed = train_worker(interrupted)
     assert resumed["resumed_from_step"] == 96
-    assert [r["loss"] for r in history(store, interrupted.output_folder)] == pytest.approx([r["loss"] for r in history(store, whole.output_folder)], rel=1e-5)
+    assert [r["loss"] for r in history(store, interrupted.output_folder)] == reference
     assert 0 < resumed["resume_rows_read"] <= rows_per_shard * (len(referenced) + len(saved["positions"])) < rows_before
 
     store.delete(f"{checkpoint}/stream-0.json")
@@ -129,7 +130,7 @@ def test_a_resume_reads_back_its_buffers_not_the_steps_before_it(job, capsys, da
     replayed = train_worker(interrupted)
     assert "holds no data-stream positions (an older kdflow wrote it): replaying the stream up to it" in capsys.readouterr().out
     assert replayed["resumed_from_step"] == 96 and replayed["resume_rows_read"] >= rows_before
-    assert [r["loss"] for r in history(store, interrupted.output_folder)] == pytest.approx([r["loss"] for r in history(store, whole.output_folder)], rel=1e-5)
+    assert [r["loss"] for r in history(store, interrupted.output_folder)] == reference
 
 
 def test_a_resumed_run_logs_each_step_once_to_its_mlflow_run(job, tmp_path):
@@ -140,7 +141,7 @@ def test_a_resumed_run_logs_each_step_once_to_its_mlflow_run(job, tmp_path):
     spec.tracking = TrainingRun.for_job(registry, "resumed", {"distill.train.max_steps": 12})
     with pytest.raises(SimulatedCrash):
         train_worker(spec, progress=crash_at(7))  # steps 1-7 logged, checkpoint at 4
-    result = train_worker(spec)  # replays 5-7 from the checkpoint at 4
+    result = train_worker(spec)  # resumes from the checkpoint at 4: steps 5-7 are trained again
     assert result["resumed_from_step"] == 4
     client = MlflowClient(registry.tracking_uri)
     run = client.get_run(result["mlflow_run_id"])
@@ -219,8 +220,8 @@ def test_a_rerun_after_its_ray_driver_was_killed_resumes_from_its_checkpoint(job
     cluster: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 300
-        while not any(b"step-" in store.fs.cat_file(path) for path in store.fs.glob(store.path("teacher/*/checkpoints/checkpoint_manager_snapshot.json"))
-                      if path.rsplit("/checkpoints/", 1)[0] not in earlier):
+        snapshots = store.path("teacher/*/checkpoints/checkpoint_manager_snapshot.json")  # Ray Train's record of the run
+        while not any(b"step-" in store.fs.cat_file(path) for path in store.fs.glob(snapshots) if path.rsplit("/checkpoints/", 1)[0] not in earlier):
             assert driver.poll() is None and time.monotonic() < deadline, "the teacher recorded no checkpoint with Ray Train"
             time.sleep(0.05)
         cluster = psutil.Process(driver.pid).children(recursive=True)

@@ -168,10 +168,16 @@ class TrainingStream(IterableDataset):
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if split not in ("shards", "rows"):
             raise ValueError(f"split must be 'shards' or 'rows', got {split!r}")
-        if resume is not None and (resume.get("format") != POSITIONS_FORMAT or not isinstance(resume.get("positions"), dict)):
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 row, got {batch_size}")
+        if resume is not None and resume.get("format") != POSITIONS_FORMAT:
             raise StreamPositionError(
                 f"saved stream positions of format {resume.get('format')!r}, this kdflow reads format {POSITIONS_FORMAT}; "
                 "start the run over (distill.resume=never)"
+            )
+        if resume is not None and not (isinstance(resume.get("positions"), dict) and isinstance(resume.get("batches"), int)):
+            raise StreamPositionError(
+                "saved stream positions without their 'positions' or 'batches'; start the run over (distill.resume=never)"
             )
         self.storage, self.token_shards = storage, list(token_shards)
         self.cache_shards, self.cache_layout = list(cache_shards or []), cache_layout
@@ -307,7 +313,9 @@ class TrainingStream(IterableDataset):
         with ThreadPoolExecutor(max_workers=self.prefetch_shards, thread_name_prefix="kdflow-shard-refill") as pool:
             read = dict(zip(wanted, pool.map(lambda shard: self._counted_read(position, store, shard, rows_of_shard[shard]), wanted)))
         position.refill_rows = sum(_row_count(samples) for samples in read.values())
-        position.buffer = [(reference, _sample_at(read[reference[1]], rows_of_shard[reference[1]], reference, position.worker)) for reference in references]
+        position.buffer = [
+            (reference, _sample_at(read[reference[1]], rows_of_shard[reference[1]], reference, position.worker)) for reference in references
+        ]
         return read.get(current)
 
     # ------------------------------------------------------------------------------ serving

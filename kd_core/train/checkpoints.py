@@ -120,7 +120,9 @@ def load_stream_positions(folder: Path, rank: int) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err}); set distill.resume=never to start over") from None
     if not isinstance(positions, dict) or not {"workers", "batches", "positions"} <= positions.keys():
-        raise CheckpointError(f"{path}: not kdflow data-stream positions (no workers, batches or positions); set distill.resume=never to start over")
+        raise CheckpointError(
+            f"{path}: not kdflow data-stream positions (no workers, batches or positions); set distill.resume=never to start over"
+        )
     return positions
 
 

@@ -162,7 +162,9 @@ class TrainSpec:
         )
 
 
-def training_stream(spec: TrainSpec, rank: int, world_size: int, batch_size: int | None = None, resume: dict | None = None) -> TrainingStream:
+def training_stream(
+    spec: TrainSpec, rank: int, world_size: int, batch_size: int | None = None, resume: dict | None = None
+) -> TrainingStream:
     """This rank's endless stream of training rows (and teacher targets); with `batch_size`, of
     batches with their positions, continuing from `resume` (`TrackedBatches.state()`)."""
     return TrainingStream(
