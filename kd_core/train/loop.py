@@ -292,13 +292,11 @@ def train_worker(
         if run.logger is not None:
             run.logger.end("FAILED")
         raise
-    result |= {
-        "parameters": parameters, "train_seconds": time.perf_counter() - started,
-        "resumed_from_step": run.start_step, "resume_rows_read": batches.resume_rows_read(),
-    }
+    result |= {"parameters": parameters, "train_seconds": time.perf_counter() - started, "resumed_from_step": run.start_step}
     if run.logger is not None:
         run.logger.end()
         result["mlflow_run_id"] = run.logger.run_id
+    result["resume_rows_read"] = batches.resume_rows_read()  # what restoring the data position read
     # --- save
     if spec.deepspeed:
         with runner.gathered_student() as student:  # every rank enters: ZeRO-3 gathers collectively
