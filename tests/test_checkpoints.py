@@ -25,11 +25,12 @@ from kd_core.storage import Store
 from kd_core.train.checkpoints import (
     CheckpointError,
     load_rank_state,
+    load_stream_positions,
     save_rank_state,
     weights_only_checkpoint_engine_class,
 )
 from kd_core.train.distill import distill
-from kd_core.train.loop import TrainSpec, train_worker
+from kd_core.train.loop import TrainSpec, train_worker, training_batches
 from kd_core.train.ray_glue import fit
 from kd_core.train.teacher import teacher
 from kd_core.train.tracking import TrainingRun
@@ -260,6 +261,16 @@ def test_a_checkpoint_from_another_world_size_is_refused(tmp_path):
     assert load_rank_state(tmp_path, rank=1, world_size=2) == 40
     with pytest.raises(CheckpointError, match="written by 2 workers.*compute.num_workers=2"):
         load_rank_state(tmp_path, rank=0, world_size=1)
+
+
+def test_stream_positions_that_do_not_fit_the_run_are_refused(job, tmp_path):
+    (tmp_path / "stream-0.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"stream-0.json: not valid JSON .*distill.resume=never"):
+        load_stream_positions(tmp_path, rank=0)
+    assert load_stream_positions(tmp_path, rank=1) is None  # an older checkpoint: replayed
+    spec = student_spec(job, "misfit", "plain")
+    with pytest.raises(CheckpointError, match="read by 2 data workers per rank and this run has train.data_workers=0"):
+        training_batches(spec, 0, 1, 1, {"format": 1, "workers": 2, "batches": 8, "positions": {}})
 
 
 class _Payload:
