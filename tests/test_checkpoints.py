@@ -203,14 +203,14 @@ def test_a_rerun_after_its_ray_driver_was_killed_resumes_from_its_checkpoint(job
     """The path a cluster retry takes: the teacher step on the Ray backend, its driver and the
     local Ray cluster it started SIGKILLed once Ray Train has recorded a checkpoint; a rerun of the
     same step finds Ray Train's record of the run in the step's folder, resumes from its latest
-    checkpoint and finishes."""
+    checkpoint (stream positions included) and finishes."""
     import signal
 
     import psutil
 
     config, store, prepared = job[0], job[1], job[2]
     raw = config.model_dump(mode="json")
-    raw["teacher"]["train"]["max_steps"] = 120  # its own step key; killed long before the end
+    raw["teacher"]["train"] |= {"max_steps": 120, "shuffle_buffer": 16}  # its own step key; killed long before the end
     raw["distill"]["checkpoint_every"] = 30  # each checkpoint is a Ray Train report: few of them
     raw["compute"] |= {"backend": "ray", "num_workers": 1, "cpus_per_worker": 1}
     arguments = [sys.executable, "-c", TEACHER_STEP_SCRIPT, json.dumps(raw), prepared.to_json()]
@@ -238,6 +238,9 @@ def test_a_rerun_after_its_ray_driver_was_killed_resumes_from_its_checkpoint(job
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     metrics = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert metrics["resumed_from_step"] in (30, 60, 90), metrics["resumed_from_step"]
+    # The stream positions came back through Ray Train's checkpoint: the resume read back its
+    # 16-row buffer's shards, fewer rows than the steps before it (a replay reads all of those).
+    assert 0 < metrics["resume_rows_read"] < metrics["resumed_from_step"] * config.teacher.train.batch_size, metrics
     taught = [folder for folder in store.fs.glob(store.path("teacher/*")) if folder not in earlier]
     assert len(taught) == 1 and store.fs.exists(f"{taught[0]}/manifest.json") and not store.fs.exists(f"{taught[0]}/checkpoints")
 
