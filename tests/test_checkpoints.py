@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/test_checkpoints.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,11 +25,12 @@ from kd_core.storage import Store
 from kd_core.train.checkpoints import (
     CheckpointError,
     load_rank_state,
+    load_stream_positions,
     save_rank_state,
     weights_only_checkpoint_engine_class,
 )
 from kd_core.train.distill import distill
-from kd_core.train.loop import TrainSpec, train_worker
+from kd_core.train.loop import TrainSpec, train_worker, training_batches
 from kd_core.train.ray_glue import fit
 from kd_core.train.teacher import teacher
 from kd_core.train.tracking import TrainingRun
@@ -95,6 +97,43 @@ def test_a_crashed_run_resumes_from_its_checkpoint_with_the_same_losses(job, run
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in reference])
 
 
+@pytest.mark.parametrize("data_workers", [0, 2])
+def test_a_resume_reads_back_its_buffers_not_the_steps_before_it(job, capsys, data_workers):
+    """Resumed at step 96 (768 rows in), a run reads back only the shards its consumers' shuffle
+    buffers reference and the ones they were reading, and trains on exactly the batches an
+    uninterrupted run did, with DataLoader workers too (the worker whose turn was next serves
+    first). The same checkpoint without its stream positions (as an older kdflow wrote it) still
+    resumes to the same losses, by replaying every batch before the step."""
+    config, store = job[0], job[1]
+    train = config.distill.train.model_copy(update={"max_steps": 100, "shuffle_buffer": 16, "data_workers": data_workers})
+
+    def spec(folder: str) -> TrainSpec:
+        return TrainSpec.from_prep(job[2], store, folder, config.student.architecture, train, checkpoint_every=48)
+
+    whole, interrupted = spec(f"reads-whole-{data_workers}"), spec(f"reads-interrupted-{data_workers}")
+    train_worker(whole)
+    with pytest.raises(SimulatedCrash):
+        train_worker(interrupted, progress=crash_at(98))
+    checkpoint = f"{interrupted.checkpoint_folder}/step-00000096"
+    saved = json.loads(store.read_bytes(f"{checkpoint}/stream-0.json"))
+    assert saved["workers"] == max(1, data_workers) and saved["batches"] == 96
+    referenced = {shard for position in saved["positions"].values() for _, shard, _ in position["buffer"]}
+    rows_per_shard, rows_before = 64, 96 * train.batch_size
+
+    reference = pytest.approx([r["loss"] for r in history(store, whole.output_folder)], rel=1e-5)
+    resumed = train_worker(interrupted)
+    assert resumed["resumed_from_step"] == 96
+    assert [r["loss"] for r in history(store, interrupted.output_folder)] == reference
+    assert 0 < resumed["resume_rows_read"] <= rows_per_shard * (len(referenced) + len(saved["positions"])) < rows_before
+
+    store.delete(f"{checkpoint}/stream-0.json")
+    capsys.readouterr()
+    replayed = train_worker(interrupted)
+    assert "holds no data-stream positions (an older kdflow wrote it): replaying the stream up to it" in capsys.readouterr().out
+    assert replayed["resumed_from_step"] == 96 and replayed["resume_rows_read"] >= rows_before
+    assert [r["loss"] for r in history(store, interrupted.output_folder)] == reference
+
+
 def test_a_resumed_run_logs_each_step_once_to_its_mlflow_run(job, tmp_path):
     from mlflow import MlflowClient
 
@@ -103,7 +142,7 @@ def test_a_resumed_run_logs_each_step_once_to_its_mlflow_run(job, tmp_path):
     spec.tracking = TrainingRun.for_job(registry, "resumed", {"distill.train.max_steps": 12})
     with pytest.raises(SimulatedCrash):
         train_worker(spec, progress=crash_at(7))  # steps 1-7 logged, checkpoint at 4
-    result = train_worker(spec)  # replays 5-7 from the checkpoint at 4
+    result = train_worker(spec)  # resumes from the checkpoint at 4: steps 5-7 are trained again
     assert result["resumed_from_step"] == 4
     client = MlflowClient(registry.tracking_uri)
     run = client.get_run(result["mlflow_run_id"])
@@ -144,6 +183,68 @@ def test_a_killed_teacher_resumes_from_its_checkpoint(job):
     assert not store.exists(f"{taught.folder}/checkpoints") and "model/model.safetensors" in taught.outputs
 
 
+TEACHER_STEP_SCRIPT = (
+    "import sys, json\n"
+    "from kd_core.config import validate_config\n"
+    "from kd_core.manifest import Manifest\n"
+    "from kd_core.storage import Store\n"
+    "from kd_core.train.teacher import teacher\n"
+    "config = validate_config(json.loads(sys.argv[1]))\n"
+    "prepared = Manifest.from_json(sys.argv[2], \"prep manifest\")\n"
+    "taught = teacher(config.teacher, prepared, Store(config.storage), config.compute, checkpointing=config.distill)\n"
+    "print(json.dumps(taught.metrics))\n"
+)
+"""The teacher step as its own driver process: argv holds the job's config and the prep manifest;
+it prints the teacher manifest's metrics."""
+
+
+@pytest.mark.slow
+def test_a_rerun_after_its_ray_driver_was_killed_resumes_from_its_checkpoint(job):
+    """The path a cluster retry takes: the teacher step on the Ray backend, its driver and the
+    local Ray cluster it started SIGKILLed once Ray Train has recorded a checkpoint; a rerun of the
+    same step finds Ray Train's record of the run in the step's folder, resumes from its latest
+    checkpoint (stream positions included) and finishes."""
+    import signal
+
+    import psutil
+
+    config, store, prepared = job[0], job[1], job[2]
+    raw = config.model_dump(mode="json")
+    raw["teacher"]["train"] |= {"max_steps": 120, "shuffle_buffer": 16}  # its own step key; killed long before the end
+    raw["distill"]["checkpoint_every"] = 30  # each checkpoint is a Ray Train report: few of them
+    raw["compute"] |= {"backend": "ray", "num_workers": 1, "cpus_per_worker": 1}
+    arguments = [sys.executable, "-c", TEACHER_STEP_SCRIPT, json.dumps(raw), prepared.to_json()]
+    environment = dict(os.environ, KDFLOW_QUIET="1", PYTHONPATH=str(REPO))
+    earlier = set(store.fs.glob(store.path("teacher/*")))
+    # Its own process group: ray.init starts the local cluster's processes (GCS, raylet, workers) in it.
+    driver = subprocess.Popen(arguments, env=environment, start_new_session=True, stdout=subprocess.DEVNULL)
+    cluster: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        snapshots = store.path("teacher/*/checkpoints/checkpoint_manager_snapshot.json")  # Ray Train's record of the run
+        while not any(b"step-" in store.fs.cat_file(path) for path in store.fs.glob(snapshots) if path.rsplit("/checkpoints/", 1)[0] not in earlier):
+            assert driver.poll() is None and time.monotonic() < deadline, "the teacher recorded no checkpoint with Ray Train"
+            time.sleep(0.05)
+        cluster = psutil.Process(driver.pid).children(recursive=True)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        for process in cluster:  # any that left the group
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        _, alive = psutil.wait_procs(cluster, timeout=30)
+    assert not alive, f"Ray processes of the killed driver are still running: {alive}"
+    rerun = subprocess.run(arguments, env=environment, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    metrics = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert metrics["resumed_from_step"] in (30, 60, 90), metrics["resumed_from_step"]
+    # The stream positions came back through Ray Train's checkpoint: the resume read back its
+    # 16-row buffer's shards, fewer rows than the steps before it (a replay reads all of those).
+    assert 0 < metrics["resume_rows_read"] < metrics["resumed_from_step"] * config.teacher.train.batch_size, metrics
+    taught = [folder for folder in store.fs.glob(store.path("teacher/*")) if folder not in earlier]
+    assert len(taught) == 1 and store.fs.exists(f"{taught[0]}/manifest.json") and not store.fs.exists(f"{taught[0]}/checkpoints")
+
+
 def test_a_fresh_run_ignores_old_checkpoints_and_a_finished_run_deletes_them(job):
     config, store = job[0], job[1]
     spec = student_spec(job, "fresh", "zero2")
@@ -163,6 +264,16 @@ def test_a_checkpoint_from_another_world_size_is_refused(tmp_path):
     assert load_rank_state(tmp_path, rank=1, world_size=2) == 40
     with pytest.raises(CheckpointError, match="written by 2 workers.*compute.num_workers=2"):
         load_rank_state(tmp_path, rank=0, world_size=1)
+
+
+def test_stream_positions_that_do_not_fit_the_run_are_refused(job, tmp_path):
+    (tmp_path / "stream-0.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"stream-0.json: not valid JSON .*distill.resume=never"):
+        load_stream_positions(tmp_path, rank=0)
+    assert load_stream_positions(tmp_path, rank=1) is None  # an older checkpoint: replayed
+    spec = student_spec(job, "misfit", "plain")
+    with pytest.raises(CheckpointError, match="read by 2 data workers per rank and this run has train.data_workers=0"):
+        training_batches(spec, 0, 1, 1, {"format": 1, "workers": 2, "batches": 8, "positions": {}})
 
 
 class _Payload:

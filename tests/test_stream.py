@@ -1,4 +1,5 @@
-"""The trainer's streaming reader: no overlap across ranks and workers, seeded order, named errors.
+"""The trainer's streaming reader: no overlap across ranks and workers, seeded order, named errors,
+and resuming from a saved position without re-reading the stream before it.
 
 Shards are written directly (token rows numbered so each row says which it is), with cache shards
 encoded from random teacher distributions; no model is trained here.
@@ -7,6 +8,7 @@ Run: .venv/bin/python -m pytest tests/test_stream.py
 
 from __future__ import annotations
 
+import json
 from itertools import islice
 
 import numpy as np
@@ -17,7 +19,7 @@ from torch.utils.data import DataLoader
 from kd_core.cache.format import CacheLayout
 from kd_core.config import StorageConfig
 from kd_core.data.shards import ShardError, encode_arrow
-from kd_core.data.stream import TrainingStream, collate
+from kd_core.data.stream import StreamPositionError, TrackedBatches, TrainingStream, as_served, collate
 from kd_core.storage import Store
 
 SEQ_LEN, VOCAB = 4, 64
@@ -166,3 +168,62 @@ def test_only_the_columns_a_model_reads_are_decoded_and_a_missing_one_is_named(t
         assert all(sample[name].dtype == np.int64 for sample in samples for name in expected if name.endswith("_ids"))
     with pytest.raises(ShardError, match=r"pairs/0.arrow: has no column 'input_ids' \(it has chosen_ids, .*pixels"):
         list(TrainingStream(store.config, pairs, epochs=1, columns=input_columns("causal_lm")))
+
+
+# ------------------------------------------------------------------------------ resuming
+SMALL_SHARDS, SHARD_ROWS, BUFFER, BATCH = 20, 6, 4, 2
+
+
+def tracked_batches(store, tokens, caches, workers: int, resume: dict | None = None, **options) -> TrackedBatches:
+    """A rank's endless batches as the training loop reads them (batches with positions, through a DataLoader)."""
+    stream = TrainingStream(
+        store.config, tokens, cache_shards=caches, cache_layout=LAYOUT, seed=7, shuffle_buffer=BUFFER, batch_size=BATCH, resume=resume, **options
+    )
+    return TrackedBatches(iter(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=as_served)), max(1, workers), resume)
+
+
+@pytest.mark.parametrize("workers, split", [(0, "shards"), (2, "shards"), (2, "rows")])
+def test_a_resumed_stream_reads_back_only_its_buffers_and_serves_the_same_batches(tmp_path, workers, split):
+    """Rank 1 of 2 saves its position after N batches (N = 3; 29: mid-drain of an epoch's buffer
+    without workers; 121: the fifth epoch) and a new stream resumes from it: the next batches are
+    the ones the uninterrupted stream served, every column equal, while it read only the shards
+    its buffers reference and the ones its consumers were reading (at most buffer + 1 shards per
+    consumer, whatever N). Reaching batch N from the start, as a replay does, reads every row
+    before it."""
+    store = Store(StorageConfig(root=str(tmp_path)))
+    tokens, caches = write_shards(store, [SHARD_ROWS] * SMALL_SHARDS)
+    options = {"rank": 1, "world_size": 2, "split": split}
+    consumers = max(1, workers)
+    refill_bound = consumers * (BUFFER + 1) * SHARD_ROWS
+    replay_rows = []
+    for served in (3, 29, 121):
+        uninterrupted = tracked_batches(store, tokens, caches, workers, **options)
+        for _ in range(served):
+            next(uninterrupted)
+        replay_rows.append(uninterrupted.rows_read())
+        saved = json.loads(json.dumps(uninterrupted.state()))  # what a checkpoint holds
+        expected = [next(uninterrupted) for _ in range(2 * consumers + 1)]
+        resumed = tracked_batches(store, tokens, caches, workers, resume=saved, **options)
+        for index, batch in enumerate(expected):
+            following = next(resumed)
+            assert following.keys() == batch.keys()
+            assert all(torch.equal(following[name], batch[name]) for name in batch), (served, index, rows_of(following["input_ids"]))
+        assert 0 < resumed.resume_rows_read() <= refill_bound, (served, resumed.resume_rows_read())
+        assert replay_rows[-1] >= served * BATCH * (2 if split == "rows" else 1), (served, replay_rows)
+    assert replay_rows[-1] > 3 * refill_bound  # at N = 121 a replay reads several times the most a resume can
+
+
+def test_a_saved_position_that_does_not_fit_the_stream_is_refused(tmp_path):
+    store = Store(StorageConfig(root=str(tmp_path)))
+    tokens, caches = write_shards(store, [SHARD_ROWS] * 4)
+    batches = tracked_batches(store, tokens, caches, 0, rank=1, world_size=2)
+    next(batches)
+    saved = batches.state()
+    with pytest.raises(StreamPositionError, match="is consumer 1 of 2, but this run's is 0 of 1"):
+        next(tracked_batches(store, tokens, caches, 0, resume=saved))
+    read_this_epoch = dict(TrainingStream(store.config, tokens, seed=7).epoch_plan(0, consumer=1, consumers=2))
+    saved["positions"]["0"]["buffer"][0][1] = next(shard for shard in range(4) if shard not in read_this_epoch)
+    with pytest.raises(StreamPositionError, match="does not fit this data"):
+        next(tracked_batches(store, tokens, caches, 0, resume=saved, rank=1, world_size=2))
+    with pytest.raises(StreamPositionError, match="format 7, this kdflow reads format 1"):
+        tracked_batches(store, tokens, caches, 0, resume=saved | {"format": 7}, rank=1, world_size=2)

@@ -6,12 +6,20 @@ A checkpoint of step N is one folder, written by every rank:
   learning-rate schedule). A plain-torch run writes `model.safetensors`, `optimizer.pt` (tensors
   and numbers only) and `schedule.json` from rank 0 instead.
 - `rank-<R>.safetensors`: each rank's RNG states, with the step and world size in its metadata.
+- `stream-<R>.json`: each rank's data-stream positions (`kd_core.data.stream.TrackedBatches`):
+  for every consumer it reads through (one per DataLoader worker), the epoch, the entry of the
+  epoch's shard plan, the rows of it taken in, the rows served, the shuffle generator's state and
+  the buffered rows as (epoch, shard index, row) references, as of the last batch the trainer
+  took (not what prefetch threads or workers read ahead), and the batches served so far (whose
+  turn is next among the workers).
 - `history.jsonl` and `run.json` from rank 0: the log records so far and the MLflow run id, so a
   resumed run appends to the same history and the same MLflow run.
 
-The data position needs no file: a rank's batches are a pure function of the seed and the world
-size (`TrainingStream`), so a resumed rank replays its stream up to step N without training on it
-and continues with exactly the batch that comes next; no sample is skipped or repeated.
+A resumed rank's stream starts from its positions: it reads back only the shards its buffers
+reference and the ones it was reading, whatever the step, and continues with exactly the batch
+that comes next; no sample is skipped or repeated. A checkpoint without `stream-<R>.json`
+(written by an older kdflow) is resumed by replaying the stream up to step N without training on
+it, which reads every batch before it; the run says so in one line.
 
 Where checkpoints go (`CheckpointSink`):
 - `RayTrainCheckpoints`: under Ray Train each rank writes its part to a local temporary folder and
@@ -94,6 +102,28 @@ def _world_size_of(folder: Path) -> int:
         raise CheckpointError(f"{folder}: not a kdflow checkpoint (no rank-0.safetensors); set distill.resume=never to start over")
     with safe_open(str(first), framework="pt") as handle:
         return int(handle.metadata()["world_size"])
+
+
+def save_stream_positions(folder: Path, rank: int, positions: dict) -> None:
+    """This rank's data-stream positions (`TrackedBatches.state()`), as JSON."""
+    (folder / f"stream-{rank}.json").write_text(json.dumps(positions))
+
+
+def load_stream_positions(folder: Path, rank: int) -> dict | None:
+    """This rank's data-stream positions, or None for a checkpoint written before kdflow saved
+    them (the run then replays its stream to the step)."""
+    path = folder / f"stream-{rank}.json"
+    if not path.exists():
+        return None
+    try:
+        positions = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); set distill.resume=never to start over") from None
+    if not isinstance(positions, dict) or not {"workers", "batches", "positions"} <= positions.keys():
+        raise CheckpointError(
+            f"{path}: not kdflow data-stream positions (no workers, batches or positions); set distill.resume=never to start over"
+        )
+    return positions
 
 
 # ------------------------------------------------------------------------- safe DeepSpeed loads

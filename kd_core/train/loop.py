@@ -11,7 +11,8 @@ size and the number of data workers. Each rank takes `batch_size / world_size` r
 With `online_teacher` set, the teacher runs on every batch instead of a
 cache and its full logits are the target (in its own DeepSpeed engine beside a DeepSpeed student).
 Every `checkpoint_every` steps each rank writes its part of a checkpoint, and a run resumes from
-the latest one (`kd_core/train/checkpoints.py`).
+the latest one (`kd_core/train/checkpoints.py`): the stream continues from the saved position of
+each of the rank's consumers (`TrackedBatches`), reading back only what its shuffle buffers held.
 
 A step whose loss or gradient norm is NaN or infinite on any rank is skipped by the runner (no
 update); `NonFiniteSteps` counts them (`skipped_steps` in each log record) and, after more than
@@ -46,7 +47,7 @@ from kd_core.config import (
     VisionConfig,
 )
 from kd_core.data.shards import read_columns, split_shards
-from kd_core.data.stream import TrainingStream, collate
+from kd_core.data.stream import TrackedBatches, TrainingStream, as_served
 from kd_core.errors import TrainingDiverged
 from kd_core.losses import DistillationObjective, RewardObjective
 from kd_core.manifest import Manifest, ManifestError
@@ -54,7 +55,15 @@ from kd_core.progress import say
 from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
 from kd_core.models.reward import build_multimodal_reward_model, build_text_reward_model
 from kd_core.storage import FileRecord, Store
-from kd_core.train.checkpoints import CheckpointSink, StoreCheckpoints, load_rank_state, save_rank_state
+from kd_core.train.checkpoints import (
+    CheckpointError,
+    CheckpointSink,
+    StoreCheckpoints,
+    load_rank_state,
+    load_stream_positions,
+    save_rank_state,
+    save_stream_positions,
+)
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine, deepspeed_config
 from kd_core.train.step import PlainRunner, RewardStep, StudentStep, input_columns, unwrap
 from kd_core.train.tracking import MlflowLogger, TrainingRun
@@ -153,8 +162,11 @@ class TrainSpec:
         )
 
 
-def training_stream(spec: TrainSpec, rank: int, world_size: int) -> TrainingStream:
-    """This rank's endless stream of training rows (and teacher targets)."""
+def training_stream(
+    spec: TrainSpec, rank: int, world_size: int, batch_size: int | None = None, resume: dict | None = None
+) -> TrainingStream:
+    """This rank's endless stream of training rows (and teacher targets); with `batch_size`, of
+    batches with their positions, continuing from `resume` (`TrackedBatches.state()`)."""
     return TrainingStream(
         spec.storage,
         spec.token_shards,
@@ -167,7 +179,45 @@ def training_stream(spec: TrainSpec, rank: int, world_size: int) -> TrainingStre
         prefetch_shards=spec.train.prefetch_shards,
         split=spec.train.data_split,
         columns=input_columns(spec.model_kind),
+        batch_size=batch_size,
+        resume=resume,
     )
+
+
+def training_batches(spec: TrainSpec, rank: int, world_size: int, accumulation: int, resume: dict | None) -> TrackedBatches:
+    """This rank's micro-batches, from the start or from the saved positions `resume`. Creating
+    the DataLoader's iterator draws its base seed from the torch RNG: call this before restoring
+    the RNG, as an uninterrupted run did before its first step."""
+    workers = max(1, spec.train.data_workers)
+    if resume is not None and resume.get("workers") != workers:
+        raise CheckpointError(
+            f"{spec.checkpoint_folder}: the checkpoint's data stream was read by {resume.get('workers')} data workers per rank and "
+            f"this run has train.data_workers={spec.train.data_workers}; resume with the value it was written with, "
+            "or set distill.resume=never to start over"
+        )
+    stream = training_stream(spec, rank, world_size, spec.train.batch_size // (world_size * accumulation), resume)
+    loader = DataLoader(stream, batch_size=None, num_workers=spec.train.data_workers, collate_fn=as_served)
+    return TrackedBatches(iter(loader), workers, resume)
+
+
+def resume_stream(run: WorkerRun, batches: TrackedBatches, positions: dict | None) -> None:
+    """Bring a resumed rank's stream to its restored step. With saved positions it is there
+    already; a checkpoint without them (written by an older kdflow) is reached by replaying the
+    stream: reading and dropping every batch up to the step."""
+    served = run.start_step * run.accumulation
+    if positions is None:
+        if served:
+            print(
+                f"{run.spec.output_folder}: the checkpoint at step {run.start_step} holds no data-stream positions "
+                "(an older kdflow wrote it): replaying the stream up to it", flush=True,
+            )
+            batches.replay(served)
+        return
+    if positions["batches"] != served:
+        raise CheckpointError(
+            f"{run.spec.checkpoint_folder}: the checkpoint's data-stream positions follow {positions['batches']} batches, but step "
+            f"{run.start_step} at {run.accumulation} micro-batches per step is {served}; set distill.resume=never to start over"
+        )
 
 
 def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -211,12 +261,6 @@ def train_worker(
     store = Store(spec.storage)
     checkpoints = checkpoints or StoreCheckpoints(spec.storage, spec.checkpoint_folder, spec.keep_checkpoints, rank)
     accumulation = spec.deepspeed.gradient_accumulation_steps if spec.deepspeed else 1
-    loader = DataLoader(
-        training_stream(spec, rank, world_size),
-        batch_size=spec.train.batch_size // (world_size * accumulation),
-        num_workers=spec.train.data_workers,
-        collate_fn=collate,
-    )
     model = build_model(spec)
     parameters = count_parameters(model)
     module = make_step(spec, model, store)
@@ -231,13 +275,13 @@ def train_worker(
     online_teacher = _load_teacher(store, spec.online_teacher, runner, device) if spec.online_teacher else None
     teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if spec.loss and spec.loss.feature_weight > 0 else []
     run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress, on_validation=on_validation)
-    batches = iter(loader)  # draws its base seed from the torch RNG: before the RNG is restored
-    # --- resume: restore the latest checkpoint and replay the data stream up to it
+    # --- resume: restore the latest checkpoint, and the stream's positions in it
     with checkpoints.latest() as folder:
+        positions = load_stream_positions(folder, rank) if folder is not None else None
+        batches = training_batches(spec, rank, world_size, accumulation, positions)  # before the RNG is restored
         if folder is not None:
             run.restore(folder)
-    for _ in range(run.start_step * accumulation):
-        next(batches)
+    resume_stream(run, batches, positions)
     started = time.perf_counter()
     if rank == 0 and spec.tracking is not None:
         run.logger = MlflowLogger(spec.tracking)
@@ -254,6 +298,7 @@ def train_worker(
     if run.logger is not None:
         run.logger.end()
         result["mlflow_run_id"] = run.logger.run_id
+    result["resume_rows_read"] = batches.resume_rows_read()  # what restoring the data position read
     # --- save
     if spec.deepspeed:
         with runner.gathered_student() as student:  # every rank enters: ZeRO-3 gathers collectively
@@ -286,7 +331,7 @@ class WorkerRun:
     validation_rows: dict[str, np.ndarray] | None = field(default=None, repr=False)
     """The validation rows' columns (and, for a reward student, the teacher's rewards), read once."""
 
-    def train_steps(self, batches, online_teacher, teacher_layers) -> dict:
+    def train_steps(self, batches: TrackedBatches, online_teacher, teacher_layers) -> dict:
         """The optimizer steps from `start_step`, `accumulation` micro-batches each; returns rank
         0's last log record."""
         spec, train = self.spec, self.spec.train
@@ -327,7 +372,7 @@ class WorkerRun:
                 if self.on_validation is not None:
                     self.on_validation(dict(self.validation))
             if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < train.max_steps:
-                self.checkpoints.save(done, lambda folder: self.write_checkpoint(folder, done), {"step": done})
+                self.checkpoints.save(done, lambda folder: self.write_checkpoint(folder, done, batches.state()), {"step": done})
         return (dict(self.history[-1]) if self.history else {}) | ({"val_loss": self.validation["val_loss"]} if self.validation else {})
 
     @torch.no_grad()
@@ -364,16 +409,18 @@ class WorkerRun:
             rows |= read_columns(store, spec.validation_cache_shards, spec.validation_rows)
         return rows
 
-    def write_checkpoint(self, folder: Path, step: int) -> None:
+    def write_checkpoint(self, folder: Path, step: int, stream_positions: dict) -> None:
         """This rank's part of the checkpoint of `step` (see `kd_core/train/checkpoints.py`)."""
         self.runner.save_state(folder, self.rank)
         save_rank_state(folder, self.rank, self.world_size, step)
+        save_stream_positions(folder, self.rank, stream_positions)
         if self.rank == 0:
             (folder / HISTORY_NAME).write_text("".join(json.dumps(record) + "\n" for record in self.history))
             (folder / RUN_STATE_NAME).write_text(json.dumps({"step": step, "mlflow_run_id": self.logger.run_id if self.logger else None}))
 
     def restore(self, folder: Path) -> None:
-        """Continue from the checkpoint in `folder`: weights, optimizer, schedule, RNG, history."""
+        """Continue from the checkpoint in `folder`: weights, optimizer, schedule, RNG, history (the
+        stream's positions are read before, by `training_batches`)."""
         step = load_rank_state(folder, self.rank, self.world_size)
         self.runner.load_state(folder)
         self.start_step = step
