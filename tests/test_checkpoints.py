@@ -151,38 +151,6 @@ def test_a_resumed_run_logs_each_step_once_to_its_mlflow_run(job, tmp_path):
         assert sorted(point.step for point in client.get_metric_history(run.info.run_id, metric)) == list(range(1, 13)), metric
 
 
-def test_a_killed_teacher_resumes_from_its_checkpoint(job):
-    """The teacher step checkpoints like a student (`distill.checkpoint_every`): SIGKILLed midway,
-    the rerun of the same step continues from its latest checkpoint."""
-    config, store, prepared = job[0], job[1], job[2]
-    script = (
-        "import sys, json\n"
-        "from kd_core.config import validate_config\n"
-        "from kd_core.manifest import Manifest\n"
-        "from kd_core.storage import Store\n"
-        "from kd_core.train.teacher import teacher\n"
-        "config = validate_config(json.loads(sys.argv[1]))\n"
-        "prepared = Manifest.from_json(sys.argv[2], \"prep manifest\")\n"
-        "teacher(config.teacher, prepared, Store(config.storage), config.compute, checkpointing=config.distill)\n"
-    )
-    raw = config.model_dump(mode="json")
-    raw["teacher"]["train"]["max_steps"] = 200  # killed long before the end (a step takes milliseconds)
-    environment = dict(os.environ, KDFLOW_QUIET="1", PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, "-c", script, json.dumps(raw), prepared.to_json()], env=environment)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(store.fs.glob(store.path("teacher/*/checkpoints/step-*/COMPLETE"))):
-            assert child.poll() is None and time.monotonic() < deadline, "the teacher wrote no checkpoint"
-            time.sleep(0.02)
-    finally:
-        child.kill()
-        child.wait()
-    # The same step (same key: max_steps is part of it) resumes; the checkpoints go once it is saved.
-    taught = teacher(validate_config(raw).teacher, prepared, store, config.compute, checkpointing=config.distill)
-    assert 4 <= taught.metrics["resumed_from_step"] < 200, taught.metrics["resumed_from_step"]
-    assert not store.exists(f"{taught.folder}/checkpoints") and "model/model.safetensors" in taught.outputs
-
-
 TEACHER_STEP_SCRIPT = (
     "import sys, json\n"
     "from kd_core.config import validate_config\n"
@@ -196,6 +164,28 @@ TEACHER_STEP_SCRIPT = (
 )
 """The teacher step as its own driver process: argv holds the job's config and the prep manifest;
 it prints the teacher manifest's metrics."""
+
+
+def test_a_killed_teacher_resumes_from_its_checkpoint(job):
+    """The teacher step checkpoints like a student (`distill.checkpoint_every`): SIGKILLed midway,
+    the rerun of the same step continues from its latest checkpoint."""
+    config, store, prepared = job[0], job[1], job[2]
+    raw = config.model_dump(mode="json")
+    raw["teacher"]["train"]["max_steps"] = 200  # killed long before the end (a step takes milliseconds)
+    environment = dict(os.environ, KDFLOW_QUIET="1", PYTHONPATH=str(REPO))
+    child = subprocess.Popen([sys.executable, "-c", TEACHER_STEP_SCRIPT, json.dumps(raw), prepared.to_json()], env=environment)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(store.fs.glob(store.path("teacher/*/checkpoints/step-*/COMPLETE"))):
+            assert child.poll() is None and time.monotonic() < deadline, "the teacher wrote no checkpoint"
+            time.sleep(0.02)
+    finally:
+        child.kill()
+        child.wait()
+    # The same step (same key: max_steps is part of it) resumes; the checkpoints go once it is saved.
+    taught = teacher(validate_config(raw).teacher, prepared, store, config.compute, checkpointing=config.distill)
+    assert 4 <= taught.metrics["resumed_from_step"] < 200, taught.metrics["resumed_from_step"]
+    assert not store.exists(f"{taught.folder}/checkpoints") and "model/model.safetensors" in taught.outputs
 
 
 @pytest.mark.slow
