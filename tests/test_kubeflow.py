@@ -445,7 +445,7 @@ class ScriptedRayJobs:
     def __init__(self, statuses, on_get=None, faults=None, existing=()):
         self.statuses, self.on_get, self.faults = list(statuses), on_get, {name: list(queue) for name, queue in (faults or {}).items()}
         self.jobs = list(existing)
-        self.created, self.deleted, self.owners, self.calls, self.gets = [], [], [], [], 0
+        self.created, self.deleted, self.owners, self.fenced, self.calls, self.gets = [], [], [], [], [], 0
 
     def _fault(self, method):
         queue = self.faults.get(method)
@@ -464,6 +464,12 @@ class ScriptedRayJobs:
         self.calls.append(("create", body["metadata"]["name"]))
         self.created.append((namespace, body["metadata"]["name"]))
         self.jobs.append({**body, "status": {}})
+        return body
+
+    def fence(self, namespace, rayjob):
+        self._fault("fence")
+        self.calls.append(("fence", rayjob["metadata"]["name"]))
+        self.fenced.append(rayjob["metadata"]["name"])
 
     def get(self, namespace, name):
         self._fault("get")
@@ -614,7 +620,8 @@ def test_transient_api_errors_are_retried_and_the_job_is_neither_failed_nor_dele
     status = run_rayjob(api, _rayjob(), poll_seconds=10, report=lines.append, sleep=clock.sleep, clock=clock, retry=ApiRetry(900, 1, 60))
 
     assert status.succeeded and api.created == [("kdflow", "kdflow-distill-t")]
-    assert [call for call, _ in api.calls] == ["list", "create", "get", "get", "get", "delete"], "deleted only once it succeeded"
+    # The create that landed is read back (the first get), then fenced with its NetworkPolicy.
+    assert [call for call, _ in api.calls] == ["list", "create", "get", "fence", "get", "get", "delete"], "deleted only once it succeeded"
     waits = [seconds for seconds in clock.sleeps if seconds != 10]
     assert len(waits) == 6  # list 1, create 2, get 3
     assert 0.5 <= waits[0] <= 1.0 and 0.5 <= waits[1] <= 1.0 and 1.0 <= waits[2] <= 2.0  # doubling, jittered
@@ -642,6 +649,7 @@ def test_retries_used_up_fail_the_step_and_leave_the_rayjob_running_for_a_rerun_
     assert api.created == [("kdflow", "kdflow-distill-a")], "adopted, not created a second time"
     assert api.calls[-2:] == [("get", "kdflow-distill-a"), ("delete", "kdflow-distill-a")]
     assert api.owners == [("kdflow-distill-a", [pod_a, pod_b])], "the adopting pod owns it too"
+    assert api.fenced == ["kdflow-distill-a", "kdflow-distill-a"], "fenced when created, and again (kept) when adopted"
 
 
 def test_only_a_rayjob_still_going_is_adopted():

@@ -243,7 +243,8 @@ class RayJobApi(Protocol):
     """The RayJob endpoints of the Kubernetes API; errors are raised as the kubernetes client raises them."""
 
     def list(self, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
-    def create(self, namespace: str, body: dict[str, Any]) -> None: ...
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    def fence(self, namespace: str, rayjob: dict[str, Any]) -> None: ...
     def get(self, namespace: str, name: str) -> dict[str, Any]: ...
     def set_owners(self, namespace: str, name: str, owners: list[dict[str, str]]) -> None: ...
     def delete(self, namespace: str, name: str) -> None: ...
@@ -280,10 +281,12 @@ class KubernetesRayJobApi:
         )
         return found.get("items", [])
 
-    def create(self, namespace: str, body: dict[str, Any]) -> None:
-        """Create the RayJob, then its NetworkPolicy, owned by it (kd_core/kubeflow/isolation.py)."""
-        created = self._objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _request_timeout=self.REQUEST_TIMEOUT)
-        fence_rayjob(self._objects.api_client, created, template_path().with_name(POLICY_TEMPLATE_NAME))
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, _request_timeout=self.REQUEST_TIMEOUT)
+
+    def fence(self, namespace: str, rayjob: dict[str, Any]) -> None:
+        """The RayJob's NetworkPolicy, owned by it (kd_core/kubeflow/isolation.py); kept if it exists."""
+        fence_rayjob(self._objects.api_client, rayjob, template_path().with_name(POLICY_TEMPLATE_NAME))
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         return self._objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.REQUEST_TIMEOUT)
@@ -440,20 +443,26 @@ class PatientRayJobApi:
     def list(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         return self._call(f"list RayJobs {namespace}/{label_selector}", lambda: self.api.list(namespace, label_selector))
 
-    def create(self, namespace: str, body: dict[str, Any]) -> None:
-        """Create; a 409 after a transient failure means the failed try did create it (the name is unique to this attempt)."""
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create and return the RayJob as stored; a 409 after a transient failure means the failed
+        try did create it (the name is unique to this attempt): it is read back."""
         name, tried = body["metadata"]["name"], []
 
-        def create_once() -> None:
+        def create_once() -> dict[str, Any] | None:
             tried.append(True)
             try:
-                self.api.create(namespace, body)
+                return self.api.create(namespace, body)
             except Exception as err:
                 if len(tried) > 1 and getattr(err, "status", None) == 409:
-                    return
+                    return None
                 raise
 
-        self._call(f"create RayJob {namespace}/{name}", create_once)
+        created = self._call(f"create RayJob {namespace}/{name}", create_once)
+        return created if created is not None else self.get(namespace, name)
+
+    def fence(self, namespace: str, rayjob: dict[str, Any]) -> None:
+        name = rayjob["metadata"]["name"]
+        self._call(f"create the NetworkPolicy of RayJob {namespace}/{name}", lambda: self.api.fence(namespace, rayjob))
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         return self._call(f"get RayJob {namespace}/{name}", lambda: self.api.get(namespace, name))
@@ -568,13 +577,14 @@ def _adopt_or_create(api: PatientRayJobApi, rayjob: dict[str, Any], report: Call
     namespace, key = metadata["namespace"], metadata["labels"][STEP_KEY_LABEL]
     going = [job for job in api.list(namespace, f"{STEP_KEY_LABEL}={key}") if not RayJobStatus.of(job).finished]
     if not going:
-        api.create(namespace, rayjob)
+        api.fence(namespace, api.create(namespace, rayjob))
         replicas = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
         report(f"RayJob {namespace}/{metadata['name']} created ({replicas} worker pods, {STEP_KEY_LABEL}={key})")
         return metadata["name"]
     adopted = max(going, key=lambda job: job["metadata"].get("creationTimestamp") or "")
     name = adopted["metadata"]["name"]
     report(f"RayJob {namespace}/{name} adopted: it is still running this step ({STEP_KEY_LABEL}={key})")
+    api.fence(namespace, adopted)  # its first step may have died between creating it and its NetworkPolicy
     owners = adopted["metadata"].get("ownerReferences") or []
     mine = [owner for owner in metadata.get("ownerReferences", []) if owner["uid"] not in {known["uid"] for known in owners}]
     if mine:
