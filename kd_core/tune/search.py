@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kd_core.config import JobConfig, TuneConfig
 from kd_core.manifest import Manifest
+from kd_core.progress import say
 from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.tune import METRIC, PARENT_RUN_NAME, job_with, quiet, search_space
@@ -37,6 +38,11 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
 
     settings = config.tune
     steps = settings.max_steps or config.distill.train.max_steps
+    s3 = config.storage.s3
+    if not store.is_local and (s3.access_key_id is not None or s3.secret_access_key is not None):
+        say("[yellow]tune: Ray Tune keeps its storage filesystem, with the storage.s3 credentials given in the config, in its "
+            "experiment state (search/tuner.pkl) on storage.root; give them through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "(or a Kubernetes secret) instead[/yellow]")
     if fresh:
         store.delete(f"{folder}/{SEARCH_FOLDER}")
         store.delete(f"{folder}/{DIGESTS_NAME}")
