@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -730,6 +731,11 @@ class KubeflowConfig(Section):
         return self
 
 
+_OBJECT_STORE_USERINFO = re.compile(r"^(s3a?|gs|gcs|az|abfs)://[^/@]*@", re.IGNORECASE)
+"""`s3://KEY:SECRET@bucket/...`: object stores take no credentials in the URL (the client would
+send `KEY:SECRET@bucket` as the bucket name, and name it in its error)."""
+
+
 class JobConfig(Section):
     name: str = Field(default="kdflow-job", min_length=1)
     """Human-readable job name (shown in logs and MLflow)."""
@@ -764,6 +770,14 @@ class JobConfig(Section):
     def _cross_section_checks(self) -> JobConfig:
         if self.data.source == "files" and not self.data.files:
             raise ValueError("data.files: must list at least one file when data.source is 'files'")
+        urls = [("storage.root", self.storage.root), *((f"data.files[{i}]", url) for i, url in enumerate(self.data.files or [])),
+                ("data.tokenizer", self.data.tokenizer), ("teacher.path", self.teacher.path)]
+        for field_path, url in urls:
+            if url and _OBJECT_STORE_USERINFO.match(url):
+                raise ValueError(
+                    f"{field_path}: an object-store URL cannot carry credentials ({url}); give them through "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a Kubernetes secret), or storage.s3"
+                )
         if self.teacher.path and not self.data.tokenizer:
             self.data.tokenizer = self.teacher.path  # an existing teacher reads its own tokenizer's ids
         trains_tokenizer = self.data.tokenizer is None  # else the vocabulary is the tokenizer's, checked by the cache stage
