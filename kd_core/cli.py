@@ -37,7 +37,7 @@ from rich.table import Table
 
 from kd_core import __version__
 from kd_core.config import ConfigError, JobConfig, load_config
-from kd_core.errors import InputError, TrainingDiverged
+from kd_core.errors import InputError, RunStopped
 from kd_core.gates import describe_failed
 from kd_core.manifest import Manifest
 from kd_core.pipeline import STAGES
@@ -225,7 +225,7 @@ def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str
     except InputError as err:  # a shard, data file, manifest or teacher to fix: its message names it
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
-    except TrainingDiverged as err:  # names the run, the step and the last finite loss
+    except RunStopped as err:  # a diverged run (the step, the last finite loss), a step another run holds
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 1
     print_summary(steps, time.perf_counter() - started)
@@ -352,7 +352,9 @@ def _headline(step: str, manifest: Manifest) -> str:
             f"{metrics['train_tokens']:,} train tokens, vocab {details['vocab_size']}"
         )
     if step in ("teacher", "distill", "baseline") and "parameters" in metrics:
-        return f"{metrics['parameters']:,} params, final loss {metrics.get('loss', float('nan')):.3f}"
+        skipped = metrics.get("skipped_steps") or 0
+        note = f"; [yellow]{skipped} steps skipped (loss or gradient not finite)[/yellow]" if skipped else ""
+        return f"{metrics['parameters']:,} params, final loss {metrics.get('loss', float('nan')):.3f}{note}"
     if step == "teacher":
         return f"existing model {details.get('external_url', '')}"
     if step == "cache" and details["layout"]["format"] == "reward":

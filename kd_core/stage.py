@@ -46,7 +46,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kd_core.config import public_dict, section_hash
-from kd_core.errors import InputError
+from kd_core.errors import RunStopped
 from kd_core.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -197,7 +197,7 @@ def reused_manifest(run: StageRun) -> Manifest:
 LEASE_NAME = "LEASE.json"
 
 
-class StageBusy(InputError):
+class StageBusy(RunStopped):
     """Another run holds the step's lease and did not finish within `compute.lease_wait_s`."""
 
 

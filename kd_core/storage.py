@@ -199,8 +199,10 @@ def check_object_store(config: StorageConfig) -> str | None:
 
 def check_bucket(fs: fsspec.AbstractFileSystem, url: str, field: str) -> None:
     """On an object store, the bucket of `url` exists (a glob in a missing bucket matches nothing,
-    silently): else a `StorageError` naming `field`, `url` and the bucket. Local paths pass."""
-    if isinstance(fs, LocalFileSystem) or "://" not in url or url.startswith("file://"):
+    silently): else a `StorageError` naming `field`, `url` and the bucket. Local paths and stores
+    without buckets (http, memory) pass."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & (_OBJECT_STORES - {"memory"}) or "://" not in url:
         return
     bucket = fs._strip_protocol(url).split("/", 1)[0]
     with reaching(url, field):

@@ -118,5 +118,5 @@ def test_fail_on_gates_exits_3_after_the_summary_and_promote_asks_for_force(tmp_
     assert main(["run", *job, "distill.train.learning_rate=1e30"]) == 1
     printed = capsys.readouterr()
     assert "Traceback" not in printed.err and "training diverged at step 5" in printed.err
-    assert "the last finite loss was" in printed.err and "train.max_nonfinite_steps = 3" in printed.err
+    assert "the last finite loss was" in printed.err and "distill.train.max_nonfinite_steps = 3" in printed.err
     assert len(client.search_model_versions(f"name = '{model_name}'")) == 1

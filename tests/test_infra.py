@@ -237,7 +237,8 @@ def test_creating_a_rayjob_through_the_kubernetes_api_creates_its_network_policy
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     try:
         rayjob = built_rayjob()
-        KubernetesRayJobApi().create("kdflow", rayjob)
+        api = KubernetesRayJobApi()
+        api.fence("kdflow", api.create("kdflow", rayjob))  # what run_rayjob does after a create (and on adoption)
     finally:
         server.shutdown()
     paths = [path for path, _ in received]

@@ -127,8 +127,8 @@ def test_a_run_at_learning_rate_1e30_aborts_naming_the_step_and_the_last_finite_
     assert math.isfinite(diverged.last_finite_loss) and diverged.last_finite_loss > 0
     assert str(diverged) == (
         f"diverged-{runner}: training diverged at step 4: the loss or gradient norm was NaN or infinite for 3 steps in a row "
-        f"(train.max_nonfinite_steps = 2); the last finite loss was {diverged.last_finite_loss:.4g} at step 1. "
-        "Lower train.learning_rate, keep train.grad_clip set, or check the data and teacher targets"
+        f"(distill.train.max_nonfinite_steps = 2); the last finite loss was {diverged.last_finite_loss:.4g} at step 1. "
+        "Lower distill.train.learning_rate, keep distill.train.grad_clip set, or check the data and teacher targets"
     )
     assert not store.exists(f"diverged-{runner}/model/model.safetensors")  # nothing saved to be registered
 

@@ -436,6 +436,8 @@ class NonFiniteSteps:
 
     def __init__(self, limit: int, run_name: str, rank: int):
         self.limit, self.run_name, self.rank = limit, run_name, rank
+        self.section = "teacher.train" if run_name.startswith("teacher/") else "distill.train"
+        """The config section of the run's training settings (its folder starts with its stage)."""
         self.in_a_row = self.skipped = 0
         self.last_finite_loss: float | None = None
         self.last_finite_step: int | None = None
@@ -454,8 +456,8 @@ class NonFiniteSteps:
             )
             raise TrainingDiverged(
                 f"{self.run_name}: training diverged at step {step}: the loss or gradient norm was NaN or infinite "
-                f"for {self.in_a_row} steps in a row (train.max_nonfinite_steps = {self.limit}); {last}. "
-                "Lower train.learning_rate, keep train.grad_clip set, or check the data and teacher targets",
+                f"for {self.in_a_row} steps in a row ({self.section}.max_nonfinite_steps = {self.limit}); {last}. "
+                f"Lower {self.section}.learning_rate, keep {self.section}.grad_clip set, or check the data and teacher targets",
                 step=step, last_finite_loss=self.last_finite_loss, last_finite_step=self.last_finite_step,
             )
         if self.rank == 0:
