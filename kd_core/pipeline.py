@@ -136,7 +136,7 @@ def eval_step(
     return _announce(
         evaluate(
             config.eval, prep, teacher, student, baseline, Store(config.storage),
-            job_name=config.name, force=is_forced("eval", force),
+            job_name=config.name, force=is_forced("eval", force), lease=(config.compute.lease_ttl_s, config.compute.lease_wait_s),
         )
     )
 

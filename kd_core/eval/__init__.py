@@ -48,7 +48,7 @@ from kd_core.gates import evaluate_gates, sanity_gates
 from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, load_causal_lm, model_copy
 from kd_core.progress import progress_bar
-from kd_core.stage import StageRun
+from kd_core.stage import StageLease, StageRun, reused_manifest
 from kd_core.storage import Store
 from kd_core.train.teacher import teacher_model_dir
 
@@ -66,12 +66,23 @@ def evaluate(
     *,
     job_name: str = "kdflow job",
     force: bool = False,
+    lease: tuple[float, float] = (120.0, 300.0),
 ) -> Manifest:
-    """`job_name` titles the report (not part of the step's key)."""
+    """`job_name` titles the report (not part of the step's key). The step holds a `StageLease`
+    (`lease`: its ttl and how long to wait, `compute.lease_ttl_s` / `lease_wait_s`), so a second
+    run of it waits and reuses this one's files instead of rewriting them under a registered
+    version."""
     inputs = {"prep": prep, "teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
     run = StageRun(store, "eval", config, inputs=inputs, force=force)
     if run.reused:
         return run.reused
+    with StageLease(store, "eval", run.folder, *lease) as held:
+        if held.finished_elsewhere:
+            return reused_manifest(run)
+        return _measure_and_gate(run, config, prep, teacher, student, baseline, store, inputs, job_name)
+
+
+def _measure_and_gate(run: StageRun, config: EvalConfig, prep, teacher, student, baseline, store: Store, inputs: dict, job_name: str) -> Manifest:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rewards = None
     if prep.details.get("task") == "reward":

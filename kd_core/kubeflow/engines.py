@@ -61,8 +61,15 @@ def pipeline_function(config: JobConfig, pipeline: str = "distill"):
 
 
 def compile_pipeline(config: JobConfig, path: str | Path, pipeline: str = "distill") -> Path:
+    """Compile the DAG to `path`. Secrets in the config never go into it: the steps read them
+    from `kubeflow.secrets` on the cluster (said when the config holds S3 credentials)."""
     from kfp import compiler
 
+    s3 = config.storage.s3
+    if s3.access_key_id is not None or s3.secret_access_key is not None:
+        names = ", ".join(secret.secret for secret in config.kubeflow.secrets) or "none"
+        say(f"[yellow]compile: storage.s3's credentials stay out of the pipeline; on the cluster the steps read "
+            f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from kubeflow.secrets ({names})[/yellow]")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_function(config, pipeline), str(path))
