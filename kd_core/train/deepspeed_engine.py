@@ -103,7 +103,7 @@ class DeepSpeedRunner:
         plain torch optimizer (ZeRO-0 in fp32) the check is made here (`_skip_step`)."""
         sums: dict[str, float] = {}
         losses = []
-        unclipped_norm = None
+        unclipped_norm = checked_finite = None
         for index, batch in enumerate(micro_batches):
             terms = self.engine(batch)
             self.engine.backward(terms["loss"])
@@ -116,16 +116,19 @@ class DeepSpeedRunner:
                 grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
                 norm = torch.stack(grads).norm() if grads else torch.zeros(())
                 unclipped_norm = float(norm)
-                if not self.checks_gradients_itself and not all_ranks_finite([*losses, norm]):
-                    self._skip_step()
-                    continue
+                if not self.checks_gradients_itself:
+                    checked_finite = all_ranks_finite([*losses, norm])
+                    if not checked_finite:
+                        self._skip_step()
+                        continue
             self.engine.step()
         logged = {name: total / len(micro_batches) for name, total in sums.items()}
         grad_norm = unclipped_norm if unclipped_norm is not None else self.engine.get_global_grad_norm()
         logged["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         logged["lr"] = self.engine.get_lr()[0]
-        finite = self.engine.was_step_applied() and all_ranks_finite([*losses, torch.tensor(logged["grad_norm"])])
-        logged["nonfinite"] = float(not finite)
+        if checked_finite is None:  # DeepSpeed's optimizer judged the gradients: check the losses and its norm
+            checked_finite = self.engine.was_step_applied() and all_ranks_finite([*losses, torch.tensor(logged["grad_norm"])])
+        logged["nonfinite"] = float(not checked_finite)
         return logged
 
     def _skip_step(self) -> None:
