@@ -9,12 +9,14 @@ the peak bytes of the tensors a block of torch code allocates.
 `FaultyProxy(upstream)` is an HTTP proxy on 127.0.0.1 in front of such a server that injects the
 faults of a flaky network and an overloaded store: a seeded share of requests answered 503 (or
 500) without reaching the server, others held back, and every request matching a pattern failed.
-It counts what it did, for the reliability figures.
+It counts what it did, for the reliability figures. `KubernetesApiStandIn` answers the RayJob
+endpoints of the Kubernetes API on loopback (no cluster runs here), for the real kubernetes client.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import random
 import re
@@ -268,3 +270,62 @@ def tensor_bytes() -> Iterator[TensorBytes]:
 
     with Meter():
         yield counted
+
+
+class KubernetesApiStandIn:
+    """Answers the RayJob endpoints of the Kubernetes API (and the creation of NetworkPolicies) on
+    loopback, for the real kubernetes client: the RayJobs created (each given a `uid`, and
+    reported finished), the policies posted, `faults` (method -> (status, headers) answers to give
+    first) and every request recorded as (method, path with query, Content-Type). `server.shutdown()`
+    stops it."""
+
+    PREFIX = "/apis/ray.io/v1/namespaces/kdflow/rayjobs"
+
+    def __init__(self, faults=None):
+        self.requests, self.faults, self.jobs = [], {method: list(answers) for method, answers in (faults or {}).items()}, {}
+        self.policies: list[dict] = []
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body, headers=()):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in [("Content-Type", "application/json"), *headers]:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def handle_one(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                stand_in.requests.append((self.command, self.path, self.headers.get("Content-Type")))
+                queue = stand_in.faults.get(self.command)
+                if queue:
+                    status, headers = queue.pop(0)
+                    return self.reply(status, {"kind": "Status", "code": status, "message": "injected"}, headers)
+                name = self.path.split("?")[0].removeprefix(self.PREFIX).strip("/")
+                if self.command == "POST" and self.path.split("?")[0].endswith("/networkpolicies"):
+                    stand_in.policies.append(body)  # the RayJob's NetworkPolicy (kd_core/kubeflow/isolation.py)
+                    return self.reply(201, body)
+                if self.command == "POST":
+                    body["metadata"]["uid"] = f"uid-{body['metadata']['name']}"
+                    stand_in.jobs[body["metadata"]["name"]] = {**body, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
+                    return self.reply(201, body)
+                if self.command == "GET" and not name:
+                    return self.reply(200, {"kind": "RayJobList", "items": list(stand_in.jobs.values())})
+                if self.command == "PATCH":
+                    stand_in.jobs[name]["metadata"].update(body["metadata"])
+                if self.command == "DELETE":
+                    return self.reply(200, stand_in.jobs.pop(name))
+                return self.reply(200, stand_in.jobs[name])
+
+            do_GET = do_POST = do_PATCH = do_DELETE = handle_one
+
+        Handler.PREFIX = self.PREFIX
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

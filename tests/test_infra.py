@@ -196,36 +196,15 @@ def test_ray_token_authentication_is_on_in_every_ray_cluster():
 
 
 def test_creating_a_rayjob_through_the_kubernetes_api_creates_its_network_policy(tmp_path, monkeypatch):
-    """The real kubernetes client against a loopback stand-in of the API server (none runs here)."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
+    """The real kubernetes client, configured from a kubeconfig, against a loopback stand-in of the
+    API server (none runs here)."""
+    from kd_core.devtools import KubernetesApiStandIn
     from kd_core.kubeflow.rayjob import KubernetesRayJobApi
 
-    received: list[tuple[str, dict]] = []
-
-    class ApiServer(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append((self.path, body))
-            if self.path.endswith("/rayjobs"):
-                body["metadata"]["uid"] = "uid-from-the-api-server"
-            reply = json.dumps(body).encode()
-            self.send_response(201)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ApiServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stand_in = KubernetesApiStandIn()
     kubeconfig = {
         "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
-        "clusters": [{"name": "stand-in", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "clusters": [{"name": "stand-in", "cluster": {"server": stand_in.url}}],
         "users": [{"name": "stand-in", "user": {"token": "t"}}],
         "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "stand-in"}}],
     }
@@ -240,12 +219,12 @@ def test_creating_a_rayjob_through_the_kubernetes_api_creates_its_network_policy
         api = KubernetesRayJobApi()
         api.fence("kdflow", api.create("kdflow", rayjob))  # what run_rayjob does after a create (and on adoption)
     finally:
-        server.shutdown()
-    paths = [path for path, _ in received]
+        stand_in.server.shutdown()
+    paths = [path.split("?")[0] for method, path, _ in stand_in.requests if method == "POST"]
     assert paths == ["/apis/ray.io/v1/namespaces/kdflow/rayjobs", "/apis/networking.k8s.io/v1/namespaces/kdflow/networkpolicies"]
-    policy = received[1][1]
+    (policy,) = stand_in.policies
     assert policy["spec"]["podSelector"]["matchLabels"] == {"kdflow/rayjob": rayjob["metadata"]["name"]}
-    assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-from-the-api-server"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == f"uid-{rayjob['metadata']['name']}"  # the uid the API server gave it
 
 
 def test_mlflow_is_served_with_basic_auth_and_the_pipelines_log_in():

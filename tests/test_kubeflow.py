@@ -33,6 +33,7 @@ import yaml
 from kfp import dsl
 
 from kd_core.config import ConfigError, load_config
+from kd_core.devtools import KubernetesApiStandIn
 from kd_core.kubeflow import engines
 from kd_core.kubeflow.rayjob import (
     STEP_KEY_LABEL,
@@ -722,63 +723,6 @@ def test_the_long_steps_are_retried_by_kfp_and_know_their_pod():
     assert engines.local_job(config).kubeflow.retry.retries == 0, "kfp.local shows a failure at once"
     with pytest.raises(ConfigError, match="kubeflow: retry.max_duration_seconds .* must exceed rayjob.active_deadline_seconds"):
         load_config(REPO / "configs" / "cluster.yaml", ["kubeflow.retry.max_duration_seconds=3600"])
-
-
-class KubernetesApiStandIn:
-    """Answers the RayJob endpoints of the Kubernetes API on loopback, for the real kubernetes
-    client: one stored RayJob, `faults` (method -> (status, headers) answers to give first) and
-    every request recorded as (method, path with query, Content-Type)."""
-
-    PREFIX = "/apis/ray.io/v1/namespaces/kdflow/rayjobs"
-
-    def __init__(self, faults):
-        self.requests, self.faults, self.jobs = [], {method: list(answers) for method, answers in faults.items()}, {}
-        self.policies: list[dict] = []
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, status, body, headers=()):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                for name, value in [("Content-Type", "application/json"), *headers]:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def handle_one(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                stand_in.requests.append((self.command, self.path, self.headers.get("Content-Type")))
-                queue = stand_in.faults.get(self.command)
-                if queue:
-                    status, headers = queue.pop(0)
-                    return self.reply(status, {"kind": "Status", "code": status, "message": "injected"}, headers)
-                name = self.path.split("?")[0].removeprefix(self.PREFIX).strip("/")
-                if self.command == "POST" and self.path.split("?")[0].endswith("/networkpolicies"):
-                    stand_in.policies.append(body)  # the RayJob's NetworkPolicy (kd_core/kubeflow/isolation.py)
-                    return self.reply(201, body)
-                if self.command == "POST":
-                    body["metadata"]["uid"] = f"uid-{body['metadata']['name']}"
-                    stand_in.jobs[body["metadata"]["name"]] = {**body, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
-                    return self.reply(201, body)
-                if self.command == "GET" and not name:
-                    return self.reply(200, {"kind": "RayJobList", "items": list(stand_in.jobs.values())})
-                if self.command == "PATCH":
-                    stand_in.jobs[name]["metadata"].update(body["metadata"])
-                if self.command == "DELETE":
-                    return self.reply(200, stand_in.jobs.pop(name))
-                return self.reply(200, stand_in.jobs[name])
-
-            do_GET = do_POST = do_PATCH = do_DELETE = handle_one
-
-        Handler.PREFIX = self.PREFIX
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
 def test_the_kubernetes_client_errors_are_read_as_transient_or_not_through_a_loopback_api():
