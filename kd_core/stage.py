@@ -221,7 +221,7 @@ class StageLease:
     def __enter__(self) -> StageLease:
         deadline, announced = time.monotonic() + self.wait_s, False
         while True:
-            if self.store.exists(f"{self.folder}/{MANIFEST_NAME}") and announced:
+            if announced and self.store.exists(f"{self.folder}/{MANIFEST_NAME}"):
                 self.finished_elsewhere = True  # the run we waited for committed: reuse its work
                 return self
             if self.store.create_exclusive(self.path, self._record()) and self._held():
