@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
@@ -28,8 +29,9 @@ from kd_core.storage import FileRecord, StorageError, Store, relative_name
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 STAGE_NAME = re.compile(r"[a-z][a-z_]*")
-STAGE_KEY = re.compile(r"[0-9a-f]{20}")
-"""What `kd_core.stage.stage_key` makes: 20 lowercase hex digits."""
+KEY_LENGTH = 20
+STAGE_KEY = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
+"""What `kd_core.stage.stage_key` makes: KEY_LENGTH lowercase hex digits."""
 _TRACKED_LIBRARIES = ("kdflow", "torch", "transformers", "tokenizers", "ray", "mlflow", "pyarrow", "fsspec")
 
 
@@ -139,20 +141,19 @@ def manifest_url(store: Store, manifest: Manifest) -> str:
     return store.url(f"{manifest.folder}/{MANIFEST_NAME}")
 
 
-def read_manifest_url(store: Store, url: str) -> Manifest:
-    """The manifest at `url`, which must be a step's manifest under `store`'s root: a known stage
-    and a stage key (a URL from a pipeline parameter never reads outside the job's steps)."""
-    from kd_core.stage import STAGE_CODE_VERSIONS  # stage.py imports this module: the stages are named there
-
+def read_manifest_url(store: Store, url: str, stages: Collection[str]) -> Manifest:
+    """The manifest at `url`, which must be a step's manifest under `store`'s root: one of
+    `stages` (the caller's: `kd_core.stage.STAGE_CODE_VERSIONS`) and a stage key (a URL from a
+    pipeline parameter never reads outside the job's steps)."""
     root = store.url("").rstrip("/") + "/"
     suffix = "/" + MANIFEST_NAME
     parts = url[len(root) : -len(suffix)].split("/") if url.startswith(root) and url.endswith(suffix) else []
     if len(parts) != 2:
         raise ManifestError(f"{url}: not a step manifest under the job's storage root {root} (expected {root}<stage>/<key>{suffix})")
     stage, key = parts
-    if stage not in STAGE_CODE_VERSIONS or not STAGE_KEY.fullmatch(key):
+    if stage not in stages or not STAGE_KEY.fullmatch(key):
         raise ManifestError(
-            f"{url}: {stage}/{key} is not a step's folder (a stage of {', '.join(STAGE_CODE_VERSIONS)} and a key of 20 hex "
+            f"{url}: {stage}/{key} is not a step's folder (a stage of {', '.join(stages)} and a key of {KEY_LENGTH} hex "
             "digits); pass the manifest URL a kdflow step returned"
         )
     manifest = read_manifest(store, stage, key)

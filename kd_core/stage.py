@@ -48,6 +48,7 @@ from pydantic import BaseModel
 from kd_core.config import public_dict, section_hash
 from kd_core.errors import RunStopped
 from kd_core.manifest import (
+    KEY_LENGTH,
     MANIFEST_NAME,
     Manifest,
     ManifestError,
@@ -81,7 +82,7 @@ def stage_key(stage: str, config_hash: str, input_keys: dict[str, str]) -> str:
         {"stage": stage, "code": STAGE_CODE_VERSIONS[stage], "config": config_hash, "inputs": input_keys},
         sort_keys=True,
     )
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
 class StageRun:

@@ -50,7 +50,7 @@ from kd_core.kubeflow.rayjob import (
 )
 from kd_core.kubeflow.steps import job_config, run_step
 from kd_core.manifest import ManifestError, read_manifest_url
-from kd_core.stage import reuse_only
+from kd_core.stage import STAGE_CODE_VERSIONS, reuse_only
 from kd_core.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,9 +241,9 @@ def test_step_inputs_are_checked_before_any_work(tiny_config):
         run_step("distill", engines_job(tiny_config), {"prep": "x"})
     store = Store(tiny_config.storage)
     with pytest.raises(ManifestError, match="not a step manifest under the job's storage root"):
-        read_manifest_url(store, "s3://elsewhere/prep/abc/manifest.json")
+        read_manifest_url(store, "s3://elsewhere/prep/abc/manifest.json", STAGE_CODE_VERSIONS)
     with pytest.raises(ManifestError, match="has not finished"):
-        read_manifest_url(store, store.url("prep/0123456789abcdef0123/manifest.json"))
+        read_manifest_url(store, store.url("prep/0123456789abcdef0123/manifest.json"), STAGE_CODE_VERSIONS)
 
 
 def test_reuse_only_never_runs_a_missing_stage(tiny_config):

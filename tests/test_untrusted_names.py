@@ -16,6 +16,7 @@ import pytest
 
 from kd_core.config import StorageConfig
 from kd_core.manifest import ManifestError, read_manifest, read_manifest_url
+from kd_core.stage import STAGE_CODE_VERSIONS
 from kd_core.storage import StorageError, Store, inside
 
 KEY = "0123456789abcdef0123"
@@ -53,17 +54,17 @@ def test_a_manifest_whose_outputs_leave_the_step_folder_is_refused(store):
     # A plain name whose record points at another step's files is refused too.
     store.write_bytes(f"{folder}/manifest.json", manifest_json("eval", KEY, {"report.html": "prep/other/tokenizer.json"}))
     with pytest.raises(ManifestError, match=r"output 'report\.html' points at 'prep/other/tokenizer\.json', outside the step's folder"):
-        read_manifest_url(store, store.url(f"{folder}/manifest.json"))
+        read_manifest_url(store, store.url(f"{folder}/manifest.json"), STAGE_CODE_VERSIONS)
 
 
 def test_read_manifest_url_takes_only_a_known_stage_and_a_stage_key(store):
     # A manifest-shaped file where no stage writes: a pipeline parameter must not reach it.
     store.write_bytes(f"secrets/{KEY}/manifest.json", manifest_json("secrets", KEY, {}))
     with pytest.raises(ManifestError, match=r"secrets/0123456789abcdef0123 is not a step's folder"):
-        read_manifest_url(store, store.url(f"secrets/{KEY}/manifest.json"))
+        read_manifest_url(store, store.url(f"secrets/{KEY}/manifest.json"), STAGE_CODE_VERSIONS)
     store.write_bytes("prep/not-a-key/manifest.json", manifest_json("prep", "not-a-key", {}))
     with pytest.raises(ManifestError, match=r"prep/not-a-key is not a step's folder"):
-        read_manifest_url(store, store.url("prep/not-a-key/manifest.json"))
+        read_manifest_url(store, store.url("prep/not-a-key/manifest.json"), STAGE_CODE_VERSIONS)
 
 
 def test_containment_is_checked_after_resolving_links(tmp_path):

@@ -29,7 +29,7 @@ from kd_core.errors import InputError
 from kd_core.manifest import Manifest, manifest_url, read_manifest_url
 from kd_core.pipeline import cache_steps, distill_steps, eval_step, prep_step, register_step, tune_step
 from kd_core.redaction import redact
-from kd_core.stage import reuse_only
+from kd_core.stage import STAGE_CODE_VERSIONS, reuse_only
 from kd_core.storage import Store
 from kd_core.train.tracking_probe import fail_fast_mlflow_client
 
@@ -110,7 +110,7 @@ def _run_checked(step: str, job: str, inputs: dict[str, str]) -> dict[str, str]:
         raise ValueError(f"pipeline step {step} needs the manifest URLs of {', '.join(missing)}")
     config = job_config(job)
     store = Store(config.storage)
-    given = {name: read_manifest_url(store, url) for name, url in inputs.items() if url}
+    given = {name: read_manifest_url(store, url, STAGE_CODE_VERSIONS) for name, url in inputs.items() if url}
     made = _run(step, config, given, inputs)
     return {name: manifest_url(store, manifest) for name, manifest in made.items()}
 
@@ -142,7 +142,7 @@ def eval_metrics(job: str, eval_url: str) -> tuple[bool, dict[str, float], str]:
     """For the eval component's typed outputs: (gates passed, scalar metrics, report HTML)."""
     config = job_config(job)
     store = Store(config.storage)
-    manifest = read_manifest_url(store, eval_url)
+    manifest = read_manifest_url(store, eval_url, STAGE_CODE_VERSIONS)
     scalars = {"gates_passed": float(manifest.metrics["gates_passed"])}
     for model in ("teacher", "student", "baseline"):
         for name, value in manifest.metrics.get(model, {}).items():
@@ -161,7 +161,7 @@ def tune_outputs(job: str, tune_url: str) -> tuple[str, dict[str, float], str]:
 
     config = job_config(job)
     store = Store(config.storage)
-    manifest = read_manifest_url(store, tune_url)
+    manifest = read_manifest_url(store, tune_url, STAGE_CODE_VERSIONS)
     best = best_job(config, manifest)
     scalars = {name: float(value) for name, value in manifest.metrics.items() if isinstance(value, (int, float))}
     trials = json.loads(store.read_bytes(manifest.output(TRIALS_NAME).path))
