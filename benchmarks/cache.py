@@ -51,9 +51,10 @@ from results_log import append_result  # noqa: E402
 from test_cache import full_materialisation_columns  # noqa: E402
 
 from kd_core.cache.format import CacheLayout  # noqa: E402
-from kd_core.cache.inference import CausalLMTeacher  # noqa: E402
-from kd_core.config import StorageConfig, load_config  # noqa: E402
-from kd_core.data.prep import prep  # noqa: E402
+from kd_core.models.inference import CausalLMTeacher  # noqa: E402
+from kd_core.config import StorageConfig  # noqa: E402
+from kd_core.job import load_config  # noqa: E402
+from kd_core.stages.prep import prep  # noqa: E402
 from kd_core.data.shards import encode_arrow, load_split  # noqa: E402
 from kd_core.data.stream import TrainingStream, collate  # noqa: E402
 from kd_core.devtools import loopback_s3, tensor_bytes  # noqa: E402
@@ -62,7 +63,8 @@ from kd_core.models import build_causal_lm, load_causal_lm  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.loop import make_optimizer  # noqa: E402
 from kd_core.train.step import PlainRunner, StudentStep  # noqa: E402
-from kd_core.train.teacher import teacher, teacher_model_dir  # noqa: E402
+from kd_core.stages.teacher import teacher  # noqa: E402
+from kd_core.models.teacher import teacher_model_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.jsonl"
 MEMORY_SIZES = ("4x512x32000", "8x1024x32000", "2x1024x128256", "4x1024x128256")

@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_log import append_result  # noqa: E402
 
-from kd_core.cache import cache  # noqa: E402
-from kd_core.config import load_config  # noqa: E402
-from kd_core.data.prep import prep  # noqa: E402
+from kd_core.stages.cache import cache  # noqa: E402
+from kd_core.job import load_config  # noqa: E402
+from kd_core.stages.prep import prep  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
-from kd_core.train.distill import distill  # noqa: E402
-from kd_core.train.teacher import teacher  # noqa: E402
+from kd_core.stages.distill import distill  # noqa: E402
+from kd_core.stages.teacher import teacher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_cost.jsonl"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from results_log import append_result
 
-from kd_core.config import load_config
+from kd_core.job import load_config
 from kd_core.devtools import FaultyProxy, loopback_s3
 from kd_core.pipeline import run_pipeline
 

@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_log import append_result  # noqa: E402
 
-from kd_core.cache import cache, cache_shards  # noqa: E402
 from kd_core.config import (  # noqa: E402
     ArchitectureConfig,
     CacheConfig,
@@ -53,12 +52,16 @@ from kd_core.config import (  # noqa: E402
     StorageConfig,
     TrainConfig,
 )
-from kd_core.data.prep import save_hf_tokenizer, write_split  # noqa: E402
+from kd_core.data.tokenizer import save_hf_tokenizer  # noqa: E402
+from kd_core.data.prep import write_split  # noqa: E402
 from kd_core.models import build_causal_lm, count_parameters, save_model_dir  # noqa: E402
 from kd_core.stage import StageRun  # noqa: E402
+from kd_core.stages.cache import cache  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.deepspeed_engine import TeacherEngine, deepspeed_config, start_deepspeed  # noqa: E402
-from kd_core.train.loop import TrainSpec, make_optimizer, train_worker  # noqa: E402
+from kd_core.tasks import task_of  # noqa: E402
+from kd_core.train.spec import TrainSpec  # noqa: E402
+from kd_core.train.loop import make_optimizer, train_worker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.jsonl"
 SHAPES = {
@@ -82,7 +85,7 @@ def synthetic_prep(store: Store, vocab: int, seq_len: int, rows: int):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    from kd_core.data.prep import END_OF_TEXT, PAD, PreparedTokenizer
+    from kd_core.data.tokenizer import END_OF_TEXT, PAD, PreparedTokenizer
 
     run = StageRun(store, "prep", {"synthetic": True, "vocab": vocab, "seq_len": seq_len, "rows": rows}, inputs={})
     words = {END_OF_TEXT: 0, PAD: 1} | {f"w{i}": i for i in range(2, vocab)}
@@ -158,7 +161,7 @@ def plain_step_run(args, store, prep, teacher_manifest, student_arch, zero_stage
     """The baseline: DeepSpeed engines, forward KL on materialised fp32 logits."""
     import deepspeed
 
-    from kd_core.train.teacher import teacher_model_dir
+    from kd_core.models.teacher import teacher_model_dir
 
     vocab, seq_len = prep.details["vocab_size"], prep.details["seq_len"]
     train = TrainConfig(batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4, warmup_steps=1)
@@ -193,7 +196,7 @@ def kdflow_run(args, store, prep, student_arch, zero_stage, output, **targets) -
     )
     loss = LossConfig(ce_weight=0.0, kd_weight=1.0, divergence="forward_kl", fused=True, fused_chunk_size=args.chunk)
     spec = TrainSpec.from_prep(
-        prep, store, output, student_arch, train, loss=loss,
+        prep, store, output, student_arch, train, task=task_of(prep), objective=loss,
         deepspeed=DeepSpeedConfig(zero_stage=zero_stage, precision=args.precision), **targets,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,7 +253,7 @@ def main() -> None:
         cached = cache(cache_config, prep, teacher_manifest, store, ComputeConfig(backend="local"))
         cache_seconds = time.perf_counter() - started
         runs["kdflow ZeRO-3 cache"] = kdflow_run(
-            args, store, prep, student_arch, 3, "kdflow-cache", cache_shards=cache_shards(cached), cache_layout=cached.details["layout"]
+            args, store, prep, student_arch, 3, "kdflow-cache", cache=cached
         )
 
     rows_out = []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from results_log import append_result
 
-from kd_core.config import load_config
+from kd_core.job import load_config
 from kd_core.pipeline import run_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_reuse.jsonl"

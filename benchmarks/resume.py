@@ -27,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_log import append_result  # noqa: E402
 
-from kd_core.config import load_config  # noqa: E402
-from kd_core.data.prep import prep  # noqa: E402
+from kd_core.job import load_config  # noqa: E402
+from kd_core.stages.prep import prep  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
-from kd_core.train.loop import TrainSpec, train_worker  # noqa: E402
+from kd_core.tasks import task_of  # noqa: E402
+from kd_core.train.spec import TrainSpec  # noqa: E402
+from kd_core.train.loop import train_worker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "resume.jsonl"
 
@@ -74,7 +76,7 @@ def main() -> None:
         rows = []
         for steps in args.steps:
             train = config.distill.train.model_copy(update={"max_steps": steps + 1, "log_every": steps})
-            spec = TrainSpec.from_prep(prepared, store, f"resume-{steps}", config.student.architecture, train, checkpoint_every=steps)
+            spec = TrainSpec.from_prep(prepared, store, f"resume-{steps}", config.student.architecture, train, task=task_of(prepared), checkpoint_every=steps)
             rows.append(resume_twice(spec, store, steps))
     print(f"{'step':>6} {'rows before':>12} {'rows read: positions':>21} {'replay':>8} {'seconds: positions':>19} {'replay':>8}")
     for row in rows:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_log import append_result  # noqa: E402
 
 from kd_core.cache import cache_shards  # noqa: E402
-from kd_core.config import load_config  # noqa: E402
+from kd_core.job import load_config  # noqa: E402
 from kd_core.data.shards import decode_arrow, read_verified  # noqa: E402
 from kd_core.eval.reward import load_pairs, score_pairs  # noqa: E402
 from kd_core.losses import RewardObjective  # noqa: E402
@@ -38,7 +38,7 @@ from kd_core.pipeline import cache_steps, prep_step  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.loop import make_optimizer  # noqa: E402
 from kd_core.train.step import RewardStep  # noqa: E402
-from kd_core.train.teacher import teacher_model_dir  # noqa: E402
+from kd_core.models.teacher import teacher_model_dir  # noqa: E402
 
 FUSIONS = ("late", "prefix")
 

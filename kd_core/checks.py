@@ -20,19 +20,20 @@ it calls into the library and nothing in the library calls it.
 
 from __future__ import annotations
 
-from kd_core.config import JobConfig
+from kd_core.job import JobConfig
 from kd_core.train.tracking_probe import probe_tracking_uri, redact
 
 
 def check_inputs(config: JobConfig) -> list[str]:
     """Run every input check; returns what was checked, one line each, for the CLI to print."""
     from kd_core.data.prep import check_prep_inputs
+    from kd_core.models.teacher import check_teacher_folder
     from kd_core.storage import Store, check_object_store
-    from kd_core.train.teacher import check_teacher_folder
+    from kd_core.tasks import task_named
 
     checked = [line for line in [check_object_store(config.storage)] if line]
     if config.data.source in ("files", "preferences") or config.data.tokenizer:
-        checked += check_prep_inputs(config.data, config.storage)
+        checked += check_prep_inputs(config.data, config.storage, separates_documents=task_named(config.task).separates_documents())
     if config.teacher.path:
         check_teacher_folder(config.teacher.path, Store(config.storage), config.data.seq_len)
         checked.append(f"teacher.path: {config.teacher.path} has safetensors weights and a context of at least data.seq_len")

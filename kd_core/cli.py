@@ -36,12 +36,14 @@ from rich.console import Console
 from rich.table import Table
 
 from kd_core import __version__
-from kd_core.config import ConfigError, JobConfig, load_config
+from kd_core.config import ConfigError
 from kd_core.errors import InputError, RunStopped
 from kd_core.gates import describe_failed
+from kd_core.job import JobConfig, load_config
 from kd_core.manifest import Manifest
 from kd_core.pipeline import STAGES
 from kd_core.redaction import redact
+from kd_core.tasks import Task, task_named, task_of
 from kd_core.train.tracking_probe import fail_fast_mlflow_client, probe_tracking_uri
 
 EXIT_GATES_FAILED = 3
@@ -313,15 +315,16 @@ def print_summary(steps: dict[str, Manifest], seconds: float, dag: str | None = 
     table = Table(title=f"kdflow: {len(steps)} steps in {seconds:.1f}s", caption=caption)
     for column in ("step", "key", "status", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
+    task = task_of(steps["prep"]) if "prep" in steps else None
     for name in _STEPS:
         if name in steps:
             manifest = steps[name]
             status = "[cyan]reused[/cyan]" if manifest.reused else "[green]ran[/green]"
             made_in = f"{manifest.timings.get('total', 0):.1f}"
-            table.add_row(name, manifest.key, status, f"({made_in})" if manifest.reused else made_in, _headline(name, manifest))
+            table.add_row(name, manifest.key, status, f"({made_in})" if manifest.reused else made_in, _headline(name, manifest, task))
     stdout.print(table)
     if "eval" in steps:
-        stdout.print(comparison_table(steps["eval"].metrics))
+        stdout.print(task_named(steps["eval"].metrics["task"]).comparison_table(steps["eval"].metrics))
         if steps["eval"].metrics.get("gates"):
             stdout.print(gates_table(steps["eval"].metrics))
         curves = steps["eval"].outputs.get("training_curves.png")
@@ -341,33 +344,18 @@ def print_summary(steps: dict[str, Manifest], seconds: float, dag: str | None = 
         )
 
 
-def _headline(step: str, manifest: Manifest) -> str:
+def _headline(step: str, manifest: Manifest, task: Task | None) -> str:
+    """One line about a step's result: the task's own where it has one (prep, cache, eval)."""
+    own = task.headline(step, manifest) if task is not None else None
+    if own is not None:
+        return own
     metrics, details = manifest.metrics, manifest.details
-    if step == "prep" and details.get("task") == "reward":
-        return f"{metrics['pairs']:,} pairs ({metrics['labeled_pairs']:,} human-labelled), {metrics['images']:,} images, vocab {details['vocab_size']}"
-    if step == "prep":
-        dropped = [f"{metrics[key]:,} {label}" for key, label in (("duplicates_removed", "duplicates"), ("skipped_empty", "empty")) if metrics.get(key)]
-        return (
-            f"{metrics['documents']:,} docs{' (dropped ' + ', '.join(dropped) + ')' if dropped else ''}, "
-            f"{metrics['train_tokens']:,} train tokens, vocab {details['vocab_size']}"
-        )
     if step in ("teacher", "distill", "baseline") and "parameters" in metrics:
         skipped = metrics.get("skipped_steps") or 0
         note = f"; [yellow]{skipped} steps skipped (loss or gradient not finite)[/yellow]" if skipped else ""
         return f"{metrics['parameters']:,} params, final loss {metrics.get('loss', float('nan')):.3f}{note}"
     if step == "teacher":
         return f"existing model {details.get('external_url', '')}"
-    if step == "cache" and details["layout"]["format"] == "reward":
-        pairs = {split: sum(s["rows"] for s in details["shards"] if s.get("split", "train") == split) for split in ("train", "val")}
-        return f"teacher rewards of {pairs['train']:,} training and {pairs['val']:,} validation pairs"
-    if step == "cache":
-        layout = details["layout"]
-        kept = {"topk": f"top-{layout['slots']}", "sampled": f"{layout['slots']} samples", "full": "full log-probs"}[details["format"]]
-        return f"{kept}, {metrics['bytes_per_token']} bytes/token"
-    if step == "eval" and metrics.get("task") == "reward":
-        return f"{metrics['rows']:,} held-out pairs ({metrics['split']})"
-    if step == "eval":
-        return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"
     if step == "tune":
         return (
             f"{metrics['trials']} trials ({metrics['stopped_early']} stopped early), best val loss {metrics['best_val_loss']:.4g}"
@@ -375,49 +363,6 @@ def _headline(step: str, manifest: Manifest) -> str:
     if step == "register":
         return f"{details['model_name']} v{details['version']} @{details['alias']}"
     return ""
-
-
-def comparison_table(metrics: dict) -> Table:
-    if metrics.get("task") == "reward":
-        return reward_comparison_table(metrics)
-    table = Table(title=f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens; speed on {metrics.get('device', 'this machine')}")
-    columns = ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", "ECE", "tokens/s")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "model" else "right")
-    labels = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}
-    for name, label in labels.items():
-        if name in metrics:
-            row = metrics[name]
-            teacher = name == "teacher"
-            agreement = "—" if teacher else f"{row['agreement_top1']:.1%} / {row['agreement_top5']:.1%}"
-            table.add_row(
-                label, f"{row['parameters']:,}", f"{row['perplexity']:.2f}", "—" if teacher else f"{row['kl_to_teacher']:.4f}",
-                agreement, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}",
-            )
-    return table
-
-
-def reward_comparison_table(metrics: dict) -> Table:
-    """The reward recipe's comparison: the distilled student against the human-labels-only model."""
-    table = Table(title=f"held-out {metrics['split']} split, {metrics['rows']:,} preference pairs; speed on {metrics.get('device', 'this machine')}")
-    columns = ("model", "parameters", "accuracy vs human labels", "agreement with teacher", "Spearman ρ vs teacher", "ECE", "pairs/s")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "model" else "right")
-    labels = {"teacher": "text teacher (reads the rendering)", "student": "KD student (reads the image)", "baseline": "same student, human labels only"}
-    for name, label in labels.items():
-        if name in metrics:
-            row = metrics[name]
-            teacher = name == "teacher"
-            human = f"{row['pairwise_accuracy_human']:.1%}" if "pairwise_accuracy_human" in row else "—"
-            table.add_row(
-                label, f"{row['parameters']:,}", human, "—" if teacher else f"{row['pairwise_accuracy_teacher']:.1%}",
-                "—" if teacher else f"{row['spearman_teacher']:.3f}", f"{row['ece']:.3f}" if "ece" in row else "—", f"{row['pairs_per_s']:,.0f}",
-            )
-    if "baseline" in metrics and "pairwise_accuracy_human" in metrics["student"] and "pairwise_accuracy_human" in metrics["baseline"]:
-        gain = metrics["student"]["pairwise_accuracy_human"] - metrics["baseline"]["pairwise_accuracy_human"]
-        verdict = "beats" if gain > 0 else "does not beat"
-        table.caption = f"the distilled student {verdict} the human-labels-only model by {gain * 100:+.1f} points of accuracy vs human labels"
-    return table
 
 
 def gates_table(metrics: dict) -> Table:

@@ -1,28 +1,21 @@
-"""The typed job config: one YAML file describes a whole distillation job.
+"""The config sections: each stage's settings, typed and documented field by field.
 
-`load_config(path, overrides)` reads the YAML, applies dotted command-line overrides
-(`distill.train.max_steps=50`) and validates everything before any work starts. Errors are
-raised as `ConfigError`, one line per problem, each naming the field path and the bad value:
-
-    distill.loss.temperature: must be > 0, got -1
-
-Library functions take plain arguments or one config *section*; only the CLI and the
-pipeline runner see the whole `JobConfig`.
+A job (`kd_core/job.py: JobConfig`) is one YAML file holding these sections; `load_config` there
+reads and checks it. Every field here checks its own value (`distill.loss.temperature: must be >
+0, got -1`); checks across sections live on the job and its task. Library functions take plain
+arguments or one section. `section_hash` and `public_dict` give a section's key and its
+secret-free form.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import re
-from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from kd_core.redaction import MASK, redact
+from kd_core.redaction import redact
 
 
 class ConfigError(ValueError):
@@ -511,15 +504,6 @@ class ComputeConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ tune
-TUNABLE_PREFIXES = {
-    "causal_lm": ("distill.loss.", "distill.train.", "student."),
-    "reward": ("distill.reward.", "distill.train.", "student."),
-}
-"""What a search may vary, per task: the objective the task trains with, the optimisation and the
-student. Never data, teacher or cache settings, which every trial shares (they are computed once,
-before the search)."""
-
-
 class SearchDimension(Section):
     """One searched config field: `{kind: loguniform, low: 1e-4, high: 1e-2}` or
     `{kind: choice, values: [forward_kl, reverse_kl]}`."""
@@ -731,297 +715,22 @@ class KubeflowConfig(Section):
         return self
 
 
-_OBJECT_STORE_USERINFO = re.compile(r"^(s3a?|gs|gcs|az|abfs)://[^/@]*@", re.IGNORECASE)
-"""`s3://KEY:SECRET@bucket/...`: object stores take no credentials in the URL (the client would
-send `KEY:SECRET@bucket` as the bucket name, and name it in its error)."""
-
-
-class JobConfig(Section):
-    name: str = Field(default="kdflow-job", min_length=1)
-    """Human-readable job name (shown in logs and MLflow)."""
-    task: Literal["causal_lm", "reward"] = "causal_lm"
-    """`causal_lm`: a language-model teacher and student over token shards. `reward`: a text
-    reward model (the teacher, reading each image's text rendering) distilled into a multimodal
-    reward model (the student, reading the image itself), over preference pairs."""
-    storage: StorageConfig = StorageConfig()
-    """Where every stage reads and writes (fsspec)."""
-    data: DataConfig = DataConfig()
-    """The prep stage: raw text to tokenizer and packed token shards."""
-    teacher: TeacherConfig = TeacherConfig()
-    """The teacher: an existing model directory, or one kdflow trains."""
-    student: StudentConfig = StudentConfig()
-    """The student architecture."""
-    cache: CacheConfig = CacheConfig()
-    """The cache stage: teacher outputs computed once, read by every distillation."""
-    distill: DistillConfig = DistillConfig()
-    """The distill stage: objective and optimisation."""
-    eval: EvalConfig = EvalConfig()
-    """The eval stage: held-out measurements of teacher, student and baseline."""
-    registry: RegistryConfig = RegistryConfig()
-    """The register stage: MLflow tracking and model registry."""
-    compute: ComputeConfig = ComputeConfig()
-    """Where the heavy steps run: Ray (local or a cluster) or this process."""
-    tune: TuneConfig = TuneConfig()
-    """`kdflow tune`: hyperparameter search over distillation settings."""
-    kubeflow: KubeflowConfig = KubeflowConfig()
-    """Kubeflow Pipelines and KubeRay settings (used only when the job runs as a KFP DAG)."""
-
-    @model_validator(mode="after")
-    def _cross_section_checks(self) -> JobConfig:
-        if self.data.source == "files" and not self.data.files:
-            raise ValueError("data.files: must list at least one file when data.source is 'files'")
-        urls = [("storage.root", self.storage.root), *((f"data.files[{i}]", url) for i, url in enumerate(self.data.files or [])),
-                ("data.tokenizer", self.data.tokenizer), ("teacher.path", self.teacher.path)]
-        for field_path, url in urls:
-            if url and _OBJECT_STORE_USERINFO.match(url):
-                raise ValueError(
-                    f"{field_path}: an object-store URL cannot carry credentials ({url}); give them through "
-                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a Kubernetes secret), or storage.s3"
-                )
-        if self.teacher.path and not self.data.tokenizer:
-            self.data.tokenizer = self.teacher.path  # an existing teacher reads its own tokenizer's ids
-        trains_tokenizer = self.data.tokenizer is None  # else the vocabulary is the tokenizer's, checked by the cache stage
-        if trains_tokenizer and self.cache.format == "topk" and self.cache.top_k > self.data.vocab_size:
-            raise ValueError(
-                f"cache.top_k: must be <= data.vocab_size ({self.data.vocab_size}), got {self.cache.top_k}"
-            )
-        if trains_tokenizer and self.cache.format == "full" and self.data.vocab_size > self.cache.full_max_vocab:
-            raise ValueError(
-                f"cache.format: 'full' stores every log-prob and is for vocabularies up to cache.full_max_vocab "
-                f"({self.cache.full_max_vocab}); data.vocab_size is {self.data.vocab_size}: use topk or sampled"
-            )
-        loss = self.distill.loss
-        if loss.feature_weight > 0:
-            if not loss.feature_layers:
-                raise ValueError("distill.loss.feature_layers: must list (student layer, teacher layer) pairs when feature_weight > 0")
-            for student_layer, teacher_layer in loss.feature_layers:
-                if not 0 <= student_layer <= self.student.architecture.num_layers:
-                    raise ValueError(
-                        f"distill.loss.feature_layers: student layer {student_layer} is not in 0..{self.student.architecture.num_layers}"
-                    )
-                if self.distill.teacher_source == "cache" and teacher_layer not in self.cache.hidden_layers:
-                    raise ValueError(
-                        f"distill.loss.feature_layers: teacher layer {teacher_layer} is not cached; add it to cache.hidden_layers "
-                        f"(now {self.cache.hidden_layers})"
-                    )
-        workers = self.compute.num_workers
-        for field_path, train in (("teacher.train", self.teacher.train), ("distill.train", self.distill.train)):
-            if train.batch_size % workers:
-                raise ValueError(
-                    f"{field_path}.batch_size: must be a multiple of compute.num_workers ({workers}), got {train.batch_size}"
-                )
-        accumulation = self.distill.deepspeed.gradient_accumulation_steps if self.distill.deepspeed.enabled else 1
-        if self.distill.train.batch_size % (workers * accumulation):
-            raise ValueError(
-                f"distill.train.batch_size: must be a multiple of compute.num_workers × distill.deepspeed.gradient_accumulation_steps "
-                f"({workers} × {accumulation}), got {self.distill.train.batch_size}"
-            )
-        loss = self.distill.loss
-        from_cache = self.distill.teacher_source == "cache"
-        needs_cache_temperature = from_cache and ((loss.topk_tail and self.cache.format == "topk") or self.cache.format == "sampled")
-        if needs_cache_temperature and loss.kd_weight > 0 and loss.temperature != self.cache.temperature:
-            reason = "cache.format is sampled" if self.cache.format == "sampled" else "distill.loss.topk_tail is true"
-            raise ValueError(
-                f"distill.loss.temperature: must equal cache.temperature ({self.cache.temperature}) when "
-                f"{reason}, got {loss.temperature}; set both"
-                + ("" if self.cache.format == "sampled" else ", or topk_tail: false")
-            )
-        self._check_task()
-        self._check_baseline_metrics()
-        self._check_tune_space()
-        return self
-
-    def _check_baseline_metrics(self) -> None:
-        """A gate or primary metric that reads `baseline.*` needs the baseline to be trained; without
-        it the eval stage would fail after training, so refuse it here."""
-        from kd_core.gates import Gate, parse_metric
-
-        if self.distill.baseline:
-            return
-        advice = "set distill.baseline: true or drop"
-        for index, text in enumerate(self.eval.gates):
-            if any(model == "baseline" for model, _ in Gate.parse(text).metric_names()):
-                raise ValueError(f"eval.gates[{index}]: {text!r} reads the baseline, but distill.baseline is false; {advice} the gate")
-        if parse_metric(self.registry.primary_metric)[0] == "baseline":
-            raise ValueError(
-                f"registry.primary_metric: {self.registry.primary_metric!r} reads the baseline, but distill.baseline is false; "
-                f"{advice} it (e.g. student.perplexity)"
-            )
-
-    def _check_task(self) -> None:
-        """Each task's data source, teacher source, metrics and unsupported combinations."""
-        from kd_core.gates import Gate, metrics_of_task
-
-        reward = self.task == "reward"
-        preference_source = self.data.source in ("preferences", "digit-preferences")
-        if reward != preference_source:
-            wanted = "preferences or digit-preferences" if reward else "python-docs or files"
-            raise ValueError(f"data.source: task {self.task} reads {wanted}, got {self.data.source!r}")
-        known = metrics_of_task(self.task)
-        for index, text in enumerate(self.eval.gates):
-            for _, metric in Gate.parse(text).metric_names():
-                if metric not in known:
-                    raise ValueError(f"eval.gates[{index}]: {metric!r} is not a {self.task} metric; use one of {', '.join(known)}")
-        primary = self.registry.primary_metric.rsplit(".", 1)[-1]
-        if primary not in known:
-            raise ValueError(f"registry.primary_metric: {primary!r} is not a {self.task} metric; use one of {', '.join(known)}")
-        if not reward:
-            return
-        if self.distill.teacher_source != "cache":
-            raise ValueError("distill.teacher_source: reward models distill from the cache of teacher rewards; set it to cache")
-        image_size = self.data.preferences.image_size
-        if image_size % self.student.vision.patch_size:
-            raise ValueError(
-                f"student.vision.patch_size: must divide data.preferences.image_size ({image_size}), got {self.student.vision.patch_size}"
-            )
-
-    def _check_tune_space(self) -> None:
-        """Every searched field exists, may be searched, and takes each bound of its range."""
-        accumulation = self.distill.deepspeed.gradient_accumulation_steps if self.distill.deepspeed.enabled else 1
-        trial_workers = self.tune.workers_per_trial
-        if trial_workers and self.distill.train.batch_size % (trial_workers * accumulation):
-            raise ValueError(
-                f"tune.workers_per_trial: distill.train.batch_size ({self.distill.train.batch_size}) must be a multiple of "
-                f"tune.workers_per_trial × distill.deepspeed.gradient_accumulation_steps ({trial_workers} × {accumulation})"
-            )
-        for dotted, dimension in self.tune.space.items():
-            tunable = TUNABLE_PREFIXES[self.task]
-            if not dotted.startswith(tunable):
-                raise ValueError(
-                    f"tune.space.{dotted}: only fields under {', '.join(p.rstrip('.') for p in tunable)} can be searched "
-                    f"for task {self.task} "
-                    "(data, teacher and cache outputs are shared by every trial)"
-                )
-            for value in dimension.extremes():
-                raw = public_dict(self)
-                raw["tune"]["space"] = {}
-                set_dotted(raw, dotted, value)
-                try:
-                    JobConfig.model_validate(raw)
-                except ValidationError as err:
-                    problems = "; ".join(_describe_error(error) for error in err.errors())
-                    raise ValueError(f"tune.space.{dotted}: the value {value!r} makes the job invalid: {problems}") from None
-
-
-# ------------------------------------------------------------------------------ loading, errors
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a YAML job file, apply `a.b.c=value` overrides and validate the result."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for override in overrides:
-        apply_override(raw, override)
-    return validate_config(raw, source=str(path))
-
-
-def validate_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
-    try:
-        return JobConfig.model_validate(raw)
-    except ValidationError as err:
-        lines = [_describe_error(error) for error in err.errors()]
-        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `section.field=value` in the raw mapping; the value is parsed as YAML (`1e-3`, `true`)."""
-    dotted, sep, value_text = override.partition("=")
-    if not sep or not dotted.strip():
-        raise ConfigError(f"override {override!r}: expected the form section.field=value")
-    set_dotted(raw, dotted.strip(), yaml.safe_load(value_text) if value_text.strip() else None, f"override {override!r}")
-
-
-def set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str = "") -> None:
-    """raw[a][b][c] = value for `a.b.c`, creating sections on the way."""
-    keys = dotted.split(".")
-    node = raw
-    for depth, key in enumerate(keys[:-1]):
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source or dotted}: {'.'.join(keys[:depth + 1])} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-_MESSAGES = {
-    "greater_than": "must be > {gt}",
-    "greater_than_equal": "must be >= {ge}",
-    "less_than": "must be < {lt}",
-    "less_than_equal": "must be <= {le}",
-    "literal_error": "must be one of {expected}",
-    "string_pattern_mismatch": "must match {pattern}",
-}
-
-
-def _describe_error(error: dict[str, Any]) -> str:
-    field_path = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "extra_forbidden":
-        return f"{field_path}: unknown field{_suggestion(error['loc'])}"
-    if error["type"] == "value_error":  # our own validators already name the field
-        message = str(error["ctx"]["error"])
-        return message if not field_path else f"{field_path}: {message}"
-    template = _MESSAGES.get(error["type"])
-    bounds = {name: value if name == "expected" else _show(value) for name, value in error.get("ctx", {}).items()}
-    message = template.format(**bounds) if template else error["msg"][0].lower() + error["msg"][1:]
-    shown = f"{MASK} (a secret: its value is not shown)" if _is_secret(error["loc"]) else _show(error.get("input"))
-    return f"{field_path}: {message}, got {shown}"
-
-
-def _is_secret(location: tuple[Any, ...]) -> bool:
-    """Whether a field path (as pydantic reports it) lies in a `SecretStr` field of the job."""
-    secrets: Any = _secret_fields(JobConfig())
-    for part in location:
-        if not isinstance(secrets, dict) or str(part) not in secrets:
-            return False
-        secrets = secrets[str(part)]
-        if secrets is True:
-            return True
-    return False
-
-
-def _suggestion(location: tuple[Any, ...]) -> str:
-    """', did you mean X?' for a misspelt key, looked up on the section that holds it."""
-    model: type[BaseModel] = JobConfig
-    for part in location[:-1]:
-        annotation = model.model_fields.get(str(part))
-        if annotation is None or not isinstance(annotation.annotation, type):
-            return ""
-        model = annotation.annotation
-    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(model.model_fields)}"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)[:80]
-    return repr(value) if isinstance(value, str) else str(value)
-
-
 # ---------------------------------------------------------------------------------------- hashing
 def section_hash(section: BaseModel | dict[str, Any]) -> str:
     """Stable sha256 of a config section (secrets excluded: they never change what a stage makes)."""
-    payload = section.model_dump(mode="json", exclude=_secret_fields(section)) if isinstance(section, BaseModel) else section
+    payload = section.model_dump(mode="json", exclude=secret_fields(section)) if isinstance(section, BaseModel) else section
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _secret_fields(model: BaseModel) -> dict[str, Any]:
+def secret_fields(model: BaseModel) -> dict[str, Any]:
     excluded: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if field.annotation is SecretStr or SecretStr in get_args(field.annotation):
             excluded[name] = True
         elif isinstance(value, BaseModel):
-            nested = _secret_fields(value)
+            nested = secret_fields(value)
             if nested:
                 excluded[name] = nested
     return excluded
@@ -1029,7 +738,7 @@ def _secret_fields(model: BaseModel) -> dict[str, Any]:
 
 def public_dict(config: BaseModel) -> dict[str, Any]:
     """The config as plain JSON data with every secret removed: safe for logs, manifests, MLflow."""
-    return config.model_dump(mode="json", exclude=_secret_fields(config))
+    return config.model_dump(mode="json", exclude=secret_fields(config))
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

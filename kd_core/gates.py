@@ -9,13 +9,13 @@ A gate is one comparison between two arithmetic expressions over numbers and met
 Names are `<model>.<metric>` with model `student`, `teacher`, `baseline` or `uniform` (the
 uniform predictor: what a model that learned nothing scores, worked out by the eval stage), or a
 bare metric of the student. The metrics are those the eval stage measures for the job's task
-(`METRICS_BY_TASK`): language-model metrics for `causal_lm`, preference metrics for `reward`. The
+(`Task.metrics`: language-model metrics for `causal_lm`, preference metrics for `reward`). The
 text is parsed with Python's `ast` and only numbers, names, `+ - * /`, unary minus and one
 comparison (`< <= > >= == !=`) are accepted: nothing is ever evaluated as code, and a call,
 attribute chain, subscript or anything else is refused with the gate's text.
 
-A job with no `eval.gates` is gated on sanity (`sanity_gates`, unless `eval.sanity_gates` is
-false): the student must beat the uniform predictor by a clear margin, and the no-teacher baseline
+A job with no `eval.gates` is gated on sanity (the task's `Task.sanity_gates`, unless
+`eval.sanity_gates` is false): the student must beat the uniform predictor by a clear margin, and the no-teacher baseline
 when one was trained. A diverged student that collapsed to uniform output therefore fails its
 gates, and the registry never makes it champion.
 """
@@ -27,26 +27,15 @@ import operator
 from dataclasses import dataclass
 
 MODELS = ("student", "teacher", "baseline", "uniform")
-METRICS_BY_TASK = {
-    "causal_lm": (
-        "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
-        "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
-    ),
-    "reward": (
-        "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "preference_kl_to_teacher", "ece",
-        "parameters", "weight_bytes", "pairs_per_s", "latency_ms",
-    ),
-}
-SANITY_GATES_BY_TASK = {
-    # A student must be at least 1% better than uniform: float error puts a collapsed student a hair below.
-    "causal_lm": ("student.perplexity < 0.99 * uniform.perplexity", "student.perplexity < baseline.perplexity"),
-    "reward": (
-        "student.preference_kl_to_teacher < 0.99 * uniform.preference_kl_to_teacher",
-        "student.preference_kl_to_teacher < baseline.preference_kl_to_teacher",
-    ),
-}
-"""The default gates of a task: [0] beats the uniform predictor, [1] beats the no-teacher baseline."""
-METRICS = tuple(dict.fromkeys(name for names in METRICS_BY_TASK.values() for name in names))
+METRICS = (
+    # language models (kd_core/tasks/causal_lm.py)
+    "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5", "tokens_per_s",
+    # reward models (kd_core/tasks/reward.py)
+    "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "preference_kl_to_teacher", "pairs_per_s",
+    # every model
+    "parameters", "weight_bytes", "latency_ms",
+)
+"""Every metric name a task measures (each task's `Task.metrics` says which are its own)."""
 MAXIMIZED = frozenset(
     {"agreement_top1", "agreement_top5", "tokens_per_s", "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "pairs_per_s"}
 )
@@ -88,16 +77,6 @@ class Gate:
         """{"gate", "passed", "left", "right"}: the comparison and the two numbers it compared."""
         left, right = _value(self.left, metrics, self.text), _value(self.right, metrics, self.text)
         return {"gate": self.text, "passed": bool(_COMPARISONS[self.compare](left, right)), "left": left, "right": right}
-
-
-def metrics_of_task(task: str) -> tuple[str, ...]:
-    return METRICS_BY_TASK[task]
-
-
-def sanity_gates(task: str, has_baseline: bool) -> list[str]:
-    """The gates of a job that set none (see the module docstring)."""
-    beats_uniform, beats_baseline = SANITY_GATES_BY_TASK[task]
-    return [beats_uniform, beats_baseline] if has_baseline else [beats_uniform]
 
 
 def evaluate_gates(gates: list[str], metrics: dict) -> list[dict]:

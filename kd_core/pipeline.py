@@ -10,7 +10,8 @@ config, and nothing here knows about Kubeflow.
 
 from __future__ import annotations
 
-from kd_core.config import JobConfig, public_dict
+from kd_core.config import public_dict
+from kd_core.job import JobConfig
 from kd_core.manifest import Manifest
 from kd_core.progress import say
 from kd_core.storage import Store
@@ -57,15 +58,15 @@ def run_pipeline(config: JobConfig, until: str = "register", force: frozenset[st
 
 # One function per stage, shared by run_pipeline and the Kubeflow components (kd_core/kubeflow).
 def prep_step(config: JobConfig, force: frozenset[str] = frozenset()) -> Manifest:
-    from kd_core.data.prep import prep
+    from kd_core.stages.prep import prep
 
-    return _announce(prep(config.data, Store(config.storage), force=is_forced("prep", force)))
+    return _announce(prep(config.data, Store(config.storage), task=config.task, force=is_forced("prep", force)))
 
 
 def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:
     """The teacher step, then (with `distill.teacher_source: cache`) the cache stage."""
-    from kd_core.cache import cache
-    from kd_core.train.teacher import teacher
+    from kd_core.stages.cache import cache
+    from kd_core.stages.teacher import teacher
 
     store = Store(config.storage)
     steps = {
@@ -82,7 +83,7 @@ def distill_steps(
     config: JobConfig, prep: Manifest, teacher: Manifest, cache: Manifest | None, force: frozenset[str] = frozenset()
 ) -> dict[str, Manifest]:
     """The distilled student, then (with `distill.baseline`) the no-teacher baseline."""
-    from kd_core.train.distill import baseline, distill
+    from kd_core.stages.distill import baseline, distill
     from kd_core.train.tracking import TrainingRun
 
     store = Store(config.storage)
@@ -105,7 +106,7 @@ def distill_steps(
 
 def tune_step(config: JobConfig, prep: Manifest, teacher: Manifest, cache: Manifest | None, force: frozenset[str] = frozenset()) -> Manifest:
     """The search of `config.tune` (kd_core/tune); its best_config.yaml is the job to distill next."""
-    from kd_core.tune import tune
+    from kd_core.stages.tune import tune
 
     targets = _teacher_targets(config, teacher, cache, "tune")
     return _announce(tune(config, prep, targets, Store(config.storage), force=is_forced("tune", force)))
@@ -131,7 +132,7 @@ def eval_step(
     config: JobConfig, prep: Manifest, teacher: Manifest, student: Manifest, baseline: Manifest | None,
     force: frozenset[str] = frozenset(),
 ) -> Manifest:
-    from kd_core.eval import evaluate
+    from kd_core.stages.eval import evaluate
 
     return _announce(
         evaluate(
@@ -142,7 +143,7 @@ def eval_step(
 
 
 def register_step(config: JobConfig, evaluation: Manifest, student: Manifest, force: frozenset[str] = frozenset()) -> Manifest:
-    from kd_core.registry import register
+    from kd_core.stages.register import register
 
     return _announce(
         register(config.registry, evaluation, student, Store(config.storage), public_dict(config), force=is_forced("register", force))

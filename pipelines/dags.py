@@ -17,7 +17,7 @@ safe to evict for the cluster autoscaler (the RayJob would go with them).
 from kfp import dsl, kubernetes
 
 from components import stages
-from kd_core.config import JobConfig
+from kd_core.job import JobConfig
 from kd_core.kubeflow.rayjob import POD_ENV, RAYJOB_STEPS
 from kd_core.kubeflow.steps import job_json
 from kd_core.redaction import redact

@@ -49,7 +49,7 @@ def s3_bucket(s3_endpoint, request):
 @pytest.fixture
 def tiny_config(tmp_path):
     """The tiny job config with its storage and MLflow database inside tmp_path."""
-    from kd_core.config import load_config
+    from kd_core.job import load_config
 
     return load_config(
         REPO / "configs" / "tiny.yaml",

@@ -15,14 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from kd_core.cache import COMMIT_SUFFIX, cache, cache_shards
+from kd_core.train.inference import COMMIT_SUFFIX
+from kd_core.stages.cache import cache
+from kd_core.cache import cache_shards
 from kd_core.cache.format import CacheLayout
-from kd_core.config import load_config
-from kd_core.data.prep import prep
+from kd_core.job import load_config
+from kd_core.stages.prep import prep
 from kd_core.data.shards import decode_arrow, load_split
 from kd_core.models import load_causal_lm
 from kd_core.storage import Store
-from kd_core.train.teacher import teacher, teacher_model_dir
+from kd_core.stages.teacher import teacher
+from kd_core.models.teacher import teacher_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +142,7 @@ def test_sampled_format_is_deterministic_draws_with_counts(trained):
 
 
 def _distill(config, store, prepared, targets, **changes):
-    from kd_core.train.distill import distill
+    from kd_core.stages.distill import distill
 
     section = config.distill.model_copy(update={"train": config.distill.train.model_copy(update={"log_every": 1, "max_steps": 3})})
     loss_changes = {name: value for name, value in changes.items() if name in ("fused", "fused_chunk_size")}
@@ -190,7 +193,7 @@ def test_student_matches_cached_teacher_hidden_states_through_a_learned_projecti
 
 def test_a_teacher_with_a_padded_output_layer_caches_only_real_tokens(trained, tmp_path):
     config, store, prepared, taught = trained
-    from kd_core.train.teacher import teacher as teacher_step
+    from kd_core.stages.teacher import teacher as teacher_step
 
     vocab = prepared.details["vocab_size"]
     model = load_causal_lm(teacher_model_dir(store, taught))
@@ -242,7 +245,7 @@ def wide_vocabulary_teacher(vocab_size=4096, seq_len=64):
 
 @pytest.mark.parametrize("cache_format", ["topk", "sampled", "full"])
 def test_the_chunked_output_layer_gives_the_bytes_of_the_whole_batch_at_once(trained, cache_format):
-    from kd_core.cache.inference import CausalLMTeacher
+    from kd_core.models.inference import CausalLMTeacher
 
     config, store, prepared, taught = trained
     model = load_causal_lm(teacher_model_dir(store, taught))
@@ -260,7 +263,7 @@ def test_the_chunked_output_layer_gives_the_bytes_of_the_whole_batch_at_once(tra
 
 
 def test_the_cache_never_holds_a_batch_of_float32_logits():
-    from kd_core.cache.inference import CausalLMTeacher
+    from kd_core.models.inference import CausalLMTeacher
     from kd_core.devtools import tensor_bytes
 
     model = wide_vocabulary_teacher()
@@ -282,7 +285,7 @@ def test_the_cache_never_holds_a_batch_of_float32_logits():
 def test_a_teacher_whose_forward_reshapes_its_logits_is_cached_from_its_whole_forward_pass():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from kd_core.cache.inference import CausalLMTeacher
+    from kd_core.models.inference import CausalLMTeacher
 
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -300,7 +303,7 @@ def test_a_teacher_whose_forward_reshapes_its_logits_is_cached_from_its_whole_fo
 def test_a_bf16_teacher_caches_within_bf16_rounding_of_float32(trained):
     """A GPU runs a bf16 checkpoint in bf16 (`teacher_dtype`): its logits are bf16, their softmax
     float32. Here on a CPU, the float32 teacher rounded to bf16 against the float32 reference."""
-    from kd_core.cache.inference import CausalLMTeacher
+    from kd_core.models.inference import CausalLMTeacher
 
     config, store, prepared, taught = trained
     rows = load_split(store, prepared, "train")[:64]

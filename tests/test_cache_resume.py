@@ -20,15 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from kd_core.cache import COMMIT_SUFFIX, cache, cache_shards
+from kd_core.train.inference import COMMIT_SUFFIX
+from kd_core.stages.cache import cache
+from kd_core.cache import cache_shards
 from kd_core.cache.format import CacheLayout
-from kd_core.config import load_config
-from kd_core.data.prep import prep
+from kd_core.job import load_config
+from kd_core.stages.prep import prep
 from kd_core.data.shards import ShardError
 from kd_core.data.stream import TrainingStream
 from kd_core.manifest import Manifest
 from kd_core.storage import Store
-from kd_core.train.teacher import teacher
+from kd_core.stages.teacher import teacher
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_CACHE = ["compute.backend=local", "data.rows_per_shard=8", "cache.batch_size=1", "cache.top_k=16"]

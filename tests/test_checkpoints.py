@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_core.cache import cache, cache_shards
-from kd_core.config import load_config, validate_config
-from kd_core.data.prep import prep
+from kd_core.stages.cache import cache
+from kd_core.job import load_config, validate_config
+from kd_core.stages.prep import prep
 from kd_core.storage import Store
 from kd_core.train.checkpoints import (
     CheckpointError,
@@ -29,10 +29,12 @@ from kd_core.train.checkpoints import (
     save_rank_state,
     weights_only_checkpoint_engine_class,
 )
-from kd_core.train.distill import distill
-from kd_core.train.loop import TrainSpec, train_worker, training_batches
+from kd_core.stages.distill import distill
+from kd_core.tasks import task_of
+from kd_core.train.spec import TrainSpec
+from kd_core.train.loop import train_worker, training_batches
 from kd_core.train.ray_glue import fit
-from kd_core.train.teacher import teacher
+from kd_core.stages.teacher import teacher
 from kd_core.train.tracking import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,9 +71,8 @@ def student_spec(job, output_folder: str, runner: str) -> TrainSpec:
     config, store, prepared, cached = job
     deepspeed = None if runner == "plain" else config.distill.deepspeed.model_copy(update={"zero_stage": int(runner[-1])})
     return TrainSpec.from_prep(
-        prepared, store, output_folder, config.student.architecture, config.distill.train,
-        loss=config.distill.loss, deepspeed=deepspeed, cache_shards=cache_shards(cached), cache_layout=cached.details["layout"],
-        checkpoint_every=config.distill.checkpoint_every,
+        prepared, store, output_folder, config.student.architecture, config.distill.train, task=task_of(prepared),
+        objective=config.distill.loss, deepspeed=deepspeed, cache=cached, checkpoint_every=config.distill.checkpoint_every,
     )
 
 
@@ -108,7 +109,7 @@ def test_a_resume_reads_back_its_buffers_not_the_steps_before_it(job, capsys, da
     train = config.distill.train.model_copy(update={"max_steps": 100, "shuffle_buffer": 16, "data_workers": data_workers})
 
     def spec(folder: str) -> TrainSpec:
-        return TrainSpec.from_prep(job[2], store, folder, config.student.architecture, train, checkpoint_every=48)
+        return TrainSpec.from_prep(job[2], store, folder, config.student.architecture, train, task=task_of(job[2]), checkpoint_every=48)
 
     whole, interrupted = spec(f"reads-whole-{data_workers}"), spec(f"reads-interrupted-{data_workers}")
     train_worker(whole)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kd_core.config import ConfigError, JobConfig, load_config, public_dict, section_hash, validate_config
+from kd_core.config import ConfigError, public_dict, section_hash
+from kd_core.job import JobConfig, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

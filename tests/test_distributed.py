@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from kd_core.cache import cache
-from kd_core.config import load_config
-from kd_core.data.prep import prep
+from kd_core.stages.cache import cache
+from kd_core.job import load_config
+from kd_core.stages.prep import prep
 from kd_core.storage import Store
-from kd_core.train.distill import distill
-from kd_core.train.teacher import teacher
+from kd_core.stages.distill import distill
+from kd_core.stages.teacher import teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_gradient_accumulation_gives_the_same_updates_as_the_whole_batch(job):
 
 def test_online_teacher_and_a_full_logit_cache_give_the_same_losses(job):
     config, store, prepared, _ = job
-    from kd_core.train.teacher import teacher as teacher_step
+    from kd_core.stages.teacher import teacher as teacher_step
 
     taught = teacher_step(config.teacher, prepared, store, config.compute)
     full = cache(config.cache.model_copy(update={"format": "full"}), prepared, taught, store, config.compute)
@@ -88,7 +88,7 @@ def test_the_online_teacher_runs_frozen_and_partitioned_beside_a_zero3_student(j
     from kd_core.config import DeepSpeedConfig
     from kd_core.models import load_causal_lm
     from kd_core.train.deepspeed_engine import TeacherEngine, deepspeed_config
-    from kd_core.train.teacher import teacher_model_dir
+    from kd_core.models.teacher import teacher_model_dir
 
     config, store, prepared, _ = job
     taught = teacher(config.teacher, prepared, store, config.compute)
@@ -183,7 +183,9 @@ def test_two_zero3_ranks_each_hold_half_of_the_online_teacher_and_the_student(jo
     rank holds half of both models' parameters, and training is the 1-rank training."""
     from kd_core.config import ArchitectureConfig, DeepSpeedConfig
     from kd_core.models import count_parameters, load_causal_lm
-    from kd_core.train.loop import TrainSpec, train_worker
+    from kd_core.tasks import task_of
+    from kd_core.train.spec import TrainSpec
+    from kd_core.train.loop import train_worker
 
     config, store, prepared, _ = job
     # Models wide enough (H = 384) that every weight matrix exceeds DeepSpeed's persistence
@@ -194,8 +196,8 @@ def test_two_zero3_ranks_each_hold_half_of_the_online_teacher_and_the_student(jo
     train = config.distill.train.model_copy(update={"max_steps": 3, "log_every": 1, "data_split": "rows"})
     runs = {}
     for world_size in (1, 2):
-        spec = TrainSpec.from_prep(prepared, store, f"zero3-{world_size}-ranks", student, train, loss=config.distill.loss,
-                                   deepspeed=DeepSpeedConfig(zero_stage=3), online_teacher=taught)
+        spec = TrainSpec.from_prep(prepared, store, f"zero3-{world_size}-ranks", student, train, task=task_of(prepared),
+                                   objective=config.distill.loss, deepspeed=DeepSpeedConfig(zero_stage=3), online_teacher=taught)
         result = train_worker(spec) if world_size == 1 else train_ranks(spec, world_size)  # one rank: in this process
         history = [json.loads(line) for line in store.read_bytes(f"{spec.output_folder}/history.jsonl").decode().splitlines()]
         runs[world_size] = result, history

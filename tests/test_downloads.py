@@ -121,7 +121,7 @@ def test_concurrent_loads_survive_a_killed_download_and_never_reuse_a_partial_fo
 def test_external_teacher_partial_folder_is_not_reused_and_a_changed_teacher_is_refused(s3_endpoint, s3_bucket, tmp_path, monkeypatch):
     """A folder left by a download that died (here: only config.json) is completed, not loaded;
     a teacher folder changed after the teacher step recorded it is refused, not loaded."""
-    import kd_core.train.teacher as teacher_module
+    import kd_core.models.teacher as teacher_module
     from kd_core.storage import url_to_fs
 
     store = Store(StorageConfig(root=f"s3://{s3_bucket}/jobs", s3=S3Config(endpoint_url=s3_endpoint)))

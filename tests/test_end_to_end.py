@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from kd_core.config import validate_config
+from kd_core.job import validate_config
 from kd_core.pipeline import run_pipeline
 
 ALL_STEPS = ["prep", "teacher", "cache", "distill", "baseline", "eval", "register"]

@@ -17,7 +17,7 @@ import math
 
 import pytest
 
-from kd_core.config import validate_config
+from kd_core.job import validate_config
 from kd_core.devtools import FaultyProxy, loopback_mlflow
 from kd_core.pipeline import run_pipeline
 from kd_core.storage import Store

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from kd_core.config import ConfigError, load_config
+from kd_core.config import ConfigError
+from kd_core.job import load_config
 from kd_core.gates import Gate, GateError, evaluate_gates
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

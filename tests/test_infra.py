@@ -139,7 +139,7 @@ def secret_env(container: dict) -> dict[str, tuple[str, str]]:
 
 
 def built_rayjob(name="kdflow-distill-0a1b2c3d-e4f5g"):
-    from kd_core.config import load_config
+    from kd_core.job import load_config
     from kd_core.kubeflow.rayjob import build_rayjob
 
     config = load_config(REPO / "configs" / "cluster.yaml")

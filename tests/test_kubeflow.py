@@ -32,7 +32,8 @@ import pytest
 import yaml
 from kfp import dsl
 
-from kd_core.config import ConfigError, load_config
+from kd_core.config import ConfigError
+from kd_core.job import load_config
 from kd_core.devtools import KubernetesApiStandIn
 from kd_core.kubeflow import engines
 from kd_core.kubeflow.rayjob import (

@@ -18,13 +18,18 @@ import pytest
 import torch
 from torch import nn
 
-from kd_core.config import DeepSpeedConfig, TrainConfig, load_config
-from kd_core.data.prep import prep
+from kd_core.config import DeepSpeedConfig, TrainConfig
+from kd_core.job import load_config
+from kd_core.stages.prep import prep
 from kd_core.errors import TrainingDiverged
-from kd_core.gates import evaluate_gates, sanity_gates
+from kd_core.gates import evaluate_gates
+from kd_core.tasks.causal_lm import CausalLM
+from kd_core.tasks.reward import Reward
 from kd_core.storage import Store
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
-from kd_core.train.loop import TrainSpec, make_optimizer, train_worker
+from kd_core.tasks import task_of
+from kd_core.train.spec import TrainSpec
+from kd_core.train.loop import make_optimizer, train_worker
 from kd_core.train.step import PlainRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +122,7 @@ def test_a_run_at_learning_rate_1e30_aborts_naming_the_step_and_the_last_finite_
     config, store, prep_manifest = prepared
     train = config.distill.train.model_copy(update={"learning_rate": 1e30, "max_nonfinite_steps": 2, "max_steps": 20})
     deepspeed = None if runner == "plain" else config.distill.deepspeed.model_copy(update={"zero_stage": 3})
-    spec = TrainSpec.from_prep(prep_manifest, store, f"diverged-{runner}", config.student.architecture, train, deepspeed=deepspeed)
+    spec = TrainSpec.from_prep(prep_manifest, store, f"diverged-{runner}", config.student.architecture, train, task=task_of(prep_manifest), deepspeed=deepspeed)
     with pytest.raises(TrainingDiverged) as raised:
         train_worker(spec)
     diverged = raised.value
@@ -140,13 +145,13 @@ def test_the_default_gates_fail_a_student_no_better_than_uniform():
         "baseline": {"perplexity": 120.0},
         "student": {"perplexity": vocab * 0.9995},  # a collapsed student: uniform up to float error
     }
-    assert sanity_gates("causal_lm", has_baseline=False) == ["student.perplexity < 0.99 * uniform.perplexity"]
-    results = evaluate_gates(sanity_gates("causal_lm", has_baseline=True), metrics)
+    assert list(CausalLM.sanity_gates[:1]) == ["student.perplexity < 0.99 * uniform.perplexity"]
+    results = evaluate_gates(list(CausalLM.sanity_gates), metrics)
     assert [gate["passed"] for gate in results] == [False, False]
     metrics["student"]["perplexity"] = 110.0
-    assert [gate["passed"] for gate in evaluate_gates(sanity_gates("causal_lm", has_baseline=True), metrics)] == [True, True]
+    assert [gate["passed"] for gate in evaluate_gates(list(CausalLM.sanity_gates), metrics)] == [True, True]
     metrics["student"]["perplexity"] = math.nan  # a diverged student's NaN never passes
-    assert not any(gate["passed"] for gate in evaluate_gates(sanity_gates("causal_lm", has_baseline=True), metrics))
+    assert not any(gate["passed"] for gate in evaluate_gates(list(CausalLM.sanity_gates), metrics))
 
 
 def test_the_uniform_reward_model_scores_the_kl_of_a_coin_against_the_teacher():
@@ -159,7 +164,7 @@ def test_the_uniform_reward_model_scores_the_kl_of_a_coin_against_the_teacher():
     coin = np.mean(p * np.log(2 * p) + (1 - p) * np.log(2 * (1 - p)))  # KL(Bernoulli(p) ‖ Bernoulli(1/2))
     scores = uniform_preference_scores(teacher)
     assert scores["preference_kl_to_teacher"] == pytest.approx(coin, rel=1e-5) and scores["pairwise_accuracy_human"] == 0.5
-    assert sanity_gates("reward", has_baseline=True)[0] == "student.preference_kl_to_teacher < 0.99 * uniform.preference_kl_to_teacher"
+    assert Reward.sanity_gates[0] == "student.preference_kl_to_teacher < 0.99 * uniform.preference_kl_to_teacher"
 
 
 def test_the_divergence_comes_out_of_ray_trains_worker_group_error():

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kd_core.config import DataConfig, StorageConfig, load_config
-from kd_core.data.prep import prep
+from kd_core.config import DataConfig, StorageConfig
+from kd_core.job import load_config
+from kd_core.stages.prep import prep
 from kd_core.data.shards import load_split
 from kd_core.data.sources import DataSourceError, split_long, split_stream
 from kd_core.storage import Store, StorageError
@@ -86,7 +87,7 @@ def test_a_refreshed_bucket_is_seen_with_data_on_s3_and_a_local_store(tmp_path, 
 
 def test_a_teachers_config_and_tokenizer_are_part_of_its_identity_and_local_weights_are_hashed_once(tmp_path, store, monkeypatch):
     from kd_core.storage import content_identity
-    from kd_core.train.teacher import teacher
+    from kd_core.stages.teacher import teacher
 
     monkeypatch.setenv("KDFLOW_CACHE", str(tmp_path / "kdflow-cache"))
     folder = save_teacher(tmp_path / "teacher", "gpt2")
@@ -366,9 +367,9 @@ def test_a_teacher_saved_with_transformers_teaches_with_its_own_tokenizer_and_th
 
 
 def test_a_teacher_with_a_short_context_or_a_too_large_top_k_is_a_named_error(tmp_path):
-    from kd_core.cache import CacheSettingsError
+    from kd_core.cache.format import CacheSettingsError
     from kd_core.pipeline import run_pipeline
-    from kd_core.train.teacher import TeacherError
+    from kd_core.models.teacher import TeacherError
 
     short = save_teacher(tmp_path / "short", "llama", context=16)
     with pytest.raises(TeacherError, match=r"data.seq_len: 32 tokens per row, but the teacher at .* reads at most 16"):

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kd_core.config import DataConfig, StorageConfig
-from kd_core.data.prep import END_OF_TEXT, prep
+from kd_core.data.tokenizer import END_OF_TEXT
+from kd_core.stages.prep import prep
 from kd_core.data.shards import ShardError, decode_arrow, encode_arrow, load_split, read_verified
 from kd_core.data.sources import DataSourceError, python_docs, split_long
 from kd_core.storage import Store

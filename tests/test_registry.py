@@ -165,7 +165,7 @@ def tiny_tokenizer(folder: Path) -> Path:
     """A byte-level BPE tokenizer trained here on a few sentences, saved as a Hugging Face tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    from kd_core.data.prep import END_OF_TEXT, PAD, train_tokenizer
+    from kd_core.data.tokenizer import END_OF_TEXT, PAD, train_tokenizer
 
     texts = ["Which digit is written in the image?", "The digit is seven.", "The student learns from the teacher."] * 10
     wrapped = PreTrainedTokenizerFast(
@@ -178,7 +178,7 @@ def tiny_tokenizer(folder: Path) -> Path:
 def register_student(config: RegistryConfig, store_root: Path, student_dir: Path, task: str, metrics: dict):
     """The register stage on a student directory, with real (hand-made) distill and eval manifests."""
     from kd_core.config import StorageConfig
-    from kd_core.registry import register as register_stage
+    from kd_core.stages.register import register as register_stage
     from kd_core.stage import StageRun
     from kd_core.storage import Store
 

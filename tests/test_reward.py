@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from kd_core.cache import cache_shards
-from kd_core.config import ConfigError, PreferenceConfig, VisionConfig, load_config, validate_config
+from kd_core.config import ConfigError, PreferenceConfig, VisionConfig
+from kd_core.job import load_config, validate_config
 from kd_core.data.digits import digit_records
 from kd_core.data.preferences import read_preference_records, split_by_image
 from kd_core.data.shards import read_columns
@@ -30,7 +31,8 @@ from kd_core.manifest import ManifestError
 from kd_core.models.reward import build_multimodal_reward_model, load_reward_model
 from kd_core.pipeline import run_pipeline, search_steps
 from kd_core.storage import Store
-from kd_core.tune import TRIALS_NAME, best_job, tune
+from kd_core.tune import TRIALS_NAME, best_job
+from kd_core.stages.tune import tune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,13 +131,13 @@ def test_a_broken_record_is_reported_by_file_and_line(tmp_path, bad_line, messag
 
 
 def test_a_missing_image_is_reported_by_file_and_line_before_any_shard_is_written(tmp_path):
-    from kd_core.data.prep import prep
+    from kd_core.stages.prep import prep
     from kd_core.storage import Store
 
     path = write_jsonl(tmp_path / "data", [GOOD, {**GOOD, "image": "img/missing.png"}, {**GOOD, "human_label": None}])
     config = reward_job(tmp_path, **{"data.source": "preferences", "data.files": [str(path)]})
     with pytest.raises(DataSourceError, match=r"pairs.jsonl:2: image .*img/missing.png does not exist"):
-        prep(config.data, Store(config.storage))
+        prep(config.data, Store(config.storage), task="reward")
     assert not list((tmp_path / "store").rglob("*.arrow"))
 
 

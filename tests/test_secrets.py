@@ -40,7 +40,8 @@ def job_with_secret_urls(tiny_config):
 
 
 def test_a_config_error_on_a_secret_field_masks_its_value():
-    from kd_core.config import ConfigError, validate_config
+    from kd_core.config import ConfigError
+    from kd_core.job import validate_config
 
     with pytest.raises(ConfigError) as raised:
         validate_config({"storage": {"s3": {"secret_access_key": [PASSWORD], "access_key_id": {"id": TOKEN}}}})
@@ -50,7 +51,8 @@ def test_a_config_error_on_a_secret_field_masks_its_value():
 
 
 def test_a_config_error_names_a_url_without_its_password():
-    from kd_core.config import ConfigError, validate_config
+    from kd_core.config import ConfigError
+    from kd_core.job import validate_config
 
     with pytest.raises(ConfigError) as raised:
         validate_config({"data": {"files": SECRET_DATA_URLS[0]}})  # a string where a list belongs

@@ -12,11 +12,12 @@ import json
 import pytest
 
 from kd_core.config import DataConfig, StorageConfig
-from kd_core.data.prep import prep, prep_section
+from kd_core.stages.prep import prep, prep_section
 from kd_core.manifest import ManifestError, read_manifest
 from kd_core.pipeline import is_forced
 from kd_core.stage import StageRun
 from kd_core.storage import Store
+from kd_core.tasks import task_named
 
 WORDS = "teacher student logits cache shard manifest tokens distill temperature entropy".split()
 
@@ -80,7 +81,7 @@ def test_stage_without_manifest_did_not_happen(corpus, store):
 
 def test_forcing_deletes_the_old_manifest_before_work(corpus, store):
     manifest = prep(data_config(corpus), store)
-    run = StageRun(store, "prep", prep_section(data_config(corpus), store.config), inputs={}, force=True)
+    run = StageRun(store, "prep", prep_section(task_named("causal_lm"), data_config(corpus), store.config), inputs={}, force=True)
     assert run.key == manifest.key
     assert read_manifest(store, "prep", manifest.key) is None  # a crash from here on leaves it incomplete
 

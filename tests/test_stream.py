@@ -151,7 +151,7 @@ def test_row_split_gives_every_world_size_the_same_global_batches(shards):
 def test_only_the_columns_a_model_reads_are_decoded_and_a_missing_one_is_named(tmp_path):
     """A text reward teacher's stream carries no images, a multimodal student's no text view; a
     shard written for another task (no such column) is named with what it has."""
-    from kd_core.train.step import input_columns
+    from kd_core.tasks import task_named
 
     store = Store(StorageConfig(root=str(tmp_path)))
     rows = 6
@@ -161,13 +161,13 @@ def test_only_the_columns_a_model_reads_are_decoded_and_a_missing_one_is_named(t
         "pixels": np.arange(rows * 12, dtype=np.uint8).reshape(rows, 12), "human_label": np.ones((rows, 1), np.float32),
     }
     pairs = [store.write_bytes("pairs/0.arrow", encode_arrow(pair_columns))]
-    for kind, expected in (("text_reward", {"text_chosen_ids", "text_rejected_ids", "human_label"}),
-                           ("multimodal_reward", {"chosen_ids", "rejected_ids", "pixels", "human_label"})):
-        samples = list(TrainingStream(store.config, pairs, epochs=1, columns=input_columns(kind)))
-        assert len(samples) == rows and all(set(sample) == expected for sample in samples), kind
+    for role, expected in (("teacher", {"text_chosen_ids", "text_rejected_ids", "human_label"}),
+                           ("student", {"chosen_ids", "rejected_ids", "pixels", "human_label"})):
+        samples = list(TrainingStream(store.config, pairs, epochs=1, columns=task_named("reward").columns(role)))
+        assert len(samples) == rows and all(set(sample) == expected for sample in samples), role
         assert all(sample[name].dtype == np.int64 for sample in samples for name in expected if name.endswith("_ids"))
     with pytest.raises(ShardError, match=r"pairs/0.arrow: has no column 'input_ids' \(it has chosen_ids, .*pixels"):
-        list(TrainingStream(store.config, pairs, epochs=1, columns=input_columns("causal_lm")))
+        list(TrainingStream(store.config, pairs, epochs=1, columns=task_named("causal_lm").columns("student")))
 
 
 # ------------------------------------------------------------------------------ resuming

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kd_core.config import ConfigError, SearchDimension, load_config
+from kd_core.config import ConfigError, SearchDimension
+from kd_core.job import load_config
 from kd_core.tune import job_with, search_space
 from kd_core.tune.report import importance, trials_table, tune_png
 

@@ -38,10 +38,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from kd_core.errors import InputError
 from kd_core.losses.sampled import draw_teacher_samples
 
 FORMAT_VERSION = 2
 """Bumped when the meaning of any column changes."""
+
+
+class CacheSettingsError(InputError):
+    """Cache settings this teacher and data cannot satisfy, found before any teacher inference."""
 
 
 # ------------------------------------------------------------------------------------ bit packing

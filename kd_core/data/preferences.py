@@ -1,4 +1,4 @@
-"""The prep stage for reward models: preference records with images -> tokenizer and pair shards.
+"""Prep for reward models (`task: reward`): preference records with images -> tokenizer and pair shards.
 
 Input: JSONL files of preference records (`data.preferences` names the fields):
 
@@ -42,7 +42,9 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from kd_core.config import DataConfig, PreferenceConfig, StorageConfig
+from kd_core.data.shards import SPLITS, write_shards
 from kd_core.data.sources import DataSourceError, matching_files
+from kd_core.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_tokenizer
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import StorageError, Store, inside, relative_name, url_to_fs
@@ -60,10 +62,8 @@ class PreferenceRecord:
     """`file:line`, for error messages."""
 
 
-def prep_preferences(config: DataConfig, store: Store, run: StageRun):
-    """The body of the prep stage for `task: reward`; returns the finished manifest."""
-    from kd_core.data.prep import SPLITS, load_tokenizer, save_hf_tokenizer, train_tokenizer
-
+def prepare_preferences(config: DataConfig, store: Store, run: StageRun) -> tuple[dict, dict]:
+    """Prep's work for preference data (`task: reward`) into `run`'s folder: (metrics, details)."""
     with run.timed("collect"):
         urls = _source_urls(config, store)
         records = list(read_preference_records(urls, config.preferences, store.config))
@@ -81,7 +81,6 @@ def prep_preferences(config: DataConfig, store: Store, run: StageRun):
     tokenizer, special_ids = prepared.tokenizer, prepared.ids()
     pad_id = special_ids["pad"]
     details: dict = {
-        "task": "reward",
         "seq_len": config.seq_len,
         "vocab_size": tokenizer.get_vocab_size(),
         "pad_id": pad_id,
@@ -105,7 +104,7 @@ def prep_preferences(config: DataConfig, store: Store, run: StageRun):
         **{f"{split}_labeled": details["splits"][split]["labeled"] for split in SPLITS},
         **{f"{split}_tokens": details["splits"][split]["tokens"] for split in SPLITS},
     }
-    return run.finish(metrics=metrics, details=details)
+    return metrics, details
 
 
 def _source_urls(config: DataConfig, store: Store) -> list[str]:
@@ -286,8 +285,6 @@ def encode_pairs(tokenizer, records: list[PreferenceRecord], images: dict[str, n
 
 
 def _write_split(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int, pad_id: int) -> dict:
-    from kd_core.data.prep import write_shards
-
     rows = len(columns["pixels"])
     names = write_shards(run, split, columns, rows_per_shard)
     tokens = int((columns["chosen_ids"] != pad_id).sum() + (columns["rejected_ids"] != pad_id).sum())

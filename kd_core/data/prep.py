@@ -1,5 +1,6 @@
-"""The prep stage: raw text -> a tokenizer and packed, split token shards.
+"""Prep for text (`task: causal_lm`): raw text -> a tokenizer and packed, split token shards.
 
+`prepare_text` is what the prep stage (`kd_core/stages/prep.py`) runs for a language-model task.
 Steps:
 1. collect documents from the source (`kd_core/data/sources.py` says how files become
    documents), drop exact duplicates (counted), and shuffle them (seeded);
@@ -13,74 +14,33 @@ Steps:
    shuffles within a buffer then sees batches as varied as a global shuffle would give;
 6. write each split as Arrow shards of `rows_per_shard` rows, then the manifest.
 
-The step's key covers the data settings, the identity of every matched file (URL, size, ETag or
-modification time) and of the tokenizer's files: an edited or added file, or a changed tokenizer,
-gives a new key, so a scheduled run over a refreshed bucket prepares (and distills) again.
-
 Outputs: `tokenizer/` (a Hugging Face tokenizer directory) and `shards/<split>-NNNNN.arrow`; the
 manifest's details give the special token ids (`special_token_ids`: bos, eos, pad) that every
-model kdflow builds for this data uses. Preference data (`task: reward`) takes its own path with
-the same outputs: `kd_core/data/preferences.py`.
+model kdflow builds for this data uses. Preference data (`task: reward`) has its own prep with
+the same outputs: `kd_core/data/preferences.py`. Tokenizers: `kd_core/data/tokenizer.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import platform
 import random
-import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from kd_core.config import DataConfig, StorageConfig
-from kd_core.data.shards import encode_arrow
+from kd_core.data.shards import SPLITS, write_shards
 from kd_core.data.sources import DataSourceError, FileSource, SourceCounts, python_docs
-from kd_core.manifest import Manifest
+from kd_core.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_tokenizer
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
-from kd_core.storage import Store, content_identity, reaching, url_to_fs
-
-END_OF_TEXT = "<|endoftext|>"
-PAD = "<|pad|>"
-SPLITS = ("train", "val", "test")
-PREFERENCE_SOURCES = ("preferences", "digit-preferences")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-)
-"""What a Hugging Face tokenizer directory holds besides model weights (read, hashed, copied)."""
+from kd_core.storage import Store
 
 
-@dataclass(frozen=True)
-class PreparedTokenizer:
-    """A tokenizer and the special tokens kdflow uses with it (all already in its vocabulary)."""
 
-    tokenizer: Tokenizer
-    bos: str
-    eos: str
-    """Separates documents in packed rows; the end of a generation."""
-    pad: str
-    """Fills rows shorter than seq_len (preference pairs); never trained on."""
-    hf: object | None = None
-    """The `transformers` tokenizer it was loaded as (None: trained here); saved as it is."""
-
-    def ids(self) -> dict[str, int]:
-        return {name: self.tokenizer.token_to_id(getattr(self, name)) for name in ("bos", "eos", "pad")}
-
-
-def prep(config: DataConfig, store: Store, *, force: bool = False) -> Manifest:
-    source = file_source(config, store.config)
-    run = StageRun(store, "prep", prep_section(config, store.config, source), inputs={}, force=force)
-    if run.reused:
-        return run.reused
-    if config.source in PREFERENCE_SOURCES:
-        from kd_core.data.preferences import prep_preferences
-
-        return prep_preferences(config, store, run)
+def prepare_text(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
+    """Prep's work for text (`python-docs`, `files`) into `run`'s folder: (metrics, details)."""
     counts = SourceCounts()
     with run.timed("collect"):
         documents, duplicates = collect_documents(config, source, counts)
@@ -108,26 +68,10 @@ def prep(config: DataConfig, store: Store, *, force: bool = False) -> Manifest:
         "duplicates_removed": duplicates,
         **{f"{split}_tokens": details["splits"][split]["tokens"] for split in SPLITS},
     }
-    return run.finish(metrics=metrics, details=details)
+    return metrics, details
 
 
-def prep_section(config: DataConfig, storage: StorageConfig, source: FileSource | None = None) -> dict:
-    """What the step's key covers: the data settings (the preference settings only for preference
-    data), the identity of every file read and of the tokenizer's files."""
-    settings = config.model_dump(mode="json", exclude=None if config.source in PREFERENCE_SOURCES else {"preferences"})
-    section: dict = {"data": settings}
-    source = source or file_source(config, storage)
-    if source is not None:
-        listing = json.dumps(source.listing(), sort_keys=True).encode()
-        section["files"] = {"count": len(source.files), "bytes": source.total_bytes, "identity": hashlib.sha256(listing).hexdigest()}
-    elif config.source == "python-docs":
-        section["python"] = platform.python_version()  # the bundled text is the running Python's
-    if config.tokenizer:
-        section["tokenizer_identity"] = tokenizer_identity(config.tokenizer, storage)
-    return section
-
-
-def check_prep_inputs(config: DataConfig, storage: StorageConfig) -> list[str]:
+def check_prep_inputs(config: DataConfig, storage: StorageConfig, *, separates_documents: bool = True) -> list[str]:
     """What prep will read, checked without preparing anything (`kdflow validate --check-inputs`):
     the files are listed and the first record of each (up to 20) read; the tokenizer is loaded.
     Raises the error prep would raise; returns one line per input checked."""
@@ -139,7 +83,7 @@ def check_prep_inputs(config: DataConfig, storage: StorageConfig) -> list[str]:
         readable = ", first records readable" if config.source == "files" else ""
         checked.append(f"data.files: {len(source.files)} files, {source.total_bytes:,} bytes{readable}")
     if config.tokenizer:
-        prepared = load_tokenizer(config.tokenizer, storage, separates_documents=config.source not in PREFERENCE_SOURCES)
+        prepared = load_tokenizer(config.tokenizer, storage, separates_documents=separates_documents)
         vocabulary = prepared.tokenizer.get_vocab_size()
         checked.append(f"data.tokenizer: {config.tokenizer} ({vocabulary:,} tokens; separator {prepared.eos!r}, pad {prepared.pad!r})")
     return checked
@@ -203,100 +147,6 @@ def _empty_split(split: str, documents: list[str], config: DataConfig) -> DataSo
     )
 
 
-def train_tokenizer(documents: list[str], vocab_size: int) -> PreparedTokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(documents, trainer=trainer)
-    return PreparedTokenizer(tokenizer, bos=END_OF_TEXT, eos=END_OF_TEXT, pad=PAD)
-
-
-def load_tokenizer(url: str, storage: StorageConfig, *, separates_documents: bool = True) -> PreparedTokenizer:
-    """An existing Hugging Face tokenizer directory (e.g. the teacher's) on any fsspec store, as it
-    is: its eos separates documents (`separates_documents`; preference pairs need none), its pad
-    token (else its eos, else its unk) pads. No token is added, so every id stays inside the
-    teacher's vocabulary; truncation or padding saved in its tokenizer.json is switched off for
-    prep (it would silently cut every document)."""
-    from transformers import PreTrainedTokenizerFast
-
-    fs, root = url_to_fs(url, storage)
-    with reaching(url, "data.tokenizer"):
-        if not fs.exists(root):
-            raise DataSourceError(
-                f"data.tokenizer: {url} does not exist (unset, it is teacher.path's folder); point it at a Hugging Face "
-                "tokenizer directory"
-            )
-        if not fs.exists(f"{root.rstrip('/')}/tokenizer.json"):
-            raise DataSourceError(
-                f"data.tokenizer: {url} has no tokenizer.json; point it at a Hugging Face tokenizer directory "
-                "(a folder written by tokenizer.save_pretrained)"
-            )
-        with tempfile.TemporaryDirectory(prefix="kdflow-tokenizer-") as folder:
-            for name, path in _tokenizer_files(fs, root).items():
-                fs.get_file(path, str(Path(folder) / name))
-            hf = PreTrainedTokenizerFast.from_pretrained(folder)
-            declared = Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).get_vocab()
-    if len(hf) > len(declared):
-        extra = sorted(set(hf.get_vocab()) - set(declared))
-        raise DataSourceError(
-            f"data.tokenizer: {url}: tokenizer_config.json / special_tokens_map.json name tokens that tokenizer.json lacks "
-            f"({', '.join(extra[:4])}); they would get ids past the teacher's vocabulary: name existing tokens instead"
-        )
-    if hf.eos_token is None and separates_documents:
-        raise DataSourceError(
-            f"data.tokenizer: {url} declares no eos token (tokenizer_config.json 'eos_token'); kdflow separates documents "
-            "with it: set it to the end-of-text token the teacher was trained with"
-        )
-    pad = hf.pad_token or hf.eos_token or hf.unk_token
-    if pad is None:
-        raise DataSourceError(f"data.tokenizer: {url} declares no pad, eos or unk token to pad with; set pad_token in tokenizer_config.json")
-    backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())
-    backend.no_truncation()
-    backend.no_padding()
-    return PreparedTokenizer(backend, bos=hf.bos_token or hf.eos_token or pad, eos=hf.eos_token or pad, pad=pad, hf=hf)
-
-
-def tokenizer_identity(url: str, storage: StorageConfig) -> str:
-    """Hash of the tokenizer files' contents (or ETags): a changed tokenizer changes the prep key."""
-    fs, root = url_to_fs(url, storage)
-    digest = hashlib.sha256()
-    with reaching(url, "data.tokenizer"):
-        for name, path in _tokenizer_files(fs, root).items():
-            digest.update(f"{name}={content_identity(fs, path)}\n".encode())
-    return digest.hexdigest()
-
-
-def _tokenizer_files(fs, root: str) -> dict[str, str]:
-    """name -> path of each of `TOKENIZER_FILES` that the folder holds."""
-    paths = {name: f"{root.rstrip('/')}/{name}" for name in TOKENIZER_FILES}
-    return {name: path for name, path in paths.items() if fs.exists(path)}
-
-
-def save_hf_tokenizer(prepared: PreparedTokenizer, run: StageRun) -> None:
-    """Store the tokenizer as a Hugging Face directory, loadable with AutoTokenizer; a loaded one
-    keeps its own settings (chat template, special tokens) and gains a pad token only by naming
-    an existing one."""
-    from transformers import PreTrainedTokenizerFast
-
-    if prepared.hf is not None:
-        wrapped = prepared.hf
-        wrapped.pad_token = wrapped.pad_token or prepared.pad
-    else:
-        wrapped = PreTrainedTokenizerFast(
-            tokenizer_object=prepared.tokenizer, bos_token=prepared.bos, eos_token=prepared.eos, pad_token=prepared.pad,
-            unk_token=END_OF_TEXT,
-        )
-    with tempfile.TemporaryDirectory() as folder:
-        wrapped.save_pretrained(folder)
-        run.upload_dir(folder, "tokenizer")
-
-
 def pack(tokenizer: Tokenizer, documents: Iterable[str], seq_len: int, separator_id: int, advance=lambda n: None) -> np.ndarray:
     """Concatenate documents, each followed by the separator (the tokenizer's eos), and cut into full rows of seq_len."""
     stream: list[int] = []
@@ -315,12 +165,3 @@ def write_split(run: StageRun, split: str, rows: np.ndarray, rows_per_shard: int
     return {"shards": names, "rows": int(len(rows)), "tokens": int(rows.size)}
 
 
-def write_shards(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int) -> list[str]:
-    """`shards/<split>-NNNNN.arrow`, `rows_per_shard` rows of every column each; their names."""
-    names = []
-    rows = len(next(iter(columns.values())))
-    for index, start in enumerate(range(0, rows, rows_per_shard)):
-        name = f"shards/{split}-{index:05d}.arrow"
-        run.write_bytes(name, encode_arrow({column: values[start : start + rows_per_shard] for column, values in columns.items()}))
-        names.append(name)
-    return names

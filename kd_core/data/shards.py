@@ -16,11 +16,16 @@ import pyarrow as pa
 
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest
+from kd_core.stage import StageRun
 from kd_core.storage import FileRecord, Store, with_retries
 
 
 class ShardError(InputError):
     """A shard that is missing, corrupt or not shaped as its manifest says."""
+
+
+SPLITS = ("train", "val", "test")
+"""The splits prep writes: training, validation (searches, early checks) and the final test."""
 
 
 def encode_arrow(columns: dict[str, np.ndarray], metadata: dict[bytes, bytes] | None = None) -> bytes:
@@ -107,3 +112,14 @@ def read_columns(store: Store, records: list[FileRecord], max_rows: int | None =
 def load_split(store: Store, prep: Manifest, split: str, max_rows: int | None = None) -> np.ndarray:
     """All rows of a split as one (rows, seq_len) int64 array (small splits: eval, tests)."""
     return read_columns(store, split_shards(prep, split), max_rows)["input_ids"].astype(np.int64)
+
+
+def write_shards(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int) -> list[str]:
+    """`shards/<split>-NNNNN.arrow`, `rows_per_shard` rows of every column each; their names."""
+    names = []
+    rows = len(next(iter(columns.values())))
+    for index, start in enumerate(range(0, rows, rows_per_shard)):
+        name = f"shards/{split}-{index:05d}.arrow"
+        run.write_bytes(name, encode_arrow({column: values[start : start + rows_per_shard] for column, values in columns.items()}))
+        names.append(name)
+    return names

@@ -1,6 +1,7 @@
-"""The eval stage: teacher, student and baseline measured on the same held-out rows, then gated.
+"""Held-out measurements of language models: teacher, student and baseline on the same rows.
 
-Per model, over every predicted position of the held-out split (float32):
+The eval stage (`kd_core/stages/eval.py`) runs the job's task's measurements and gates them;
+for a language model (`task: causal_lm`) these are, per model, over every predicted position of the held-out split (float32):
 - `cross_entropy` (nats/token) and `perplexity` = exp(CE);
 - `kl_to_teacher`: mean KL(p_teacher ‖ p_model) (0 for the teacher);
 - `agreement_top1`: how often the model's most likely next token is the teacher's, and
@@ -24,88 +25,23 @@ Reward models (`task: reward`) are measured through the same stage with preferen
 instead (pairwise accuracy against the teacher and the human labels, Spearman correlation with the
 teacher's rewards, preference KL, calibration against the labels, size and speed:
 `kd_core/eval/reward.py`); `metrics["task"]` says which set a metrics file holds, and the gates
-and the registry read either the same way.
+and the registry read either the same way. `device_name` names the device speeds were taken on.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd_core.config import EvalConfig
 from kd_core.data.shards import load_split
-from kd_core.eval.plots import read_history, training_curves_png
-from kd_core.eval.report import report_html
-from kd_core.eval.reward import measure_reward_models, reward_model_dirs, uniform_preference_scores, write_rewards
-from kd_core.gates import evaluate_gates, sanity_gates
-from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, load_causal_lm, model_copy
+from kd_core.models.teacher import teacher_model_dir
 from kd_core.progress import progress_bar
-from kd_core.stage import StageLease, StageRun, reused_manifest
-from kd_core.storage import Store
-from kd_core.train.teacher import teacher_model_dir
-
-CURVES_NAME = "training_curves.png"
-REPORT_NAME = "report.html"
-
-
-def evaluate(
-    config: EvalConfig,
-    prep: Manifest,
-    teacher: Manifest,
-    student: Manifest,
-    baseline: Manifest | None,
-    store: Store,
-    *,
-    job_name: str = "kdflow job",
-    force: bool = False,
-    lease: tuple[float, float] = (120.0, 300.0),
-) -> Manifest:
-    """`job_name` titles the report (not part of the step's key). The step holds a `StageLease`
-    (`lease`: its ttl and how long to wait, `compute.lease_ttl_s` / `lease_wait_s`), so a second
-    run of it waits and reuses this one's files instead of rewriting them under a registered
-    version."""
-    inputs = {"prep": prep, "teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
-    run = StageRun(store, "eval", config, inputs=inputs, force=force)
-    if run.reused:
-        return run.reused
-    with StageLease(store, "eval", run.folder, *lease) as held:
-        if held.finished_elsewhere:
-            return reused_manifest(run)
-        return _measure_and_gate(run, config, prep, teacher, student, baseline, store, inputs, job_name)
-
-
-def _measure_and_gate(run: StageRun, config: EvalConfig, prep, teacher, student, baseline, store: Store, inputs: dict, job_name: str) -> Manifest:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rewards = None
-    if prep.details.get("task") == "reward":
-        model_dirs = reward_model_dirs(store, teacher_model_dir(store, teacher), student, baseline)
-        scores, rewards = measure_reward_models(config, prep, model_dirs, store, run, device)
-        metrics: dict = {"task": "reward", "split": config.split, "rows": scores["teacher"]["pairs"], "device": _device_name(device)}
-        scores["uniform"] = uniform_preference_scores({side: np.asarray(values) for side, values in rewards["teacher"].items()})
-        write_rewards(run, rewards)
-    else:
-        held_out, scores = measure_language_models(config, prep, teacher, student, baseline, store, run, device)
-        metrics = {"task": "causal_lm", "split": config.split, **held_out, "device": _device_name(device)}
-        vocab_size = prep.details["vocab_size"]
-        scores["uniform"] = {"cross_entropy": math.log(vocab_size), "perplexity": float(vocab_size)}
-    metrics |= scores
-    gates = config.gates or (sanity_gates(metrics["task"], baseline is not None) if config.sanity_gates else [])
-    metrics["gates"] = evaluate_gates(gates, metrics)
-    metrics["gates_default"] = not config.gates and bool(gates)
-    metrics["gates_passed"] = all(gate["passed"] for gate in metrics["gates"])
-    run.write_bytes("metrics.json", json.dumps(metrics, indent=2).encode())
-    histories = {name: read_history(store, manifest) for name, manifest in inputs.items() if name != "prep"}
-    run.write_bytes(CURVES_NAME, training_curves_png(histories, metrics))
-    run.write_bytes(REPORT_NAME, report_html(job_name, metrics, histories, rewards).encode())
-    return run.finish(metrics=metrics)
 
 
 def measure_language_models(config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict]:
@@ -219,7 +155,7 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     import platform

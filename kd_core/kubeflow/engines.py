@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kd_core.config import ConfigError, JobConfig
+from kd_core.config import ConfigError
+from kd_core.job import JobConfig
 from kd_core.manifest import Manifest
 from kd_core.progress import say, silenced
 

@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kd_core.config import ConfigError, JobConfig, public_dict, validate_config
+from kd_core.config import ConfigError, public_dict
+from kd_core.job import JobConfig, validate_config
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest, manifest_url, read_manifest_url
 from kd_core.pipeline import cache_steps, distill_steps, eval_step, prep_step, register_step, tune_step

@@ -1,9 +1,10 @@
-"""The register stage: log the student to MLflow, register it, and promote it only through gates.
+"""The model registry: log a student to MLflow, register it, and promote it only through gates.
 
+The register stage (`kd_core/stages/register.py`) runs it:
 One MLflow run per registration holds the job's public config as params (no secrets), the eval
 metrics, the eval stage's files (`eval/metrics.json`, `eval/training_curves.png`) and the student
-as an MLflow model named `model` (`log_student`: a language model in the transformers flavour, a
-reward model as the pyfunc of kd_core/registry/pyfunc.py), so
+as an MLflow model named `model` (logged by the job's task: `log_text_generation` for a language
+model, the pyfunc of kd_core/registry/pyfunc.py for a reward model, `log_reward_pyfunc`), so
 `mlflow.pyfunc.load_model("models:/<registry.model_name>@champion")` loads it. A new version of
 `registry.model_name` is created from that logged model (its source is the model's `models:/m-…`
 URI), tagged with the teacher, data, cache and config keys, the code version, the gate results
@@ -41,17 +42,12 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
 
-from kd_core import __version__
-from kd_core.config import RegistryConfig, flatten
-from kd_core.gates import describe_failed, metric_value
-from kd_core.manifest import Manifest
-from kd_core.models import model_copy
-from kd_core.redaction import redact
-from kd_core.stage import StageRun
-from kd_core.storage import DOWNLOAD_MARKER, Store, inside
+from kd_core.config import RegistryConfig
+from kd_core.gates import describe_failed
+from kd_core.storage import DOWNLOAD_MARKER
 
-_MAX_PARAM_LENGTH = 500
-_MAX_TAG_LENGTH = 5000
+MAX_PARAM_LENGTH = 500
+MAX_TAG_LENGTH = 5000
 _PROMOTION_ROUNDS = 20
 
 GATES_PASSED_TAG = "kdflow.gates_passed"
@@ -73,86 +69,10 @@ class RegistryError(RuntimeError):
     """A promotion or rollback that cannot be done; the message says why."""
 
 
-def register(
-    config: RegistryConfig,
-    eval_manifest: Manifest,
-    student: Manifest,
-    store: Store,
-    job_params: dict,
-    *,
-    force: bool = False,
-) -> Manifest:
-    import mlflow
-    from mlflow import MlflowClient
-
-    run = StageRun(store, "register", config, inputs={"eval": eval_manifest, "student": student}, force=force)
-    if run.reused:
-        return run.reused
-    mlflow.set_tracking_uri(config.tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id(config), run_name=f"register-{student.key[:8]}") as mlflow_run:
-        mlflow.log_params({key: redact(str(value))[:_MAX_PARAM_LENGTH] for key, value in flatten(job_params).items()})
-        mlflow.log_metrics(_numeric(flatten(eval_manifest.metrics)))
-        with tempfile.TemporaryDirectory() as folder:
-            for name, record in eval_manifest.outputs.items():
-                fix = "the eval manifest was not written by kdflow: delete its folder and rerun eval"
-                destination = inside(Path(folder), name, f"{eval_manifest.folder}: output", fix)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                destination.write_bytes(store.read_bytes(record.path))
-            mlflow.log_artifacts(folder, artifact_path="eval")
-        gates = eval_manifest.metrics.get("gates", [])
-        gates_passed = eval_manifest.metrics.get("gates_passed", True)
-        mlflow.log_metric("gates_passed", float(gates_passed))
-        mlflow.log_dict({"gates": gates, "passed": gates_passed}, "eval/gates.json")
-        logged = log_student(model_copy(store, student), eval_manifest.metrics.get("task", "causal_lm"))
-    tags = {
-        "kdflow.version": __version__,
-        "kdflow.student_key": student.key,
-        "kdflow.eval_key": eval_manifest.key,
-        "kdflow.teacher_key": eval_manifest.inputs.get("teacher", ""),
-        "kdflow.cache_key": student.inputs.get("cache", ""),
-        "kdflow.data_key": student.inputs.get("prep", ""),
-        "kdflow.config_hash": student.config_hash,
-        GATES_TAG: json.dumps(gates)[:_MAX_TAG_LENGTH],
-    }
-    client = MlflowClient()
-    version = create_version(
-        client, config, source=logged.model_uri, run_id=mlflow_run.info.run_id, model_id=logged.model_id,
-        primary_value=metric_value(config.primary_metric, eval_manifest.metrics), gates_passed=gates_passed, tags=tags,
-    )
-    champion = promote_best(client, config)
-    registration = {
-        "model_name": config.model_name,
-        "version": int(version),
-        "alias": config.alias,
-        "gates_passed": gates_passed,
-        "champion": int(champion) if champion is not None else None,
-        "champion_alias": config.champion_alias,
-        "run_id": mlflow_run.info.run_id,
-        "tracking_uri": config.tracking_uri,
-    }
-    run.write_bytes("registration.json", json.dumps(registration, indent=2).encode())
-    return run.finish(details=registration)
-
-
-def log_student(model_dir: Path, task: str):
-    """Log the student's Hugging Face directory as the active run's MLflow model `model`, in the
-    flavour its task needs; returns MLflow's ModelInfo (its `model_uri` is the version's source).
-
-    - `causal_lm`: the transformers flavour, a `text-generation` pipeline of the model and its
-      tokenizer: `mlflow.pyfunc.load_model(uri).predict(["a prompt"])` generates,
-      `mlflow.transformers.load_model(uri)` returns the pipeline.
-    - `reward`: the pyfunc of kd_core/registry/pyfunc.py: `predict` scores a DataFrame of
-      (prompt, response, image) rows, one reward each.
-
-    The task is the one the eval stage recorded in its metrics. This is the only place the registry
-    asks which task it serves; it moves into the task classes (`kd_core/tasks/`) with the task redesign.
-    """
-    if task == "reward":
-        return _log_reward_pyfunc(Path(model_dir))
-    return _log_text_generation(Path(model_dir))
-
-
-def _log_text_generation(model_dir: Path):
+def log_text_generation(model_dir: Path):
+    """Log a causal LM's Hugging Face directory as the active run's MLflow model `model`: the
+    transformers flavour, a `text-generation` pipeline of the model and its tokenizer
+    (`mlflow.pyfunc.load_model(uri).predict(["a prompt"])` generates). Returns MLflow's ModelInfo."""
     import mlflow
     from mlflow.models import infer_signature
     from transformers import AutoTokenizer
@@ -170,7 +90,10 @@ def _log_text_generation(model_dir: Path):
     )
 
 
-def _log_reward_pyfunc(model_dir: Path):
+def log_reward_pyfunc(model_dir: Path):
+    """Log a reward model's directory as the active run's MLflow model `model`: the pyfunc of
+    kd_core/registry/pyfunc.py, whose `predict` scores a DataFrame of (prompt, response, image)
+    rows, one reward each. Returns MLflow's ModelInfo."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -218,7 +141,7 @@ def _artifact_location(config: RegistryConfig) -> str | None:
     return None
 
 
-def _numeric(mapping: dict) -> dict[str, float]:
+def numeric_metrics(mapping: dict) -> dict[str, float]:
     return {key: float(value) for key, value in mapping.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 

@@ -19,9 +19,10 @@ update); `NonFiniteSteps` counts them (`skipped_steps` in each log record) and, 
 `train.max_nonfinite_steps` in a row, aborts every rank with `TrainingDiverged`, which names the
 step and the last finite loss.
 
-The model kind (`TrainSpec.model_kind`) picks what is built and what its step computes: causal
-LMs with `StudentStep` (next-token CE + KD), reward models with `RewardStep` (both responses of
-each preference pair scored, then `RewardObjective`); everything else is the same loop.
+What is trained is the job's task's (`TrainSpec.task`, kd_core/tasks): it builds the role's
+model and its step (the model and its objective, whose forward returns the loss terms), names the
+columns the stream decodes, counts a batch's tokens and measures a student's validation loss.
+The loop is the same for every task.
 """
 
 from __future__ import annotations
@@ -37,23 +38,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from kd_core.cache.format import CacheLayout
-from kd_core.config import (
-    ArchitectureConfig,
-    DeepSpeedConfig,
-    LossConfig,
-    RewardLossConfig,
-    StorageConfig,
-    TrainConfig,
-    VisionConfig,
-)
-from kd_core.data.shards import read_columns, split_shards
+from kd_core.config import TrainConfig
+from kd_core.data.shards import read_columns
 from kd_core.data.stream import TrackedBatches, TrainingStream, as_served
 from kd_core.errors import TrainingDiverged
-from kd_core.losses import DistillationObjective, RewardObjective
-from kd_core.manifest import Manifest, ManifestError
+from kd_core.manifest import HISTORY_NAME, Manifest, ManifestError
+from kd_core.models import count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
+from kd_core.models.teacher import teacher_model_dir
 from kd_core.progress import say
-from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
-from kd_core.models.reward import build_multimodal_reward_model, build_text_reward_model
 from kd_core.storage import FileRecord, Store
 from kd_core.train.checkpoints import (
     CheckpointError,
@@ -65,101 +57,12 @@ from kd_core.train.checkpoints import (
     save_stream_positions,
 )
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine, deepspeed_config
-from kd_core.train.step import PlainRunner, RewardStep, StudentStep, input_columns, unwrap
-from kd_core.train.tracking import MlflowLogger, TrainingRun
+from kd_core.train.spec import TrainSpec
+from kd_core.train.step import PlainRunner, unwrap
+from kd_core.train.tracking import MlflowLogger
 
-HISTORY_NAME = "history.jsonl"
 RUN_STATE_NAME = "run.json"
 DEEPSPEED_CONFIG_NAME = "deepspeed_config.json"
-
-
-@dataclass
-class TrainSpec:
-    """Everything a worker needs, as plain picklable data (the storage section holds no logs)."""
-
-    storage: StorageConfig
-    architecture: ArchitectureConfig
-    train: TrainConfig
-    vocab_size: int
-    seq_len: int
-    token_shards: list[FileRecord]
-    tokenizer_folder: str
-    """Store-relative folder of the prep stage's tokenizer, copied beside the saved model."""
-    output_folder: str
-    """Store-relative folder that receives `model/` and `history.jsonl`."""
-    loss: LossConfig | None = None
-    """None trains on cross-entropy alone (teacher, baseline)."""
-    cache_shards: list[FileRecord] = field(default_factory=list)
-    """Teacher-cache shards aligned one-to-one with `token_shards` (offline distillation); their
-    decoded targets go into each batch under `teacher_*` keys."""
-    cache_layout: dict | None = None
-    """The cache's `CacheLayout.to_dict()`, which decodes `cache_shards`."""
-    deepspeed: DeepSpeedConfig | None = None
-    """Train in a DeepSpeed engine with these settings (the student); None trains with plain DDP."""
-    tracking: TrainingRun | None = None
-    """Log this run to MLflow from rank 0 (params, then metrics at every log step)."""
-    online_teacher: Manifest | None = None
-    """The teacher step's manifest: the teacher runs on every batch (online distillation: full
-    teacher logits, no cache). Each worker fetches it from storage itself, on whatever node."""
-    checkpoint_every: int | None = None
-    """Write a checkpoint every this many steps (None: never)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept while training."""
-    validation_shards: list[FileRecord] = field(default_factory=list)
-    """Shards of the validation split (read with `validate_every`): token rows, or preference pairs."""
-    validation_cache_shards: list[FileRecord] = field(default_factory=list)
-    """For a reward student: the cache's teacher rewards of the validation pairs, aligned with
-    `validation_shards` (`kd_core.cache.cache_shards(manifest, "val")`)."""
-    validate_every: int | None = None
-    """Every this many steps (and at the last), every rank measures the student on the first
-    `validation_rows` validation rows and hands `{step, val_loss}` to `on_validation` (what a Ray
-    Tune trial reports to its scheduler). `val_loss` is a language model's next-token
-    cross-entropy (nats/token), a reward student's preference KL to the teacher (nats/pair, T = 1:
-    the eval stage's `preference_kl_to_teacher`)."""
-    validation_rows: int = 64
-    model_kind: str = "causal_lm"
-    """`causal_lm` (token shards), or for `task: reward` preference pairs: `text_reward` (the
-    teacher: a sequence-classification reward model on the text view) or `multimodal_reward` (the
-    student and baseline: `kd_core.models.reward.MultimodalRewardModel` on pixels + text)."""
-    vision: VisionConfig | None = None
-    """The image encoder of a `multimodal_reward` model."""
-    reward_loss: RewardLossConfig | None = None
-    """The reward objective of a distilled `multimodal_reward` student; None trains a reward model
-    on human labels alone (Bradley–Terry: the teacher, the baseline)."""
-    pad_id: int = 1
-    image_size: int = 0
-    special_token_ids: dict[str, int] | None = None
-    """The prepared tokenizer's bos / eos / pad ids (None: kdflow's trained tokenizer's)."""
-
-    @property
-    def checkpoint_folder(self) -> str:
-        """Store-relative folder of this run's checkpoints (deleted once the model is saved)."""
-        return f"{self.output_folder}/checkpoints"
-
-    @classmethod
-    def from_prep(
-        cls, prep: Manifest, store: Store, output_folder: str, architecture, train, *, teacher: bool = False, **distillation
-    ) -> TrainSpec:
-        """A spec that trains on the prep stage's training split and writes into `output_folder`;
-        `teacher` picks the teacher's model kind for the prepared task."""
-        if prep.details.get("task") == "reward":
-            distillation |= {
-                "model_kind": "text_reward" if teacher else "multimodal_reward",
-                "pad_id": prep.details["pad_id"],
-                "image_size": prep.details["image_size"],
-            }
-        return cls(
-            storage=store.config,
-            architecture=architecture,
-            train=train,
-            vocab_size=prep.details["vocab_size"],
-            seq_len=prep.details["seq_len"],
-            token_shards=split_shards(prep, "train"),
-            tokenizer_folder=f"{prep.folder}/tokenizer",
-            output_folder=output_folder,
-            special_token_ids=prep.details.get("special_token_ids"),
-            **distillation,
-        )
 
 
 def training_stream(
@@ -178,7 +81,7 @@ def training_stream(
         shuffle_buffer=spec.train.shuffle_buffer,
         prefetch_shards=spec.train.prefetch_shards,
         split=spec.train.data_split,
-        columns=input_columns(spec.model_kind),
+        columns=spec.task.columns(spec.role),
         batch_size=batch_size,
         resume=resume,
     )
@@ -261,9 +164,9 @@ def train_worker(
     store = Store(spec.storage)
     checkpoints = checkpoints or StoreCheckpoints(spec.storage, spec.checkpoint_folder, spec.keep_checkpoints, rank)
     accumulation = spec.deepspeed.gradient_accumulation_steps if spec.deepspeed else 1
-    model = build_model(spec)
+    model = spec.task.build_model(spec)
     parameters = count_parameters(model)
-    module = make_step(spec, model, store)
+    module = spec.task.make_step(spec, model, store)
     if spec.deepspeed:
         optimizer, schedule = make_optimizer(module, spec.train)
         runner = DeepSpeedRunner(module, optimizer, schedule, deepspeed_config(spec.deepspeed, spec.train, world_size))
@@ -273,7 +176,7 @@ def train_worker(
         runner = PlainRunner(module, optimizer, schedule, spec.train.grad_clip)
     device = runner.device if spec.deepspeed else next(module.parameters()).device
     online_teacher = _load_teacher(store, spec.online_teacher, runner, device) if spec.online_teacher else None
-    teacher_layers = sorted({layer for _, layer in spec.loss.feature_layers}) if spec.loss and spec.loss.feature_weight > 0 else []
+    teacher_layers = sorted({layer for _, layer in spec.objective.feature_layers}) if getattr(spec.objective, "feature_weight", 0) > 0 else []
     run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress, on_validation=on_validation)
     # --- resume: restore the latest checkpoint, and the stream's positions in it
     with checkpoints.latest() as folder:
@@ -350,7 +253,7 @@ class WorkerRun:
                     batch["teacher_logits"] = output.logits[..., : spec.vocab_size]  # drop a padded output layer's extra entries
                     batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
                 micro_batches.append(batch)
-                tokens_seen += batch_tokens(batch) * self.world_size
+                tokens_seen += spec.task.batch_tokens(batch) * self.world_size
             terms = self.runner.step(micro_batches)
             done = step + 1
             nonfinite.observe(done, terms)
@@ -380,18 +283,15 @@ class WorkerRun:
         """`val_loss` on the first `validation_rows` validation rows (see `TrainSpec.validate_every`),
         in float32; every rank computes it on the same rows (under ZeRO-3 the forward passes are
         collective)."""
-        kind = self.spec.model_kind
-        if kind not in ("causal_lm", "multimodal_reward"):
-            raise ValueError(f"validation measures a student: a causal_lm or a multimodal_reward model, not {kind}")
+        if self.spec.role != "student":
+            raise ValueError(f"{self.spec.output_folder}: validation measures a student, not a {self.spec.role}")
         if self.validation_rows is None:
             self.validation_rows = self.read_validation_rows()
         model = unwrap(module).model
         batch_size = max(self.spec.train.batch_size // self.world_size, 1)
         model.eval()
         try:
-            if kind == "multimodal_reward":
-                return preference_kl_to_teacher(model, self.validation_rows, batch_size, self.spec.pad_id, self.device)
-            return next_token_loss(model, torch.from_numpy(self.validation_rows["input_ids"].astype(np.int64)), batch_size, self.device)
+            return self.spec.task.validation_loss(model, self.validation_rows, batch_size, self.spec, self.device)
         finally:
             model.train()
 
@@ -400,11 +300,11 @@ class WorkerRun:
         rows = read_columns(store, spec.validation_shards, spec.validation_rows)
         if not rows:
             raise ValueError(f"{spec.output_folder}: validation needs validation shards (the prep stage's val split)")
-        if spec.model_kind == "multimodal_reward":
+        if spec.task.validation_reads_cache():
             if not spec.validation_cache_shards:
                 raise ManifestError(
-                    f"{spec.output_folder}: validating a reward student needs the teacher's rewards of the validation pairs, "
-                    "which caches made before kdflow scored them lack: rerun the cache step (--force cache)"
+                    f"{spec.output_folder}: validating this student needs the teacher's targets of the validation split, "
+                    "which caches made before kdflow computed them lack: rerun the cache step (--force cache)"
                 )
             rows |= read_columns(store, spec.validation_cache_shards, spec.validation_rows)
         return rows
@@ -479,63 +379,9 @@ def _mean_across_ranks(terms: dict[str, float], device) -> dict[str, float]:
     return {**terms, **dict(zip(names, values.tolist()))}
 
 
-def build_model(spec: TrainSpec) -> torch.nn.Module:
-    """The model to train, built from config with seeded random weights."""
-    common = {"seed": spec.train.seed, "dropout": spec.train.dropout}
-    if spec.model_kind == "causal_lm":
-        return build_causal_lm(spec.architecture, spec.vocab_size, spec.seq_len, special_ids=spec.special_token_ids, **common)
-    if spec.model_kind == "text_reward":
-        return build_text_reward_model(spec.architecture, spec.vocab_size, spec.seq_len, pad_id=spec.pad_id, **common)
-    if spec.model_kind == "multimodal_reward":
-        return build_multimodal_reward_model(
-            spec.vision or VisionConfig(), spec.architecture, spec.vocab_size, spec.seq_len, image_size=spec.image_size, pad_id=spec.pad_id, **common
-        )
-    raise ValueError(f"unknown model kind {spec.model_kind!r}")
-
-
-def make_step(spec: TrainSpec, model: torch.nn.Module, store: Store) -> torch.nn.Module:
-    """The trained module: the model and its objective, whose forward returns the loss terms."""
-    if spec.model_kind == "causal_lm":
-        return StudentStep(model, make_objective(spec, store), spec.loss.fused_chunk_size if spec.loss and spec.loss.fused else None)
-    if spec.reward_loss is None:  # the teacher and the baseline: human labels alone
-        objective = RewardObjective(pairwise_weight=0.0, bradley_terry_weight=1.0)
-    else:
-        objective = RewardObjective(**spec.reward_loss.model_dump())
-    return RewardStep(model, objective, multimodal=spec.model_kind == "multimodal_reward", pad_id=spec.pad_id)
-
-
-def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Text tokens the model reads in a batch (padding included): the LM's rows, or both responses
-    of each preference pair in the view the model reads (the only one its batches carry)."""
-    if "input_ids" in batch:
-        return batch["input_ids"].numel()
-    views = ("chosen_ids", "rejected_ids", "text_chosen_ids", "text_rejected_ids")
-    return sum(batch[name].numel() for name in views if name in batch)
-
-
-def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:
-    """The configured objective; cross-entropy alone when the spec has no loss (teacher, baseline)."""
-    if spec.loss is None:
-        return DistillationObjective(kd_weight=0.0)
-    if spec.online_teacher is not None:
-        from kd_core.train.teacher import teacher_model_config  # teacher.py trains through this module
-
-        model_config = teacher_model_config(store, spec.online_teacher)
-        teacher_hidden_size = model_config.get("hidden_size", model_config.get("n_embd"))  # GPT-2 configs: n_embd
-    else:
-        teacher_hidden_size = (spec.cache_layout or {}).get("hidden_size") or None
-    return DistillationObjective(
-        **spec.loss.model_dump(exclude={"fused", "fused_chunk_size"}),
-        student_hidden_size=spec.architecture.hidden_size,
-        teacher_hidden_size=teacher_hidden_size,
-    )
-
-
 def _load_teacher(store: Store, teacher: Manifest, runner, device):
     """The frozen online teacher: in its own DeepSpeed engine beside a DeepSpeed student
     (partitioned when the student is ZeRO-3), else a replica on the student's device."""
-    from kd_core.train.teacher import teacher_model_dir  # teacher.py trains through this module
-
     model_dir = teacher_model_dir(store, teacher)
     if isinstance(runner, DeepSpeedRunner):
         return TeacherEngine(model_dir, runner.config)
@@ -555,26 +401,3 @@ def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict], deep
     if deepspeed_json is not None:
         records.append(store.write_bytes(f"{spec.output_folder}/{DEEPSPEED_CONFIG_NAME}", json.dumps(deepspeed_json, indent=2).encode()))
     return records
-
-
-def next_token_loss(model, rows: torch.Tensor, batch_size: int, device) -> float:
-    """A causal LM's mean next-token cross-entropy (nats/token, float32) over `rows`."""
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        ids = rows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids).logits.float()[:, :-1].flatten(0, 1)
-        total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return total / count
-
-
-def preference_kl_to_teacher(model, pairs: dict[str, np.ndarray], batch_size: int, pad_id: int, device) -> float:
-    """A multimodal reward model's mean preference KL to the teacher (nats/pair, T = 1) over the
-    pairs, which carry the teacher's rewards (`teacher_chosen`, `teacher_rejected`)."""
-    from kd_core.eval.reward import score_pairs
-    from kd_core.losses.reward import preference_kl
-
-    student = score_pairs(model, pairs, batch_size, pad_id, device, text_view=False)
-    rewards = (student["chosen"], student["rejected"], pairs["teacher_chosen"][:, 0], pairs["teacher_rejected"][:, 0])
-    return float(preference_kl(*(torch.from_numpy(np.ascontiguousarray(values)) for values in rewards)))
-

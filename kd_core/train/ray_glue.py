@@ -28,7 +28,8 @@ from kd_core.progress import progress_bar, say
 from kd_core.stage import StageLease, StageRun, reused_manifest
 from kd_core.storage import Store
 from kd_core.train.checkpoints import RayTrainCheckpoints
-from kd_core.train.loop import TrainSpec, train_worker
+from kd_core.train.spec import TrainSpec
+from kd_core.train.loop import train_worker
 
 _POLL_SECONDS = 0.5
 

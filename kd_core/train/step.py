@@ -79,15 +79,6 @@ class RewardStep(nn.Module):
         )
 
 
-def input_columns(model_kind: str) -> tuple[str, ...]:
-    """The token-shard columns a model kind's step reads: what the training stream decodes and
-    batches (a text reward model never sees the images, a multimodal one never the text view)."""
-    if model_kind == "causal_lm":
-        return ("input_ids",)
-    view = ("chosen_ids", "rejected_ids", "pixels") if model_kind == "multimodal_reward" else ("text_chosen_ids", "text_rejected_ids")
-    return (*view, "human_label")
-
-
 def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Right-padded rows cut to the longest one in the batch (the rewards do not change: padding
     is masked out; the compute does)."""

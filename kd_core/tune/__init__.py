@@ -1,14 +1,13 @@
-"""The tune stage: a hyperparameter search over distillation settings on Ray Tune.
-
-    tune(config, prep, targets, store) -> Manifest
+"""Hyperparameter search over distillation settings on Ray Tune (the tune stage,
+`kd_core/stages/tune.py`, runs it).
 
 Every trial is a short distillation of the student (Ray Train workers inside one Ray Tune trial)
 from the prep stage's tokens and the cache stage's teacher targets (or the online teacher), which
 all trials share and none recomputes. Each trial applies its values to the fields of
 `tune.space`, trains `tune.max_steps` steps and reports `val_loss` every `tune.eval_every` steps:
-the student's cross-entropy on validation rows, or for a multimodal reward student (`task:
-reward`) its preference KL to the teacher on validation pairs, whose teacher rewards the cache
-stage computed. Optuna's TPE proposes the values (at most
+what the job's task validates a student on (`Task.validation_loss`: a language model's
+cross-entropy on validation rows, a reward student's preference KL to the teacher on validation
+pairs, whose teacher rewards the cache stage computed). Optuna's TPE proposes the values (at most
 `tune.max_concurrent` trials at once) and ASHA stops trials that trail at a rung.
 
 Outputs in the stage folder:
@@ -23,88 +22,19 @@ Trials are MLflow runs, children of one parent run that gets the best values, th
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 import yaml
 
-from kd_core.config import JobConfig, SearchDimension, public_dict, set_dotted, validate_config
-from kd_core.manifest import Manifest, ManifestError
-from kd_core.stage import StageRun
-from kd_core.storage import Store
+from kd_core.config import SearchDimension, public_dict
+from kd_core.job import JobConfig, set_dotted, validate_config
+from kd_core.manifest import Manifest
 
 METRIC = "val_loss"
 BEST_CONFIG_NAME = "best_config.yaml"
 TRIALS_NAME = "trials.json"
 PLOT_NAME = "tune.png"
 PARENT_RUN_NAME = "mlflow_parent_run.json"
-
-
-def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, force: bool = False) -> Manifest:
-    """Run (or resume, or reuse) the search of `config.tune` on the prep and cache/teacher outputs."""
-    if not config.tune.space:
-        raise ValueError("tune.space is empty: list the fields to search, e.g. distill.loss.kd_weight: {kind: uniform, low: 0.2, high: 0.9}")
-    section = {
-        "tune": config.tune.model_dump(mode="json"),
-        "distill": config.distill.model_dump(mode="json", include={"loss", "train", "deepspeed", "teacher_source"} | _task_objective(config)),
-        "student": config.student.model_dump(mode="json"),
-    }
-    _check_validation_targets(config, targets)
-    run = StageRun(store, "tune", section, inputs={"prep": prep, targets.stage: targets}, force=force)
-    if run.reused:
-        return run.reused
-    from kd_core.tune.search import run_search
-
-    with run.timed("search"):
-        trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force)
-    finished = [trial for trial in trials if trial["val_loss"] is not None]
-    if not finished:
-        errors = [trial["error"].strip().splitlines()[-1] for trial in trials if trial["error"]]
-        cause = f"; the first trial's error: {errors[0]}" if errors else ""
-        raise RuntimeError(f"tune: none of the {len(trials)} trials reported {METRIC}{cause}; see the Ray logs (KDFLOW_RAY_LOGS=1)")
-    best = min(finished, key=lambda trial: trial["val_loss"])
-    run.write_bytes(BEST_CONFIG_NAME, best_config_yaml(job_with(config, best["params"]), best).encode())
-    run.write_bytes(TRIALS_NAME, json.dumps(trials, indent=2).encode())
-    from kd_core.tune.report import importance, tune_png
-
-    importances = importance(trials, config.tune.space)
-    run.write_bytes(PLOT_NAME, tune_png(trials, importances, config.tune, metric_label(config.task)))
-    metrics = {
-        "best_val_loss": best["val_loss"],
-        **({} if config.task == "reward" else {"best_val_perplexity": math.exp(best["val_loss"])}),
-        "trials": len(trials),
-        "finished": sum(trial["status"] == "finished" for trial in trials),
-        "stopped_early": sum(trial["status"] == "stopped early" for trial in trials),
-        "errored": sum(trial["status"] == "error" for trial in trials),
-    }
-    details = {"best_trial": best["trial"], "best_params": best["params"], "importance": importances, "mlflow_parent_run_id": parent_run_id}
-    from kd_core.tune.search import log_parent_run
-
-    log_parent_run(config, parent_run_id, metrics, best["params"], run)
-    return run.finish(metrics=metrics, details=details)
-
-
-def _check_validation_targets(config: JobConfig, targets: Manifest) -> None:
-    """A reward student validates against the teacher's rewards of the validation pairs, which the
-    cache stage computes; caches made before it did lack them."""
-    from kd_core.cache import cache_shards
-
-    if config.task == "reward" and targets.stage == "cache" and not cache_shards(targets, "val"):
-        raise ManifestError(
-            f"{targets.folder}: this reward cache has no teacher rewards of the validation pairs, which every trial "
-            "validates against (it was made before kdflow cached them); rerun that step: add --force cache to the command"
-        )
-
-
-def metric_label(task: str) -> str:
-    """What `val_loss` measures for the task's students (see `TrainSpec.validate_every`)."""
-    return "preference KL to the teacher (nats/pair)" if task == "reward" else "validation loss (nats/token)"
-
-
-def _task_objective(config: JobConfig) -> set[str]:
-    """The distill settings beyond the language-model ones that shape a trial: a reward task's objective."""
-    return {"reward"} if config.task == "reward" else set()
 
 
 def job_with(config: JobConfig, params: dict) -> JobConfig:

@@ -13,11 +13,13 @@ import math
 import os
 from pathlib import Path
 
-from kd_core.config import JobConfig, TuneConfig
+from kd_core.config import TuneConfig
+from kd_core.job import JobConfig
 from kd_core.manifest import Manifest
 from kd_core.progress import say
 from kd_core.stage import StageRun
 from kd_core.storage import Store
+from kd_core.tasks import task_of
 from kd_core.tune import METRIC, PARENT_RUN_NAME, job_with, quiet, search_space
 from kd_core.tune.state import DIGESTS_NAME, SEARCH_FOLDER, check_search_state, search_storage
 
@@ -98,30 +100,17 @@ def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from kd_core.cache import cache_shards
-    from kd_core.data.shards import split_shards
-    from kd_core.train.distill import student_objective
-    from kd_core.train.loop import TrainSpec
     from kd_core.train.ray_glue import ray_storage, ray_train_loop
+    from kd_core.train.spec import student_spec
 
     trial_job = job_with(job, params)
     settings, distill = job.tune, trial_job.distill
     trial_id = ray_tune.get_context().get_trial_id()
     store = Store(job.storage)
     train = distill.train.model_copy(update={"max_steps": settings.max_steps or distill.train.max_steps})
-    if targets.stage == "cache":  # a reward cache also holds the teacher's rewards of the validation pairs
-        teacher = {
-            "cache_shards": cache_shards(targets), "cache_layout": targets.details["layout"],
-            "validation_cache_shards": cache_shards(targets, "val"),
-        }
-    else:
-        teacher = {"online_teacher": targets}
-    spec = TrainSpec.from_prep(
-        prep, store, f"{folder}/trials/{trial_id}", trial_job.student.architecture, train,
-        **student_objective(distill, trial_job.student, prep),
-        deepspeed=distill.deepspeed if distill.deepspeed.enabled else None, checkpoint_every=None,
-        validation_shards=split_shards(prep, "val"), validate_every=settings.eval_every, validation_rows=settings.val_rows,
-        **teacher,
+    spec = student_spec(
+        task_of(prep), distill, trial_job.student, prep, store, f"{folder}/trials/{trial_id}", targets=targets, train=train,
+        validate_every=settings.eval_every, validation_rows=settings.val_rows,
     )
     workers = settings.workers_per_trial or job.compute.num_workers
     cpus = settings.cpus_per_worker or job.compute.cpus_per_worker

@@ -1,0 +1,110 @@
+"""Where a job's teacher is, and what it is: the helpers every stage that reads the teacher uses.
+
+The teacher step records either an external Hugging Face directory (`teacher.path`, by the
+identity of its files) or a model kdflow trained (a manifest with its files' sha256s). From that
+record, `teacher_model_config` reads its `config.json` alone and `teacher_model_dir` gives a local
+copy of the whole folder (downloaded once per node, under a lock, checked against the record).
+`check_teacher_folder` is what the teacher step checks before a run (`kdflow validate
+--check-inputs` runs it too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from fsspec.implementations.local import LocalFileSystem
+
+from kd_core.errors import InputError
+from kd_core.manifest import Manifest
+from kd_core.models import CACHE_ROOT, model_copy
+from kd_core.storage import Store, content_identity, download_folder, reaching, url_to_fs
+
+
+class TeacherError(InputError):
+    """A teacher directory that cannot teach this data."""
+
+
+
+IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+"""Besides the weights, what makes a teacher directory the teacher it is."""
+
+
+def weights_identity(fs, root: str, files: dict[str, dict]) -> str:
+    """sha256 over the identities (ETag, or sha256) of a teacher folder's weights and IDENTITY_FILES."""
+    named = [*sorted(path for path in files if path.endswith(".safetensors")), *(f"{root}/{name}" for name in IDENTITY_FILES)]
+    identities = [f"{path[len(root):]}={content_identity(fs, path, files[path])}" for path in named if path in files]
+    return hashlib.sha256("\n".join(identities).encode()).hexdigest()
+
+
+def check_teacher_folder(url: str, store: Store, seq_len: int) -> None:
+    """What the teacher step checks before a run, from the folder alone (`kdflow validate
+    --check-inputs`): weights, config.json and a context of at least `seq_len` tokens."""
+    fs, root = url_to_fs(url, store.config)
+    root = root.rstrip("/")
+    with reaching(url, "teacher.path"):
+        teacher_files(fs, root, url)
+        model_config = fs.cat_file(f"{root}/config.json")
+    check_teacher_context(read_teacher_json(model_config, f"{url}/config.json"), url, seq_len)
+
+
+def teacher_files(fs, root: str, url: str) -> dict[str, dict]:
+    """path -> info of every file in a teacher folder that has safetensors weights and a config.json."""
+    if not fs.isdir(root):
+        raise TeacherError(f"teacher.path: {url} is not a folder; point it at a Hugging Face model directory")
+    files = fs.find(root, detail=True)
+    if not any(path.endswith(".safetensors") for path in files):
+        raise TeacherError(f"teacher.path: {url} holds no .safetensors weights; kdflow loads only safetensors")
+    if f"{root}/config.json" not in files:
+        raise TeacherError(f"teacher.path: {url} has no config.json; point it at a Hugging Face model directory")
+    return files
+
+
+def read_teacher_json(data: bytes, where: str) -> dict:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TeacherError(f"teacher.path: {where} is not valid JSON ({err}); save the model again with save_pretrained") from None
+
+
+def check_teacher_context(model_config: dict, url: str, seq_len: int) -> None:
+    context = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    if context is not None and context < seq_len:
+        raise TeacherError(
+            f"data.seq_len: {seq_len} tokens per row, but the teacher at {url} reads at most {context} "
+            f"(max_position_embeddings); set data.seq_len <= {context}"
+        )
+
+
+def teacher_model_config(store: Store, teacher_manifest: Manifest) -> dict:
+    """The teacher's Hugging Face `config.json` (vocabulary size, hidden size, layers), read alone."""
+    external = teacher_manifest.details.get("external_url")
+    if external is None:
+        return json.loads(store.read_bytes(f"{teacher_manifest.details['model_folder']}/config.json"))
+    fs, root = url_to_fs(external, store.config)
+    return json.loads(fs.cat_file(f"{root.rstrip('/')}/config.json"))
+
+
+def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
+    """A local folder holding the teacher's Hugging Face directory. A remote one is downloaded
+    once per node, under a lock, into a temporary folder renamed into place when complete
+    (`storage.download_folder`): a trained teacher checked against its manifest's sha256s; an
+    external one must still be the folder the teacher step recorded (`weights_identity`), and its
+    files are checked against the sizes of that listing."""
+    external = teacher_manifest.details.get("external_url")
+    if external is None:
+        return model_copy(store, teacher_manifest)
+    fs, root = url_to_fs(external, store.config)
+    root = root.rstrip("/")
+    with reaching(external, "teacher.path"):
+        files = teacher_files(fs, root, external)
+        if weights_identity(fs, root, files) != teacher_manifest.config.get("weights_identity"):
+            raise TeacherError(
+                f"teacher.path: {external} changed after the teacher step {teacher_manifest.key} recorded it (its weights, "
+                "config or tokenizer files differ); rerun the job: the teacher step's key covers those files, "
+                "so it and the cache are redone"
+            )
+        if isinstance(fs, LocalFileSystem):
+            return Path(root)
+        return download_folder(fs, root, CACHE_ROOT / "teachers" / teacher_manifest.key, source=external, listing=files)

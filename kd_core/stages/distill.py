@@ -1,0 +1,81 @@
+"""The distill stage, and the no-teacher baseline it is measured against.
+
+- `distill`: the student learns from the data and the teacher with the job's task's objective
+  (`distill.loss` for a language model: cross-entropy + T²-scaled KD; `distill.reward` for a
+  reward model). The teacher's targets come from the cache stage (`distill.teacher_source:
+  cache`, the default) or from running the teacher on every batch (`online`: full logits, no
+  cache).
+- `baseline`: the same student, data, seed, optimiser and DeepSpeed settings, with the task's
+  loss on the data alone (cross-entropy; Bradley–Terry on the human labels). What it reaches is
+  what the student would reach without a teacher, so the evaluation can show what distillation
+  bought.
+
+Both build their spec with `kd_core.train.spec.student_spec` (as every search trial does), train
+through `fit_stage` (Ray Train workers, or this process) and write `model/` (a Hugging Face
+directory with the tokenizer) and `history.jsonl` (the logged loss terms).
+"""
+
+from __future__ import annotations
+
+from kd_core.config import ComputeConfig, DistillConfig, StudentConfig
+from kd_core.manifest import Manifest
+from kd_core.stage import StageRun
+from kd_core.storage import Store
+from kd_core.tasks import task_of
+from kd_core.train.ray_glue import fit_stage
+from kd_core.train.spec import student_spec
+from kd_core.train.tracking import TrainingRun
+
+
+def distill(
+    config: DistillConfig,
+    student: StudentConfig,
+    prep: Manifest,
+    targets: Manifest,
+    store: Store,
+    compute: ComputeConfig,
+    *,
+    tracking: TrainingRun | None = None,
+    force: bool = False,
+) -> Manifest:
+    """`targets` is the cache stage's manifest, or the teacher step's with `teacher_source: online`.
+    With `tracking`, rank 0 logs the run to MLflow (not part of the step's key)."""
+    expected = "cache" if config.teacher_source == "cache" else "teacher"
+    if targets.stage != expected:
+        raise ValueError(f"distill.teacher_source is {config.teacher_source}: distill needs the {expected} step's output, got {targets.stage}'s")
+    task = task_of(prep)
+    section = {
+        "student": task.student_settings(student),
+        "loss": task.objective(config).model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json"),
+        "teacher_source": config.teacher_source,
+        "deepspeed": config.deepspeed.model_dump(mode="json"),
+    }
+    run = StageRun(store, "distill", section, inputs={"prep": prep, expected: targets}, force=force)
+    if run.reused:
+        return run.reused
+    spec = student_spec(task, config, student, prep, store, run.folder, targets=targets, checkpoint_every=config.checkpoint_every, tracking=tracking)
+    description = "distill: student" + (" (online teacher)" if config.teacher_source == "online" else "")
+    return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never")
+
+
+def baseline(
+    config: DistillConfig,
+    student: StudentConfig,
+    prep: Manifest,
+    store: Store,
+    compute: ComputeConfig,
+    *,
+    force: bool = False,
+) -> Manifest:
+    task = task_of(prep)
+    section = {
+        "student": task.student_settings(student),
+        "train": config.train.model_dump(mode="json"),
+        "deepspeed": config.deepspeed.model_dump(mode="json"),
+    }
+    run = StageRun(store, "baseline", section, inputs={"prep": prep}, force=force)
+    if run.reused:
+        return run.reused
+    spec = student_spec(task, config, student, prep, store, run.folder, targets=None, checkpoint_every=config.checkpoint_every)
+    return fit_stage(run, spec, compute, "distill: no-teacher baseline", fresh=force or config.resume == "never")

@@ -1,0 +1,90 @@
+"""The teacher step of the cache stage: an existing model, or one kdflow trains and keeps.
+
+- `teacher.path` set: the directory is used where it is. The step records its identity (the
+  object store's ETags, or the sha256, of its weights, `config.json` and tokenizer files; a local
+  file's hash is kept by size and modification time, so weights are not hashed on every run) so
+  a changed teacher gives a new cache key. It checks, reading only `config.json` and the
+  tokenizer, that the teacher reads the prepared data: the same full vocabulary (added tokens
+  included) and a context of at least `data.seq_len` tokens.
+- `teacher.path` unset: kdflow trains the teacher from `teacher.architecture`, through the same
+  loop and Ray Train workers as students, on what the task trains a teacher on (a language
+  model: cross-entropy on the training split; a reward model: Bradley–Terry on the human labels
+  of the pairs' text view). The result is stored under its key and reused by every later run
+  with the same data and config. It checkpoints like a student (`distill.checkpoint_every`,
+  `keep_checkpoints`, `resume`), so a teacher run that stops midway continues from its latest
+  checkpoint.
+
+The helpers that find and read a recorded teacher live in `kd_core/models/teacher.py`.
+"""
+
+from __future__ import annotations
+
+from kd_core.config import ComputeConfig, DistillConfig, TeacherConfig
+from kd_core.manifest import Manifest
+from kd_core.models.teacher import TeacherError, check_teacher_context, read_teacher_json, teacher_files, weights_identity
+from kd_core.stage import StageRun
+from kd_core.storage import Store, reaching, url_to_fs
+from kd_core.tasks import task_of
+from kd_core.train.spec import TrainSpec
+from kd_core.train.ray_glue import fit_stage
+
+
+def teacher(
+    config: TeacherConfig,
+    prep: Manifest,
+    store: Store,
+    compute: ComputeConfig,
+    *,
+    checkpointing: DistillConfig = DistillConfig(),
+    force: bool = False,
+) -> Manifest:
+    """`checkpointing` gives the checkpoint settings of a teacher kdflow trains (`checkpoint_every`,
+    `keep_checkpoints`, `resume`: the job's `distill` section; none of them is part of the key)."""
+    if config.path:
+        return _use_existing(config.path, prep, store, force)
+    section = config.model_dump(mode="json", exclude={"path"})
+    run = StageRun(store, "teacher", section, inputs={"prep": prep}, force=force)
+    if run.reused:
+        return run.reused
+    spec = TrainSpec.from_prep(
+        prep, store, run.folder, config.architecture, config.train, task=task_of(prep), role="teacher",
+        checkpoint_every=checkpointing.checkpoint_every, keep_checkpoints=checkpointing.keep_checkpoints,
+    )
+    return fit_stage(run, spec, compute, "teacher: train", fresh=force or checkpointing.resume == "never")
+
+
+def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manifest:
+    fs, root = url_to_fs(url, store.config)
+    root = root.rstrip("/")
+    with reaching(url, "teacher.path"):
+        files = teacher_files(fs, root, url)
+        identity = {"path": url, "weights_identity": weights_identity(fs, root, files)}
+    run = StageRun(store, "teacher", identity, inputs={"prep": prep}, force=force)
+    if run.reused:
+        return run.reused
+    with reaching(url, "teacher.path"):
+        model_config = fs.cat_file(f"{root}/config.json")
+        tokenizer = fs.cat_file(f"{root}/tokenizer.json") if f"{root}/tokenizer.json" in files else None
+    if tokenizer is None:
+        raise TeacherError(f"teacher.path: {url} has no tokenizer.json; the teacher must share the data's tokenizer")
+    _check_vocabulary(tokenizer, url, store, prep)
+    check_teacher_context(read_teacher_json(model_config, f"{url}/config.json"), url, prep.details["seq_len"])
+    return run.finish(details={"external_url": url})
+
+
+def _check_vocabulary(teacher_tokenizer: bytes, url: str, store: Store, prep: Manifest) -> None:
+    """The teacher's tokenizer must be the prepared data's, every token and id (added ones too)."""
+    from tokenizers import Tokenizer
+
+    prepared = Tokenizer.from_str(store.read_bytes(f"{prep.folder}/tokenizer/tokenizer.json").decode()).get_vocab(with_added_tokens=True)
+    try:
+        theirs = Tokenizer.from_str(teacher_tokenizer.decode()).get_vocab(with_added_tokens=True)
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise TeacherError(f"teacher.path: {url}/tokenizer.json cannot be read ({err}); save the tokenizer again") from None
+    if prepared != theirs:
+        differ = sorted(set(prepared.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
+        raise TeacherError(
+            f"teacher.path: {url} uses a different vocabulary ({len(theirs)} entries) from the prepared data "
+            f"({len(prepared)}; e.g. {', '.join(f'{token!r}={index}' for token, index in differ)}); prepare the data with "
+            f"the teacher's tokenizer (data.tokenizer: {url}, or leave data.tokenizer unset)"
+        )

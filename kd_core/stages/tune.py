@@ -1,0 +1,70 @@
+"""The tune stage: a search over distillation settings, whose best trial is the job to run next.
+
+Each trial is a short distillation with the trial's values (`kd_core/tune/search.py`), on the prep
+and cache (or online teacher) outputs every trial shares; ASHA stops the weak ones early. The
+stage writes `best_config.yaml` (the complete best job), `trials.json`, `tune.png` and the Ray
+Tune experiment, and logs an MLflow parent run with a child run per trial.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kd_core.cache import cache_shards
+from kd_core.job import JobConfig
+from kd_core.manifest import Manifest, ManifestError
+from kd_core.stage import StageRun
+from kd_core.storage import Store
+from kd_core.tasks import task_named
+from kd_core.tune import BEST_CONFIG_NAME, METRIC, PLOT_NAME, TRIALS_NAME, best_config_yaml, job_with
+from kd_core.tune.report import importance, tune_png
+from kd_core.tune.search import log_parent_run, run_search
+
+
+def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, force: bool = False) -> Manifest:
+    """Run (or resume, or reuse) the search of `config.tune` on the prep and cache/teacher outputs."""
+    if not config.tune.space:
+        raise ValueError("tune.space is empty: list the fields to search, e.g. distill.loss.kd_weight: {kind: uniform, low: 0.2, high: 0.9}")
+    task = task_named(config.task)
+    section = {
+        "tune": config.tune.model_dump(mode="json"),
+        "distill": config.distill.model_dump(mode="json", include={"loss", "train", "deepspeed", "teacher_source", task.objective_field}),
+        "student": config.student.model_dump(mode="json"),
+    }
+    _check_validation_targets(task, targets)
+    run = StageRun(store, "tune", section, inputs={"prep": prep, targets.stage: targets}, force=force)
+    if run.reused:
+        return run.reused
+    with run.timed("search"):
+        trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force)
+    finished = [trial for trial in trials if trial["val_loss"] is not None]
+    if not finished:
+        errors = [trial["error"].strip().splitlines()[-1] for trial in trials if trial["error"]]
+        cause = f"; the first trial's error: {errors[0]}" if errors else ""
+        raise RuntimeError(f"tune: none of the {len(trials)} trials reported {METRIC}{cause}; see the Ray logs (KDFLOW_RAY_LOGS=1)")
+    best = min(finished, key=lambda trial: trial["val_loss"])
+    run.write_bytes(BEST_CONFIG_NAME, best_config_yaml(job_with(config, best["params"]), best).encode())
+    run.write_bytes(TRIALS_NAME, json.dumps(trials, indent=2).encode())
+    importances = importance(trials, config.tune.space)
+    run.write_bytes(PLOT_NAME, tune_png(trials, importances, config.tune, task.validation_label))
+    metrics = {
+        "best_val_loss": best["val_loss"],
+        **task.best_trial_metrics(best["val_loss"]),
+        "trials": len(trials),
+        "finished": sum(trial["status"] == "finished" for trial in trials),
+        "stopped_early": sum(trial["status"] == "stopped early" for trial in trials),
+        "errored": sum(trial["status"] == "error" for trial in trials),
+    }
+    details = {"best_trial": best["trial"], "best_params": best["params"], "importance": importances, "mlflow_parent_run_id": parent_run_id}
+    log_parent_run(config, parent_run_id, metrics, best["params"], run)
+    return run.finish(metrics=metrics, details=details)
+
+
+def _check_validation_targets(task, targets: Manifest) -> None:
+    """A student whose validation reads the cache (a reward student: the teacher's rewards of the
+    validation pairs) needs a cache of the validation split; caches made before kdflow cached it lack it."""
+    if task.validation_reads_cache() and targets.stage == "cache" and not cache_shards(targets, "val"):
+        raise ManifestError(
+            f"{targets.folder}: this cache has no teacher targets of the validation split, which every trial "
+            "validates against (it was made before kdflow cached them); rerun that step: add --force cache to the command"
+        )

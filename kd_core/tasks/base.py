@@ -1,0 +1,152 @@
+"""The `Task` protocol: what a kind of distillation tells the stages, the engine and the CLI.
+
+Methods are grouped by the stage that calls them, in pipeline order. Roles are `teacher` (a
+model kdflow trains as the teacher) and `student` (the distilled student, and the no-teacher
+baseline: a student trained without teacher targets).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from rich.table import Table
+
+    from kd_core.cache.format import CacheLayout
+    from kd_core.config import CacheConfig, DataConfig, DistillConfig, EvalConfig, StudentConfig
+    from kd_core.data.sources import FileSource
+    from kd_core.job import JobConfig
+    from kd_core.manifest import Manifest
+    from kd_core.stage import StageRun
+    from kd_core.storage import Store
+    from kd_core.train.spec import TrainSpec
+
+
+class Task:
+    """Base of every task: subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    """The value of `task:` in a job config."""
+    data_sources: ClassVar[tuple[str, ...]]
+    """The `data.source` values the task prepares."""
+    metrics: ClassVar[tuple[str, ...]]
+    """The eval metrics it measures per model: what gates and `registry.primary_metric` may name."""
+    sanity_gates: ClassVar[tuple[str, str]]
+    """The default gates: [0] the student beats the uniform predictor, [1] it beats the baseline."""
+    objective_field: ClassVar[str]
+    """The `distill` field holding its objective (`loss`, `reward`): searchable, and in the key."""
+    validation_label: ClassVar[str]
+    """What a student's `val_loss` measures (its unit too), for plots and tables."""
+
+    # ----------------------------------------------------------------------------- the job config
+    def check_config(self, job: JobConfig) -> None:
+        """Cross-section checks of a job with this task; raise ValueError naming the field."""
+        if job.data.source not in self.data_sources:
+            raise ValueError(f"data.source: task {self.name} reads {' or '.join(self.data_sources)}, got {job.data.source!r}")
+
+    @property
+    def tunable_prefixes(self) -> tuple[str, ...]:
+        """What a search may vary: the task's objective, the optimisation and the student. Never
+        data, teacher or cache settings, which every trial shares (computed once, before it)."""
+        return (f"distill.{self.objective_field}.", "distill.train.", "student.")
+
+    # ------------------------------------------------------------------------------------- prep
+    def data_settings(self, data: DataConfig) -> dict[str, Any]:
+        """The data settings that shape what prep writes (the prep key covers them)."""
+        raise NotImplementedError
+
+    def prepare(self, data: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
+        """Write the tokenizer and the split shards into `run`; return (metrics, details). Details
+        hold at least `seq_len`, `vocab_size`, `special_token_ids` and `splits`."""
+        raise NotImplementedError
+
+    def separates_documents(self) -> bool:
+        """Whether prep separates documents with the tokenizer's eos (so a loaded one needs one)."""
+        return True
+
+    # ---------------------------------------------------------------------------------- training
+    def objective(self, distill: DistillConfig):
+        """The task's objective section of `distill` (the student learns with it)."""
+        return getattr(distill, self.objective_field)
+
+    def student_settings(self, student: StudentConfig) -> dict[str, Any]:
+        """The student settings that shape the task's student (the distill key covers them)."""
+        return student.model_dump(mode="json")
+
+    def columns(self, role: str) -> tuple[str, ...]:
+        """The token-shard columns a role's training step reads (what the stream decodes)."""
+        raise NotImplementedError
+
+    def build_model(self, spec: TrainSpec) -> torch.nn.Module:
+        """The role's model, built from config with seeded random weights."""
+        raise NotImplementedError
+
+    def make_step(self, spec: TrainSpec, model: torch.nn.Module, store: Store) -> torch.nn.Module:
+        """The trained module: the model and its objective; `forward(batch, targets)` returns the
+        loss terms (`loss` carries the gradient)."""
+        raise NotImplementedError
+
+    def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Text tokens a role's model reads in a batch (for tokens/s)."""
+        raise NotImplementedError
+
+    def validation_reads_cache(self) -> bool:
+        """Whether validating a student needs the cache's targets of the validation split."""
+        return False
+
+    def validation_loss(self, model, rows: dict[str, np.ndarray], batch_size: int, spec: TrainSpec, device) -> float:
+        """A student's `val_loss` on validation rows (float32); `validation_label` says what it is."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------ teacher outputs
+    def cache_splits(self) -> tuple[str, ...]:
+        """The splits whose teacher outputs the cache stores."""
+        return ("train",)
+
+    def cache_layout(self, config: CacheConfig, prep: Manifest, store: Store, teacher: Manifest) -> CacheLayout:
+        """How this cache's shards are laid out; raises `CacheSettingsError` for settings the
+        teacher and data cannot satisfy, before any inference."""
+        raise NotImplementedError
+
+    def load_cache_teacher(self, model_dir, device: str, layout: CacheLayout, prep_details: dict, positions_per_chunk: int | None = None):
+        """The teacher as the cache runs it: an object whose `columns(shard, batch_size, seed)` gives
+        a token shard's cache columns (`seed` fixes any draws)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------- eval
+    def measure(
+        self, config: EvalConfig, prep: Manifest, teacher: Manifest, student: Manifest, baseline: Manifest | None,
+        store: Store, run: StageRun, device: str,
+    ) -> tuple[dict, Any]:
+        """(metrics of every model and of the uniform predictor (`uniform`), with `split` and the
+        held-out size; extras for the report), measured on `config.split`."""
+        raise NotImplementedError
+
+    def training_curves_png(self, histories: dict[str, list[dict]], metrics: dict) -> bytes:
+        """The eval stage's `training_curves.png`."""
+        raise NotImplementedError
+
+    def report_html(self, job_name: str, metrics: dict, histories: dict[str, list[dict]], extras: Any) -> str:
+        """The eval stage's self-contained `report.html`."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------- register
+    def log_model(self, model_dir):
+        """Log the student to the active MLflow run as an MLflow model; returns its ModelInfo."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------- CLI
+    def headline(self, step: str, manifest: Manifest) -> str | None:
+        """The CLI's one-line summary of a step's manifest, where the task has its own (None: the
+        generic one)."""
+        return None
+
+    def comparison_table(self, metrics: dict) -> Table:
+        """The CLI's table of the eval metrics: teacher, student and baseline side by side."""
+        raise NotImplementedError
+
+    def best_trial_metrics(self, val_loss: float) -> dict[str, float]:
+        """Extra metrics of a search's best trial, from its `val_loss`."""
+        return {}

@@ -1,0 +1,263 @@
+"""`task: causal_lm`: a language-model teacher distilled into a smaller language model.
+
+- prep: text (the bundled Python docs, or files) packed into rows of token ids
+  (`kd_core/data/prep.py`);
+- models: Llama-style causal LMs built from config (`kd_core.models.build_causal_lm`); a teacher
+  kdflow trains learns next-token cross-entropy, the student `DistillationObjective`
+  (`distill.loss`: CE + T²-scaled KD, optional hidden-state distillation);
+- teacher outputs: top-k, sampled or full log-probs, entropy and hidden states per position,
+  computed with the output layer chunk by chunk (`kd_core/models/inference.py`);
+- validation: next-token cross-entropy (nats/token); eval: perplexity, KL to the teacher, top-1 /
+  top-5 agreement, calibration, size and speed (`kd_core/eval`);
+- registry: the transformers flavour, a `text-generation` pipeline.
+
+Each method imports the library it calls: loading a job checks it against its task, and that must
+not wait for torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from kd_core.tasks.base import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from rich.table import Table
+
+    from kd_core.cache.format import CacheLayout
+    from kd_core.losses import DistillationObjective
+    from kd_core.models.inference import CausalLMTeacher
+
+
+class CausalLM(Task):
+    name = "causal_lm"
+    data_sources = ("python-docs", "files")
+    metrics = (
+        "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
+        "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
+    )
+    # A student must be at least 1% better than uniform: float error puts a collapsed student a hair below.
+    sanity_gates = ("student.perplexity < 0.99 * uniform.perplexity", "student.perplexity < baseline.perplexity")
+    objective_field = "loss"
+    validation_label = "validation loss (nats/token)"
+
+    # ----------------------------------------------------------------------------- the job config
+    def check_config(self, job) -> None:
+        super().check_config(job)
+        cache, loss = job.cache, job.distill.loss
+        trains_tokenizer = job.data.tokenizer is None  # else the vocabulary is the tokenizer's, checked by the cache stage
+        if trains_tokenizer and cache.format == "topk" and cache.top_k > job.data.vocab_size:
+            raise ValueError(f"cache.top_k: must be <= data.vocab_size ({job.data.vocab_size}), got {cache.top_k}")
+        if trains_tokenizer and cache.format == "full" and job.data.vocab_size > cache.full_max_vocab:
+            raise ValueError(
+                f"cache.format: 'full' stores every log-prob and is for vocabularies up to cache.full_max_vocab "
+                f"({cache.full_max_vocab}); data.vocab_size is {job.data.vocab_size}: use topk or sampled"
+            )
+        if loss.feature_weight > 0:
+            if not loss.feature_layers:
+                raise ValueError("distill.loss.feature_layers: must list (student layer, teacher layer) pairs when feature_weight > 0")
+            layers = job.student.architecture.num_layers
+            for student_layer, teacher_layer in loss.feature_layers:
+                if not 0 <= student_layer <= layers:
+                    raise ValueError(f"distill.loss.feature_layers: student layer {student_layer} is not in 0..{layers}")
+                if job.distill.teacher_source == "cache" and teacher_layer not in cache.hidden_layers:
+                    raise ValueError(
+                        f"distill.loss.feature_layers: teacher layer {teacher_layer} is not cached; add it to cache.hidden_layers "
+                        f"(now {cache.hidden_layers})"
+                    )
+        from_cache = job.distill.teacher_source == "cache"
+        needs_cache_temperature = from_cache and ((loss.topk_tail and cache.format == "topk") or cache.format == "sampled")
+        if needs_cache_temperature and loss.kd_weight > 0 and loss.temperature != cache.temperature:
+            reason = "cache.format is sampled" if cache.format == "sampled" else "distill.loss.topk_tail is true"
+            raise ValueError(
+                f"distill.loss.temperature: must equal cache.temperature ({cache.temperature}) when "
+                f"{reason}, got {loss.temperature}; set both" + ("" if cache.format == "sampled" else ", or topk_tail: false")
+            )
+
+    # ------------------------------------------------------------------------------------- prep
+    def data_settings(self, data) -> dict:
+        return data.model_dump(mode="json", exclude={"preferences"})
+
+    def prepare(self, data, store, run, source) -> tuple[dict, dict]:
+        from kd_core.data.prep import prepare_text
+
+        return prepare_text(data, store, run, source)
+
+    # ---------------------------------------------------------------------------------- training
+    def student_settings(self, student) -> dict:
+        return student.model_dump(mode="json", exclude={"vision"})
+
+    def columns(self, role: str) -> tuple[str, ...]:
+        return ("input_ids",)
+
+    def build_model(self, spec) -> torch.nn.Module:
+        from kd_core.models import build_causal_lm
+
+        return build_causal_lm(
+            spec.architecture, spec.vocab_size, spec.seq_len, special_ids=spec.special_token_ids, seed=spec.train.seed,
+            dropout=spec.train.dropout,
+        )
+
+    def make_step(self, spec, model, store) -> torch.nn.Module:
+        from kd_core.train.step import StudentStep
+
+        loss = spec.objective
+        return StudentStep(model, self.make_objective(spec, store), loss.fused_chunk_size if loss and loss.fused else None)
+
+    def make_objective(self, spec, store) -> DistillationObjective:
+        """The configured objective; cross-entropy alone when the spec has no objective (teacher,
+        baseline). Feature distillation's projections need the teacher's hidden size: the online
+        teacher's config.json, or the cache's layout."""
+        from kd_core.losses import DistillationObjective
+        from kd_core.models.teacher import teacher_model_config
+
+        if spec.objective is None:
+            return DistillationObjective(kd_weight=0.0)
+        if spec.online_teacher is not None:
+            model_config = teacher_model_config(store, spec.online_teacher)
+            teacher_hidden_size = model_config.get("hidden_size", model_config.get("n_embd"))  # GPT-2 configs: n_embd
+        else:
+            teacher_hidden_size = (spec.cache_layout or {}).get("hidden_size") or None
+        return DistillationObjective(
+            **spec.objective.model_dump(exclude={"fused", "fused_chunk_size"}),
+            student_hidden_size=spec.architecture.hidden_size,
+            teacher_hidden_size=teacher_hidden_size,
+        )
+
+    def batch_tokens(self, batch) -> int:
+        return batch["input_ids"].numel()
+
+    def validation_loss(self, model, rows, batch_size, spec, device) -> float:
+        import numpy as np
+        import torch
+
+        return next_token_loss(model, torch.from_numpy(rows["input_ids"].astype(np.int64)), batch_size, device)
+
+    # ------------------------------------------------------------------------ teacher outputs
+    def cache_layout(self, config, prep, store, teacher) -> CacheLayout:
+        """The data's vocabulary and row length, the teacher's hidden size, the format settings."""
+        from kd_core.cache.format import CacheLayout, CacheSettingsError
+        from kd_core.models.teacher import teacher_model_config
+
+        model_config = teacher_model_config(store, teacher)
+        data_vocab, teacher_vocab = prep.details["vocab_size"], model_config["vocab_size"]
+        if teacher_vocab < data_vocab:
+            raise CacheSettingsError(
+                f"teacher: it predicts {teacher_vocab} tokens (config.json vocab_size) but the prepared data's tokenizer has "
+                f"{data_vocab}; prepare the data with the teacher's own tokenizer (data.tokenizer: the teacher's folder)"
+            )
+        if config.format == "topk" and config.top_k > data_vocab:
+            raise CacheSettingsError(f"cache.top_k: {config.top_k} is more than the vocabulary's {data_vocab} tokens; set cache.top_k <= {data_vocab}")
+        if config.format == "full" and data_vocab > config.full_max_vocab:
+            raise CacheSettingsError(
+                f"cache.format: 'full' is for vocabularies up to cache.full_max_vocab ({config.full_max_vocab}); "
+                f"the data has {data_vocab}: use topk or sampled"
+            )
+        layers = model_config.get("num_hidden_layers", model_config.get("n_layer", 0))  # GPT-2 configs name it n_layer
+        for layer in config.hidden_layers:
+            if not 0 <= layer <= layers:
+                raise CacheSettingsError(f"cache.hidden_layers: {layer} is not a hidden state of the teacher (0..{layers}); pick layers in that range")
+        # A teacher output layer padded past the tokenizer (e.g. 152064 logits for 151936 tokens) is cut
+        # to the data's vocabulary: the cache describes the distribution over real tokens only.
+        hidden_size = model_config.get("hidden_size", model_config.get("n_embd", 0))
+        return CacheLayout.from_config(config, prep.details["seq_len"], data_vocab, hidden_size)
+
+    def load_cache_teacher(self, model_dir, device, layout, prep_details, positions_per_chunk=None):
+        from kd_core.models import load_causal_lm
+        from kd_core.models.inference import CausalLMTeacher, teacher_dtype
+
+        model = load_causal_lm(model_dir, dtype=teacher_dtype(device)).to(device).eval()
+        return CachedLMTargets(CausalLMTeacher(model, layout, positions_per_chunk), device)
+
+    # ---------------------------------------------------------------------------------- eval
+    def measure(self, config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, None]:
+        from kd_core.eval import measure_language_models
+
+        held_out, scores = measure_language_models(config, prep, teacher, student, baseline, store, run, device)
+        vocab_size = prep.details["vocab_size"]
+        scores["uniform"] = {"cross_entropy": math.log(vocab_size), "perplexity": float(vocab_size)}
+        return {**held_out, **scores}, None
+
+    def training_curves_png(self, histories, metrics) -> bytes:
+        from kd_core.eval.plots import training_curves_png
+
+        return training_curves_png(histories, metrics)
+
+    def report_html(self, job_name, metrics, histories, extras) -> str:
+        from kd_core.eval.report import report_html
+
+        return report_html(job_name, metrics, histories)
+
+    # --------------------------------------------------------------------------------- register
+    def log_model(self, model_dir):
+        from kd_core.registry import log_text_generation
+
+        return log_text_generation(model_dir)
+
+    # ------------------------------------------------------------------------------------- CLI
+    def headline(self, step, manifest) -> str | None:
+        metrics, details = manifest.metrics, manifest.details
+        if step == "prep":
+            dropped = [f"{metrics[key]:,} {label}" for key, label in (("duplicates_removed", "duplicates"), ("skipped_empty", "empty")) if metrics.get(key)]
+            return (
+                f"{metrics['documents']:,} docs{' (dropped ' + ', '.join(dropped) + ')' if dropped else ''}, "
+                f"{metrics['train_tokens']:,} train tokens, vocab {details['vocab_size']}"
+            )
+        if step == "cache":
+            layout = details["layout"]
+            kept = {"topk": f"top-{layout['slots']}", "sampled": f"{layout['slots']} samples", "full": "full log-probs"}[details["format"]]
+            return f"{kept}, {metrics['bytes_per_token']} bytes/token"
+        if step == "eval":
+            return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"
+        return None
+
+    def comparison_table(self, metrics) -> Table:
+        from rich.table import Table
+
+        table = Table(title=f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens; speed on {metrics.get('device', 'this machine')}")
+        columns = ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", "ECE", "tokens/s")
+        for column in columns:
+            table.add_column(column, justify="left" if column == "model" else "right")
+        labels = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}
+        for name, label in labels.items():
+            if name in metrics:
+                row = metrics[name]
+                teacher = name == "teacher"
+                agreement = "—" if teacher else f"{row['agreement_top1']:.1%} / {row['agreement_top5']:.1%}"
+                table.add_row(
+                    label, f"{row['parameters']:,}", f"{row['perplexity']:.2f}", "—" if teacher else f"{row['kl_to_teacher']:.4f}",
+                    agreement, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}",
+                )
+        return table
+
+    def best_trial_metrics(self, val_loss: float) -> dict[str, float]:
+        return {"best_val_perplexity": math.exp(val_loss)}
+
+
+class CachedLMTargets:
+    """The cache's view of a language-model teacher: a token shard's cache columns."""
+
+    def __init__(self, teacher: CausalLMTeacher, device: str):
+        self.teacher, self.device = teacher, device
+
+    def columns(self, shard: dict[str, np.ndarray], batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        import torch
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return self.teacher.columns(shard["input_ids"], batch_size, generator)
+
+
+def next_token_loss(model, rows: torch.Tensor, batch_size: int, device) -> float:
+    """A causal LM's mean next-token cross-entropy (nats/token, float32) over `rows`."""
+    import torch
+
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids = rows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids).logits.float()[:, :-1].flatten(0, 1)
+        total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total / count

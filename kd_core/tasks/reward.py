@@ -1,0 +1,228 @@
+"""`task: reward`: a text reward model distilled into a multimodal reward model.
+
+- prep: preference pairs with images (`kd_core/data/preferences.py`), each in two views: the
+  student's (prompt and response tokens, and the image's pixels) and the teacher's (the image's
+  text rendering, the prompt and the response);
+- models: the teacher is a sequence-classification reward model on the text view (kdflow trains
+  it with Bradley–Terry on the human labels), the student a `MultimodalRewardModel` on pixels and
+  text (`kd_core/models/reward.py`), learning `RewardObjective` (`distill.reward`); the baseline
+  learns Bradley–Terry on the human labels alone;
+- teacher outputs: the teacher's reward of both responses of every pair, for the training and
+  the validation pairs (a search's trials validate against the latter);
+- validation: the preference KL to the teacher (nats/pair, T = 1); eval: pairwise accuracy
+  against the teacher and the human labels, Spearman correlation with the teacher's rewards,
+  preference KL, calibration, size and speed (`kd_core/eval/reward.py`);
+- registry: the pyfunc of `kd_core/registry/pyfunc.py`, scoring (prompt, response, image) rows.
+
+Each method imports the library it calls: loading a job checks it against its task, and that must
+not wait for torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kd_core.tasks.base import Task
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from kd_core.cache.format import CacheLayout
+
+TEACHER_VIEW = ("text_chosen_ids", "text_rejected_ids")
+"""The columns the text teacher reads: the image's rendering, the prompt and each response."""
+STUDENT_VIEW = ("chosen_ids", "rejected_ids", "pixels")
+"""The columns the multimodal student reads: the prompt and each response, and the image."""
+
+
+class Reward(Task):
+    name = "reward"
+    data_sources = ("preferences", "digit-preferences")
+    metrics = (
+        "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "preference_kl_to_teacher", "ece",
+        "parameters", "weight_bytes", "pairs_per_s", "latency_ms",
+    )
+    sanity_gates = (
+        "student.preference_kl_to_teacher < 0.99 * uniform.preference_kl_to_teacher",
+        "student.preference_kl_to_teacher < baseline.preference_kl_to_teacher",
+    )
+    objective_field = "reward"
+    validation_label = "preference KL to the teacher (nats/pair)"
+
+    # ----------------------------------------------------------------------------- the job config
+    def check_config(self, job) -> None:
+        super().check_config(job)
+        if job.distill.teacher_source != "cache":
+            raise ValueError("distill.teacher_source: reward models distill from the cache of teacher rewards; set it to cache")
+        image_size = job.data.preferences.image_size
+        if image_size % job.student.vision.patch_size:
+            raise ValueError(
+                f"student.vision.patch_size: must divide data.preferences.image_size ({image_size}), got {job.student.vision.patch_size}"
+            )
+
+    # ------------------------------------------------------------------------------------- prep
+    def data_settings(self, data) -> dict:
+        return data.model_dump(mode="json")
+
+    def prepare(self, data, store, run, source) -> tuple[dict, dict]:
+        from kd_core.data.preferences import prepare_preferences
+
+        return prepare_preferences(data, store, run)
+
+    def separates_documents(self) -> bool:
+        return False  # each response is its own row: no separator between documents
+
+    # ---------------------------------------------------------------------------------- training
+    def columns(self, role: str) -> tuple[str, ...]:
+        """A text teacher never sees the images, the multimodal student never the text view."""
+        return (*(TEACHER_VIEW if role == "teacher" else STUDENT_VIEW), "human_label")
+
+    def build_model(self, spec):
+        from kd_core.config import VisionConfig
+        from kd_core.models.reward import build_multimodal_reward_model, build_text_reward_model
+
+        details = spec.prep_details
+        common = {"pad_id": details["pad_id"], "seed": spec.train.seed, "dropout": spec.train.dropout}
+        if spec.role == "teacher":
+            return build_text_reward_model(spec.architecture, spec.vocab_size, spec.seq_len, **common)
+        vision = spec.student.vision if spec.student is not None else VisionConfig()
+        return build_multimodal_reward_model(vision, spec.architecture, spec.vocab_size, spec.seq_len, image_size=details["image_size"], **common)
+
+    def make_step(self, spec, model, store):
+        from kd_core.losses import RewardObjective
+        from kd_core.train.step import RewardStep
+
+        if spec.objective is None:  # the teacher and the baseline: human labels alone
+            objective = RewardObjective(pairwise_weight=0.0, bradley_terry_weight=1.0)
+        else:
+            objective = RewardObjective(**spec.objective.model_dump())
+        return RewardStep(model, objective, multimodal=spec.role == "student", pad_id=spec.prep_details["pad_id"])
+
+    def batch_tokens(self, batch) -> int:
+        """Both responses of each pair, in the view the model reads (the only one its batches carry)."""
+        return sum(batch[name].numel() for name in (*TEACHER_VIEW[:2], *STUDENT_VIEW[:2]) if name in batch)
+
+    def validation_reads_cache(self) -> bool:
+        return True  # the teacher's rewards of the validation pairs
+
+    def validation_loss(self, model, rows, batch_size, spec, device) -> float:
+        """The student's mean preference KL to the teacher (nats/pair, T = 1) over the validation
+        pairs, which carry the teacher's rewards (`teacher_chosen`, `teacher_rejected`)."""
+        import numpy as np
+        import torch
+
+        from kd_core.eval.reward import score_pairs
+        from kd_core.losses.reward import preference_kl
+
+        student = score_pairs(model, rows, batch_size, spec.prep_details["pad_id"], device, text_view=False)
+        rewards = (student["chosen"], student["rejected"], rows["teacher_chosen"][:, 0], rows["teacher_rejected"][:, 0])
+        return float(preference_kl(*(torch.from_numpy(np.ascontiguousarray(values)) for values in rewards)))
+
+    # ------------------------------------------------------------------------ teacher outputs
+    def cache_splits(self) -> tuple[str, ...]:
+        # The validation pairs' rewards are what a `kdflow tune` trial measures its student against.
+        return ("train", "val")
+
+    def cache_layout(self, config, prep, store, teacher) -> CacheLayout:
+        from kd_core.cache.format import CacheLayout
+
+        # One score per response: nothing to choose.
+        return CacheLayout(format="reward", seq_len=prep.details["seq_len"], vocab_size=prep.details["vocab_size"], slots=1)
+
+    def load_cache_teacher(self, model_dir, device, layout, prep_details, positions_per_chunk=None):
+        from kd_core.models.reward import load_reward_model
+
+        return CachedRewards(load_reward_model(model_dir).to(device).eval(), device, prep_details["pad_id"])
+
+    # ---------------------------------------------------------------------------------- eval
+    def measure(self, config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict]:
+        import numpy as np
+
+        from kd_core.eval.reward import measure_reward_models, reward_model_dirs, uniform_preference_scores, write_rewards
+        from kd_core.models.teacher import teacher_model_dir
+
+        model_dirs = reward_model_dirs(store, teacher_model_dir(store, teacher), student, baseline)
+        scores, rewards = measure_reward_models(config, prep, model_dirs, store, run, device)
+        scores["uniform"] = uniform_preference_scores({side: np.asarray(values) for side, values in rewards["teacher"].items()})
+        write_rewards(run, rewards)
+        return {"rows": scores["teacher"]["pairs"], **scores}, rewards
+
+    def training_curves_png(self, histories, metrics) -> bytes:
+        from kd_core.eval.plots import training_curves_png
+
+        return training_curves_png(histories, metrics)
+
+    def report_html(self, job_name, metrics, histories, extras) -> str:
+        from kd_core.eval.report import report_html
+
+        return report_html(job_name, metrics, histories, extras)
+
+    # --------------------------------------------------------------------------------- register
+    def log_model(self, model_dir):
+        from kd_core.registry import log_reward_pyfunc
+
+        return log_reward_pyfunc(model_dir)
+
+    # ------------------------------------------------------------------------------------- CLI
+    def headline(self, step, manifest) -> str | None:
+        metrics, details = manifest.metrics, manifest.details
+        if step == "prep":
+            return (
+                f"{metrics['pairs']:,} pairs ({metrics['labeled_pairs']:,} human-labelled), {metrics['images']:,} images, "
+                f"vocab {details['vocab_size']}"
+            )
+        if step == "cache":
+            pairs = {split: sum(s["rows"] for s in details["shards"] if s.get("split", "train") == split) for split in ("train", "val")}
+            return f"teacher rewards of {pairs['train']:,} training and {pairs['val']:,} validation pairs"
+        if step == "eval":
+            return f"{metrics['rows']:,} held-out pairs ({metrics['split']})"
+        return None
+
+    def comparison_table(self, metrics) -> Table:
+        """The distilled student against the human-labels-only model."""
+        from rich.table import Table
+
+        table = Table(title=f"held-out {metrics['split']} split, {metrics['rows']:,} preference pairs; speed on {metrics.get('device', 'this machine')}")
+        columns = ("model", "parameters", "accuracy vs human labels", "agreement with teacher", "Spearman ρ vs teacher", "ECE", "pairs/s")
+        for column in columns:
+            table.add_column(column, justify="left" if column == "model" else "right")
+        labels = {"teacher": "text teacher (reads the rendering)", "student": "KD student (reads the image)", "baseline": "same student, human labels only"}
+        for name, label in labels.items():
+            if name in metrics:
+                row = metrics[name]
+                teacher = name == "teacher"
+                human = f"{row['pairwise_accuracy_human']:.1%}" if "pairwise_accuracy_human" in row else "—"
+                table.add_row(
+                    label, f"{row['parameters']:,}", human, "—" if teacher else f"{row['pairwise_accuracy_teacher']:.1%}",
+                    "—" if teacher else f"{row['spearman_teacher']:.3f}", f"{row['ece']:.3f}" if "ece" in row else "—", f"{row['pairs_per_s']:,.0f}",
+                )
+        if "baseline" in metrics and "pairwise_accuracy_human" in metrics["student"] and "pairwise_accuracy_human" in metrics["baseline"]:
+            gain = metrics["student"]["pairwise_accuracy_human"] - metrics["baseline"]["pairwise_accuracy_human"]
+            verdict = "beats" if gain > 0 else "does not beat"
+            table.caption = f"the distilled student {verdict} the human-labels-only model by {gain * 100:+.1f} points of accuracy vs human labels"
+        return table
+
+
+class CachedRewards:
+    """The cache's view of a reward teacher: its scores of both responses of every pair of a shard,
+    from the text view."""
+
+    def __init__(self, model, device: str, pad_id: int):
+        self.model, self.device, self.pad_id = model, device, pad_id
+
+    def columns(self, shard, batch_size: int, seed: int):
+        """`teacher_chosen`, `teacher_rejected`: (rows, 1) float32 (no draws: `seed` is unused)."""
+        import numpy as np
+        import torch
+
+        from kd_core.models.reward import text_rewards
+        from kd_core.train.step import trim_padding
+
+        scores: dict[str, list] = {"teacher_chosen": [], "teacher_rejected": []}
+        with torch.no_grad():
+            for start in range(0, len(shard["text_chosen_ids"]), batch_size):
+                for name, column in (("teacher_chosen", "text_chosen_ids"), ("teacher_rejected", "text_rejected_ids")):
+                    ids = torch.as_tensor(shard[column][start : start + batch_size], dtype=torch.long, device=self.device)
+                    ids = trim_padding(ids, self.pad_id)
+                    scores[name].append(text_rewards(self.model, ids, self.pad_id).cpu().numpy())
+        return {name: np.concatenate(parts).astype(np.float32).reshape(-1, 1) for name, parts in scores.items()}

@@ -1,0 +1,138 @@
+"""`TrainSpec`: everything a training worker needs, as plain picklable data.
+
+The spec names the job's task (a `kd_core.tasks.Task` object, which travels with it to the Ray
+workers) and the role it trains (`teacher`, or `student`: the distilled student and the
+no-teacher baseline); the task builds the role's model and step from the spec. Nothing else in it
+depends on the task: the objective is the task's section of `distill` (`objective`), the prep
+manifest's details give the data's shape.
+
+`student_spec` is the one function that builds a student's spec from the job's sections, for
+the distill stage and for every trial of a search alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kd_core.cache import cache_shards
+from kd_core.config import ArchitectureConfig, DeepSpeedConfig, DistillConfig, StorageConfig, StudentConfig, TrainConfig
+from kd_core.data.shards import split_shards
+from kd_core.manifest import Manifest
+from kd_core.storage import FileRecord, Store
+from kd_core.train.tracking import TrainingRun
+
+
+@dataclass
+class TrainSpec:
+    """One model's training run (the storage section holds no logs)."""
+
+    storage: StorageConfig
+    task: Any
+    """The job's `kd_core.tasks.Task`: it builds the model and the step, and reads the batches."""
+    role: str
+    """`teacher` (a teacher kdflow trains) or `student` (the distilled student, the baseline)."""
+    architecture: ArchitectureConfig
+    """The transformer body of the model (the teacher's or the student's)."""
+    train: TrainConfig
+    prep_details: dict
+    """The prep manifest's details: vocabulary, row length, special token ids, the task's own."""
+    token_shards: list[FileRecord]
+    tokenizer_folder: str
+    """Store-relative folder of the prep stage's tokenizer, copied beside the saved model."""
+    output_folder: str
+    """Store-relative folder that receives `model/` and `history.jsonl`."""
+    student: StudentConfig | None = None
+    """The student's section (the task reads its student-only parts, e.g. an image encoder);
+    None for a teacher."""
+    objective: Any = None
+    """The task's objective section (`distill.loss`, `distill.reward`); None trains on the data
+    alone (the teacher, the baseline)."""
+    cache_shards: list[FileRecord] = field(default_factory=list)
+    """Teacher-cache shards aligned one-to-one with `token_shards` (offline distillation); the
+    stream decodes them into each batch (`kd_core.losses.TeacherTargets.BATCH_KEYS`)."""
+    cache_layout: dict | None = None
+    """The cache's `CacheLayout.to_dict()`, which decodes `cache_shards`."""
+    deepspeed: DeepSpeedConfig | None = None
+    """Train in a DeepSpeed engine with these settings (the student); None trains with plain DDP."""
+    tracking: TrainingRun | None = None
+    """Log this run to MLflow from rank 0 (params, then metrics at every log step)."""
+    online_teacher: Manifest | None = None
+    """The teacher step's manifest: the teacher runs on every batch (online distillation: full
+    teacher logits, no cache). Each worker fetches it from storage itself, on whatever node."""
+    checkpoint_every: int | None = None
+    """Write a checkpoint every this many steps (None: never)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept while training."""
+    validation_shards: list[FileRecord] = field(default_factory=list)
+    """Shards of the validation split (read with `validate_every`)."""
+    validation_cache_shards: list[FileRecord] = field(default_factory=list)
+    """The cache's targets of the validation split, aligned with `validation_shards`, for tasks
+    whose validation reads them (`Task.validation_reads_cache`)."""
+    validate_every: int | None = None
+    """Every this many steps (and at the last), every rank measures the student on the first
+    `validation_rows` validation rows (`Task.validation_loss`) and hands `{step, val_loss}` to
+    `on_validation` (what a Ray Tune trial reports to its scheduler)."""
+    validation_rows: int = 64
+
+    @property
+    def vocab_size(self) -> int:
+        return self.prep_details["vocab_size"]
+
+    @property
+    def seq_len(self) -> int:
+        return self.prep_details["seq_len"]
+
+    @property
+    def special_token_ids(self) -> dict[str, int] | None:
+        """The prepared tokenizer's bos / eos / pad ids."""
+        return self.prep_details.get("special_token_ids")
+
+    @property
+    def checkpoint_folder(self) -> str:
+        """Store-relative folder of this run's checkpoints (deleted once the model is saved)."""
+        return f"{self.output_folder}/checkpoints"
+
+    @classmethod
+    def from_prep(
+        cls, prep: Manifest, store: Store, output_folder: str, architecture: ArchitectureConfig, train: TrainConfig, *,
+        task, role: str = "student", student: StudentConfig | None = None, objective=None,
+        deepspeed: DeepSpeedConfig | None = None, checkpoint_every: int | None = None, keep_checkpoints: int = 2,
+        cache: Manifest | None = None, online_teacher: Manifest | None = None, tracking: TrainingRun | None = None,
+        validate_every: int | None = None, validation_rows: int = 64,
+    ) -> TrainSpec:
+        """A spec that trains on the prep stage's training split and writes into `output_folder`.
+        `cache` (the cache stage's manifest) or `online_teacher` (the teacher step's) gives the
+        teacher's targets; `validate_every` validates on the prep stage's validation split."""
+        validating = validate_every is not None
+        return cls(
+            storage=store.config, task=task, role=role, architecture=architecture, train=train, prep_details=prep.details,
+            token_shards=split_shards(prep, "train"), tokenizer_folder=f"{prep.folder}/tokenizer", output_folder=output_folder,
+            student=student, objective=objective, deepspeed=deepspeed, checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints, tracking=tracking, online_teacher=online_teacher,
+            cache_shards=cache_shards(cache) if cache else [], cache_layout=cache.details["layout"] if cache else None,
+            validation_shards=split_shards(prep, "val") if validating else [],
+            validation_cache_shards=cache_shards(cache, "val") if cache and validating and task.validation_reads_cache() else [],
+            validate_every=validate_every, validation_rows=validation_rows,
+        )
+
+
+def student_spec(
+    task, distill: DistillConfig, student: StudentConfig, prep: Manifest, store: Store, output_folder: str, *,
+    targets: Manifest | None, train: TrainConfig | None = None, checkpoint_every: int | None = None,
+    tracking: TrainingRun | None = None, validate_every: int | None = None, validation_rows: int = 64,
+) -> TrainSpec:
+    """The spec of a student of the job's task: the distilled student learning from `targets`
+    (the cache stage's manifest, or the teacher step's for an online teacher), or with `targets`
+    None the no-teacher baseline (the task's loss on the data alone). `train` overrides
+    `distill.train` (a search trial's step count)."""
+    with_teacher = targets is not None
+    return TrainSpec.from_prep(
+        prep, store, output_folder, student.architecture, train or distill.train,
+        task=task, role="student", student=student, objective=task.objective(distill) if with_teacher else None,
+        deepspeed=distill.deepspeed if distill.deepspeed.enabled else None,
+        checkpoint_every=checkpoint_every, keep_checkpoints=distill.keep_checkpoints, tracking=tracking,
+        cache=targets if with_teacher and targets.stage == "cache" else None,
+        online_teacher=targets if with_teacher and targets.stage == "teacher" else None,
+        validate_every=validate_every, validation_rows=validation_rows,
+    )
