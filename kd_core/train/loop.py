@@ -50,7 +50,7 @@ from kd_core.data.shards import read_columns, split_shards
 from kd_core.data.stream import TrackedBatches, TrainingStream, as_served
 from kd_core.errors import TrainingDiverged
 from kd_core.losses import DistillationObjective, RewardObjective
-from kd_core.manifest import Manifest, ManifestError
+from kd_core.manifest import HISTORY_NAME, Manifest, ManifestError
 from kd_core.progress import say
 from kd_core.models import build_causal_lm, count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
 from kd_core.models.reward import build_multimodal_reward_model, build_text_reward_model
@@ -68,7 +68,6 @@ from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine, deeps
 from kd_core.train.step import PlainRunner, RewardStep, StudentStep, input_columns, unwrap
 from kd_core.train.tracking import MlflowLogger, TrainingRun
 
-HISTORY_NAME = "history.jsonl"
 RUN_STATE_NAME = "run.json"
 DEEPSPEED_CONFIG_NAME = "deepspeed_config.json"
 
