@@ -245,7 +245,7 @@ def _gates_exit(steps: dict[str, Manifest], fail_on_gates: bool) -> int:
 
 def _run_kfp_local(config: JobConfig, pipeline: str, started: float, fail_on_gates: bool) -> int:
     """The DAG through kfp.local; a failed task's own cause is the last line: exit 2 for bad input, else 1."""
-    from kd_core.kubeflow.engines import DagTaskFailed, run_local
+    from pipelines.engines import DagTaskFailed, run_local
 
     try:
         steps = run_local(config, pipeline)
@@ -259,7 +259,7 @@ def _run_kfp_local(config: JobConfig, pipeline: str, started: float, fail_on_gat
 
 
 def _kubeflow(config: JobConfig, args: argparse.Namespace) -> int:
-    from kd_core.kubeflow import engines
+    from pipelines import engines
 
     try:
         if args.command == "compile":

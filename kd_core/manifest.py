@@ -27,6 +27,9 @@ from kd_core.redaction import redact_data
 from kd_core.storage import FileRecord, StorageError, Store, relative_name
 
 MANIFEST_NAME = "manifest.json"
+HISTORY_NAME = "history.jsonl"
+"""A training step's logged records, one JSON object a line, among its outputs (written by
+`kd_core.train.loop`, read by `kd_core.eval.plots`)."""
 SCHEMA_VERSION = 1
 STAGE_NAME = re.compile(r"[a-z][a-z_]*")
 KEY_LENGTH = 20

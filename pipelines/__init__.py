@@ -1,1 +1,2 @@
-"""Kubeflow Pipelines DAGs built from a job config (see pipelines/distill_pipeline.py)."""
+"""Kubeflow Pipelines DAGs built from a job config (`dags`), and compiling, running, submitting and
+scheduling them (`engines`)."""

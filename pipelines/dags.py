@@ -18,8 +18,8 @@ from kfp import dsl, kubernetes
 
 from components import stages
 from kd_core.job import JobConfig
+from kd_core.kubeflow.job import job_json
 from kd_core.kubeflow.rayjob import POD_ENV, RAYJOB_STEPS
-from kd_core.kubeflow.steps import job_json
 from kd_core.redaction import redact
 
 PIPELINE_NAME = "kdflow-distill"

@@ -35,7 +35,7 @@ from kfp import dsl
 from kd_core.config import ConfigError
 from kd_core.job import load_config
 from kd_core.devtools import KubernetesApiStandIn
-from kd_core.kubeflow import engines
+from kd_core.kubeflow.job import job_config
 from kd_core.kubeflow.rayjob import (
     STEP_KEY_LABEL,
     ApiRetry,
@@ -49,10 +49,11 @@ from kd_core.kubeflow.rayjob import (
     step_pod_owner,
     watch_rayjob,
 )
-from kd_core.kubeflow.steps import job_config, run_step
+from kd_core.kubeflow.steps import run_step
 from kd_core.manifest import ManifestError, read_manifest_url
 from kd_core.stage import STAGE_CODE_VERSIONS, reuse_only
 from kd_core.storage import Store
+from pipelines import engines
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "pipelines" / "compiled" / "distill_pipeline.yaml"
@@ -256,7 +257,7 @@ def test_reuse_only_never_runs_a_missing_stage(tiny_config):
 
 
 def engines_job(config) -> str:
-    from kd_core.kubeflow.steps import job_json
+    from kd_core.kubeflow.job import job_json
 
     return job_json(config)
 

@@ -365,7 +365,7 @@ def test_the_reward_job_compiles_to_the_same_kubeflow_dag(tmp_path):
     """On a cluster the reward job runs through the same DAG and components as a language model."""
     import yaml
 
-    from kd_core.kubeflow import engines
+    from pipelines import engines
 
     config = load_config(REPO / "configs" / "reward_multimodal.yaml")
     spec, *_platform = yaml.safe_load_all(engines.compile_pipeline(config, tmp_path / "reward.yaml", "distill").read_text())

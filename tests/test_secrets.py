@@ -120,7 +120,7 @@ def test_mlflow_params_of_a_training_run_mask_url_credentials(tiny_config):
 
 
 def test_the_compiled_pipeline_masks_url_credentials(tiny_config, tmp_path):
-    from kd_core.kubeflow.engines import compile_pipeline
+    from pipelines.engines import compile_pipeline
 
     path = compile_pipeline(job_with_secret_urls(tiny_config), tmp_path / "pipeline.yaml")
     assert_no_secret(path.read_text(), "the compiled pipeline")

@@ -6,13 +6,9 @@ from __future__ import annotations
 import io
 import json
 
-from kd_core.manifest import Manifest
+from kd_core.eval.figures import COLORS, LABELS, REWARD_LABELS
+from kd_core.manifest import HISTORY_NAME, Manifest
 from kd_core.storage import Store
-from kd_core.train.loop import HISTORY_NAME
-
-LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student"}
-REWARD_LABELS = {"teacher": "text teacher", "student": "KD student", "baseline": "human-labels-only"}
-COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#d62728"}
 
 
 def read_history(store: Store, training: Manifest) -> list[dict]:

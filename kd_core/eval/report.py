@@ -7,7 +7,9 @@ held-out metrics per model, then four plots:
 - calibration: a reliability diagram (accuracy against confidence per bin) for every model;
 - size and speed against quality: parameters and inference tokens/s against perplexity.
 
-Reward models (`task: reward`) get their own table and plots (`kd_core/eval/reward_report.py`).
+Reward models (`task: reward`) get their own table and plots (`kd_core/eval/reward_report.py`);
+the labels, colours, the metrics table and the training and size-and-speed plots both draw are in
+`kd_core/eval/figures.py`.
 
 The page needs no network (no scripts, fonts or images from elsewhere) and is written beside
 `metrics.json`; the register step logs it to MLflow with the other eval files.
@@ -17,19 +19,15 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 
-from kd_core.eval.plots import COLORS, LABELS
-
-TERM_STYLES = {"loss": "-", "ce": "--", "kd": ":"}
+from kd_core.eval.figures import COLORS, LABELS, figure_png, metrics_table_html, pyplot, size_speed_png, training_png
+from kd_core.eval.reward_report import reward_figures, reward_metrics_table
 
 
 def report_html(job_name: str, metrics: dict, histories: dict[str, list[dict]], rewards: dict | None = None) -> str:
     """The page; `rewards` (per model, chosen and rejected rewards) feeds a reward model's scatter plot."""
     reward = metrics.get("task") == "reward"
     if reward:
-        from kd_core.eval.reward_report import reward_figures, reward_metrics_table
-
         figures = reward_figures(metrics, histories, rewards)
         table = reward_metrics_table(metrics)
         held_out = f'{metrics["rows"]:,} preference pairs'
@@ -105,72 +103,9 @@ def _metrics_table(metrics: dict) -> str:
     return metrics_table_html(metrics, columns, LABELS, not_for_teacher=("kl_to_teacher", "agreement_top1", "agreement_top5"))
 
 
-def metrics_table_html(metrics: dict, columns: list[tuple], labels: dict, not_for_teacher: tuple = ()) -> str:
-    """One row per model in `labels`; `columns` are (metric, header, format or None for MB); a
-    metric the model lacks, or one in `not_for_teacher` on the teacher's row, shows a dash."""
-    header = "".join(f"<th>{label}</th>" for _, label, _ in columns)
-    rows = []
-    for name in (name for name in labels if name in metrics):
-        row = metrics[name]
-        cells = []
-        for key, _, form in columns:
-            if key not in row or (name == "teacher" and key in not_for_teacher):
-                cells.append("—")
-            elif form is None:
-                cells.append(f"{row[key] / 1e6:.2f} MB")
-            else:
-                cells.append(form.format(row[key]))
-        rows.append(f"<tr><td>{labels[name]}</td>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
-    return f"<h2>Held-out metrics</h2><table><tr><th>model</th>{header}</tr>{''.join(rows)}</table>"
-
-
 # ------------------------------------------------------------------------------------ plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=100)
-    _pyplot().close(figure)
-    return buffer.getvalue()
-
-
-def training_png(
-    histories: dict[str, list[dict]], *, labels: dict = LABELS, styles: dict = TERM_STYLES, others: tuple = ("ce",),
-    ylabel: str = "nats / token", title: str = "Training loss terms", smooth: int = 1,
-) -> bytes:
-    """Every term in `styles` of the student's history; the `others` terms of the other models.
-    With `smooth` > 1 each curve is the running mean of that many log records (noisy per-batch
-    terms), drawn over the raw values in a light line."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(10.5, 3.8))
-    for name, history in histories.items():
-        if not history:
-            continue
-        steps = [r["step"] for r in history]
-        terms = [term for term in (styles if name == "student" else others) if term in history[0]]
-        for term in terms:
-            label = f"{labels[name]}: {term}" + (" (total)" if term == "loss" else "")
-            values = [r[term] for r in history]
-            if smooth > 1:
-                axes.plot(steps, values, styles[term], color=COLORS[name], alpha=0.18, linewidth=0.8)
-                values = [sum(values[max(0, i - smooth + 1) : i + 1]) / len(values[max(0, i - smooth + 1) : i + 1]) for i in range(len(values))]
-            axes.plot(steps, values, styles[term], color=COLORS[name], label=label)
-    axes.set(xlabel="optimizer step", ylabel=ylabel, title=title)
-    axes.grid(alpha=0.3)
-    axes.legend(ncol=2, fontsize=9)
-    return _png(figure)
-
-
 def quality_png(metrics: dict) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     names = [name for name in LABELS if name in metrics]
     students = [name for name in names if name != "teacher"]
     figure, (perplexity, kl, agreement) = plt.subplots(1, 3, figsize=(10.5, 3.6))
@@ -193,11 +128,11 @@ def quality_png(metrics: dict) -> bytes:
     agreement.set(title="Agreement with the teacher", ylim=(0, 1.2))
     for axes in (perplexity, kl, agreement):
         axes.tick_params(axis="x", labelsize=8)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def reliability_png(metrics: dict) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     names = [name for name in LABELS if name in metrics and "calibration" in metrics[name]]
     figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
     for axis, name in zip(axes[0], names):
@@ -211,40 +146,4 @@ def reliability_png(metrics: dict) -> bytes:
         axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", title=f"{LABELS[name]}: ECE {metrics[name]['ece']:.3f}")
         axis.set_ylabel("accuracy")
         axis.legend(fontsize=8, loc="upper left")
-    return _png(figure)
-
-
-def _short_number(value: float) -> str:
-    for divisor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= divisor:
-            return f"{value / divisor:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
-def size_speed_png(
-    metrics: dict, *, labels: dict = LABELS, quality: tuple[str, str] = ("perplexity", "perplexity (lower is better)"),
-    speed: tuple[str, str] = ("tokens_per_s", "inference tokens/s"),
-) -> bytes:
-    """Parameters and speed (x, log scale) against one quality metric (y), a point per model."""
-    plt = _pyplot()
-    from matplotlib.ticker import NullFormatter
-
-    names = [name for name in labels if name in metrics]
-    key, quality_label = quality
-    figure, (size, fast) = plt.subplots(1, 2, figsize=(10.5, 3.8))
-    for axis, x_key, label in ((size, "parameters", "parameters"), (fast, *speed)):
-        for name in names:
-            axis.scatter(metrics[name][x_key], metrics[name][key], s=90, color=COLORS[name], zorder=3)
-            axis.annotate(labels[name], (metrics[name][x_key], metrics[name][key]), textcoords="offset points", xytext=(8, 6), fontsize=9)
-        axis.set(xscale="log", xlabel=f"{label} (log scale)", ylabel=quality_label)
-        ticks: list[float] = []
-        for value in sorted(metrics[name][x_key] for name in names):  # a tick per model (a narrow range has no decade), none crowded
-            if not ticks or value > 1.1 * ticks[-1]:
-                ticks.append(value)
-        axis.set_xticks(ticks, [_short_number(value) for value in ticks])
-        axis.xaxis.set_minor_formatter(NullFormatter())
-        axis.grid(alpha=0.3, which="both")
-        axis.margins(x=0.35, y=0.25)
-    size.set(title="Size against quality")
-    fast.set(title="Speed against quality")
-    return _png(figure)
+    return figure_png(figure)

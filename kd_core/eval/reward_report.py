@@ -1,4 +1,5 @@
-"""The report's tables and plots for reward models (`task: reward`); `report.py` lays out the page.
+"""The report's tables and plots for reward models (`task: reward`); `report.py` lays out the page,
+`figures.py` holds the labels, colours and the table and plot kinds both reports share.
 
 Plots: the training loss terms; pairwise accuracy (against the teacher and the human labels) and
 Spearman correlation per model; the student's and baseline's rewards against the teacher's; a
@@ -8,7 +9,9 @@ against accuracy.
 
 from __future__ import annotations
 
-from kd_core.eval.plots import COLORS, REWARD_LABELS
+from kd_core.eval.figures import COLORS, REWARD_LABELS, figure_png, metrics_table_html, pyplot
+from kd_core.eval.figures import size_speed_png as points_png
+from kd_core.eval.figures import training_png as loss_terms_png
 
 TERM_STYLES = {"loss": "-", "pairwise": "--", "pointwise": "-.", "bt": ":"}
 
@@ -20,8 +23,6 @@ def reward_metrics_table(metrics: dict) -> str:
         ("ece", "ECE", "{:.3f}"), ("parameters", "parameters", "{:,}"), ("weight_bytes", "size on disk", None),
         ("pairs_per_s", "pairs/s", "{:,.0f}"), ("latency_ms", "latency (ms/batch)", "{:.1f}"),
     ]
-    from kd_core.eval.report import metrics_table_html
-
     return metrics_table_html(
         metrics, columns, REWARD_LABELS, not_for_teacher=("pairwise_accuracy_teacher", "spearman_teacher", "preference_kl_to_teacher")
     )
@@ -39,8 +40,6 @@ def reward_figures(metrics: dict, histories: dict[str, list[dict]], rewards: dic
 
 
 def training_png(histories: dict[str, list[dict]]) -> bytes:
-    from kd_core.eval.report import training_png as loss_terms_png
-
     return loss_terms_png(
         histories, labels=REWARD_LABELS, styles=TERM_STYLES, others=("bt",), ylabel="loss (per pair)",
         title="Training loss terms (bt: Bradley–Terry on human labels; running mean of 5 log steps)", smooth=5,
@@ -48,9 +47,7 @@ def training_png(histories: dict[str, list[dict]]) -> bytes:
 
 
 def accuracy_png(metrics: dict) -> bytes:
-    from kd_core.eval.report import _png, _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     names = [name for name in REWARD_LABELS if name in metrics]
     figure, (accuracy, correlation) = plt.subplots(1, 2, figsize=(10.5, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
     width = 0.38
@@ -68,16 +65,14 @@ def accuracy_png(metrics: dict) -> bytes:
     bars = correlation.bar([REWARD_LABELS[n] for n in students], [metrics[n]["spearman_teacher"] for n in students], color=[COLORS[n] for n in students])
     correlation.bar_label(bars, fmt="%.3f")
     correlation.set(title="Spearman ρ with the teacher's rewards", ylim=(min(0, *[metrics[n]["spearman_teacher"] for n in students]) - 0.05, 1.1))
-    return _png(figure)
+    return figure_png(figure)
 
 
 def rewards_png(metrics: dict, rewards: dict) -> bytes | None:
-    from kd_core.eval.report import _png, _pyplot
-
     students = [name for name in ("student", "baseline") if name in rewards]
     if "teacher" not in rewards or not students:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students), 4.0), squeeze=False)
     teacher = rewards["teacher"]["chosen"] + rewards["teacher"]["rejected"]
     for axis, name in zip(axes[0], students):
@@ -86,16 +81,14 @@ def rewards_png(metrics: dict, rewards: dict) -> bytes | None:
         axis.set(xlabel="teacher reward (text view)", ylabel=f"{REWARD_LABELS[name]} reward (image view)",
                  title=f"{REWARD_LABELS[name]}: Spearman ρ {metrics[name]['spearman_teacher']:.3f}")
         axis.grid(alpha=0.3)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def reliability_png(metrics: dict) -> bytes | None:
-    from kd_core.eval.report import _png, _pyplot
-
     names = [name for name in REWARD_LABELS if name in metrics and "calibration" in metrics[name]]
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
     for axis, name in zip(axes[0], names):
         calibration = metrics[name]["calibration"]
@@ -108,12 +101,10 @@ def reliability_png(metrics: dict) -> bytes | None:
         axis.set(xlim=(low, 1), ylim=(0, 1.05), xlabel="confidence max(p, 1 − p)", ylabel="accuracy vs human",
                  title=f"{REWARD_LABELS[name]}: ECE {metrics[name]['ece']:.3f}")
         axis.legend(fontsize=8, loc="lower right")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def size_speed_png(metrics: dict) -> bytes:
-    from kd_core.eval.report import size_speed_png as points_png
-
     names = [name for name in REWARD_LABELS if name in metrics]
     key = "pairwise_accuracy_human" if all("pairwise_accuracy_human" in metrics[n] for n in names) else "pairwise_accuracy_teacher"
     quality = (key, "accuracy vs human labels" if key == "pairwise_accuracy_human" else "agreement with the teacher")

@@ -59,7 +59,7 @@ import yaml
 from kd_core.config import ConfigError, PodResources, RayJobConfig, SecretEnv, public_dict, section_hash
 from kd_core.job import JobConfig
 from kd_core.kubeflow.isolation import POLICY_TEMPLATE_NAME, fence_rayjob, label_ray_pods
-from kd_core.kubeflow.steps import INPUTS_ENV, JOB_ENV, job_json
+from kd_core.kubeflow.job import INPUTS_ENV, JOB_ENV, job_json
 from kd_core.progress import say
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"

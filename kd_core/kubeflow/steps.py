@@ -3,14 +3,15 @@
 A component gets the job config as JSON (no secrets: those reach the pod as environment
 variables from Kubernetes secrets) and the manifest URLs of the steps it reads. It runs its
 stage through the same functions as `kdflow run` (`kd_core.pipeline`) and returns the URLs of
-the manifests it made, so steps reuse finished work exactly as `kdflow run` does.
+the manifests it made, so steps reuse finished work exactly as `kdflow run` does. The job's JSON
+form and the RayJob's environment variables are in `kubeflow.job`.
 
 On a cluster the distill step's pod submits a KubeRay RayJob (`kubeflow.rayjob`) whose
 entrypoint is this module (`python -m kd_core.kubeflow.steps distill`, the job and inputs in its
 environment), then collects the manifests under `reuse_only`: a RayJob that did not finish is an
 error, never a silent retrain inside the step's small pod.
 
-When `KDFLOW_STEP_ERROR_DIR` is set (kfp.local runs: `engines.run_dag` sets it and reads it
+When `KDFLOW_STEP_ERROR_DIR` is set (kfp.local runs: `pipelines.engines.run_dag` sets it and reads it
 back), a failing step writes its one-line cause there; bad input then ends the task with that line
 and exit status 2, any other error raises as everywhere else (`reporting_failure`).
 """
@@ -24,9 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kd_core.config import ConfigError, public_dict
-from kd_core.job import JobConfig, validate_config
+from kd_core.config import ConfigError
+from kd_core.job import JobConfig
 from kd_core.errors import InputError
+from kd_core.kubeflow.job import INPUTS_ENV, JOB_ENV, job_config, job_json
 from kd_core.manifest import Manifest, manifest_url, read_manifest_url
 from kd_core.pipeline import cache_steps, distill_steps, eval_step, prep_step, register_step, tune_step
 from kd_core.redaction import redact
@@ -43,27 +45,9 @@ STEP_INPUTS = {
     "register": ("eval", "distill"),
 }
 """Component -> the manifest URLs it takes (an empty URL: that step did not run, e.g. no baseline)."""
-JOB_ENV, INPUTS_ENV = "KDFLOW_JOB", "KDFLOW_STEP_INPUTS"
-"""How the distill RayJob's entrypoint receives the job and its inputs."""
 STEP_ERROR_DIR_ENV = "KDFLOW_STEP_ERROR_DIR"
 """A folder where a failing step writes `<step>.json`: {"step", "error" (one line), "bad_input"}.
-kfp.local sets nothing like it; `engines.run_local` does, for its task subprocesses."""
-
-
-def job_config(job_json: str) -> JobConfig:
-    """The job config a component was given, validated before any work."""
-    try:
-        raw = json.loads(job_json)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"the pipeline's job parameter is not JSON ({err}); compile the pipeline with kdflow") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("the pipeline's job parameter must be a JSON object of config sections")
-    return validate_config(raw, source="the pipeline's job parameter")
-
-
-def job_json(config: JobConfig) -> str:
-    """The job as a component parameter: the public config (secrets removed), as compact JSON."""
-    return json.dumps(public_dict(config), sort_keys=True, separators=(",", ":"))
+kfp.local sets nothing like it; `pipelines.engines.run_local` does, for its task subprocesses."""
 
 
 def run_step(step: str, job: str, inputs: dict[str, str]) -> dict[str, str]:

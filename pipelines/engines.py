@@ -9,6 +9,10 @@ runs Ray in-process (`kubeflow.rayjob.enabled` is switched off): what `kdflow ru
 step, through KFP's own executor, parameter passing and condition handling. A task that fails
 raises `DagTaskFailed` with the task's own one-line cause (`run_dag`), and the executor's dump of
 each task's input (the whole job JSON) is left out of the streamed logs (`ExecutorInputFilter`).
+
+This module sits beside the DAGs (`pipelines.dags`) because it builds them, and the library's
+modules never import `pipelines/` or `components/`: only the command line (`kd_core.cli`, an
+entry point) imports it, for `kdflow compile|submit|schedule` and `kdflow run --engine kfp-local`.
 """
 
 from __future__ import annotations
