@@ -500,7 +500,7 @@ def make_step(spec: TrainSpec, model: torch.nn.Module, store: Store) -> torch.nn
     if spec.reward_loss is None:  # the teacher and the baseline: human labels alone
         objective = RewardObjective(pairwise_weight=0.0, bradley_terry_weight=1.0)
     else:
-        objective = RewardObjective(**spec.reward_loss.model_dump())
+        objective = RewardObjective.from_config(spec.reward_loss)
     return RewardStep(model, objective, multimodal=spec.model_kind == "multimodal_reward", pad_id=spec.pad_id)
 
 
@@ -524,11 +524,7 @@ def make_objective(spec: TrainSpec, store: Store) -> DistillationObjective:
         teacher_hidden_size = model_config.get("hidden_size", model_config.get("n_embd"))  # GPT-2 configs: n_embd
     else:
         teacher_hidden_size = (spec.cache_layout or {}).get("hidden_size") or None
-    return DistillationObjective(
-        **spec.loss.model_dump(exclude={"fused", "fused_chunk_size"}),
-        student_hidden_size=spec.architecture.hidden_size,
-        teacher_hidden_size=teacher_hidden_size,
-    )
+    return DistillationObjective.from_config(spec.loss, student_hidden_size=spec.architecture.hidden_size, teacher_hidden_size=teacher_hidden_size)
 
 
 def _load_teacher(store: Store, teacher: Manifest, runner, device):
