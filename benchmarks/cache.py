@@ -152,7 +152,7 @@ def reader_throughput(storage: StorageConfig, tokens, columns, layout, copies, b
 def trainer_consumption(config, layout: CacheLayout, decoded: dict, tokens: np.ndarray, steps: int) -> float:
     """Tokens/s of distillation steps of the job's student on this machine (data already in memory)."""
     model = build_causal_lm(config.student.architecture, config.data.vocab_size, layout.seq_len, seed=0)
-    objective = DistillationObjective(**config.distill.loss.model_dump(exclude={"fused", "fused_chunk_size"}))
+    objective = DistillationObjective.from_config(config.distill.loss, student_hidden_size=None, teacher_hidden_size=None)
     module = StudentStep(model, objective)
     runner = PlainRunner(module, *make_optimizer(module, config.distill.train), grad_clip=1.0)
     size = config.distill.train.batch_size

@@ -85,7 +85,7 @@ def train_and_score(config, prep, train, val, teacher_prefers, fusion, steps, ev
         vision, config.student.architecture, prep.details["vocab_size"], prep.details["seq_len"],
         image_size=prep.details["image_size"], pad_id=prep.details["pad_id"], seed=config.distill.train.seed,
     )
-    step_module = RewardStep(model, RewardObjective(**config.distill.reward.model_dump()), multimodal=True, pad_id=prep.details["pad_id"])
+    step_module = RewardStep(model, RewardObjective.from_config(config.distill.reward), multimodal=True, pad_id=prep.details["pad_id"])
     optimizer, schedule = make_optimizer(step_module, config.distill.train.model_copy(update={"max_steps": steps}))
     rng = np.random.default_rng(config.distill.train.seed)
     batch_size, curve, started = config.distill.train.batch_size, {}, time.perf_counter()

@@ -293,9 +293,11 @@ class LossConfig(Section):
     temperature: float = Field(default=1.0, gt=0)
     """Softmax temperature T of the KD term. With `topk_tail` it must equal `cache.temperature`
     (the cached log-probs are already at it)."""
-    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl", "total_variation"] = "forward_kl"
+    divergence: str = "forward_kl"
     """Divergence against full teacher logits (`distill.teacher_source: online`, or a `full`
-    cache). Top-k and sampled caches always use forward KL, which is what they estimate."""
+    cache): a name in `kd_core.losses.divergences.DIVERGENCES` (forward_kl, reverse_kl,
+    generalized_jsd, skew_forward_kl, skew_reverse_kl, total_variation). Top-k and sampled caches
+    always use forward KL, which is what they estimate."""
     divergence_parameter: float | None = Field(default=None, ge=0, le=1)
     """beta of `generalized_jsd` or alpha of the skew KLs; None keeps the function's default."""
     topk_tail: bool = True
@@ -328,6 +330,17 @@ class LossConfig(Section):
     (`kd_core.losses.fused`), so the student's full (batch·T × V) logits never exist at once."""
     fused_chunk_size: int = Field(default=1024, gt=0)
     """Positions per chunk of the fused loss."""
+
+    @field_validator("divergence")
+    @classmethod
+    def _registered_divergence(cls, name: str) -> str:
+        # Imported here, not at the top: the losses import torch, which commands that only read a
+        # config do without (a config that leaves the default is not checked: it needs no import).
+        from kd_core.losses.divergences import DIVERGENCES
+
+        if name not in DIVERGENCES:
+            raise ValueError(f"must be one of {', '.join(repr(known) for known in DIVERGENCES)}, got {name!r}")
+        return name
 
     @model_validator(mode="after")
     def _some_term_is_weighted(self) -> LossConfig:

@@ -36,8 +36,7 @@ from kd_core.losses.fused import (
     sampled_target,
     topk_target,
 )
-from kd_core.losses.gradients import closed_form
-from kd_core.losses.objective import DIVERGENCES
+from kd_core.losses.divergences import DIVERGENCES, closed_form
 
 SHAPE = (3, 47, 123)
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -123,7 +122,7 @@ def test_closed_form_gradients_equal_autograd(name, parameter, temperature):
     student[..., -3:] = teacher[..., -3:] = -math.inf
     student[0, 0] = teacher[0, 0]  # one position where the two agree: its gradient is 0
     keyword = LOSSES[name][1]
-    per_position = partial(DIVERGENCES[name], **({keyword: parameter} if keyword else {}))
+    per_position = partial(DIVERGENCES[name].per_position, **({keyword: parameter} if keyword else {}))
     student.requires_grad_()
     teacher_logprobs = torch.log_softmax(teacher / temperature, -1)
     expected = per_position(torch.log_softmax(student / temperature, -1), teacher_logprobs)
@@ -261,7 +260,7 @@ def lm_head(dtype, seed=8, rows=47, hidden=16, vocab=123, teacher_hidden=24):
 def test_fused_matches_unfused(name, parameter, dtype):
     hidden, weight, teacher_hidden, teacher_weight, mask = lm_head(dtype)
     keyword = LOSSES[name][1]
-    per_position = partial(DIVERGENCES[name], **({keyword: parameter} if keyword else {}))
+    per_position = partial(DIVERGENCES[name].per_position, **({keyword: parameter} if keyword else {}))
     target = dense_teacher_target(per_position, teacher_hidden, teacher_weight, temperature=2.0)
     fused = fused_lm_head_loss(hidden, weight, target, mask=mask, chunk_size=10)
     fused_gradients = torch.autograd.grad(fused, (hidden, weight))

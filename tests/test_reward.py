@@ -26,7 +26,7 @@ from kd_core.data.preferences import read_preference_records, split_by_image
 from kd_core.data.shards import read_columns
 from kd_core.data.sources import DataSourceError
 from kd_core.eval.reward import load_pairs, preference_calibration, preference_scores, score_pairs
-from kd_core.losses import RewardObjective, bradley_terry
+from kd_core.losses import RewardObjective, TeacherTargets, bradley_terry
 from kd_core.manifest import ManifestError
 from kd_core.models.reward import build_multimodal_reward_model, load_reward_model
 from kd_core.pipeline import run_pipeline, search_steps
@@ -72,10 +72,10 @@ def test_bradley_terry_matches_a_float64_reference_and_skips_unlabelled_pairs():
 
 def test_reward_objective_weights_each_term_and_leaves_out_missing_targets():
     chosen, rejected = torch.tensor([1.0, 0.0], requires_grad=True), torch.tensor([0.0, 2.0], requires_grad=True)
-    teacher = {"teacher_chosen": torch.tensor([2.0, 1.0]), "teacher_rejected": torch.tensor([0.0, 0.0])}
+    teacher = TeacherTargets(chosen_rewards=torch.tensor([2.0, 1.0]), rejected_rewards=torch.tensor([0.0, 0.0]))
     labels = torch.tensor([1.0, float("nan")])
     objective = RewardObjective(pointwise_weight=0.5, pairwise_weight=2.0, temperature=1.0, bradley_terry_weight=3.0)
-    terms = objective(chosen, rejected, **teacher, human_label=labels)
+    terms = objective(chosen, rejected, teacher, human_label=labels)
     assert set(terms) == {"loss", "pointwise", "pairwise", "bt"}
     torch.testing.assert_close(terms["loss"], 0.5 * terms["pointwise"] + 2.0 * terms["pairwise"] + 3.0 * terms["bt"])
     terms["loss"].backward()

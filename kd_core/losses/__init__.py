@@ -5,6 +5,9 @@ weighted terms in one pass), with the closed-form gradients of `gradients.py` fo
 
 Token-level divergences on logits (..., V), float32 at temperature T, masked mean:
     forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl, total_variation
+    (registered by name, with their parameter and closed-form gradient, in divergences.py:
+    DIVERGENCES)
+Teacher targets: TeacherTargets (targets.py), what DistillationObjective and RewardObjective take
 Sparse targets from a teacher cache:
     topk_kl (top-k ids and log-probs, optional tail bucket), sampled_kl (Random-Sampling KD)
 Features and structure:
@@ -14,6 +17,7 @@ Features and structure:
 """
 
 from kd_core.losses.common import align_vocab, masked_mean
+from kd_core.losses.divergences import DIVERGENCES, Divergence
 from kd_core.losses.features import HiddenStateDistillation, hidden_cosine, hidden_mse
 from kd_core.losses.forward_kl import forward_kl
 from kd_core.losses.fused import (
@@ -32,14 +36,18 @@ from kd_core.losses.reverse_kl import reverse_kl
 from kd_core.losses.reward import RewardObjective, bradley_terry, preference_kl, reward_mse
 from kd_core.losses.sampled import draw_teacher_samples, sampled_kl
 from kd_core.losses.skew_kl import skew_forward_kl, skew_reverse_kl
+from kd_core.losses.targets import TeacherTargets
 from kd_core.losses.topk import topk_kl
 from kd_core.losses.total_variation import total_variation
 
 __all__ = [
+    "DIVERGENCES",
     "DistillationObjective",
+    "Divergence",
     "FusedTerm",
     "HiddenStateDistillation",
     "RewardObjective",
+    "TeacherTargets",
     "align_vocab",
     "bradley_terry",
     "dense_teacher_target",

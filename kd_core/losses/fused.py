@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kd_core.losses.common import PerPosition, align_vocab, log_probs, masked_sum
-from kd_core.losses.gradients import closed_form
+from kd_core.losses.divergences import closed_form
 from kd_core.losses.sampled import sampled_kl_per_position
 from kd_core.losses.topk import topk_kl_per_position
 

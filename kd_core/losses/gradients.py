@@ -24,6 +24,7 @@ An entry where the student has no mass (p = 0: a −inf, padded logit) contribut
 any u, as in the 0·log 0 = 0 convention of the values. Mixtures are formed in probability space
 (one pass, where `log_mixture` works in log space for autograd's sake); they are used only where
 one side has mass, so this is exact to rounding. Everything is float32 for float32 log-probs.
+`divergences.py` pairs each with its per-position function (`DIVERGENCES`, `closed_form`).
 `tests/test_divergences.py` checks values and gradients against the per-position functions and
 autograd.
 """
@@ -31,16 +32,10 @@ autograd.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
-from kd_core.losses.common import PerPosition, masked_log_ratio
-from kd_core.losses.forward_kl import forward_kl_per_position
-from kd_core.losses.jsd import generalized_jsd_per_position
-from kd_core.losses.reverse_kl import reverse_kl_per_position
-from kd_core.losses.skew_kl import skew_forward_kl_per_position, skew_reverse_kl_per_position
-from kd_core.losses.total_variation import total_variation_per_position
+from kd_core.losses.common import masked_log_ratio
 
 ValueAndGradient = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 """(student log-probs (..., V), teacher log-probs (..., V), temperature) -> (D (...), ∂D/∂z (..., V))."""
@@ -118,22 +113,3 @@ def total_variation_value_and_grad(student_logprobs, teacher_logprobs, temperatu
     difference = student_probs - teacher_probs
     value = 0.5 * difference.abs().sum(-1)
     return value, _through_softmax(student_probs, 0.5 * student_probs * difference.sign(), temperature)
-
-
-CLOSED_FORMS: dict[Callable, ValueAndGradient] = {
-    forward_kl_per_position: forward_kl_value_and_grad,
-    reverse_kl_per_position: reverse_kl_value_and_grad,
-    generalized_jsd_per_position: generalized_jsd_value_and_grad,
-    skew_forward_kl_per_position: skew_forward_kl_value_and_grad,
-    skew_reverse_kl_per_position: skew_reverse_kl_value_and_grad,
-    total_variation_per_position: total_variation_value_and_grad,
-}
-
-
-def closed_form(per_position: PerPosition) -> ValueAndGradient | None:
-    """The value-and-gradient function of a per-position divergence (plain, or a `partial` with its
-    β / α), or None for one without a closed form here (autograd then takes its gradient)."""
-    if isinstance(per_position, partial):
-        found = CLOSED_FORMS.get(per_position.func)
-        return None if found is None or per_position.args else partial(found, **per_position.keywords)
-    return CLOSED_FORMS.get(per_position)

@@ -11,12 +11,13 @@
   "teacher_confidence"`: weight 1 − H_t / log V from the teacher's entropy, normalised to mean 1
   over valid positions, so confident teacher predictions count more).
 
-Teacher targets are cached top-k (`teacher_topk_logprobs`, `teacher_topk_ids`: forward KL via
-`topk_kl`), cached samples (`teacher_sample_ids`, `teacher_sample_counts`: `sampled_kl`) or full
-logits (`teacher_logits`: the configured `divergence`). With no targets,
-or w_kd = 0, it is plain cross-entropy: the no-teacher baseline and teacher training share it.
-With `feature_weight` w_f > 0, w_f · hidden-state distillation (`features.py`: mapped layer pairs,
-learned projections that train with the student) is added to the total.
+The teacher's targets come as one `TeacherTargets` (`targets.py`): cached top-k (`topk_logprobs`,
+`topk_ids`: forward KL via `topk_kl`), cached samples (`sample_ids`, `sample_counts`: `sampled_kl`)
+or full logits (`logits`: the configured `divergence`, from `divergences.py`), with `entropy` for
+the token weighting and `mask` for the positions that count. With no targets, or w_kd = 0, it is
+plain cross-entropy: the no-teacher baseline and teacher training share it. With `feature_weight`
+w_f > 0, w_f · hidden-state distillation (`features.py`: mapped layer pairs, learned projections
+that train with the student, against `targets.hidden`) is added to the total.
 Float32 throughout; masked positions never count; an all-masked batch gives 0.
 """
 
@@ -24,31 +25,22 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kd_core.losses.common import log_probs, masked_mean
+from kd_core.losses.divergences import divergence_named
 from kd_core.losses.features import HiddenStateDistillation
-from kd_core.losses.forward_kl import forward_kl_per_position
 from kd_core.losses.fused import FusedTerm, fused_lm_head_loss, fused_lm_head_terms
-from kd_core.losses.gradients import closed_form
-from kd_core.losses.jsd import generalized_jsd_per_position
-from kd_core.losses.reverse_kl import reverse_kl_per_position
 from kd_core.losses.sampled import sampled_kl_per_position
-from kd_core.losses.skew_kl import skew_forward_kl_per_position, skew_reverse_kl_per_position
+from kd_core.losses.targets import TeacherTargets
 from kd_core.losses.topk import topk_kl_per_position
-from kd_core.losses.total_variation import total_variation_per_position
 
-DIVERGENCES = {
-    "forward_kl": forward_kl_per_position,
-    "reverse_kl": reverse_kl_per_position,
-    "generalized_jsd": generalized_jsd_per_position,
-    "skew_forward_kl": skew_forward_kl_per_position,
-    "skew_reverse_kl": skew_reverse_kl_per_position,
-    "total_variation": total_variation_per_position,
-}
+if TYPE_CHECKING:  # kd_core.config imports the losses, never the other way round at import time
+    from kd_core.config import LossConfig
 
 
 def next_token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,6 +59,10 @@ def confidence_weights(teacher_entropy: torch.Tensor, vocab_size: int, mask: tor
 
 
 class DistillationObjective(nn.Module):
+    """The combined objective of the module docstring. Its keyword parameters are `LossConfig`'s
+    fields (`from_config` passes them one by one), plus the student's and the teacher's hidden
+    widths for the feature projections."""
+
     def __init__(
         self,
         ce_weight: float = 0.5,
@@ -86,16 +82,15 @@ class DistillationObjective(nn.Module):
         teacher_hidden_size: int | None = None,
     ):
         super().__init__()
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+        registered = divergence_named(divergence)
         if token_weighting not in ("none", "teacher_confidence"):
             raise ValueError(f"token_weighting must be 'none' or 'teacher_confidence', got {token_weighting!r}")
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
         self.kd_scale = temperature**2 if scale_by_temperature_squared else 1.0
         self.topk_tail, self.token_weighting = topk_tail, token_weighting
-        keyword = {"generalized_jsd": "beta", "skew_forward_kl": "alpha", "skew_reverse_kl": "alpha"}.get(divergence)
-        parameters = {keyword: divergence_parameter} if keyword and divergence_parameter is not None else {}
-        self.dense_divergence = partial(DIVERGENCES[divergence], **parameters)
+        parameters = registered.parameters(divergence_parameter)
+        self.dense_divergence = partial(registered.per_position, **parameters)
+        self.dense_closed_form = partial(registered.closed_form, **parameters)  # its value and gradient, for `fused`
         self.balance_terms, self.balance_momentum = balance_terms, balance_momentum
         self.register_buffer("running_magnitudes", torch.zeros(2))  # EMA of |CE|, |KD|; 0 = not started
         self.feature_weight = feature_weight
@@ -105,61 +100,76 @@ class DistillationObjective(nn.Module):
                 raise ValueError("feature_weight > 0 needs student_hidden_size and teacher_hidden_size for the projections")
             self.features = HiddenStateDistillation([tuple(pair) for pair in feature_layers], student_hidden_size, teacher_hidden_size, feature_kind)
 
+    @classmethod
+    def from_config(cls, loss: LossConfig, *, student_hidden_size: int | None, teacher_hidden_size: int | None) -> DistillationObjective:
+        """The objective `distill.loss` configures (its `fused` and `fused_chunk_size` choose how the
+        training step calls it: `forward` or `fused`)."""
+        return cls(
+            ce_weight=loss.ce_weight,
+            kd_weight=loss.kd_weight,
+            temperature=loss.temperature,
+            scale_by_temperature_squared=loss.scale_by_temperature_squared,
+            topk_tail=loss.topk_tail,
+            divergence=loss.divergence,
+            divergence_parameter=loss.divergence_parameter,
+            token_weighting=loss.token_weighting,
+            balance_terms=loss.balance_terms,
+            balance_momentum=loss.balance_momentum,
+            feature_weight=loss.feature_weight,
+            feature_layers=loss.feature_layers,
+            feature_kind=loss.feature_kind,
+            student_hidden_size=student_hidden_size,
+            teacher_hidden_size=teacher_hidden_size,
+        )
+
     def forward(
         self,
         student_logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        teacher_topk_logprobs: torch.Tensor | None = None,
-        teacher_topk_ids: torch.Tensor | None = None,
+        labels: torch.Tensor,
+        targets: TeacherTargets | None = None,
         *,
-        teacher_sample_ids: torch.Tensor | None = None,
-        teacher_sample_counts: torch.Tensor | None = None,
-        teacher_logits: torch.Tensor | None = None,
-        teacher_entropy: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
         student_hidden_states=None,
-        teacher_hidden_states=None,
     ) -> dict[str, torch.Tensor]:
-        """Returns {'loss': total, 'ce': ..., 'kd': ...} (kd only when teacher targets are given;
-        'feature' when `feature_weight` > 0, from the hidden states: sequences or mappings by layer)."""
-        terms = {"ce": next_token_cross_entropy(student_logits, input_ids, mask)}
-        has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
+        """Student logits (B, T, V) and the token ids (B, T) whose next token each position
+        predicts, against the teacher's `targets` (None: cross-entropy alone, every position).
+        Returns {'loss': total, 'ce': ..., 'kd': ...} (kd only when `targets` has token targets;
+        'feature' when `feature_weight` > 0, from `student_hidden_states`, a sequence by layer as
+        Hugging Face gives it, and `targets.hidden`)."""
+        targets = TeacherTargets() if targets is None else targets
+        mask = targets.mask
+        terms = {"ce": next_token_cross_entropy(student_logits, labels, mask)}
+        has_targets = targets.has_token_targets()
         if not has_targets or self.kd_weight == 0:
-            return self._add_features(self._without_kd(terms, has_targets), student_hidden_states, teacher_hidden_states, mask)
+            return self._add_features(self._without_kd(terms, has_targets), student_hidden_states, targets)
         per_position = self._kd_per_position(
-            student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_sample_ids, teacher_sample_counts, teacher_logits
+            student_logits, targets.topk_logprobs, targets.topk_ids, targets.sample_ids, targets.sample_counts, targets.logits
         )
-        weights = self._token_weights(teacher_entropy, student_logits.shape[-1], mask)
+        weights = self._token_weights(targets.entropy, student_logits.shape[-1], mask)
         terms["kd"] = masked_mean(per_position if weights is None else per_position * weights, mask)
-        return self._add_features(self._total(terms), student_hidden_states, teacher_hidden_states, mask)
+        return self._add_features(self._total(terms), student_hidden_states, targets)
 
     def fused(
         self,
         student_hidden: torch.Tensor,
         output_weight: torch.Tensor,
-        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        targets: TeacherTargets | None = None,
         *,
         chunk_size: int = 1024,
-        teacher_topk_logprobs: torch.Tensor | None = None,
-        teacher_topk_ids: torch.Tensor | None = None,
-        teacher_sample_ids: torch.Tensor | None = None,
-        teacher_sample_counts: torch.Tensor | None = None,
-        teacher_logits: torch.Tensor | None = None,
-        teacher_entropy: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
         student_hidden_states=None,
-        teacher_hidden_states=None,
     ) -> dict[str, torch.Tensor]:
         """`forward`'s terms from the student's final hidden states (B, T, H) and output weight
         (V, H), computed `chunk_size` positions at a time (`kd_core.losses.fused`): the student's
         (B·T, V) logits never exist at once. CE and KD share one pass over the logits (with
         `balance_terms`, one pass each); the returned `ce` and `kd` are values for logging, `loss`
         carries the gradient. Same values and gradients as `forward`."""
+        targets = TeacherTargets() if targets is None else targets
+        mask = targets.mask
         batch, length, width = student_hidden.shape
         hidden = student_hidden.reshape(batch * length, width)
         # CE: position t predicts token t+1 and counts when that token is valid; a row's last position has none.
-        next_tokens = input_ids.roll(-1, dims=1).reshape(-1)
-        has_next = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+        next_tokens = labels.roll(-1, dims=1).reshape(-1)
+        has_next = torch.zeros(batch, length, dtype=torch.bool, device=labels.device)
         has_next[:, :-1] = True if mask is None else mask[:, 1:]
 
         def ce_chunk(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -167,22 +177,22 @@ class DistillationObjective(nn.Module):
 
         def ce_value_and_grad(student_logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
             """CE = logsumexp(z) − z_y and ∂CE/∂z = softmax(z) − onehot(y), without autograd."""
-            targets = next_tokens[rows].unsqueeze(-1)
+            next_ids = next_tokens[rows].unsqueeze(-1)
             logprobs = torch.log_softmax(student_logits, -1)
-            return -logprobs.gather(-1, targets).squeeze(-1), logprobs.exp_().scatter_add_(-1, targets, -torch.ones_like(targets, dtype=logprobs.dtype))
+            return -logprobs.gather(-1, next_ids).squeeze(-1), logprobs.exp_().scatter_add_(-1, next_ids, -torch.ones_like(next_ids, dtype=logprobs.dtype))
 
         ce_chunk.value_and_grad = ce_value_and_grad
         ce = FusedTerm(ce_chunk, has_next.reshape(-1))
-        has_targets = any(t is not None for t in (teacher_topk_logprobs, teacher_sample_ids, teacher_logits))
+        has_targets = targets.has_token_targets()
         if not has_targets or self.kd_weight == 0:
             terms = {"ce": fused_lm_head_loss(hidden, output_weight, ce_chunk, mask=ce.mask, chunk_size=chunk_size)}
-            return self._add_features(self._without_kd(terms, has_targets), student_hidden_states, teacher_hidden_states, mask)
+            return self._add_features(self._without_kd(terms, has_targets), student_hidden_states, targets)
         flat = lambda values: None if values is None else values.reshape(batch * length, *values.shape[2:])  # noqa: E731
         topk_logprobs, topk_ids, sample_ids, sample_counts, dense = map(
-            flat, (teacher_topk_logprobs, teacher_topk_ids, teacher_sample_ids, teacher_sample_counts, teacher_logits)
+            flat, (targets.topk_logprobs, targets.topk_ids, targets.sample_ids, targets.sample_counts, targets.logits)
         )
         flat_mask = None if mask is None else mask.reshape(-1)
-        flat_entropy = None if teacher_entropy is None else teacher_entropy.reshape(-1)
+        flat_entropy = None if targets.entropy is None else targets.entropy.reshape(-1)
         weights = self._token_weights(flat_entropy, output_weight.shape[0], flat_mask)
 
         def kd_chunk(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -192,7 +202,7 @@ class DistillationObjective(nn.Module):
             )
             return per_position if weights is None else per_position * weights[rows]
 
-        closed = None if dense is None else closed_form(self.dense_divergence)
+        closed = None if dense is None else self.dense_closed_form
         if closed is not None:  # full teacher logits: the divergence's closed-form gradient, no autograd
 
             def kd_value_and_grad(student_logits: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,11 +215,11 @@ class DistillationObjective(nn.Module):
         if self.balance_terms:  # the balance needs both values first: one pass per term
             terms = {name: fused_lm_head_loss(hidden, output_weight, term.chunk_loss, mask=term.mask, chunk_size=chunk_size)
                      for name, term in (("ce", ce), ("kd", kd))}
-            return self._add_features(self._total(terms), student_hidden_states, teacher_hidden_states, mask)
+            return self._add_features(self._total(terms), student_hidden_states, targets)
         # Fixed weights: both terms from one pass over the logits (one set of LM-head matmuls).
         ce.weight, kd.weight = self.ce_weight, self.kd_weight * self.kd_scale
         total, terms = fused_lm_head_terms(hidden, output_weight, {"ce": ce, "kd": kd}, chunk_size=chunk_size)
-        return self._add_features(terms | {"loss": total}, student_hidden_states, teacher_hidden_states, mask)
+        return self._add_features(terms | {"loss": total}, student_hidden_states, targets)
 
     def _without_kd(self, terms: dict[str, torch.Tensor], has_targets: bool) -> dict[str, torch.Tensor]:
         """Cross-entropy alone: weighted when teacher targets were given but kd_weight is 0."""
@@ -221,15 +231,15 @@ class DistillationObjective(nn.Module):
         if self.token_weighting != "teacher_confidence":
             return None
         if teacher_entropy is None:
-            raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (the cache stores it)")
+            raise ValueError("token_weighting='teacher_confidence' needs teacher_entropy (targets.entropy; the cache stores it)")
         return confidence_weights(teacher_entropy, vocab_size, mask)
 
-    def _add_features(self, terms, student_hidden_states, teacher_hidden_states, mask) -> dict[str, torch.Tensor]:
+    def _add_features(self, terms, student_hidden_states, targets: TeacherTargets) -> dict[str, torch.Tensor]:
         if self.features is None:
             return terms
-        if student_hidden_states is None or teacher_hidden_states is None:
+        if student_hidden_states is None or not targets.hidden:
             raise ValueError("feature_weight > 0 needs student and teacher hidden states (cache.hidden_layers, or an online teacher)")
-        terms["feature"] = self.features(student_hidden_states, teacher_hidden_states, mask)
+        terms["feature"] = self.features(student_hidden_states, targets.hidden, targets.mask)
         terms["loss"] = terms["loss"] + self.feature_weight * terms["feature"]
         return terms
 

@@ -8,16 +8,23 @@
 
   computed with log-sigmoids (stable for large margins), averaged over valid pairs.
 - `bradley_terry`: the student's margin against human labels (a logistic loss on Δ).
-- `RewardObjective`: the weighted sum the reward distillation trains (`distill.reward`).
+- `RewardObjective`: the weighted sum the reward distillation trains (`distill.reward`), against
+  the teacher's rewards in a `TeacherTargets` (`chosen_rewards`, `rejected_rewards`).
 Shapes: (N,) score tensors and an optional (N,) bool mask. Float32; all-masked gives 0.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from kd_core.losses.common import masked_mean
+from kd_core.losses.targets import TeacherTargets
+
+if TYPE_CHECKING:  # kd_core.config imports the losses, never the other way round at import time
+    from kd_core.config import RewardLossConfig
 
 
 def reward_mse(student_scores, teacher_scores, mask=None) -> torch.Tensor:
@@ -55,8 +62,21 @@ class RewardObjective:
         self.weights = {"pointwise": pointwise_weight, "pairwise": pairwise_weight, "bt": bradley_terry_weight}
         self.temperature = temperature
 
-    def __call__(self, chosen, rejected, *, teacher_chosen=None, teacher_rejected=None, human_label=None) -> dict[str, torch.Tensor]:
+    @classmethod
+    def from_config(cls, reward: RewardLossConfig) -> RewardObjective:
+        """The objective `distill.reward` configures."""
+        return cls(
+            pointwise_weight=reward.pointwise_weight,
+            pairwise_weight=reward.pairwise_weight,
+            temperature=reward.temperature,
+            bradley_terry_weight=reward.bradley_terry_weight,
+        )
+
+    def __call__(self, chosen, rejected, targets: TeacherTargets | None = None, *, human_label=None) -> dict[str, torch.Tensor]:
+        """The student's rewards of each pair's chosen and rejected response (N,) each, against the
+        teacher's (`targets.chosen_rewards`, `targets.rejected_rewards`) and the human labels (N,)."""
         terms: dict[str, torch.Tensor] = {}
+        teacher_chosen, teacher_rejected = (None, None) if targets is None else (targets.chosen_rewards, targets.rejected_rewards)
         if teacher_chosen is not None and teacher_rejected is not None:
             if self.weights["pointwise"]:
                 terms["pointwise"] = 0.5 * (reward_mse(chosen, teacher_chosen) + reward_mse(rejected, teacher_rejected))

@@ -121,10 +121,8 @@ class CausalLM(Task):
             teacher_hidden_size = model_config.get("hidden_size", model_config.get("n_embd"))  # GPT-2 configs: n_embd
         else:
             teacher_hidden_size = (spec.cache_layout or {}).get("hidden_size") or None
-        return DistillationObjective(
-            **spec.objective.model_dump(exclude={"fused", "fused_chunk_size"}),
-            student_hidden_size=spec.architecture.hidden_size,
-            teacher_hidden_size=teacher_hidden_size,
+        return DistillationObjective.from_config(
+            spec.objective, student_hidden_size=spec.architecture.hidden_size, teacher_hidden_size=teacher_hidden_size
         )
 
     def batch_tokens(self, batch) -> int:

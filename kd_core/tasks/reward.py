@@ -95,7 +95,7 @@ class Reward(Task):
         if spec.objective is None:  # the teacher and the baseline: human labels alone
             objective = RewardObjective(pairwise_weight=0.0, bradley_terry_weight=1.0)
         else:
-            objective = RewardObjective(**spec.objective.model_dump())
+            objective = RewardObjective.from_config(spec.objective)
         return RewardStep(model, objective, multimodal=spec.role == "student", pad_id=spec.prep_details["pad_id"])
 
     def batch_tokens(self, batch) -> int:

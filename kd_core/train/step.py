@@ -23,9 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_core.losses import DistillationObjective
-
-HIDDEN_PREFIX = "teacher_hidden_"
+from kd_core.losses import DistillationObjective, TeacherTargets
 
 
 class StudentStep(nn.Module):
@@ -36,22 +34,18 @@ class StudentStep(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss terms of one batch. With `fused_chunk_size`, computed from the student's final
         hidden states chunk by chunk (`DistillationObjective.fused`), never from its full logits."""
-        targets = {name: v for name, v in batch.items() if name.startswith("teacher_") and not name.startswith(HIDDEN_PREFIX)}
-        features = {}
-        if self.objective.features is not None:
-            states = {int(name[len(HIDDEN_PREFIX) :]): v for name, v in batch.items() if name.startswith(HIDDEN_PREFIX)}
-            features = {"teacher_hidden_states": states}
+        targets = TeacherTargets.from_batch(batch)
+        features = self.objective.features is not None
         input_ids = batch["input_ids"]
         if self.fused_chunk_size:
             output = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
-            if features:
-                features["student_hidden_states"] = output.hidden_states
             weight = self.model.get_output_embeddings().weight
-            return self.objective.fused(output.hidden_states[-1], weight, input_ids, chunk_size=self.fused_chunk_size, **targets, **features)
-        output = self.model(input_ids=input_ids, output_hidden_states=bool(features))
-        if features:
-            features["student_hidden_states"] = output.hidden_states
-        return self.objective(output.logits, input_ids, **targets, **features)
+            return self.objective.fused(
+                output.hidden_states[-1], weight, input_ids, targets, chunk_size=self.fused_chunk_size,
+                student_hidden_states=output.hidden_states if features else None,
+            )
+        output = self.model(input_ids=input_ids, output_hidden_states=features)
+        return self.objective(output.logits, input_ids, targets, student_hidden_states=output.hidden_states if features else None)
 
 
 class RewardStep(nn.Module):
@@ -74,8 +68,7 @@ class RewardStep(nn.Module):
             rewards = self.model(input_ids=ids, attention_mask=(ids != self.pad_id).long()).logits[:, 0].float()
         chosen, rejected = rewards.chunk(2)
         return self.objective(
-            chosen, rejected, teacher_chosen=batch.get("teacher_chosen"), teacher_rejected=batch.get("teacher_rejected"),
-            human_label=batch["human_label"][:, 0] if "human_label" in batch else None,
+            chosen, rejected, TeacherTargets.from_batch(batch), human_label=batch["human_label"][:, 0] if "human_label" in batch else None
         )
 
 

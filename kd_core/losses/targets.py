@@ -1,0 +1,113 @@
+"""`TeacherTargets`: everything a student learns from its teacher, as one frozen value.
+
+A language-model student learns from one kind of token-level target per batch: the teacher's
+dense logits (an online teacher, or a `full` cache), its top-k ids and log-probs (a `topk`
+cache) or its sampled ids and counts (a `sampled` cache); the teacher's predictive entropy
+(every cache format) weights positions when `token_weighting` asks for it, and hidden states
+(`cache.hidden_layers`, or an online teacher's) feed feature distillation. A reward-model
+student learns from the teacher's scores of both responses of each preference pair.
+
+Fields (every one optional: None, or an empty `hidden`, when the batch does not carry it;
+B rows, T positions, V vocabulary entries, k top-k slots, n sample slots, H hidden width):
+
+- `logits` (`teacher_logits`): (B, T, V) float, the teacher's logits. A `full` cache gives its
+  log-probs times the cache temperature: logits up to a per-position constant.
+- `topk_ids` (`teacher_topk_ids`): (B, T, k) int32 (int64 works too), the teacher's k most
+  likely next tokens.
+- `topk_logprobs` (`teacher_topk_logprobs`): (B, T, k) float32, their log-probs at the cache
+  temperature. With a stored tail the cache decoder has already shifted them so that
+  Σ p + p_tail = 1: the tail mass is 1 − Σ exp(topk_logprobs), not a field of its own.
+- `sample_ids`, `sample_counts` (`teacher_sample_ids`, `teacher_sample_counts`): (B, T, n) int32,
+  the distinct ids drawn from the teacher and how often each was drawn (0: an unused slot).
+- `entropy` (`teacher_entropy`): (B, T) float32, the teacher's full predictive entropy (nats).
+- `hidden` (`teacher_hidden_<L>`): {L: (B, T, H)} float32 (an online teacher: its dtype), the
+  teacher's hidden state of layer L (a Hugging Face `hidden_states` index); {} when none.
+- `chosen_rewards`, `rejected_rewards` (`teacher_chosen`, `teacher_rejected`): (N,) float32, a
+  reward teacher's scores of each preference pair's chosen and rejected response.
+- `mask`: (B, T) bool, the positions that count (None: every one). No batch key: the training
+  stream's batches have none.
+
+The batch keys are those `kd_core.cache.format.CacheLayout.decode` yields and the training loop's
+online teacher writes; `from_batch` is the one place that maps them to fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+HIDDEN_PREFIX = "teacher_hidden_"
+"""Batch key prefix of a teacher hidden state: `teacher_hidden_<L>` for layer L."""
+
+BATCH_KEYS: dict[str, str] = {
+    "teacher_logits": "logits",
+    "teacher_topk_ids": "topk_ids",
+    "teacher_topk_logprobs": "topk_logprobs",
+    "teacher_sample_ids": "sample_ids",
+    "teacher_sample_counts": "sample_counts",
+    "teacher_entropy": "entropy",
+    "teacher_chosen": "chosen_rewards",
+    "teacher_rejected": "rejected_rewards",
+}
+"""Batch key -> `TeacherTargets` field, for every target key but the hidden states (`HIDDEN_PREFIX`)."""
+
+
+def hidden_key(layer: int) -> str:
+    """The batch key of the teacher's hidden state of `layer`."""
+    return f"{HIDDEN_PREFIX}{layer}"
+
+
+def batch_keys(hidden_layers: tuple[int, ...] | list[int] = ()) -> tuple[str, ...]:
+    """The batch keys `TeacherTargets.from_batch` reads: every fixed one, then one per hidden layer."""
+    return (*BATCH_KEYS, *(hidden_key(layer) for layer in hidden_layers))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TeacherTargets:
+    """What a student learns from its teacher (see the module docstring for each field's shape
+    and dtype). Frozen: build a new one (`dataclasses.replace`) rather than change one. Compared
+    by identity (tensors have no single truth value to compare by)."""
+
+    logits: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_counts: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    hidden: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    chosen_rewards: torch.Tensor | None = None
+    rejected_rewards: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def has_token_targets(self) -> bool:
+        """Whether there is a token-level distribution to distil: dense logits, top-k or samples."""
+        return self.logits is not None or self.topk_logprobs is not None or self.sample_ids is not None
+
+    def has_rewards(self) -> bool:
+        """Whether both reward scores of each preference pair are given."""
+        return self.chosen_rewards is not None and self.rejected_rewards is not None
+
+    def to(self, device: torch.device | str) -> TeacherTargets:
+        """The same targets with every tensor on `device`."""
+        moved = {name: value.to(device) for name in BATCH_KEYS.values() if (value := getattr(self, name)) is not None}
+        mask = None if self.mask is None else self.mask.to(device)
+        return dataclasses.replace(self, **moved, hidden={layer: state.to(device) for layer, state in self.hidden.items()}, mask=mask)
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, torch.Tensor]) -> TeacherTargets:
+        """The targets under a training batch's `teacher_*` keys (`BATCH_KEYS`, `teacher_hidden_<L>`);
+        its other keys (input ids, images, human labels) are not targets and are left alone. A
+        `teacher_*` key that is neither raises ValueError (a renamed column must not go unread)."""
+        fields, hidden = {}, {}
+        for name, value in batch.items():
+            if name in BATCH_KEYS:
+                fields[BATCH_KEYS[name]] = value
+            elif name.startswith(HIDDEN_PREFIX):
+                hidden[int(name[len(HIDDEN_PREFIX) :])] = value
+            elif name.startswith("teacher_"):
+                raise ValueError(f"batch key {name!r} is not a teacher target; known: {', '.join(batch_keys())}, {HIDDEN_PREFIX}<layer>")
+        return cls(**fields, hidden=hidden)
+
