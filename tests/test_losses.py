@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from kd_core.config import ConfigError, LossConfig, RewardLossConfig, validate_config
+from kd_core.config import ConfigError, LossConfig, RewardLossConfig
+from kd_core.job import validate_config
 from kd_core.losses import (
     DIVERGENCES,
     DistillationObjective,
