@@ -58,11 +58,12 @@ from kd_core.stages.prep import prep  # noqa: E402
 from kd_core.data.shards import encode_arrow, load_split  # noqa: E402
 from kd_core.data.stream import TrainingStream, collate  # noqa: E402
 from kd_core.devtools import loopback_s3, tensor_bytes  # noqa: E402
-from kd_core.losses import DistillationObjective  # noqa: E402
+from kd_core.losses import DistillationObjective, TeacherTargets  # noqa: E402
 from kd_core.models import build_causal_lm, load_causal_lm  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.loop import make_optimizer  # noqa: E402
-from kd_core.train.step import PlainRunner, StudentStep  # noqa: E402
+from kd_core.tasks.causal_lm_step import CausalLMStep  # noqa: E402
+from kd_core.train.step import PlainRunner  # noqa: E402
 from kd_core.stages.teacher import teacher  # noqa: E402
 from kd_core.models.teacher import teacher_model_dir  # noqa: E402
 
@@ -153,15 +154,16 @@ def trainer_consumption(config, layout: CacheLayout, decoded: dict, tokens: np.n
     """Tokens/s of distillation steps of the job's student on this machine (data already in memory)."""
     model = build_causal_lm(config.student.architecture, config.data.vocab_size, layout.seq_len, seed=0)
     objective = DistillationObjective.from_config(config.distill.loss, student_hidden_size=None, teacher_hidden_size=None)
-    module = StudentStep(model, objective)
+    module = CausalLMStep(model, objective)
     runner = PlainRunner(module, *make_optimizer(module, config.distill.train), grad_clip=1.0)
     size = config.distill.train.batch_size
     batch = {"input_ids": torch.from_numpy(tokens[:size].astype(np.int64))}
     batch |= {name: torch.from_numpy(values[:size]) for name, values in decoded.items()}
-    runner.step([batch])  # warm-up
+    micro_batch = (batch, TeacherTargets.from_batch(batch))
+    runner.step([micro_batch])  # warm-up
     started = time.perf_counter()
     for _ in range(steps):
-        runner.step([batch])
+        runner.step([micro_batch])
     return steps * batch["input_ids"].numel() / (time.perf_counter() - started)
 
 

@@ -32,12 +32,12 @@ from kd_core.cache import cache_shards  # noqa: E402
 from kd_core.job import load_config  # noqa: E402
 from kd_core.data.shards import decode_arrow, read_verified  # noqa: E402
 from kd_core.eval.reward import load_pairs, score_pairs  # noqa: E402
-from kd_core.losses import RewardObjective  # noqa: E402
+from kd_core.losses import RewardObjective, TeacherTargets  # noqa: E402
 from kd_core.models.reward import build_multimodal_reward_model, load_reward_model  # noqa: E402
 from kd_core.pipeline import cache_steps, prep_step  # noqa: E402
 from kd_core.storage import Store  # noqa: E402
 from kd_core.train.loop import make_optimizer  # noqa: E402
-from kd_core.train.step import RewardStep  # noqa: E402
+from kd_core.tasks.reward_step import RewardStep  # noqa: E402
 from kd_core.models.teacher import teacher_model_dir  # noqa: E402
 
 FUSIONS = ("late", "prefix")
@@ -93,7 +93,7 @@ def train_and_score(config, prep, train, val, teacher_prefers, fusion, steps, ev
         rows = rng.integers(0, len(train["pixels"]), batch_size)
         batch = {name: torch.from_numpy(values[rows]) for name, values in train.items() if not name.startswith("text_")}
         batch = {name: value.long() if name.endswith("_ids") else value for name, value in batch.items()}
-        terms = step_module(batch)
+        terms = step_module(batch, TeacherTargets.from_batch(batch))
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(step_module.parameters(), config.distill.train.grad_clip or float("inf"))

@@ -37,14 +37,14 @@ TRAIN = TrainConfig(batch_size=2, learning_rate=0.1, warmup_steps=3, max_steps=1
 
 
 class Regression(nn.Module):
-    """A real module with the runners' contract: forward(batch) returns the loss terms."""
+    """A real module with the runners' contract: forward(batch, targets) returns the loss terms."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.linear = nn.Linear(4, 1)
 
-    def forward(self, batch):
+    def forward(self, batch, targets):
         return {"loss": ((self.linear(batch["x"]) - batch["y"]) ** 2).mean()}
 
 
@@ -76,14 +76,14 @@ def test_a_non_finite_step_changes_nothing(kind):
     Adam moment or step count, and not the learning-rate schedule."""
     reference, poisoned = make_runner(kind), make_runner(kind)
     for step in (batch(1), batch(2)):
-        reference_terms = reference.step([step])
-    first = poisoned.step([batch(1)])
+        reference_terms = reference.step([(step, None)])
+    first = poisoned.step([(batch(1), None)])
     before = weights(poisoned)
-    skipped = poisoned.step([batch(9, poisoned=True)])
+    skipped = poisoned.step([(batch(9, poisoned=True), None)])
     assert first["nonfinite"] == 0.0 and skipped["nonfinite"] == 1.0 and math.isnan(skipped["loss"])
     assert all(torch.equal(a, b) for a, b in zip(before, weights(poisoned)))
     assert skipped["lr"] == first["lr"]  # the schedule waited
-    last = poisoned.step([batch(2)])
+    last = poisoned.step([(batch(2), None)])
     assert last["nonfinite"] == 0.0 and last["lr"] == reference_terms["lr"]
     assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(poisoned)))
     assert not all(torch.equal(a, b) for a, b in zip(before, weights(poisoned)))

@@ -78,20 +78,13 @@ class CausalLMTeacher:
     def batch_targets(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
         """`CacheLayout.position_targets` of every position of a batch (rows, T), in row order, and
         the cached hidden layers (rows, T, H)."""
-        wants_hidden = bool(self.layout.hidden_layers)
-        if self.output_layer is not None:
-            output = self.model.base_model(input_ids=batch, output_hidden_states=wants_hidden, use_cache=False)
-            final_hidden = output.last_hidden_state.flatten(0, 1)
-            logits_of = lambda positions: self.output_layer(final_hidden[positions])  # noqa: E731
-        else:
-            output = self.model(input_ids=batch, output_hidden_states=wants_hidden, use_cache=False)
-            logits_of = lambda positions: output.logits.flatten(0, 1)[positions]  # noqa: E731
+        forward = teacher_forward(self.model, batch, self.layout.hidden_layers, self.output_layer)
         chunks = [
-            self.chunk_targets(logits_of(slice(start, start + self.positions_per_chunk)), generator)
+            self.chunk_targets(forward.logits(slice(start, start + self.positions_per_chunk)), generator)
             for start in range(0, batch.numel(), self.positions_per_chunk)
         ]
         targets = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
-        return targets, {layer: output.hidden_states[layer] for layer in self.layout.hidden_layers}
+        return targets, forward.hidden
 
     def chunk_targets(self, logits: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One chunk's targets from its logits (n, V') in the model's dtype; a padded output layer's
@@ -99,6 +92,38 @@ class CausalLMTeacher:
         teacher_logprobs = torch.log_softmax(logits[..., : self.layout.vocab_size].float() / self.layout.temperature, dim=-1)
         del logits  # the chunk's last reference: freed before the targets' temporaries are made
         return self.layout.position_targets(teacher_logprobs, generator)
+
+
+class TeacherForward:
+    """A teacher's forward pass over a batch of token rows (rows, T): its logits at any flattened
+    positions, and the hidden states asked for (layer -> (rows, T, H))."""
+
+    def __init__(self, final_hidden: torch.Tensor | None, whole_logits: torch.Tensor | None, output_layer, hidden: dict[int, torch.Tensor]):
+        self.final_hidden, self.whole_logits, self.output_layer, self.hidden = final_hidden, whole_logits, output_layer, hidden
+
+    def logits(self, positions: slice) -> torch.Tensor:
+        """(n, V') logits of the flattened positions, in the model's dtype: the output layer applied
+        to just these positions' final hidden states, or cut from the whole forward's logits."""
+        if self.output_layer is not None:
+            return self.output_layer(self.final_hidden[positions])
+        return self.whole_logits.flatten(0, 1)[positions]
+
+
+def teacher_forward(model, batch: torch.Tensor, hidden_layers, output_layer=None) -> TeacherForward:
+    """The teacher's forward pass, shared by the cache stage (`CausalLMTeacher`) and the online
+    teacher (`kd_core.train.targets.OnlineTargets`). With `output_layer` (see
+    `separable_output_layer`) the model's body runs once and the output layer later, on the
+    positions asked for; without it the whole forward pass gives every position's logits. Call it
+    under `torch.no_grad()`."""
+    wants_hidden = bool(hidden_layers)
+    if output_layer is not None:
+        output = model.base_model(input_ids=batch, output_hidden_states=wants_hidden, use_cache=False)
+        forward = TeacherForward(output.last_hidden_state.flatten(0, 1), None, output_layer, {})
+    else:
+        output = model(input_ids=batch, output_hidden_states=wants_hidden, use_cache=False)
+        forward = TeacherForward(None, output.logits, None, {})
+    forward.hidden = {layer: output.hidden_states[layer] for layer in hidden_layers}
+    return forward
 
 
 @torch.no_grad()

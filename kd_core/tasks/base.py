@@ -88,6 +88,10 @@ class Task:
         loss terms (`loss` carries the gradient)."""
         raise NotImplementedError
 
+    def online_teacher_layers(self, objective) -> list[int]:
+        """The teacher hidden layers an online teacher hands the objective (feature distillation)."""
+        return []
+
     def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Text tokens a role's model reads in a batch (for tokens/s)."""
         raise NotImplementedError

@@ -23,13 +23,11 @@ from typing import TYPE_CHECKING
 from kd_core.tasks.base import Task
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from rich.table import Table
 
     from kd_core.cache.format import CacheLayout
     from kd_core.losses import DistillationObjective
-    from kd_core.models.inference import CausalLMTeacher
 
 
 class CausalLM(Task):
@@ -102,10 +100,10 @@ class CausalLM(Task):
         )
 
     def make_step(self, spec, model, store) -> torch.nn.Module:
-        from kd_core.train.step import StudentStep
+        from kd_core.tasks.causal_lm_step import CausalLMStep
 
         loss = spec.objective
-        return StudentStep(model, self.make_objective(spec, store), loss.fused_chunk_size if loss and loss.fused else None)
+        return CausalLMStep(model, self.make_objective(spec, store), loss.fused_chunk_size if loss and loss.fused else None)
 
     def make_objective(self, spec, store) -> DistillationObjective:
         """The configured objective; cross-entropy alone when the spec has no objective (teacher,
@@ -125,12 +123,17 @@ class CausalLM(Task):
             spec.objective, student_hidden_size=spec.architecture.hidden_size, teacher_hidden_size=teacher_hidden_size
         )
 
+    def online_teacher_layers(self, objective) -> list[int]:
+        return sorted({layer for _, layer in objective.feature_layers}) if objective is not None and objective.feature_weight > 0 else []
+
     def batch_tokens(self, batch) -> int:
         return batch["input_ids"].numel()
 
     def validation_loss(self, model, rows, batch_size, spec, device) -> float:
         import numpy as np
         import torch
+
+        from kd_core.tasks.causal_lm_step import next_token_loss
 
         return next_token_loss(model, torch.from_numpy(rows["input_ids"].astype(np.int64)), batch_size, device)
 
@@ -166,6 +169,7 @@ class CausalLM(Task):
     def load_cache_teacher(self, model_dir, device, layout, prep_details, positions_per_chunk=None):
         from kd_core.models import load_causal_lm
         from kd_core.models.inference import CausalLMTeacher, teacher_dtype
+        from kd_core.tasks.causal_lm_step import CachedLMTargets
 
         model = load_causal_lm(model_dir, dtype=teacher_dtype(device)).to(device).eval()
         return CachedLMTargets(CausalLMTeacher(model, layout, positions_per_chunk), device)
@@ -233,29 +237,3 @@ class CausalLM(Task):
 
     def best_trial_metrics(self, val_loss: float) -> dict[str, float]:
         return {"best_val_perplexity": math.exp(val_loss)}
-
-
-class CachedLMTargets:
-    """The cache's view of a language-model teacher: a token shard's cache columns."""
-
-    def __init__(self, teacher: CausalLMTeacher, device: str):
-        self.teacher, self.device = teacher, device
-
-    def columns(self, shard: dict[str, np.ndarray], batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        import torch
-
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        return self.teacher.columns(shard["input_ids"], batch_size, generator)
-
-
-def next_token_loss(model, rows: torch.Tensor, batch_size: int, device) -> float:
-    """A causal LM's mean next-token cross-entropy (nats/token, float32) over `rows`."""
-    import torch
-
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        ids = rows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids).logits.float()[:, :-1].flatten(0, 1)
-        total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return total / count

@@ -90,7 +90,7 @@ class Reward(Task):
 
     def make_step(self, spec, model, store):
         from kd_core.losses import RewardObjective
-        from kd_core.train.step import RewardStep
+        from kd_core.tasks.reward_step import RewardStep
 
         if spec.objective is None:  # the teacher and the baseline: human labels alone
             objective = RewardObjective(pairwise_weight=0.0, bradley_terry_weight=1.0)
@@ -106,17 +106,9 @@ class Reward(Task):
         return True  # the teacher's rewards of the validation pairs
 
     def validation_loss(self, model, rows, batch_size, spec, device) -> float:
-        """The student's mean preference KL to the teacher (nats/pair, T = 1) over the validation
-        pairs, which carry the teacher's rewards (`teacher_chosen`, `teacher_rejected`)."""
-        import numpy as np
-        import torch
+        from kd_core.tasks.reward_step import preference_kl_to_teacher
 
-        from kd_core.eval.reward import score_pairs
-        from kd_core.losses.reward import preference_kl
-
-        student = score_pairs(model, rows, batch_size, spec.prep_details["pad_id"], device, text_view=False)
-        rewards = (student["chosen"], student["rejected"], rows["teacher_chosen"][:, 0], rows["teacher_rejected"][:, 0])
-        return float(preference_kl(*(torch.from_numpy(np.ascontiguousarray(values)) for values in rewards)))
+        return preference_kl_to_teacher(model, rows, batch_size, spec.prep_details["pad_id"], device)
 
     # ------------------------------------------------------------------------ teacher outputs
     def cache_splits(self) -> tuple[str, ...]:
@@ -131,6 +123,7 @@ class Reward(Task):
 
     def load_cache_teacher(self, model_dir, device, layout, prep_details, positions_per_chunk=None):
         from kd_core.models.reward import load_reward_model
+        from kd_core.tasks.reward_step import CachedRewards
 
         return CachedRewards(load_reward_model(model_dir).to(device).eval(), device, prep_details["pad_id"])
 
@@ -201,28 +194,3 @@ class Reward(Task):
             verdict = "beats" if gain > 0 else "does not beat"
             table.caption = f"the distilled student {verdict} the human-labels-only model by {gain * 100:+.1f} points of accuracy vs human labels"
         return table
-
-
-class CachedRewards:
-    """The cache's view of a reward teacher: its scores of both responses of every pair of a shard,
-    from the text view."""
-
-    def __init__(self, model, device: str, pad_id: int):
-        self.model, self.device, self.pad_id = model, device, pad_id
-
-    def columns(self, shard, batch_size: int, seed: int):
-        """`teacher_chosen`, `teacher_rejected`: (rows, 1) float32 (no draws: `seed` is unused)."""
-        import numpy as np
-        import torch
-
-        from kd_core.models.reward import text_rewards
-        from kd_core.train.step import trim_padding
-
-        scores: dict[str, list] = {"teacher_chosen": [], "teacher_rejected": []}
-        with torch.no_grad():
-            for start in range(0, len(shard["text_chosen_ids"]), batch_size):
-                for name, column in (("teacher_chosen", "text_chosen_ids"), ("teacher_rejected", "text_rejected_ids")):
-                    ids = torch.as_tensor(shard[column][start : start + batch_size], dtype=torch.long, device=self.device)
-                    ids = trim_padding(ids, self.pad_id)
-                    scores[name].append(text_rewards(self.model, ids, self.pad_id).cpu().numpy())
-        return {name: np.concatenate(parts).astype(np.float32).reshape(-1, 1) for name, parts in scores.items()}

@@ -34,7 +34,7 @@ from torch import nn
 from kd_core.config import DeepSpeedConfig, TrainConfig
 from kd_core.devtools import free_port
 from kd_core.train.checkpoints import CheckpointError, weights_only_checkpoint_engine_class
-from kd_core.train.step import all_ranks_finite
+from kd_core.train.step import MicroBatch, all_ranks_finite
 
 CHECKPOINT_FOLDER, CHECKPOINT_TAG = "deepspeed", "state"
 
@@ -96,7 +96,7 @@ class DeepSpeedRunner:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
         """One optimizer step over `micro_batches`; a step whose gradients are not finite is
         skipped. DeepSpeed's own optimizers (ZeRO 1–3; bf16, whose `check_grad_overflow` is on
         by default) check the gradients themselves and skip the update and the schedule; with a
@@ -104,8 +104,8 @@ class DeepSpeedRunner:
         sums: dict[str, float] = {}
         losses = []
         unclipped_norm = checked_finite = None
-        for index, batch in enumerate(micro_batches):
-            terms = self.engine(batch)
+        for index, (batch, targets) in enumerate(micro_batches):
+            terms = self.engine(batch, targets)
             self.engine.backward(terms["loss"])
             losses.append(terms["loss"].detach())
             for name, value in terms.items():

@@ -8,8 +8,9 @@ Data streams from the shards through `kd_core.data.stream.TrainingStream` (token
 aligned teacher-cache targets when distilling), split across ranks and DataLoader workers without
 overlap, shuffled through a seeded buffer: the batches are a pure function of the seed, the world
 size and the number of data workers. Each rank takes `batch_size / world_size` rows per step.
-With `online_teacher` set, the teacher runs on every batch instead of a
-cache and its full logits are the target (in its own DeepSpeed engine beside a DeepSpeed student).
+Each batch's teacher targets come from the run's `TargetSource` (`kd_core/train/targets.py`: the
+cache's, decoded with the batch; an online teacher run on the batch; or none), asked once per
+micro-batch (`targets = source(batch, student)`) and handed to the step with the batch.
 Every `checkpoint_every` steps each rank writes its part of a checkpoint, and a run resumes from
 the latest one (`kd_core/train/checkpoints.py`): the stream continues from the saved position of
 each of the rank's consumers (`TrackedBatches`), reading back only what its shuffle buffers held.
@@ -42,9 +43,8 @@ from kd_core.config import TrainConfig
 from kd_core.data.shards import read_columns
 from kd_core.data.stream import TrackedBatches, TrainingStream, as_served
 from kd_core.errors import TrainingDiverged
-from kd_core.manifest import HISTORY_NAME, Manifest, ManifestError
-from kd_core.models import count_parameters, load_causal_lm, local_copy, save_model_dir, temporary_dir
-from kd_core.models.teacher import teacher_model_dir
+from kd_core.manifest import HISTORY_NAME, ManifestError
+from kd_core.models import count_parameters, local_copy, save_model_dir, temporary_dir
 from kd_core.progress import say
 from kd_core.storage import FileRecord, Store
 from kd_core.train.checkpoints import (
@@ -56,9 +56,10 @@ from kd_core.train.checkpoints import (
     save_rank_state,
     save_stream_positions,
 )
-from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine, deepspeed_config
+from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
 from kd_core.train.spec import TrainSpec
 from kd_core.train.step import PlainRunner, unwrap
+from kd_core.train.targets import TargetSource, target_source
 from kd_core.train.tracking import MlflowLogger
 
 RUN_STATE_NAME = "run.json"
@@ -175,8 +176,7 @@ def train_worker(
         optimizer, schedule = make_optimizer(module, spec.train)
         runner = PlainRunner(module, optimizer, schedule, spec.train.grad_clip)
     device = runner.device if spec.deepspeed else next(module.parameters()).device
-    online_teacher = _load_teacher(store, spec.online_teacher, runner, device) if spec.online_teacher else None
-    teacher_layers = sorted({layer for _, layer in spec.objective.feature_layers}) if getattr(spec.objective, "feature_weight", 0) > 0 else []
+    source = target_source(spec, store, runner, device)
     run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress, on_validation=on_validation)
     # --- resume: restore the latest checkpoint, and the stream's positions in it
     with checkpoints.latest() as folder:
@@ -190,14 +190,14 @@ def train_worker(
         run.logger = MlflowLogger(spec.tracking)
         run.logger.start(resume_run_id=run.mlflow_run_id)
     try:
-        result = run.train_steps(batches, online_teacher, teacher_layers)
+        result = run.train_steps(batches, source)
     except BaseException:
         if run.logger is not None:
             run.logger.end("FAILED")
         raise
     result |= {"parameters": parameters, "train_seconds": time.perf_counter() - started, "resumed_from_step": run.start_step}
     if spec.deepspeed:  # how ZeRO spread the student and the online teacher over the ranks (collective)
-        result["parameters_per_rank"] = runner.parameters_per_rank(online_teacher)
+        result["parameters_per_rank"] = runner.parameters_per_rank(source.teacher)
     if run.logger is not None:
         run.logger.end()
         result["mlflow_run_id"] = run.logger.run_id
@@ -234,25 +234,21 @@ class WorkerRun:
     validation_rows: dict[str, np.ndarray] | None = field(default=None, repr=False)
     """The validation rows' columns (and, for a reward student, the teacher's rewards), read once."""
 
-    def train_steps(self, batches: TrackedBatches, online_teacher, teacher_layers) -> dict:
+    def train_steps(self, batches: TrackedBatches, source: TargetSource) -> dict:
         """The optimizer steps from `start_step`, `accumulation` micro-batches each; returns rank
         0's last log record."""
         spec, train = self.spec, self.spec.train
         started, tokens_seen = time.perf_counter(), 0
         module = self.runner.engine.module if spec.deepspeed else self.runner.module
         module.train()
+        student = unwrap(module).model
         nonfinite = NonFiniteSteps(train.max_nonfinite_steps, spec.output_folder, self.rank)
         # --- train steps
         for step in range(self.start_step, train.max_steps):
             micro_batches = []
             for _ in range(self.accumulation):
                 batch = {name: tensor.to(self.device) for name, tensor in next(batches).items()}
-                if online_teacher is not None:
-                    with torch.no_grad():
-                        output = online_teacher(input_ids=batch["input_ids"], output_hidden_states=bool(teacher_layers))
-                    batch["teacher_logits"] = output.logits[..., : spec.vocab_size]  # drop a padded output layer's extra entries
-                    batch.update({f"teacher_hidden_{layer}": output.hidden_states[layer] for layer in teacher_layers})
-                micro_batches.append(batch)
+                micro_batches.append((batch, source(batch, student)))
                 tokens_seen += spec.task.batch_tokens(batch) * self.world_size
             terms = self.runner.step(micro_batches)
             done = step + 1
@@ -377,16 +373,6 @@ def _mean_across_ranks(terms: dict[str, float], device) -> dict[str, float]:
     torch.distributed.all_reduce(values)
     values /= torch.distributed.get_world_size()
     return {**terms, **dict(zip(names, values.tolist()))}
-
-
-def _load_teacher(store: Store, teacher: Manifest, runner, device):
-    """The frozen online teacher: in its own DeepSpeed engine beside a DeepSpeed student
-    (partitioned when the student is ZeRO-3), else a replica on the student's device."""
-    model_dir = teacher_model_dir(store, teacher)
-    if isinstance(runner, DeepSpeedRunner):
-        return TeacherEngine(model_dir, runner.config)
-    model = load_causal_lm(model_dir).to(device).eval()
-    return model.requires_grad_(False)
 
 
 def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict], deepspeed_json: dict | None = None) -> list[FileRecord]:

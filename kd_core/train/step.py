@@ -1,12 +1,15 @@
 """One optimizer step of the training loop, with or without DeepSpeed.
 
-- `StudentStep` is the trained module: the student plus the objective (whose feature projections,
-  if any, train with it). `forward(batch)` returns the loss terms, so DDP and DeepSpeed wrap the
-  whole computation and every trained parameter is theirs to synchronise.
-- `PlainRunner` steps a (DDP-wrapped or bare) `StudentStep` with a torch optimizer.
+The trained module is the task's step (`Task.make_step`: the model plus its objective, whose
+feature projections, if any, train with it; it holds the model as `.model`). `forward(batch,
+targets)` returns the loss terms, so DDP and DeepSpeed wrap the whole computation and every
+trained parameter is theirs to synchronise; `targets` is what the loop's `TargetSource` gave for
+the batch (`kd_core/train/targets.py`), or None.
+
+- `PlainRunner` steps a (DDP-wrapped or bare) step module with a torch optimizer.
 - `DeepSpeedRunner` steps a DeepSpeed engine built around it (`kd_core/train/deepspeed_engine.py`).
 
-Both take the micro-batches of one optimizer step and return the logged floats: each loss term
+Both take the micro-batches of one optimizer step, each a (batch, targets) pair, and return the logged floats: each loss term
 averaged over the micro-batches, the learning rate, the gradient norm (before clipping) and
 `nonfinite`: 1.0 when a micro-batch's loss or the gradient norm was NaN or infinite on any rank, in
 which case the update was skipped (weights, optimizer state and schedule unchanged; every rank
@@ -23,53 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_core.losses import DistillationObjective, TeacherTargets
+from kd_core.losses import TeacherTargets
 
-
-class StudentStep(nn.Module):
-    def __init__(self, model: nn.Module, objective: DistillationObjective, fused_chunk_size: int | None = None):
-        super().__init__()
-        self.model, self.objective, self.fused_chunk_size = model, objective, fused_chunk_size
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss terms of one batch. With `fused_chunk_size`, computed from the student's final
-        hidden states chunk by chunk (`DistillationObjective.fused`), never from its full logits."""
-        targets = TeacherTargets.from_batch(batch)
-        features = self.objective.features is not None
-        input_ids = batch["input_ids"]
-        if self.fused_chunk_size:
-            output = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
-            weight = self.model.get_output_embeddings().weight
-            return self.objective.fused(
-                output.hidden_states[-1], weight, input_ids, targets, chunk_size=self.fused_chunk_size,
-                student_hidden_states=output.hidden_states if features else None,
-            )
-        output = self.model(input_ids=input_ids, output_hidden_states=features)
-        return self.objective(output.logits, input_ids, targets, student_hidden_states=output.hidden_states if features else None)
-
-
-class RewardStep(nn.Module):
-    """A reward model and its objective: scores both responses of every pair in one forward pass
-    (chosen rows first, then rejected) and returns the `RewardObjective` terms. A multimodal model
-    reads the student view (`chosen_ids`, `rejected_ids`, `pixels`); a text model the teacher view
-    (`text_chosen_ids`, `text_rejected_ids`). Teacher rewards (`teacher_chosen`,
-    `teacher_rejected`, from the cache) and `human_label` are the targets when present."""
-
-    def __init__(self, model: nn.Module, objective, *, multimodal: bool, pad_id: int):
-        super().__init__()
-        self.model, self.objective, self.multimodal, self.pad_id = model, objective, multimodal, pad_id
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        view = "" if self.multimodal else "text_"
-        ids = trim_padding(torch.cat([batch[f"{view}chosen_ids"], batch[f"{view}rejected_ids"]]), self.pad_id)
-        if self.multimodal:
-            rewards = self.model(input_ids=ids, pixel_values=torch.cat([batch["pixels"], batch["pixels"]]))
-        else:
-            rewards = self.model(input_ids=ids, attention_mask=(ids != self.pad_id).long()).logits[:, 0].float()
-        chosen, rejected = rewards.chunk(2)
-        return self.objective(
-            chosen, rejected, TeacherTargets.from_batch(batch), human_label=batch["human_label"][:, 0] if "human_label" in batch else None
-        )
+MicroBatch = tuple[dict[str, torch.Tensor], TeacherTargets | None]
+"""A batch and its teacher targets (None: the model learns from the data alone)."""
 
 
 def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -90,20 +50,20 @@ def all_ranks_finite(values: list[torch.Tensor]) -> bool:
     return bool(finite)
 
 
-def unwrap(module: nn.Module) -> StudentStep:
-    """The `StudentStep` inside a DDP wrapper (or the module itself)."""
+def unwrap(module: nn.Module) -> nn.Module:
+    """The step module inside a DDP wrapper (or the module itself)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 class PlainRunner:
-    """AdamW + schedule on a bare or DDP-wrapped `StudentStep`; one micro-batch per step."""
+    """AdamW + schedule on a bare or DDP-wrapped step module; one micro-batch per step."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, schedule, grad_clip: float | None):
         self.module, self.optimizer, self.schedule, self.grad_clip = module, optimizer, schedule, grad_clip
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        (batch,) = micro_batches
-        terms = self.module(batch)
+    def step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        ((batch, targets),) = micro_batches
+        terms = self.module(batch, targets)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]

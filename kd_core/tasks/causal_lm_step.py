@@ -1,0 +1,62 @@
+"""The torch side of the causal_lm task (kd_core/tasks/causal_lm.py imports it when it trains,
+caches or validates, so that loading a job does not wait for torch).
+
+- `CausalLMStep`: the trained module of a language model: the model and its
+  `DistillationObjective`; `forward(batch, targets)` returns the loss terms.
+- `CachedLMTargets`: a language-model teacher as the cache stage runs it over a token shard.
+- `next_token_loss`: a student's validation loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from kd_core.losses import DistillationObjective, TeacherTargets
+from kd_core.models.inference import CausalLMTeacher
+
+
+class CausalLMStep(nn.Module):
+    def __init__(self, model: nn.Module, objective: DistillationObjective, fused_chunk_size: int | None = None):
+        super().__init__()
+        self.model, self.objective, self.fused_chunk_size = model, objective, fused_chunk_size
+
+    def forward(self, batch: dict[str, torch.Tensor], targets: TeacherTargets | None) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch of token rows (`input_ids`, the labels too). With
+        `fused_chunk_size`, computed from the student's final hidden states chunk by chunk
+        (`DistillationObjective.fused`), never from its full logits."""
+        features = self.objective.features is not None
+        input_ids = batch["input_ids"]
+        if self.fused_chunk_size:
+            output = self.model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
+            weight = self.model.get_output_embeddings().weight
+            return self.objective.fused(
+                output.hidden_states[-1], weight, input_ids, targets, chunk_size=self.fused_chunk_size,
+                student_hidden_states=output.hidden_states if features else None,
+            )
+        output = self.model(input_ids=input_ids, output_hidden_states=features)
+        return self.objective(output.logits, input_ids, targets, student_hidden_states=output.hidden_states if features else None)
+
+
+class CachedLMTargets:
+    """The cache's view of a language-model teacher: a token shard's cache columns."""
+
+    def __init__(self, teacher: CausalLMTeacher, device: str):
+        self.teacher, self.device = teacher, device
+
+    def columns(self, shard: dict[str, np.ndarray], batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        """`seed` seeds the draws of a sampled cache (on the teacher's device)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return self.teacher.columns(shard["input_ids"], batch_size, generator)
+
+
+def next_token_loss(model, rows: torch.Tensor, batch_size: int, device) -> float:
+    """A causal LM's mean next-token cross-entropy (nats/token, float32) over `rows`."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids = rows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids).logits.float()[:, :-1].flatten(0, 1)
+        total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total / count
