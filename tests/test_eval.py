@@ -73,7 +73,7 @@ def test_inference_speed_times_the_forward_pass(models_and_rows):
 def test_the_report_is_one_self_contained_page_with_the_verdict_gates_and_plots(models_and_rows):
     import re
 
-    from kd_core.eval.report import report_html
+    from kd_core.tasks import task_named
 
     teacher, student, rows = models_and_rows
     metrics = {"split": "test", "rows": len(rows), "tokens": rows.numel(), "device": "CPU"}
@@ -83,7 +83,8 @@ def test_the_report_is_one_self_contained_page_with_the_verdict_gates_and_plots(
     metrics["gates"] = [{"gate": "agreement_top1 >= 2", "passed": False, "left": 0.25, "right": 2.0}]
     metrics["gates_passed"] = False
     history = [{"step": s, "loss": 3.0 / s, "ce": 2.0 / s, "kd": 1.0 / s} for s in range(1, 6)]
-    page = report_html("tiny <job>", metrics, {"student": history, "teacher": [{"step": 1, "ce": 2.0}]})
+    metrics["task"] = "causal_lm"
+    page = task_named("causal_lm").report_html("tiny <job>", metrics, {"student": history, "teacher": [{"step": 1, "ce": 2.0}]}, None)
     assert page.startswith("<!DOCTYPE html>") and "tiny &lt;job&gt;" in page  # escaped, not markup
     assert "1 of 1 gates failed" in page and 'class="fail">FAIL' in page and "agreement_top1 &gt;= 2" in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 4

@@ -32,7 +32,8 @@ REGISTER_ONE = textwrap.dedent(
     import mlflow
     from mlflow import MlflowClient
     from kd_core.config import RegistryConfig
-    from kd_core.registry import create_version, experiment_id, promote_best
+    from kd_core.registry import create_version, promote_best
+    from kd_core.train.tracking import experiment_id
 
     config = RegistryConfig.model_validate(json.loads(sys.argv[1]))
     perplexity, gates_passed, start_file = float(sys.argv[2]), sys.argv[3] == "pass", Path(sys.argv[4])
@@ -62,7 +63,7 @@ def registry(mlflow_server):
 def register(config: RegistryConfig, perplexity: float, gates_passed: bool = True) -> str:
     import mlflow
 
-    from kd_core.registry import experiment_id
+    from kd_core.train.tracking import experiment_id
 
     mlflow.set_tracking_uri(config.tracking_uri)
     client = mlflow.MlflowClient()

@@ -357,7 +357,7 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys, m
     stale = replace(steps["cache"], details={**steps["cache"].details, "shards": [
         shard for shard in steps["cache"].details["shards"] if shard["split"] == "train"
     ]})
-    with pytest.raises(ManifestError, match=r"no teacher rewards of the validation pairs.*--force cache"):
+    with pytest.raises(ManifestError, match=r"no teacher targets of the validation split.*--force cache"):
         tune(searched, prep, stale, store, force=True)
 
 

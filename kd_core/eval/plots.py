@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 
 from kd_core.eval.figures import COLORS, LABELS, REWARD_LABELS
 from kd_core.manifest import HISTORY_NAME, Manifest
@@ -19,16 +20,35 @@ def read_history(store: Store, training: Manifest) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line]
 
 
-def training_curves_png(histories: dict[str, list[dict]], metrics: dict) -> bytes:
-    """Left: training cross-entropy per step. Right: held-out perplexity per model."""
+@dataclass(frozen=True)
+class CurvesSpec:
+    """What a task's `training_curves.png` shows: which logged term per step, which held-out metric."""
+
+    labels: dict[str, str]
+    """Model (teacher, student, baseline) -> its name in the legend."""
+    term: str
+    """The logged loss term drawn per step (`history.jsonl`)."""
+    term_label: str
+    key: str
+    """The held-out metric drawn per model."""
+    key_label: str
+    form: str
+    """How a bar's value is printed."""
+
+
+LANGUAGE_MODEL_CURVES = CurvesSpec(LABELS, "ce", "training cross-entropy (nats/token)", "perplexity", "perplexity (lower is better)", "{:.1f}")
+REWARD_CURVES = CurvesSpec(REWARD_LABELS, "loss", "training loss (per pair)", "pairwise_accuracy_human", "accuracy vs human labels", "{:.1%}")
+
+
+def training_curves_png(histories: dict[str, list[dict]], metrics: dict, spec: CurvesSpec) -> bytes:
+    """Left: a training term per step (a language model's cross-entropy). Right: a held-out metric
+    per model (its perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reward = metrics.get("task") == "reward"
-    labels = REWARD_LABELS if reward else LABELS
-    term, term_label = ("loss", "training loss (per pair)") if reward else ("ce", "training cross-entropy (nats/token)")
+    labels, term, term_label = spec.labels, spec.term, spec.term_label
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
     for name, history in histories.items():
         if history:
@@ -36,7 +56,7 @@ def training_curves_png(histories: dict[str, list[dict]], metrics: dict) -> byte
     curves.set(xlabel="optimizer step", ylabel=term_label, title="Training")
     curves.grid(alpha=0.3)
     curves.legend()
-    key, key_label, form = ("pairwise_accuracy_human", "accuracy vs human labels", "{:.1%}") if reward else ("perplexity", "perplexity (lower is better)", "{:.1f}")
+    key, key_label, form = spec.key, spec.key_label, spec.form
     names = [name for name in labels if name in metrics and key in metrics[name]]
     values = [metrics[name][key] for name in names]
     drawn = bars.bar([labels[n] for n in names], values, color=[COLORS[n] for n in names])

@@ -21,26 +21,11 @@ import base64
 import html
 
 from kd_core.eval.figures import COLORS, LABELS, figure_png, metrics_table_html, pyplot, size_speed_png, training_png
-from kd_core.eval.reward_report import reward_figures, reward_metrics_table
 
 
-def report_html(job_name: str, metrics: dict, histories: dict[str, list[dict]], rewards: dict | None = None) -> str:
-    """The page; `rewards` (per model, chosen and rejected rewards) feeds a reward model's scatter plot."""
-    reward = metrics.get("task") == "reward"
-    if reward:
-        figures = reward_figures(metrics, histories, rewards)
-        table = reward_metrics_table(metrics)
-        held_out = f'{metrics["rows"]:,} preference pairs'
-    else:
-        figures = {
-            "Training": training_png(histories),
-            "Quality against the teacher": quality_png(metrics),
-            "Calibration": reliability_png(metrics),
-            "Size and speed against quality": size_speed_png(metrics),
-        }
-        table = _metrics_table(metrics)
-        held_out = f'{metrics["rows"]:,} rows, {metrics["tokens"]:,} tokens'
-
+def report_html(job_name: str, metrics: dict, figures: dict[str, bytes | None], table: str, held_out: str) -> str:
+    """The page: the verdict and gates from `metrics`, then the task's metrics `table` (HTML) and
+    `figures` (title -> PNG; None is left out); `held_out` says what the split held."""
     passed = metrics.get("gates_passed", True)
     gates = metrics.get("gates", [])
     verdict = (
@@ -81,6 +66,16 @@ img {{ max-width: 100%; }}
 """
 
 
+def language_model_figures(metrics: dict, histories: dict[str, list[dict]]) -> dict[str, bytes]:
+    """A language-model job's plots (the module docstring lists them)."""
+    return {
+        "Training": training_png(histories),
+        "Quality against the teacher": quality_png(metrics),
+        "Calibration": reliability_png(metrics),
+        "Size and speed against quality": size_speed_png(metrics),
+    }
+
+
 def _gates_table(gates: list[dict], default: bool) -> str:
     if not gates:
         return ""
@@ -93,7 +88,7 @@ def _gates_table(gates: list[dict], default: bool) -> str:
     return f"<h2>{title}</h2><table><tr><th>gate</th><th>left side</th><th>right side</th><th>result</th></tr>{rows}</table>"
 
 
-def _metrics_table(metrics: dict) -> str:
+def language_model_table(metrics: dict) -> str:
     columns = [
         ("perplexity", "perplexity", "{:.2f}"), ("cross_entropy", "cross-entropy", "{:.4f}"), ("kl_to_teacher", "KL from teacher", "{:.4f}"),
         ("agreement_top1", "top-1 agreement", "{:.1%}"), ("agreement_top5", "top-5 agreement", "{:.1%}"), ("ece", "ECE", "{:.3f}"),

@@ -30,11 +30,10 @@ from kd_core.data.shards import read_columns, split_shards
 from kd_core.losses.reward import preference_kl
 from kd_core.manifest import Manifest
 from kd_core.models import count_parameters, model_copy
-from kd_core.models.reward import load_reward_model, text_rewards
+from kd_core.models.reward import load_reward_model, text_rewards, trim_padding
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import Store
-from kd_core.train.step import trim_padding
 
 REWARDS_NAME = "rewards.json"
 CALIBRATION_BINS = 10

@@ -144,6 +144,13 @@ def build_multimodal_reward_model(
     return MultimodalRewardModel(config)
 
 
+def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Right-padded rows cut to the longest one in the batch (the rewards do not change: padding
+    is masked out; the compute does)."""
+    longest = int((ids != pad_id).sum(-1).max()) if ids.numel() else 0
+    return ids[:, : max(longest, 1)]
+
+
 def text_rewards(model, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """(B,) float32 scores of a sequence-classification reward model on right-padded ids."""
     return model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long()).logits[:, 0].float()

@@ -40,7 +40,6 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import urlparse
 
 from kd_core.config import RegistryConfig
 from kd_core.gates import describe_failed
@@ -119,26 +118,6 @@ def _pinned(*distributions: str) -> list[str]:
     explicitly because MLflow's default list for a torch model adds torchvision, which kdflow
     neither needs nor installs."""
     return [f"{name}=={metadata.version(name)}" for name in distributions]
-
-
-def experiment_id(config: RegistryConfig) -> str:
-    """The id of `registry.experiment`, created (with its artifact location) when missing."""
-    import mlflow
-
-    existing = mlflow.get_experiment_by_name(config.experiment)
-    if existing is not None:
-        return existing.experiment_id
-    return mlflow.create_experiment(config.experiment, artifact_location=_artifact_location(config))
-
-
-def _artifact_location(config: RegistryConfig) -> str | None:
-    if config.artifact_location:
-        return config.artifact_location
-    parsed = urlparse(config.tracking_uri)
-    if parsed.scheme == "sqlite":
-        database = Path(config.tracking_uri.removeprefix("sqlite:///"))
-        return (database.resolve().parent / "mlartifacts").as_uri()
-    return None
 
 
 def numeric_metrics(mapping: dict) -> dict[str, float]:

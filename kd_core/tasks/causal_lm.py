@@ -184,14 +184,15 @@ class CausalLM(Task):
         return {**held_out, **scores}, None
 
     def training_curves_png(self, histories, metrics) -> bytes:
-        from kd_core.eval.plots import training_curves_png
+        from kd_core.eval.plots import LANGUAGE_MODEL_CURVES, training_curves_png
 
-        return training_curves_png(histories, metrics)
+        return training_curves_png(histories, metrics, LANGUAGE_MODEL_CURVES)
 
     def report_html(self, job_name, metrics, histories, extras) -> str:
-        from kd_core.eval.report import report_html
+        from kd_core.eval.report import language_model_figures, language_model_table, report_html
 
-        return report_html(job_name, metrics, histories)
+        held_out = f'{metrics["rows"]:,} rows, {metrics["tokens"]:,} tokens'
+        return report_html(job_name, metrics, language_model_figures(metrics, histories), language_model_table(metrics), held_out)
 
     # --------------------------------------------------------------------------------- register
     def log_model(self, model_dir):

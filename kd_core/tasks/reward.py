@@ -141,14 +141,16 @@ class Reward(Task):
         return {"rows": scores["teacher"]["pairs"], **scores}, rewards
 
     def training_curves_png(self, histories, metrics) -> bytes:
-        from kd_core.eval.plots import training_curves_png
+        from kd_core.eval.plots import REWARD_CURVES, training_curves_png
 
-        return training_curves_png(histories, metrics)
+        return training_curves_png(histories, metrics, REWARD_CURVES)
 
     def report_html(self, job_name, metrics, histories, extras) -> str:
         from kd_core.eval.report import report_html
+        from kd_core.eval.reward_report import reward_figures, reward_metrics_table
 
-        return report_html(job_name, metrics, histories, extras)
+        figures = reward_figures(metrics, histories, extras)  # extras: each model's rewards, for the scatter plot
+        return report_html(job_name, metrics, figures, reward_metrics_table(metrics), f'{metrics["rows"]:,} preference pairs')
 
     # --------------------------------------------------------------------------------- register
     def log_model(self, model_dir):

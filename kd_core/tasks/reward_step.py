@@ -16,8 +16,7 @@ from torch import nn
 from kd_core.eval.reward import score_pairs
 from kd_core.losses import TeacherTargets
 from kd_core.losses.reward import preference_kl
-from kd_core.models.reward import text_rewards
-from kd_core.train.step import trim_padding
+from kd_core.models.reward import text_rewards, trim_padding
 
 
 class RewardStep(nn.Module):

@@ -32,13 +32,6 @@ MicroBatch = tuple[dict[str, torch.Tensor], TeacherTargets | None]
 """A batch and its teacher targets (None: the model learns from the data alone)."""
 
 
-def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Right-padded rows cut to the longest one in the batch (the rewards do not change: padding
-    is masked out; the compute does)."""
-    longest = int((ids != pad_id).sum(-1).max()) if ids.numel() else 0
-    return ids[:, : max(longest, 1)]
-
-
 def all_ranks_finite(values: list[torch.Tensor]) -> bool:
     """Whether every value is finite on every data-parallel rank (one all-reduce of a flag when
     there is more than one rank, so that all ranks skip or abort together)."""

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from kd_core.config import RegistryConfig, flatten
 from kd_core.progress import say
@@ -101,8 +102,6 @@ class MlflowLogger:
         import mlflow
         from mlflow.entities import Param
 
-        from kd_core.registry import experiment_id
-
         client = self._client()
         if self.run_id is None:
             mlflow.set_tracking_uri(self.run.registry.tracking_uri)  # experiment_id's lookup goes there
@@ -161,3 +160,23 @@ class MlflowLogger:
 def _last_logged_step(client, run_id: str) -> int:
     """The highest step of the run's `loss` metric (every log record has one), 0 if none."""
     return max((metric.step for metric in client.get_metric_history(run_id, "loss")), default=0)
+
+
+def experiment_id(config: RegistryConfig) -> str:
+    """The id of `registry.experiment`, created (with its artifact location) when missing."""
+    import mlflow
+
+    existing = mlflow.get_experiment_by_name(config.experiment)
+    if existing is not None:
+        return existing.experiment_id
+    return mlflow.create_experiment(config.experiment, artifact_location=_artifact_location(config))
+
+
+def _artifact_location(config: RegistryConfig) -> str | None:
+    if config.artifact_location:
+        return config.artifact_location
+    parsed = urlparse(config.tracking_uri)
+    if parsed.scheme == "sqlite":
+        database = Path(config.tracking_uri.removeprefix("sqlite:///"))
+        return (database.resolve().parent / "mlartifacts").as_uri()
+    return None

@@ -159,7 +159,7 @@ def _parent_run(config: JobConfig, store: Store, folder: str) -> str | None:
     import mlflow
     from mlflow import MlflowClient
 
-    from kd_core.registry import experiment_id
+    from kd_core.train.tracking import experiment_id
 
     record = f"{folder}/{PARENT_RUN_NAME}"
     if store.exists(record):
