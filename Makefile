@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed-stamp
 demo: $(STAMP)  ## run the whole pipeline on the embedded default (configs/demo.yaml)
 	$(BIN)/kdflow run configs/demo.yaml
 
-test:  ## run the test suite (the two venvs are set up side by side; two pytest workers, whole files each)
+test:  ## check the import layers, then run the test suite (the two venvs are set up side by side; two pytest workers, whole files each)
 	@$(MAKE) --no-print-directory -j2 $(STAMP) $(CHECKOV_STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 pipelines: $(STAMP)  ## compile the Kubeflow DAGs to pipelines/compiled/ (committed; a test fails when they are stale)

@@ -154,10 +154,10 @@ def test_a_resumed_run_logs_each_step_once_to_its_mlflow_run(job, tmp_path):
 
 TEACHER_STEP_SCRIPT = (
     "import sys, json\n"
-    "from kd_core.config import validate_config\n"
+    "from kd_core.job import validate_config\n"
     "from kd_core.manifest import Manifest\n"
     "from kd_core.storage import Store\n"
-    "from kd_core.train.teacher import teacher\n"
+    "from kd_core.stages.teacher import teacher\n"
     "config = validate_config(json.loads(sys.argv[1]))\n"
     "prepared = Manifest.from_json(sys.argv[2], \"prep manifest\")\n"
     "taught = teacher(config.teacher, prepared, Store(config.storage), config.compute, checkpointing=config.distill)\n"
