@@ -154,3 +154,17 @@ class Task:
     def best_trial_metrics(self, val_loss: float) -> dict[str, float]:
         """Extra metrics of a search's best trial, from its `val_loss`."""
         return {}
+
+
+def models_table(title: str, columns: tuple[str, ...], labels: dict[str, str], metrics: dict, cells) -> Table:
+    """A CLI table with one row per model of `labels` (teacher, student, baseline) that the eval
+    metrics hold: its label, then `cells(row, is_teacher)` (the model's formatted numbers)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, label in labels.items():
+        if name in metrics:
+            table.add_row(label, *cells(metrics[name], name == "teacher"))
+    return table

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from kd_core.tasks.base import Task
+from kd_core.tasks.base import Task, models_table
 
 if TYPE_CHECKING:
     import torch
@@ -218,23 +218,16 @@ class CausalLM(Task):
         return None
 
     def comparison_table(self, metrics) -> Table:
-        from rich.table import Table
+        def cells(row: dict, teacher: bool) -> tuple[str, ...]:
+            agreement = "—" if teacher else f"{row['agreement_top1']:.1%} / {row['agreement_top5']:.1%}"
+            kl = "—" if teacher else f"{row['kl_to_teacher']:.4f}"
+            return f"{row['parameters']:,}", f"{row['perplexity']:.2f}", kl, agreement, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}"
 
-        table = Table(title=f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens; speed on {metrics.get('device', 'this machine')}")
-        columns = ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", "ECE", "tokens/s")
-        for column in columns:
-            table.add_column(column, justify="left" if column == "model" else "right")
-        labels = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}
-        for name, label in labels.items():
-            if name in metrics:
-                row = metrics[name]
-                teacher = name == "teacher"
-                agreement = "—" if teacher else f"{row['agreement_top1']:.1%} / {row['agreement_top5']:.1%}"
-                table.add_row(
-                    label, f"{row['parameters']:,}", f"{row['perplexity']:.2f}", "—" if teacher else f"{row['kl_to_teacher']:.4f}",
-                    agreement, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}",
-                )
-        return table
+        return models_table(
+            f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens; speed on {metrics.get('device', 'this machine')}",
+            ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", "ECE", "tokens/s"),
+            {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}, metrics, cells,
+        )
 
     def best_trial_metrics(self, val_loss: float) -> dict[str, float]:
         return {"best_val_perplexity": math.exp(val_loss)}

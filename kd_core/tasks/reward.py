@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kd_core.tasks.base import Task
+from kd_core.tasks.base import Task, models_table
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -175,22 +175,19 @@ class Reward(Task):
 
     def comparison_table(self, metrics) -> Table:
         """The distilled student against the human-labels-only model."""
-        from rich.table import Table
 
-        table = Table(title=f"held-out {metrics['split']} split, {metrics['rows']:,} preference pairs; speed on {metrics.get('device', 'this machine')}")
-        columns = ("model", "parameters", "accuracy vs human labels", "agreement with teacher", "Spearman ρ vs teacher", "ECE", "pairs/s")
-        for column in columns:
-            table.add_column(column, justify="left" if column == "model" else "right")
-        labels = {"teacher": "text teacher (reads the rendering)", "student": "KD student (reads the image)", "baseline": "same student, human labels only"}
-        for name, label in labels.items():
-            if name in metrics:
-                row = metrics[name]
-                teacher = name == "teacher"
-                human = f"{row['pairwise_accuracy_human']:.1%}" if "pairwise_accuracy_human" in row else "—"
-                table.add_row(
-                    label, f"{row['parameters']:,}", human, "—" if teacher else f"{row['pairwise_accuracy_teacher']:.1%}",
-                    "—" if teacher else f"{row['spearman_teacher']:.3f}", f"{row['ece']:.3f}" if "ece" in row else "—", f"{row['pairs_per_s']:,.0f}",
-                )
+        def cells(row: dict, teacher: bool) -> tuple[str, ...]:
+            human = f"{row['pairwise_accuracy_human']:.1%}" if "pairwise_accuracy_human" in row else "—"
+            agreement = "—" if teacher else f"{row['pairwise_accuracy_teacher']:.1%}"
+            rho = "—" if teacher else f"{row['spearman_teacher']:.3f}"
+            return f"{row['parameters']:,}", human, agreement, rho, f"{row['ece']:.3f}" if "ece" in row else "—", f"{row['pairs_per_s']:,.0f}"
+
+        table = models_table(
+            f"held-out {metrics['split']} split, {metrics['rows']:,} preference pairs; speed on {metrics.get('device', 'this machine')}",
+            ("model", "parameters", "accuracy vs human labels", "agreement with teacher", "Spearman ρ vs teacher", "ECE", "pairs/s"),
+            {"teacher": "text teacher (reads the rendering)", "student": "KD student (reads the image)", "baseline": "same student, human labels only"},
+            metrics, cells,
+        )
         if "baseline" in metrics and "pairwise_accuracy_human" in metrics["student"] and "pairwise_accuracy_human" in metrics["baseline"]:
             gain = metrics["student"]["pairwise_accuracy_human"] - metrics["baseline"]["pairwise_accuracy_human"]
             verdict = "beats" if gain > 0 else "does not beat"
