@@ -13,7 +13,7 @@ the distill stage and for every trial of a search alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd_core.cache import cache_shards
 from kd_core.config import ArchitectureConfig, DeepSpeedConfig, DistillConfig, StorageConfig, StudentConfig, TrainConfig
@@ -22,13 +22,16 @@ from kd_core.manifest import Manifest
 from kd_core.storage import FileRecord, Store
 from kd_core.train.tracking import TrainingRun
 
+if TYPE_CHECKING:
+    from kd_core.tasks import Task
+
 
 @dataclass
 class TrainSpec:
     """One model's training run (the storage section holds no logs)."""
 
     storage: StorageConfig
-    task: Any
+    task: Task
     """The job's `kd_core.tasks.Task`: it builds the model and the step, and reads the batches."""
     role: str
     """`teacher` (a teacher kdflow trains) or `student` (the distilled student, the baseline)."""
@@ -96,7 +99,7 @@ class TrainSpec:
     @classmethod
     def from_prep(
         cls, prep: Manifest, store: Store, output_folder: str, architecture: ArchitectureConfig, train: TrainConfig, *,
-        task, role: str = "student", student: StudentConfig | None = None, objective=None,
+        task: Task, role: str = "student", student: StudentConfig | None = None, objective=None,
         deepspeed: DeepSpeedConfig | None = None, checkpoint_every: int | None = None, keep_checkpoints: int = 2,
         cache: Manifest | None = None, online_teacher: Manifest | None = None, tracking: TrainingRun | None = None,
         validate_every: int | None = None, validation_rows: int = 64,
@@ -118,7 +121,7 @@ class TrainSpec:
 
 
 def student_spec(
-    task, distill: DistillConfig, student: StudentConfig, prep: Manifest, store: Store, output_folder: str, *,
+    task: Task, distill: DistillConfig, student: StudentConfig, prep: Manifest, store: Store, output_folder: str, *,
     targets: Manifest | None, train: TrainConfig | None = None, checkpoint_every: int | None = None,
     tracking: TrainingRun | None = None, validate_every: int | None = None, validation_rows: int = 64,
 ) -> TrainSpec:
