@@ -216,7 +216,7 @@ def test_summary_of_a_dag_run_lists_the_steps_that_ran_as_tasks_and_marks_the_re
 
     def prep(key: str, reused: bool) -> Manifest:
         metrics = {"documents": 3, "train_tokens": 96}
-        return Manifest("prep", key, "", {}, {}, {}, metrics=metrics, details={"vocab_size": 300}, reused=reused)
+        return Manifest("prep", key, "", {}, {}, {}, metrics=metrics, details={"task": "causal_lm", "vocab_size": 300}, reused=reused)
 
     print_summary({"prep": prep("made-before", True)}, 1.0, dag="kfp.local")
     reused = capsys.readouterr().out
