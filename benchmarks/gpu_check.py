@@ -91,7 +91,7 @@ def synthetic_prep(store: Store, vocab: int, seq_len: int, rows: int):
     words = {END_OF_TEXT: 0, PAD: 1} | {f"w{i}": i for i in range(2, vocab)}
     save_hf_tokenizer(PreparedTokenizer(Tokenizer(WordLevel(words, unk_token=END_OF_TEXT)), bos=END_OF_TEXT, eos=END_OF_TEXT, pad=PAD), run)
     data = np.random.default_rng(0).integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
-    details = {"seq_len": seq_len, "vocab_size": vocab, "splits": {"train": write_split(run, "train", data, rows_per_shard=64)}}
+    details = {"task": "causal_lm", "seq_len": seq_len, "vocab_size": vocab, "splits": {"train": write_split(run, "train", data, rows_per_shard=64)}}
     return run.finish(details=details)
 
 

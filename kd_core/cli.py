@@ -315,7 +315,7 @@ def print_summary(steps: dict[str, Manifest], seconds: float, dag: str | None = 
     table = Table(title=f"kdflow: {len(steps)} steps in {seconds:.1f}s", caption=caption)
     for column in ("step", "key", "status", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
-    task = task_of(steps["prep"]) if "prep" in steps else None
+    task = task_of(steps["prep"]) if "prep" in steps else task_named(steps["eval"].metrics["task"]) if "eval" in steps else None
     for name in _STEPS:
         if name in steps:
             manifest = steps[name]

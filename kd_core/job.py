@@ -42,7 +42,7 @@ from kd_core.config import (
 )
 from kd_core.gates import Gate, parse_metric
 from kd_core.redaction import MASK
-from kd_core.tasks import task_named
+from kd_core.tasks import TASKS, task_named
 
 _OBJECT_STORE_USERINFO = re.compile(r"^(s3a?|gs|gcs|az|abfs)://[^/@]*@", re.IGNORECASE)
 """`s3://KEY:SECRET@bucket/...`: object stores take no credentials in the URL (the client would
@@ -61,7 +61,8 @@ class JobConfig(Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, name: str) -> str:
-        task_named(name)  # a ValueError naming the known tasks
+        if name not in {task.name for task in TASKS}:
+            raise ValueError(f"unknown task {name!r}; use one of {', '.join(task.name for task in TASKS)}")
         return name
     storage: StorageConfig = StorageConfig()
     """Where every stage reads and writes (fsspec)."""

@@ -36,8 +36,6 @@ KEY_LENGTH = 20
 STAGE_KEY = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
 """What `kd_core.stage.stage_key` makes: KEY_LENGTH lowercase hex digits."""
 _TRACKED_LIBRARIES = ("kdflow", "torch", "transformers", "tokenizers", "ray", "mlflow", "pyarrow", "fsspec")
-HISTORY_NAME = "history.jsonl"
-"""The log records of a training step (teacher, student, baseline), one JSON object per line."""
 
 
 class ManifestError(InputError):

@@ -38,7 +38,6 @@ from kd_core.stage import StageRun
 from kd_core.storage import Store
 
 
-
 def prepare_text(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
     """Prep's work for text (`python-docs`, `files`) into `run`'s folder: (metrics, details)."""
     counts = SourceCounts()

@@ -37,8 +37,9 @@ class Divergence:
     """(student log-probs (..., V), teacher log-probs (..., V)) -> divergence per position (...)."""
     parameter_keyword: str | None
     """The keyword of its one parameter (β or α), or None for a divergence without one."""
-    closed_form: ValueAndGradient
-    """(student log-probs, teacher log-probs, temperature) -> (value (...), ∂value/∂student logits (..., V))."""
+    closed_form: ValueAndGradient | None
+    """(student log-probs, teacher log-probs, temperature) -> (value (...), ∂value/∂student logits
+    (..., V)); None for a divergence without one (the fused loss then takes autograd on each chunk)."""
 
     def parameters(self, value: float | None) -> dict[str, float]:
         """The keyword arguments that set the parameter to `value`; none for None (the function's default)."""
@@ -58,7 +59,7 @@ DIVERGENCES: dict[str, Divergence] = {
         Divergence("total_variation", total_variation_per_position, None, total_variation_value_and_grad),
     )
 }
-_CLOSED_FORMS = {entry.per_position: entry.closed_form for entry in DIVERGENCES.values()}
+_CLOSED_FORMS = {entry.per_position: entry.closed_form for entry in DIVERGENCES.values() if entry.closed_form is not None}
 """Per-position function -> its closed form, for `closed_form`."""
 
 

@@ -90,7 +90,8 @@ class DistillationObjective(nn.Module):
         self.topk_tail, self.token_weighting = topk_tail, token_weighting
         parameters = registered.parameters(divergence_parameter)
         self.dense_divergence = partial(registered.per_position, **parameters)
-        self.dense_closed_form = partial(registered.closed_form, **parameters)  # its value and gradient, for `fused`
+        # its value and gradient, for `fused` (None: autograd on each chunk)
+        self.dense_closed_form = None if registered.closed_form is None else partial(registered.closed_form, **parameters)
         self.balance_terms, self.balance_momentum = balance_terms, balance_momentum
         self.register_buffer("running_magnitudes", torch.zeros(2))  # EMA of |CE|, |KD|; 0 = not started
         self.feature_weight = feature_weight

@@ -27,8 +27,9 @@ B rows, T positions, V vocabulary entries, k top-k slots, n sample slots, H hidd
 - `mask`: (B, T) bool, the positions that count (None: every one). No batch key: the training
   stream's batches have none.
 
-The batch keys are those `kd_core.cache.format.CacheLayout.decode` yields and the training loop's
-online teacher writes; `from_batch` is the one place that maps them to fields.
+The batch keys are those `kd_core.cache.format.CacheLayout.decode` yields into the training
+stream's batches (`BATCH_KEYS`); `from_batch` is the one place that maps them to fields. An online
+teacher builds its `TeacherTargets` directly (`kd_core/train/targets.py`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ class TeacherError(InputError):
     """A teacher directory that cannot teach this data."""
 
 
-
 IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 """Besides the weights, what makes a teacher directory the teacher it is."""
 

@@ -58,8 +58,8 @@ def evaluate(
 def _measure_and_gate(run: StageRun, config: EvalConfig, prep, teacher, student, baseline, store: Store, inputs: dict, job_name: str) -> Manifest:
     task = task_of(prep)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scores, extras = task.measure(config, prep, teacher, student, baseline, store, run, device)
-    metrics: dict = {"task": task.name, "split": config.split, **scores, "device": device_name(device)}
+    held_out, scores, extras = task.measure(config, prep, teacher, student, baseline, store, run, device)
+    metrics: dict = {"task": task.name, "split": config.split, **held_out, "device": device_name(device)} | scores
     default_gates = list(task.sanity_gates if baseline is not None else task.sanity_gates[:1])
     gates = config.gates or (default_gates if config.sanity_gates else [])
     metrics["gates"] = evaluate_gates(gates, metrics)

@@ -11,8 +11,9 @@ task (one object, found once by name) and never branch on which one it is.
     task = task_named(config.task)        # the job's task, resolved once from the config
     task = task_of(prep_manifest)         # ... and by every later stage from the prep manifest
 
-The prep stage records the task's name in its manifest (`details["task"]`); every stage after it
-reads it from there, so a cache or a student can never be read as another task's.
+The prep stage records the task's name in its manifest (`details["task"]`); the stages after it
+read it from there (`task_of`), so a cache or a student can never be read as another task's. The
+eval stage writes it into its metrics, from which the register stage and the CLI read it.
 
 A task is a stateless object of plain methods: it travels inside a `TrainSpec` to Ray workers
 (pickled by reference to its class). Adding a task is one new module here plus its entry in

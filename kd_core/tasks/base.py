@@ -88,10 +88,6 @@ class Task:
         loss terms (`loss` carries the gradient)."""
         raise NotImplementedError
 
-    def online_teacher_layers(self, objective) -> list[int]:
-        """The teacher hidden layers an online teacher hands the objective (feature distillation)."""
-        return []
-
     def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Text tokens a role's model reads in a batch (for tokens/s)."""
         raise NotImplementedError
@@ -119,13 +115,22 @@ class Task:
         a token shard's cache columns (`seed` fixes any draws)."""
         raise NotImplementedError
 
+    def load_online_teacher(self, model_dir, runner, device):
+        """The frozen teacher an online run (`distill.teacher_source: online`) runs on every batch,
+        beside the student's `runner`. A task without one refuses it in `check_config`."""
+        raise ValueError(f"task {self.name} has no online teacher; set distill.teacher_source: cache")
+
+    def online_targets(self, teacher, batch: dict[str, torch.Tensor], spec: TrainSpec):
+        """The `TeacherTargets` of one batch from the online teacher (under no_grad)."""
+        raise ValueError(f"task {self.name} has no online teacher; set distill.teacher_source: cache")
+
     # ---------------------------------------------------------------------------------- eval
     def measure(
         self, config: EvalConfig, prep: Manifest, teacher: Manifest, student: Manifest, baseline: Manifest | None,
         store: Store, run: StageRun, device: str,
-    ) -> tuple[dict, Any]:
-        """(metrics of every model and of the uniform predictor (`uniform`), with `split` and the
-        held-out size; extras for the report), measured on `config.split`."""
+    ) -> tuple[dict, dict, Any]:
+        """(the held-out split's size (`rows`, and what else the task counts), the metrics of every
+        model and of the uniform predictor (`uniform`), extras for the report), on `config.split`."""
         raise NotImplementedError
 
     def training_curves_png(self, histories: dict[str, list[dict]], metrics: dict) -> bytes:

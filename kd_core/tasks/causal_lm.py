@@ -123,9 +123,6 @@ class CausalLM(Task):
             spec.objective, student_hidden_size=spec.architecture.hidden_size, teacher_hidden_size=teacher_hidden_size
         )
 
-    def online_teacher_layers(self, objective) -> list[int]:
-        return sorted({layer for _, layer in objective.feature_layers}) if objective is not None and objective.feature_weight > 0 else []
-
     def batch_tokens(self, batch) -> int:
         return batch["input_ids"].numel()
 
@@ -174,14 +171,41 @@ class CausalLM(Task):
         model = load_causal_lm(model_dir, dtype=teacher_dtype(device)).to(device).eval()
         return CachedLMTargets(CausalLMTeacher(model, layout, positions_per_chunk), device)
 
+    def load_online_teacher(self, model_dir, runner, device):
+        """In its own DeepSpeed engine beside a DeepSpeed student (partitioned when the student is
+        ZeRO-3), else a replica on the student's device."""
+        from kd_core.models import load_causal_lm
+        from kd_core.train.deepspeed_engine import DeepSpeedRunner, TeacherEngine
+
+        if isinstance(runner, DeepSpeedRunner):
+            return TeacherEngine(model_dir, runner.config)
+        return load_causal_lm(model_dir).to(device).eval().requires_grad_(False)
+
+    def online_targets(self, teacher, batch, spec):
+        """The teacher's full logits (cut to the data's vocabulary: a padded output layer's extra
+        entries dropped) and the hidden layers feature distillation matches, through the forward
+        pass the cache stage runs (`teacher_forward`)."""
+        import torch
+
+        from kd_core.losses import TeacherTargets
+        from kd_core.models.inference import teacher_forward
+
+        objective = spec.objective
+        layers = sorted({layer for _, layer in objective.feature_layers}) if objective is not None and objective.feature_weight > 0 else []
+        input_ids = batch["input_ids"]
+        with torch.no_grad():
+            forward = teacher_forward(teacher, input_ids, layers)
+            logits = forward.logits(slice(None)).unflatten(0, input_ids.shape)
+        return TeacherTargets(logits=logits[..., : spec.vocab_size], hidden=forward.hidden)
+
     # ---------------------------------------------------------------------------------- eval
-    def measure(self, config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, None]:
+    def measure(self, config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict, None]:
         from kd_core.eval import measure_language_models
 
         held_out, scores = measure_language_models(config, prep, teacher, student, baseline, store, run, device)
         vocab_size = prep.details["vocab_size"]
         scores["uniform"] = {"cross_entropy": math.log(vocab_size), "perplexity": float(vocab_size)}
-        return {**held_out, **scores}, None
+        return held_out, scores, None
 
     def training_curves_png(self, histories, metrics) -> bytes:
         from kd_core.eval.plots import LANGUAGE_MODEL_CURVES, training_curves_png

@@ -128,7 +128,7 @@ class Reward(Task):
         return CachedRewards(load_reward_model(model_dir).to(device).eval(), device, prep_details["pad_id"])
 
     # ---------------------------------------------------------------------------------- eval
-    def measure(self, config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict]:
+    def measure(self, config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict, dict]:
         import numpy as np
 
         from kd_core.eval.reward import measure_reward_models, reward_model_dirs, uniform_preference_scores, write_rewards
@@ -138,7 +138,7 @@ class Reward(Task):
         scores, rewards = measure_reward_models(config, prep, model_dirs, store, run, device)
         scores["uniform"] = uniform_preference_scores({side: np.asarray(values) for side, values in rewards["teacher"].items()})
         write_rewards(run, rewards)
-        return {"rows": scores["teacher"]["pairs"], **scores}, rewards
+        return {"rows": scores["teacher"]["pairs"]}, scores, rewards
 
     def training_curves_png(self, histories, metrics) -> bytes:
         from kd_core.eval.plots import REWARD_CURVES, training_curves_png

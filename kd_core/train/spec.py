@@ -53,7 +53,7 @@ class TrainSpec:
     alone (the teacher, the baseline)."""
     cache_shards: list[FileRecord] = field(default_factory=list)
     """Teacher-cache shards aligned one-to-one with `token_shards` (offline distillation); the
-    stream decodes them into each batch (`kd_core.losses.TeacherTargets.BATCH_KEYS`)."""
+    stream decodes them into each batch (`kd_core.losses.targets.BATCH_KEYS`)."""
     cache_layout: dict | None = None
     """The cache's `CacheLayout.to_dict()`, which decodes `cache_shards`."""
     deepspeed: DeepSpeedConfig | None = None
