@@ -172,31 +172,38 @@ def ray_storage(store: Store, folder: str):
     return store.path(folder), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
 
 
-def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def torch_trainer(
+    spec: TrainSpec, *, workers: int, cpus_per_worker: int, use_gpu: bool, storage_folder: str, name: str,
+    loop_config: dict | None = None, **run_options,
+):
+    """The Ray Train `TorchTrainer` that runs `train_worker` on `workers` ranks for `spec` (a stage's
+    fit, or a search trial's): its run lives in `<storage_folder>/<name>` on the job's store;
+    `loop_config` adds to what each worker gets (`ray_train_loop`), `run_options` to its `RunConfig`."""
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(compute)
-    storage_path, storage_filesystem = ray_storage(Store(spec.storage), spec.output_folder)
-    reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
-    trainer = TorchTrainer(
+    storage_path, storage_filesystem = ray_storage(Store(spec.storage), storage_folder)
+    return TorchTrainer(
         ray_train_loop,
-        train_loop_config={"spec": spec, "reporter": reporter, "threads": compute.cpus_per_worker},
-        scaling_config=ScalingConfig(
-            num_workers=compute.num_workers,
-            use_gpu=compute.use_gpu,
-            resources_per_worker={"CPU": compute.cpus_per_worker},
-        ),
-        # The run lives in the stage's checkpoint folder: a rerun of the same step finds Ray
-        # Train's record of it there and resumes from its latest checkpoint.
-        run_config=RunConfig(
-            name=spec.checkpoint_folder.rsplit("/", 1)[-1],
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            failure_config=FailureConfig(max_failures=compute.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
-        ),
+        train_loop_config={"spec": spec, "threads": cpus_per_worker, **(loop_config or {})},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem, **run_options),
+    )
+
+
+def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig
+
+    ensure_ray(compute)
+    reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
+    # The run lives in the stage's checkpoint folder: a rerun of the same step finds Ray Train's
+    # record of it there and resumes from its latest checkpoint.
+    trainer = torch_trainer(
+        spec, workers=compute.num_workers, cpus_per_worker=compute.cpus_per_worker, use_gpu=compute.use_gpu,
+        storage_folder=spec.output_folder, name=spec.checkpoint_folder.rsplit("/", 1)[-1], loop_config={"reporter": reporter},
+        failure_config=FailureConfig(max_failures=compute.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
     )
     failure: list[BaseException] = []
     thread = threading.Thread(target=lambda: _capture(trainer.fit, failure), daemon=True)

@@ -96,11 +96,9 @@ def asha_scheduler(settings: TuneConfig, steps: int):
 def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str) -> None:
     """One trial: a short Ray Train distillation with the trial's values, reporting `val_loss`."""
     from ray import tune as ray_tune
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from kd_core.train.ray_glue import ray_storage, ray_train_loop
+    from kd_core.train.ray_glue import torch_trainer
     from kd_core.train.spec import student_spec
 
     trial_job = job_with(job, params)
@@ -112,16 +110,10 @@ def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest
         task_of(prep), distill, trial_job.student, prep, store, f"{folder}/trials/{trial_id}", targets=targets, train=train,
         validate_every=settings.eval_every, validation_rows=settings.val_rows,
     )
-    workers = settings.workers_per_trial or job.compute.num_workers
-    cpus = settings.cpus_per_worker or job.compute.cpus_per_worker
-    storage_path, storage_filesystem = ray_storage(store, f"{folder}/trials")
-    TorchTrainer(
-        ray_train_loop,
-        train_loop_config={"spec": spec, "threads": cpus, "report_validation": True},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=job.compute.use_gpu, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(
-            name=trial_id, storage_path=storage_path, storage_filesystem=storage_filesystem, callbacks=[TuneReportCallback()]
-        ),
+    torch_trainer(
+        spec, workers=settings.workers_per_trial or job.compute.num_workers,
+        cpus_per_worker=settings.cpus_per_worker or job.compute.cpus_per_worker, use_gpu=job.compute.use_gpu,
+        storage_folder=f"{folder}/trials", name=trial_id, loop_config={"report_validation": True}, callbacks=[TuneReportCallback()],
     ).fit()
 
 
