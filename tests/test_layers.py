@@ -132,3 +132,12 @@ def _raises_not_implemented(function) -> bool:
 
     body = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0].body
     return any(isinstance(node, ast.Raise) and "NotImplementedError" in ast.unparse(node) for node in body)
+
+
+def test_the_gates_know_every_metric_of_every_task():
+    """`kd_core.gates.METRICS` (core: gates are parsed before any task is known) is the union of
+    the tasks' metrics, so a new task's metric names cannot be forgotten there."""
+    from kd_core.gates import MAXIMIZED, METRICS
+
+    assert set(METRICS) == {metric for task in TASKS for metric in task.metrics}
+    assert MAXIMIZED <= set(METRICS)
