@@ -202,12 +202,26 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
         raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
+SEARCH_SPACE = "tune.space."
+"""The keys of `tune.space` are dotted field names themselves: an override under it names one whole."""
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `section.field=value` in the raw mapping; the value is parsed as YAML (`1e-3`, `true`)."""
+    """Set `section.field=value` in the raw mapping; the value is parsed as YAML (`1e-3`, `true`).
+    Under `tune.space` the rest is one searched field: `tune.space.distill.loss.kd_weight={kind:
+    uniform, low: 0.2, high: 0.9}`."""
     dotted, sep, value_text = override.partition("=")
-    if not sep or not dotted.strip():
+    dotted = dotted.strip()
+    if not sep or not dotted:
         raise ConfigError(f"override {override!r}: expected the form section.field=value")
-    set_dotted(raw, dotted.strip(), yaml.safe_load(value_text) if value_text.strip() else None, f"override {override!r}")
+    value = yaml.safe_load(value_text) if value_text.strip() else None
+    if dotted.startswith(SEARCH_SPACE) and len(dotted) > len(SEARCH_SPACE):
+        space = raw.setdefault("tune", {}).setdefault("space", {})
+        if not isinstance(space, dict):
+            raise ConfigError(f"override {override!r}: tune.space is not a section")
+        space[dotted[len(SEARCH_SPACE):]] = value
+        return
+    set_dotted(raw, dotted, value, f"override {override!r}")
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str = "") -> None:

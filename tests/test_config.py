@@ -117,6 +117,13 @@ def test_dotted_overrides_are_typed(tmp_path):
     assert config.compute.backend == "local"
 
 
+def test_an_override_names_a_searched_field_whole(tmp_path):
+    """`tune.space` keys are dotted field names: the override's rest after tune.space is one key."""
+    config = load_config(write(tmp_path, "{}\n"), ["tune.space.distill.loss.kd_weight={kind: uniform, low: 0.2, high: 0.9}"])
+    assert list(config.tune.space) == ["distill.loss.kd_weight"]
+    assert config.tune.space["distill.loss.kd_weight"].high == 0.9
+
+
 def test_bad_override_value_is_reported_like_a_file_value(tmp_path):
     path = write(tmp_path, "{}\n")
     message = str(pytest.raises(ConfigError, load_config, path, ["distill.loss.temperature=-1"]).value)
