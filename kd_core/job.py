@@ -42,7 +42,7 @@ from kd_core.config import (
 )
 from kd_core.gates import Gate, parse_metric
 from kd_core.redaction import MASK
-from kd_core.tasks import TASKS, task_named
+from kd_core.tasks import task_named
 
 _OBJECT_STORE_USERINFO = re.compile(r"^(s3a?|gs|gcs|az|abfs)://[^/@]*@", re.IGNORECASE)
 """`s3://KEY:SECRET@bucket/...`: object stores take no credentials in the URL (the client would
@@ -58,12 +58,6 @@ class JobConfig(Section):
     text rendering) distilled into a multimodal reward model (the student, reading the image
     itself), over preference pairs."""
 
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, name: str) -> str:
-        if name not in {task.name for task in TASKS}:
-            raise ValueError(f"unknown task {name!r}; use one of {', '.join(task.name for task in TASKS)}")
-        return name
     storage: StorageConfig = StorageConfig()
     """Where every stage reads and writes (fsspec)."""
     data: DataConfig = DataConfig()
@@ -86,6 +80,12 @@ class JobConfig(Section):
     """`kdflow tune`: hyperparameter search over distillation settings."""
     kubeflow: KubeflowConfig = KubeflowConfig()
     """Kubeflow Pipelines and KubeRay settings (used only when the job runs as a KFP DAG)."""
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        task_named(name)  # a ValueError naming the known tasks
+        return name
 
     @model_validator(mode="after")
     def _cross_section_checks(self) -> JobConfig:
@@ -156,8 +156,8 @@ class JobConfig(Section):
                 f"tune.workers_per_trial: distill.train.batch_size ({self.distill.train.batch_size}) must be a multiple of "
                 f"tune.workers_per_trial × distill.deepspeed.gradient_accumulation_steps ({trial_workers} × {accumulation})"
             )
+        tunable = task_named(self.task).tunable_prefixes
         for dotted, dimension in self.tune.space.items():
-            tunable = task_named(self.task).tunable_prefixes
             if not dotted.startswith(tunable):
                 raise ValueError(
                     f"tune.space.{dotted}: only fields under {', '.join(p.rstrip('.') for p in tunable)} can be searched "

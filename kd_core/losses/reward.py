@@ -76,8 +76,8 @@ class RewardObjective:
         """The student's rewards of each pair's chosen and rejected response (N,) each, against the
         teacher's (`targets.chosen_rewards`, `targets.rejected_rewards`) and the human labels (N,)."""
         terms: dict[str, torch.Tensor] = {}
-        teacher_chosen, teacher_rejected = (None, None) if targets is None else (targets.chosen_rewards, targets.rejected_rewards)
-        if teacher_chosen is not None and teacher_rejected is not None:
+        if targets is not None and targets.has_rewards():
+            teacher_chosen, teacher_rejected = targets.chosen_rewards, targets.rejected_rewards
             if self.weights["pointwise"]:
                 terms["pointwise"] = 0.5 * (reward_mse(chosen, teacher_chosen) + reward_mse(rejected, teacher_rejected))
             if self.weights["pairwise"]:

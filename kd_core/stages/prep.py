@@ -30,8 +30,7 @@ from kd_core.tasks import Task, task_named
 def prep(config: DataConfig, store: Store, *, task: str = "causal_lm", force: bool = False) -> Manifest:
     """Prepare `config`'s data for the task named `task` (the job's `task:`)."""
     kind = task_named(task)
-    if config.source not in kind.data_sources:
-        raise ValueError(f"data.source: task {kind.name} reads {' or '.join(kind.data_sources)}, got {config.source!r}")
+    kind.check_source(config.source)
     source = file_source(config, store.config)
     run = StageRun(store, "prep", prep_section(kind, config, store.config, source), inputs={}, force=force)
     if run.reused:

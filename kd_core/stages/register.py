@@ -20,10 +20,10 @@ from kd_core.manifest import Manifest
 from kd_core.models import model_copy
 from kd_core.redaction import redact
 from kd_core.registry import GATES_TAG, MAX_PARAM_LENGTH, MAX_TAG_LENGTH, create_version, numeric_metrics, promote_best
-from kd_core.train.tracking import experiment_id
 from kd_core.stage import StageRun
 from kd_core.storage import Store, inside
 from kd_core.tasks import task_named
+from kd_core.train.tracking import experiment_id
 
 
 def register(

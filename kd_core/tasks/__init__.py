@@ -36,7 +36,7 @@ def task_named(name: str) -> Task:
     for task in TASKS:
         if task.name == name:
             return task
-    raise ValueError(f"task: unknown task {name!r}; use one of {', '.join(task.name for task in TASKS)}")
+    raise ValueError(f"unknown task {name!r}; use one of {', '.join(task.name for task in TASKS)}")
 
 
 def task_of(prep: Manifest) -> Task:

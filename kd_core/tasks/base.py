@@ -43,8 +43,12 @@ class Task:
     # ----------------------------------------------------------------------------- the job config
     def check_config(self, job: JobConfig) -> None:
         """Cross-section checks of a job with this task; raise ValueError naming the field."""
-        if job.data.source not in self.data_sources:
-            raise ValueError(f"data.source: task {self.name} reads {' or '.join(self.data_sources)}, got {job.data.source!r}")
+        self.check_source(job.data.source)
+
+    def check_source(self, source: str) -> None:
+        """`data.source` must be one this task prepares."""
+        if source not in self.data_sources:
+            raise ValueError(f"data.source: task {self.name} reads {' or '.join(self.data_sources)}, got {source!r}")
 
     @property
     def tunable_prefixes(self) -> tuple[str, ...]:
