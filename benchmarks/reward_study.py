@@ -27,15 +27,13 @@ to benchmarks/results/reward_study.jsonl.
         --variant pointwise distill.reward.pointwise_weight=1.0
     python benchmarks/reward_study.py --variant late student.vision.fusion=late --variant prefix student.vision.fusion=prefix
 
-`--jobs 2` runs two trainings at once, one thread each (on 2 cores, about 1.6× the throughput of
-one run with two threads).
+The runs go one after another, each with `compute.cpus_per_worker` threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import time
@@ -59,24 +57,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant: distill.train.seed + 0, 1, ...")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: distill.train.max_steps)")
     parser.add_argument("--every", type=int, default=250, help="validation agreement every this many steps")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (threads split between them)")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "reward_study.jsonl")
     args = parser.parse_args()
     variants = {v[0]: v[1:] for v in (args.variant or [["recipe"]])}
 
-    data = prepare_data(args.config, args.overrides)  # makes prep, teacher and cache once, in this process
-    runs = [(name, overrides, seed) for name, overrides in variants.items() for seed in range(args.seeds)]
-    threads = max(1, 2 // args.jobs) if args.jobs > 1 else 2
-    work = [(args.config, [*args.overrides, *overrides], seed, args.steps, args.every, threads) for _, overrides, seed in runs]
-    started = time.perf_counter()
-    if args.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.starmap(train_and_measure, work)
-    else:
-        results = [train_and_measure(*item, data=data) for item in work]
-    by_variant: dict[str, list[dict]] = {}
-    for (name, _, seed), result in zip(runs, results):
-        by_variant.setdefault(name, []).append(result)
+    data = prepare_data(args.config, args.overrides)  # makes or reuses prep, teacher and cache
+    started, by_variant = time.perf_counter(), {}
+    for name, overrides in variants.items():
+        for seed in range(args.seeds):
+            result = train_and_measure(args.config, [*args.overrides, *overrides], seed, args.steps, args.every, data)
+            by_variant.setdefault(name, []).append(result)
     print_tables(by_variant, data["raw_pixel_probe"])
     append_result(
         args.results,
@@ -102,7 +92,7 @@ def prepare_data(config_path: str, overrides: list[str]) -> dict:
     from kd_core.storage import Store
 
     config = load_config(config_path, overrides)
-    torch.set_num_threads(2)
+    torch.set_num_threads(config.compute.cpus_per_worker)
     store = Store(config.storage)
     prep = prep_step(config)
     steps = cache_steps(config, prep)
@@ -154,7 +144,7 @@ def _one_row_per_image(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 # -------------------------------------------------------------------------------------- training
-def train_and_measure(config_path, overrides, seed, steps, every, threads, data=None) -> dict:
+def train_and_measure(config_path: str, overrides: list[str], seed: int, steps: int | None, every: int, data: dict) -> dict:
     """One student, trained with `overrides` and distill.train.seed + `seed`, measured on validation."""
     import torch
 
@@ -164,10 +154,8 @@ def train_and_measure(config_path, overrides, seed, steps, every, threads, data=
     from kd_core.train.loop import make_optimizer
     from kd_core.train.spec import student_spec
 
-    torch.set_num_threads(threads)
-    if data is None:
-        data = prepare_data(config_path, overrides)
     config = load_config(config_path, overrides)
+    torch.set_num_threads(config.compute.cpus_per_worker)
     train_config = config.distill.train.model_copy(update={"seed": config.distill.train.seed + seed, **({"max_steps": steps} if steps else {})})
     task = task_named("reward")
     spec = student_spec(task, config.distill, config.student, data["prep"], data["store"], "unused", targets=data["cache"], train=train_config)

@@ -12,6 +12,10 @@
     kdflow promote CONFIG VERSION [--force]     make VERSION the champion (--force: even if it failed a gate)
     kdflow rollback CONFIG                      reject the champion, restore the previous one
     kdflow tune CONFIG [a.b=value ...]          search tune.space (Optuna TPE + ASHA on Ray Tune)
+    kdflow seeds CONFIG [a.b=value ...] [--seeds N]
+                                                the student, the baseline and eval for N training
+                                                seeds (default 3) on one prep, teacher and cache:
+                                                every held-out metric's mean, spread and range
     kdflow compile CONFIG [--output FILE]       the Kubeflow DAG as KFP YAML
     kdflow submit CONFIG                        one run of the DAG on kubeflow.host
     kdflow schedule CONFIG --cron "0 0 3 * * *" a recurring run (one at a time, no catch-up)
@@ -60,6 +64,7 @@ _STAGE_HELP = {
     "register": "log the student to MLflow and register it under an alias",
     "run": "run every stage in order",
     "tune": "search distillation hyperparameters (tune.space) with Ray Tune; writes the best config",
+    "seeds": "distill, train the baseline and evaluate for several training seeds; the metrics' mean and spread",
 }
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
@@ -77,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "their first records, the tokenizer, the teacher folder, and the MLflow server at registry.tracking_uri "
         "(or a writable SQLite folder); exit 2 naming the first that is not",
     )
-    for stage in (*STAGES, "tune", "run"):
+    for stage in (*STAGES, "tune", "seeds", "run"):
         sub = commands.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage].capitalize() + ".")
         _add_config_arguments(sub)
         sub.add_argument(
@@ -90,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--fail-on-gates", action="store_true",
                 help=f"exit {EXIT_GATES_FAILED} when a gate in eval.gates failed (after the summary), so CI notices",
             )
+        if stage == "seeds":
+            sub.add_argument("--seeds", type=int, default=3, metavar="N", help="training seeds: distill.train.seed, +1, ... (default 3)")
         if stage == "run":
             sub.add_argument(
                 "--engine", choices=("local", "kfp-local"), default="local",
@@ -162,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(config, "register", force, kfp_local=args.pipeline, fail_on_gates=fail_on_gates)
     if args.command == "tune":
         return _tune(config, force)
+    if args.command == "seeds":
+        return _seeds(config, args.seeds, force)
     until = "register" if args.command == "run" else args.command
     return _run(config, until, force, fail_on_gates=fail_on_gates)
 
@@ -210,6 +219,51 @@ def _tune(config: JobConfig, force: frozenset[str]) -> int:
     stdout.print(f"plot: {manifest.output(PLOT_NAME).url}")
     stdout.print(f"best config: {manifest.output(BEST_CONFIG_NAME).url}  (run it: kdflow run <that file>)")
     return 0
+
+
+def _seeds(config: JobConfig, count: int, force: frozenset[str]) -> int:
+    from kd_core.eval.seeds import seeds_summary, write_seeds_summary
+    from kd_core.pipeline import seed_steps, seed_values
+    from kd_core.storage import Store
+
+    if count < 1:
+        stderr.print(f"[red]error:[/red] --seeds must be at least 1, got {count}")
+        return 2
+    started = time.perf_counter()
+    try:
+        _probe_tracking(config)
+        shared, per_seed = seed_steps(config, count, force)
+    except InputError as err:
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2
+    except RunStopped as err:
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 1
+    seeds = seed_values(config, count)
+    print_summary(shared, time.perf_counter() - started)
+    summary = seeds_summary(seeds, [steps["eval"] for steps in per_seed], task_of(shared["prep"]).metrics)
+    record = write_seeds_summary(Store(config.storage), config.name, summary)
+    stdout.print(seeds_table(summary, [steps["distill"].key for steps in per_seed]))
+    stdout.print(f"reports: " + ", ".join(steps["eval"].outputs["report.html"].url for steps in per_seed if "report.html" in steps["eval"].outputs))
+    stdout.print(f"summary: {record.url}")
+    return 0
+
+
+def seeds_table(summary: dict, distill_keys: list[str]) -> Table:
+    """Per model and metric: mean ± standard deviation, range, and each seed's value."""
+    seeds = summary["seeds"]
+    table = Table(
+        title=f"held-out {summary['split']} split over {len(seeds)} training seeds ({', '.join(map(str, seeds))})",
+        caption=f"all gates passed on {summary['gates_passed']} of {len(seeds)} seeds; student keys {', '.join(distill_keys)}",
+    )
+    for column in ("model", "metric", "mean ± sd", "min – max", *(f"seed {seed}" for seed in seeds)):
+        table.add_column(column, justify="left" if column in ("model", "metric") else "right")
+    for model, metrics in summary["models"].items():
+        for metric, values in metrics.items():
+            cells = (f"{values['mean']:.4g} ± {values['std']:.2g}", f"{values['min']:.4g} – {values['max']:.4g}")
+            table.add_row(model, metric, *cells, *(f"{value:.4g}" for value in values["values"]))
+        table.add_section()
+    return table
 
 
 def _run(config: JobConfig, until: str, force: frozenset[str], *, kfp_local: str | None = None, fail_on_gates: bool = False) -> int:

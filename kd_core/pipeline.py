@@ -79,6 +79,35 @@ def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = froze
     return steps
 
 
+def seed_steps(config: JobConfig, seeds: int, force: frozenset[str] = frozenset()) -> tuple[dict[str, Manifest], list[dict[str, Manifest]]]:
+    """What `kdflow seeds` runs: prep, teacher and cache once (each reused when done), then for
+    each of `seeds` seeds (`distill.train.seed`, +1, ...) the student, the baseline and eval.
+    Returns (the shared steps, the steps of each seed)."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    shared = {"prep": prep_step(config, force)}
+    shared |= cache_steps(config, shared["prep"], force)
+    per_seed = []
+    for seed in seed_values(config, seeds):
+        job = with_training_seed(config, seed)
+        say(f"[bold]seed {seed}[/bold]")
+        steps = distill_steps(job, shared["prep"], shared["teacher"], shared.get("cache"), force)
+        steps["eval"] = eval_step(job, shared["prep"], shared["teacher"], steps["distill"], steps.get("baseline"), force)
+        per_seed.append(steps)
+    return shared, per_seed
+
+
+def seed_values(config: JobConfig, seeds: int) -> list[int]:
+    return [config.distill.train.seed + offset for offset in range(seeds)]
+
+
+def with_training_seed(config: JobConfig, seed: int) -> JobConfig:
+    """The job with `distill.train.seed` set: the student's and the baseline's initial weights and
+    batch order (prep, teacher and cache do not read it)."""
+    train = config.distill.train.model_copy(update={"seed": seed})
+    return config.model_copy(update={"distill": config.distill.model_copy(update={"train": train})})
+
+
 def distill_steps(
     config: JobConfig, prep: Manifest, teacher: Manifest, cache: Manifest | None, force: frozenset[str] = frozenset()
 ) -> dict[str, Manifest]:

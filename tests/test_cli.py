@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["validate", "prep", "cache", "distill", "eval", "register", "run", "promote", "rollback"]
+COMMANDS = ["validate", "prep", "cache", "distill", "eval", "register", "run", "seeds", "promote", "rollback"]
 
 
 def kdflow(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -120,3 +120,38 @@ def test_fail_on_gates_exits_3_after_the_summary_and_promote_asks_for_force(tmp_
     assert "Traceback" not in printed.err and "training diverged at step 5" in printed.err
     assert "the last finite loss was" in printed.err and "distill.train.max_nonfinite_steps = 3" in printed.err
     assert len(client.search_model_versions(f"name = '{model_name}'")) == 1
+
+
+def test_seeds_trains_each_seed_on_one_cache_and_summarises_the_held_out_metrics(tmp_path, capsys):
+    """`kdflow seeds`: prep, teacher and cache once; a student and a baseline per seed (their own
+    keys, their own weights); the summary's values are each seed's eval metrics, and its mean
+    and spread are theirs. A second call reuses every step."""
+    from kd_core.cli import main
+
+    storage = [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    job = [str(REPO / "configs" / "tiny.yaml"), *storage, "compute.backend=local", "distill.train.seed=5"]
+    assert main(["seeds", *job, "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "over 2 training seeds (5, 6)" in printed and "seed 5" in printed and "seed 6" in printed
+    store = tmp_path / "store"
+    assert len(list((store / "prep").iterdir())) == 1 and len(list((store / "cache").iterdir())) == 1
+    assert len(list((store / "distill").iterdir())) == 2 and len(list((store / "baseline").iterdir())) == 2
+    evals = sorted((store / "eval").iterdir())
+    assert len(evals) == 2
+    (summary_file,) = (store / "seeds").iterdir()
+    summary = json.loads(summary_file.read_text())
+    assert summary["seeds"] == [5, 6] and summary["split"] == "test"
+    by_key = {folder.name: json.loads((folder / "manifest.json").read_text())["metrics"] for folder in evals}
+    per_seed = [by_key[key] for key in summary["eval_keys"]]
+    perplexity = summary["models"]["student"]["perplexity"]
+    assert perplexity["values"] == [metrics["student"]["perplexity"] for metrics in per_seed]
+    assert perplexity["values"][0] != perplexity["values"][1]  # two seeds, two students
+    assert perplexity["mean"] == pytest.approx(sum(perplexity["values"]) / 2)
+    assert perplexity["std"] == pytest.approx(abs(perplexity["values"][0] - perplexity["values"][1]) / 2 ** 0.5)
+    assert set(summary["models"]) == {"teacher", "student", "baseline"}
+    assert summary["models"]["teacher"]["perplexity"]["std"] == 0  # one teacher for every seed
+
+    made = {path: path.stat().st_mtime_ns for path in store.glob("*/*/manifest.json")}
+    assert main(["seeds", *job, "--seeds", "2"]) == 0
+    assert {path: path.stat().st_mtime_ns for path in store.glob("*/*/manifest.json")} == made
+    assert main(["seeds", *job, "--seeds", "0"]) == 2
