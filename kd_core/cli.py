@@ -213,7 +213,7 @@ def _tune(config: JobConfig, force: frozenset[str]) -> int:
     print_summary(steps, time.perf_counter() - started)
     manifest, store = steps["tune"], Store(config.storage)
     trials = json.loads(store.read_bytes(manifest.output(TRIALS_NAME).path))
-    stdout.print(trials_table(trials, config.tune.space))
+    stdout.print(trials_table(trials, config.tune.space, manifest.details["metric"], manifest.details["mode"]))
     if manifest.details.get("importance"):
         stdout.print("parameter importance: " + ", ".join(f"{name} {share:.0%}" for name, share in manifest.details["importance"].items()))
     stdout.print(f"plot: {manifest.output(PLOT_NAME).url}")
@@ -411,9 +411,8 @@ def _headline(step: str, manifest: Manifest, task: Task | None) -> str:
     if step == "teacher":
         return f"existing model {details.get('external_url', '')}"
     if step == "tune":
-        return (
-            f"{metrics['trials']} trials ({metrics['stopped_early']} stopped early), best val loss {metrics['best_val_loss']:.4g}"
-        )
+        metric = details.get("metric", "val_loss")
+        return f"{metrics['trials']} trials ({metrics['stopped_early']} stopped early), best {metric} {metrics[f'best_{metric}']:.4g}"
     if step == "register":
         return f"{details['model_name']} v{details['version']} @{details['alias']}"
     return ""

@@ -565,9 +565,14 @@ class TuneConfig(Section):
     max_steps: int | None = Field(default=None, gt=0)
     """Optimizer steps per trial; None: `distill.train.max_steps`. The best config keeps the full run's."""
     eval_every: int = Field(default=25, gt=0)
-    """A trial reports `val_loss` every this many steps; ASHA compares trials at these points. It is
-    the student's cross-entropy on the validation split (nats/token), or with `task: reward` its
-    preference KL to the teacher on the validation pairs (nats/pair, T = 1)."""
+    """A trial reports its validation metrics every this many steps; ASHA compares trials at these
+    points. `val_loss` is the student's cross-entropy on the validation split (nats/token), or with
+    `task: reward` its preference KL to the teacher on the validation pairs (nats/pair, T = 1),
+    beside `val_agreement`: the share of those pairs on which it prefers the teacher's response."""
+    metric: str = "val_loss"
+    """The validation metric TPE and ASHA optimise (and the best trial is chosen by), in the
+    direction the task gives it: `val_loss` (lower is better); `task: reward` also `val_agreement`
+    (higher is better)."""
     val_rows: int = Field(default=64, gt=0)
     """Validation rows (reward: pairs) per report."""
     grace_period: int = Field(default=2, gt=0)

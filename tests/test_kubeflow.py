@@ -100,6 +100,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
         assert trial["steps"] == (config.tune.max_steps if trial["status"] == "finished" else trial["reports"][-1][0])
     best = search.details["best_params"]
     assert search.metrics["best_val_loss"] == min(trial["val_loss"] for trial in trials)
+    assert search.details["metric"] == "val_loss" and all(trial["metrics"] == {"val_loss": trial["val_loss"]} for trial in trials)
 
     # The steps after the search ran the best job: its values, the full run's step count.
     distilled = steps["distill"].config
@@ -117,7 +118,8 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
 
     # KFP's typed outputs: the search's metrics and page, eval's report and metrics.
     (run_folder,) = (tmp_path / "kfp").iterdir()
-    assert "<img" in (run_folder / "tune" / "report").read_text()
+    page = (run_folder / "tune" / "report").read_text()
+    assert "<img" in page and "<th>val_loss</th>" in page
     report = (run_folder / "evaluate" / "report").read_text()
     assert report == store.read_bytes(steps["eval"].output("report.html").path).decode()
     executor_output = json.loads((run_folder / "evaluate" / "executor_output.json").read_text())

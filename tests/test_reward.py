@@ -237,6 +237,50 @@ def test_preference_scores_against_teacher_and_human_labels():
     assert "pairwise_accuracy_human" not in preference_scores(model, teacher, np.full(4, np.nan))
 
 
+def test_validation_metrics_are_the_kl_and_the_agreement_with_the_teacher_eval_measures():
+    """A trial's `val_agreement` counts as eval's `pairwise_accuracy_teacher` does (a side is
+    preferred when its margin is > 0), from the same student scores as its `val_loss`."""
+    from types import SimpleNamespace
+
+    from kd_core.tasks.reward import Reward
+
+    class FirstToken(torch.nn.Module):  # a response's reward: its first token id, minus 10 with the image's first pixel set
+        def forward(self, input_ids, pixel_values):
+            return input_ids[:, 0].float() - 10.0 * pixel_values[:, 0].float()
+
+    chosen = np.array([5, 3, 4, 2, 7, 6, 9])  # student margins: 2, -1, 0 (tie), 1, 2, -2, 3
+    rejected = np.array([3, 4, 4, 1, 5, 8, 6])
+    pixels = np.zeros((7, 12), dtype=np.uint8)
+    pixels[6, 0] = 1  # shifts both responses of the last pair alike: its margin stays 3
+    teacher_chosen = np.array([1.0, 0.0, 0.0, 0.5, -1.0, 0.0, 2.0], dtype=np.float32)  # margins: 1, -2, -1, 0 (tie), -3, -1, 0.5
+    teacher_rejected = np.array([0.0, 2.0, 1.0, 0.5, 2.0, 1.0, 1.5], dtype=np.float32)
+    pad = np.zeros((7, 3), dtype=np.int64)
+    rows = {
+        "chosen_ids": np.concatenate([chosen[:, None], pad], 1), "rejected_ids": np.concatenate([rejected[:, None], pad], 1),
+        "pixels": pixels, "teacher_chosen": teacher_chosen[:, None], "teacher_rejected": teacher_rejected[:, None],
+    }
+    metrics = Reward().validation_metrics(FirstToken(), rows, 3, SimpleNamespace(prep_details={"pad_id": 0}), "cpu")
+    assert set(metrics) == set(Reward.validation_modes) == {"val_loss", "val_agreement"}
+
+    margin, teacher_margin = (chosen - rejected).astype(np.float64), (teacher_chosen - teacher_rejected).astype(np.float64)
+    agreement = np.mean((margin > 0) == (teacher_margin > 0))
+    assert agreement == 5 / 7  # pairs 1, 2, 3 (a student tie: no preference for chosen, as the teacher), 6, 7; not 4 (a teacher tie), 5
+    assert metrics["val_agreement"] == pytest.approx(agreement, abs=1e-12)
+    teacher_p = 1 / (1 + np.exp(-teacher_margin))
+
+    def log_sigmoid(x):
+        return -np.log1p(np.exp(-x))
+
+    kl = teacher_p * (log_sigmoid(teacher_margin) - log_sigmoid(margin)) + (1 - teacher_p) * (log_sigmoid(-teacher_margin) - log_sigmoid(-margin))
+    assert metrics["val_loss"] == pytest.approx(kl.mean(), rel=1e-5)
+    scores = preference_scores(
+        {"chosen": chosen.astype(np.float32), "rejected": rejected.astype(np.float32)},
+        {"chosen": teacher_chosen, "rejected": teacher_rejected}, np.full(7, np.nan),
+    )
+    assert metrics["val_agreement"] == scores["pairwise_accuracy_teacher"]
+    assert metrics["val_loss"] == pytest.approx(scores["preference_kl_to_teacher"], rel=1e-6)
+
+
 def test_preference_calibration_of_confident_wrong_and_right_models():
     always_right = preference_calibration(np.array([20.0, -20.0]), np.array([True, False]))
     assert always_right["ece"] == pytest.approx(0.0, abs=1e-6)
@@ -331,13 +375,14 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys, m
         np.testing.assert_allclose(val_rewards[f"teacher_{side}"][:, 0], expected[side], rtol=1e-5, atol=1e-5)
 
     # kdflow tune on the same prep and cache: a Ray Tune trial (Ray Train workers) of the reward
-    # student, reporting its preference KL to the teacher on the validation pairs (choosing the
-    # best of several trials is the language-model search's test, tests/test_kubeflow.py). The store's
+    # student, reporting its preference KL to the teacher and its agreement with the teacher on the
+    # validation pairs, searching on the agreement (choosing the best of several trials is the
+    # language-model search's test, tests/test_kubeflow.py, and tests/test_tune.py's). The store's
     # root is relative, as in the shipped configs: the trials run in folders of Ray's choosing.
     monkeypatch.chdir(tmp_path)
     searched = load_config(REPO / "configs" / "reward_tiny.yaml", [
         "storage.root=store", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tune.num_trials=1", "tune.max_steps=4", "tune.eval_every=2", "tune.val_rows=48",
+        "tune.num_trials=1", "tune.max_steps=4", "tune.eval_every=2", "tune.val_rows=48", "tune.metric=val_agreement",
         "tune.space={distill.reward.pairwise_weight: {kind: uniform, low: 0.5, high: 2.0}, distill.train.learning_rate: {kind: loguniform, low: 0.001, high: 0.03}}",
     ])
     searched_steps = search_steps(searched)
@@ -348,8 +393,22 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys, m
     for trial in trials:
         assert [step for step, _ in trial["reports"]] == [2, 4]
         assert all(0 < kl < 5 for _, kl in trial["reports"]), trial["reports"]
+        assert trial["metric_reports"]["val_loss"] == trial["reports"]
+        assert [step for step, _ in trial["metric_reports"]["val_agreement"]] == [2, 4]
+        assert all(share * 48 == round(share * 48) and 0 <= share <= 1 for _, share in trial["metric_reports"]["val_agreement"])
+        assert trial["metrics"] == {"val_loss": trial["val_loss"], "val_agreement": trial["metric_reports"]["val_agreement"][-1][1]}
         assert 0.5 <= trial["params"]["distill.reward.pairwise_weight"] <= 2.0
-    assert search.metrics["best_val_loss"] == min(trial["val_loss"] for trial in trials)
+    assert search.metrics["best_val_agreement"] == max(trial["metrics"]["val_agreement"] for trial in trials)
+    assert search.metrics["best_val_loss"] == trials[0]["val_loss"] and search.details["metric"] == "val_agreement"
+    print_summary(searched_steps, 1.0)
+    assert f"best val_agreement {search.metrics['best_val_agreement']:.4g}" in " ".join(capsys.readouterr().out.split())
+    from kd_core.kubeflow.job import job_json
+    from kd_core.kubeflow.steps import tune_outputs
+    from kd_core.manifest import manifest_url
+
+    _, scalars, page = tune_outputs(job_json(searched), manifest_url(Store(searched.storage), search))
+    assert scalars["best_val_agreement"] == search.metrics["best_val_agreement"]
+    assert "ranked by val_agreement" in page and "<th>val_loss</th><th>val_agreement</th>" in page
     best = best_job(searched, search)
     assert best.distill.reward.pairwise_weight == search.details["best_params"]["distill.reward.pairwise_weight"]
 

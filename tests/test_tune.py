@@ -14,7 +14,7 @@ import pytest
 
 from kd_core.config import ConfigError, SearchDimension
 from kd_core.job import load_config
-from kd_core.tune import job_with, search_space
+from kd_core.tune import best_trial, job_with, ranked_trials, search_space
 from kd_core.tune.report import importance, trials_table, tune_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,18 +55,21 @@ def test_search_space_becomes_ray_tune_distributions():
 
 
 def synthetic_trials(count=12):
-    """Trials whose loss depends on the learning rate only; kd_weight does not matter."""
+    """Trials whose loss depends on the learning rate only; kd_weight does not matter. Their
+    `val_agreement` depends on kd_weight only, and is highest where the loss is not lowest."""
     import random
 
     generator = random.Random(0)
     trials = []
     for index in range(count):
         rate, weight = generator.uniform(1e-3, 1e-2), generator.uniform(0.1, 0.9)
-        loss = 3 + 200 * abs(rate - 4e-3)
+        loss, agreement = 3 + 200 * abs(rate - 4e-3), 1 - abs(weight - 0.7)
         status = "stopped early" if index % 3 == 0 else "finished"
+        reports = {"val_loss": [[5, loss + 1], [10, loss]], "val_agreement": [[5, agreement - 0.1], [10, agreement]]}
         trials.append({
             "trial": f"t{index}", "params": {"distill.train.learning_rate": rate, "distill.loss.kd_weight": weight},
-            "reports": [[5, loss + 1], [10, loss]], "val_loss": loss, "steps": 10, "status": status, "error": None,
+            "reports": reports["val_loss"], "val_loss": loss, "metric_reports": reports,
+            "metrics": {"val_loss": loss, "val_agreement": agreement}, "steps": 10, "status": status, "error": None,
         })
     return trials
 
@@ -80,6 +83,31 @@ def test_importance_credits_the_field_that_moves_the_metric():
     assert set(shares) == set(space) and sum(shares.values()) == pytest.approx(1, abs=1e-6)
     assert shares["distill.train.learning_rate"] > 0.5 > shares["distill.loss.kd_weight"]
     assert importance(synthetic_trials()[:1], space) == {}
+    by_agreement = importance(synthetic_trials(), space, "val_agreement", "max")
+    assert by_agreement["distill.loss.kd_weight"] > 0.5 > by_agreement["distill.train.learning_rate"]
+
+
+def test_the_best_trial_is_the_best_on_the_searched_metric_in_its_direction():
+    trials = synthetic_trials()
+    trials[4]["metrics"] = {"val_loss": None, "val_agreement": None}  # a trial that never reported
+    reported = [trial for trial in trials if trial["metrics"]["val_loss"] is not None]
+    assert best_trial(trials, "val_loss", "min") is min(reported, key=lambda trial: trial["metrics"]["val_loss"])
+    best = best_trial(trials, "val_agreement", "max")
+    assert best is max(reported, key=lambda trial: trial["metrics"]["val_agreement"])
+    assert best is not best_trial(trials, "val_loss", "min") and best is not best_trial(trials, "val_agreement", "min")
+    ranked = ranked_trials(trials, "val_agreement", "max")
+    assert ranked[-1] is trials[4] and [t["metrics"]["val_agreement"] for t in ranked[:-1]] == sorted(
+        (t["metrics"]["val_agreement"] for t in reported), reverse=True
+    )
+    assert best_trial([trials[4]], "val_loss", "min") is None
+
+
+def test_tune_metric_must_be_one_the_task_reports():
+    assert load_config(REPO / "configs" / "reward_tiny.yaml", ["tune.metric=val_agreement"]).tune.metric == "val_agreement"
+    with pytest.raises(ConfigError, match=r"tune.metric: task causal_lm validates a student on val_loss, got 'val_agreement'"):
+        load_config(REPO / "configs" / "tiny.yaml", ["tune.metric=val_agreement"])
+    with pytest.raises(ConfigError, match=r"tune.metric: task reward validates a student on val_loss or val_agreement, got 'agreement'"):
+        load_config(REPO / "configs" / "reward_tiny.yaml", ["tune.metric=agreement"])
 
 
 def test_table_ranks_trials_and_the_plot_renders():
@@ -95,8 +123,17 @@ def test_table_ranks_trials_and_the_plot_renders():
     best = min(trials, key=lambda trial: trial["val_loss"])
     first_row = next(line for line in text.splitlines() if line.strip().startswith("│ t"))
     assert best["trial"] + " ★" in first_row and "stopped early" in text
+    assert "val_loss" in text and "val_agreement" in text, "a column per validation metric"
+    console = Console(width=200, record=True)
+    console.print(trials_table(trials, space, "val_agreement", "max"))
+    text = console.export_text()
+    best = max(trials, key=lambda trial: trial["metrics"]["val_agreement"])
+    first_row = next(line for line in text.splitlines() if line.strip().startswith("│ t"))
+    assert best["trial"] + " ★" in first_row and "ranked by val_agreement" in text
     png = tune_png(trials, {"distill.train.learning_rate": 0.9, "distill.loss.kd_weight": 0.1}, TuneConfig(max_concurrent=2))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    png = tune_png(trials, {}, TuneConfig(metric="val_agreement"), "agreement with the teacher", "max")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_search_rayjob_holds_every_concurrent_trial():
@@ -137,3 +174,53 @@ def test_asha_stops_a_trial_that_trails_at_its_first_rung_and_no_sooner():
     assert report(leader, rung, 3.0) == TrialScheduler.CONTINUE
     assert report(trailer, rung, 9.0) == TrialScheduler.STOP
     assert report(close, rung, 2.5) == TrialScheduler.CONTINUE, "a trial ahead of the rung's cutoff goes on"
+
+
+def test_the_training_loop_reports_and_returns_every_validation_metric():
+    """What a trial hands Ray Tune at each validation (`on_validation`, i.e. `ray.train.report`):
+    the step and every metric of `Task.validation_metrics`; the run's last record holds them too."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kd_core.train.loop import WorkerRun
+
+    class Task:
+        def batch_tokens(self, batch):
+            return batch["ids"].numel()
+
+        def validation_metrics(self, model, rows, batch_size, spec, device):
+            assert not model.training and batch_size == 2 and rows == {"ids": "rows"}
+            return {"val_loss": torch.tensor(2.5), "val_agreement": 0.75 + 0.01 * model.calls}
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(1, 1)
+            self.model.calls = 0
+
+    module = Step()
+
+    def step(micro_batches):
+        module.model.calls += 1
+        return {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0}
+
+    train = SimpleNamespace(max_steps=5, log_every=1, batch_size=2, max_nonfinite_steps=3)
+    spec = SimpleNamespace(
+        train=train, task=Task(), deepspeed=False, validate_every=2, checkpoint_every=None, role="student", output_folder="distill/x",
+    )
+    reports = []
+    run = WorkerRun(
+        spec, 0, 1, 1, SimpleNamespace(module=module, step=step), torch.device("cpu"), checkpoints=None,
+        on_validation=reports.append, validation_rows={"ids": "rows"},
+    )
+    batches = iter(lambda: {"ids": torch.zeros(2, 3, dtype=torch.long)}, None)
+    record = run.train_steps(batches, lambda batch, student: None)
+    assert reports == [
+        {"step": 2, "val_loss": 2.5, "val_agreement": pytest.approx(0.77)},
+        {"step": 4, "val_loss": 2.5, "val_agreement": pytest.approx(0.79)},
+        {"step": 5, "val_loss": 2.5, "val_agreement": pytest.approx(0.80)},
+    ]
+    assert all(type(value) is float for report in reports for name, value in report.items() if name != "step")
+    assert record["step"] == 5 and record["val_loss"] == 2.5 and record["val_agreement"] == pytest.approx(0.80)
+    assert module.training and module.model.training, "validation leaves the model training"

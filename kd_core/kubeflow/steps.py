@@ -142,7 +142,7 @@ def tune_outputs(job: str, tune_url: str) -> tuple[str, dict[str, float], str]:
     it, scalar metrics, an HTML page with the trials table and the plot)."""
     import base64
 
-    from kd_core.tune import PLOT_NAME, TRIALS_NAME, best_job
+    from kd_core.tune import PLOT_NAME, TRIALS_NAME, best_job, metric_mode, ranked_trials, validation_names
 
     config = job_config(job)
     store = Store(config.storage)
@@ -150,22 +150,24 @@ def tune_outputs(job: str, tune_url: str) -> tuple[str, dict[str, float], str]:
     best = best_job(config, manifest)
     scalars = {name: float(value) for name, value in manifest.metrics.items() if isinstance(value, (int, float))}
     trials = json.loads(store.read_bytes(manifest.output(TRIALS_NAME).path))
-    ranked = sorted(trials, key=lambda trial: (trial["val_loss"] is None, trial["val_loss"] or 0.0))
-    rows = "".join(_trial_row(trial) for trial in ranked)
+    metric, mode = metric_mode(config)
+    names = validation_names(trials)
+    rows = "".join(_trial_row(trial, names) for trial in ranked_trials(trials, metric, mode))
+    head = "".join(f"<th>{name}</th>" for name in ("trial", "values", *names, "steps", "status"))
     plot = base64.b64encode(store.read_bytes(manifest.output(PLOT_NAME).path)).decode()
     page = (
-        f"<html><body><h2>kdflow tune: {len(trials)} trials</h2><img style='max-width:100%' src='data:image/png;base64,{plot}'>"
-        f"<table border=1 cellpadding=4><tr><th>trial</th><th>values</th><th>val_loss</th><th>steps</th><th>status</th></tr>{rows}</table>"
-        "</body></html>"
+        f"<html><body><h2>kdflow tune: {len(trials)} trials, ranked by {metric}</h2>"
+        f"<img style='max-width:100%' src='data:image/png;base64,{plot}'>"
+        f"<table border=1 cellpadding=4><tr>{head}</tr>{rows}</table></body></html>"
     )
     return job_json(best), scalars, page
 
 
-def _trial_row(trial: dict) -> str:
+def _trial_row(trial: dict, names: list[str]) -> str:
     import html
 
-    loss = "" if trial["val_loss"] is None else f"{trial['val_loss']:.4f}"
-    cells = (trial["trial"], json.dumps(trial["params"]), loss, trial["steps"], trial["status"])
+    scores = ["" if trial["metrics"].get(name) is None else f"{trial['metrics'][name]:.4g}" for name in names]
+    cells = (trial["trial"], json.dumps(trial["params"]), *scores, trial["steps"], trial["status"])
     return "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>"
 
 

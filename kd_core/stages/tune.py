@@ -3,7 +3,8 @@
 Each trial is a short distillation with the trial's values (`kd_core/tune/search.py`), on the prep
 and cache (or online teacher) outputs every trial shares; ASHA stops the weak ones early. The
 stage writes `best_config.yaml` (the complete best job), `trials.json`, `tune.png` and the Ray
-Tune experiment, and logs an MLflow parent run with a child run per trial.
+Tune experiment, and logs an MLflow parent run with a child run per trial. The best trial is the
+best on `tune.metric`, in the direction the task gives it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from kd_core.manifest import Manifest, ManifestError
 from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.tasks import task_named
-from kd_core.tune import BEST_CONFIG_NAME, METRIC, PLOT_NAME, TRIALS_NAME, best_config_yaml, job_with
+from kd_core.tune import BEST_CONFIG_NAME, PLOT_NAME, TRIALS_NAME, best_config_yaml, best_trial, job_with, metric_mode
 from kd_core.tune.report import importance, tune_png
 from kd_core.tune.search import log_parent_run, run_search
 
@@ -37,25 +38,29 @@ def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, 
         return run.reused
     with run.timed("search"):
         trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force)
-    finished = [trial for trial in trials if trial["val_loss"] is not None]
-    if not finished:
+    metric, mode = metric_mode(config)
+    best = best_trial(trials, metric, mode)
+    if best is None:
         errors = [trial["error"].strip().splitlines()[-1] for trial in trials if trial["error"]]
         cause = f"; the first trial's error: {errors[0]}" if errors else ""
-        raise RuntimeError(f"tune: none of the {len(trials)} trials reported {METRIC}{cause}; see the Ray logs (KDFLOW_RAY_LOGS=1)")
-    best = min(finished, key=lambda trial: trial["val_loss"])
+        raise RuntimeError(f"tune: none of the {len(trials)} trials reported {metric}{cause}; see the Ray logs (KDFLOW_RAY_LOGS=1)")
     run.write_bytes(BEST_CONFIG_NAME, best_config_yaml(job_with(config, best["params"]), best).encode())
     run.write_bytes(TRIALS_NAME, json.dumps(trials, indent=2).encode())
-    importances = importance(trials, config.tune.space)
-    run.write_bytes(PLOT_NAME, tune_png(trials, importances, config.tune, task.validation_label))
+    importances = importance(trials, config.tune.space, metric, mode)
+    run.write_bytes(PLOT_NAME, tune_png(trials, importances, config.tune, task.validation_metric_label(metric), mode))
     metrics = {
         "best_val_loss": best["val_loss"],
-        **task.best_trial_metrics(best["val_loss"]),
+        **{f"best_{name}": value for name, value in best["metrics"].items() if value is not None},
+        **(task.best_trial_metrics(best["val_loss"]) if best["val_loss"] is not None else {}),
         "trials": len(trials),
         "finished": sum(trial["status"] == "finished" for trial in trials),
         "stopped_early": sum(trial["status"] == "stopped early" for trial in trials),
         "errored": sum(trial["status"] == "error" for trial in trials),
     }
-    details = {"best_trial": best["trial"], "best_params": best["params"], "importance": importances, "mlflow_parent_run_id": parent_run_id}
+    details = {
+        "best_trial": best["trial"], "best_params": best["params"], "metric": metric, "mode": mode, "importance": importances,
+        "mlflow_parent_run_id": parent_run_id,
+    }
     log_parent_run(config, parent_run_id, metrics, best["params"], run)
     return run.finish(metrics=metrics, details=details)
 

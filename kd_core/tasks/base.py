@@ -37,13 +37,22 @@ class Task:
     """The default gates: [0] the student beats the uniform predictor, [1] it beats the baseline."""
     objective_field: ClassVar[str]
     """The `distill` field holding its objective (`loss`, `reward`): searchable, and in the key."""
+    validation_modes: ClassVar[dict[str, str]]
+    """The validation metrics a student reports (`validation_metrics`), each with its direction:
+    `min` or `max` is better. `val_loss` comes first and is always there; `tune.metric` names one."""
     validation_label: ClassVar[str]
     """What a student's `val_loss` measures (its unit too), for plots and tables."""
+    validation_labels: ClassVar[dict[str, str]] = {}
+    """Short labels of the validation metrics besides `val_loss`, for plots (default: the name)."""
 
     # ----------------------------------------------------------------------------- the job config
     def check_config(self, job: JobConfig) -> None:
         """Cross-section checks of a job with this task; raise ValueError naming the field."""
         self.check_source(job.data.source)
+        if job.tune.metric not in self.validation_modes:
+            raise ValueError(
+                f"tune.metric: task {self.name} validates a student on {' or '.join(self.validation_modes)}, got {job.tune.metric!r}"
+            )
 
     def check_source(self, source: str) -> None:
         """`data.source` must be one this task prepares."""
@@ -100,9 +109,14 @@ class Task:
         """Whether validating a student needs the cache's targets of the validation split."""
         return False
 
-    def validation_loss(self, model, rows: dict[str, np.ndarray], batch_size: int, spec: TrainSpec, device) -> float:
-        """A student's `val_loss` on validation rows (float32); `validation_label` says what it is."""
+    def validation_metrics(self, model, rows: dict[str, np.ndarray], batch_size: int, spec: TrainSpec, device) -> dict[str, float]:
+        """A student's validation metrics on validation rows (float32): one value per name of
+        `validation_modes`, `val_loss` among them (`validation_label` says what it is)."""
         raise NotImplementedError
+
+    def validation_metric_label(self, metric: str) -> str:
+        """What a validation metric measures, for a plot's axis."""
+        return self.validation_label if metric == "val_loss" else self.validation_labels.get(metric, metric)
 
     # ------------------------------------------------------------------------ teacher outputs
     def cache_splits(self) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ class CausalLM(Task):
     # A student must be at least 1% better than uniform: float error puts a collapsed student a hair below.
     sanity_gates = ("student.perplexity < 0.99 * uniform.perplexity", "student.perplexity < baseline.perplexity")
     objective_field = "loss"
+    validation_modes = {"val_loss": "min"}
     validation_label = "validation loss (nats/token)"
 
     # ----------------------------------------------------------------------------- the job config
@@ -126,13 +127,13 @@ class CausalLM(Task):
     def batch_tokens(self, batch) -> int:
         return batch["input_ids"].numel()
 
-    def validation_loss(self, model, rows, batch_size, spec, device) -> float:
+    def validation_metrics(self, model, rows, batch_size, spec, device) -> dict[str, float]:
         import numpy as np
         import torch
 
         from kd_core.tasks.causal_lm_step import next_token_loss
 
-        return next_token_loss(model, torch.from_numpy(rows["input_ids"].astype(np.int64)), batch_size, device)
+        return {"val_loss": next_token_loss(model, torch.from_numpy(rows["input_ids"].astype(np.int64)), batch_size, device)}
 
     # ------------------------------------------------------------------------ teacher outputs
     def cache_layout(self, config, prep, store, teacher) -> CacheLayout:

@@ -9,7 +9,8 @@
   learns Bradley–Terry on the human labels alone;
 - teacher outputs: the teacher's reward of both responses of every pair, for the training and
   the validation pairs (a search's trials validate against the latter);
-- validation: the preference KL to the teacher (nats/pair, T = 1); eval: pairwise accuracy
+- validation: the preference KL to the teacher (nats/pair, T = 1: `val_loss`) and the share of
+  pairs on which the student prefers the response the teacher prefers (`val_agreement`); eval: pairwise accuracy
   against the teacher and the human labels, Spearman correlation with the teacher's rewards,
   preference KL, calibration, size and speed (`kd_core/eval/reward.py`);
 - registry: the pyfunc of `kd_core/registry/pyfunc.py`, scoring (prompt, response, image) rows.
@@ -47,7 +48,9 @@ class Reward(Task):
         "student.preference_kl_to_teacher < baseline.preference_kl_to_teacher",
     )
     objective_field = "reward"
+    validation_modes = {"val_loss": "min", "val_agreement": "max"}
     validation_label = "preference KL to the teacher (nats/pair)"
+    validation_labels = {"val_agreement": "agreement with the teacher (share of pairs)"}
 
     # ----------------------------------------------------------------------------- the job config
     def check_config(self, job) -> None:
@@ -105,10 +108,11 @@ class Reward(Task):
     def validation_reads_cache(self) -> bool:
         return True  # the teacher's rewards of the validation pairs
 
-    def validation_loss(self, model, rows, batch_size, spec, device) -> float:
-        from kd_core.tasks.reward_step import preference_kl_to_teacher
+    def validation_metrics(self, model, rows, batch_size, spec, device) -> dict[str, float]:
+        from kd_core.tasks.reward_step import preference_fit_to_teacher
 
-        return preference_kl_to_teacher(model, rows, batch_size, spec.prep_details["pad_id"], device)
+        kl, agreement = preference_fit_to_teacher(model, rows, batch_size, spec.prep_details["pad_id"], device)
+        return {"val_loss": kl, "val_agreement": agreement}
 
     # ------------------------------------------------------------------------ teacher outputs
     def cache_splits(self) -> tuple[str, ...]:

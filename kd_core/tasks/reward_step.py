@@ -4,7 +4,7 @@ or validates, so that loading a job does not wait for torch).
 - `RewardStep`: the trained module of a reward model: the model and its `RewardObjective`;
   `forward(batch, targets)` returns the loss terms.
 - `CachedRewards`: the reward teacher as the cache stage runs it over a shard of pairs.
-- `preference_kl_to_teacher`: a student's validation loss.
+- `preference_fit_to_teacher`: a student's validation metrics.
 """
 
 from __future__ import annotations
@@ -62,9 +62,17 @@ class CachedRewards:
         return {name: np.concatenate(parts).astype(np.float32).reshape(-1, 1) for name, parts in scores.items()}
 
 
-def preference_kl_to_teacher(model, pairs: dict[str, np.ndarray], batch_size: int, pad_id: int, device) -> float:
-    """A multimodal reward model's mean preference KL to the teacher (nats/pair, T = 1) over the
-    pairs, which carry the teacher's rewards (`teacher_chosen`, `teacher_rejected`)."""
+def preference_fit_to_teacher(model, pairs: dict[str, np.ndarray], batch_size: int, pad_id: int, device) -> tuple[float, float]:
+    """A multimodal reward model's (mean preference KL to the teacher (nats/pair, T = 1), agreement
+    with the teacher) over the pairs, which carry the teacher's rewards (`teacher_chosen`,
+    `teacher_rejected`), from one scoring of the pairs. Agreement is the share of pairs on which
+    both prefer the same response, as eval's `pairwise_accuracy_teacher` counts it: a side is
+    preferred when its margin is > 0, so a tie counts as preferring the rejected response."""
     student = score_pairs(model, pairs, batch_size, pad_id, device, text_view=False)
-    rewards = (student["chosen"], student["rejected"], pairs["teacher_chosen"][:, 0], pairs["teacher_rejected"][:, 0])
-    return float(preference_kl(*(torch.from_numpy(np.ascontiguousarray(values)) for values in rewards)))
+    rewards = [
+        np.ascontiguousarray(values, dtype=np.float32)
+        for values in (student["chosen"], student["rejected"], pairs["teacher_chosen"][:, 0], pairs["teacher_rejected"][:, 0])
+    ]
+    kl = float(preference_kl(*(torch.from_numpy(values) for values in rewards)))
+    margin, teacher_margin = rewards[0] - rewards[1], rewards[2] - rewards[3]
+    return kl, float(np.mean((margin > 0) == (teacher_margin > 0)))

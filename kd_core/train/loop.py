@@ -22,7 +22,7 @@ step and the last finite loss.
 
 What is trained is the job's task's (`TrainSpec.task`, kd_core/tasks): it builds the role's
 model and its step (the model and its objective, whose forward returns the loss terms), names the
-columns the stream decodes, counts a batch's tokens and measures a student's validation loss.
+columns the stream decodes, counts a batch's tokens and measures a student's validation metrics.
 The loop is the same for every task.
 """
 
@@ -230,7 +230,8 @@ class WorkerRun:
     logger: MlflowLogger | None = None
     on_validation: object = None
     validation: dict = field(default_factory=dict)
-    """The latest validation metrics (`{"step", "val_loss"}`), merged into the returned record."""
+    """The latest validation metrics (`{"step", "val_loss", ...}`: every metric of
+    `Task.validation_metrics`), merged into the returned record."""
     validation_rows: dict[str, np.ndarray] | None = field(default=None, repr=False)
     """The validation rows' columns (and, for a reward student, the teacher's rewards), read once."""
 
@@ -267,18 +268,19 @@ class WorkerRun:
                     if self.progress is not None:
                         self.progress(done, record)
             if spec.validate_every and (done % spec.validate_every == 0 or done == train.max_steps):
-                self.validation = {"step": done, "val_loss": self.validate(module)}
+                self.validation = {"step": done, **self.validate(module)}
                 if self.on_validation is not None:
                     self.on_validation(dict(self.validation))
             if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < train.max_steps:
                 self.checkpoints.save(done, lambda folder: self.write_checkpoint(folder, done, batches.state()), {"step": done})
-        return (dict(self.history[-1]) if self.history else {}) | ({"val_loss": self.validation["val_loss"]} if self.validation else {})
+        metrics = {name: value for name, value in self.validation.items() if name != "step"}
+        return (dict(self.history[-1]) if self.history else {}) | metrics
 
     @torch.no_grad()
-    def validate(self, module) -> float:
-        """`val_loss` on the first `validation_rows` validation rows (see `TrainSpec.validate_every`),
-        in float32; every rank computes it on the same rows (under ZeRO-3 the forward passes are
-        collective)."""
+    def validate(self, module) -> dict[str, float]:
+        """The task's validation metrics (`val_loss` and any others) on the first `validation_rows`
+        validation rows (see `TrainSpec.validate_every`), in float32; every rank computes them on
+        the same rows (under ZeRO-3 the forward passes are collective)."""
         if self.spec.role != "student":
             raise ValueError(f"{self.spec.output_folder}: validation measures a student, not a {self.spec.role}")
         if self.validation_rows is None:
@@ -287,7 +289,8 @@ class WorkerRun:
         batch_size = max(self.spec.train.batch_size // self.world_size, 1)
         model.eval()
         try:
-            return self.spec.task.validation_loss(model, self.validation_rows, batch_size, self.spec, self.device)
+            metrics = self.spec.task.validation_metrics(model, self.validation_rows, batch_size, self.spec, self.device)
+            return {name: float(value) for name, value in metrics.items()}
         finally:
             model.train()
 

@@ -74,8 +74,8 @@ class TrainSpec:
     whose validation reads them (`Task.validation_reads_cache`)."""
     validate_every: int | None = None
     """Every this many steps (and at the last), every rank measures the student on the first
-    `validation_rows` validation rows (`Task.validation_loss`) and hands `{step, val_loss}` to
-    `on_validation` (what a Ray Tune trial reports to its scheduler)."""
+    `validation_rows` validation rows (`Task.validation_metrics`) and hands `{step, val_loss, ...}`
+    (every validation metric) to `on_validation` (what a Ray Tune trial reports to its scheduler)."""
     validation_rows: int = 64
 
     @property

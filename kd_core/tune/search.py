@@ -2,8 +2,10 @@
 
 A trial is a Ray Tune function trainable that starts a Ray Train `TorchTrainer` running the same
 worker loop as the distill stage (`ray_train_loop`) with validation on; Ray Train's
-`TuneReportCallback` forwards each `{step, val_loss}` report to Tune, where ASHA may stop the
-trial. The trial itself holds no CPU: its Ray Train workers reserve what they train with.
+`TuneReportCallback` forwards each `{step, val_loss, ...}` report (every validation metric of the
+task) to Tune, where ASHA may stop the trial on `tune.metric`; MLflow's callback logs every metric
+on the trial's child run. The trial itself holds no CPU: its Ray Train workers reserve what they
+train with.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from kd_core.manifest import Manifest
 from kd_core.progress import say
 from kd_core.stage import StageRun
 from kd_core.storage import Store
-from kd_core.tasks import task_of
-from kd_core.tune import METRIC, PARENT_RUN_NAME, job_with, quiet, search_space
+from kd_core.tasks import task_named, task_of
+from kd_core.tune import METRIC, PARENT_RUN_NAME, job_with, metric_mode, quiet, search_space
 from kd_core.tune.state import DIGESTS_NAME, SEARCH_FOLDER, check_search_state, search_storage
 
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
@@ -40,6 +42,7 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
 
     settings = config.tune
     steps = settings.max_steps or config.distill.train.max_steps
+    metric, mode = metric_mode(config)
     s3 = config.storage.s3
     if not store.is_local and (s3.access_key_id is not None or s3.secret_access_key is not None):
         say("[yellow]tune: Ray Tune keeps its storage filesystem, with the storage.s3 credentials given in the config, in its "
@@ -70,7 +73,7 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
             trainable,
             param_space=search_space(settings.space),
             tune_config=ray_tune.TuneConfig(
-                metric=METRIC, mode="min", num_samples=settings.num_trials, search_alg=searcher, scheduler=asha_scheduler(settings, steps),
+                metric=metric, mode=mode, num_samples=settings.num_trials, search_alg=searcher, scheduler=asha_scheduler(settings, steps),
                 max_concurrent_trials=settings.max_concurrent,
             ),
             run_config=ray_tune.RunConfig(
@@ -79,7 +82,8 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
             ),
         )
     results = tuner.fit()
-    return [_summary(result, steps) for result in results], parent_run_id
+    names = tuple(task_named(config.task).validation_modes)
+    return [_summary(result, steps, names) for result in results], parent_run_id
 
 
 def asha_scheduler(settings: TuneConfig, steps: int):
@@ -94,7 +98,7 @@ def asha_scheduler(settings: TuneConfig, steps: int):
 
 
 def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str) -> None:
-    """One trial: a short Ray Train distillation with the trial's values, reporting `val_loss`."""
+    """One trial: a short Ray Train distillation with the trial's values, reporting its validation metrics."""
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -117,12 +121,18 @@ def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest
     ).fit()
 
 
-def _summary(result, steps: int) -> dict:
-    """One trial as plain data: values, every report, final metric and how it ended."""
-    reports = []
-    if result.metrics_dataframe is not None and METRIC in result.metrics_dataframe:
-        frame = result.metrics_dataframe.dropna(subset=[METRIC])
-        reports = [[int(step), float(value)] for step, value in zip(frame["step"], frame[METRIC])]
+def _summary(result, steps: int, names: tuple[str, ...]) -> dict:
+    """One trial as plain data: values, the reports ([step, value]) and final value of each
+    validation metric of `names` (`reports` and `val_loss`: `val_loss`'s; `metric_reports` and
+    `metrics`: every one's, None where it never reported), and how it ended."""
+    metric_reports: dict[str, list] = {}
+    frame = result.metrics_dataframe
+    for name in names:
+        metric_reports[name] = []
+        if frame is not None and name in frame:
+            reported = frame.dropna(subset=[name])
+            metric_reports[name] = [[int(step), float(value)] for step, value in zip(reported["step"], reported[name])]
+    reports = metric_reports.get(METRIC, [])
     last_step = reports[-1][0] if reports else 0
     if result.error is not None:
         status = "error"
@@ -135,6 +145,8 @@ def _summary(result, steps: int) -> dict:
         "params": {name: _plain(value) for name, value in result.config.items()},
         "reports": reports,
         "val_loss": reports[-1][1] if reports else None,
+        "metric_reports": metric_reports,
+        "metrics": {name: values[-1][1] if values else None for name, values in metric_reports.items()},
         "steps": last_step,
         "status": status,
         "error": str(result.error)[-500:] if result.error is not None else None,  # the end names the cause
