@@ -16,7 +16,8 @@ For every run it measures, on the validation pairs:
   (late fusion: the projected [CLS]; prefix: the mean of the projected patches) for the digit,
   fitted on the training images, scored on the validation images; beside it, the same probe on
   the raw pixels and on the untrained model;
-- the loss terms and the validation agreement over training (every `--every` steps).
+- the loss terms and the validation agreement over training (every `--every` steps), and the
+  agreement on 1,000 training pairs at the end (against the validation agreement: overfitting).
 
 Then it prints, per variant, the mean ± standard deviation over the seeds, and appends everything
 to benchmarks/results/reward_study.jsonl.
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_log import append_result  # noqa: E402
 
-HEADLINE = ("agreement", "human_accuracy", "spearman", "kl", "probe")
+HEADLINE = ("agreement", "human_accuracy", "spearman", "kl", "probe", "train_agreement")
 KINDS = {"Which digit": "which digit", "even or odd": "even/odd", "larger than": "larger than k", "add one": "plus one"}
 
 
@@ -189,6 +190,7 @@ def train_and_measure(config_path: str, overrides: list[str], seed: int, steps: 
             print(f"  {' '.join(overrides) or 'recipe'} seed {seed} step {step}: loss {point['loss']:.3f}, "
                   f"validation agreement {point['val_agreement']:.1%}", flush=True)
     result = measure(model, val, data["pad_id"], details=True)
+    result["train_agreement"] = measure(model, {name: values[:1000] for name, values in train.items()}, data["pad_id"])["agreement"]
     result |= {"seed": train_config.seed, "probe": image_probe(model, train, val), "probe_untrained": untrained_probe,
                "curve": curve, "seconds": time.perf_counter() - started}
     return result

@@ -236,8 +236,12 @@ class VisionConfig(Section):
     """How image and text meet. `late`: a dual encoder; the head scores the image vector (the ViT's
     [CLS], projected) times the text vector (the language model's mean over tokens), beside the
     text vector. `prefix` (LLaVA-style): the projected patch features go in front of the text
-    embeddings and the language model reads both (about 1.3× the compute; benchmarks/reward_fusion.py
+    embeddings and the language model reads both (about 1.3× the compute; benchmarks/reward_study.py
     compares how fast each learns)."""
+    warm_start_steps: int = Field(default=0, ge=0)
+    """Optimizer steps at the start in which the student's language model is held still (learning
+    rate 0) while the image encoder, the projector and the head learn against its fixed text
+    features; then everything learns. The student and the baseline alike. 0: none."""
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> VisionConfig:

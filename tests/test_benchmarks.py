@@ -80,15 +80,25 @@ def test_cache_quality_benchmark_smoke(tmp_path):
     assert all(0 <= row["ece"] <= 1 and row["perplexity"] > 1 for row in table.values())
 
 
-def test_reward_fusion_benchmark_smoke(tmp_path):
-    results = tmp_path / "fusion.jsonl"
-    run = run_script("benchmarks/reward_fusion.py", "configs/reward_tiny.yaml", f"storage.root={tmp_path / 'store'}",
-                     "--steps", "4", "--every", "2", "--results", str(results))
+def test_reward_study_benchmark_smoke(tmp_path):
+    """Two variants × two seeds: every run measured on the validation pairs, with the diagnostics
+    (agreement by question kind and digit, the linear probes, the loss terms over training)."""
+    results = tmp_path / "study.jsonl"
+    run = run_script("benchmarks/reward_study.py", "configs/reward_tiny.yaml", f"storage.root={tmp_path / 'store'}",
+                     "--steps", "4", "--every", "2", "--seeds", "2", "--results", str(results),
+                     "--variant", "late", "student.vision.fusion=late", "--variant", "prefix", "student.vision.fusion=prefix")
     assert run.returncode == 0, run.stderr
-    curves = json.loads(results.read_text().splitlines()[-1])["curves"]
-    assert set(curves) == {"late", "prefix"} and all(set(curve) == {"2", "4"} for curve in curves.values())
-    assert all(0 <= value <= 1 for curve in curves.values() for value in curve.values())
-    assert "late − prefix" in run.stdout
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert set(record["runs"]) == {"late", "prefix"} and all(len(runs) == 2 for runs in record["runs"].values())
+    assert record["raw_pixel_probe"] > 0.8  # the scans are recognisable from their pixels by a linear model
+    for runs in record["runs"].values():
+        assert [r["seed"] for r in runs] == [0, 1]
+        for result in runs:
+            assert 0 <= result["agreement"] <= 1 and 0 <= result["probe"] <= 1 and 0 <= result["train_agreement"] <= 1
+            assert set(result["by_kind"]) <= {"which digit", "even/odd", "larger than k", "plus one"}
+            assert set(result["by_digit"]) == {str(digit) for digit in range(10)}
+            assert [point["step"] for point in result["curve"]] == [2, 4] and "pairwise" in result["curve"][0]
+    assert "mean ± standard deviation over 2 seed(s)" in run.stdout and "agreement by question kind" in run.stdout
 
 
 def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):

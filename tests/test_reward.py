@@ -224,6 +224,53 @@ def test_multimodal_reward_model_reads_the_image_ignores_padding_and_round_trips
     torch.testing.assert_close(load_reward_model(tmp_path / "m")(input_ids=ids, pixel_values=pixels), rewards)
 
 
+@pytest.mark.parametrize("runner_kind", ["plain", "zero2"])
+def test_the_vision_warm_start_holds_the_language_model_still_then_lets_it_learn(runner_kind):
+    """student.vision.warm_start_steps = 2: for two optimizer steps the language model keeps its
+    weights while the image encoder, projector and head learn; from the third it learns too. The
+    same with kdflow's plain runner and a DeepSpeed ZeRO-2 engine."""
+    from kd_core.config import ArchitectureConfig, DeepSpeedConfig, TrainConfig
+    from kd_core.tasks.reward_step import RewardStep
+    from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
+    from kd_core.train.loop import make_optimizer
+    from kd_core.train.step import PlainRunner
+
+    model = build_multimodal_reward_model(
+        VisionConfig(patch_size=4, hidden_size=16, num_layers=1, num_heads=2),
+        ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2), vocab_size=50, max_positions=12, image_size=8, pad_id=1, seed=0,
+    )
+    module = RewardStep(model, RewardObjective(), multimodal=True, pad_id=1, warm_start_steps=2)
+    train = TrainConfig(batch_size=4, learning_rate=0.01, warmup_steps=1, max_steps=10)
+    optimizer, schedule = make_optimizer(module, train)
+    if runner_kind == "plain":
+        runner = PlainRunner(module, optimizer, schedule, grad_clip=1.0)
+    else:
+        runner = DeepSpeedRunner(module, optimizer, schedule, deepspeed_config(DeepSpeedConfig(zero_stage=2), train, world_size=1))
+    trained = runner.engine.module if runner_kind == "zero2" else module
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "chosen_ids": torch.randint(2, 50, (4, 6), generator=generator), "rejected_ids": torch.randint(2, 50, (4, 6), generator=generator),
+        "pixels": torch.randint(0, 256, (4, 192), dtype=torch.uint8, generator=generator), "human_label": torch.full((4, 1), float("nan")),
+    }
+    targets = TeacherTargets(chosen_rewards=torch.tensor([3.0, -1.0, 2.0, 0.0]), rejected_rewards=torch.tensor([-2.0, 1.0, -3.0, 1.0]))
+
+    def snapshot(prefix: str) -> list[torch.Tensor]:
+        return [p.detach().clone() for n, p in trained.named_parameters() if n.startswith(prefix)]
+
+    start_text, start_vision = snapshot("model.text."), snapshot("model.vision.")
+    for _ in range(2):
+        runner.step([(batch, targets)])
+    assert all(torch.equal(a, b) for a, b in zip(snapshot("model.text."), start_text))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshot("model.vision."), start_vision))
+    runner.step([(batch, targets)])
+    assert not all(torch.equal(a, b) for a, b in zip(snapshot("model.text."), start_text))
+
+
+def test_a_warm_start_as_long_as_the_training_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"student.vision.warm_start_steps: must be below distill.train.max_steps \(8\)"):
+        load_config(REPO / "configs" / "reward_tiny.yaml", ["student.vision.warm_start_steps=8"])
+
+
 # --------------------------------------------------------------------------------------- eval
 def test_preference_scores_against_teacher_and_human_labels():
     teacher = {"chosen": np.array([1.0, 0.0, 2.0, 0.0]), "rejected": np.array([0.0, 1.0, 0.0, 3.0])}

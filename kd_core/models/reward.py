@@ -15,7 +15,7 @@
 
   `late` scores a bilinear form of the image and text vectors and reads the text once, without
   image tokens; `prefix` lets every text token attend to every patch, as vision-language models
-  do (`benchmarks/reward_fusion.py` compares how fast each learns; docs/benchmarks.md).
+  do (`benchmarks/reward_study.py` compares them over seeds; docs/benchmarks.md).
   It is a `transformers.PreTrainedModel` with its own config class (`model_type`
   `kdflow_multimodal_reward`), so `save_pretrained` / `from_pretrained` write and read a normal
   Hugging Face directory (config.json + model.safetensors), and `load_reward_model` opens either

@@ -62,6 +62,11 @@ class Reward(Task):
             raise ValueError(
                 f"student.vision.patch_size: must divide data.preferences.image_size ({image_size}), got {job.student.vision.patch_size}"
             )
+        if job.student.vision.warm_start_steps >= job.distill.train.max_steps:
+            raise ValueError(
+                f"student.vision.warm_start_steps: must be below distill.train.max_steps ({job.distill.train.max_steps}), "
+                f"got {job.student.vision.warm_start_steps}: the language model would never learn"
+            )
 
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
@@ -99,7 +104,9 @@ class Reward(Task):
             objective = RewardObjective(pairwise_weight=0.0, bradley_terry_weight=1.0)
         else:
             objective = RewardObjective.from_config(spec.objective)
-        return RewardStep(model, objective, multimodal=spec.role == "student", pad_id=spec.prep_details["pad_id"])
+        multimodal = spec.role == "student"
+        warm_start = spec.student.vision.warm_start_steps if multimodal and spec.student is not None else 0
+        return RewardStep(model, objective, multimodal=multimodal, pad_id=spec.prep_details["pad_id"], warm_start_steps=warm_start)
 
     def batch_tokens(self, batch) -> int:
         """Both responses of each pair, in the view the model reads (the only one its batches carry)."""

@@ -26,9 +26,11 @@ class RewardStep(nn.Module):
     (`text_chosen_ids`, `text_rejected_ids`). The teacher's rewards (`targets.chosen_rewards`,
     `targets.rejected_rewards`, from the cache) and `human_label` are what it learns from."""
 
-    def __init__(self, model: nn.Module, objective, *, multimodal: bool, pad_id: int):
+    def __init__(self, model: nn.Module, objective, *, multimodal: bool, pad_id: int, warm_start_steps: int = 0):
         super().__init__()
         self.model, self.objective, self.multimodal, self.pad_id = model, objective, multimodal, pad_id
+        self.held_at_start = ("model.text.", warm_start_steps) if multimodal and warm_start_steps else None
+        """`make_optimizer` holds the language model still for the first `warm_start_steps` steps."""
 
     def forward(self, batch: dict[str, torch.Tensor], targets: TeacherTargets | None) -> dict[str, torch.Tensor]:
         view = "" if self.multimodal else "text_"

@@ -134,19 +134,30 @@ def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, min_ratio
 
 def make_optimizer(module: torch.nn.Module, train: TrainConfig):
     """AdamW (no decay on norms and biases) and the warmup + cosine schedule for every trainable
-    parameter of `module` (the student and the objective's feature projections)."""
-    named = list(module.named_parameters())
-    decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train.learning_rate,
-        betas=(0.9, 0.95),
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, train.warmup_steps, train.max_steps, train.min_lr_ratio)
-    )
-    return optimizer, schedule
+    parameter of `module` (the student and the objective's feature projections).
+
+    A module may hold some of its parameters still at the start: `module.held_at_start` =
+    (name prefix, steps) gives the parameters under that prefix a learning rate of 0 for the first
+    `steps` optimizer steps (the schedule's own count, so a resumed run keeps it), then the
+    schedule's; e.g. a multimodal reward student's language model while its image encoder warms
+    up (`student.vision.warm_start_steps`)."""
+    prefix, held_steps = getattr(module, "held_at_start", None) or ("", 0)
+    groups = []
+    for held in ((False, True) if held_steps else (False,)):
+        named = [(n, p) for n, p in module.named_parameters() if not held_steps or n.startswith(prefix) == held]
+        decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n)]
+        groups += [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95))
+
+    def factor(step: int) -> float:
+        return learning_rate_factor(step, train.warmup_steps, train.max_steps, train.min_lr_ratio)
+
+    def held_factor(step: int) -> float:
+        return 0.0 if step < held_steps else factor(step)
+
+    factors = [factor, factor] + ([held_factor, held_factor] if held_steps else [])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def train_worker(
