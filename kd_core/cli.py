@@ -240,28 +240,42 @@ def _seeds(config: JobConfig, count: int, force: frozenset[str]) -> int:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 1
     seeds = seed_values(config, count)
-    print_summary(shared, time.perf_counter() - started)
+    every_step = dict(shared)
+    for seed, steps in zip(seeds, per_seed):
+        every_step |= {f"{name} (seed {seed})": manifest for name, manifest in steps.items()}
+    print_summary(every_step, time.perf_counter() - started)
     summary = seeds_summary(seeds, [steps["eval"] for steps in per_seed], task_of(shared["prep"]).metrics)
     record = write_seeds_summary(Store(config.storage), config.name, summary)
-    stdout.print(seeds_table(summary, [steps["distill"].key for steps in per_seed]))
-    stdout.print(f"reports: " + ", ".join(steps["eval"].outputs["report.html"].url for steps in per_seed if "report.html" in steps["eval"].outputs))
+    stdout.print(seeds_table(summary, config.registry.primary_metric, config.registry.maximize))
+    reports = [steps["eval"].outputs["report.html"].url for steps in per_seed if "report.html" in steps["eval"].outputs]
+    stdout.print("reports: " + ", ".join(reports))
     stdout.print(f"summary: {record.url}")
     return 0
 
 
-def seeds_table(summary: dict, distill_keys: list[str]) -> Table:
-    """Per model and metric: mean ± standard deviation, range, and each seed's value."""
-    seeds = summary["seeds"]
-    table = Table(
-        title=f"held-out {summary['split']} split over {len(seeds)} training seeds ({', '.join(map(str, seeds))})",
-        caption=f"all gates passed on {summary['gates_passed']} of {len(seeds)} seeds; student keys {', '.join(distill_keys)}",
-    )
+_CONSTANT_METRICS = ("parameters", "weight_bytes")
+"""The same for every seed by construction: in the summary file, not in the table."""
+
+
+def seeds_table(summary: dict, primary_metric: str, maximize: bool) -> Table:
+    """Per model and metric: mean ± standard deviation, range, and each seed's value; the caption
+    says on how many seeds the gates passed and the student beat the baseline on `primary_metric`."""
+    seeds, models = summary["seeds"], summary["models"]
+    caption = f"all gates passed on {summary['gates_passed']} of {len(seeds)} seeds"
+    metric = primary_metric.rsplit(".", 1)[-1]
+    if metric in models.get("student", {}) and metric in models.get("baseline", {}):
+        pairs = zip(models["student"][metric]["values"], models["baseline"][metric]["values"])
+        wins = sum((student > baseline) if maximize else (student < baseline) for student, baseline in pairs)
+        caption += f"; the student beat the baseline on {metric} on {wins} of {len(seeds)} seeds"
+    table = Table(title=f"held-out {summary['split']} split over {len(seeds)} training seeds ({', '.join(map(str, seeds))})", caption=caption)
     for column in ("model", "metric", "mean ± sd", "min – max", *(f"seed {seed}" for seed in seeds)):
         table.add_column(column, justify="left" if column in ("model", "metric") else "right")
-    for model, metrics in summary["models"].items():
-        for metric, values in metrics.items():
+    for model, metrics in models.items():
+        for name, values in metrics.items():
+            if name in _CONSTANT_METRICS:
+                continue
             cells = (f"{values['mean']:.4g} ± {values['std']:.2g}", f"{values['min']:.4g} – {values['max']:.4g}")
-            table.add_row(model, metric, *cells, *(f"{value:.4g}" for value in values["values"]))
+            table.add_row(model, name, *cells, *(f"{value:.4g}" for value in values["values"]))
         table.add_section()
     return table
 
@@ -370,12 +384,12 @@ def print_summary(steps: dict[str, Manifest], seconds: float, dag: str | None = 
     for column in ("step", "key", "status", "seconds", "result"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     task = task_of(steps["prep"]) if "prep" in steps else task_named(steps["eval"].metrics["task"]) if "eval" in steps else None
-    for name in _STEPS:
-        if name in steps:
-            manifest = steps[name]
-            status = "[cyan]reused[/cyan]" if manifest.reused else "[green]ran[/green]"
-            made_in = f"{manifest.timings.get('total', 0):.1f}"
-            table.add_row(name, manifest.key, status, f"({made_in})" if manifest.reused else made_in, _headline(name, manifest, task))
+    names = [name for name in _STEPS if name in steps] + [name for name in steps if name not in _STEPS]  # e.g. "distill (seed 1)"
+    for name in names:
+        manifest = steps[name]
+        status = "[cyan]reused[/cyan]" if manifest.reused else "[green]ran[/green]"
+        made_in = f"{manifest.timings.get('total', 0):.1f}"
+        table.add_row(name, manifest.key, status, f"({made_in})" if manifest.reused else made_in, _headline(manifest.stage, manifest, task))
     stdout.print(table)
     if "eval" in steps:
         stdout.print(task_named(steps["eval"].metrics["task"]).comparison_table(steps["eval"].metrics))

@@ -132,7 +132,8 @@ def test_seeds_trains_each_seed_on_one_cache_and_summarises_the_held_out_metrics
     job = [str(REPO / "configs" / "tiny.yaml"), *storage, "compute.backend=local", "distill.train.seed=5"]
     assert main(["seeds", *job, "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "over 2 training seeds (5, 6)" in printed and "seed 5" in printed and "seed 6" in printed
+    assert "over 2 training seeds (5, 6)" in printed and "distill (seed 5)" in printed and "eval (seed 6)" in printed
+    assert "the student beat the baseline on perplexity on" in printed and "of 2 seeds" in printed
     store = tmp_path / "store"
     assert len(list((store / "prep").iterdir())) == 1 and len(list((store / "cache").iterdir())) == 1
     assert len(list((store / "distill").iterdir())) == 2 and len(list((store / "baseline").iterdir())) == 2
