@@ -19,8 +19,10 @@ For every run it measures, on the validation pairs:
 - the loss terms and the validation agreement over training (every `--every` steps), and the
   agreement on 1,000 training pairs at the end (against the validation agreement: overfitting).
 
-Then it prints, per variant, the mean ± standard deviation over the seeds, and appends everything
-to benchmarks/results/reward_study.jsonl.
+Then it prints, per variant, the mean ± standard deviation over the seeds, appends everything
+to benchmarks/results/reward_study.jsonl and plots the validation agreement over training (mean
+over seeds, the band from the lowest to the highest seed) to `--plot`. `--replot N` only redraws
+the plot from the last N records of the results file, one panel per record.
 
     python benchmarks/reward_study.py --seeds 3 \\
         --variant recipe \\
@@ -59,7 +61,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: distill.train.max_steps)")
     parser.add_argument("--every", type=int, default=250, help="validation agreement every this many steps")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "reward_study.jsonl")
+    parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "results" / "reward_study.png")
+    parser.add_argument("--replot", type=int, default=0, metavar="N", help="only redraw the plot from the last N records")
     args = parser.parse_args()
+    if args.replot:
+        records = [json.loads(line) for line in args.results.read_text().splitlines()[-args.replot :]]
+        plot_curves([record["runs"] for record in records], args.plot)
+        return
     variants = {v[0]: v[1:] for v in (args.variant or [["recipe"]])}
 
     data = prepare_data(args.config, args.overrides)  # makes or reuses prep, teacher and cache
@@ -69,6 +77,7 @@ def main() -> None:
             result = train_and_measure(args.config, [*args.overrides, *overrides], seed, args.steps, args.every, data)
             by_variant.setdefault(name, []).append(result)
     print_tables(by_variant, data["raw_pixel_probe"])
+    plot_curves([by_variant], args.plot)
     append_result(
         args.results,
         " ".join(["python", "benchmarks/reward_study.py", *sys.argv[1:]]),
@@ -254,6 +263,33 @@ def print_tables(by_variant: dict[str, list[dict]], raw_probe: float) -> None:
         points = zip(*(run["curve"] for run in runs))
         print(f"{name:<22}" + " ".join(f"{p[0]['step']}:{statistics.mean(x['val_agreement'] for x in p):.0%}" for p in points))
     print(json.dumps({name: [run["curve"][-1] for run in runs] for name, runs in by_variant.items()})[:2000])
+
+
+def plot_curves(panels: list[dict[str, list[dict]]], path: Path) -> None:
+    """Validation agreement over training per variant: the mean over seeds, and the band between
+    the lowest and the highest seed; one panel per group of variants."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
+    for axis, by_variant in zip(axes[0], panels):
+        for name, runs in by_variant.items():
+            steps = [point["step"] for point in runs[0]["curve"]]
+            values = np.array([[point["val_agreement"] for point in run["curve"]] for run in runs])
+            line = axis.plot(steps, values.mean(0), marker="o", markersize=3, label=f"{name} ({len(runs)} seeds)")[0]
+            axis.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+        axis.set_xlabel("optimizer step")
+        axis.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+        axis.legend(fontsize=7, loc="lower right")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("agreement with the teacher (validation pairs)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
