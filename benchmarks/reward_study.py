@@ -223,7 +223,7 @@ def image_probe(model, train: dict, val: dict) -> float:
 
 
 def measure(model, pairs: dict, pad_id: int, details: bool = False) -> dict:
-    from kd_core.eval.reward import preference_scores, score_pairs
+    from kd_core.eval.reward import agrees_with_teacher, preference_scores, score_pairs
 
     model.eval()
     student = score_pairs(model, pairs, 256, pad_id, "cpu", text_view=False)
@@ -233,7 +233,7 @@ def measure(model, pairs: dict, pad_id: int, details: bool = False) -> dict:
     result = {"agreement": scores["pairwise_accuracy_teacher"], "human_accuracy": scores.get("pairwise_accuracy_human", float("nan")),
               "spearman": scores["spearman_teacher"], "kl": scores["preference_kl_to_teacher"]}
     if details:
-        agrees = (student["chosen"] - student["rejected"] > 0) == (teacher["chosen"] - teacher["rejected"] > 0)
+        agrees = agrees_with_teacher(student["chosen"] - student["rejected"], teacher["chosen"] - teacher["rejected"])
         result["by_kind"] = {str(kind): float(agrees[pairs["kind"] == kind].mean()) for kind in np.unique(pairs["kind"])}
         result["by_digit"] = {str(digit): float(agrees[pairs["digit"] == digit].mean()) for digit in np.unique(pairs["digit"])}
     return result

@@ -224,14 +224,15 @@ def test_multimodal_reward_model_reads_the_image_ignores_padding_and_round_trips
     torch.testing.assert_close(load_reward_model(tmp_path / "m")(input_ids=ids, pixel_values=pixels), rewards)
 
 
-@pytest.mark.parametrize("runner_kind", ["plain", "zero2"])
+@pytest.mark.parametrize("runner_kind", ["plain", "ddp", "zero2"])
 def test_the_vision_warm_start_holds_the_language_model_still_then_lets_it_learn(runner_kind):
     """student.vision.warm_start_steps = 2: for two optimizer steps the language model keeps its
     weights while the image encoder, projector and head learn; from the third it learns too. The
-    same with kdflow's plain runner and a DeepSpeed ZeRO-2 engine."""
+    same with kdflow's plain runner (alone and inside DDP, as Ray Train wraps it for several
+    workers) and a DeepSpeed ZeRO-2 engine."""
     from kd_core.config import ArchitectureConfig, DeepSpeedConfig, TrainConfig
     from kd_core.tasks.reward_step import RewardStep
-    from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
+    from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config, ensure_process_group
     from kd_core.train.loop import make_optimizer
     from kd_core.train.step import PlainRunner
 
@@ -241,11 +242,14 @@ def test_the_vision_warm_start_holds_the_language_model_still_then_lets_it_learn
     )
     module = RewardStep(model, RewardObjective(), multimodal=True, pad_id=1, warm_start_steps=2)
     train = TrainConfig(batch_size=4, learning_rate=0.01, warmup_steps=1, max_steps=10)
-    optimizer, schedule = make_optimizer(module, train)
-    if runner_kind == "plain":
-        runner = PlainRunner(module, optimizer, schedule, grad_clip=1.0)
+    if runner_kind == "ddp":
+        ensure_process_group()
+        wrapped = torch.nn.parallel.DistributedDataParallel(module)
+        runner = PlainRunner(wrapped, *make_optimizer(wrapped, train), grad_clip=1.0)
+    elif runner_kind == "plain":
+        runner = PlainRunner(module, *make_optimizer(module, train), grad_clip=1.0)
     else:
-        runner = DeepSpeedRunner(module, optimizer, schedule, deepspeed_config(DeepSpeedConfig(zero_stage=2), train, world_size=1))
+        runner = DeepSpeedRunner(module, *make_optimizer(module, train), deepspeed_config(DeepSpeedConfig(zero_stage=2), train, world_size=1))
     trained = runner.engine.module if runner_kind == "zero2" else module
     generator = torch.Generator().manual_seed(0)
     batch = {
@@ -266,9 +270,13 @@ def test_the_vision_warm_start_holds_the_language_model_still_then_lets_it_learn
     assert not all(torch.equal(a, b) for a, b in zip(snapshot("model.text."), start_text))
 
 
-def test_a_warm_start_as_long_as_the_training_is_refused(tmp_path):
+def test_a_warm_start_as_long_as_the_training_or_a_trial_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"student.vision.warm_start_steps: must be below distill.train.max_steps \(8\)"):
         load_config(REPO / "configs" / "reward_tiny.yaml", ["student.vision.warm_start_steps=8"])
+    # The recipe searches warm starts of 0 and 300 steps: trials of 200 steps could not learn the text.
+    with pytest.raises(ConfigError, match=r"student.vision.warm_start_steps: must be below tune.max_steps \(200\)"):
+        load_config(REPO / "configs" / "reward_multimodal.yaml", ["tune.max_steps=200"])
+    load_config(REPO / "configs" / "reward_multimodal.yaml", ["tune.max_steps=400"])
 
 
 # --------------------------------------------------------------------------------------- eval

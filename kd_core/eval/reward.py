@@ -88,6 +88,12 @@ def _score(model, pairs, rows: slice, side: str, pad_id: int, device, text_view:
     return model(input_ids=ids, pixel_values=torch.as_tensor(pairs["pixels"][rows], device=device))
 
 
+def agrees_with_teacher(margin: np.ndarray, teacher_margin: np.ndarray) -> np.ndarray:
+    """Per pair: whether a model prefers the response the teacher prefers (a side is preferred
+    when its margin r(chosen) − r(rejected) is > 0; a tie counts as preferring `rejected`)."""
+    return (margin > 0) == (teacher_margin > 0)
+
+
 def preference_scores(model: dict[str, np.ndarray], teacher: dict[str, np.ndarray], human_label: np.ndarray) -> dict:
     """The preference metrics of one model's rewards (see the module docstring)."""
     from scipy.stats import spearmanr
@@ -99,7 +105,7 @@ def preference_scores(model: dict[str, np.ndarray], teacher: dict[str, np.ndarra
     scores = {
         "pairs": int(len(margin)),
         "labeled_pairs": int(labeled.sum()),
-        "pairwise_accuracy_teacher": float(np.mean((margin > 0) == (teacher_margin > 0))),
+        "pairwise_accuracy_teacher": float(np.mean(agrees_with_teacher(margin, teacher_margin))),
         "spearman_teacher": float(spearmanr(all_rewards, all_teacher).statistic) if np.ptp(all_rewards) > 0 else 0.0,
         "preference_kl_to_teacher": float(
             preference_kl(*(torch.from_numpy(v) for v in (model["chosen"], model["rejected"], teacher["chosen"], teacher["rejected"])))

@@ -5,7 +5,8 @@ comparison made on one seed can be noise. `kdflow seeds CONFIG --seeds N` trains
 the baseline N times (`distill.train.seed`, +1, ..., each seed the initial weights and the batch
 order of both), on one prep, teacher and cache, and evaluates each. This module turns the N eval
 manifests into one summary: per model and metric, every seed's value, the mean, the sample
-standard deviation, the minimum and the maximum; and how many seeds passed all the gates.
+standard deviation, the minimum and the maximum (a metric that is missing or not finite on any
+seed is left out); and how many seeds passed all the gates.
 The CLI prints it as a table; it is written to `seeds/<job name>-<digest of the eval keys>.json`
 in the store (same seeds, same file).
 """

@@ -62,10 +62,16 @@ class Reward(Task):
             raise ValueError(
                 f"student.vision.patch_size: must divide data.preferences.image_size ({image_size}), got {job.student.vision.patch_size}"
             )
-        if job.student.vision.warm_start_steps >= job.distill.train.max_steps:
+        warm_start = job.student.vision.warm_start_steps
+        if warm_start >= job.distill.train.max_steps:
             raise ValueError(
                 f"student.vision.warm_start_steps: must be below distill.train.max_steps ({job.distill.train.max_steps}), "
-                f"got {job.student.vision.warm_start_steps}: the language model would never learn"
+                f"got {warm_start}: the language model would never learn"
+            )
+        if job.tune.space and job.tune.max_steps is not None and warm_start >= job.tune.max_steps:
+            raise ValueError(
+                f"student.vision.warm_start_steps: must be below tune.max_steps ({job.tune.max_steps}), the steps of a search "
+                f"trial, got {warm_start}: the trials' language models would never learn"
             )
 
     # ------------------------------------------------------------------------------------- prep

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_core.eval.reward import score_pairs
+from kd_core.eval.reward import agrees_with_teacher, score_pairs
 from kd_core.losses import TeacherTargets
 from kd_core.losses.reward import preference_kl
 from kd_core.models.reward import text_rewards, trim_padding
@@ -77,4 +77,4 @@ def preference_fit_to_teacher(model, pairs: dict[str, np.ndarray], batch_size: i
     ]
     kl = float(preference_kl(*(torch.from_numpy(values) for values in rewards)))
     margin, teacher_margin = rewards[0] - rewards[1], rewards[2] - rewards[3]
-    return kl, float(np.mean((margin > 0) == (teacher_margin > 0)))
+    return kl, float(np.mean(agrees_with_teacher(margin, teacher_margin)))

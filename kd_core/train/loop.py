@@ -140,11 +140,13 @@ def make_optimizer(module: torch.nn.Module, train: TrainConfig):
     (name prefix, steps) gives the parameters under that prefix a learning rate of 0 for the first
     `steps` optimizer steps (the schedule's own count, so a resumed run keeps it), then the
     schedule's; e.g. a multimodal reward student's language model while its image encoder warms
-    up (`student.vision.warm_start_steps`)."""
-    prefix, held_steps = getattr(module, "held_at_start", None) or ("", 0)
+    up (`student.vision.warm_start_steps`). A wrapped module (DDP) is looked at through its
+    wrapper: the parameters are the same."""
+    inner = unwrap(module)
+    prefix, held_steps = getattr(inner, "held_at_start", None) or ("", 0)
     groups = []
     for held in ((False, True) if held_steps else (False,)):
-        named = [(n, p) for n, p in module.named_parameters() if not held_steps or n.startswith(prefix) == held]
+        named = [(n, p) for n, p in inner.named_parameters() if not held_steps or n.startswith(prefix) == held]
         decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
         no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n)]
         groups += [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
