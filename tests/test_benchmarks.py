@@ -85,7 +85,7 @@ def test_reward_study_benchmark_smoke(tmp_path):
     (agreement by question kind and digit, the linear probes, the loss terms over training)."""
     results = tmp_path / "study.jsonl"
     run = run_script("benchmarks/reward_study.py", "configs/reward_tiny.yaml", f"storage.root={tmp_path / 'store'}",
-                     "--steps", "4", "--every", "2", "--seeds", "2", "--results", str(results),
+                     "--steps", "4", "--every", "2", "--seeds", "2", "--results", str(results), "--plot", str(tmp_path / "study.png"),
                      "--variant", "late", "student.vision.fusion=late", "--variant", "prefix", "student.vision.fusion=prefix")
     assert run.returncode == 0, run.stderr
     record = json.loads(results.read_text().splitlines()[-1])
@@ -99,6 +99,7 @@ def test_reward_study_benchmark_smoke(tmp_path):
             assert set(result["by_digit"]) == {str(digit) for digit in range(10)}
             assert [point["step"] for point in result["curve"]] == [2, 4] and "pairwise" in result["curve"][0]
     assert "mean ± standard deviation over 2 seed(s)" in run.stdout and "agreement by question kind" in run.stdout
+    assert (tmp_path / "study.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):
