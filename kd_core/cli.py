@@ -223,7 +223,7 @@ def _tune(config: JobConfig, force: frozenset[str]) -> int:
 
 def _seeds(config: JobConfig, count: int, force: frozenset[str]) -> int:
     from kd_core.eval.seeds import seeds_summary, write_seeds_summary
-    from kd_core.pipeline import seed_steps, seed_values
+    from kd_core.pipeline import seed_steps
     from kd_core.storage import Store
 
     if count < 1:
@@ -239,15 +239,15 @@ def _seeds(config: JobConfig, count: int, force: frozenset[str]) -> int:
     except RunStopped as err:
         stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 1
-    seeds = seed_values(config, count)
     every_step = dict(shared)
-    for seed, steps in zip(seeds, per_seed):
+    for seed, steps in per_seed.items():
         every_step |= {f"{name} (seed {seed})": manifest for name, manifest in steps.items()}
     print_summary(every_step, time.perf_counter() - started)
-    summary = seeds_summary(seeds, [steps["eval"] for steps in per_seed], task_of(shared["prep"]).metrics)
+    evaluations = [steps["eval"] for steps in per_seed.values()]
+    summary = seeds_summary(list(per_seed), evaluations, task_of(shared["prep"]).metrics)
     record = write_seeds_summary(Store(config.storage), config.name, summary)
     stdout.print(seeds_table(summary, config.registry.primary_metric, config.registry.maximize))
-    reports = [steps["eval"].outputs["report.html"].url for steps in per_seed if "report.html" in steps["eval"].outputs]
+    reports = [evaluation.outputs["report.html"].url for evaluation in evaluations if "report.html" in evaluation.outputs]
     stdout.print("reports: " + ", ".join(reports))
     stdout.print(f"summary: {record.url}")
     return 0

@@ -79,26 +79,20 @@ def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = froze
     return steps
 
 
-def seed_steps(config: JobConfig, seeds: int, force: frozenset[str] = frozenset()) -> tuple[dict[str, Manifest], list[dict[str, Manifest]]]:
+def seed_steps(config: JobConfig, seeds: int, force: frozenset[str] = frozenset()) -> tuple[dict[str, Manifest], dict[int, dict[str, Manifest]]]:
     """What `kdflow seeds` runs: prep, teacher and cache once (each reused when done), then for
     each of `seeds` seeds (`distill.train.seed`, +1, ...) the student, the baseline and eval.
-    Returns (the shared steps, the steps of each seed)."""
-    if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    Returns (the shared steps, seed -> that seed's steps)."""
     shared = {"prep": prep_step(config, force)}
     shared |= cache_steps(config, shared["prep"], force)
-    per_seed = []
-    for seed in seed_values(config, seeds):
+    per_seed = {}
+    for seed in range(config.distill.train.seed, config.distill.train.seed + seeds):
         job = with_training_seed(config, seed)
         say(f"[bold]seed {seed}[/bold]")
         steps = distill_steps(job, shared["prep"], shared["teacher"], shared.get("cache"), force)
         steps["eval"] = eval_step(job, shared["prep"], shared["teacher"], steps["distill"], steps.get("baseline"), force)
-        per_seed.append(steps)
+        per_seed[seed] = steps
     return shared, per_seed
-
-
-def seed_values(config: JobConfig, seeds: int) -> list[int]:
-    return [config.distill.train.seed + offset for offset in range(seeds)]
 
 
 def with_training_seed(config: JobConfig, seed: int) -> JobConfig:

@@ -142,7 +142,7 @@ def tune_outputs(job: str, tune_url: str) -> tuple[str, dict[str, float], str]:
     it, scalar metrics, an HTML page with the trials table and the plot)."""
     import base64
 
-    from kd_core.tune import PLOT_NAME, TRIALS_NAME, best_job, metric_mode, ranked_trials, validation_names
+    from kd_core.tune import PLOT_NAME, TRIALS_NAME, best_job, ranked_trials, validation_names
 
     config = job_config(job)
     store = Store(config.storage)
@@ -150,7 +150,7 @@ def tune_outputs(job: str, tune_url: str) -> tuple[str, dict[str, float], str]:
     best = best_job(config, manifest)
     scalars = {name: float(value) for name, value in manifest.metrics.items() if isinstance(value, (int, float))}
     trials = json.loads(store.read_bytes(manifest.output(TRIALS_NAME).path))
-    metric, mode = metric_mode(config)
+    metric, mode = manifest.details["metric"], manifest.details["mode"]  # what the search chose its best by
     names = validation_names(trials)
     rows = "".join(_trial_row(trial, names) for trial in ranked_trials(trials, metric, mode))
     head = "".join(f"<th>{name}</th>" for name in ("trial", "values", *names, "steps", "status"))

@@ -49,7 +49,6 @@ def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, 
     importances = importance(trials, config.tune.space, metric, mode)
     run.write_bytes(PLOT_NAME, tune_png(trials, importances, config.tune, task.validation_metric_label(metric), mode))
     metrics = {
-        "best_val_loss": best["val_loss"],
         **{f"best_{name}": value for name, value in best["metrics"].items() if value is not None},
         **(task.best_trial_metrics(best["val_loss"]) if best["val_loss"] is not None else {}),
         "trials": len(trials),
