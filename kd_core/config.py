@@ -109,17 +109,63 @@ class PreferenceConfig(Section):
         return [scheme.lower() for scheme in schemes]
 
 
+class ChatConfig(Section):
+    """Chat and instruction records (`data.source: chat`): how they are read, rendered through the
+    tokenizer's chat template, cut to rows and trained on (`kd_core/data/chat.py`)."""
+
+    messages_field: str = "messages"
+    """Field holding a conversation: a list of {role, content} turns."""
+    prompt_field: str = "prompt"
+    """Field of an instruction record's prompt (a record without `messages_field`): it becomes the
+    user turn."""
+    completion_field: str = "completion"
+    """Field of an instruction record's answer: it becomes the assistant turn."""
+    system_field: str = "system"
+    """Optional field of an instruction record: a system turn before the prompt."""
+    role_field: str = "role"
+    """Key of a turn's role."""
+    content_field: str = "content"
+    """Key of a turn's text."""
+    roles: list[str] = ["system", "user", "assistant"]
+    """The roles a turn may have; any other is an error naming file:line."""
+    assistant_role: str = "assistant"
+    """The role whose turns the student learns to write (every turn ends with one)."""
+    template: str | None = None
+    """A Jinja chat template (the text itself) for a tokenizer that has none, or to replace its
+    own; None: the tokenizer's `chat_template`."""
+    train_on: Literal["assistant", "all"] = "assistant"
+    """Tokens the losses count: `assistant`, the assistant turns' tokens as the template renders
+    them (their end-of-turn marker included); `all`, every token of the conversation."""
+    layout: Literal["packed", "padded"] = "packed"
+    """`packed`: several conversations per row of `data.seq_len` tokens, each with its own
+    position ids (restarting at 0) and attending only to itself. `padded`: one conversation per
+    row, padded with the pad token."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """A conversation longer than `data.seq_len` tokens: `truncate` keeps its first `seq_len`
+    tokens, `drop` leaves it out. Either is counted in the prep manifest."""
+
+    @model_validator(mode="after")
+    def _assistant_is_a_role(self) -> ChatConfig:
+        if self.assistant_role not in self.roles:
+            raise ValueError(f"assistant_role: {self.assistant_role!r} is not one of roles {self.roles}")
+        return self
+
+
 class DataConfig(Section):
-    source: Literal["python-docs", "files", "preferences", "digit-preferences"] = "python-docs"
+    source: Literal["python-docs", "files", "chat", "preferences", "digit-preferences"] = "python-docs"
     """`python-docs`: the language reference and standard-library docstrings bundled with Python
     (offline on every machine). `files`: the text, JSONL or Parquet files matched by `files`.
+    `chat`: chat or instruction records (`chat`) in JSONL or Parquet files, or Hugging Face
+    `datasets` folders (saved with `save_to_disk`), matched by `files`.
     `preferences` (`task: reward`): JSONL preference records with images (`preferences`), matched
     by `files`. `digit-preferences` (`task: reward`): preference pairs about the handwritten digit
     images bundled with scikit-learn, written to the store and read like `preferences`."""
     files: list[str] = []
     """fsspec URLs, globs or folders of `.txt`, `.jsonl` or `.parquet` files, optionally compressed
-    (`.jsonl.gz`) (sources `files`, `preferences`). A file matched twice is read once; an `s3://`
-    URL uses the `storage.s3` settings."""
+    (`.jsonl.gz`) (sources `files`, `chat`, `preferences`). A file matched twice is read once; an
+    `s3://` URL uses the `storage.s3` settings."""
+    chat: ChatConfig = ChatConfig()
+    """Chat and instruction records (source `chat`)."""
     preferences: PreferenceConfig = PreferenceConfig()
     """Preference records (sources `preferences` and `digit-preferences`)."""
     text_field: str = "text"
@@ -134,7 +180,7 @@ class DataConfig(Section):
     vocab_size: int = Field(default=2048, ge=260, le=1_000_000)
     """Vocabulary size of the tokenizer kdflow trains (ignored when `tokenizer` or `teacher.path` is set)."""
     seq_len: int = Field(default=128, ge=8)
-    """Tokens per packed training row."""
+    """Tokens per training row (packed text, packed or padded conversations)."""
     val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
     """Fraction of documents held out for validation."""
     test_fraction: float = Field(default=0.05, gt=0, lt=0.5)
@@ -250,10 +296,35 @@ class VisionConfig(Section):
         return self
 
 
+class FromTeacherConfig(Section):
+    """A student cut from the teacher (`student.init: from_teacher`): a subset of its layers,
+    optionally with fewer residual channels (depth, then width pruning, as Minitron does)."""
+
+    layers: list[int] | None = None
+    """Indices of the teacher's transformer blocks the student keeps, in order; None: `num_layers`
+    of them, evenly spaced from the first to the last."""
+    num_layers: int | None = Field(default=None, gt=0)
+    """How many evenly spaced blocks to keep when `layers` is None; None: half the teacher's."""
+    hidden_size: int | None = Field(default=None, gt=0)
+    """Residual channels the student keeps (the most important ones, by the teacher's weights);
+    None: the teacher's width."""
+    intermediate_size: int | None = Field(default=None, gt=0)
+    """MLP channels each kept block keeps; None: the teacher's."""
+
+
 class StudentConfig(Section):
     architecture: ArchitectureConfig = ArchitectureConfig()
     """Architecture of the student (with `task: reward`, its language model), built from config
-    with random weights."""
+    with random weights (`init: config`)."""
+    init: Literal["config", "pretrained", "from_teacher"] = "config"
+    """Where the student's weights start (the distilled student and the no-teacher baseline
+    alike): `config`, random weights from `architecture`; `pretrained`, the Hugging Face causal LM
+    at `path`; `from_teacher`, cut from the teacher (`from_teacher`)."""
+    path: str | None = None
+    """fsspec URL of a Hugging Face causal-LM directory (safetensors) to start from (`init:
+    pretrained`); it must read the data's vocabulary."""
+    from_teacher: FromTeacherConfig = FromTeacherConfig()
+    """How a student is cut from the teacher (`init: from_teacher`)."""
     vision: VisionConfig = VisionConfig()
     """The image encoder of a multimodal reward student (`task: reward`; ignored otherwise)."""
 

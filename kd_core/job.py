@@ -89,10 +89,10 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _cross_section_checks(self) -> JobConfig:
-        if self.data.source == "files" and not self.data.files:
-            raise ValueError("data.files: must list at least one file when data.source is 'files'")
+        if self.data.source in ("files", "chat") and not self.data.files:
+            raise ValueError(f"data.files: must list at least one file when data.source is '{self.data.source}'")
         urls = [("storage.root", self.storage.root), *((f"data.files[{i}]", url) for i, url in enumerate(self.data.files or [])),
-                ("data.tokenizer", self.data.tokenizer), ("teacher.path", self.teacher.path)]
+                ("data.tokenizer", self.data.tokenizer), ("teacher.path", self.teacher.path), ("student.path", self.student.path)]
         for field_path, url in urls:
             if url and _OBJECT_STORE_USERINFO.match(url):
                 raise ValueError(

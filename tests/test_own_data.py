@@ -26,6 +26,7 @@ from kd_core.stages.prep import prep
 from kd_core.data.shards import load_split
 from kd_core.data.sources import DataSourceError, split_long, split_stream
 from kd_core.storage import Store, StorageError
+from hf_models import style_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "teacher student distill cache shard token layer model python data loss batch step".split()
@@ -283,23 +284,6 @@ def test_outputs_respect_the_umask(tmp_path):
 
 
 # ------------------------------------------------------------------------------ teachers and tokenizers
-def style_tokenizer(style: str, texts: list[str]):
-    """A tokenizer as transformers saves them: Llama-style (<s>, </s>, a bos template, no pad) or
-    GPT-2-style (<|endoftext|> as bos, eos and unk, no pad)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"] if style == "llama" else ["<|endoftext|>"]
-    tokenizer = Tokenizer(models.BPE(unk_token=specials[0]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if style == "llama":
-        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-
-
 def save_teacher(folder, style: str, *, padded: int = 0, context: int = 64):
     """A tiny teacher saved with transformers: Llama with a Llama-style tokenizer, GPT-2 with a
     GPT-2-style one; `padded` extra output rows past the tokenizer (as many released models have)."""

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 class CausalLM(Task):
     name = "causal_lm"
-    data_sources = ("python-docs", "files")
+    data_sources = ("python-docs", "files", "chat")
     metrics = (
         "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
         "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
