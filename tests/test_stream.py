@@ -163,11 +163,11 @@ def test_only_the_columns_a_model_reads_are_decoded_and_a_missing_one_is_named(t
     pairs = [store.write_bytes("pairs/0.arrow", encode_arrow(pair_columns))]
     for role, expected in (("teacher", {"text_chosen_ids", "text_rejected_ids", "human_label"}),
                            ("student", {"chosen_ids", "rejected_ids", "pixels", "human_label"})):
-        samples = list(TrainingStream(store.config, pairs, epochs=1, columns=task_named("reward").columns(role)))
+        samples = list(TrainingStream(store.config, pairs, epochs=1, columns=task_named("reward").columns(role, {})))
         assert len(samples) == rows and all(set(sample) == expected for sample in samples), role
         assert all(sample[name].dtype == np.int64 for sample in samples for name in expected if name.endswith("_ids"))
     with pytest.raises(ShardError, match=r"pairs/0.arrow: has no column 'input_ids' \(it has chosen_ids, .*pixels"):
-        list(TrainingStream(store.config, pairs, epochs=1, columns=task_named("causal_lm").columns("student")))
+        list(TrainingStream(store.config, pairs, epochs=1, columns=task_named("causal_lm").columns("student", {})))
 
 
 # ------------------------------------------------------------------------------ resuming

@@ -79,7 +79,9 @@ def check_prep_inputs(config: DataConfig, storage: StorageConfig, *, separates_d
     if source is not None:
         if config.source == "files":  # preference records are checked one by one when prep reads them
             source.check_records()
-        readable = ", first records readable" if config.source == "files" else ""
+        elif config.source == "chat":
+            check_first_conversations(source, config)
+        readable = ", first records readable" if config.source in ("files", "chat") else ""
         checked.append(f"data.files: {len(source.files)} files, {source.total_bytes:,} bytes{readable}")
     if config.tokenizer:
         prepared = load_tokenizer(config.tokenizer, storage, separates_documents=separates_documents)
@@ -90,7 +92,17 @@ def check_prep_inputs(config: DataConfig, storage: StorageConfig, *, separates_d
 
 def file_source(config: DataConfig, storage: StorageConfig) -> FileSource | None:
     """The files `data.files` names, listed (None for the bundled sources)."""
-    return FileSource(config.files, config.text_field, storage) if config.source in ("files", "preferences") else None
+    return FileSource(config.files, config.text_field, storage) if config.source in ("files", "chat", "preferences") else None
+
+
+def check_first_conversations(source: FileSource, config: DataConfig, records: int = 20) -> None:
+    """The first `records` chat records, read and checked as prep checks them."""
+    from kd_core.data.chat import conversation_of
+
+    for number, (where, record) in enumerate(source.records()):
+        if number == records:
+            break
+        conversation_of(record, where, config.chat)
 
 
 def collect_documents(config: DataConfig, source: FileSource | None, counts: SourceCounts) -> tuple[list[str], int]:

@@ -3,15 +3,18 @@
 - `python_docs()`: real English technical prose that ships with every CPython install: the
   language reference topics of `pydoc_data` and the long docstrings of the standard library.
   No download, identical on every machine with the same Python.
-- `FileSource`: `.txt` / `.md` / `.rst`, `.jsonl` and `.parquet` files on any fsspec store, named
-  by `data.files` (URLs, globs or folders), optionally compressed (`.jsonl.gz`, `.txt.bz2`, `.xz`).
+- `FileSource`: `.txt` / `.md` / `.rst`, `.jsonl`, `.parquet` and `.arrow` (Arrow IPC, as a
+  Hugging Face `datasets` folder holds its data) files on any fsspec store, named by `data.files`
+  (URLs, globs or folders), optionally compressed (`.jsonl.gz`, `.txt.bz2`, `.xz`). `records()`
+  gives the records of the JSON Lines, Parquet and Arrow files as dicts, each with its
+  `file:line` (chat data, `kd_core/data/chat.py`).
   A folder is read recursively, skipping hidden files, `README*` and `.json` files (metadata that
   tools such as `datasets.save_to_disk` write beside the data); name a `.json` file explicitly
   to read it as JSON Lines.
 
 How files become documents:
-- a text file is one document; a JSON Lines record or a Parquet row is one document (the string
-  in `data.text_field`);
+- a text file is one document; a JSON Lines record or a Parquet or Arrow row is one document (the
+  string in `data.text_field`);
 - null and empty (whitespace-only) values are skipped and counted; any other non-string value is
   an error naming `file:line` (a number or a nested object is not text to train on);
 - every file must be UTF-8 (a leading byte-order mark is dropped); anything else is an error
@@ -50,9 +53,15 @@ _SKIPPED_STDLIB_PARTS = {"site-packages", "test", "tests", "idlelib", "lib2to3",
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+ARROW_SUFFIXES = (".arrow",)
+"""Arrow IPC files, as a Hugging Face `datasets` folder (`save_to_disk`) holds its data."""
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
 """Compressions Python reads without extra packages (fsspec infers them from the suffix)."""
-SUPPORTED = "a .txt, .md, .rst, .jsonl or .parquet file (optionally .gz, .bz2 or .xz compressed), or a folder of them"
+DATA_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
+SUPPORTED = (
+    "a .txt, .md, .rst, .jsonl, .parquet or .arrow file (text and JSON Lines optionally .gz, .bz2 or .xz compressed), "
+    "or a folder of them (a Hugging Face datasets folder)"
+)
 
 
 class DataSourceError(InputError):
@@ -187,7 +196,7 @@ class FileSource:
         for path, info in sorted(infos.items()):
             if info.get("_in_folder") and _not_data(path):
                 continue
-            if not path.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES) and not _is_compressed(path):
+            if not path.endswith(DATA_SUFFIXES) and not _is_compressed(path):
                 if _is_glob(pattern):
                     continue  # a glob may match other files (a _SUCCESS marker)
                 raise DataSourceError(f"data.files: {_url(fs, path)}: unsupported file type; use {SUPPORTED}")
@@ -231,6 +240,23 @@ class FileSource:
             counts.files += 1
 
 
+    def records(self, advance: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, dict]]:
+        """Every record of every JSON Lines, Parquet or Arrow file as (where it is, the record):
+        `file:line` for JSON Lines, `file:row N` (from 1) for the others. A text file holds no
+        records: an error naming it."""
+        for file in self.files:
+            name = file.path[: file.path.rfind(".")] if _is_compressed(file.path) else file.path
+            with reaching(file.url, "data.files"):
+                if name.endswith(JSON_SUFFIXES):
+                    yield from _jsonl_records(file)
+                elif name.endswith(PARQUET_SUFFIXES + ARROW_SUFFIXES):
+                    for number, record in enumerate(_table_rows(file), start=1):
+                        yield f"{file.url}:row {number}", record
+                else:
+                    raise DataSourceError(f"data.files: {file.url} is a text file; records come from JSON Lines, Parquet or Arrow files")
+            advance(file.size)
+
+
 def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict]:
     """path -> info of what one entry names: a glob's matches, a folder's files, or one file (one
     listing request per prefix on an object store, never an earlier listing kept by the filesystem)."""
@@ -257,7 +283,7 @@ def _not_data(path: str) -> bool:
     """In a folder: what is beside the data rather than data (hidden files, READMEs, .json metadata)."""
     name = path.rsplit("/", 1)[-1]
     return name.startswith((".", "_")) or name.upper().startswith("README") or name.endswith(".json") or not (
-        name.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES) or _is_compressed(name)
+        name.endswith(DATA_SUFFIXES) or _is_compressed(name)
     )
 
 
@@ -279,6 +305,8 @@ def _read_one(file: MatchedFile, text_field: str, counts: SourceCounts, read_up_
     name = file.path[: file.path.rfind(".")] if _is_compressed(file.path) else file.path
     if name.endswith(PARQUET_SUFFIXES):
         yield from _parquet_documents(file, text_field, counts)
+    elif name.endswith(ARROW_SUFFIXES):
+        yield from _arrow_documents(file, text_field, counts)
     elif name.endswith(JSON_SUFFIXES):
         yield from _jsonl_documents(file, text_field, counts, read_up_to)
     else:
@@ -380,6 +408,54 @@ def _parquet_documents(file: MatchedFile, text_field: str, counts: SourceCounts)
                     yield from split_long(text)
         except (pa.ArrowInvalid, OSError) as err:
             raise DataSourceError(f"{file.url}: a damaged Parquet file ({err}); rewrite it or drop it from data.files") from None
+
+
+def _arrow_documents(file: MatchedFile, text_field: str, counts: SourceCounts) -> Iterator[str]:
+    for number, record in enumerate(_table_rows(file), start=1):
+        if text_field not in record:
+            raise DataSourceError(f"{file.url}: no column {text_field!r} (data.text_field); columns are {sorted(record)}")
+        text = record[text_field]
+        if text is not None and not isinstance(text, str):
+            raise DataSourceError(f"{file.url}:row {number}: field {text_field!r} (data.text_field) holds {type(text).__name__}; expected a string")
+        if text is None or not text.strip():
+            counts.skipped_empty += 1
+            continue
+        yield from split_long(text)
+
+
+def _jsonl_records(file: MatchedFile) -> Iterator[tuple[str, dict]]:
+    stream, _ = _text_stream(file)
+    with stream:
+        for line_number, line in enumerate(_lines(stream, file, lambda: None), start=1):
+            if not line.strip():
+                continue
+            where = f"{file.url}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataSourceError(f"{where}: not valid JSON; JSON Lines expected: one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise DataSourceError(f"{where}: a JSON {type(record).__name__}; JSON Lines expected: one JSON object per line")
+            yield where, record
+
+
+def _table_rows(file: MatchedFile) -> Iterator[dict]:
+    """The rows of a Parquet file or an Arrow IPC file (stream or file format, as `datasets`
+    and pyarrow write them), as dicts, a batch at a time."""
+    with file.fs.open(file.path, "rb") as handle:
+        try:
+            if file.path.endswith(PARQUET_SUFFIXES):
+                batches = pq.ParquetFile(handle).iter_batches(batch_size=1024)
+            else:
+                data = handle.read()
+                try:
+                    batches = iter(pa.ipc.open_stream(data))
+                except pa.ArrowInvalid:
+                    batches = (reader.get_batch(i) for reader in [pa.ipc.open_file(data)] for i in range(reader.num_record_batches))
+            for batch in batches:
+                yield from batch.to_pylist()
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataSourceError(f"{file.url}: not a readable {'Parquet' if file.path.endswith(PARQUET_SUFFIXES) else 'Arrow'} file ({err}); rewrite it or drop it from data.files") from None
 
 
 def _not_utf8(file: MatchedFile, err: UnicodeDecodeError) -> DataSourceError:

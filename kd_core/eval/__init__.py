@@ -1,7 +1,8 @@
 """Held-out measurements of language models: teacher, student and baseline on the same rows.
 
 The eval stage (`kd_core/stages/eval.py`) runs the job's task's measurements and gates them;
-for a language model (`task: causal_lm`) these are, per model, over every predicted position of the held-out split (float32):
+for a language model (`task: causal_lm`) these are, per model, over every predicted position of the held-out split
+(chat data: every position that predicts an assistant token, so completion-only) (float32):
 - `cross_entropy` (nats/token) and `perplexity` = exp(CE);
 - `kl_to_teacher`: mean KL(p_teacher ‖ p_model) (0 for the teacher);
 - `agreement_top1`: how often the model's most likely next token is the teacher's, and
@@ -35,24 +36,27 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd_core.data.shards import load_split
-from kd_core.models import count_parameters, load_causal_lm, model_copy
+from kd_core.data.shards import read_columns, split_shards
+from kd_core.models import count_parameters, load_causal_lm, model_copy, sequence_inputs
 from kd_core.models.teacher import teacher_model_dir
 from kd_core.progress import progress_bar
 
 
 def measure_language_models(config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict]:
     """({rows, tokens} of the held-out split, held-out quality and speed of the teacher, student
-    and baseline LMs)."""
-    rows = torch.from_numpy(load_split(store, prep, config.split, config.max_rows))
+    and baseline LMs). Chat data is measured on the assistant's tokens alone (`tokens` counts
+    them; `completion_only`)."""
+    columns = read_columns(store, split_shards(prep, config.split), config.max_rows)
+    rows = {name: torch.from_numpy(values.astype(np.int64)) for name, values in columns.items()}
     model_dirs = {"teacher": teacher_model_dir(store, teacher), "student": model_copy(store, student)}
     if baseline is not None:
         model_dirs["baseline"] = model_copy(store, baseline)
     models = {name: load_causal_lm(folder).to(device) for name, folder in model_dirs.items()}
-    with run.timed("measure"), progress_bar("eval: quality", total=len(rows)) as bar:
+    with run.timed("measure"), progress_bar("eval: quality", total=len(rows["input_ids"])) as bar:
         scores = measure_models(models, rows, config.batch_size, bar.advance, device=device)
     with run.timed("speed"), progress_bar("eval: speed", total=len(models)) as bar:
         for name, model in models.items():
@@ -60,7 +64,9 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
             scores[name]["parameters"] = count_parameters(model)
             scores[name]["weight_bytes"] = sum(f.stat().st_size for f in model_dirs[name].glob("*.safetensors"))
             bar.advance(1)
-    return {"rows": len(rows), "tokens": int(rows.numel())}, scores
+    counted = sequence_inputs(rows)[1]
+    held_out = {"rows": len(rows["input_ids"]), "tokens": int(rows["input_ids"].numel() if counted is None else counted.sum())}
+    return held_out | ({"completion_only": True} if counted is not None else {}), scores
 
 
 def perplexity(cross_entropy: float) -> float:
@@ -110,17 +116,25 @@ class HeldOutScores:
 
 
 @torch.no_grad()
-def measure_models(models: dict, rows: torch.Tensor, batch_size: int, advance=lambda n: None, *, bins: int = 15, device="cpu") -> dict[str, dict]:
+def measure_models(
+    models: dict, rows: torch.Tensor | dict[str, torch.Tensor], batch_size: int, advance=lambda n: None, *, bins: int = 15, device="cpu"
+) -> dict[str, dict]:
     """Held-out quality of every model in `models` (which must include "teacher"), batch by batch:
-    the teacher's log-probs of a batch are computed once and compared with each model's."""
+    the teacher's log-probs of a batch are computed once and compared with each model's. `rows`:
+    token rows (N, T), or the columns of chat rows, measured at the positions that count
+    (`sequence_inputs`: those that predict an assistant token)."""
+    rows = rows if isinstance(rows, dict) else {"input_ids": rows}
     scores = {name: HeldOutScores(bins) for name in models}
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size].to(device)
-        targets = batch[:, 1:].flatten()
+    for start in range(0, len(rows["input_ids"]), batch_size):
+        inputs, counted = sequence_inputs({name: values[start : start + batch_size].to(device) for name, values in rows.items()})
+        batch = inputs["input_ids"]
+        keep = None if counted is None else counted[:, :-1].flatten()
+        targets = batch[:, 1:].flatten() if keep is None else batch[:, 1:].flatten()[keep]
         vocab = None
         log_probs = {}
         for name, model in models.items():
-            logits = model(input_ids=batch).logits.float()[:, :-1].flatten(0, 1)
+            logits = model(**inputs).logits.float()[:, :-1].flatten(0, 1)
+            logits = logits if keep is None else logits[keep]
             vocab = logits.shape[-1] if vocab is None else min(vocab, logits.shape[-1])
             log_probs[name] = logits
         # A teacher whose output layer is padded beyond the data's vocabulary is cut to it.
@@ -132,18 +146,21 @@ def measure_models(models: dict, rows: torch.Tensor, batch_size: int, advance=la
 
 
 @torch.no_grad()
-def inference_speed(model, rows: torch.Tensor, batch_size: int, batches: int, device="cpu") -> dict:
+def inference_speed(model, rows: torch.Tensor | dict[str, torch.Tensor], batch_size: int, batches: int, device="cpu") -> dict:
     """Forward-pass throughput and latency on this machine: one warm-up pass, then `batches`
-    timed passes of `batch_size` held-out rows (cycling through the split)."""
-    batch = rows[:batch_size].to(device)
-    model(input_ids=batch)
+    timed passes of `batch_size` held-out rows (cycling through the split); tokens/s counts
+    every token of the rows."""
+    rows = rows if isinstance(rows, dict) else {"input_ids": rows}
+    inputs = sequence_inputs({name: values[:batch_size].to(device) for name, values in rows.items()})[0]
+    model(**inputs)
     times = []
     for index in range(batches):
-        start = (index * batch_size) % max(len(rows) - batch_size + 1, 1)
-        batch = rows[start : start + batch_size].to(device)
+        start = (index * batch_size) % max(len(rows["input_ids"]) - batch_size + 1, 1)
+        inputs = sequence_inputs({name: values[start : start + batch_size].to(device) for name, values in rows.items()})[0]
+        batch = inputs["input_ids"]
         _synchronize(device)
         began = time.perf_counter()
-        model(input_ids=batch)
+        model(**inputs)
         _synchronize(device)
         times.append(time.perf_counter() - began)
     tokens = batch.numel()

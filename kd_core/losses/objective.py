@@ -44,12 +44,14 @@ if TYPE_CHECKING:  # kd_core.config imports the losses, never the other way roun
 
 
 def next_token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean CE of predicting input_ids[:, t+1] from logits[:, t]. logits (B, T, V), input_ids (B, T)."""
+    """Mean CE of predicting input_ids[:, t+1] from logits[:, t] over the positions t that count
+    (`mask` (B, T), as `TeacherTargets.mask`; a row's last position predicts nothing). logits
+    (B, T, V), input_ids (B, T)."""
     per_token = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none"
     )
-    shifted_mask = None if mask is None else mask[:, 1:].flatten()
-    return masked_mean(per_token, shifted_mask)
+    counted = None if mask is None else mask[:, :-1].flatten()
+    return masked_mean(per_token, counted)
 
 
 def confidence_weights(teacher_entropy: torch.Tensor, vocab_size: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -171,7 +173,7 @@ class DistillationObjective(nn.Module):
         # CE: position t predicts token t+1 and counts when that token is valid; a row's last position has none.
         next_tokens = labels.roll(-1, dims=1).reshape(-1)
         has_next = torch.zeros(batch, length, dtype=torch.bool, device=labels.device)
-        has_next[:, :-1] = True if mask is None else mask[:, 1:]
+        has_next[:, :-1] = True if mask is None else mask[:, :-1]
 
         def ce_chunk(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
             return F.cross_entropy(student_logits, next_tokens[rows], reduction="none")

@@ -24,8 +24,9 @@ B rows, T positions, V vocabulary entries, k top-k slots, n sample slots, H hidd
   teacher's hidden state of layer L (a Hugging Face `hidden_states` index); {} when none.
 - `chosen_rewards`, `rejected_rewards` (`teacher_chosen`, `teacher_rejected`): (N,) float32, a
   reward teacher's scores of each preference pair's chosen and rejected response.
-- `mask`: (B, T) bool, the positions that count (None: every one). No batch key: the training
-  stream's batches have none.
+- `mask`: (B, T) bool, the positions that count (None: every one): position t counts when the
+  token after it, t + 1, is one the student learns to write (chat data: an assistant token).
+  No batch key: the language model's step builds it from the batch's `loss_mask`.
 
 The batch keys are those `kd_core.cache.format.CacheLayout.decode` yields into the training
 stream's batches (`BATCH_KEYS`); `from_batch` is the one place that maps them to fields. An online

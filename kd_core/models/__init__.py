@@ -3,7 +3,9 @@
 Models are Llama-style `transformers` causal LMs built from an `ArchitectureConfig` (random
 weights, seeded) or loaded from a Hugging Face directory on any fsspec store. Weights are saved as
 safetensors with the tokenizer beside them, so every model directory kdflow writes loads with
-`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`. `sequence_inputs`
+turns a batch of rows (text, or chat with position ids and a loss mask) into a causal LM's inputs
+and the positions that count, for training, validation and eval alike.
 """
 
 from __future__ import annotations
@@ -71,6 +73,25 @@ def build_causal_lm(
     config = llama_config(arch, vocab_size, max_positions, dropout=dropout, special_ids=special_ids)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def sequence_inputs(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """(the model's inputs, the positions that count) of a batch. Text rows: `input_ids` alone,
+    every position counts (None). Chat rows: also `position_ids`, which restart with every
+    conversation of a packed row and so keep attention within it (kd_core/data/chat.py), and
+    `counted_positions` of the `loss_mask`."""
+    inputs = {"input_ids": batch["input_ids"]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"].long()
+    return inputs, (counted_positions(batch["loss_mask"]) if "loss_mask" in batch else None)
+
+
+def counted_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: position t counts when token t + 1 is trained on (`loss_mask`, one per token);
+    a row's last position predicts nothing in the row."""
+    counted = torch.zeros(loss_mask.shape, dtype=torch.bool, device=loss_mask.device)
+    counted[:, :-1] = loss_mask[:, 1:].bool()
+    return counted
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -63,22 +63,26 @@ class CausalLMTeacher:
         self.output_layer = separable_output_layer(model, min(layout.seq_len, 8))
 
     @torch.no_grad()
-    def columns(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+    def columns(self, rows: np.ndarray, batch_size: int, generator: torch.Generator, position_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The Arrow columns of token rows (rows, T), `batch_size` rows through the model at a time;
-        `generator` (on the model's device) draws the samples of a sampled cache."""
+        `generator` (on the model's device) draws the samples of a sampled cache. `position_ids`
+        (rows, T), where rows hold several sequences (packed chat data), restart with each one."""
         device = next(self.model.parameters()).device
         blocks: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(rows), batch_size):
             batch = torch.as_tensor(rows[start : start + batch_size], dtype=torch.long, device=device)
-            targets, hidden = self.batch_targets(batch, generator)
+            positions = None if position_ids is None else torch.as_tensor(position_ids[start : start + batch_size], dtype=torch.long, device=device)
+            targets, hidden = self.batch_targets(batch, generator, positions)
             for name, values in self.layout.pack(targets, hidden, rows=len(batch)).items():
                 blocks.setdefault(name, []).append(values)
         return {name: np.concatenate(parts) for name, parts in blocks.items()}
 
-    def batch_targets(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    def batch_targets(
+        self, batch: torch.Tensor, generator: torch.Generator, position_ids: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
         """`CacheLayout.position_targets` of every position of a batch (rows, T), in row order, and
         the cached hidden layers (rows, T, H)."""
-        forward = teacher_forward(self.model, batch, self.layout.hidden_layers, self.output_layer)
+        forward = teacher_forward(self.model, batch, self.layout.hidden_layers, self.output_layer, position_ids)
         chunks = [
             self.chunk_targets(forward.logits(slice(start, start + self.positions_per_chunk)), generator)
             for start in range(0, batch.numel(), self.positions_per_chunk)
@@ -109,18 +113,20 @@ class TeacherForward:
         return self.whole_logits.flatten(0, 1)[positions]
 
 
-def teacher_forward(model, batch: torch.Tensor, hidden_layers, output_layer=None) -> TeacherForward:
+def teacher_forward(model, batch: torch.Tensor, hidden_layers, output_layer=None, position_ids: torch.Tensor | None = None) -> TeacherForward:
     """The teacher's forward pass, shared by the cache stage (`CausalLMTeacher`) and the online
     teacher (`kd_core.train.targets.OnlineTargets`). With `output_layer` (see
     `separable_output_layer`) the model's body runs once and the output layer later, on the
-    positions asked for; without it the whole forward pass gives every position's logits. Call it
-    under `torch.no_grad()`."""
+    positions asked for; without it the whole forward pass gives every position's logits.
+    `position_ids` (rows, T) restart with every sequence of a packed row, which keeps attention
+    within each (None: one sequence per row). Call it under `torch.no_grad()`."""
     wants_hidden = bool(hidden_layers)
+    inputs = {"input_ids": batch} | ({} if position_ids is None else {"position_ids": position_ids})
     if output_layer is not None:
-        output = model.base_model(input_ids=batch, output_hidden_states=wants_hidden, use_cache=False)
+        output = model.base_model(**inputs, output_hidden_states=wants_hidden, use_cache=False)
         forward = TeacherForward(output.last_hidden_state.flatten(0, 1), None, output_layer, {})
     else:
-        output = model(input_ids=batch, output_hidden_states=wants_hidden, use_cache=False)
+        output = model(**inputs, output_hidden_states=wants_hidden, use_cache=False)
         forward = TeacherForward(None, output.logits, None, {})
     forward.hidden = {layer: output.hidden_states[layer] for layer in hidden_layers}
     return forward

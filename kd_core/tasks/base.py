@@ -88,8 +88,9 @@ class Task:
         """The student settings that shape the task's student (the distill key covers them)."""
         return student.model_dump(mode="json")
 
-    def columns(self, role: str) -> tuple[str, ...]:
-        """The token-shard columns a role's training step reads (what the stream decodes)."""
+    def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:
+        """The token-shard columns a role's training step reads (what the stream decodes), of the
+        data the prep manifest's `prep_details` describe."""
         raise NotImplementedError
 
     def build_model(self, spec: TrainSpec) -> torch.nn.Module:

@@ -47,6 +47,11 @@ class CausalLM(Task):
     def check_config(self, job) -> None:
         super().check_config(job)
         cache, loss = job.cache, job.distill.loss
+        if job.data.source == "chat" and not job.data.tokenizer:
+            raise ValueError(
+                "data.tokenizer: chat data is rendered through a Hugging Face tokenizer's chat template; set data.tokenizer "
+                "(or teacher.path, whose tokenizer is then used)"
+            )
         trains_tokenizer = job.data.tokenizer is None  # else the vocabulary is the tokenizer's, checked by the cache stage
         if trains_tokenizer and cache.format == "topk" and cache.top_k > job.data.vocab_size:
             raise ValueError(f"cache.top_k: must be <= data.vocab_size ({job.data.vocab_size}), got {cache.top_k}")
@@ -78,19 +83,22 @@ class CausalLM(Task):
 
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
-        return data.model_dump(mode="json", exclude={"preferences"})
+        return data.model_dump(mode="json", exclude={"preferences"} if data.source == "chat" else {"preferences", "chat"})
 
     def prepare(self, data, store, run, source) -> tuple[dict, dict]:
+        from kd_core.data.chat import prepare_chat
         from kd_core.data.prep import prepare_text
 
-        return prepare_text(data, store, run, source)
+        return (prepare_chat if data.source == "chat" else prepare_text)(data, store, run, source)
 
     # ---------------------------------------------------------------------------------- training
     def student_settings(self, student) -> dict:
         return student.model_dump(mode="json", exclude={"vision"})
 
-    def columns(self, role: str) -> tuple[str, ...]:
-        return ("input_ids",)
+    def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:
+        from kd_core.data.chat import CHAT_COLUMNS
+
+        return CHAT_COLUMNS if "chat" in prep_details else ("input_ids",)
 
     def build_model(self, spec) -> torch.nn.Module:
         from kd_core.models import build_causal_lm
@@ -133,7 +141,8 @@ class CausalLM(Task):
 
         from kd_core.tasks.causal_lm_step import next_token_loss
 
-        return {"val_loss": next_token_loss(model, torch.from_numpy(rows["input_ids"].astype(np.int64)), batch_size, device)}
+        columns = {name: torch.from_numpy(values.astype(np.int64)) for name, values in rows.items() if name in self.columns("student", spec.prep_details)}
+        return {"val_loss": next_token_loss(model, columns, batch_size, device)}
 
     # ------------------------------------------------------------------------ teacher outputs
     def cache_layout(self, config, prep, store, teacher) -> CacheLayout:
@@ -191,11 +200,13 @@ class CausalLM(Task):
         from kd_core.losses import TeacherTargets
         from kd_core.models.inference import teacher_forward
 
+        from kd_core.models import sequence_inputs
+
         objective = spec.objective
         layers = sorted({layer for _, layer in objective.feature_layers}) if objective is not None and objective.feature_weight > 0 else []
         input_ids = batch["input_ids"]
         with torch.no_grad():
-            forward = teacher_forward(teacher, input_ids, layers)
+            forward = teacher_forward(teacher, input_ids, layers, position_ids=sequence_inputs(batch)[0].get("position_ids"))
             logits = forward.logits(slice(None)).unflatten(0, input_ids.shape)
         return TeacherTargets(logits=logits[..., : spec.vocab_size], hidden=forward.hidden)
 
@@ -216,7 +227,7 @@ class CausalLM(Task):
     def report_html(self, job_name, metrics, histories, extras) -> str:
         from kd_core.eval.report import language_model_figures, language_model_table, report_html
 
-        held_out = f'{metrics["rows"]:,} rows, {metrics["tokens"]:,} tokens'
+        held_out = f'{metrics["rows"]:,} rows, {metrics["tokens"]:,} {"assistant " if metrics.get("completion_only") else ""}tokens'
         return report_html(job_name, metrics, language_model_figures(metrics, histories), language_model_table(metrics), held_out)
 
     # --------------------------------------------------------------------------------- register
@@ -228,6 +239,18 @@ class CausalLM(Task):
     # ------------------------------------------------------------------------------------- CLI
     def headline(self, step, manifest) -> str | None:
         metrics, details = manifest.metrics, manifest.details
+        if step == "prep" and "chat" in details:
+            changed = [
+                f"{metrics[key]:,} {label}"
+                for key, label in (("duplicates_removed", "duplicates dropped"), ("truncated", "truncated"), ("dropped_overlong", "too long, dropped"),
+                                   ("dropped_untrained", "no assistant token within seq_len, dropped"))
+                if metrics.get(key)
+            ]
+            return (
+                f"{metrics['conversations']:,} conversations{' (' + ', '.join(changed) + ')' if changed else ''}, "
+                f"{metrics['train_trained_tokens']:,} trained of {metrics['train_tokens']:,} train tokens "
+                f"({details['chat']['layout']}, rows {metrics['row_fill']:.0%} full), vocab {details['vocab_size']}"
+            )
         if step == "prep":
             dropped = [f"{metrics[key]:,} {label}" for key, label in (("duplicates_removed", "duplicates"), ("skipped_empty", "empty")) if metrics.get(key)]
             return (
@@ -239,7 +262,7 @@ class CausalLM(Task):
             kept = {"topk": f"top-{layout['slots']}", "sampled": f"{layout['slots']} samples", "full": "full log-probs"}[details["format"]]
             return f"{kept}, {metrics['bytes_per_token']} bytes/token"
         if step == "eval":
-            return f"{metrics['tokens']:,} held-out tokens ({metrics['split']})"
+            return f"{metrics['tokens']:,} held-out {'assistant ' if metrics.get('completion_only') else ''}tokens ({metrics['split']})"
         return None
 
     def comparison_table(self, metrics) -> Table:
@@ -249,7 +272,7 @@ class CausalLM(Task):
             return f"{row['parameters']:,}", f"{row['perplexity']:.2f}", kl, agreement, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}"
 
         return models_table(
-            f"held-out {metrics['split']} split, {metrics['tokens']:,} tokens; speed on {metrics.get('device', 'this machine')}",
+            f"held-out {metrics['split']} split, {metrics['tokens']:,} {'assistant ' if metrics.get('completion_only') else ''}tokens; speed on {metrics.get('device', 'this machine')}",
             ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", "ECE", "tokens/s"),
             {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}, metrics, cells,
         )

@@ -87,7 +87,7 @@ class Reward(Task):
         return False  # each response is its own row: no separator between documents
 
     # ---------------------------------------------------------------------------------- training
-    def columns(self, role: str) -> tuple[str, ...]:
+    def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:
         """A text teacher never sees the images, the multimodal student never the text view."""
         return (*(TEACHER_VIEW if role == "teacher" else STUDENT_VIEW), "human_label")
 

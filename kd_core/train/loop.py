@@ -82,7 +82,7 @@ def training_stream(
         shuffle_buffer=spec.train.shuffle_buffer,
         prefetch_shards=spec.train.prefetch_shards,
         split=spec.train.data_split,
-        columns=spec.task.columns(spec.role),
+        columns=spec.task.columns(spec.role, spec.prep_details),
         batch_size=batch_size,
         resume=resume,
     )
