@@ -32,7 +32,7 @@ def check_inputs(config: JobConfig) -> list[str]:
     from kd_core.tasks import task_named
 
     checked = [line for line in [check_object_store(config.storage)] if line]
-    if config.data.source in ("files", "preferences") or config.data.tokenizer:
+    if config.data.source in ("files", "chat", "preferences") or config.data.tokenizer:
         checked += check_prep_inputs(config.data, config.storage, separates_documents=task_named(config.task).separates_documents())
     if config.teacher.path:
         check_teacher_folder(config.teacher.path, Store(config.storage), config.data.seq_len)
