@@ -79,8 +79,9 @@ def sequence_inputs(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     """(the model's inputs, the positions that count) of a batch. Text rows: `input_ids` alone,
     every position counts (None). Chat rows: also `position_ids`, which restart with every
     conversation of a packed row and so keep attention within it (kd_core/data/chat.py), and
-    `counted_positions` of the `loss_mask`."""
-    inputs = {"input_ids": batch["input_ids"]}
+    `counted_positions` of the `loss_mask`. No KV cache: with one, Hugging Face models do not
+    look for sequences packed into a row (`transformers.masking_utils`)."""
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"].long()
     return inputs, (counted_positions(batch["loss_mask"]) if "loss_mask" in batch else None)
