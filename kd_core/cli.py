@@ -16,6 +16,9 @@
                                                 the student, the baseline and eval for N training
                                                 seeds (default 3) on one prep, teacher and cache:
                                                 every held-out metric's mean, spread and range
+    kdflow export CONFIG --step teacher|distill|baseline --to DEST
+                                                the job up to STEP, then its model folder copied to
+                                                DEST (to start another job's teacher or student)
     kdflow compile CONFIG [--output FILE]       the Kubeflow DAG as KFP YAML
     kdflow submit CONFIG                        one run of the DAG on kubeflow.host
     kdflow schedule CONFIG --cron "0 0 3 * * *" a recurring run (one at a time, no catch-up)
@@ -131,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mark the current champion rejected and move the champion alias back to the previous champion.",
     )
     _add_config_arguments(rollback)
+    export = commands.add_parser(
+        "export", help="copy the model a step made into a folder (to start another job from it)",
+        description="Run the job up to STEP (reusing finished steps) and copy the Hugging Face model folder it made "
+        "(safetensors, config, tokenizer) to DEST, e.g. for another job's teacher.path or student.path.",
+    )
+    _add_config_arguments(export)
+    export.add_argument("--step", required=True, choices=("teacher", "distill", "baseline"), help="the step whose model to copy")
+    export.add_argument("--to", required=True, metavar="DEST", help="a folder URL (local or s3://) that does not exist yet, or is empty")
     return parser
 
 
@@ -160,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return _move_champion(config, args.command, getattr(args, "version", None), force=getattr(args, "force", False))
     if args.command in ("compile", "submit", "schedule"):
         return _kubeflow(config, args)
+    if args.command == "export":
+        return _export(config, args.step, args.to)
     force = frozenset(["all"] if args.force_all else args.force)
     fail_on_gates = getattr(args, "fail_on_gates", False)
     if getattr(args, "engine", "local") == "kfp-local":
@@ -187,6 +200,20 @@ def _validate(config: JobConfig, path: str, check: bool) -> int:
         for line in checked:
             stdout.print(redact(line), soft_wrap=True)
     stdout.print(redact(f"{path}: valid ({_describe(config)})"))
+    return 0
+
+
+def _export(config: JobConfig, step: str, destination: str) -> int:
+    from kd_core.pipeline import export_model
+
+    try:
+        if step != "teacher":
+            _probe_tracking(config)
+        manifest, url = export_model(config, step, destination)
+    except (InputError, RunStopped) as err:
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2 if isinstance(err, InputError) else 1
+    stdout.print(redact(f"exported the {step} step's model ({manifest.key}) to {url}"), soft_wrap=True)
     return 0
 
 

@@ -152,11 +152,13 @@ class ChatConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["python-docs", "files", "chat", "preferences", "digit-preferences"] = "python-docs"
+    source: Literal["python-docs", "files", "chat", "python-qa", "preferences", "digit-preferences"] = "python-docs"
     """`python-docs`: the language reference and standard-library docstrings bundled with Python
     (offline on every machine). `files`: the text, JSONL or Parquet files matched by `files`.
     `chat`: chat or instruction records (`chat`) in JSONL or Parquet files, or Hugging Face
-    `datasets` folders (saved with `save_to_disk`), matched by `files`.
+    `datasets` folders (saved with `save_to_disk`), matched by `files`. `python-qa`: instruction
+    pairs about the standard library answered by its own docstrings ("What does `zip` do?"),
+    bundled with Python (`kd_core/data/python_qa.py`), read like `chat`.
     `preferences` (`task: reward`): JSONL preference records with images (`preferences`), matched
     by `files`. `digit-preferences` (`task: reward`): preference pairs about the handwritten digit
     images bundled with scikit-learn, written to the store and read like `preferences`."""
@@ -165,7 +167,7 @@ class DataConfig(Section):
     (`.jsonl.gz`) (sources `files`, `chat`, `preferences`). A file matched twice is read once; an
     `s3://` URL uses the `storage.s3` settings."""
     chat: ChatConfig = ChatConfig()
-    """Chat and instruction records (source `chat`)."""
+    """Chat and instruction records (sources `chat` and `python-qa`)."""
     preferences: PreferenceConfig = PreferenceConfig()
     """Preference records (sources `preferences` and `digit-preferences`)."""
     text_field: str = "text"

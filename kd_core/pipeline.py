@@ -11,6 +11,7 @@ config, and nothing here knows about Kubeflow.
 from __future__ import annotations
 
 from kd_core.config import public_dict
+from kd_core.errors import InputError
 from kd_core.job import JobConfig
 from kd_core.manifest import Manifest
 from kd_core.progress import say
@@ -66,17 +67,73 @@ def prep_step(config: JobConfig, force: frozenset[str] = frozenset()) -> Manifes
 def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:
     """The teacher step, then (with `distill.teacher_source: cache`) the cache stage."""
     from kd_core.stages.cache import cache
-    from kd_core.stages.teacher import teacher
 
     store = Store(config.storage)
-    steps = {
-        "teacher": _announce(
-            teacher(config.teacher, prep, store, config.compute, checkpointing=config.distill, force=is_forced("teacher", force))
-        )
-    }
+    steps = {"teacher": teacher_step(config, prep, force)}
     if config.distill.teacher_source == "cache":
         steps["cache"] = _announce(cache(config.cache, prep, steps["teacher"], store, config.compute, force=is_forced("cache", force)))
     return steps
+
+
+def teacher_step(config: JobConfig, prep: Manifest, force: frozenset[str] = frozenset()) -> Manifest:
+    """The teacher: `teacher.path` recorded as it is, or the model kdflow trains (reused when done)."""
+    from kd_core.stages.teacher import teacher
+
+    store = Store(config.storage)
+    return _announce(teacher(config.teacher, prep, store, config.compute, checkpointing=config.distill, force=is_forced("teacher", force)))
+
+
+EXPORTABLE = ("teacher", "distill", "baseline")
+"""Steps whose model `kdflow export` copies out."""
+
+
+def export_model(config: JobConfig, step: str, destination: str) -> tuple[Manifest, str]:
+    """Run the job up to `step` (reusing every finished step), then copy the Hugging Face model
+    folder it made (safetensors, config, tokenizer) to `destination`, a folder URL on any fsspec
+    store that must not exist yet or be empty: e.g. to start another job's teacher or student
+    from it (`teacher.path`, `student.path`). The copy lands whole: on local disk it is written
+    beside the destination and renamed into place. `kdflow-export.json` in it names the job,
+    step and key it came from. Returns (the step's manifest, the destination's URL)."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from kd_core.models import model_copy
+    from kd_core.models.teacher import teacher_model_dir
+    from kd_core.storage import url_to_fs
+
+    if step not in EXPORTABLE:
+        raise ValueError(f"kdflow export: step must be one of {', '.join(EXPORTABLE)}, got {step!r}")
+    fs, target = url_to_fs(destination, config.storage)
+    target = target.rstrip("/")
+    if fs.exists(target) and fs.ls(target):
+        raise InputError(f"kdflow export: {destination} exists and is not empty; remove it or export to another folder")
+    prep = prep_step(config)
+    if step == "teacher":
+        manifest = teacher_step(config, prep)
+        folder = teacher_model_dir(Store(config.storage), manifest)
+    else:
+        manifest = run_pipeline(config, until="distill")[step]
+        folder = model_copy(Store(config.storage), manifest)
+    provenance = {"job": config.name, "step": step, "key": manifest.key, "source_folder": str(manifest.details.get("model_folder") or folder)}
+    local = isinstance(fs, LocalFileSystem)
+    if local:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".kdflow-export-", dir=os.path.dirname(target) if local else None) as staging:
+        copied = os.path.join(staging, "model")
+        shutil.copytree(folder, copied, ignore=shutil.ignore_patterns(".kdflow-download.json"))
+        with open(os.path.join(copied, "kdflow-export.json"), "w") as handle:
+            json.dump(provenance, handle, indent=2)
+        if local:
+            if os.path.isdir(target):
+                os.rmdir(target)  # empty, checked above
+            os.replace(copied, target)
+        else:
+            fs.put(copied + "/", target + "/", recursive=True)
+    return manifest, destination
 
 
 def seed_steps(config: JobConfig, seeds: int, force: frozenset[str] = frozenset()) -> tuple[dict[str, Manifest], dict[int, dict[str, Manifest]]]:

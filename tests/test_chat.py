@@ -298,3 +298,20 @@ def test_the_students_loss_counts_only_the_positions_that_predict_assistant_toke
         torch.testing.assert_close(terms["kd"], expected_kd, rtol=1e-5, atol=1e-6)
         nothing = step(batch | {"loss_mask": torch.zeros_like(batch["loss_mask"])}, TeacherTargets(logits=teacher_logits))
         assert float(nothing["loss"]) == 0.0 and not torch.isnan(nothing["loss"])
+
+
+def test_the_bundled_python_pairs_answer_each_question_from_its_own_docs(tmp_path, tokenizers):
+    import inspect
+
+    from kd_core.data.python_qa import python_qa_pairs
+
+    pairs = python_qa_pairs(seed=0)
+    assert len(pairs) > 800 and pairs == python_qa_pairs(seed=0)
+    by_prompt = {pair["prompt"]: pair["completion"] for pair in pairs}
+    zip_question = next(prompt for prompt in by_prompt if "`zip`" in prompt and not prompt.startswith("How do I call"))
+    assert by_prompt[zip_question] in " ".join(inspect.getdoc(zip).split())  # the docstring's own prose
+    assert by_prompt["How do I call `json.dumps`?"].startswith("`json.dumps(obj, *, skipkeys=False")
+    assert all(pair["completion"].strip() and len(pair["completion"]) <= 330 for pair in pairs)
+    store = Store(StorageConfig(root=str(tmp_path / "store")))
+    manifest = prep(DataConfig(source="python-qa", tokenizer=tokenizers["qwen"], seq_len=128, max_documents=60), store)
+    assert manifest.metrics["conversations"] == 60 and manifest.details["chat"]["train_on"] == "assistant"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["validate", "prep", "cache", "distill", "eval", "register", "run", "seeds", "promote", "rollback"]
+COMMANDS = ["validate", "prep", "cache", "distill", "eval", "register", "run", "seeds", "promote", "rollback", "export"]
 
 
 def kdflow(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -156,3 +156,21 @@ def test_seeds_trains_each_seed_on_one_cache_and_summarises_the_held_out_metrics
     assert main(["seeds", *job, "--seeds", "2"]) == 0
     assert {path: path.stat().st_mtime_ns for path in store.glob("*/*/manifest.json")} == made
     assert main(["seeds", *job, "--seeds", "0"]) == 2
+
+
+def test_export_copies_the_teachers_folder_once_and_it_loads_as_the_teacher_it_was(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    destination = tmp_path / "exported" / "teacher"
+    args = ("export", "configs/tiny.yaml", f"storage.root={tmp_path / 'store'}", "compute.backend=local", "--step", "teacher", "--to", str(destination))
+    first = kdflow(*args)
+    assert first.returncode == 0, first.stderr
+    provenance = json.loads((destination / "kdflow-export.json").read_text())
+    assert provenance["step"] == "teacher" and f"({provenance['key']})" in first.stdout
+    trained = load_file(tmp_path / "store" / "teacher" / provenance["key"] / "model" / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(destination)
+    assert all(model.state_dict()[name].equal(tensor) for name, tensor in trained.items())
+    again = kdflow(*args)
+    assert again.returncode == 2 and "exists and is not empty; remove it or export to another folder" in again.stderr
+    assert not [p for p in destination.parent.iterdir() if p.name.startswith(".kdflow-export-")]

@@ -233,11 +233,14 @@ def encode_split(encoder: ChatEncoder, conversations: list[Conversation], seq_le
     return encoded
 
 
-def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSource) -> tuple[dict, dict]:
-    """Prep's work for chat records into `run`'s folder: (metrics, details)."""
+def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
+    """Prep's work for chat records into `run`'s folder: (metrics, details). `source` None: the
+    bundled `python-qa` pairs (written to the store on first use)."""
     from kd_core.data.prep import split_documents
+    from kd_core.data.python_qa import python_qa_url
 
     chat, counts = config.chat, ChatCounts()
+    source = source or FileSource([python_qa_url(store, config.seed)], config.text_field, store.config)
     with run.timed("collect"):
         conversations = collect_conversations(config, source, counts)
         splits = split_documents(conversations, config.val_fraction, config.test_fraction)

@@ -30,9 +30,13 @@ if TYPE_CHECKING:
     from kd_core.losses import DistillationObjective
 
 
+CHAT_SOURCES = ("chat", "python-qa")
+"""Data sources of conversations (`kd_core/data/chat.py`), as opposed to plain text."""
+
+
 class CausalLM(Task):
     name = "causal_lm"
-    data_sources = ("python-docs", "files", "chat")
+    data_sources = ("python-docs", "files", "chat", "python-qa")
     metrics = (
         "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
         "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
@@ -47,7 +51,7 @@ class CausalLM(Task):
     def check_config(self, job) -> None:
         super().check_config(job)
         cache, loss = job.cache, job.distill.loss
-        if job.data.source == "chat" and not job.data.tokenizer:
+        if job.data.source in CHAT_SOURCES and not job.data.tokenizer:
             raise ValueError(
                 "data.tokenizer: chat data is rendered through a Hugging Face tokenizer's chat template; set data.tokenizer "
                 "(or teacher.path, whose tokenizer is then used)"
@@ -83,13 +87,13 @@ class CausalLM(Task):
 
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
-        return data.model_dump(mode="json", exclude={"preferences"} if data.source == "chat" else {"preferences", "chat"})
+        return data.model_dump(mode="json", exclude={"preferences"} if data.source in CHAT_SOURCES else {"preferences", "chat"})
 
     def prepare(self, data, store, run, source) -> tuple[dict, dict]:
         from kd_core.data.chat import prepare_chat
         from kd_core.data.prep import prepare_text
 
-        return (prepare_chat if data.source == "chat" else prepare_text)(data, store, run, source)
+        return (prepare_chat if data.source in CHAT_SOURCES else prepare_text)(data, store, run, source)
 
     # ---------------------------------------------------------------------------------- training
     def student_settings(self, student) -> dict:
