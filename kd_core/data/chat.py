@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kd_core.config import ChatConfig, DataConfig
-from kd_core.data.shards import SPLITS, write_shards
+from kd_core.data.shards import SPLITS, split_documents, write_shards
 from kd_core.data.sources import DataSourceError, FileSource
 from kd_core.data.tokenizer import load_tokenizer, save_hf_tokenizer
 from kd_core.progress import progress_bar
@@ -236,7 +236,6 @@ def encode_split(encoder: ChatEncoder, conversations: list[Conversation], seq_le
 def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
     """Prep's work for chat records into `run`'s folder: (metrics, details). `source` None: the
     bundled `python-qa` pairs (written to the store on first use)."""
-    from kd_core.data.prep import split_documents
     from kd_core.data.python_qa import python_qa_url
 
     chat, counts = config.chat, ChatCounts()

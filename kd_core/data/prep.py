@@ -30,7 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from kd_core.config import DataConfig, StorageConfig
-from kd_core.data.shards import SPLITS, write_shards
+from kd_core.data.shards import SPLITS, split_documents, write_shards
 from kd_core.data.sources import DataSourceError, FileSource, SourceCounts, python_docs
 from kd_core.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_tokenizer
 from kd_core.progress import progress_bar
@@ -137,17 +137,6 @@ def unique_documents(documents: Iterable[str]) -> tuple[list[str], int]:
         seen.add(fingerprint)
         kept.append(document)
     return kept, duplicates
-
-
-def split_documents(documents: list[str], val_fraction: float, test_fraction: float) -> dict[str, list[str]]:
-    """Held-out splits first, at least one document each; the rest trains."""
-    n_val = max(1, round(len(documents) * val_fraction))
-    n_test = max(1, round(len(documents) * test_fraction))
-    return {
-        "val": documents[:n_val],
-        "test": documents[n_val : n_val + n_test],
-        "train": documents[n_val + n_test :],
-    }
 
 
 def _empty_split(split: str, documents: list[str], config: DataConfig) -> DataSourceError:

@@ -114,6 +114,17 @@ def load_split(store: Store, prep: Manifest, split: str, max_rows: int | None = 
     return read_columns(store, split_shards(prep, split), max_rows)["input_ids"].astype(np.int64)
 
 
+def split_documents(documents: list, val_fraction: float, test_fraction: float) -> dict[str, list]:
+    """Held-out splits first, at least one document (or conversation) each; the rest trains."""
+    n_val = max(1, round(len(documents) * val_fraction))
+    n_test = max(1, round(len(documents) * test_fraction))
+    return {
+        "val": documents[:n_val],
+        "test": documents[n_val : n_val + n_test],
+        "train": documents[n_val + n_test :],
+    }
+
+
 def write_shards(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int) -> list[str]:
     """`shards/<split>-NNNNN.arrow`, `rows_per_shard` rows of every column each; their names."""
     names = []
