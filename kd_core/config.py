@@ -511,6 +511,11 @@ class EvalConfig(Section):
     no gates then promotes any student that is not diverged."""
     throughput_batches: int = Field(default=5, gt=0)
     """Timed forward passes per model for inference tokens/s and latency (after one warm-up)."""
+    answer_prompts: int = Field(default=32, ge=0)
+    """Chat data: held-out prompts every model answers greedily, scored against the reference
+    answer by exact match and word F1 (`kd_core/eval/answers.py`); 0: none."""
+    max_new_tokens: int = Field(default=48, gt=0)
+    """Chat data: the longest answer a model may write to a held-out prompt (tokens)."""
 
     @field_validator("gates")
     @classmethod

@@ -30,6 +30,7 @@ MODELS = ("student", "teacher", "baseline", "uniform")
 METRICS = (
     # language models (kd_core/tasks/causal_lm.py)
     "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5", "tokens_per_s",
+    "answer_exact_match", "answer_f1",
     # reward models (kd_core/tasks/reward.py)
     "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "preference_kl_to_teacher", "pairs_per_s",
     # every model
@@ -37,7 +38,7 @@ METRICS = (
 )
 """Every metric name a task measures (each task's `Task.metrics` says which are its own)."""
 MAXIMIZED = frozenset(
-    {"agreement_top1", "agreement_top5", "tokens_per_s", "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "pairs_per_s"}
+    {"agreement_top1", "agreement_top5", "tokens_per_s", "answer_exact_match", "answer_f1", "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "pairs_per_s"}
 )
 """Metrics where higher is better (the registry's default goal for a primary metric)."""
 _COMPARISONS = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq, ast.NotEq: operator.ne}

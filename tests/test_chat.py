@@ -23,6 +23,7 @@ from kd_core.storage import Store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWERS = ["returns a list of tuples", "applies the function to every value", "the model predicts the next token"]
+ANSWERS_SEEN = {f"{answer} {index}" for answer in ANSWERS for index in range(100)}
 
 
 def conversations(count: int, *, turns: int = 1, seed: int = 0) -> list[dict]:
@@ -268,6 +269,11 @@ def test_a_chat_job_distills_on_assistant_tokens_and_eval_measures_only_them(tmp
     # ...which is not the perplexity over every token of the rows.
     every = measure_models({"teacher": student, "student": student}, torch.from_numpy(load_split(store, steps["prep"], "test", 8)), 8)
     assert every["student"]["cross_entropy"] != pytest.approx(metrics["student"]["cross_entropy"], rel=1e-3)
+    # Every model answered the held-out prompts, which end where the assistant's turn begins.
+    assert all(0 <= metrics[name]["answer_f1"] <= 1 and metrics[name]["answer_prompts"] > 0 for name in ("teacher", "student", "baseline"))
+    examples = json.loads(store.read_bytes(f"{steps['eval'].folder}/answers.json"))
+    assert examples and all(example["prompt"].endswith("<|im_start|>assistant\n") for example in examples)
+    assert set(examples[0]["answers"]) == {"teacher", "student", "baseline"} and examples[0]["reference"] in ANSWERS_SEEN
 
 
 def test_the_students_loss_counts_only_the_positions_that_predict_assistant_tokens():
@@ -315,3 +321,18 @@ def test_the_bundled_python_pairs_answer_each_question_from_its_own_docs(tmp_pat
     store = Store(StorageConfig(root=str(tmp_path / "store")))
     manifest = prep(DataConfig(source="python-qa", tokenizer=tokenizers["qwen"], seq_len=128, max_documents=60), store)
     assert manifest.metrics["conversations"] == 60 and manifest.details["chat"]["train_on"] == "assistant"
+
+
+def test_held_out_prompts_end_where_the_answer_starts_and_answers_score_by_words():
+    from kd_core.eval.answers import answer_scores, held_out_prompts, word_f1
+
+    rows = {  # two conversations packed in one row, then padding; the second has two assistant turns
+        "input_ids": torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0, 0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1]]),
+        "loss_mask": torch.tensor([[0, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0]]),
+    }
+    prompts = held_out_prompts(rows, 10)
+    assert [(p.prompt, p.reference) for p in prompts] == [([5, 6], [7, 8]), ([9], [10])]
+    assert held_out_prompts(rows, 1) == prompts[:1]
+    assert word_f1("Returns a  list", "returns a list") == 1.0 and word_f1("a list of", "a list") == pytest.approx(0.8)
+    assert answer_scores(["returns a list", "nothing"], ["returns a list", "a value"]) == {"answer_exact_match": 0.5, "answer_f1": 0.5}

@@ -31,6 +31,7 @@ and the registry read either the same way. `device_name` names the device speeds
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_core.data.shards import read_columns, split_shards
+from kd_core.eval.answers import measure_answers
 from kd_core.models import count_parameters, load_causal_lm, model_copy, sequence_inputs
 from kd_core.models.teacher import teacher_model_dir
 from kd_core.progress import progress_bar
@@ -48,8 +50,9 @@ from kd_core.progress import progress_bar
 
 def measure_language_models(config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict]:
     """({rows, tokens} of the held-out split, held-out quality and speed of the teacher, student
-    and baseline LMs). Chat data is measured on the assistant's tokens alone (`tokens` counts
-    them; `completion_only`)."""
+    and baseline LMs, the greedy-answer examples). Chat data is measured on the assistant's
+    tokens alone (`tokens` counts them; `completion_only`), and every model answers held-out
+    prompts (`kd_core/eval/answers.py`; the examples also go to `answers.json`)."""
     columns = read_columns(store, split_shards(prep, config.split), config.max_rows)
     rows = {name: torch.from_numpy(values.astype(np.int64)) for name, values in columns.items()}
     model_dirs = {"teacher": teacher_model_dir(store, teacher), "student": model_copy(store, student)}
@@ -64,9 +67,19 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
             scores[name]["parameters"] = count_parameters(model)
             scores[name]["weight_bytes"] = sum(f.stat().st_size for f in model_dirs[name].glob("*.safetensors"))
             bar.advance(1)
+    examples = []
+    if "loss_mask" in rows and config.answer_prompts:
+        from transformers import AutoTokenizer
+
+        with run.timed("answers"), progress_bar("eval: greedy answers", total=len(models)) as bar:
+            tokenizer = AutoTokenizer.from_pretrained(model_dirs["student"])
+            answered, examples = measure_answers(models, rows, tokenizer, config.answer_prompts, config.max_new_tokens, device, bar.advance)
+        for name, answer_scores in answered.items():
+            scores[name] |= answer_scores
+        run.write_bytes("answers.json", json.dumps(examples, indent=2).encode())
     counted = sequence_inputs(rows)[1]
     held_out = {"rows": len(rows["input_ids"]), "tokens": int(rows["input_ids"].numel() if counted is None else counted.sum())}
-    return held_out | ({"completion_only": True} if counted is not None else {}), scores
+    return held_out | ({"completion_only": True} if counted is not None else {}), scores, examples
 
 
 def perplexity(cross_entropy: float) -> float:

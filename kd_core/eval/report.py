@@ -6,6 +6,8 @@ held-out metrics per model, then four plots:
 - quality: the student and baseline against the teacher (perplexity, KL, agreement);
 - calibration: a reliability diagram (accuracy against confidence per bin) for every model;
 - size and speed against quality: parameters and inference tokens/s against perplexity.
+Chat data adds the greedy-answer scores to the table and a few held-out prompts with every
+model's answer (`answers_html`).
 
 Reward models (`task: reward`) get their own table and plots (`kd_core/eval/reward_report.py`);
 the labels, colours, the metrics table and the training and size-and-speed plots both draw are in
@@ -23,9 +25,10 @@ import html
 from kd_core.eval.figures import COLORS, LABELS, figure_png, metrics_table_html, pyplot, size_speed_png, training_png
 
 
-def report_html(job_name: str, metrics: dict, figures: dict[str, bytes | None], table: str, held_out: str) -> str:
-    """The page: the verdict and gates from `metrics`, then the task's metrics `table` (HTML) and
-    `figures` (title -> PNG; None is left out); `held_out` says what the split held."""
+def report_html(job_name: str, metrics: dict, figures: dict[str, bytes | None], table: str, held_out: str, sections: str = "") -> str:
+    """The page: the verdict and gates from `metrics`, then the task's metrics `table` (HTML),
+    any further `sections` (HTML) and `figures` (title -> PNG; None is left out); `held_out`
+    says what the split held."""
     passed = metrics.get("gates_passed", True)
     gates = metrics.get("gates", [])
     verdict = (
@@ -42,6 +45,7 @@ def report_html(job_name: str, metrics: dict, figures: dict[str, bytes | None], 
         verdict,
         _gates_table(gates, default=metrics.get("gates_default", False)),
         table,
+        sections,
     ]
     for title, png in figures.items():
         data = base64.b64encode(png).decode()
@@ -95,7 +99,24 @@ def language_model_table(metrics: dict) -> str:
         ("parameters", "parameters", "{:,}"), ("weight_bytes", "size on disk", None), ("tokens_per_s", "tokens/s", "{:,.0f}"),
         ("latency_ms", "latency (ms/batch)", "{:.1f}"),
     ]
+    if "answer_f1" in metrics.get("student", {}):
+        columns[3:3] = [("answer_exact_match", "greedy answers: exact match", "{:.1%}"), ("answer_f1", "greedy answers: word F1", "{:.3f}")]
     return metrics_table_html(metrics, columns, LABELS, not_for_teacher=("kl_to_teacher", "agreement_top1", "agreement_top5"))
+
+
+def answers_html(examples: list[dict]) -> str:
+    """Held-out prompts with the reference answer and what each model wrote (chat data)."""
+    if not examples:
+        return ""
+    names = [name for name in LABELS if name in examples[0]["answers"]]
+    header = "".join(f"<th>{LABELS[name]}</th>" for name in names)
+    rows = "".join(
+        f"<tr><td><pre>{html.escape(example['prompt'])}</pre></td><td>{html.escape(example['reference'])}</td>"
+        + "".join(f"<td>{html.escape(example['answers'][name])}</td>" for name in names)
+        + "</tr>"
+        for example in examples
+    )
+    return f"<h2>Greedy answers to held-out prompts</h2><table><tr><th>prompt</th><th>reference</th>{header}</tr>{rows}</table>"
 
 
 # ------------------------------------------------------------------------------------ plots

@@ -39,7 +39,7 @@ class CausalLM(Task):
     data_sources = ("python-docs", "files", "chat", "python-qa")
     metrics = (
         "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
-        "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
+        "answer_exact_match", "answer_f1", "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
     )
     # A student must be at least 1% better than uniform: float error puts a collapsed student a hair below.
     sanity_gates = ("student.perplexity < 0.99 * uniform.perplexity", "student.perplexity < baseline.perplexity")
@@ -218,10 +218,10 @@ class CausalLM(Task):
     def measure(self, config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict, None]:
         from kd_core.eval import measure_language_models
 
-        held_out, scores = measure_language_models(config, prep, teacher, student, baseline, store, run, device)
+        held_out, scores, examples = measure_language_models(config, prep, teacher, student, baseline, store, run, device)
         vocab_size = prep.details["vocab_size"]
         scores["uniform"] = {"cross_entropy": math.log(vocab_size), "perplexity": float(vocab_size)}
-        return held_out, scores, None
+        return held_out, scores, examples
 
     def training_curves_png(self, histories, metrics) -> bytes:
         from kd_core.eval.plots import LANGUAGE_MODEL_CURVES, training_curves_png
@@ -229,10 +229,11 @@ class CausalLM(Task):
         return training_curves_png(histories, metrics, LANGUAGE_MODEL_CURVES)
 
     def report_html(self, job_name, metrics, histories, extras) -> str:
-        from kd_core.eval.report import language_model_figures, language_model_table, report_html
+        from kd_core.eval.report import answers_html, language_model_figures, language_model_table, report_html
 
         held_out = f'{metrics["rows"]:,} rows, {metrics["tokens"]:,} {"assistant " if metrics.get("completion_only") else ""}tokens'
-        return report_html(job_name, metrics, language_model_figures(metrics, histories), language_model_table(metrics), held_out)
+        table = language_model_table(metrics)
+        return report_html(job_name, metrics, language_model_figures(metrics, histories), table, held_out, answers_html(extras or []))
 
     # --------------------------------------------------------------------------------- register
     def log_model(self, model_dir):
@@ -270,14 +271,17 @@ class CausalLM(Task):
         return None
 
     def comparison_table(self, metrics) -> Table:
+        answered = "answer_f1" in metrics.get("student", {})
+
         def cells(row: dict, teacher: bool) -> tuple[str, ...]:
             agreement = "—" if teacher else f"{row['agreement_top1']:.1%} / {row['agreement_top5']:.1%}"
             kl = "—" if teacher else f"{row['kl_to_teacher']:.4f}"
-            return f"{row['parameters']:,}", f"{row['perplexity']:.2f}", kl, agreement, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}"
+            answers = (f"{row['answer_exact_match']:.1%} / {row['answer_f1']:.3f}",) if answered else ()
+            return f"{row['parameters']:,}", f"{row['perplexity']:.2f}", kl, agreement, *answers, f"{row['ece']:.3f}", f"{row['tokens_per_s']:,.0f}"
 
         return models_table(
             f"held-out {metrics['split']} split, {metrics['tokens']:,} {'assistant ' if metrics.get('completion_only') else ''}tokens; speed on {metrics.get('device', 'this machine')}",
-            ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", "ECE", "tokens/s"),
+            ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", *(("answers: exact / F1",) if answered else ()), "ECE", "tokens/s"),
             {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}, metrics, cells,
         )
 
