@@ -51,6 +51,26 @@ def pretrained_identity(url: str, store: Store) -> tuple[dict[str, dict], str]:
         return files, weights_identity(fs, root, files)
 
 
+def check_student_folder(url: str, store: Store, seq_len: int) -> None:
+    """What can be checked of the folder before prep (`kdflow validate --check-inputs`): safetensors
+    weights, a config.json, a context of at least `seq_len` tokens."""
+    fs, root = url_to_fs(url, store.config)
+    root = root.rstrip("/")
+    pretrained_identity(url, store)
+    with reaching(url, FIELD):
+        model_config = read_teacher_json(fs.cat_file(f"{root}/config.json"), f"{url}/config.json", FIELD, StudentError)
+    _check_context(model_config, url, seq_len)
+
+
+def _check_context(model_config: dict, url: str, seq_len: int) -> None:
+    context = model_context(model_config)
+    if context is not None and context < seq_len:
+        raise StudentError(
+            f"{FIELD}: {url}/config.json: the student reads at most {context} tokens (max_position_embeddings / n_positions), "
+            f"data.seq_len is {seq_len}; set data.seq_len <= {context}"
+        )
+
+
 def check_pretrained_student(url: str, store: Store, prep: Manifest) -> str:
     """Check the folder at `url` against the prepared data, from its listing, config.json and
     tokenizer alone; returns its `weights_identity`."""
@@ -74,12 +94,7 @@ def check_pretrained_student(url: str, store: Store, prep: Manifest) -> str:
             f"{FIELD}: {url}/config.json: its output layer predicts {outputs} tokens (vocab_size) but the data's tokenizer has "
             f"{data_vocab}; resize its token embeddings (model.resize_token_embeddings({data_vocab})) and save it again"
         )
-    context = model_context(model_config)
-    if context is not None and context < seq_len:
-        raise StudentError(
-            f"{FIELD}: {url}/config.json: the student reads at most {context} tokens (max_position_embeddings / n_positions), "
-            f"data.seq_len is {seq_len}; set data.seq_len <= {context}"
-        )
+    _check_context(model_config, url, seq_len)
     return identity
 
 
