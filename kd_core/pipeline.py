@@ -144,7 +144,11 @@ def distill_steps(
     }
     if config.distill.baseline:
         steps["baseline"] = _announce(
-            baseline(config.distill, config.student, prep, store, config.compute, teacher=teacher, force=is_forced("baseline", force))
+            baseline(
+                config.distill, config.student, prep, store, config.compute, teacher=teacher,
+                # A baseline cut from the teacher reads it: a redone teacher redoes it too.
+                force=is_forced("baseline", force) or (config.student.init == "from_teacher" and is_forced("teacher", force)),
+            )
         )
     return steps
 

@@ -281,3 +281,25 @@ def test_cuts_that_do_not_fit_the_teacher_are_named_errors(tmp_path, tokenizer, 
 def test_cuts_of_a_teacher_kdflow_trains_are_checked_when_the_job_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(os.path.join(REPO, "configs", "tiny.yaml"), overrides)
+
+
+def test_a_pretrained_student_on_s3_is_downloaded_once_and_must_stay_the_folder_recorded(tmp_path, tokenizer, s3_endpoint, s3_bucket, monkeypatch):
+    import s3fs
+    from transformers import AutoModelForCausalLM
+
+    import kd_core.models.students as students
+    from kd_core.config import StorageConfig
+
+    monkeypatch.setattr(students, "CACHE_ROOT", tmp_path / "cache")
+    folder = save_model(tmp_path / "student", "llama", tokenizer, hidden_size=16, layers=1)
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    s3.put(f"{folder}/", f"{s3_bucket}/student/", recursive=True)
+    url, store = f"s3://{s3_bucket}/student", Store(StorageConfig(root=str(tmp_path / "store"), s3={"endpoint_url": s3_endpoint}))
+    _, identity = students.pretrained_identity(url, store)
+    local = students.pretrained_model_dir(url, identity, store)
+    assert local.parent == tmp_path / "cache" / "students" and students.pretrained_model_dir(url, identity, store) == local
+    model = students.load_pretrained_student(local)
+    assert same_weights(weights(model), weights(AutoModelForCausalLM.from_pretrained(folder)))
+    s3.pipe(f"{s3_bucket}/student/config.json", (folder / "config.json").read_bytes().replace(b"}", b', "note": 1}', 1))
+    with pytest.raises(StudentError, match=r"student.path: s3://.*/student changed after this step recorded it"):
+        students.pretrained_model_dir(url, identity, store)
