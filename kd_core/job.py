@@ -65,7 +65,7 @@ class JobConfig(Section):
     teacher: TeacherConfig = TeacherConfig()
     """The teacher: an existing model directory, or one kdflow trains."""
     student: StudentConfig = StudentConfig()
-    """The student architecture."""
+    """The student: its architecture, or where its weights start (`student.init`)."""
     cache: CacheConfig = CacheConfig()
     """The cache stage: teacher outputs computed once, read by every distillation."""
     distill: DistillConfig = DistillConfig()

@@ -242,7 +242,8 @@ def test_a_student_cut_from_the_teacher_and_its_baseline_start_from_the_same_cut
 
     config = job(tmp_path, teacher_folder, "student.init=from_teacher", "student.from_teacher.hidden_size=16",
                  "student.from_teacher.intermediate_size=32", steps=2)
-    steps = run_pipeline(config, until="distill")
+    steps = run_pipeline(config, until="eval")
+    assert steps["eval"].metrics["student"]["parameters"] < steps["eval"].metrics["teacher"]["parameters"]
     student, baseline = starting_models(config, steps)
     expected = cut_from_teacher(AutoModelForCausalLM.from_pretrained(teacher_folder), [0, 3], 16, 32)
     assert same_weights(weights(student), weights(expected)) and same_weights(weights(baseline), weights(expected))

@@ -2,9 +2,12 @@
 
 - prep: text (the bundled Python docs, or files) packed into rows of token ids
   (`kd_core/data/prep.py`);
-- models: Llama-style causal LMs built from config (`kd_core.models.build_causal_lm`); a teacher
-  kdflow trains learns next-token cross-entropy, the student `DistillationObjective`
-  (`distill.loss`: CE + T²-scaled KD, optional hidden-state distillation);
+- models: Llama-style causal LMs built from config (`kd_core.models.build_causal_lm`), or a
+  student that starts from a pretrained Hugging Face causal LM (`student.init: pretrained`, any
+  architecture) or is cut from the teacher (`from_teacher`: its blocks, optionally its most
+  important channels; `kd_core/models/students.py`); a teacher kdflow trains learns next-token
+  cross-entropy, the student `DistillationObjective` (`distill.loss`: CE + T²-scaled KD, optional
+  hidden-state distillation), on its logits cut to the data's vocabulary;
 - teacher outputs: top-k, sampled or full log-probs, entropy and hidden states per position,
   computed with the output layer chunk by chunk (`kd_core/models/inference.py`);
 - validation: next-token cross-entropy (nats/token); eval: perplexity, KL to the teacher, top-1 /

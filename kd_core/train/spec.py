@@ -90,7 +90,8 @@ class TrainSpec:
     role: str
     """`teacher` (a teacher kdflow trains) or `student` (the distilled student, the baseline)."""
     architecture: ArchitectureConfig
-    """The transformer body of the model (the teacher's or the student's)."""
+    """The transformer body of the model (the teacher's, or a student's built from config; a
+    student that starts elsewhere, `student_start`, takes its shape from there)."""
     train: TrainConfig
     prep_details: dict
     """The prep manifest's details: vocabulary, row length, special token ids, the task's own."""
