@@ -373,7 +373,8 @@ class FromTeacherConfig(Section):
 
     def check_width(self, teacher_hidden: int, teacher_intermediate: int | None, model_type: str) -> None:
         """The kept widths fit the teacher's, and its layout can be pruned in width; ValueError naming the field."""
-        for name, value, teachers in (("hidden_size", self.hidden_size, teacher_hidden), ("intermediate_size", self.intermediate_size, teacher_intermediate)):
+        widths = (("hidden_size", self.hidden_size, teacher_hidden), ("intermediate_size", self.intermediate_size, teacher_intermediate))
+        for name, value, teachers in widths:
             if value is None:
                 continue
             if model_type not in WIDTH_PRUNABLE:

@@ -95,7 +95,9 @@ def baseline(
     if run.reused:
         return run.reused
     spec = student_spec(task, config, student, prep, store, run.folder, targets=None, checkpoint_every=config.checkpoint_every, start=start)
-    return fit_stage(run, spec, compute, "distill: no-teacher baseline", fresh=force or config.resume == "never", details={"student_start": start.record()})
+    return fit_stage(
+        run, spec, compute, "distill: no-teacher baseline", fresh=force or config.resume == "never", details={"student_start": start.record()}
+    )
 
 
 def _start_settings(start: StudentStart) -> dict:
