@@ -10,6 +10,8 @@ first unusable input. It checks:
   token it lacks;
 - `teacher.path`: a folder with safetensors weights and a `config.json` whose context holds
   `data.seq_len` tokens;
+- `student.path` (`student.init: pretrained`): the same (its vocabulary is checked against the
+  prepared data before the teacher step);
 - `registry.tracking_uri`: the MLflow server answers as MLflow and accepts kdflow's credentials,
   or the SQLite database's folder can be written (`kd_core.train.tracking_probe`).
 
@@ -37,6 +39,11 @@ def check_inputs(config: JobConfig) -> list[str]:
     if config.teacher.path:
         check_teacher_folder(config.teacher.path, Store(config.storage), config.data.seq_len)
         checked.append(f"teacher.path: {config.teacher.path} has safetensors weights and a context of at least data.seq_len")
+    if config.student.init == "pretrained":
+        from kd_core.models.students import check_student_folder
+
+        check_student_folder(config.student.path, Store(config.storage), config.data.seq_len)
+        checked.append(f"student.path: {config.student.path} has safetensors weights and a context of at least data.seq_len")
     probe_tracking_uri(config.registry.tracking_uri, config.registry.experiment)
     return [*checked, f"registry.tracking_uri: {redact(config.registry.tracking_uri)} is usable"]
 

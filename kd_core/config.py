@@ -298,33 +298,108 @@ class VisionConfig(Section):
         return self
 
 
+WIDTH_PRUNABLE = ("llama", "qwen2", "mistral")
+"""Model types (config.json `model_type`) whose width `student.from_teacher` can prune: the
+Llama layout (`model.layers[i].self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`, RMSNorms).
+Any causal LM with a list of blocks (Llama-family, GPT-2) can drop layers."""
+
+
+def evenly_spaced_layers(total: int, count: int) -> list[int]:
+    """`count` block indices of `total`, evenly spaced from the first to the last (both kept),
+    rounded half up: 4 blocks, 2 kept -> [0, 3]; 5, 3 -> [0, 2, 4]; one kept -> [0]."""
+    if count == 1:
+        return [0]
+    return [(index * (total - 1) + (count - 1) // 2) // (count - 1) for index in range(count)]
+
+
 class FromTeacherConfig(Section):
-    """A student cut from the teacher (`student.init: from_teacher`): a subset of its layers,
-    optionally with fewer residual channels (depth, then width pruning, as Minitron does)."""
+    """A student cut from the teacher (`student.init: from_teacher`): a subset of its blocks
+    (depth pruning, as DistilBERT and Minitron do), optionally with fewer residual and MLP
+    channels (width pruning, as Minitron does; `kd_core/models/students.py: cut_from_teacher`).
+
+    Width pruning keeps the channels with the largest importance computed from the teacher's
+    weights (not activations): a residual channel's importance is the L2 norm of every weight
+    that reads or writes it: its column of the input embedding and of an untied output layer, and,
+    in each kept block, its column of q/k/v_proj, gate_proj and up_proj and its row of o_proj and
+    down_proj. An MLP channel's (per kept block) is the L2 norm of its row of gate_proj and up_proj
+    and its column of down_proj. Kept channels stay in their order; attention heads stay whole
+    (their count and head_dim are the teacher's). Only the Llama layout (`WIDTH_PRUNABLE`) can be
+    pruned in width; any layout can drop blocks."""
 
     layers: list[int] | None = None
-    """Indices of the teacher's transformer blocks the student keeps, in order; None: `num_layers`
-    of them, evenly spaced from the first to the last."""
+    """Indices of the teacher's transformer blocks the student keeps, increasing; None: `num_layers`
+    of them, evenly spaced from the first to the last (both kept)."""
     num_layers: int | None = Field(default=None, gt=0)
-    """How many evenly spaced blocks to keep when `layers` is None; None: half the teacher's."""
+    """How many evenly spaced blocks to keep when `layers` is None; None: half the teacher's
+    (at least 1)."""
     hidden_size: int | None = Field(default=None, gt=0)
     """Residual channels the student keeps (the most important ones, by the teacher's weights);
     None: the teacher's width."""
     intermediate_size: int | None = Field(default=None, gt=0)
-    """MLP channels each kept block keeps; None: the teacher's."""
+    """MLP channels each kept block keeps (the most important ones); None: the teacher's."""
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is None:
+            return None
+        if not layers:
+            raise ValueError("must list at least one block index, or be null (evenly spaced)")
+        if any(index < 0 for index in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"must be block indices >= 0 in increasing order without repeats, got {layers}")
+        return layers
+
+    @model_validator(mode="after")
+    def _one_way_to_choose(self) -> FromTeacherConfig:
+        if self.layers is not None and self.num_layers is not None and self.num_layers != len(self.layers):
+            raise ValueError(f"num_layers ({self.num_layers}) and layers ({self.layers}) disagree; set one of them")
+        return self
+
+    def kept_layers(self, teacher_layers: int) -> list[int]:
+        """The blocks kept of a teacher with `teacher_layers` blocks; ValueError naming the field
+        when they do not fit it."""
+        if self.layers is not None:
+            outside = [index for index in self.layers if index >= teacher_layers]
+            if outside:
+                raise ValueError(
+                    f"student.from_teacher.layers: {outside} are not blocks of the teacher, which has {teacher_layers} "
+                    f"(0..{teacher_layers - 1}); pick indices in that range"
+                )
+            return list(self.layers)
+        count = self.num_layers if self.num_layers is not None else max(1, teacher_layers // 2)
+        if count > teacher_layers:
+            raise ValueError(
+                f"student.from_teacher.num_layers: {count} is more than the teacher's {teacher_layers} blocks; set it <= {teacher_layers}"
+            )
+        return evenly_spaced_layers(teacher_layers, count)
+
+    def check_width(self, teacher_hidden: int, teacher_intermediate: int | None, model_type: str) -> None:
+        """The kept widths fit the teacher's, and its layout can be pruned in width; ValueError naming the field."""
+        widths = (("hidden_size", self.hidden_size, teacher_hidden), ("intermediate_size", self.intermediate_size, teacher_intermediate))
+        for name, value, teachers in widths:
+            if value is None:
+                continue
+            if model_type not in WIDTH_PRUNABLE:
+                raise ValueError(
+                    f"student.from_teacher.{name}: width pruning works on the Llama layout ({', '.join(WIDTH_PRUNABLE)}), "
+                    f"the teacher is {model_type!r}; leave it null (a {model_type} teacher can only drop layers)"
+                )
+            if teachers is not None and value > teachers:
+                raise ValueError(f"student.from_teacher.{name}: {value} is wider than the teacher's {teachers}; set it <= {teachers}")
 
 
 class StudentConfig(Section):
     architecture: ArchitectureConfig = ArchitectureConfig()
     """Architecture of the student (with `task: reward`, its language model), built from config
-    with random weights (`init: config`)."""
+    with random weights (`init: config`; ignored otherwise)."""
     init: Literal["config", "pretrained", "from_teacher"] = "config"
     """Where the student's weights start (the distilled student and the no-teacher baseline
     alike): `config`, random weights from `architecture`; `pretrained`, the Hugging Face causal LM
-    at `path`; `from_teacher`, cut from the teacher (`from_teacher`)."""
+    at `path`; `from_teacher`, cut from the teacher (`from_teacher`). `task: causal_lm` only."""
     path: str | None = None
     """fsspec URL of a Hugging Face causal-LM directory (safetensors) to start from (`init:
-    pretrained`); it must read the data's vocabulary."""
+    pretrained`); its tokenizer must be the prepared data's, its output layer at least that wide
+    (a padded one is fine) and its context at least `data.seq_len`."""
     from_teacher: FromTeacherConfig = FromTeacherConfig()
     """How a student is cut from the teacher (`init: from_teacher`)."""
     vision: VisionConfig = VisionConfig()

@@ -65,7 +65,7 @@ class JobConfig(Section):
     teacher: TeacherConfig = TeacherConfig()
     """The teacher: an existing model directory, or one kdflow trains."""
     student: StudentConfig = StudentConfig()
-    """The student architecture."""
+    """The student: its architecture, or where its weights start (`student.init`)."""
     cache: CacheConfig = CacheConfig()
     """The cache stage: teacher outputs computed once, read by every distillation."""
     distill: DistillConfig = DistillConfig()
@@ -113,10 +113,22 @@ class JobConfig(Section):
                 f"distill.train.batch_size: must be a multiple of compute.num_workers × distill.deepspeed.gradient_accumulation_steps "
                 f"({workers} × {accumulation}), got {self.distill.train.batch_size}"
             )
+        self._check_student()
         self._check_task()
         self._check_baseline_metrics()
         self._check_tune_space()
         return self
+
+    def _check_student(self) -> None:
+        """`student.path` is given exactly when the student starts from it."""
+        student = self.student
+        if student.init == "pretrained" and not student.path:
+            raise ValueError("student.path: student.init is pretrained: set it to the URL of a Hugging Face causal-LM folder (safetensors)")
+        if student.path and student.init != "pretrained":
+            raise ValueError(
+                f"student.path: it is read only with student.init: pretrained (init is {student.init}); set student.init: "
+                "pretrained, or drop student.path"
+            )
 
     def _check_baseline_metrics(self) -> None:
         """A gate or primary metric that reads `baseline.*` needs the baseline to be trained; without
@@ -158,6 +170,12 @@ class JobConfig(Section):
             )
         tunable = task_named(self.task).tunable_prefixes
         for dotted, dimension in self.tune.space.items():
+            if dotted.startswith("student.architecture.") and self.student.init != "config":
+                raise ValueError(
+                    f"tune.space.{dotted}: the student starts from {'student.path' if self.student.init == 'pretrained' else 'the teacher'} "
+                    f"(student.init: {self.student.init}), so student.architecture does not shape it; search student.from_teacher "
+                    "fields or the training settings instead"
+                )
             if not dotted.startswith(tunable):
                 raise ValueError(
                     f"tune.space.{dotted}: only fields under {', '.join(p.rstrip('.') for p in tunable)} can be searched "

@@ -65,10 +65,13 @@ def prep_step(config: JobConfig, force: frozenset[str] = frozenset()) -> Manifes
 
 
 def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:
-    """The teacher step, then (with `distill.teacher_source: cache`) the cache stage."""
+    """The teacher step, then (with `distill.teacher_source: cache`) the cache stage. A student that
+    starts from a pretrained folder, or is cut from an external teacher, is checked first
+    (`check_student_start`): a bad one fails before the teacher trains or the cache is computed."""
     from kd_core.stages.cache import cache
 
     store = Store(config.storage)
+    check_student_start(config, prep, store)
     steps = {"teacher": teacher_step(config, prep, force)}
     if config.distill.teacher_source == "cache":
         steps["cache"] = _announce(cache(config.cache, prep, steps["teacher"], store, config.compute, force=is_forced("cache", force)))
@@ -136,6 +139,25 @@ def export_model(config: JobConfig, step: str, destination: str) -> tuple[Manife
     return manifest, destination
 
 
+def check_student_start(config: JobConfig, prep: Manifest, store: Store) -> None:
+    """What can be checked of `student.init` before the teacher step: a pretrained folder against
+    the prepared data; a cut against an external teacher's config.json (a teacher kdflow trains
+    was checked against `teacher.architecture` when the job was loaded). Raises `StudentError`."""
+    from kd_core.models.students import check_pretrained_student, cut_settings
+    from kd_core.models.teacher import read_teacher_json
+    from kd_core.storage import reaching, url_to_fs
+
+    student = config.student
+    if student.init == "pretrained":
+        check_pretrained_student(student.path, store, prep)
+    elif student.init == "from_teacher" and config.teacher.path:
+        url = config.teacher.path
+        fs, root = url_to_fs(url, store.config)
+        with reaching(url, "teacher.path"):
+            model_config = fs.cat_file(f"{root.rstrip('/')}/config.json")
+        cut_settings(student.from_teacher, read_teacher_json(model_config, f"{url}/config.json"))
+
+
 def seed_steps(config: JobConfig, seeds: int, force: frozenset[str] = frozenset()) -> tuple[dict[str, Manifest], dict[int, dict[str, Manifest]]]:
     """What `kdflow seeds` runs: prep, teacher and cache once (each reused when done), then for
     each of `seeds` seeds (`distill.train.seed`, +1, ...) the student, the baseline and eval.
@@ -173,13 +195,17 @@ def distill_steps(
         "distill": _announce(
             distill(
                 config.distill, config.student, prep, targets, store, config.compute,
-                tracking=tracking, force=is_forced("distill", force),
+                teacher=teacher, tracking=tracking, force=is_forced("distill", force),
             )
         )
     }
     if config.distill.baseline:
         steps["baseline"] = _announce(
-            baseline(config.distill, config.student, prep, store, config.compute, force=is_forced("baseline", force))
+            baseline(
+                config.distill, config.student, prep, store, config.compute, teacher=teacher,
+                # A baseline cut from the teacher reads it: a redone teacher redoes it too.
+                force=is_forced("baseline", force) or (config.student.init == "from_teacher" and is_forced("teacher", force)),
+            )
         )
     return steps
 
@@ -189,7 +215,7 @@ def tune_step(config: JobConfig, prep: Manifest, teacher: Manifest, cache: Manif
     from kd_core.stages.tune import tune
 
     targets = _teacher_targets(config, teacher, cache, "tune")
-    return _announce(tune(config, prep, targets, Store(config.storage), force=is_forced("tune", force)))
+    return _announce(tune(config, prep, targets, Store(config.storage), teacher=teacher, force=is_forced("tune", force)))
 
 
 def search_steps(config: JobConfig, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:

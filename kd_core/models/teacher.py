@@ -50,29 +50,64 @@ def check_teacher_folder(url: str, store: Store, seq_len: int) -> None:
 
 def teacher_files(fs, root: str, url: str) -> dict[str, dict]:
     """path -> info of every file in a teacher folder that has safetensors weights and a config.json."""
+    return model_folder_files(fs, root, url, "teacher.path", TeacherError)
+
+
+def model_folder_files(fs, root: str, url: str, field: str, error: type[InputError]) -> dict[str, dict]:
+    """path -> info of every file in a Hugging Face model folder (`field` names it in errors, raised
+    as `error`), which must hold safetensors weights and a config.json. Pickled weights
+    (pytorch_model.bin) are never loaded: a folder with only those is an error."""
     if not fs.isdir(root):
-        raise TeacherError(f"teacher.path: {url} is not a folder; point it at a Hugging Face model directory")
+        raise error(f"{field}: {url} is not a folder; point it at a Hugging Face model directory")
     files = fs.find(root, detail=True)
     if not any(path.endswith(".safetensors") for path in files):
-        raise TeacherError(f"teacher.path: {url} holds no .safetensors weights; kdflow loads only safetensors")
+        pickled = sorted(path[len(root) + 1:] for path in files if path.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        found = f" (it has {', '.join(pickled[:3])}: pickled weights, which kdflow never loads)" if pickled else ""
+        raise error(
+            f"{field}: {url} holds no .safetensors weights{found}; kdflow loads only safetensors: save the model with "
+            "save_pretrained(folder, safe_serialization=True)"
+        )
     if f"{root}/config.json" not in files:
-        raise TeacherError(f"teacher.path: {url} has no config.json; point it at a Hugging Face model directory")
+        raise error(f"{field}: {url} has no config.json; point it at a Hugging Face model directory")
     return files
 
 
-def read_teacher_json(data: bytes, where: str) -> dict:
+def read_teacher_json(data: bytes, where: str, field: str = "teacher.path", error: type[InputError] = TeacherError) -> dict:
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TeacherError(f"teacher.path: {where} is not valid JSON ({err}); save the model again with save_pretrained") from None
+        raise error(f"{field}: {where} is not valid JSON ({err}); save the model again with save_pretrained") from None
+
+
+def model_context(model_config: dict) -> int | None:
+    """The longest input a model's config.json allows (max_position_embeddings; GPT-2: n_positions)."""
+    return model_config.get("max_position_embeddings") or model_config.get("n_positions")
 
 
 def check_teacher_context(model_config: dict, url: str, seq_len: int) -> None:
-    context = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    context = model_context(model_config)
     if context is not None and context < seq_len:
         raise TeacherError(
             f"data.seq_len: {seq_len} tokens per row, but the teacher at {url} reads at most {context} "
             f"(max_position_embeddings); set data.seq_len <= {context}"
+        )
+
+
+def check_vocabulary(tokenizer_json: bytes, url: str, store: Store, prep: Manifest, *, field: str, advice: str, error: type[InputError]) -> None:
+    """A model folder's tokenizer (its tokenizer.json, at `url`) must be the prepared data's, every
+    token and id (added ones too); else `error` naming `field`, ending with `advice`."""
+    from tokenizers import Tokenizer
+
+    prepared = Tokenizer.from_str(store.read_bytes(f"{prep.folder}/tokenizer/tokenizer.json").decode()).get_vocab(with_added_tokens=True)
+    try:
+        theirs = Tokenizer.from_str(tokenizer_json.decode()).get_vocab(with_added_tokens=True)
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise error(f"{field}: {url}/tokenizer.json cannot be read ({err}); save the tokenizer again") from None
+    if prepared != theirs:
+        differ = sorted(set(prepared.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
+        raise error(
+            f"{field}: {url} uses a different vocabulary ({len(theirs)} entries) from the prepared data "
+            f"({len(prepared)}; e.g. {', '.join(f'{token!r}={index}' for token, index in differ)}); {advice}"
         )
 
 

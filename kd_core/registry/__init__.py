@@ -54,6 +54,10 @@ GATES_TAG = "kdflow.gates"
 PRIMARY_METRIC_TAG = "kdflow.primary_metric"
 PRIMARY_VALUE_TAG = "kdflow.primary_value"
 REJECTED_TAG = "kdflow.rejected"
+STUDENT_START_TAG = "kdflow.student_start"
+"""On a version: where its student's weights started, as JSON (the distill manifest's
+`details["student_start"]`: init, and the pretrained path and weights identity, or the teacher's
+key and the cut)."""
 MODEL_NAME = "model"
 """The name of the student's MLflow model in the registration run."""
 GENERATION_PARAMS = {"max_new_tokens": 64, "do_sample": False}

@@ -10,9 +10,13 @@
   what the student would reach without a teacher, so the evaluation can show what distillation
   bought.
 
-Both build their spec with `kd_core.train.spec.student_spec` (as every search trial does), train
-through `fit_stage` (Ray Train workers, or this process) and write `model/` (a Hugging Face
-directory with the tokenizer) and `history.jsonl` (the logged loss terms).
+Both start from the same weights (`student.init`, resolved by `kd_core.train.spec.student_start`
+before training: random from config, a pretrained folder, or cut from the teacher step's model,
+which is then an input of both steps), build their spec with `kd_core.train.spec.student_spec`
+(as every search trial does), train through `fit_stage` (Ray Train workers, or this process) and
+write `model/` (a Hugging Face directory with the tokenizer) and `history.jsonl` (the logged loss
+terms). Their manifests record where the student started (`details["student_start"]`); a
+pretrained folder's weights identity is in their keys, so a changed folder redoes both.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.tasks import task_of
 from kd_core.train.ray_glue import fit_stage
-from kd_core.train.spec import student_spec
+from kd_core.train.spec import StudentStart, student_spec, student_start
 from kd_core.train.tracking import TrainingRun
 
 
@@ -35,28 +39,35 @@ def distill(
     store: Store,
     compute: ComputeConfig,
     *,
+    teacher: Manifest | None = None,
     tracking: TrainingRun | None = None,
     force: bool = False,
 ) -> Manifest:
-    """`targets` is the cache stage's manifest, or the teacher step's with `teacher_source: online`.
+    """`targets` is the cache stage's manifest, or the teacher step's with `teacher_source: online`;
+    `teacher` the teacher step's (read by a student cut from it, `student.init: from_teacher`).
     With `tracking`, rank 0 logs the run to MLflow (not part of the step's key)."""
     expected = "cache" if config.teacher_source == "cache" else "teacher"
     if targets.stage != expected:
         raise ValueError(f"distill.teacher_source is {config.teacher_source}: distill needs the {expected} step's output, got {targets.stage}'s")
     task = task_of(prep)
+    start = student_start(student, prep, store, teacher if teacher is not None or targets.stage != "teacher" else targets)
     section = {
         "student": task.student_settings(student),
+        **_start_settings(start),
         "loss": task.objective(config).model_dump(mode="json"),
         "train": config.train.model_dump(mode="json"),
         "teacher_source": config.teacher_source,
         "deepspeed": config.deepspeed.model_dump(mode="json"),
     }
-    run = StageRun(store, "distill", section, inputs={"prep": prep, expected: targets}, force=force)
+    run = StageRun(store, "distill", section, inputs={"prep": prep, **start.inputs(), expected: targets}, force=force)
     if run.reused:
         return run.reused
-    spec = student_spec(task, config, student, prep, store, run.folder, targets=targets, checkpoint_every=config.checkpoint_every, tracking=tracking)
+    spec = student_spec(
+        task, config, student, prep, store, run.folder, targets=targets, checkpoint_every=config.checkpoint_every, tracking=tracking,
+        start=start,
+    )
     description = "distill: student" + (" (online teacher)" if config.teacher_source == "online" else "")
-    return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never")
+    return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never", details={"student_start": start.record()})
 
 
 def baseline(
@@ -66,16 +77,30 @@ def baseline(
     store: Store,
     compute: ComputeConfig,
     *,
+    teacher: Manifest | None = None,
     force: bool = False,
 ) -> Manifest:
+    """The student's start, data, seed and optimiser without teacher targets. `teacher`, the teacher
+    step's manifest, is read only by a student cut from it (`student.init: from_teacher`): the
+    baseline starts from the same weights as the distilled student."""
     task = task_of(prep)
+    start = student_start(student, prep, store, teacher)
     section = {
         "student": task.student_settings(student),
+        **_start_settings(start),
         "train": config.train.model_dump(mode="json"),
         "deepspeed": config.deepspeed.model_dump(mode="json"),
     }
-    run = StageRun(store, "baseline", section, inputs={"prep": prep}, force=force)
+    run = StageRun(store, "baseline", section, inputs={"prep": prep, **start.inputs()}, force=force)
     if run.reused:
         return run.reused
-    spec = student_spec(task, config, student, prep, store, run.folder, targets=None, checkpoint_every=config.checkpoint_every)
-    return fit_stage(run, spec, compute, "distill: no-teacher baseline", fresh=force or config.resume == "never")
+    spec = student_spec(task, config, student, prep, store, run.folder, targets=None, checkpoint_every=config.checkpoint_every, start=start)
+    return fit_stage(
+        run, spec, compute, "distill: no-teacher baseline", fresh=force or config.resume == "never", details={"student_start": start.record()}
+    )
+
+
+def _start_settings(start: StudentStart) -> dict:
+    """What the key needs beyond the student's settings: a pretrained folder's weights identity (a
+    cut's teacher is an input step, and a config student's settings say it all)."""
+    return {"student_weights": start.weights_identity} if start.weights_identity is not None else {}

@@ -1,7 +1,10 @@
 """The register stage: log the student to MLflow, register it, and promote it only through gates.
 
-One MLflow run per registration holds the job's public config as params (no secrets), the eval
-metrics and files, and the student as an MLflow model logged by the job's task (`Task.log_model`);
+One MLflow run per registration holds the job's public config as params (no secrets), where the
+student's weights started (`student.start.*` params, from the distill manifest's
+`details["student_start"]`, URLs without credentials; also the model version's
+`kdflow.student_start` tag), the eval metrics and files, and the student as an MLflow model
+logged by the job's task (`Task.log_model`);
 a new version of `registry.model_name` is created from it and promoted only through its gates
 (`kd_core/registry`: `create_version`, `promote_best`). The task is the one the eval stage
 recorded in its metrics.
@@ -19,7 +22,7 @@ from kd_core.gates import metric_value
 from kd_core.manifest import Manifest
 from kd_core.models import model_copy
 from kd_core.redaction import redact
-from kd_core.registry import GATES_TAG, MAX_PARAM_LENGTH, MAX_TAG_LENGTH, create_version, numeric_metrics, promote_best
+from kd_core.registry import GATES_TAG, MAX_PARAM_LENGTH, MAX_TAG_LENGTH, STUDENT_START_TAG, create_version, numeric_metrics, promote_best
 from kd_core.stage import StageRun
 from kd_core.storage import Store, inside
 from kd_core.tasks import task_named
@@ -41,9 +44,11 @@ def register(
     run = StageRun(store, "register", config, inputs={"eval": eval_manifest, "student": student}, force=force)
     if run.reused:
         return run.reused
+    start = student.details.get("student_start", {"init": "config"})  # a student trained before kdflow recorded it: from config
     mlflow.set_tracking_uri(config.tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id(config), run_name=f"register-{student.key[:8]}") as mlflow_run:
         mlflow.log_params({key: redact(str(value))[:MAX_PARAM_LENGTH] for key, value in flatten(job_params).items()})
+        mlflow.log_params({key: redact(str(value))[:MAX_PARAM_LENGTH] for key, value in flatten(start, "student.start.").items()})
         mlflow.log_metrics(numeric_metrics(flatten(eval_manifest.metrics)))
         with tempfile.TemporaryDirectory() as folder:
             for name, record in eval_manifest.outputs.items():
@@ -66,6 +71,7 @@ def register(
         "kdflow.data_key": student.inputs.get("prep", ""),
         "kdflow.config_hash": student.config_hash,
         GATES_TAG: json.dumps(gates)[:MAX_TAG_LENGTH],
+        STUDENT_START_TAG: redact(json.dumps(start))[:MAX_TAG_LENGTH],
     }
     client = MlflowClient()
     version = create_version(

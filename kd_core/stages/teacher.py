@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from kd_core.config import ComputeConfig, DistillConfig, TeacherConfig
 from kd_core.manifest import Manifest
-from kd_core.models.teacher import TeacherError, check_teacher_context, read_teacher_json, teacher_files, weights_identity
+from kd_core.models.teacher import (
+    TeacherError, check_teacher_context, check_vocabulary, read_teacher_json, teacher_files, weights_identity,
+)
 from kd_core.stage import StageRun
 from kd_core.storage import Store, reaching, url_to_fs
 from kd_core.tasks import task_of
@@ -67,24 +69,9 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
         tokenizer = fs.cat_file(f"{root}/tokenizer.json") if f"{root}/tokenizer.json" in files else None
     if tokenizer is None:
         raise TeacherError(f"teacher.path: {url} has no tokenizer.json; the teacher must share the data's tokenizer")
-    _check_vocabulary(tokenizer, url, store, prep)
+    check_vocabulary(
+        tokenizer, url, store, prep, field="teacher.path", error=TeacherError,
+        advice=f"prepare the data with the teacher's tokenizer (data.tokenizer: {url}, or leave data.tokenizer unset)",
+    )
     check_teacher_context(read_teacher_json(model_config, f"{url}/config.json"), url, prep.details["seq_len"])
     return run.finish(details={"external_url": url})
-
-
-def _check_vocabulary(teacher_tokenizer: bytes, url: str, store: Store, prep: Manifest) -> None:
-    """The teacher's tokenizer must be the prepared data's, every token and id (added ones too)."""
-    from tokenizers import Tokenizer
-
-    prepared = Tokenizer.from_str(store.read_bytes(f"{prep.folder}/tokenizer/tokenizer.json").decode()).get_vocab(with_added_tokens=True)
-    try:
-        theirs = Tokenizer.from_str(teacher_tokenizer.decode()).get_vocab(with_added_tokens=True)
-    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
-        raise TeacherError(f"teacher.path: {url}/tokenizer.json cannot be read ({err}); save the tokenizer again") from None
-    if prepared != theirs:
-        differ = sorted(set(prepared.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
-        raise TeacherError(
-            f"teacher.path: {url} uses a different vocabulary ({len(theirs)} entries) from the prepared data "
-            f"({len(prepared)}; e.g. {', '.join(f'{token!r}={index}' for token, index in differ)}); prepare the data with "
-            f"the teacher's tokenizer (data.tokenizer: {url}, or leave data.tokenizer unset)"
-        )

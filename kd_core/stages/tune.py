@@ -17,27 +17,35 @@ from kd_core.manifest import Manifest, ManifestError
 from kd_core.stage import StageRun
 from kd_core.storage import Store
 from kd_core.tasks import task_named
+from kd_core.train.spec import student_start
 from kd_core.tune import BEST_CONFIG_NAME, PLOT_NAME, TRIALS_NAME, best_config_yaml, best_trial, job_with, metric_mode
 from kd_core.tune.report import importance, tune_png
 from kd_core.tune.search import log_parent_run, run_search
 
 
-def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, force: bool = False) -> Manifest:
-    """Run (or resume, or reuse) the search of `config.tune` on the prep and cache/teacher outputs."""
+def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, teacher: Manifest | None = None, force: bool = False) -> Manifest:
+    """Run (or resume, or reuse) the search of `config.tune` on the prep and cache/teacher outputs.
+    `teacher` (the teacher step's manifest) is read by students cut from it (`student.init:
+    from_teacher`); every trial resolves its own start (`student_start`), as the distill stage does."""
     if not config.tune.space:
         raise ValueError("tune.space is empty: list the fields to search, e.g. distill.loss.kd_weight: {kind: uniform, low: 0.2, high: 0.9}")
     task = task_named(config.task)
     section = {
         "tune": config.tune.model_dump(mode="json"),
         "distill": config.distill.model_dump(mode="json", include={"loss", "train", "deepspeed", "teacher_source", task.objective_field}),
-        "student": config.student.model_dump(mode="json"),
+        # A config student's section as it was before `student.init` existed (its keys stay).
+        "student": config.student.model_dump(mode="json", exclude={"init", "path", "from_teacher"} if config.student.init == "config" else None),
     }
     _check_validation_targets(task, targets)
-    run = StageRun(store, "tune", section, inputs={"prep": prep, targets.stage: targets}, force=force)
+    teacher = teacher if teacher is not None or targets.stage != "teacher" else targets
+    start = student_start(config.student, prep, store, teacher)
+    if start.weights_identity is not None:
+        section["student_weights"] = start.weights_identity
+    run = StageRun(store, "tune", section, inputs={"prep": prep, **start.inputs(), targets.stage: targets}, force=force)
     if run.reused:
         return run.reused
     with run.timed("search"):
-        trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force)
+        trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force, teacher=teacher)
     metric, mode = metric_mode(config)
     best = best_trial(trials, metric, mode)
     if best is None:

@@ -94,7 +94,8 @@ class Task:
         raise NotImplementedError
 
     def build_model(self, spec: TrainSpec) -> torch.nn.Module:
-        """The role's model, built from config with seeded random weights."""
+        """The role's model: built from config with seeded random weights, or (a student) where
+        `spec.student_start` says, for tasks that support other starts."""
         raise NotImplementedError
 
     def make_step(self, spec: TrainSpec, model: torch.nn.Module, store: Store) -> torch.nn.Module:

@@ -2,9 +2,12 @@
 
 - prep: text (the bundled Python docs, or files) packed into rows of token ids
   (`kd_core/data/prep.py`);
-- models: Llama-style causal LMs built from config (`kd_core.models.build_causal_lm`); a teacher
-  kdflow trains learns next-token cross-entropy, the student `DistillationObjective`
-  (`distill.loss`: CE + T²-scaled KD, optional hidden-state distillation);
+- models: Llama-style causal LMs built from config (`kd_core.models.build_causal_lm`), or a
+  student that starts from a pretrained Hugging Face causal LM (`student.init: pretrained`, any
+  architecture) or is cut from the teacher (`from_teacher`: its blocks, optionally its most
+  important channels; `kd_core/models/students.py`); a teacher kdflow trains learns next-token
+  cross-entropy, the student `DistillationObjective` (`distill.loss`: CE + T²-scaled KD, optional
+  hidden-state distillation), on its logits cut to the data's vocabulary;
 - teacher outputs: top-k, sampled or full log-probs, entropy and hidden states per position,
   computed with the output layer chunk by chunk (`kd_core/models/inference.py`);
 - validation: next-token cross-entropy (nats/token); eval: perplexity, KL to the teacher, top-1 /
@@ -64,13 +67,13 @@ class CausalLM(Task):
                 f"cache.format: 'full' stores every log-prob and is for vocabularies up to cache.full_max_vocab "
                 f"({cache.full_max_vocab}); data.vocab_size is {job.data.vocab_size}: use topk or sampled"
             )
+        student_layers = self._check_student_start(job)
         if loss.feature_weight > 0:
             if not loss.feature_layers:
                 raise ValueError("distill.loss.feature_layers: must list (student layer, teacher layer) pairs when feature_weight > 0")
-            layers = job.student.architecture.num_layers
             for student_layer, teacher_layer in loss.feature_layers:
-                if not 0 <= student_layer <= layers:
-                    raise ValueError(f"distill.loss.feature_layers: student layer {student_layer} is not in 0..{layers}")
+                if student_layers is not None and not 0 <= student_layer <= student_layers:
+                    raise ValueError(f"distill.loss.feature_layers: student layer {student_layer} is not in 0..{student_layers}")
                 if job.distill.teacher_source == "cache" and teacher_layer not in cache.hidden_layers:
                     raise ValueError(
                         f"distill.loss.feature_layers: teacher layer {teacher_layer} is not cached; add it to cache.hidden_layers "
@@ -85,6 +88,23 @@ class CausalLM(Task):
                 f"{reason}, got {loss.temperature}; set both" + ("" if cache.format == "sampled" else ", or topk_tail: false")
             )
 
+    def _check_student_start(self, job) -> int | None:
+        """A student cut from a teacher kdflow trains is checked against `teacher.architecture`
+        here (one from `teacher.path` before training, `kd_core.train.spec.student_start`). Returns
+        the student's block count where the config tells it (None: a pretrained student's, or one
+        cut from an external teacher by default, is known once its folder is read)."""
+        student = job.student
+        if student.init == "config":
+            return student.architecture.num_layers
+        if student.init == "pretrained":
+            return None
+        cut = student.from_teacher
+        if job.teacher.path is None:
+            teacher = job.teacher.architecture
+            cut.check_width(teacher.hidden_size, teacher.intermediate_size or 4 * teacher.hidden_size, "llama")
+            return len(cut.kept_layers(teacher.num_layers))
+        return len(cut.layers) if cut.layers is not None else cut.num_layers
+
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
         return data.model_dump(mode="json", exclude={"preferences"} if data.source in CHAT_SOURCES else {"preferences", "chat"})
@@ -97,7 +117,13 @@ class CausalLM(Task):
 
     # ---------------------------------------------------------------------------------- training
     def student_settings(self, student) -> dict:
-        return student.model_dump(mode="json", exclude={"vision"})
+        """A student from config: its architecture; a pretrained one: its folder (the stage adds its
+        weights' identity); one cut from the teacher: the cut (the teacher step is an input)."""
+        if student.init == "pretrained":
+            return {"init": "pretrained", "path": student.path}
+        if student.init == "from_teacher":
+            return {"init": "from_teacher", "from_teacher": student.from_teacher.model_dump(mode="json")}
+        return student.model_dump(mode="json", include={"architecture"})
 
     def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:
         from kd_core.data.chat import CHAT_COLUMNS
@@ -105,23 +131,49 @@ class CausalLM(Task):
         return CHAT_COLUMNS if "chat" in prep_details else ("input_ids",)
 
     def build_model(self, spec) -> torch.nn.Module:
+        """From config (seeded random weights), or where the spec's `student_start` says: the
+        pretrained folder (each worker fetches it, once per node), or cut from the teacher step's
+        model (`kd_core/models/students.py`)."""
         from kd_core.models import build_causal_lm
 
+        start = spec.student_start
+        if start.init == "pretrained":
+            from kd_core.models.students import load_pretrained_student, pretrained_model_dir
+            from kd_core.storage import Store
+
+            return load_pretrained_student(pretrained_model_dir(start.path, start.weights_identity, Store(spec.storage)), spec.train.dropout)
+        if start.init == "from_teacher":
+            from kd_core.models import load_causal_lm
+            from kd_core.models.students import cut_from_teacher
+            from kd_core.models.teacher import teacher_model_dir
+            from kd_core.storage import Store
+
+            teacher = load_causal_lm(teacher_model_dir(Store(spec.storage), start.teacher))
+            student = cut_from_teacher(teacher, list(start.layers), start.hidden_size, start.intermediate_size)
+            if hasattr(student.config, "attention_dropout"):
+                student.config.attention_dropout = spec.train.dropout
+            return student.train()
         return build_causal_lm(
             spec.architecture, spec.vocab_size, spec.seq_len, special_ids=spec.special_token_ids, seed=spec.train.seed,
             dropout=spec.train.dropout,
         )
 
     def make_step(self, spec, model, store) -> torch.nn.Module:
+        """The student's logits are cut to the data's vocabulary (a pretrained student's output
+        layer may be padded past its tokenizer)."""
         from kd_core.tasks.causal_lm_step import CausalLMStep
 
         loss = spec.objective
-        return CausalLMStep(model, self.make_objective(spec, store), loss.fused_chunk_size if loss and loss.fused else None)
+        return CausalLMStep(
+            model, self.make_objective(spec, store, model.config.hidden_size), loss.fused_chunk_size if loss and loss.fused else None,
+            vocab_size=spec.vocab_size,
+        )
 
-    def make_objective(self, spec, store) -> DistillationObjective:
+    def make_objective(self, spec, store, student_hidden_size: int) -> DistillationObjective:
         """The configured objective; cross-entropy alone when the spec has no objective (teacher,
-        baseline). Feature distillation's projections need the teacher's hidden size: the online
-        teacher's config.json, or the cache's layout."""
+        baseline). Feature distillation's projections need the student's hidden size (the built
+        model's: a pretrained or cut student's is not `student.architecture`'s) and the teacher's:
+        the online teacher's config.json, or the cache's layout."""
         from kd_core.losses import DistillationObjective
         from kd_core.models.teacher import teacher_model_config
 
@@ -133,7 +185,7 @@ class CausalLM(Task):
         else:
             teacher_hidden_size = (spec.cache_layout or {}).get("hidden_size") or None
         return DistillationObjective.from_config(
-            spec.objective, student_hidden_size=spec.architecture.hidden_size, teacher_hidden_size=teacher_hidden_size
+            spec.objective, student_hidden_size=student_hidden_size, teacher_hidden_size=teacher_hidden_size
         )
 
     def batch_tokens(self, batch) -> int:
@@ -146,7 +198,7 @@ class CausalLM(Task):
         from kd_core.tasks.causal_lm_step import next_token_loss
 
         columns = {name: torch.from_numpy(values.astype(np.int64)) for name, values in rows.items() if name in self.columns("student", spec.prep_details)}
-        return {"val_loss": next_token_loss(model, columns, batch_size, device)}
+        return {"val_loss": next_token_loss(model, columns, batch_size, device, spec.vocab_size)}
 
     # ------------------------------------------------------------------------ teacher outputs
     def cache_layout(self, config, prep, store, teacher) -> CacheLayout:

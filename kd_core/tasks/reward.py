@@ -55,6 +55,11 @@ class Reward(Task):
     # ----------------------------------------------------------------------------- the job config
     def check_config(self, job) -> None:
         super().check_config(job)
+        if job.student.init != "config":
+            raise ValueError(
+                f"student.init: a reward student (a multimodal model) is built from student.architecture and student.vision; "
+                f"got {job.student.init!r}: set it to config"
+            )
         if job.distill.teacher_source != "cache":
             raise ValueError("distill.teacher_source: reward models distill from the cache of teacher rewards; set it to cache")
         image_size = job.data.preferences.image_size
@@ -87,6 +92,9 @@ class Reward(Task):
         return False  # each response is its own row: no separator between documents
 
     # ---------------------------------------------------------------------------------- training
+    def student_settings(self, student) -> dict:
+        return student.model_dump(mode="json", include={"architecture", "vision"})
+
     def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:
         """A text teacher never sees the images, the multimodal student never the text view."""
         return (*(TEACHER_VIEW if role == "teacher" else STUDENT_VIEW), "human_label")

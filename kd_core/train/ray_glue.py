@@ -103,10 +103,13 @@ def fit(spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: boo
         return _fit_on_ray(spec, compute, bar)
 
 
-def fit_stage(run: StageRun, spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: bool = False) -> Manifest:
+def fit_stage(
+    run: StageRun, spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: bool = False, details: dict | None = None,
+) -> Manifest:
     """Train into a stage's folder under its lease (`StageLease`: a concurrent run of the same
     step waits, then reuses this one's result), adopt the files rank 0 wrote, and finish the
-    stage; the checkpoints are deleted only after the manifest is committed."""
+    stage (its manifest's details: the model's folder, the MLflow run, and `details`); the
+    checkpoints are deleted only after the manifest is committed."""
     with StageLease(run.store, run.stage, run.folder, compute.lease_ttl_s, compute.lease_wait_s) as lease:
         if lease.finished_elsewhere:
             return reused_manifest(run)
@@ -114,7 +117,7 @@ def fit_stage(run: StageRun, spec: TrainSpec, compute: ComputeConfig, descriptio
             result = fit(spec, compute, description, fresh=fresh)
         for record in result.pop("files"):
             run.record(record)
-        details = {"model_folder": f"{run.folder}/model"}
+        details = {"model_folder": f"{run.folder}/model", **(details or {})}
         if "mlflow_run_id" in result:
             details["mlflow_run_id"] = result.pop("mlflow_run_id")
         manifest = run.finish(metrics=result, details=details)

@@ -19,11 +19,65 @@ from kd_core.cache import cache_shards
 from kd_core.config import ArchitectureConfig, DeepSpeedConfig, DistillConfig, StorageConfig, StudentConfig, TrainConfig
 from kd_core.data.shards import split_shards
 from kd_core.manifest import Manifest
+from kd_core.redaction import redact
 from kd_core.storage import FileRecord, Store
 from kd_core.train.tracking import TrainingRun
 
 if TYPE_CHECKING:
     from kd_core.tasks import Task
+
+
+@dataclass(frozen=True)
+class StudentStart:
+    """Where a student's weights start, as plain data each training worker acts on itself
+    (`Task.build_model`): `config` (random weights from the architecture), `pretrained` (the folder
+    at `path`, which must still have `weights_identity`; each worker fetches it) or `from_teacher`
+    (the teacher step's model, `teacher`, cut to blocks `layers` and, when set, `hidden_size` /
+    `intermediate_size` channels)."""
+
+    init: str = "config"
+    path: str | None = None
+    weights_identity: str | None = None
+    teacher: Manifest | None = None
+    layers: tuple[int, ...] | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+
+    def record(self) -> dict:
+        """What the distill and baseline manifests record (`details["student_start"]`; a URL
+        without the credentials it may carry)."""
+        if self.init == "pretrained":
+            return {"init": "pretrained", "path": redact(self.path), "weights_identity": self.weights_identity}
+        if self.init == "from_teacher":
+            return {
+                "init": "from_teacher", "teacher_key": self.teacher.key, "layers": list(self.layers),
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            }
+        return {"init": "config"}
+
+    def inputs(self) -> dict[str, Manifest]:
+        """The steps the start reads (a student cut from the teacher: the teacher step), for a step's key."""
+        return {"teacher": self.teacher} if self.teacher is not None else {}
+
+
+def student_start(student: StudentConfig, prep: Manifest, store: Store, teacher: Manifest | None) -> StudentStart:
+    """Resolve `student.init` before any training: a pretrained folder is checked against the
+    prepared data and identified (`kd_core.models.students.check_pretrained_student`); a cut from
+    the teacher (the teacher step's manifest, `teacher`) is checked against its config.json and
+    its blocks chosen. Raises `StudentError` naming the field."""
+    if student.init == "pretrained":
+        from kd_core.models.students import check_pretrained_student
+
+        return StudentStart("pretrained", path=student.path, weights_identity=check_pretrained_student(student.path, store, prep))
+    if student.init == "from_teacher":
+        from kd_core.models.students import cut_settings
+        from kd_core.models.teacher import teacher_model_config
+
+        if teacher is None:
+            raise ValueError("student.init is from_teacher: the student's step needs the teacher step's manifest")
+        layers, hidden_size, intermediate_size = cut_settings(student.from_teacher, teacher_model_config(store, teacher))
+        return StudentStart("from_teacher", teacher=teacher, layers=tuple(layers), hidden_size=hidden_size, intermediate_size=intermediate_size)
+    return StudentStart()
 
 
 @dataclass
@@ -36,7 +90,8 @@ class TrainSpec:
     role: str
     """`teacher` (a teacher kdflow trains) or `student` (the distilled student, the baseline)."""
     architecture: ArchitectureConfig
-    """The transformer body of the model (the teacher's or the student's)."""
+    """The transformer body of the model (the teacher's, or a student's built from config; a
+    student that starts elsewhere, `student_start`, takes its shape from there)."""
     train: TrainConfig
     prep_details: dict
     """The prep manifest's details: vocabulary, row length, special token ids, the task's own."""
@@ -77,6 +132,8 @@ class TrainSpec:
     `validation_rows` validation rows (`Task.validation_metrics`) and hands `{step, val_loss, ...}`
     (every validation metric) to `on_validation` (what a Ray Tune trial reports to its scheduler)."""
     validation_rows: int = 64
+    student_start: StudentStart = StudentStart()
+    """Where the student's weights start (`student.init`); a teacher always starts from config."""
 
     @property
     def vocab_size(self) -> int:
@@ -102,7 +159,7 @@ class TrainSpec:
         task: Task, role: str = "student", student: StudentConfig | None = None, objective=None,
         deepspeed: DeepSpeedConfig | None = None, checkpoint_every: int | None = None, keep_checkpoints: int = 2,
         cache: Manifest | None = None, online_teacher: Manifest | None = None, tracking: TrainingRun | None = None,
-        validate_every: int | None = None, validation_rows: int = 64,
+        validate_every: int | None = None, validation_rows: int = 64, student_start: StudentStart = StudentStart(),
     ) -> TrainSpec:
         """A spec that trains on the prep stage's training split and writes into `output_folder`.
         `cache` (the cache stage's manifest) or `online_teacher` (the teacher step's) gives the
@@ -116,7 +173,7 @@ class TrainSpec:
             cache_shards=cache_shards(cache) if cache else [], cache_layout=cache.details["layout"] if cache else None,
             validation_shards=split_shards(prep, "val") if validating else [],
             validation_cache_shards=cache_shards(cache, "val") if cache and validating and task.validation_reads_cache() else [],
-            validate_every=validate_every, validation_rows=validation_rows,
+            validate_every=validate_every, validation_rows=validation_rows, student_start=student_start,
         )
 
 
@@ -124,11 +181,12 @@ def student_spec(
     task: Task, distill: DistillConfig, student: StudentConfig, prep: Manifest, store: Store, output_folder: str, *,
     targets: Manifest | None, train: TrainConfig | None = None, checkpoint_every: int | None = None,
     tracking: TrainingRun | None = None, validate_every: int | None = None, validation_rows: int = 64,
+    start: StudentStart = StudentStart(),
 ) -> TrainSpec:
     """The spec of a student of the job's task: the distilled student learning from `targets`
     (the cache stage's manifest, or the teacher step's for an online teacher), or with `targets`
-    None the no-teacher baseline (the task's loss on the data alone). `train` overrides
-    `distill.train` (a search trial's step count)."""
+    None the no-teacher baseline (the task's loss on the data alone), its weights starting at
+    `start` (`student_start`). `train` overrides `distill.train` (a search trial's step count)."""
     with_teacher = targets is not None
     return TrainSpec.from_prep(
         prep, store, output_folder, student.architecture, train or distill.train,
@@ -137,5 +195,5 @@ def student_spec(
         checkpoint_every=checkpoint_every, keep_checkpoints=distill.keep_checkpoints, tracking=tracking,
         cache=targets if with_teacher and targets.stage == "cache" else None,
         online_teacher=targets if with_teacher and targets.stage == "teacher" else None,
-        validate_every=validate_every, validation_rows=validation_rows,
+        validate_every=validate_every, validation_rows=validation_rows, student_start=start,
     )

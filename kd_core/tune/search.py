@@ -30,10 +30,13 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
 small machine. Ray needs a non-empty request, hence a token amount of memory."""
 
 
-def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, folder: str, *, fresh: bool) -> tuple[list[dict], str | None]:
+def run_search(
+    config: JobConfig, prep: Manifest, targets: Manifest, store: Store, folder: str, *, fresh: bool, teacher: Manifest | None = None,
+) -> tuple[list[dict], str | None]:
     """Run the search into `<folder>/search` (restoring it when a previous run left one, after
     checking that this step wrote its state: `kd_core.tune.state`) and return every trial's
-    summary and the MLflow parent run's id."""
+    summary and the MLflow parent run's id. `teacher`: the teacher step's manifest, from which a
+    trial's student is cut (`student.init: from_teacher`)."""
     from ray import tune as ray_tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -58,7 +61,7 @@ def run_search(config: JobConfig, prep: Manifest, targets: Manifest, store: Stor
     # them as the absolute path it means here.
     job = config.model_copy(update={"storage": store.config})
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, job=job, prep=prep, targets=targets, folder=folder), TRIAL_DRIVER_RESOURCES
+        ray_tune.with_parameters(run_trial, job=job, prep=prep, targets=targets, folder=folder, teacher=teacher), TRIAL_DRIVER_RESOURCES
     )
     storage_path, storage_filesystem = search_storage(store, folder)
     experiment = f"{storage_path}/{SEARCH_FOLDER}"
@@ -97,13 +100,15 @@ def asha_scheduler(settings: TuneConfig, steps: int):
     )
 
 
-def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str) -> None:
-    """One trial: a short Ray Train distillation with the trial's values, reporting its validation metrics."""
+def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str, teacher: Manifest | None = None) -> None:
+    """One trial: a short Ray Train distillation with the trial's values, reporting its validation
+    metrics. Its student starts where the trial's `student` section says (`student_start`: a
+    search may vary `student.from_teacher`), cut from `teacher` for `init: from_teacher`."""
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from kd_core.train.ray_glue import torch_trainer
-    from kd_core.train.spec import student_spec
+    from kd_core.train.spec import student_spec, student_start
 
     trial_job = job_with(job, params)
     settings, distill = job.tune, trial_job.distill
@@ -113,6 +118,7 @@ def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest
     spec = student_spec(
         task_of(prep), distill, trial_job.student, prep, store, f"{folder}/trials/{trial_id}", targets=targets, train=train,
         validate_every=settings.eval_every, validation_rows=settings.val_rows,
+        start=student_start(trial_job.student, prep, store, teacher),
     )
     torch_trainer(
         spec, workers=settings.workers_per_trial or job.compute.num_workers,
