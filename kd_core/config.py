@@ -263,10 +263,15 @@ class TeacherConfig(Section):
     path: str | None = None
     """fsspec URL of an existing Hugging Face causal-LM directory. When None, the teacher is
     trained from `architecture` by kdflow itself (seeded) and reused from storage afterwards."""
+    finetune: bool = False
+    """With `path`: fine-tune that model on the training split (`train`; completion-only on chat
+    data) before it teaches, instead of using it as it is: Minitron's "teacher correction", for
+    a teacher pretrained on other data than the distillation's. The result is stored and reused
+    like a teacher kdflow trained."""
     architecture: ArchitectureConfig = ArchitectureConfig(hidden_size=256, num_layers=4, num_heads=4)
     """Architecture of a teacher trained by kdflow (ignored when `path` is set)."""
     train: TrainConfig = TrainConfig()
-    """How a kdflow-trained teacher is optimised (cross-entropy on the training split)."""
+    """How a kdflow-trained (or fine-tuned) teacher is optimised (cross-entropy on the training split)."""
 
 
 class VisionConfig(Section):

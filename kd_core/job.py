@@ -99,6 +99,8 @@ class JobConfig(Section):
                     f"{field_path}: an object-store URL cannot carry credentials ({url}); give them through "
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a Kubernetes secret), or storage.s3"
                 )
+        if self.teacher.finetune and not self.teacher.path:
+            raise ValueError("teacher.finetune: fine-tunes the model at teacher.path, which is not set; set it, or finetune: false to train one from teacher.architecture")
         if self.teacher.path and not self.data.tokenizer:
             self.data.tokenizer = self.teacher.path  # an existing teacher reads its own tokenizer's ids
         workers = self.compute.num_workers

@@ -42,12 +42,12 @@ class StudentError(InputError):
 
 
 # ------------------------------------------------------------------------------------- pretrained
-def pretrained_identity(url: str, store: Store) -> tuple[dict[str, dict], str]:
-    """(the listing, the `weights_identity`) of the pretrained student's folder."""
+def pretrained_identity(url: str, store: Store, field: str = FIELD) -> tuple[dict[str, dict], str]:
+    """(the listing, the `weights_identity`) of a pretrained model's folder (`field` names it in errors)."""
     fs, root = url_to_fs(url, store.config)
     root = root.rstrip("/")
-    with reaching(url, FIELD):
-        files = model_folder_files(fs, root, url, FIELD, StudentError)
+    with reaching(url, field):
+        files = model_folder_files(fs, root, url, field, StudentError)
         return files, weights_identity(fs, root, files)
 
 
@@ -98,21 +98,22 @@ def check_pretrained_student(url: str, store: Store, prep: Manifest) -> str:
     return identity
 
 
-def pretrained_model_dir(url: str, identity: str, store: Store) -> Path:
-    """A local folder holding the pretrained student: the folder itself on local disk, else a copy
-    downloaded once per node (`storage.download_folder`). It must still be the folder the step
-    recorded (`identity`)."""
+def pretrained_model_dir(url: str, identity: str, store: Store, field: str = FIELD) -> Path:
+    """A local folder holding the pretrained model (a student's `student.path`, or a teacher
+    fine-tuned from `teacher.path`; `field` names it): the folder itself on local disk, else a
+    copy downloaded once per node (`storage.download_folder`). It must still be the folder the
+    step recorded (`identity`)."""
     fs, root = url_to_fs(url, store.config)
     root = root.rstrip("/")
-    files, now = pretrained_identity(url, store)
+    files, now = pretrained_identity(url, store, field)
     if now != identity:
         raise StudentError(
-            f"{FIELD}: {url} changed after this step recorded it (its weights, config or tokenizer files differ); rerun the "
-            "job: the distill and baseline keys cover those files, so both are redone"
+            f"{field}: {url} changed after this step recorded it (its weights, config or tokenizer files differ); rerun the "
+            "job: the keys of the steps that train from it cover those files, so they are redone"
         )
     if isinstance(fs, LocalFileSystem):
         return Path(root)
-    with reaching(url, FIELD):
+    with reaching(url, field):
         return download_folder(fs, root, CACHE_ROOT / "students" / identity, source=url, listing=files)
 
 

@@ -141,7 +141,7 @@ class CausalLM(Task):
             from kd_core.models.students import load_pretrained_student, pretrained_model_dir
             from kd_core.storage import Store
 
-            return load_pretrained_student(pretrained_model_dir(start.path, start.weights_identity, Store(spec.storage)), spec.train.dropout)
+            return load_pretrained_student(pretrained_model_dir(start.path, start.weights_identity, Store(spec.storage), start.field), spec.train.dropout)
         if start.init == "from_teacher":
             from kd_core.models import load_causal_lm
             from kd_core.models.students import cut_from_teacher

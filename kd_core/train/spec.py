@@ -37,6 +37,8 @@ class StudentStart:
 
     init: str = "config"
     path: str | None = None
+    field: str = "student.path"
+    """The config field that names `path` (`teacher.path` for a teacher fine-tuned from it)."""
     weights_identity: str | None = None
     teacher: Manifest | None = None
     layers: tuple[int, ...] | None = None
