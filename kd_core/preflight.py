@@ -64,6 +64,8 @@ LOSS_TOLERANCE = 1e-4
 RECORDS = 8
 """Records (chat) or documents (text) the deep checks read by default."""
 SPECIAL_TOKENS = ("eos", "bos", "pad")
+LANGUAGE_MODEL_SOURCES = ("python-docs", "files", "chat")
+"""The data the deep checks read: token rows of text or chat (not preference pairs)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def failures(results: list[CheckResult]) -> list[CheckResult]:
 
 def cheap_checks(job: JobConfig) -> list[CheckResult]:
     """The checks `kdflow run` makes before any stage: config, tokenizer files, config.json."""
+    if job.data.source not in LANGUAGE_MODEL_SOURCES:
+        return [CheckResult("preflight", "skip", f"data.source {job.data.source}: the checks are for language models on text or chat records")]
     return [temperature_check_of(job), *vocabulary_checks(job, deep=False)]
 
 
@@ -266,9 +270,9 @@ def teacher_output_check(job: JobConfig) -> CheckResult:
 # ------------------------------------------------------------------------------------------ deep
 def deep_checks(job: JobConfig, records: int = RECORDS) -> list[CheckResult]:
     """Every check, the deep ones on the first `records` records (module docstring)."""
+    if job.data.source not in LANGUAGE_MODEL_SOURCES:
+        return cheap_checks(job)
     results = [temperature_check_of(job), *vocabulary_checks(job, deep=True)]
-    if job.task != "causal_lm":
-        return [*results, CheckResult("deep checks", "skip", f"task {job.task}: the deep checks are for task causal_lm")]
     results.append(template_check_of(job, records) if job.data.source == "chat" else
                    CheckResult("template", "skip", f"data.source {job.data.source}: no chat template is used"))
     if not job.teacher.path:
@@ -285,7 +289,7 @@ def deep_checks(job: JobConfig, records: int = RECORDS) -> list[CheckResult]:
         reason = f"teacher.path or student.path does not load: {err}"
         return [*results, CheckResult("determinism", "fail", reason), CheckResult("loss", "fail", reason)]
     results.append(determinism_check(teacher, batch))
-    if any(result.status == "fail" and result.name == "vocabulary" for result in results):
+    if any(result.status == "fail" and result.name in ("vocabulary", "student output layer") for result in results):
         results.append(CheckResult("loss", "skip", "the student's vocabulary differs from the data's (above): the loss would compare other tokens"))
     else:
         results.append(loss_check(job.distill.loss, job.cache, job.distill.teacher_source, teacher, student, batch, vocabulary_size(job)))
@@ -323,30 +327,33 @@ def first_conversations(job: JobConfig, records: int) -> list:
 
 
 def compare_renderings(conversations: list, teacher, student, teacher_name: str, student_name: str) -> CheckResult:
-    """Each conversation rendered and tokenized by two `ChatEncoder`s: the first that differs
-    (text, then token ids) or that a template cannot render as its turns one after another."""
-    try:
-        for conversation in conversations:
-            teacher_ids, _ = teacher.encode(conversation)
-            if student is teacher:
-                continue
-            student_ids, _ = student.encode(conversation)
-            teacher_text, student_text = teacher.render(conversation), student.render(conversation)
-            if teacher_text != student_text:
-                return CheckResult(
-                    "template", "fail",
-                    f"{conversation.where}: {teacher_name} and {student_name} render this conversation differently, "
-                    f"{first_difference(teacher_text, student_text)}; give one template to both in data.chat.template",
-                )
-            if list(teacher_ids) != list(student_ids):
-                at = next((i for i, (a, b) in enumerate(zip(teacher_ids, student_ids)) if a != b), min(len(teacher_ids), len(student_ids)))
-                return CheckResult(
-                    "template", "fail",
-                    f"{conversation.where}: the same text tokenizes differently from token {at} on ({teacher_name} "
-                    f"{list(teacher_ids[at:at + 3])} vs {student_name} {list(student_ids[at:at + 3])}); the student needs the teacher's tokenizer",
-                )
-    except InputError as err:  # no template, one that fails or rewrites earlier turns: ChatEncoder names the record
-        return CheckResult("template", "fail", str(err))
+    """Each conversation rendered and tokenized by two `ChatEncoder`s (`student` may be `teacher`
+    itself): the first that differs (text, then token ids), or that a template cannot render as its
+    turns one after another (ChatEncoder's error, naming the record)."""
+    for conversation in conversations:
+        encoded = {}
+        for name, encoder in ((teacher_name, teacher), (student_name, student))[: 1 if student is teacher else 2]:
+            try:
+                encoded[name] = list(encoder.encode(conversation)[0])
+            except InputError as err:
+                return CheckResult("template", "fail", f"{name}'s template: {err}")
+        if student is teacher:
+            continue
+        teacher_text, student_text = teacher.render(conversation), student.render(conversation)
+        if teacher_text != student_text:
+            return CheckResult(
+                "template", "fail",
+                f"{conversation.where}: {teacher_name} and {student_name} render this conversation differently, "
+                f"{first_difference(teacher_text, student_text)}; give one template to both in data.chat.template",
+            )
+        teacher_ids, student_ids = encoded[teacher_name], encoded[student_name]
+        if teacher_ids != student_ids:
+            at = next((i for i, (a, b) in enumerate(zip(teacher_ids, student_ids)) if a != b), min(len(teacher_ids), len(student_ids)))
+            return CheckResult(
+                "template", "fail",
+                f"{conversation.where}: the same text tokenizes differently from token {at} on ({teacher_name} "
+                f"{teacher_ids[at:at + 3]} vs {student_name} {student_ids[at:at + 3]}); the student needs the teacher's tokenizer",
+            )
     both = "one tokenizer for teacher and student" if student is teacher else f"{teacher_name} and {student_name} agree"
     return CheckResult("template", "pass", f"the first {len(conversations)} conversations render as their turns in order; {both}")
 

@@ -121,6 +121,17 @@ def test_a_matching_teacher_and_student_pass_every_check(tmp_path, folders):
     assert "kdflow" in results["loss"].message and "float64 reference" in results["loss"].message
 
 
+def test_text_data_and_a_student_built_from_config_pass_and_the_template_is_skipped(tmp_path, folders):
+    documents = tmp_path / "text.jsonl"
+    documents.write_text("".join(json.dumps({"text": text}) + "\n" for text in paragraphs(12, 4)))
+    job = load_config(TINY, overrides(tmp_path, folders, "data.source=files", f"data.files=[{documents}]", "cache.format=sampled"))
+    results = by_name(deep_checks(job))
+    assert {name: result.status for name, result in results.items()} == {
+        "temperatures": "pass", "vocabulary": "pass", "teacher output layer": "info", "template": "skip", "determinism": "pass", "loss": "pass",
+    }, results
+    assert "sampled cache" in results["loss"].message
+
+
 # ------------------------------------------------------------------------------------ vocabulary
 def test_a_student_with_another_vocabulary_fails_naming_the_tokens(tmp_path, folders):
     job = chat_job(tmp_path, folders, "student.init=pretrained", f"student.path={folders['other_vocabulary']}")
@@ -267,3 +278,8 @@ def test_run_refuses_a_cheap_mismatch_before_any_stage(tmp_path, folders, capsys
     assert lines[0].startswith("error: vocabulary: student.path: ") and "tokens have other ids" in lines[0]
     assert all(line.startswith("error: ") for line in lines) and len(lines) == 2, lines  # and its output layer is smaller
     assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_reward_job_is_not_checked_as_a_language_model():
+    job = load_config(os.path.join(REPO, "configs", "reward_tiny.yaml"), ["distill.loss.temperature=3.0"])
+    assert [result.status for result in deep_checks(job)] == ["skip"]
