@@ -292,7 +292,10 @@ def deep_checks(job: JobConfig, records: int = RECORDS) -> list[CheckResult]:
     if any(result.status == "fail" and result.name in ("vocabulary", "student output layer") for result in results):
         results.append(CheckResult("loss", "skip", "the student's vocabulary differs from the data's (above): the loss would compare other tokens"))
     else:
-        results.append(loss_check(job.distill.loss, job.cache, job.distill.teacher_source, teacher, student, batch, vocabulary_size(job)))
+        result = loss_check(job.distill.loss, job.cache, job.distill.teacher_source, teacher, student, batch, vocabulary_size(job))
+        if job.student.init == "from_teacher":  # the loss does not depend on the student's weights
+            result = CheckResult(result.name, result.status, f"{result.message} (a student built from student.architecture stood in)")
+        results.append(result)
     return results
 
 
@@ -307,14 +310,16 @@ def template_check_of(job: JobConfig, records: int = RECORDS) -> CheckResult:
     from kd_core.data.tokenizer import load_tokenizer
 
     try:
-        teacher_tokenizer = load_tokenizer(job.data.tokenizer, job.storage).hf
-        student_url = job.student.path if job.student.init == "pretrained" and job.student.path else job.data.tokenizer
-        student_tokenizer = load_tokenizer(student_url, job.storage, separates_documents=False).hf if student_url != job.data.tokenizer else None
-        teacher = ChatEncoder(teacher_tokenizer, job.data.chat, job.data.tokenizer)
-        student = ChatEncoder(student_tokenizer, job.data.chat, student_url) if student_tokenizer is not None else teacher
+        teacher = ChatEncoder(load_tokenizer(job.data.tokenizer, job.storage).hf, job.data.chat, job.data.tokenizer)
         conversations = first_conversations(job, records)
     except InputError as err:
         return CheckResult("template", "fail", str(err))
+    student = teacher
+    if job.student.init == "pretrained" and job.student.path and job.student.path != job.data.tokenizer:
+        try:
+            student = ChatEncoder(load_tokenizer(job.student.path, job.storage, separates_documents=False).hf, job.data.chat, job.student.path)
+        except InputError as err:  # its message names data.tokenizer's settings, which apply to the student's tokenizer too
+            return CheckResult("template", "fail", f"student.path's tokenizer: {err}")
     return compare_renderings(conversations, teacher, student, "data.tokenizer", "student.path" if student is not teacher else "data.tokenizer")
 
 
