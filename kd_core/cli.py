@@ -1,9 +1,11 @@
 """The `kdflow` command line.
 
-    kdflow validate CONFIG [a.b=value ...] [--check-inputs]
+    kdflow validate CONFIG [a.b=value ...] [--check-inputs] [--deep]
                                                 check a job config, do nothing else (--check-inputs:
                                                 also check that its inputs are there: data files,
-                                                tokenizer, teacher, bucket, MLflow server)
+                                                tokenizer, teacher, bucket, MLflow server; --deep:
+                                                load the teacher, student and tokenizers and check
+                                                that they fit on the first records: kd_core/preflight.py)
     kdflow prep|cache|distill|eval|register CONFIG [a.b=value ...] [--force STEP] [--force-all]
     kdflow run CONFIG [a.b=value ...] [--engine local|kfp-local]
                                                 every stage, in order (in this process, or as the
@@ -26,7 +28,9 @@
 Every command validates the whole config before any work starts; a command that reaches a step
 logging to MLflow (distill, eval, register, run, tune, promote, rollback) then probes
 `registry.tracking_uri` (seconds). A stage runs what it depends on first and reuses every step
-whose manifest already exists. The end prints a summary table.
+whose manifest already exists. The end prints a summary table. `run` first makes the preflight's
+cheap checks (the temperature rule; a pretrained student's vocabulary, from its tokenizer files and
+config.json) and refuses to start on a hard mismatch.
 Exit codes: 0 success, 1 a stage failed, 2 the config or an input is unusable (or `promote` of a
 version that failed its gates, without --force), 3 a gate failed and --fail-on-gates was given
 (after the summary is printed).
@@ -84,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also check that the job's inputs are usable: the bucket of an s3:// storage.root, the data files and "
         "their first records, the tokenizer, the teacher folder, and the MLflow server at registry.tracking_uri "
         "(or a writable SQLite folder); exit 2 naming the first that is not",
+    )
+    validate.add_argument(
+        "--deep", action="store_true",
+        help="also load the teacher, the student and their tokenizers and run them on the first records (task causal_lm): "
+        "vocabularies and special tokens, chat template renderings, teacher determinism, the cache and loss temperatures, "
+        "and kdflow's loss against a float64 reference on one real batch; prints a table, exit 2 when a check fails",
     )
     for stage in (*STAGES, "tune", "seeds", "run"):
         sub = commands.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage].capitalize() + ".")
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         stderr.print(f"[red]error:[/red] {err}", markup=True, soft_wrap=True)
         return 2
     if args.command == "validate":
-        return _validate(config, args.config, args.check_inputs)
+        return _validate(config, args.config, args.check_inputs, args.deep)
     if args.command in ("promote", "rollback"):
         return _move_champion(config, args.command, getattr(args, "version", None), force=getattr(args, "force", False))
     if args.command in ("compile", "submit", "schedule"):
@@ -175,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return _export(config, args.step, args.to)
     force = frozenset(["all"] if args.force_all else args.force)
     fail_on_gates = getattr(args, "fail_on_gates", False)
+    if args.command == "run" and not _preflight_passes(config):
+        return 2
     if getattr(args, "engine", "local") == "kfp-local":
         if force:
             stderr.print("[red]error:[/red] --force applies to the local engine; the kfp-local DAG reuses finished steps like a cluster run")
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     return _run(config, until, force, fail_on_gates=fail_on_gates)
 
 
-def _validate(config: JobConfig, path: str, check: bool) -> int:
+def _validate(config: JobConfig, path: str, check: bool, deep: bool = False) -> int:
     if check:
         from kd_core.checks import check_inputs
 
@@ -199,6 +211,19 @@ def _validate(config: JobConfig, path: str, check: bool) -> int:
             return 2
         for line in checked:
             stdout.print(redact(line), soft_wrap=True)
+    if deep:
+        from kd_core.preflight import deep_checks, failures
+
+        try:
+            results = deep_checks(config)
+        except InputError as err:
+            stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+            return 2
+        stdout.print(preflight_table(results))
+        if failures(results):
+            for result in failures(results):
+                stderr.print(f"[red]error:[/red] {result.name}: {redact(result.message)}", soft_wrap=True)
+            return 2
     stdout.print(redact(f"{path}: valid ({_describe(config)})"))
     return 0
 
@@ -215,6 +240,38 @@ def _export(config: JobConfig, step: str, destination: str) -> int:
         return 2 if isinstance(err, InputError) else 1
     stdout.print(redact(f"exported the {step} step's model ({manifest.key}) to {url}"), soft_wrap=True)
     return 0
+
+
+_STATUS_STYLE = {"pass": "green", "info": "cyan", "skip": "dim", "warn": "yellow", "fail": "red"}
+
+
+def preflight_table(results) -> Table:
+    """The preflight's checks: name, status, what it found and what to do."""
+    table = Table(title="preflight (kdflow validate --deep)")
+    for column in ("check", "status", "result"):
+        table.add_column(column)
+    for result in results:
+        style = _STATUS_STYLE[result.status]
+        table.add_row(result.name, f"[{style}]{result.status.upper() if result.status == 'fail' else result.status}[/{style}]", redact(result.message))
+    return table
+
+
+def _preflight_passes(config: JobConfig) -> bool:
+    """The preflight's cheap checks before `run` starts any stage: a warning line per warn, an error
+    line per failed check (then the run does not start)."""
+    from kd_core.preflight import cheap_checks, failures
+
+    try:
+        results = cheap_checks(config)
+    except InputError as err:
+        stderr.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return False
+    for result in results:
+        if result.status == "warn":
+            stderr.print(f"[yellow]warning:[/yellow] {result.name}: {redact(result.message)}", soft_wrap=True)
+    for result in failures(results):
+        stderr.print(f"[red]error:[/red] {result.name}: {redact(result.message)} (kdflow validate --deep CONFIG checks more)", soft_wrap=True)
+    return not failures(results)
 
 
 def _probe_tracking(config: JobConfig) -> None:
