@@ -6,7 +6,8 @@ A gate is one comparison between two arithmetic expressions over numbers and met
     agreement_top1 >= 0.55                  # a bare name is the student's metric
     student.kl_to_teacher < baseline.kl_to_teacher
 
-Names are `<model>.<metric>` with model `student`, `teacher`, `baseline` or `uniform` (the
+Names are `<model>.<metric>` with model `student`, `teacher`, `baseline`, `start` (the student
+before distillation, for one that starts pretrained or cut from the teacher) or `uniform` (the
 uniform predictor: what a model that learned nothing scores, worked out by the eval stage), or a
 bare metric of the student. The metrics are those the eval stage measures for the job's task
 (`Task.metrics`: language-model metrics for `causal_lm`, preference metrics for `reward`). The
@@ -26,7 +27,7 @@ import ast
 import operator
 from dataclasses import dataclass
 
-MODELS = ("student", "teacher", "baseline", "uniform")
+MODELS = ("student", "teacher", "baseline", "start", "uniform")
 METRICS = (
     # language models (kd_core/tasks/causal_lm.py)
     "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5", "tokens_per_s",

@@ -133,8 +133,16 @@ class JobConfig(Section):
             )
 
     def _check_baseline_metrics(self) -> None:
-        """A gate or primary metric that reads `baseline.*` needs the baseline to be trained; without
-        it the eval stage would fail after training, so refuse it here."""
+        """A gate or primary metric that reads `baseline.*` needs the baseline to be trained, and one
+        that reads `start.*` a student that does not start from random weights; without them the
+        eval stage would fail after training, so refuse it here."""
+        if self.student.init == "config":
+            for index, text in enumerate(self.eval.gates):
+                if any(model == "start" for model, _ in Gate.parse(text).metric_names()):
+                    raise ValueError(
+                        f"eval.gates[{index}]: {text!r} reads the student before distillation (start), which is measured only "
+                        "for student.init: pretrained or from_teacher; drop the gate or set student.init"
+                    )
         if self.distill.baseline:
             return
         advice = "set distill.baseline: true or drop"

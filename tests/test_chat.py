@@ -336,3 +336,28 @@ def test_held_out_prompts_end_where_the_answer_starts_and_answers_score_by_words
     assert held_out_prompts(rows, 1) == prompts[:1]
     assert word_f1("Returns a  list", "returns a list") == 1.0 and word_f1("a list of", "a list") == pytest.approx(0.8)
     assert answer_scores(["returns a list", "nothing"], ["returns a list", "a value"]) == {"answer_exact_match": 0.5, "answer_f1": 0.5}
+
+
+def test_a_pretrained_teacher_is_fine_tuned_and_the_pretrained_student_is_measured_before_distillation(tmp_path, tokenizers):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from kd_core.pipeline import run_pipeline
+
+    student = save_model(tmp_path / "student", "llama", AutoTokenizer.from_pretrained(tokenizers["qwen"]), hidden_size=16, layers=1, seed=1)
+    config = chat_job(
+        tmp_path, tokenizers["qwen"], "teacher.finetune=true", "teacher.train.max_steps=3", "student.init=pretrained",
+        f"student.path={student}", "distill.train.max_steps=2", "eval.max_rows=4", "eval.answer_prompts=2",
+        "eval.gates=[student.perplexity < start.perplexity]",
+    )
+    steps = run_pipeline(config, until="eval")
+    teacher = steps["teacher"]
+    assert teacher.details["finetuned_from"] == config.teacher.path and "external_url" not in teacher.details
+    original, tuned = load_file(f"{config.teacher.path}/model.safetensors"), load_file(f"{config.storage.root}/{teacher.details['model_folder']}/model.safetensors")
+    assert original.keys() == tuned.keys() and any(not original[name].equal(tuned[name]) for name in original)
+    metrics = steps["eval"].metrics
+    assert metrics["start"]["parameters"] == metrics["student"]["parameters"]  # the same model, before and after
+    assert metrics["start"]["cross_entropy"] != metrics["student"]["cross_entropy"] and "answer_f1" in metrics["start"]
+    assert metrics["gates"][0]["gate"] == "student.perplexity < start.perplexity" and metrics["gates"][0]["right"] == metrics["start"]["perplexity"]
+    with pytest.raises(Exception, match=r"reads the student before distillation \(start\)"):
+        chat_job(tmp_path / "other", tokenizers["qwen"], "eval.gates=[student.perplexity < start.perplexity]")

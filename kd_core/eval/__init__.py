@@ -11,6 +11,9 @@ for a language model (`task: causal_lm`) these are, per model, over every predic
   equal-width bins), with the per-bin accuracy, confidence and count kept for
   the reliability diagram;
 - `parameters` and `weight_bytes` (the safetensors on disk);
+A student that did not start from random weights (`student.init: pretrained` or `from_teacher`)
+is measured before distillation too (`start`: the folder, or the same cut of the teacher), so the
+report shows what distillation, and fine-tuning alone (the baseline), added to it.
 - `tokens_per_s` and `latency_ms`: inference speed on this machine, `throughput_batches` timed
   forward passes of `batch_size` rows after a warm-up (the device is recorded beside them).
 
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 from kd_core.data.shards import read_columns, split_shards
 from kd_core.eval.answers import measure_answers
 from kd_core.models import count_parameters, load_causal_lm, model_copy, sequence_inputs
+from kd_core.models.students import starting_model
 from kd_core.models.teacher import teacher_model_dir
 from kd_core.progress import progress_bar
 
@@ -59,13 +63,18 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
     if baseline is not None:
         model_dirs["baseline"] = model_copy(store, baseline)
     models = {name: load_causal_lm(folder).to(device) for name, folder in model_dirs.items()}
+    start = starting_model(student.details.get("student_start", {}), store, teacher)
+    if start is not None:  # the student before distillation, measured beside what it became
+        models = {"teacher": models["teacher"], "start": start.to(device)} | models
     with run.timed("measure"), progress_bar("eval: quality", total=len(rows["input_ids"])) as bar:
         scores = measure_models(models, rows, config.batch_size, bar.advance, device=device)
     with run.timed("speed"), progress_bar("eval: speed", total=len(models)) as bar:
         for name, model in models.items():
             scores[name] |= inference_speed(model, rows, config.batch_size, config.throughput_batches, device)
             scores[name]["parameters"] = count_parameters(model)
-            scores[name]["weight_bytes"] = sum(f.stat().st_size for f in model_dirs[name].glob("*.safetensors"))
+            scores[name]["weight_bytes"] = (
+                sum(f.stat().st_size for f in model_dirs[name].glob("*.safetensors")) if name in model_dirs else parameter_bytes(model)
+            )
             bar.advance(1)
     examples = []
     if "loss_mask" in rows and config.answer_prompts:
@@ -80,6 +89,11 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
     counted = sequence_inputs(rows)[1]
     held_out = {"rows": len(rows["input_ids"]), "tokens": int(rows["input_ids"].numel() if counted is None else counted.sum())}
     return held_out | ({"completion_only": True} if counted is not None else {}), scores, examples
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's unique parameters (what its safetensors would hold, without the header)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def perplexity(cross_entropy: float) -> float:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import io
 
-LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student"}
+LABELS = {"teacher": "teacher", "start": "student before distillation", "student": "KD student", "baseline": "no-teacher student"}
 REWARD_LABELS = {"teacher": "text teacher", "student": "KD student", "baseline": "human-labels-only"}
-COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#d62728"}
+COLORS = {"teacher": "#444444", "start": "#9467bd", "student": "#1f77b4", "baseline": "#d62728"}
 TERM_STYLES = {"loss": "-", "ce": "--", "kd": ":"}
 """The language-model student's loss terms and their line styles (`training_png`'s default)."""
 

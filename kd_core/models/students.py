@@ -131,6 +131,21 @@ def load_pretrained_student(folder: Path, dropout: float = 0.0):
     return model.train()
 
 
+def starting_model(record: dict, store: Store, teacher: Manifest):
+    """The model a student started from, as its manifest records it (`details["student_start"]`):
+    the pretrained folder, or the same cut of the teacher step's model (`teacher`), in eval mode;
+    None for a student built from config."""
+    if record.get("init") == "pretrained":
+        return load_pretrained_student(pretrained_model_dir(record["path"], record["weights_identity"], store)).eval()
+    if record.get("init") == "from_teacher":
+        from kd_core.models import load_causal_lm
+        from kd_core.models.teacher import teacher_model_dir
+
+        teacher_model = load_causal_lm(teacher_model_dir(store, teacher))
+        return cut_from_teacher(teacher_model, record["layers"], record["hidden_size"], record["intermediate_size"]).eval()
+    return None
+
+
 # ----------------------------------------------------------------------------------- from_teacher
 def cut_settings(cut: FromTeacherConfig, teacher_config: dict) -> tuple[list[int], int | None, int | None]:
     """(kept blocks, hidden size, intermediate size) of the student `cut` makes of the teacher whose

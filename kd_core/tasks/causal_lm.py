@@ -334,7 +334,8 @@ class CausalLM(Task):
         return models_table(
             f"held-out {metrics['split']} split, {metrics['tokens']:,} {'assistant ' if metrics.get('completion_only') else ''}tokens; speed on {metrics.get('device', 'this machine')}",
             ("model", "parameters", "perplexity", "KL from teacher", "top-1 / top-5 agreement", *(("answers: exact / F1",) if answered else ()), "ECE", "tokens/s"),
-            {"teacher": "teacher", "student": "KD student", "baseline": "no-teacher student (CE only)"}, metrics, cells,
+            {"teacher": "teacher", "start": "student before distillation", "student": "KD student", "baseline": "no-teacher student (CE only)"},
+            metrics, cells,
         )
 
     def best_trial_metrics(self, val_loss: float) -> dict[str, float]:
