@@ -114,9 +114,8 @@ def export_model(config: JobConfig, step: str, destination: str) -> tuple[Manife
     target = target.rstrip("/")
     if fs.exists(target) and fs.ls(target):
         raise InputError(f"kdflow export: {destination} exists and is not empty; remove it or export to another folder")
-    prep = prep_step(config)
     if step == "teacher":
-        manifest = teacher_step(config, prep)
+        manifest = teacher_step(config, prep_step(config))
         folder = teacher_model_dir(Store(config.storage), manifest)
     else:
         manifest = run_pipeline(config, until="distill")[step]

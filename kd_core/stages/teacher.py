@@ -50,7 +50,7 @@ def teacher(
         return _use_existing(config.path, prep, store, force)
     if config.path:
         return _finetune_existing(config, prep, store, compute, checkpointing, force)
-    section = config.model_dump(mode="json", exclude={"path"})
+    section = config.model_dump(mode="json", exclude={"path", "finetune"})
     run = StageRun(store, "teacher", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
