@@ -104,6 +104,14 @@ def storage_options(config: StorageConfig, url: str | None = None) -> dict:
     return options
 
 
+def absolute_url(url: str) -> str:
+    """A local path (or `file://` URL) made absolute, for worker processes that run in other
+    folders (Ray Train workers); any other URL as it is."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
+
+
 def url_to_fs(url: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of any URL a job names, with the job's settings for its protocol."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options(config, url))

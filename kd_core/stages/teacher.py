@@ -28,7 +28,7 @@ from kd_core.models.teacher import (
     TeacherError, check_teacher_context, check_vocabulary, read_teacher_json, teacher_files, weights_identity,
 )
 from kd_core.stage import StageRun
-from kd_core.storage import Store, reaching, url_to_fs
+from kd_core.storage import Store, absolute_url, reaching, url_to_fs
 from kd_core.tasks import task_of
 from kd_core.redaction import redact
 from kd_core.train.spec import StudentStart, TrainSpec
@@ -67,7 +67,7 @@ def _use_existing(url: str, prep: Manifest, store: Store, force: bool) -> Manife
     if run.reused:
         return run.reused
     _check_existing(url, prep, store)
-    return run.finish(details={"external_url": url})
+    return run.finish(details={"external_url": absolute_url(url)})  # read by workers in other folders
 
 
 def _finetune_existing(config: TeacherConfig, prep: Manifest, store: Store, compute: ComputeConfig, checkpointing: DistillConfig, force: bool) -> Manifest:
@@ -78,7 +78,7 @@ def _finetune_existing(config: TeacherConfig, prep: Manifest, store: Store, comp
     if run.reused:
         return run.reused
     _check_existing(config.path, prep, store)
-    start = StudentStart("pretrained", path=config.path, weights_identity=identity["weights_identity"], field="teacher.path")
+    start = StudentStart("pretrained", path=absolute_url(config.path), weights_identity=identity["weights_identity"], field="teacher.path")
     spec = TrainSpec.from_prep(
         prep, store, run.folder, config.architecture, config.train, task=task_of(prep), role="teacher",
         checkpoint_every=checkpointing.checkpoint_every, keep_checkpoints=checkpointing.keep_checkpoints, student_start=start,

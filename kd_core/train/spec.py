@@ -20,7 +20,7 @@ from kd_core.config import ArchitectureConfig, DeepSpeedConfig, DistillConfig, S
 from kd_core.data.shards import split_shards
 from kd_core.manifest import Manifest
 from kd_core.redaction import redact
-from kd_core.storage import FileRecord, Store
+from kd_core.storage import FileRecord, Store, absolute_url
 from kd_core.train.tracking import TrainingRun
 
 if TYPE_CHECKING:
@@ -70,7 +70,8 @@ def student_start(student: StudentConfig, prep: Manifest, store: Store, teacher:
     if student.init == "pretrained":
         from kd_core.models.students import check_pretrained_student
 
-        return StudentStart("pretrained", path=student.path, weights_identity=check_pretrained_student(student.path, store, prep))
+        identity = check_pretrained_student(student.path, store, prep)
+        return StudentStart("pretrained", path=absolute_url(student.path), weights_identity=identity)  # workers run in other folders
     if student.init == "from_teacher":
         from kd_core.models.students import cut_settings
         from kd_core.models.teacher import teacher_model_config
