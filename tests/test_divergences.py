@@ -332,3 +332,15 @@ def test_fused_all_masked_is_zero_not_nan():
     loss = fused_lm_head_loss(hidden, weight, target, mask=torch.zeros(5, dtype=torch.bool))
     gradients = torch.autograd.grad(loss, (hidden, weight))
     assert loss.item() == 0.0 and all(g.abs().max() == 0 for g in gradients)
+
+
+def test_the_config_knows_every_registered_divergence_by_name_without_importing_torch():
+    import subprocess
+    import sys
+
+    from kd_core.config import DIVERGENCE_NAMES
+
+    assert DIVERGENCE_NAMES == tuple(DIVERGENCES)
+    loads = "import sys; from kd_core.job import load_config; load_config('configs/demo.yaml'); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", loads], capture_output=True, text=True, check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+    assert result.stdout.strip() == "False"
