@@ -4,10 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test setup pipelines clean-runs lock
+.PHONY: demo chat test setup pipelines clean-runs lock
 
 demo: $(STAMP)  ## run the whole pipeline on the embedded default (configs/demo.yaml)
 	$(BIN)/kdflow run configs/demo.yaml
+
+chat: $(STAMP)  ## the chat recipe (configs/chat.yaml): the demo's teacher and student, fine-tuned and distilled on Python Q&A
+	test -d runs/pretrained/python-teacher || $(BIN)/kdflow export configs/demo.yaml --step teacher --to runs/pretrained/python-teacher
+	test -d runs/pretrained/python-student || $(BIN)/kdflow export configs/demo.yaml --step distill --to runs/pretrained/python-student
+	$(BIN)/kdflow run configs/chat.yaml
 
 test:  ## check the import layers, then run the test suite (the two venvs are set up side by side; two pytest workers, whole files each)
 	@$(MAKE) --no-print-directory -j2 $(STAMP) $(CHECKOV_STAMP)
