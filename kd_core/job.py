@@ -136,6 +136,15 @@ class JobConfig(Section):
         """A gate or primary metric that reads `baseline.*` needs the baseline to be trained, and one
         that reads `start.*` a student that does not start from random weights; without them the
         eval stage would fail after training, so refuse it here."""
+        answered = self.data.source in ("chat", "python-qa") and self.data.chat.train_on == "assistant" and self.eval.answer_prompts > 0
+        named = [(f"eval.gates[{index}]: {text!r}", Gate.parse(text).metric_names()) for index, text in enumerate(self.eval.gates)]
+        named.append((f"registry.primary_metric: {self.registry.primary_metric!r}", [parse_metric(self.registry.primary_metric)]))
+        for where, metrics in named:
+            if not answered and any(metric.startswith("answer_") for _, metric in metrics):
+                raise ValueError(
+                    f"{where} reads the greedy answers' scores, which are measured only on chat data (data.source chat or "
+                    "python-qa) with data.chat.train_on: assistant and eval.answer_prompts > 0"
+                )
         if self.student.init == "config":
             for index, text in enumerate(self.eval.gates):
                 if any(model == "start" for model, _ in Gate.parse(text).metric_names()):

@@ -110,6 +110,8 @@ def export_model(config: JobConfig, step: str, destination: str) -> tuple[Manife
 
     if step not in EXPORTABLE:
         raise ValueError(f"kdflow export: step must be one of {', '.join(EXPORTABLE)}, got {step!r}")
+    if step == "baseline" and not config.distill.baseline:
+        raise InputError("kdflow export: --step baseline, but distill.baseline is false: the job trains no baseline; set it true or export distill")
     fs, target = url_to_fs(destination, config.storage)
     target = target.rstrip("/")
     if fs.exists(target) and fs.ls(target):

@@ -150,13 +150,9 @@ class TokenizerFacts:
 
 def tokenizer_facts(url: str, storage: StorageConfig, field: str) -> TokenizerFacts:
     """A tokenizer folder's facts (transformers' tokenizer, no torch); `field` names it in errors."""
-    from kd_core.data.sources import DataSourceError
     from kd_core.data.tokenizer import load_tokenizer
 
-    try:
-        hf = load_tokenizer(url, storage, separates_documents=False).hf
-    except DataSourceError as err:
-        raise InputError(f"{field}: its tokenizer does not load: {err}") from None
+    hf = load_tokenizer(url, storage, separates_documents=False, field=field).hf
     special = {name: getattr(hf, f"{name}_token") for name in SPECIAL_TOKENS}
     return TokenizerFacts(url, dict(hf.get_vocab()), special, model_vocab_size(url, storage))
 
@@ -317,7 +313,7 @@ def template_check_of(job: JobConfig, records: int = RECORDS) -> CheckResult:
     student = teacher
     if job.student.init == "pretrained" and job.student.path and job.student.path != job.data.tokenizer:
         try:
-            student = ChatEncoder(load_tokenizer(job.student.path, job.storage, separates_documents=False).hf, job.data.chat, job.student.path)
+            student = ChatEncoder(load_tokenizer(job.student.path, job.storage, separates_documents=False, field="student.path").hf, job.data.chat, job.student.path)
         except InputError as err:  # its message names data.tokenizer's settings, which apply to the student's tokenizer too
             return CheckResult("template", "fail", f"student.path's tokenizer: {err}")
     return compare_renderings(conversations, teacher, student, "data.tokenizer", "student.path" if student is not teacher else "data.tokenizer")
@@ -427,13 +423,20 @@ def local_model_dir(url: str, storage: StorageConfig) -> Path:
     return download_folder(fs, root, target, source=url)
 
 
+def model_inputs(batch: dict) -> dict:
+    """A causal LM's inputs for the batch, written out here (not `kd_core.models.sequence_inputs`,
+    which the loss check tests): the ids, chat rows' restarting position ids, and no KV cache
+    (with one, Hugging Face models do not keep packed conversations apart)."""
+    return {"input_ids": batch["input_ids"], "use_cache": False} | ({"position_ids": batch["position_ids"]} if "position_ids" in batch else {})
+
+
 # ---------------------------------------------------------------------------------- determinism
 def determinism_check(model, batch: dict, tolerance: float = DETERMINISM_TOLERANCE) -> CheckResult:
     """Two forward passes of `model` (eval mode, no_grad, float32 log-probs) on `batch`'s rows."""
     import torch
 
     model.eval()
-    inputs = {"input_ids": batch["input_ids"]} | ({"position_ids": batch["position_ids"]} if "position_ids" in batch else {})
+    inputs = model_inputs(batch)
     with torch.no_grad():
         first, second = (torch.log_softmax(model(**inputs).logits.float(), dim=-1) for _ in range(2))
     difference = float((first - second).abs().max())
@@ -465,12 +468,11 @@ def loss_check(
     targets = teacher_targets(teacher, batch, vocab_size, cache, teacher_source)
     if step is None:
         objective = DistillationObjective.from_config(loss, student_hidden_size=None, teacher_hidden_size=None).train()  # train: balance_terms starts its running magnitudes
-        step = CausalLMStep(student, objective, loss.fused_chunk_size if loss.fused else None)
+        step = CausalLMStep(student, objective, loss.fused_chunk_size if loss.fused else None, vocab_size=vocab_size)
     try:
         with torch.no_grad():
             terms = {name: float(value) for name, value in step(batch, targets).items()}
-            inputs = {"input_ids": batch["input_ids"]} | ({"position_ids": batch["position_ids"]} if "position_ids" in batch else {})
-            student_logits = student(**inputs).logits
+            student_logits = student(**model_inputs(batch)).logits
         reference = reference_terms(student_logits, batch["input_ids"], batch.get("loss_mask"), targets, loss, vocab_size)
     except (ValueError, RuntimeError, IndexError) as err:
         return CheckResult("loss", "fail", f"distill.loss: the loss could not be computed on a real batch: {err}")

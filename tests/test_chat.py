@@ -361,3 +361,35 @@ def test_a_pretrained_teacher_is_fine_tuned_and_the_pretrained_student_is_measur
     assert metrics["gates"][0]["gate"] == "student.perplexity < start.perplexity" and metrics["gates"][0]["right"] == metrics["start"]["perplexity"]
     with pytest.raises(Exception, match=r"reads the student before distillation \(start\)"):
         chat_job(tmp_path / "other", tokenizers["qwen"], "eval.gates=[student.perplexity < start.perplexity]")
+
+
+def test_chat_and_answer_settings_do_not_change_the_keys_of_jobs_that_do_not_read_them():
+    from kd_core.config import EvalConfig, section_hash
+    from kd_core.stages.prep import prep_section
+    from kd_core.tasks import task_named
+
+    storage = StorageConfig(root="/tmp/unused")
+    for task, data in (("causal_lm", DataConfig()), ("reward", DataConfig(source="digit-preferences"))):
+        kind = task_named(task)
+        changed = data.model_copy(update={"chat": data.chat.model_copy(update={"train_on": "all"})})
+        assert section_hash(prep_section(kind, data, storage)) == section_hash(prep_section(kind, changed, storage)), task
+    text, chat = {"seq_len": 8}, {"seq_len": 8, "chat": {"train_on": "assistant"}}
+    more = EvalConfig(answer_prompts=5)
+    causal_lm = task_named("causal_lm")
+    assert causal_lm.eval_settings(EvalConfig(), text) == causal_lm.eval_settings(more, text)
+    assert causal_lm.eval_settings(EvalConfig(), chat) != causal_lm.eval_settings(more, chat)
+
+
+def test_answer_gates_need_chat_data_and_export_of_a_baseline_needs_one(tmp_path, tokenizers):
+    from kd_core.config import ConfigError
+    from kd_core.errors import InputError
+    from kd_core.pipeline import export_model
+
+    with pytest.raises(ConfigError, match=r"eval.gates\[0\]: 'student.answer_f1 > 0.1' reads the greedy answers' scores"):
+        load_config(os.path.join(REPO, "configs", "tiny.yaml"), ["eval.gates=[student.answer_f1 > 0.1]"])
+    with pytest.raises(ConfigError, match=r"registry.primary_metric: 'student.answer_f1' reads the greedy answers' scores"):
+        chat_job(tmp_path, tokenizers["qwen"], "data.chat.train_on=all", "registry.primary_metric=student.answer_f1")
+    job = chat_job(tmp_path / "export", tokenizers["qwen"], "distill.baseline=false")
+    with pytest.raises(InputError, match="--step baseline, but distill.baseline is false"):
+        export_model(job, "baseline", str(tmp_path / "out"))
+    assert not (tmp_path / "export" / "store").exists()  # refused before any step ran

@@ -64,6 +64,7 @@ def folders(tmp_path_factory):
         "'<|im_start|>assistant\n'", "'<|im_start|>assistant \n'"
     )  # a space after the role: still its turns in order
     made["other_template"] = save_model(root / "other_template", "qwen2", other_template, hidden_size=16, layers=1)
+    made["padded_student"] = peaked(save_model(root / "padded_student", "qwen2", qwen, hidden_size=16, layers=1, padded=7, seed=2))
     records = [
         {"messages": [{"role": "user", "content": f"what does the teacher return {i}"}, {"role": "assistant", "content": text[:60]}]}
         for i, text in enumerate(paragraphs(10, 3))
@@ -119,6 +120,17 @@ def test_a_matching_teacher_and_student_pass_every_check(tmp_path, folders):
     }, results
     assert "padded (413 rows for 400 tokens)" in results["teacher output layer"].message  # 400 tokens, 13 padded rows
     assert "kdflow" in results["loss"].message and "float64 reference" in results["loss"].message
+
+
+def test_a_padded_student_on_packed_rows_passes_the_loss_check(tmp_path, folders):
+    """Several conversations per row (seq_len 256) and a student whose output layer is padded: the
+    reference must keep the conversations apart and cut the padded logits, as training does."""
+    job = chat_job(tmp_path, folders, "student.init=pretrained", f"student.path={folders['padded_student']}", "data.seq_len=256")
+    batch = sample_batch(job)
+    assert (batch["position_ids"][:, 1:] == 0).any()  # a conversation starts inside a row
+    for source in ("cache", "online"):
+        results = by_name(deep_checks(job.model_copy(update={"distill": job.distill.model_copy(update={"teacher_source": source})})))
+        assert results["loss"].status == "pass", results["loss"]
 
 
 def test_text_data_and_a_student_built_from_config_pass_and_the_template_is_skipped(tmp_path, folders):

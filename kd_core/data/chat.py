@@ -29,7 +29,8 @@ new row; what no conversation fills is padded. `padded` gives each conversation 
 conversation (and with the padding after it), which is how the model keeps attention within a
 conversation: Hugging Face models treat a restart of the position ids in a row as the start of a
 new sequence and mask attention across it (`transformers.masking_utils`,
-`find_packed_sequence_indices`), on every attention kernel. A conversation longer than `seq_len`
+`find_packed_sequence_indices`) when no KV cache is used, with the eager and SDPA kernels kdflow
+runs (transformers' flash-attention path honours packing only for one row per batch). A conversation longer than `seq_len`
 is cut to its first `seq_len` tokens (`overlong: truncate`) or left out (`drop`); both are
 counted, and a cut conversation left with no trained token is dropped and counted too.
 
@@ -51,7 +52,7 @@ from kd_core.config import ChatConfig, DataConfig
 from kd_core.data.shards import SPLITS, split_documents, write_shards
 from kd_core.data.sources import DataSourceError, FileSource
 from kd_core.data.tokenizer import load_tokenizer, save_hf_tokenizer
-from kd_core.progress import progress_bar
+from kd_core.progress import progress_bar, say
 from kd_core.stage import StageRun
 from kd_core.storage import Store
 
@@ -153,6 +154,11 @@ class ChatEncoder:
                     f"(turn {index} changes the text before it), so the assistant's tokens cannot be told apart; give a template "
                     "that does in data.chat.template"
                 )
+            if len(through) == len(before):
+                raise DataSourceError(
+                    f"{conversation.where}: the chat template writes nothing for turn {index} ({role}); the student would have "
+                    "nothing to learn from it: give a template that renders assistant turns in data.chat.template"
+                )
             spans.append((len(before), len(through)))
         return spans
 
@@ -183,6 +189,8 @@ class ChatCounts:
     """Conversations left with no trained token once cut to seq_len."""
     tokens: dict[str, int] = field(default_factory=dict)
     trained_tokens: dict[str, int] = field(default_factory=dict)
+    longest: int = 0
+    """Tokens of the longest conversation, before any cut."""
 
 
 def fit_to_rows(encoded: list[tuple[np.ndarray, np.ndarray]], seq_len: int, layout: str, pad_id: int) -> dict[str, np.ndarray]:
@@ -220,6 +228,7 @@ def encode_split(encoder: ChatEncoder, conversations: list[Conversation], seq_le
     for conversation in conversations:
         ids, trained = encoder.encode(conversation)
         advance(1)
+        counts.longest = max(counts.longest, len(ids))
         if len(ids) > seq_len:
             if chat.overlong == "drop":
                 counts.dropped_overlong += 1
@@ -278,7 +287,15 @@ def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSo
         **{f"{split}_tokens": details["splits"][split]["tokens"] for split in SPLITS},
         **{f"{split}_trained_tokens": counts.trained_tokens[split] for split in SPLITS},
         "row_fill": round(counts.tokens["train"] / details["splits"]["train"]["tokens"], 4),
+        "longest_conversation": counts.longest,
     }
+    overlong = counts.truncated + counts.dropped_overlong
+    if overlong > 0.1 * len(conversations):
+        say(
+            f"[yellow]warning:[/yellow] {overlong:,} of {len(conversations):,} conversations are longer than data.seq_len={config.seq_len} "
+            f"tokens and were {'truncated' if chat.overlong == 'truncate' else 'dropped'} (the longest has {counts.longest:,}); "
+            "raise data.seq_len to train on them whole"
+        )
     return metrics, details
 
 

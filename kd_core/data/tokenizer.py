@@ -60,24 +60,27 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> PreparedTokenizer:
     return PreparedTokenizer(tokenizer, bos=END_OF_TEXT, eos=END_OF_TEXT, pad=PAD)
 
 
-def load_tokenizer(url: str, storage: StorageConfig, *, separates_documents: bool = True) -> PreparedTokenizer:
+UNSET_HINT = {"data.tokenizer": " (unset, it is teacher.path's folder)"}
+
+
+def load_tokenizer(url: str, storage: StorageConfig, *, separates_documents: bool = True, field: str = "data.tokenizer") -> PreparedTokenizer:
     """An existing Hugging Face tokenizer directory (e.g. the teacher's) on any fsspec store, as it
     is: its eos separates documents (`separates_documents`; preference pairs need none), its pad
     token (else its eos, else its unk) pads. No token is added, so every id stays inside the
     teacher's vocabulary; truncation or padding saved in its tokenizer.json is switched off for
-    prep (it would silently cut every document)."""
+    prep (it would silently cut every document). `field` names the folder in errors."""
     from transformers import PreTrainedTokenizerFast
 
     fs, root = url_to_fs(url, storage)
-    with reaching(url, "data.tokenizer"):
+    with reaching(url, field):
         if not fs.exists(root):
             raise DataSourceError(
-                f"data.tokenizer: {url} does not exist (unset, it is teacher.path's folder); point it at a Hugging Face "
+                f"{field}: {url} does not exist{UNSET_HINT.get(field, '')}; point it at a Hugging Face "
                 "tokenizer directory"
             )
         if not fs.exists(f"{root.rstrip('/')}/tokenizer.json"):
             raise DataSourceError(
-                f"data.tokenizer: {url} has no tokenizer.json; point it at a Hugging Face tokenizer directory "
+                f"{field}: {url} has no tokenizer.json; point it at a Hugging Face tokenizer directory "
                 "(a folder written by tokenizer.save_pretrained)"
             )
         with tempfile.TemporaryDirectory(prefix="kdflow-tokenizer-") as folder:
@@ -88,17 +91,17 @@ def load_tokenizer(url: str, storage: StorageConfig, *, separates_documents: boo
     if len(hf) > len(declared):
         extra = sorted(set(hf.get_vocab()) - set(declared))
         raise DataSourceError(
-            f"data.tokenizer: {url}: tokenizer_config.json / special_tokens_map.json name tokens that tokenizer.json lacks "
+            f"{field}: {url}: tokenizer_config.json / special_tokens_map.json name tokens that tokenizer.json lacks "
             f"({', '.join(extra[:4])}); they would get ids past the teacher's vocabulary: name existing tokens instead"
         )
     if hf.eos_token is None and separates_documents:
         raise DataSourceError(
-            f"data.tokenizer: {url} declares no eos token (tokenizer_config.json 'eos_token'); kdflow separates documents "
+            f"{field}: {url} declares no eos token (tokenizer_config.json 'eos_token'); kdflow separates documents "
             "with it: set it to the end-of-text token the teacher was trained with"
         )
     pad = hf.pad_token or hf.eos_token or hf.unk_token
     if pad is None:
-        raise DataSourceError(f"data.tokenizer: {url} declares no pad, eos or unk token to pad with; set pad_token in tokenizer_config.json")
+        raise DataSourceError(f"{field}: {url} declares no pad, eos or unk token to pad with; set pad_token in tokenizer_config.json")
     backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()

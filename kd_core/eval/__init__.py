@@ -56,7 +56,8 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
     """({rows, tokens} of the held-out split, held-out quality and speed of the teacher, student
     and baseline LMs, the greedy-answer examples). Chat data is measured on the assistant's
     tokens alone (`tokens` counts them; `completion_only`), and every model answers held-out
-    prompts (`kd_core/eval/answers.py`; the examples also go to `answers.json`)."""
+    prompts (`kd_core/eval/answers.py`; the examples also go to `answers.json`) when only the
+    assistant's tokens are trained on (`train_on: assistant`: where an answer starts is known)."""
     columns = read_columns(store, split_shards(prep, config.split), config.max_rows)
     rows = {name: torch.from_numpy(values.astype(np.int64)) for name, values in columns.items()}
     model_dirs = {"teacher": teacher_model_dir(store, teacher), "student": model_copy(store, student)}
@@ -77,7 +78,7 @@ def measure_language_models(config, prep, teacher, student, baseline, store, run
             )
             bar.advance(1)
     examples = []
-    if "loss_mask" in rows and config.answer_prompts:
+    if "loss_mask" in rows and config.answer_prompts and prep.details["chat"]["train_on"] == "assistant":  # else no prompt ends where an answer starts
         from transformers import AutoTokenizer
 
         with run.timed("answers"), progress_bar("eval: greedy answers", total=len(models)) as bar:

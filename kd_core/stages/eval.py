@@ -46,7 +46,7 @@ def evaluate(
     """`job_name` titles the report (not part of the step's key). `lease`: the lease's ttl and
     how long to wait for another run of the step (`compute.lease_ttl_s` / `lease_wait_s`)."""
     inputs = {"prep": prep, "teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
-    run = StageRun(store, "eval", config, inputs=inputs, force=force)
+    run = StageRun(store, "eval", task_of(prep).eval_settings(config, prep.details), inputs=inputs, force=force)
     if run.reused:
         return run.reused
     with StageLease(store, "eval", run.folder, *lease) as held:

@@ -145,6 +145,11 @@ class Task:
         raise ValueError(f"task {self.name} has no online teacher; set distill.teacher_source: cache")
 
     # ---------------------------------------------------------------------------------- eval
+    def eval_settings(self, config: EvalConfig, prep_details: dict) -> dict:
+        """The eval settings that shape what eval measures, of data `prep_details` describes (the
+        eval key covers them): all but the greedy answers', which only chat data has."""
+        return config.model_dump(mode="json", exclude={"answer_prompts", "max_new_tokens"})
+
     def measure(
         self, config: EvalConfig, prep: Manifest, teacher: Manifest, student: Manifest, baseline: Manifest | None,
         store: Store, run: StageRun, device: str,

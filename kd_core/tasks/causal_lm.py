@@ -267,6 +267,9 @@ class CausalLM(Task):
         return TeacherTargets(logits=logits[..., : spec.vocab_size], hidden=forward.hidden)
 
     # ---------------------------------------------------------------------------------- eval
+    def eval_settings(self, config, prep_details) -> dict:
+        return config.model_dump(mode="json") if "chat" in prep_details else super().eval_settings(config, prep_details)
+
     def measure(self, config, prep, teacher, student, baseline, store, run, device) -> tuple[dict, dict, None]:
         from kd_core.eval import measure_language_models
 

@@ -20,7 +20,7 @@ from kd_core.job import JobConfig
 from kd_core.manifest import Manifest
 from kd_core.progress import say
 from kd_core.stage import StageRun
-from kd_core.storage import Store
+from kd_core.storage import Store, absolute_url
 from kd_core.tasks import task_named, task_of
 from kd_core.tune import METRIC, PARENT_RUN_NAME, job_with, metric_mode, quiet, search_space
 from kd_core.tune.state import DIGESTS_NAME, SEARCH_FOLDER, check_search_state, search_storage
@@ -57,9 +57,10 @@ def run_search(
     check_search_state(store, folder)
     ensure_ray(config.compute)
     parent_run_id = _parent_run(config, store, folder)
-    # Trials run in folders of Ray's choosing: a relative local root (runs/artifacts) must reach
-    # them as the absolute path it means here.
-    job = config.model_copy(update={"storage": store.config})
+    # Trials run in folders of Ray's choosing: a relative local root (runs/artifacts) or student
+    # folder must reach them as the absolute path it means here.
+    student = config.student.model_copy(update={"path": absolute_url(config.student.path)}) if config.student.path else config.student
+    job = config.model_copy(update={"storage": store.config, "student": student})
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, job=job, prep=prep, targets=targets, folder=folder, teacher=teacher), TRIAL_DRIVER_RESOURCES
     )
