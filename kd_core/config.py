@@ -173,7 +173,7 @@ class DataConfig(Section):
     text_field: str = "text"
     """Column holding the text in JSONL and Parquet files."""
     max_documents: int | None = Field(default=None, gt=0)
-    """Use at most this many documents (after a seeded shuffle); None uses all."""
+    """Use at most this many documents (conversations, for chat data) after a seeded shuffle; None uses all."""
     tokenizer: str | None = None
     """fsspec URL of a Hugging Face tokenizer directory (with `tokenizer.json`) to use as it is,
     e.g. the teacher's own: its eos token separates documents, its pad token (else the eos) pads.

@@ -176,8 +176,9 @@ def seed_steps(config: JobConfig, seeds: int, force: frozenset[str] = frozenset(
 
 
 def with_training_seed(config: JobConfig, seed: int) -> JobConfig:
-    """The job with `distill.train.seed` set: the student's and the baseline's initial weights and
-    batch order (prep, teacher and cache do not read it)."""
+    """The job with `distill.train.seed` set: the student's and the baseline's batch order, and
+    their initial weights when built from config (a pretrained or cut student starts from the same
+    weights whatever the seed; prep, teacher and cache do not read it)."""
     train = config.distill.train.model_copy(update={"seed": seed})
     return config.model_copy(update={"distill": config.distill.model_copy(update={"train": train})})
 

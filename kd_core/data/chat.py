@@ -181,7 +181,6 @@ class ChatEncoder:
 # ------------------------------------------------------------------------------------------ rows
 @dataclass
 class ChatCounts:
-    conversations: int = 0
     duplicates: int = 0
     truncated: int = 0
     dropped_overlong: int = 0
@@ -318,7 +317,6 @@ def collect_conversations(config: DataConfig, source: FileSource, counts: ChatCo
         raise DataSourceError(
             f"data: found {len(conversations)} distinct conversations ({counts.duplicates} duplicates dropped); need at least 3 (one per split)"
         )
-    counts.conversations = len(conversations)
     return conversations
 
 
