@@ -15,6 +15,10 @@ Side by side, at batch 8 × 1024 tokens, bf16:
   fused chunked loss (the student's logits are never materialised).
 - `kdflow ZeRO-3 cache`: `train_worker` reading a sampled teacher cache (the cache stage runs
   first; its time is reported apart).
+- `kdflow ZeRO-3 chat cache`: the same on packed chat rows (four conversations per row, position
+  ids restarting, losses on each one's second half); and `packed_attention_gap`, the teacher's
+  log-probs of a conversation packed after another against it alone, in bf16 on the GPU's
+  attention kernel (0 up to rounding when packing keeps conversations apart).
 
 Each row gives the steady tokens/s (after `--warmup` steps), MFU counting 6·N_student +
 2·N_teacher FLOPs per token (the teacher only for online rows) against `--peak-tflops`, and peak GPU
@@ -93,6 +97,46 @@ def synthetic_prep(store: Store, vocab: int, seq_len: int, rows: int):
     data = np.random.default_rng(0).integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
     details = {"task": "causal_lm", "seq_len": seq_len, "vocab_size": vocab, "splits": {"train": write_split(run, "train", data, rows_per_shard=64)}}
     return run.finish(details=details)
+
+
+def synthetic_chat_prep(store: Store, vocab: int, seq_len: int, rows: int, per_row: int = 4):
+    """A prep step of packed chat rows as `kd_core/data/chat.py` writes them: `per_row`
+    conversations of random tokens per row, position ids restarting with each, the loss mask over
+    each one's second half (its "answer")."""
+    from kd_core.data.shards import write_shards
+
+    plain = synthetic_prep(store, vocab, seq_len, rows)
+    run = StageRun(store, "prep", {"synthetic": True, "chat": True, "vocab": vocab, "seq_len": seq_len, "rows": rows}, inputs={})
+    run.upload_dir(store.local_path(f"{plain.folder}/tokenizer"), "tokenizer")
+    length = seq_len // per_row
+    positions = np.tile(np.arange(seq_len) % length, (rows, 1)).astype(np.int32)
+    columns = {
+        "input_ids": np.random.default_rng(1).integers(0, vocab, size=(rows, seq_len), dtype=np.int32),
+        "position_ids": positions,
+        "loss_mask": (positions >= length // 2).astype(np.uint8),
+    }
+    shards = write_shards(run, "train", columns, 64)
+    split = {"shards": shards, "rows": rows, "tokens": rows * seq_len}
+    details = {"task": "causal_lm", "seq_len": seq_len, "vocab_size": vocab, "splits": {"train": split}, "chat": {"train_on": "assistant", "layout": "packed"}}
+    return run.finish(details=details)
+
+
+@torch.no_grad()
+def packed_attention_gap(store: Store, teacher_manifest, device: torch.device, dtype: torch.dtype) -> float:
+    """The largest difference in float32 log-probs between a conversation packed after another in
+    one row (position ids restarting) and the same conversation alone, on this device's attention
+    kernel in `dtype`: 0 up to rounding when packed conversations do not see each other."""
+    from kd_core.models import load_causal_lm, model_copy, sequence_inputs
+
+    model = load_causal_lm(model_copy(store, teacher_manifest), dtype=dtype).to(device)
+    vocab = model.config.vocab_size
+    first, second = (torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(seed)).to(device) for seed in (2, 3))
+    packed = {"input_ids": torch.cat([first, second], 1), "position_ids": torch.arange(128, device=device).repeat(1, 2)}
+    together = model(**sequence_inputs(packed)[0]).logits[0, 128:].float().log_softmax(-1)
+    alone = model(**sequence_inputs({"input_ids": second})[0]).logits[0].float().log_softmax(-1)
+    del model
+    release_memory()
+    return float((together - alone).abs().max())
 
 
 def synthetic_teacher(store: Store, prep, architecture: ArchitectureConfig, dtype: torch.dtype):
@@ -255,6 +299,12 @@ def main() -> None:
         runs["kdflow ZeRO-3 cache"] = kdflow_run(
             args, store, prep, student_arch, 3, "kdflow-cache", cache=cached
         )
+        # Chat data: packed conversations with restarting position ids and a loss mask, cached and distilled.
+        chat_prep = synthetic_chat_prep(store, vocab, seq_len, rows)
+        chat_cache = cache(cache_config, chat_prep, teacher_manifest, store, ComputeConfig(backend="local"))
+        runs["kdflow ZeRO-3 chat cache"] = kdflow_run(args, store, chat_prep, student_arch, 3, "kdflow-chat-cache", cache=chat_cache)
+        gap = packed_attention_gap(store, teacher_manifest, device, dtype)
+        print(f"packed conversations, {args.precision} on {gpu or 'CPU'}: max |Δ log-prob| against each alone {gap:.3g}", flush=True)
 
     rows_out = []
     for name, run in runs.items():
@@ -276,7 +326,7 @@ def main() -> None:
     append_result(args.results, command, {
         "student_parameters": student_parameters, "teacher_parameters": teacher_parameters, "batch": args.batch, "seq_len": seq_len,
         "steps": args.steps, "warmup": args.warmup, "precision": args.precision, "peak_tflops": args.peak_tflops,
-        "runs": rows_out, "cache_seconds": cache_seconds,
+        "runs": rows_out, "cache_seconds": cache_seconds, "packed_attention_gap": gap,
     }, machine_detail=gpu)
 
     if not args.skip_losses:

@@ -112,7 +112,8 @@ def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):
     assert "× plain (same ZeRO)" in run.stdout and "kdflow@1024/naive time, memory" in run.stdout
     record = json.loads(results.read_text().splitlines()[-1])
     runs = {row["run"]: row for row in record["runs"]}
-    assert list(runs) == ["plain ZeRO-2", "plain ZeRO-3", "kdflow ZeRO-3 online", "kdflow ZeRO-3 cache"]
+    assert list(runs) == ["plain ZeRO-2", "plain ZeRO-3", "kdflow ZeRO-3 online", "kdflow ZeRO-3 cache", "kdflow ZeRO-3 chat cache"]
+    assert record["packed_attention_gap"] < 1e-4  # float32 on CPU: packed conversations do not see each other
     for row in runs.values():
         assert row["tokens_per_s"] > 0 and row["loss"] == row["loss"] and row["loss"] >= 0
     ratio = runs["kdflow ZeRO-3 online"]["tokens_per_s"] / runs["plain ZeRO-3"]["tokens_per_s"]
