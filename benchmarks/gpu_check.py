@@ -318,9 +318,9 @@ def main() -> None:
             "vs_plain_same_zero": run["tokens_per_s"] / baseline["tokens_per_s"],
             "loss": run["loss"],
         })
-    print(f"\n{'run':<22} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8} {'× plain (same ZeRO)':>20} {'loss':>8}")
+    print(f"\n{'run':<26} {'tokens/s':>10} {'MFU':>7} {'peak GB':>8} {'× plain (same ZeRO)':>20} {'loss':>8}")
     for row in rows_out:
-        print(f"{row['run']:<22} {row['tokens_per_s']:>10,.0f} {row['mfu']:>7.1%} {row['peak_gb']:>8.1f} {row['vs_plain_same_zero']:>20.2f} {row['loss']:>8.4f}")
+        print(f"{row['run']:<26} {row['tokens_per_s']:>10,.0f} {row['mfu']:>7.1%} {row['peak_gb']:>8.1f} {row['vs_plain_same_zero']:>20.2f} {row['loss']:>8.4f}")
     print(f"cache stage (teacher over {rows} rows, sampled 12): {cache_seconds:.1f} s")
     command = "python benchmarks/gpu_check.py" + (" --tiny" if args.tiny else "")
     append_result(args.results, command, {
