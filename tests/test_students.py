@@ -159,7 +159,7 @@ def test_pretrained_folders_that_cannot_start_this_student_are_named_errors_befo
     cases = {
         pickled: r"student.path: .*pickled holds no .safetensors weights \(it has pytorch_model.bin: pickled weights, which kdflow never loads\)",
         other: r"student.path: .*other uses a different vocabulary .* a student must read the data's token ids",
-        short: r"student.path: .*short/config.json: the student reads at most 16 tokens .* data.seq_len is 32; set data.seq_len <= 16",
+        short: r"data.seq_len: 32 tokens per row, but the student \(student.path\) at .*short reads at most 16 .*; set data.seq_len <= 16",
     }
     for folder, message in cases.items():
         with pytest.raises(StudentError, match=message):

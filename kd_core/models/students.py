@@ -28,7 +28,7 @@ from kd_core.config import WIDTH_PRUNABLE, FromTeacherConfig
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest
 from kd_core.models import CACHE_ROOT, quiet_transformers
-from kd_core.models.teacher import check_vocabulary, model_context, model_folder_files, read_teacher_json, weights_identity
+from kd_core.models.teacher import check_model_context, check_vocabulary, model_folder_files, read_teacher_json, weights_identity
 from kd_core.storage import Store, download_folder, reaching, url_to_fs
 
 FIELD = "student.path"
@@ -59,16 +59,7 @@ def check_student_folder(url: str, store: Store, seq_len: int) -> None:
     pretrained_identity(url, store)
     with reaching(url, FIELD):
         model_config = read_teacher_json(fs.cat_file(f"{root}/config.json"), f"{url}/config.json", FIELD, StudentError)
-    _check_context(model_config, url, seq_len)
-
-
-def _check_context(model_config: dict, url: str, seq_len: int) -> None:
-    context = model_context(model_config)
-    if context is not None and context < seq_len:
-        raise StudentError(
-            f"{FIELD}: {url}/config.json: the student reads at most {context} tokens (max_position_embeddings / n_positions), "
-            f"data.seq_len is {seq_len}; set data.seq_len <= {context}"
-        )
+    check_model_context(model_config, url, seq_len, "the student (student.path)", StudentError)
 
 
 def check_pretrained_student(url: str, store: Store, prep: Manifest) -> str:
@@ -94,7 +85,7 @@ def check_pretrained_student(url: str, store: Store, prep: Manifest) -> str:
             f"{FIELD}: {url}/config.json: its output layer predicts {outputs} tokens (vocab_size) but the data's tokenizer has "
             f"{data_vocab}; resize its token embeddings (model.resize_token_embeddings({data_vocab})) and save it again"
         )
-    _check_context(model_config, url, seq_len)
+    check_model_context(model_config, url, seq_len, "the student (student.path)", StudentError)
     return identity
 
 

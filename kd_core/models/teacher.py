@@ -45,7 +45,7 @@ def check_teacher_folder(url: str, store: Store, seq_len: int) -> None:
     with reaching(url, "teacher.path"):
         teacher_files(fs, root, url)
         model_config = fs.cat_file(f"{root}/config.json")
-    check_teacher_context(read_teacher_json(model_config, f"{url}/config.json"), url, seq_len)
+    check_model_context(read_teacher_json(model_config, f"{url}/config.json"), url, seq_len)
 
 
 def teacher_files(fs, root: str, url: str) -> dict[str, dict]:
@@ -84,12 +84,13 @@ def model_context(model_config: dict) -> int | None:
     return model_config.get("max_position_embeddings") or model_config.get("n_positions")
 
 
-def check_teacher_context(model_config: dict, url: str, seq_len: int) -> None:
+def check_model_context(model_config: dict, url: str, seq_len: int, who: str = "the teacher", error: type[InputError] = TeacherError) -> None:
+    """The model (`who`, at `url`) reads rows of `seq_len` tokens: its config's context is at least that."""
     context = model_context(model_config)
     if context is not None and context < seq_len:
-        raise TeacherError(
-            f"data.seq_len: {seq_len} tokens per row, but the teacher at {url} reads at most {context} "
-            f"(max_position_embeddings); set data.seq_len <= {context}"
+        raise error(
+            f"data.seq_len: {seq_len} tokens per row, but {who} at {url} reads at most {context} "
+            f"(max_position_embeddings / n_positions); set data.seq_len <= {context}"
         )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from kd_core.config import ComputeConfig, DistillConfig, TeacherConfig
 from kd_core.manifest import Manifest
 from kd_core.models.teacher import (
-    TeacherError, check_teacher_context, check_vocabulary, read_teacher_json, teacher_files, weights_identity,
+    TeacherError, check_model_context, check_vocabulary, read_teacher_json, teacher_files, weights_identity,
 )
 from kd_core.stage import StageRun
 from kd_core.storage import Store, absolute_url, reaching, url_to_fs
@@ -108,4 +108,4 @@ def _check_existing(url: str, prep: Manifest, store: Store) -> None:
         tokenizer, url, store, prep, field="teacher.path", error=TeacherError,
         advice=f"prepare the data with the teacher's tokenizer (data.tokenizer: {url}, or leave data.tokenizer unset)",
     )
-    check_teacher_context(read_teacher_json(model_config, f"{url}/config.json"), url, prep.details["seq_len"])
+    check_model_context(read_teacher_json(model_config, f"{url}/config.json"), url, prep.details["seq_len"])
