@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 
-LABELS = {"teacher": "teacher", "start": "student before distillation", "student": "KD student", "baseline": "no-teacher student"}
+LABELS = {"teacher": "teacher", "start": "student at start", "student": "KD student", "baseline": "no-teacher student"}
 REWARD_LABELS = {"teacher": "text teacher", "student": "KD student", "baseline": "human-labels-only"}
 COLORS = {"teacher": "#444444", "start": "#9467bd", "student": "#1f77b4", "baseline": "#d62728"}
 TERM_STYLES = {"loss": "-", "ce": "--", "kd": ":"}
