@@ -10,6 +10,8 @@ Token-level divergences on logits (..., V), float32 at temperature T, masked mea
 Teacher targets: TeacherTargets (targets.py), what DistillationObjective and RewardObjective take
 Sparse targets from a teacher cache:
     topk_kl (top-k ids and log-probs, optional tail bucket), sampled_kl (Random-Sampling KD)
+On-policy (the student's own samples, scored by the teacher):
+    policy_gradient_reverse_kl, reported_kl, sampled_token_logprobs (policy_gradient.py)
 Features and structure:
     hidden_mse, hidden_cosine, HiddenStateDistillation (features.py); rkd_distance, rkd_angle,
     similarity_kl (relational.py); matryoshka_distillation; reward_mse, preference_kl, bradley_terry,
@@ -31,6 +33,7 @@ from kd_core.losses.fused import (
 from kd_core.losses.jsd import generalized_jsd
 from kd_core.losses.matryoshka import matryoshka_distillation
 from kd_core.losses.objective import DistillationObjective, next_token_cross_entropy
+from kd_core.losses.policy_gradient import policy_gradient_reverse_kl, reported_kl, sampled_token_logprobs
 from kd_core.losses.relational import rkd_angle, rkd_distance, similarity_kl
 from kd_core.losses.reverse_kl import reverse_kl
 from kd_core.losses.reward import RewardObjective, bradley_terry, preference_kl, reward_mse
@@ -61,12 +64,15 @@ __all__ = [
     "masked_mean",
     "matryoshka_distillation",
     "next_token_cross_entropy",
+    "policy_gradient_reverse_kl",
     "preference_kl",
+    "reported_kl",
     "reverse_kl",
     "reward_mse",
     "rkd_angle",
     "rkd_distance",
     "sampled_kl",
+    "sampled_token_logprobs",
     "sampled_target",
     "similarity_kl",
     "skew_forward_kl",
