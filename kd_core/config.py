@@ -545,6 +545,30 @@ class RewardLossConfig(Section):
         return self
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (`distill.teacher_source: on_policy`, chat data): the student writes
+    its own answers to the batch's prompts and the teacher scores every token of them."""
+
+    mixing: float = Field(default=1.0, ge=0, le=1)
+    """λ of GKD: the chance that a batch is on-policy (the student's samples); otherwise the
+    dataset's own answers are distilled, as `online` does. 0 is offline distillation."""
+    objective: Literal["divergence", "policy_gradient"] = "divergence"
+    """`divergence`: `distill.loss.divergence` over the full vocabulary at each sampled token's
+    position (reverse_kl is the usual choice on-policy); `policy_gradient`: the sampled-token
+    reverse-KL advantage with a policy-gradient update (`kd_core/losses/policy_gradient.py`). Both
+    weighted by `distill.loss.kd_weight`; the cross-entropy term never counts on the student's
+    own samples."""
+    max_new_tokens: int = Field(default=32, gt=0)
+    """The longest answer the student writes (tokens); the prompt and answer are cut to
+    `data.seq_len`."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature of the student's answers."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling: the smallest set of tokens with this much probability (1: all)."""
+    samples_per_prompt: int = Field(default=1, gt=0)
+    """Answers the student writes to each prompt (each its own row)."""
+
+
 class DistillConfig(Section):
     loss: LossConfig = LossConfig()
     """The distillation objective of language models (`task: causal_lm`)."""
@@ -554,10 +578,13 @@ class DistillConfig(Section):
     """Optimisation of the student."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     """How the student is trained in DeepSpeed (the teacher and baseline train with plain DDP)."""
-    teacher_source: Literal["cache", "online"] = "cache"
+    teacher_source: Literal["cache", "online", "on_policy"] = "cache"
     """`cache`: read the teacher's targets from the cache stage (the teacher ran once). `online`:
     run the teacher on every training batch and distill from its full logits (no cache; costs a
-    teacher forward pass per step)."""
+    teacher forward pass per step). `on_policy`: the student answers the batch's prompts itself
+    and the teacher scores its answers (`on_policy`; chat data)."""
+    on_policy: OnPolicyConfig = OnPolicyConfig()
+    """On-policy distillation's settings (`teacher_source: on_policy`)."""
     baseline: bool = True
     """Also train a same-size student on the same tokens with cross-entropy only (no teacher),
     so the evaluation shows what the teacher added."""

@@ -324,16 +324,17 @@ def test_the_bundled_python_pairs_answer_each_question_from_its_own_docs(tmp_pat
 
 
 def test_held_out_prompts_end_where_the_answer_starts_and_answers_score_by_words():
-    from kd_core.eval.answers import answer_scores, held_out_prompts, word_f1
+    from kd_core.data.chat import conversation_prompts
+    from kd_core.eval.answers import answer_scores, word_f1
 
     rows = {  # two conversations packed in one row, then padding; the second has two assistant turns
         "input_ids": torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0, 0]]),
         "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1]]),
         "loss_mask": torch.tensor([[0, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0]]),
     }
-    prompts = held_out_prompts(rows, 10)
+    prompts = conversation_prompts(rows, 10)
     assert [(p.prompt, p.reference) for p in prompts] == [([5, 6], [7, 8]), ([9], [10])]
-    assert held_out_prompts(rows, 1) == prompts[:1]
+    assert conversation_prompts(rows, 1) == prompts[:1]
     assert word_f1("Returns a  list", "returns a list") == 1.0 and word_f1("a list of", "a list") == pytest.approx(0.8)
     assert answer_scores(["returns a list", "nothing"], ["returns a list", "a value"]) == {"answer_exact_match": 0.5, "answer_f1": 0.5}
 

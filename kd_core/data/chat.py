@@ -178,6 +178,42 @@ class ChatEncoder:
         return ids, trained
 
 
+@dataclass(frozen=True)
+class ConversationPrompt:
+    prompt: list[int]
+    reference: list[int]
+
+
+def conversation_prompts(rows, limit: int) -> list[ConversationPrompt]:
+    """The first `limit` conversations of chat rows (`input_ids`, `position_ids`, `loss_mask`:
+    arrays or tensors, (rows, T)) that have an assistant turn: (the tokens before its first
+    trained token, the run of trained tokens from there). What a model answers at eval, and what
+    the student answers itself in on-policy distillation."""
+    prompts = []
+    for ids, positions, trained in zip(rows["input_ids"].tolist(), rows["position_ids"].tolist(), rows["loss_mask"].tolist()):
+        starts = [index for index, position in enumerate(positions) if position == 0] + [len(positions)]
+        for start, end in zip(starts, starts[1:]):
+            first = next((index for index in range(start, end) if trained[index]), None)
+            if first is None:
+                continue  # padding, or a conversation cut before its answer
+            stop = first
+            while stop < end and trained[stop]:
+                stop += 1
+            prompts.append(ConversationPrompt(ids[start:first], ids[first:stop]))
+            if len(prompts) == limit:
+                return prompts
+    return prompts
+
+
+def stop_token_ids(tokenizer, prompts: list[ConversationPrompt]) -> list[int]:
+    """Where a model's answer ends: the tokenizer's eos, and the last special token of each
+    reference answer (the template's end-of-turn marker, e.g. ChatML's <|im_end|>, which may be
+    followed by plain text such as a newline)."""
+    special = set(tokenizer.all_special_ids)
+    ends = {next((token for token in reversed(p.reference) if token in special), None) for p in prompts}
+    return sorted(({tokenizer.eos_token_id} | ends) - {None})
+
+
 # ------------------------------------------------------------------------------------------ rows
 @dataclass
 class ChatCounts:

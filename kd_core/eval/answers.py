@@ -15,47 +15,17 @@ A few prompts with every model's answer go into the report.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
+
+from kd_core.data.chat import ConversationPrompt, conversation_prompts, stop_token_ids
 
 EXAMPLES = 6
 """Prompts whose answers the report shows."""
 
 
-@dataclass(frozen=True)
-class HeldOutPrompt:
-    prompt: list[int]
-    reference: list[int]
-
-
-def held_out_prompts(rows: dict[str, torch.Tensor], limit: int) -> list[HeldOutPrompt]:
-    """The first `limit` conversations of the rows that have an assistant turn: (the tokens
-    before its first trained token, the run of trained tokens from there)."""
-    prompts = []
-    for ids, positions, trained in zip(rows["input_ids"].tolist(), rows["position_ids"].tolist(), rows["loss_mask"].tolist()):
-        starts = [index for index, position in enumerate(positions) if position == 0] + [len(positions)]
-        for start, end in zip(starts, starts[1:]):
-            first = next((index for index in range(start, end) if trained[index]), None)
-            if first is None:
-                continue  # padding, or a conversation cut before its answer
-            stop = first
-            while stop < end and trained[stop]:
-                stop += 1
-            prompts.append(HeldOutPrompt(ids[start:first], ids[first:stop]))
-            if len(prompts) == limit:
-                return prompts
-    return prompts
-
-
-def stop_token_ids(tokenizer, prompts: list[HeldOutPrompt]) -> list[int]:
-    """The eos, and every special token that ends a reference answer."""
-    special = set(tokenizer.all_special_ids)
-    return sorted({tokenizer.eos_token_id, *(p.reference[-1] for p in prompts if p.reference[-1] in special)} - {None})
-
-
 @torch.no_grad()
-def greedy_answers(model, prompts: list[HeldOutPrompt], stop_ids: list[int], pad_id: int, max_new_tokens: int, device, batch_size: int = 16) -> list[list[int]]:
+def greedy_answers(model, prompts: list[ConversationPrompt], stop_ids: list[int], pad_id: int, max_new_tokens: int, device, batch_size: int = 16) -> list[list[int]]:
     """Each prompt's greedy continuation, cut before its first stop token (left-padded batches)."""
     answers = []
     for begin in range(0, len(prompts), batch_size):
@@ -101,7 +71,7 @@ def measure_answers(
 ) -> tuple[dict[str, dict], list[dict]]:
     """({model: its answer scores}, examples: the first prompts with the reference and every
     model's answer); `advance(1)` after each model."""
-    prompts = held_out_prompts(rows, limit)
+    prompts = conversation_prompts(rows, limit)
     if not prompts:
         return {}, []
     stop_ids = stop_token_ids(tokenizer, prompts)
