@@ -57,6 +57,7 @@ def distill(
         "loss": task.objective(config).model_dump(mode="json"),
         "train": config.train.model_dump(mode="json"),
         "teacher_source": config.teacher_source,
+        **({"on_policy": config.on_policy.model_dump(mode="json")} if config.teacher_source == "on_policy" else {}),
         "deepspeed": config.deepspeed.model_dump(mode="json"),
     }
     run = StageRun(store, "distill", section, inputs={"prep": prep, **start.inputs(), expected: targets}, force=force)
@@ -66,7 +67,7 @@ def distill(
         task, config, student, prep, store, run.folder, targets=targets, checkpoint_every=config.checkpoint_every, tracking=tracking,
         start=start,
     )
-    description = "distill: student" + (" (online teacher)" if config.teacher_source == "online" else "")
+    description = "distill: student" + {"cache": "", "online": " (online teacher)", "on_policy": " (on-policy)"}[config.teacher_source]
     return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never", details={"student_start": start.record()})
 
 

@@ -144,6 +144,14 @@ class Task:
         """The `TeacherTargets` of one batch from the online teacher (under no_grad)."""
         raise ValueError(f"task {self.name} has no online teacher; set distill.teacher_source: cache")
 
+    def on_policy_sampling(self, spec: TrainSpec, store: Store):
+        """What `on_policy_batch` needs on this worker besides the student (read once per run)."""
+        raise ValueError(f"task {self.name} has no on-policy distillation; set distill.teacher_source: cache")
+
+    def on_policy_batch(self, student, batch: dict[str, torch.Tensor], spec: TrainSpec, sampling) -> dict[str, torch.Tensor]:
+        """The student's own answers to the batch's prompts, as a batch (`distill.on_policy`)."""
+        raise ValueError(f"task {self.name} has no on-policy distillation; set distill.teacher_source: cache")
+
     # ---------------------------------------------------------------------------------- eval
     def eval_settings(self, config: EvalConfig, prep_details: dict) -> dict:
         """The eval settings that shape what eval measures, of data `prep_details` describes (the

@@ -59,6 +59,19 @@ class CausalLM(Task):
                 "data.tokenizer: chat data is rendered through a Hugging Face tokenizer's chat template; set data.tokenizer "
                 "(or teacher.path, whose tokenizer is then used)"
             )
+        if job.distill.teacher_source == "on_policy":
+            if job.data.source not in CHAT_SOURCES or job.data.chat.train_on != "assistant":
+                raise ValueError(
+                    "distill.teacher_source: on_policy has the student answer the data's prompts, which chat data with "
+                    "data.chat.train_on: assistant marks (data.source chat or python-qa)"
+                )
+            if job.distill.deepspeed.enabled and job.distill.deepspeed.zero_stage == 3:
+                raise ValueError(
+                    "distill.deepspeed.zero_stage: on-policy sampling runs the student in the training process, which ZeRO-3 "
+                    "partitions; use zero_stage 0-2 for teacher_source: on_policy"
+                )
+            if job.distill.loss.fused and job.distill.on_policy.objective == "policy_gradient":
+                raise ValueError("distill.loss.fused: the policy-gradient objective reads the student's full logits; set fused: false")
         trains_tokenizer = job.data.tokenizer is None  # else the vocabulary is the tokenizer's, checked by the cache stage
         if trains_tokenizer and cache.format == "topk" and cache.top_k > job.data.vocab_size:
             raise ValueError(f"cache.top_k: must be <= data.vocab_size ({job.data.vocab_size}), got {cache.top_k}")
@@ -166,7 +179,7 @@ class CausalLM(Task):
         loss = spec.objective
         return CausalLMStep(
             model, self.make_objective(spec, store, model.config.hidden_size), loss.fused_chunk_size if loss and loss.fused else None,
-            vocab_size=spec.vocab_size,
+            vocab_size=spec.vocab_size, on_policy_objective=spec.on_policy.objective if spec.on_policy else "divergence",
         )
 
     def make_objective(self, spec, store, student_hidden_size: int) -> DistillationObjective:
@@ -254,9 +267,8 @@ class CausalLM(Task):
         import torch
 
         from kd_core.losses import TeacherTargets
-        from kd_core.models.inference import teacher_forward
-
         from kd_core.models import sequence_inputs
+        from kd_core.models.inference import teacher_forward
 
         objective = spec.objective
         layers = sorted({layer for _, layer in objective.feature_layers}) if objective is not None and objective.feature_weight > 0 else []
@@ -265,6 +277,25 @@ class CausalLM(Task):
             forward = teacher_forward(teacher, input_ids, layers, position_ids=sequence_inputs(batch)[0].get("position_ids"))
             logits = forward.logits(slice(None)).unflatten(0, input_ids.shape)
         return TeacherTargets(logits=logits[..., : spec.vocab_size], hidden=forward.hidden)
+
+    def on_policy_sampling(self, spec, store) -> list[int]:
+        """The stop tokens of the student's answers: the prepared tokenizer's eos and the special
+        token that ends the training answers (`kd_core.data.chat.stop_token_ids`, on the first
+        training rows)."""
+        from transformers import AutoTokenizer
+
+        from kd_core.data.chat import conversation_prompts, stop_token_ids
+        from kd_core.data.shards import read_columns
+        from kd_core.models import local_copy
+
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(store, spec.tokenizer_folder))
+        return stop_token_ids(tokenizer, conversation_prompts(read_columns(store, spec.token_shards[:1], 64), 64))
+
+    def on_policy_batch(self, student, batch, spec, sampling) -> dict:
+        """`sample_answers`: the student's answers to the prompt of each row's first conversation."""
+        from kd_core.tasks.causal_lm_step import sample_answers
+
+        return sample_answers(student, batch, spec.on_policy, sampling, spec.special_token_ids["pad"], spec.seq_len)
 
     # ---------------------------------------------------------------------------------- eval
     def eval_settings(self, config, prep_details) -> dict:

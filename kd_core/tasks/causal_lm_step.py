@@ -10,12 +10,13 @@ caches or validates, so that loading a job does not wait for torch).
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 
-from kd_core.losses import DistillationObjective, TeacherTargets
+from kd_core.losses import DistillationObjective, TeacherTargets, policy_gradient_reverse_kl, reported_kl, sampled_token_logprobs
 from kd_core.models import sequence_inputs
 from kd_core.models.inference import CausalLMTeacher
 
@@ -25,9 +26,15 @@ class CausalLMStep(nn.Module):
     pretrained Qwen2: more rows than tokens) has its logits, or its output weight's rows, cut to it,
     so its distribution is over real tokens only, as the teacher's targets are. None: no cut."""
 
-    def __init__(self, model: nn.Module, objective: DistillationObjective, fused_chunk_size: int | None = None, vocab_size: int | None = None):
+    def __init__(
+        self, model: nn.Module, objective: DistillationObjective, fused_chunk_size: int | None = None, vocab_size: int | None = None,
+        on_policy_objective: str = "divergence",
+    ):
         super().__init__()
         self.model, self.objective, self.fused_chunk_size, self.vocab_size = model, objective, fused_chunk_size, vocab_size
+        self.on_policy_objective = on_policy_objective
+        """How a batch of the student's own answers (`sample_answers`) is learned: `divergence`
+        (the objective without its cross-entropy term) or `policy_gradient`."""
 
     def forward(self, batch: dict[str, torch.Tensor], targets: TeacherTargets | None) -> dict[str, torch.Tensor]:
         """Loss terms of one batch of token rows (`input_ids`, the labels too; chat rows also
@@ -39,6 +46,15 @@ class CausalLMStep(nn.Module):
         inputs, counted = sequence_inputs(batch)
         if counted is not None:
             targets = dataclasses.replace(targets or TeacherTargets(), mask=counted)
+        if "sampler_logprobs" in batch:  # the student's own answers: never cross-entropy on them
+            if self.on_policy_objective == "policy_gradient":
+                return self.policy_gradient(batch, inputs, targets)
+            with cross_entropy_off(self.objective):
+                return self.divergence(batch, inputs, input_ids, targets, features)
+        return self.divergence(batch, inputs, input_ids, targets, features)
+
+    def divergence(self, batch, inputs, input_ids, targets, features) -> dict[str, torch.Tensor]:
+        """The objective's terms (`forward`'s docstring)."""
         if self.fused_chunk_size:
             output = self.model(**inputs, output_hidden_states=True, logits_to_keep=1)
             weight = self.model.get_output_embeddings().weight[: self.vocab_size]
@@ -48,6 +64,30 @@ class CausalLMStep(nn.Module):
             )
         output = self.model(**inputs, output_hidden_states=features)
         return self.objective(output.logits[..., : self.vocab_size], input_ids, targets, student_hidden_states=output.hidden_states if features else None)
+
+    def policy_gradient(self, batch, inputs, targets: TeacherTargets) -> dict[str, torch.Tensor]:
+        """The sampled-token reverse-KL advantage with a policy-gradient update, weighted by the
+        objective's `kd_weight` (`kd_core/losses/policy_gradient.py`): position t's log-probs of
+        sampled token t + 1, the student's (with gradient), the sampler's and the teacher's."""
+        ids = inputs["input_ids"]
+        logits = self.model(**inputs).logits[..., : self.vocab_size]
+        student = sampled_token_logprobs(logits[:, :-1], ids[:, 1:])
+        teacher = sampled_token_logprobs(targets.logits[:, :-1, : logits.shape[-1]], ids[:, 1:])
+        sampler, mask = batch["sampler_logprobs"][:, 1:], targets.mask[:, :-1]
+        policy = policy_gradient_reverse_kl(student, sampler, teacher, mask=mask)
+        # Logged as every other batch's terms: `ce`, the student's NLL of its own answer; `kd`, the sampled reverse KL.
+        nll = -(torch.where(mask, student, 0.0).sum() / mask.sum().clamp_min(1)).detach()
+        return {"ce": nll, "kd": reported_kl(sampler, teacher, mask), "loss": self.objective.kd_weight * policy}
+
+
+@contextmanager
+def cross_entropy_off(objective: DistillationObjective):
+    """The objective with its cross-entropy term weighted 0 (a batch of the student's own samples)."""
+    weight, objective.ce_weight = objective.ce_weight, 0.0
+    try:
+        yield objective
+    finally:
+        objective.ce_weight = weight
 
 
 class CachedLMTargets:
@@ -76,3 +116,54 @@ def next_token_loss(model, rows: dict[str, torch.Tensor], batch_size: int, devic
         total += float(losses[keep].sum())
         count += int(keep.sum())
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample_answers(student, batch: dict[str, torch.Tensor], settings, stop_ids: list[int], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """The student's own answers to a batch of chat rows: the prompt of each row's first
+    conversation (`kd_core.data.chat.conversation_prompts`), answered `settings.samples_per_prompt`
+    times by sampling (`temperature`, `top_p`, at most `max_new_tokens`, ending at a stop token,
+    which is kept), as chat rows of `seq_len`: `input_ids` (prompt, answer, padding),
+    `position_ids`, `loss_mask` over the answer, and `sampler_logprobs`, the sampling
+    distribution's log-prob of each answer token at the token's own index (0 elsewhere): what
+    the policy-gradient objective's importance ratio divides by."""
+    from kd_core.data.chat import conversation_prompts
+
+    device = batch["input_ids"].device
+    prompts = [p.prompt[-(seq_len - 1):] for row in range(len(batch["input_ids"]))
+               for p in conversation_prompts({name: values[row : row + 1] for name, values in batch.items()}, 1)]
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    was_training = student.training
+    student.eval()
+    try:
+        output = student.generate(
+            input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+            repetition_penalty=1.0,  # exactly the configured distribution, whatever generation_config.json says
+            max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples_per_prompt, eos_token_id=stop_ids,
+            pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True,
+        )
+    finally:
+        student.train(was_training)
+    answers = output.sequences[:, width:]
+    sampler = torch.stack(output.scores, 1).float().log_softmax(-1).gather(-1, answers.unsqueeze(-1)).squeeze(-1)  # the processed scores: what was sampled from
+    rows = len(answers)
+    columns = {
+        "input_ids": torch.full((rows, seq_len), pad_id, dtype=torch.long, device=device),
+        "position_ids": torch.zeros((rows, seq_len), dtype=torch.long, device=device),
+        "loss_mask": torch.zeros((rows, seq_len), dtype=torch.uint8, device=device),
+        "sampler_logprobs": torch.zeros((rows, seq_len), dtype=torch.float32, device=device),
+    }
+    for row in range(rows):
+        prompt = prompts[row // settings.samples_per_prompt]
+        answer = answers[row].tolist()
+        end = next((index + 1 for index, token in enumerate(answer) if token in stop_ids), len(answer))  # the stop token is learned too
+        length = min(len(prompt) + end, seq_len)
+        kept = length - len(prompt)
+        columns["input_ids"][row, :length] = torch.tensor(prompt + answer[:kept], device=device)
+        columns["position_ids"][row, :length] = torch.arange(length, device=device)
+        columns["position_ids"][row, length:] = torch.arange(seq_len - length, device=device)  # the padding: a sequence of its own
+        columns["loss_mask"][row, len(prompt) : length] = 1
+        columns["sampler_logprobs"][row, len(prompt) : length] = sampler[row, :kept]
+    return columns

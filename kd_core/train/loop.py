@@ -10,7 +10,8 @@ overlap, shuffled through a seeded buffer: the batches are a pure function of th
 size and the number of data workers. Each rank takes `batch_size / world_size` rows per step.
 Each batch's teacher targets come from the run's `TargetSource` (`kd_core/train/targets.py`: the
 cache's, decoded with the batch; an online teacher run on the batch; or none), asked once per
-micro-batch (`targets = source(batch, student)`) and handed to the step with the batch.
+micro-batch (`batch, targets = source(batch, student, step)`: the on-policy source replaces
+the batch with the student's own answers) and handed to the step with the batch.
 Every `checkpoint_every` steps each rank writes its part of a checkpoint, and a run resumes from
 the latest one (`kd_core/train/checkpoints.py`): the stream continues from the saved position of
 each of the rank's consumers (`TrackedBatches`), reading back only what its shuffle buffers held.
@@ -261,8 +262,8 @@ class WorkerRun:
         for step in range(self.start_step, train.max_steps):
             micro_batches = []
             for _ in range(self.accumulation):
-                batch = {name: tensor.to(self.device) for name, tensor in next(batches).items()}
-                micro_batches.append((batch, source(batch, student)))
+                batch, targets = source({name: tensor.to(self.device) for name, tensor in next(batches).items()}, student, step)
+                micro_batches.append((batch, targets))
                 tokens_seen += spec.task.batch_tokens(batch) * self.world_size
             terms = self.runner.step(micro_batches)
             done = step + 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kd_core.cache import cache_shards
-from kd_core.config import ArchitectureConfig, DeepSpeedConfig, DistillConfig, StorageConfig, StudentConfig, TrainConfig
+from kd_core.config import ArchitectureConfig, DeepSpeedConfig, DistillConfig, OnPolicyConfig, StorageConfig, StudentConfig, TrainConfig
 from kd_core.data.shards import split_shards
 from kd_core.manifest import Manifest
 from kd_core.redaction import redact
@@ -118,6 +118,9 @@ class TrainSpec:
     """Train in a DeepSpeed engine with these settings (the student); None trains with plain DDP."""
     tracking: TrainingRun | None = None
     """Log this run to MLflow from rank 0 (params, then metrics at every log step)."""
+    on_policy: OnPolicyConfig | None = None
+    """With `online_teacher`: the student answers the batches' prompts itself first
+    (`distill.teacher_source: on_policy`; `kd_core.train.targets.OnPolicyTargets`)."""
     online_teacher: Manifest | None = None
     """The teacher step's manifest: the teacher runs on every batch (online distillation: full
     teacher logits, no cache). Each worker fetches it from storage itself, on whatever node."""
@@ -163,6 +166,7 @@ class TrainSpec:
         deepspeed: DeepSpeedConfig | None = None, checkpoint_every: int | None = None, keep_checkpoints: int = 2,
         cache: Manifest | None = None, online_teacher: Manifest | None = None, tracking: TrainingRun | None = None,
         validate_every: int | None = None, validation_rows: int = 64, student_start: StudentStart = StudentStart(),
+        on_policy: OnPolicyConfig | None = None,
     ) -> TrainSpec:
         """A spec that trains on the prep stage's training split and writes into `output_folder`.
         `cache` (the cache stage's manifest) or `online_teacher` (the teacher step's) gives the
@@ -176,7 +180,7 @@ class TrainSpec:
             cache_shards=cache_shards(cache) if cache else [], cache_layout=cache.details["layout"] if cache else None,
             validation_shards=split_shards(prep, "val") if validating else [],
             validation_cache_shards=cache_shards(cache, "val") if cache and validating and task.validation_reads_cache() else [],
-            validate_every=validate_every, validation_rows=validation_rows, student_start=student_start,
+            validate_every=validate_every, validation_rows=validation_rows, student_start=student_start, on_policy=on_policy,
         )
 
 
@@ -199,4 +203,5 @@ def student_spec(
         cache=targets if with_teacher and targets.stage == "cache" else None,
         online_teacher=targets if with_teacher and targets.stage == "teacher" else None,
         validate_every=validate_every, validation_rows=validation_rows, student_start=start,
+        on_policy=distill.on_policy if with_teacher and distill.teacher_source == "on_policy" else None,
     )
