@@ -64,8 +64,11 @@ LOSS_TOLERANCE = 1e-4
 RECORDS = 8
 """Records (chat) or documents (text) the deep checks read by default."""
 SPECIAL_TOKENS = ("eos", "bos", "pad")
-LANGUAGE_MODEL_SOURCES = ("python-docs", "files", "chat")
+LANGUAGE_MODEL_SOURCES = ("python-docs", "files", "chat", "python-qa")
+CHAT_SOURCES = ("chat", "python-qa")
 """The data the deep checks read: token rows of text or chat (not preference pairs)."""
+ONLINE_SOURCES = ("online", "on_policy")
+"""Teacher sources whose targets are the teacher's logits on the batch (no cache)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,6 @@ class CheckResult:
     def __post_init__(self):
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-
 
 def failures(results: list[CheckResult]) -> list[CheckResult]:
     return [result for result in results if result.status == "fail"]
@@ -107,7 +109,7 @@ def temperature_check(
     name, values = "temperatures", f"cache.temperature {cache_temperature}, distill.loss.temperature {loss_temperature}"
     if kd_weight == 0:
         return CheckResult(name, "pass", "distill.loss.kd_weight is 0: no KD term, the temperatures do not matter")
-    if teacher_source == "online":
+    if teacher_source in ONLINE_SOURCES:
         return CheckResult(name, "pass", f"online teacher: its logits are tempered at distill.loss.temperature ({loss_temperature}); cache.temperature is unused")
     exact = cache_format == "sampled" or (cache_format == "topk" and topk_tail)
     if exact:
@@ -269,7 +271,7 @@ def deep_checks(job: JobConfig, records: int = RECORDS) -> list[CheckResult]:
     if job.data.source not in LANGUAGE_MODEL_SOURCES:
         return cheap_checks(job)
     results = [temperature_check_of(job), *vocabulary_checks(job, deep=True)]
-    results.append(template_check_of(job, records) if job.data.source == "chat" else
+    results.append(template_check_of(job, records) if job.data.source in CHAT_SOURCES else
                    CheckResult("template", "skip", f"data.source {job.data.source}: no chat template is used"))
     if not job.teacher.path:
         reason = "no teacher.path: kdflow trains the teacher, which does not exist before the run"
@@ -323,6 +325,11 @@ def first_conversations(job: JobConfig, records: int) -> list:
     from kd_core.data.chat import conversation_of
     from kd_core.data.sources import FileSource
 
+    if job.data.source == "python-qa":
+        from kd_core.data.python_qa import python_qa_pairs
+
+        pairs = python_qa_pairs(job.data.seed)[:records]
+        return [conversation_of(pair, f"python-qa pair {number}", job.data.chat) for number, pair in enumerate(pairs, start=1)]
     source = FileSource(job.data.files, job.data.text_field, job.storage)
     return [conversation_of(record, where, job.data.chat) for where, record in itertools.islice(source.records(), records)]
 
@@ -376,7 +383,7 @@ def sample_batch(job: JobConfig, records: int = RECORDS) -> dict:
     from kd_core.data.tokenizer import load_tokenizer
 
     prepared = load_tokenizer(job.data.tokenizer, job.storage)
-    if job.data.source == "chat":
+    if job.data.source in CHAT_SOURCES:
         from kd_core.data.chat import ChatEncoder, fit_to_rows
 
         encoder = ChatEncoder(prepared.hf, job.data.chat, job.data.tokenizer)
@@ -490,8 +497,8 @@ def loss_check(
 
 
 def describe_loss(loss: LossConfig, cache: CacheConfig, teacher_source: str) -> str:
-    source = "online teacher" if teacher_source == "online" else f"{cache.format} cache"
-    kd = loss.divergence if teacher_source == "online" or cache.format == "full" else "forward KL"
+    source = "online teacher" if teacher_source in ONLINE_SOURCES else f"{cache.format} cache"
+    kd = loss.divergence if teacher_source in ONLINE_SOURCES or cache.format == "full" else "forward KL"
     return f"{source}, {kd}, T={loss.temperature:g}" + (", fused" if loss.fused else "")
 
 
@@ -508,7 +515,7 @@ def teacher_targets(teacher, batch: dict, vocab_size: int, cache: CacheConfig, t
     with torch.no_grad():
         forward = teacher_forward(teacher.eval(), input_ids, [], position_ids=batch.get("position_ids"))
         logits = forward.logits(slice(None)).unflatten(0, input_ids.shape)[..., :vocab_size].float()
-    if teacher_source == "online":
+    if teacher_source in ONLINE_SOURCES:  # an on-policy run's dataset batches are scored this way too
         return TeacherTargets(logits=logits)
     layout = CacheLayout.from_config(cache, input_ids.shape[1], vocab_size)
     columns = layout.encode(torch.log_softmax(logits / layout.temperature, dim=-1), torch.Generator().manual_seed(cache.seed), {})

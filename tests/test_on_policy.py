@@ -156,3 +156,13 @@ def test_an_on_policy_job_distills_and_its_settings_are_in_its_key(tmp_path, fol
 def test_settings_on_policy_cannot_run_are_config_errors(tmp_path, folder, overrides, message):
     with pytest.raises(ConfigError, match=message):
         job(tmp_path, folder, *overrides)
+
+
+def test_the_preflight_checks_an_on_policy_job_on_the_bundled_pairs_as_an_online_one(tmp_path, folder):
+    from kd_core.preflight import deep_checks
+
+    config = job(tmp_path, folder, "data.source=python-qa", "data.files=[]", "data.seq_len=128", "distill.loss.divergence=reverse_kl")
+    results = {result.name: result for result in deep_checks(config)}
+    assert results["template"].status == "pass" and "python-qa pair" not in results["template"].message
+    assert results["loss"].status == "pass" and "online teacher, reverse_kl" in results["loss"].message, results["loss"]
+    assert results["temperatures"].status == "pass" and "online teacher" in results["temperatures"].message

@@ -132,6 +132,8 @@ def sample_answers(student, batch: dict[str, torch.Tensor], settings, stop_ids: 
     device = batch["input_ids"].device
     prompts = [p.prompt[-(seq_len - 1):] for row in range(len(batch["input_ids"]))
                for p in conversation_prompts({name: values[row : row + 1] for name, values in batch.items()}, 1)]
+    if not prompts:  # no row holds an answered conversation: nothing to answer, the dataset's rows train
+        return batch
     width = max(len(prompt) for prompt in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
