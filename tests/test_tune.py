@@ -215,7 +215,7 @@ def test_the_training_loop_reports_and_returns_every_validation_metric():
         on_validation=reports.append, validation_rows={"ids": "rows"},
     )
     batches = iter(lambda: {"ids": torch.zeros(2, 3, dtype=torch.long)}, None)
-    record = run.train_steps(batches, lambda batch, student: None)
+    record = run.train_steps(batches, lambda batch, student, step: (batch, None))
     assert reports == [
         {"step": 2, "val_loss": 2.5, "val_agreement": pytest.approx(0.77)},
         {"step": 4, "val_loss": 2.5, "val_agreement": pytest.approx(0.79)},
