@@ -151,6 +151,11 @@ class ChatConfig(Section):
         return self
 
 
+CHAT_SOURCES = ("chat", "python-qa")
+"""The `data.source` values that are conversations (`kd_core/data/chat.py`: chat rows with a loss
+mask over the assistant's tokens), not plain text or preference pairs."""
+
+
 class DataConfig(Section):
     source: Literal["python-docs", "files", "chat", "python-qa", "preferences", "digit-preferences"] = "python-docs"
     """`python-docs`: the language reference and standard-library docstrings bundled with Python

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kd_core.config import (
+    CHAT_SOURCES,
     CacheConfig,
     ComputeConfig,
     ConfigError,
@@ -136,7 +137,7 @@ class JobConfig(Section):
         """A gate or primary metric that reads `baseline.*` needs the baseline to be trained, and one
         that reads `start.*` a student that does not start from random weights; without them the
         eval stage would fail after training, so refuse it here."""
-        answered = self.data.source in ("chat", "python-qa") and self.data.chat.train_on == "assistant" and self.eval.answer_prompts > 0
+        answered = self.data.source in CHAT_SOURCES and self.data.chat.train_on == "assistant" and self.eval.answer_prompts > 0
         named = [(f"eval.gates[{index}]: {text!r}", Gate.parse(text).metric_names()) for index, text in enumerate(self.eval.gates)]
         named.append((f"registry.primary_metric: {self.registry.primary_metric!r}", [parse_metric(self.registry.primary_metric)]))
         for where, metrics in named:

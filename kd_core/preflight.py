@@ -52,7 +52,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_core.config import CacheConfig, LossConfig, StorageConfig
+from kd_core.config import CHAT_SOURCES, CacheConfig, LossConfig, StorageConfig
 from kd_core.errors import InputError
 from kd_core.job import JobConfig
 
@@ -64,8 +64,7 @@ LOSS_TOLERANCE = 1e-4
 RECORDS = 8
 """Records (chat) or documents (text) the deep checks read by default."""
 SPECIAL_TOKENS = ("eos", "bos", "pad")
-LANGUAGE_MODEL_SOURCES = ("python-docs", "files", "chat", "python-qa")
-CHAT_SOURCES = ("chat", "python-qa")
+LANGUAGE_MODEL_SOURCES = ("python-docs", "files", *CHAT_SOURCES)
 """The data the deep checks read: token rows of text or chat (not preference pairs)."""
 ONLINE_SOURCES = ("online", "on_policy")
 """Teacher sources whose targets are the teacher's logits on the batch (no cache)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from kd_core.config import CHAT_SOURCES
 from kd_core.tasks.base import Task, models_table
 
 if TYPE_CHECKING:
@@ -33,13 +34,9 @@ if TYPE_CHECKING:
     from kd_core.losses import DistillationObjective
 
 
-CHAT_SOURCES = ("chat", "python-qa")
-"""Data sources of conversations (`kd_core/data/chat.py`), as opposed to plain text."""
-
-
 class CausalLM(Task):
     name = "causal_lm"
-    data_sources = ("python-docs", "files", "chat", "python-qa")
+    data_sources = ("python-docs", "files", *CHAT_SOURCES)
     metrics = (
         "cross_entropy", "perplexity", "kl_to_teacher", "ece", "agreement_top1", "agreement_top5",
         "answer_exact_match", "answer_f1", "parameters", "weight_bytes", "tokens_per_s", "latency_ms",
