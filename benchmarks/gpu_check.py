@@ -57,7 +57,7 @@ from kd_core.config import (  # noqa: E402
     TrainConfig,
 )
 from kd_core.data.tokenizer import save_hf_tokenizer  # noqa: E402
-from kd_core.data.prep import write_split  # noqa: E402
+from kd_core.data.shards import write_split  # noqa: E402
 from kd_core.models import build_causal_lm, count_parameters, save_model_dir  # noqa: E402
 from kd_core.stage import StageRun  # noqa: E402
 from kd_core.stages.cache import cache  # noqa: E402
@@ -95,7 +95,7 @@ def synthetic_prep(store: Store, vocab: int, seq_len: int, rows: int):
     words = {END_OF_TEXT: 0, PAD: 1} | {f"w{i}": i for i in range(2, vocab)}
     save_hf_tokenizer(PreparedTokenizer(Tokenizer(WordLevel(words, unk_token=END_OF_TEXT)), bos=END_OF_TEXT, eos=END_OF_TEXT, pad=PAD), run)
     data = np.random.default_rng(0).integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
-    details = {"task": "causal_lm", "seq_len": seq_len, "vocab_size": vocab, "splits": {"train": write_split(run, "train", data, rows_per_shard=64)}}
+    details = {"task": "causal_lm", "seq_len": seq_len, "vocab_size": vocab, "splits": {"train": write_split(run, "train", {"input_ids": data}, 64)}}
     return run.finish(details=details)
 
 
@@ -103,8 +103,6 @@ def synthetic_chat_prep(store: Store, vocab: int, seq_len: int, rows: int, per_r
     """A prep step of packed chat rows as `kd_core/data/chat.py` writes them: `per_row`
     conversations of random tokens per row, position ids restarting with each, the loss mask over
     each one's second half (its "answer")."""
-    from kd_core.data.shards import write_shards
-
     plain = synthetic_prep(store, vocab, seq_len, rows)
     run = StageRun(store, "prep", {"synthetic": True, "chat": True, "vocab": vocab, "seq_len": seq_len, "rows": rows}, inputs={})
     run.upload_dir(store.local_path(f"{plain.folder}/tokenizer"), "tokenizer")
@@ -115,9 +113,10 @@ def synthetic_chat_prep(store: Store, vocab: int, seq_len: int, rows: int, per_r
         "position_ids": positions,
         "loss_mask": (positions >= length // 2).astype(np.uint8),
     }
-    shards = write_shards(run, "train", columns, 64)
-    split = {"shards": shards, "rows": rows, "tokens": rows * seq_len}
-    details = {"task": "causal_lm", "seq_len": seq_len, "vocab_size": vocab, "splits": {"train": split}, "chat": {"train_on": "assistant", "layout": "packed"}}
+    details = {
+        "task": "causal_lm", "seq_len": seq_len, "vocab_size": vocab, "splits": {"train": write_split(run, "train", columns, 64)},
+        "chat": {"train_on": "assistant", "layout": "packed"},
+    }
     return run.finish(details=details)
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kd_core.config import ChatConfig, DataConfig
-from kd_core.data.shards import SPLITS, split_documents, write_shards
+from kd_core.data.shards import SPLITS, split_documents, write_split
 from kd_core.data.sources import DataSourceError, FileSource
 from kd_core.data.tokenizer import load_tokenizer, save_hf_tokenizer
 from kd_core.progress import progress_bar, say
@@ -308,7 +308,7 @@ def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSo
             if split == "train":
                 order = np.random.default_rng(config.seed).permutation(len(columns["input_ids"]))
                 columns = {name: values[order] for name, values in columns.items()}
-            details["splits"][split] = _write_split(run, split, columns, config.rows_per_shard, encoded)
+            details["splits"][split] = write_split(run, split, columns, config.rows_per_shard) | {"conversations": len(encoded)}
             counts.tokens[split] = sum(len(ids) for ids, _ in encoded)
             counts.trained_tokens[split] = int(columns["loss_mask"].sum())
     metrics = {
@@ -354,10 +354,4 @@ def collect_conversations(config: DataConfig, source: FileSource, counts: ChatCo
             f"data: found {len(conversations)} distinct conversations ({counts.duplicates} duplicates dropped); need at least 3 (one per split)"
         )
     return conversations
-
-
-def _write_split(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int, encoded) -> dict:
-    names = write_shards(run, split, columns, rows_per_shard)
-    rows = len(columns["input_ids"])
-    return {"shards": names, "rows": rows, "tokens": int(columns["input_ids"].size), "conversations": len(encoded)}
 

@@ -30,7 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from kd_core.config import DataConfig, StorageConfig
-from kd_core.data.shards import SPLITS, split_documents, write_shards
+from kd_core.data.shards import SPLITS, split_documents, write_split
 from kd_core.data.sources import DataSourceError, FileSource, SourceCounts, python_docs
 from kd_core.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_tokenizer
 from kd_core.progress import progress_bar
@@ -58,7 +58,7 @@ def prepare_text(config: DataConfig, store: Store, run: StageRun, source: FileSo
                 raise _empty_split(split, splits[split], config)
             if split == "train":
                 rows = rows[np.random.default_rng(config.seed).permutation(len(rows))]
-            details["splits"][split] = write_split(run, split, rows, config.rows_per_shard)
+            details["splits"][split] = write_split(run, split, {"input_ids": rows}, config.rows_per_shard)
     metrics = {
         "documents": len(documents),
         "characters": sum(len(doc) for doc in documents),
@@ -158,10 +158,5 @@ def pack(tokenizer: Tokenizer, documents: Iterable[str], seq_len: int, separator
         advance(len(batch[start : start + 256]))
     usable = len(stream) // seq_len * seq_len
     return np.asarray(stream[:usable], dtype=np.int32).reshape(-1, seq_len)
-
-
-def write_split(run: StageRun, split: str, rows: np.ndarray, rows_per_shard: int) -> dict:
-    names = write_shards(run, split, {"input_ids": rows}, rows_per_shard)
-    return {"shards": names, "rows": int(len(rows)), "tokens": int(rows.size)}
 
 

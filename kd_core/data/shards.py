@@ -134,3 +134,10 @@ def write_shards(run: StageRun, split: str, columns: dict[str, np.ndarray], rows
         run.write_bytes(name, encode_arrow({column: values[start : start + rows_per_shard] for column, values in columns.items()}))
         names.append(name)
     return names
+
+
+def write_split(run: StageRun, split: str, columns: dict[str, np.ndarray], rows_per_shard: int) -> dict:
+    """A split of token rows (`input_ids`, and any other column of the same rows) written as shards:
+    the manifest's record of it (shard names, rows, tokens)."""
+    names = write_shards(run, split, columns, rows_per_shard)
+    return {"shards": names, "rows": int(len(columns["input_ids"])), "tokens": int(columns["input_ids"].size)}
