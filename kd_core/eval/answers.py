@@ -19,6 +19,7 @@ from collections import Counter
 import torch
 
 from kd_core.data.chat import ConversationPrompt, conversation_prompts, stop_token_ids
+from kd_core.models import left_padded
 
 EXAMPLES = 6
 """Prompts whose answers the report shows."""
@@ -29,15 +30,12 @@ def greedy_answers(model, prompts: list[ConversationPrompt], stop_ids: list[int]
     """Each prompt's greedy continuation, cut before its first stop token (left-padded batches)."""
     answers = []
     for begin in range(0, len(prompts), batch_size):
-        batch = prompts[begin : begin + batch_size]
-        width = max(len(p.prompt) for p in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(p.prompt)) + p.prompt for p in batch], device=device)
-        attention = torch.tensor([[0] * (width - len(p.prompt)) + [1] * len(p.prompt) for p in batch], device=device)
+        input_ids, attention = left_padded([p.prompt for p in prompts[begin : begin + batch_size]], pad_id, device)
         output = model.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
             pad_token_id=pad_id,
         )
-        for continuation in output[:, width:].tolist():
+        for continuation in output[:, input_ids.shape[1] :].tolist():
             cut = next((index for index, token in enumerate(continuation) if token in stop_ids), len(continuation))
             answers.append(continuation[:cut])
     return answers

@@ -95,6 +95,15 @@ def counted_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     return counted
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token lists padded on the left to the longest, as
+    `generate` continues them: every prompt ends at the last column."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(prompt)) + prompt for prompt in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts], device=device)
+    return input_ids, attention
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kd_core.losses import DistillationObjective, TeacherTargets, policy_gradient_reverse_kl, reported_kl, sampled_token_logprobs
-from kd_core.models import sequence_inputs
+from kd_core.models import left_padded, sequence_inputs
 from kd_core.models.inference import CausalLMTeacher
 
 
@@ -134,9 +134,7 @@ def sample_answers(student, batch: dict[str, torch.Tensor], settings, stop_ids: 
                for p in conversation_prompts({name: values[row : row + 1] for name, values in batch.items()}, 1)]
     if not prompts:  # no row holds an answered conversation: nothing to answer, the dataset's rows train
         return batch
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, attention = left_padded(prompts, pad_id, device)
     was_training = student.training
     student.eval()
     try:
@@ -148,7 +146,7 @@ def sample_answers(student, batch: dict[str, torch.Tensor], settings, stop_ids: 
         )
     finally:
         student.train(was_training)
-    answers = output.sequences[:, width:]
+    answers = output.sequences[:, input_ids.shape[1] :]
     sampler = torch.stack(output.scores, 1).float().log_softmax(-1).gather(-1, answers.unsqueeze(-1)).squeeze(-1)  # the processed scores: what was sampled from
     rows = len(answers)
     columns = {
