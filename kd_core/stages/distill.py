@@ -50,7 +50,7 @@ def distill(
     if targets.stage != expected:
         raise ValueError(f"distill.teacher_source is {config.teacher_source}: distill needs the {expected} step's output, got {targets.stage}'s")
     task = task_of(prep)
-    start = student_start(student, prep, store, teacher if teacher is not None or targets.stage != "teacher" else targets)
+    start = student_start(student, prep, store, teacher or (targets if targets.stage == "teacher" else None))
     section = {
         "student": task.student_settings(student),
         **_start_settings(start),
