@@ -366,7 +366,8 @@ def _lines(stream: io.TextIOWrapper, file: MatchedFile, on_chunk) -> Iterator[st
         yield last
 
 
-def _record_text(line: str, where: str, text_field: str) -> str | None:
+def _json_line(line: str, where: str):
+    """One JSON Lines record, parsed; errors name `where` (an array gets the command that splits it)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
@@ -375,6 +376,11 @@ def _record_text(line: str, where: str, text_field: str) -> str | None:
         raise DataSourceError(
             f"{where}: a JSON array; JSON Lines expected: one JSON object per line (convert with: jq -c '.[]' FILE)"
         )
+    return record
+
+
+def _record_text(line: str, where: str, text_field: str) -> str | None:
+    record = _json_line(line, where)
     if not isinstance(record, dict) or text_field not in record:
         raise DataSourceError(f"{where}: expected a JSON object with a {text_field!r} field (data.text_field)")
     text = record[text_field]
@@ -430,10 +436,7 @@ def _jsonl_records(file: MatchedFile) -> Iterator[tuple[str, dict]]:
             if not line.strip():
                 continue
             where = f"{file.url}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataSourceError(f"{where}: not valid JSON; JSON Lines expected: one JSON object per line") from None
+            record = _json_line(line, where)
             if not isinstance(record, dict):
                 raise DataSourceError(f"{where}: a JSON {type(record).__name__}; JSON Lines expected: one JSON object per line")
             yield where, record
