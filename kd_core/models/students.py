@@ -22,14 +22,15 @@ import re
 from pathlib import Path
 
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from kd_core.config import WIDTH_PRUNABLE, FromTeacherConfig
 from kd_core.errors import InputError
 from kd_core.manifest import Manifest
 from kd_core.models import CACHE_ROOT, quiet_transformers
-from kd_core.models.teacher import check_model_context, check_vocabulary, model_folder_files, read_teacher_json, weights_identity
-from kd_core.storage import Store, download_folder, reaching, url_to_fs
+from kd_core.models.teacher import (
+    check_model_context, check_vocabulary, model_folder_files, read_teacher_json, recorded_folder, weights_identity,
+)
+from kd_core.storage import Store, reaching, url_to_fs
 
 FIELD = "student.path"
 
@@ -42,12 +43,12 @@ class StudentError(InputError):
 
 
 # ------------------------------------------------------------------------------------- pretrained
-def pretrained_identity(url: str, store: Store, field: str = FIELD) -> tuple[dict[str, dict], str]:
-    """(the listing, the `weights_identity`) of a pretrained model's folder (`field` names it in errors)."""
+def pretrained_identity(url: str, store: Store) -> tuple[dict[str, dict], str]:
+    """(the listing, the `weights_identity`) of the pretrained student's folder."""
     fs, root = url_to_fs(url, store.config)
     root = root.rstrip("/")
-    with reaching(url, field):
-        files = model_folder_files(fs, root, url, field, StudentError)
+    with reaching(url, FIELD):
+        files = model_folder_files(fs, root, url, FIELD, StudentError)
         return files, weights_identity(fs, root, files)
 
 
@@ -94,18 +95,10 @@ def pretrained_model_dir(url: str, identity: str, store: Store, field: str = FIE
     fine-tuned from `teacher.path`; `field` names it): the folder itself on local disk, else a
     copy downloaded once per node (`storage.download_folder`). It must still be the folder the
     step recorded (`identity`)."""
-    fs, root = url_to_fs(url, store.config)
-    root = root.rstrip("/")
-    files, now = pretrained_identity(url, store, field)
-    if now != identity:
-        raise StudentError(
-            f"{field}: {url} changed after this step recorded it (its weights, config or tokenizer files differ); rerun the "
-            "job: the keys of the steps that train from it cover those files, so they are redone"
-        )
-    if isinstance(fs, LocalFileSystem):
-        return Path(root)
-    with reaching(url, field):
-        return download_folder(fs, root, CACHE_ROOT / "students" / identity, source=url, listing=files)
+    return recorded_folder(
+        url, identity, store, field, StudentError, CACHE_ROOT / "students" / identity, "this step",
+        "the keys of the steps that train from it cover those files, so they are redone",
+    )
 
 
 def load_pretrained_student(folder: Path, dropout: float = 0.0):

@@ -130,16 +130,30 @@ def teacher_model_dir(store: Store, teacher_manifest: Manifest) -> Path:
     external = teacher_manifest.details.get("external_url")
     if external is None:
         return model_copy(store, teacher_manifest)
-    fs, root = url_to_fs(external, store.config)
+    return recorded_folder(
+        external, teacher_manifest.config.get("weights_identity"), store, "teacher.path", TeacherError,
+        CACHE_ROOT / "teachers" / teacher_manifest.key, f"the teacher step {teacher_manifest.key}",
+        "the teacher step's key covers those files, so it and the cache are redone",
+    )
+
+
+def recorded_folder(
+    url: str, identity: str, store: Store, field: str, error: type[InputError], target: Path, recorder: str, redone: str,
+) -> Path:
+    """A local folder holding the model folder at `url` (named `field` in errors, raised as
+    `error`), which must still be the folder `recorder` recorded (`weights_identity`): the folder
+    itself on local disk, else a copy downloaded once per node into `target`
+    (`storage.download_folder`), its files checked against the sizes of the listing. `redone`
+    says which steps a rerun redoes."""
+    fs, root = url_to_fs(url, store.config)
     root = root.rstrip("/")
-    with reaching(external, "teacher.path"):
-        files = teacher_files(fs, root, external)
-        if weights_identity(fs, root, files) != teacher_manifest.config.get("weights_identity"):
-            raise TeacherError(
-                f"teacher.path: {external} changed after the teacher step {teacher_manifest.key} recorded it (its weights, "
-                "config or tokenizer files differ); rerun the job: the teacher step's key covers those files, "
-                "so it and the cache are redone"
+    with reaching(url, field):
+        files = model_folder_files(fs, root, url, field, error)
+        if weights_identity(fs, root, files) != identity:
+            raise error(
+                f"{field}: {url} changed after {recorder} recorded it (its weights, config or tokenizer files differ); rerun the "
+                f"job: {redone}"
             )
         if isinstance(fs, LocalFileSystem):
             return Path(root)
-        return download_folder(fs, root, CACHE_ROOT / "teachers" / teacher_manifest.key, source=external, listing=files)
+        return download_folder(fs, root, target, source=url, listing=files)
