@@ -308,7 +308,7 @@ def template_check_of(job: JobConfig, records: int = RECORDS) -> CheckResult:
 
     try:
         teacher = ChatEncoder(load_tokenizer(job.data.tokenizer, job.storage).hf, job.data.chat, job.data.tokenizer)
-        conversations = first_conversations(job, records)
+        conversations = job_conversations(job, records)
     except InputError as err:
         return CheckResult("template", "fail", str(err))
     student = teacher
@@ -320,8 +320,9 @@ def template_check_of(job: JobConfig, records: int = RECORDS) -> CheckResult:
     return compare_renderings(conversations, teacher, student, "data.tokenizer", "student.path" if student is not teacher else "data.tokenizer")
 
 
-def first_conversations(job: JobConfig, records: int) -> list:
-    from kd_core.data.chat import conversation_of
+def job_conversations(job: JobConfig, records: int) -> list:
+    """The job's first `records` conversations: the bundled pairs' or its files' (`first_conversations`)."""
+    from kd_core.data.chat import conversation_of, first_conversations
     from kd_core.data.sources import FileSource
 
     if job.data.source == "python-qa":
@@ -329,8 +330,7 @@ def first_conversations(job: JobConfig, records: int) -> list:
 
         pairs = python_qa_pairs(job.data.seed)[:records]
         return [conversation_of(pair, f"python-qa pair {number}", job.data.chat) for number, pair in enumerate(pairs, start=1)]
-    source = FileSource(job.data.files, job.data.text_field, job.storage)
-    return [conversation_of(record, where, job.data.chat) for where, record in itertools.islice(source.records(), records)]
+    return first_conversations(FileSource(job.data.files, job.data.text_field, job.storage), job.data.chat, records)
 
 
 def compare_renderings(conversations: list, teacher, student, teacher_name: str, student_name: str) -> CheckResult:
@@ -386,7 +386,7 @@ def sample_batch(job: JobConfig, records: int = RECORDS) -> dict:
         from kd_core.data.chat import ChatEncoder, fit_to_rows
 
         encoder = ChatEncoder(prepared.hf, job.data.chat, job.data.tokenizer)
-        encoded = [(ids[: job.data.seq_len], trained[: job.data.seq_len]) for ids, trained in map(encoder.encode, first_conversations(job, records))]
+        encoded = [(ids[: job.data.seq_len], trained[: job.data.seq_len]) for ids, trained in map(encoder.encode, job_conversations(job, records))]
         columns = fit_to_rows([pair for pair in encoded if pair[1].any()], job.data.seq_len, job.data.chat.layout, prepared.ids()["pad"])
     else:
         from kd_core.data.prep import file_source, pack

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -114,6 +115,12 @@ def _checked(role, content, where: str, what: str, chat: ChatConfig) -> tuple[st
     if role == chat.assistant_role and not content.strip():
         raise DataSourceError(f"{where}: {what} is an empty {role} turn; remove the record or give the answer")
     return role, content
+
+
+def first_conversations(source: FileSource, chat: ChatConfig, count: int) -> list[Conversation]:
+    """The conversations of the first `count` records, checked as prep checks them (`kdflow
+    validate --check-inputs` and `--deep` read no further)."""
+    return [conversation_of(record, where, chat) for where, record in itertools.islice(source.records(), count)]
 
 
 # ------------------------------------------------------------------------------------ rendering

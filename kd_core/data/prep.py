@@ -80,7 +80,9 @@ def check_prep_inputs(config: DataConfig, storage: StorageConfig, *, separates_d
         if config.source == "files":  # preference records are checked one by one when prep reads them
             source.check_records()
         elif config.source == "chat":
-            check_first_conversations(source, config)
+            from kd_core.data.chat import first_conversations
+
+            first_conversations(source, config.chat, 20)
         readable = ", first records readable" if config.source in ("files", "chat") else ""
         checked.append(f"data.files: {len(source.files)} files, {source.total_bytes:,} bytes{readable}")
     if config.tokenizer:
@@ -93,16 +95,6 @@ def check_prep_inputs(config: DataConfig, storage: StorageConfig, *, separates_d
 def file_source(config: DataConfig, storage: StorageConfig) -> FileSource | None:
     """The files `data.files` names, listed (None for the bundled sources)."""
     return FileSource(config.files, config.text_field, storage) if config.source in ("files", "chat", "preferences") else None
-
-
-def check_first_conversations(source: FileSource, config: DataConfig, records: int = 20) -> None:
-    """The first `records` chat records, read and checked as prep checks them."""
-    from kd_core.data.chat import conversation_of
-
-    for number, (where, record) in enumerate(source.records()):
-        if number == records:
-            break
-        conversation_of(record, where, config.chat)
 
 
 def collect_documents(config: DataConfig, source: FileSource | None, counts: SourceCounts) -> tuple[list[str], int]:
