@@ -29,7 +29,7 @@ from kd_core.train.tracking_probe import probe_tracking_uri, redact
 def check_inputs(config: JobConfig) -> list[str]:
     """Run every input check; returns what was checked, one line each, for the CLI to print."""
     from kd_core.data.prep import check_prep_inputs
-    from kd_core.models.teacher import check_teacher_folder
+    from kd_core.models.teacher import check_model_folder
     from kd_core.storage import Store, check_object_store
     from kd_core.tasks import task_named
 
@@ -37,12 +37,12 @@ def check_inputs(config: JobConfig) -> list[str]:
     if config.data.source in ("files", "chat", "preferences") or config.data.tokenizer:
         checked += check_prep_inputs(config.data, config.storage, separates_documents=task_named(config.task).separates_documents())
     if config.teacher.path:
-        check_teacher_folder(config.teacher.path, Store(config.storage), config.data.seq_len)
+        check_model_folder(config.teacher.path, Store(config.storage), config.data.seq_len)
         checked.append(f"teacher.path: {config.teacher.path} has safetensors weights and a context of at least data.seq_len")
     if config.student.init == "pretrained":
-        from kd_core.models.students import check_student_folder
+        from kd_core.models.students import StudentError
 
-        check_student_folder(config.student.path, Store(config.storage), config.data.seq_len)
+        check_model_folder(config.student.path, Store(config.storage), config.data.seq_len, "student.path", StudentError, "the student (student.path)")
         checked.append(f"student.path: {config.student.path} has safetensors weights and a context of at least data.seq_len")
     probe_tracking_uri(config.registry.tracking_uri, config.registry.experiment)
     return [*checked, f"registry.tracking_uri: {redact(config.registry.tracking_uri)} is usable"]

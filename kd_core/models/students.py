@@ -52,17 +52,6 @@ def pretrained_identity(url: str, store: Store) -> tuple[dict[str, dict], str]:
         return files, weights_identity(fs, root, files)
 
 
-def check_student_folder(url: str, store: Store, seq_len: int) -> None:
-    """What can be checked of the folder before prep (`kdflow validate --check-inputs`): safetensors
-    weights, a config.json, a context of at least `seq_len` tokens."""
-    fs, root = url_to_fs(url, store.config)
-    root = root.rstrip("/")
-    pretrained_identity(url, store)
-    with reaching(url, FIELD):
-        model_config = read_teacher_json(fs.cat_file(f"{root}/config.json"), f"{url}/config.json", FIELD, StudentError)
-    check_model_context(model_config, url, seq_len, "the student (student.path)", StudentError)
-
-
 def check_pretrained_student(url: str, store: Store, prep: Manifest) -> str:
     """Check the folder at `url` against the prepared data, from its listing, config.json and
     tokenizer alone; returns its `weights_identity`."""

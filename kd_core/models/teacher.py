@@ -4,7 +4,7 @@ The teacher step records either an external Hugging Face directory (`teacher.pat
 identity of its files) or a model kdflow trained (a manifest with its files' sha256s). From that
 record, `teacher_model_config` reads its `config.json` alone and `teacher_model_dir` gives a local
 copy of the whole folder (downloaded once per node, under a lock, checked against the record).
-`check_teacher_folder` is what the teacher step checks before a run (`kdflow validate
+`check_model_folder` is what the teacher step checks before a run (`kdflow validate
 --check-inputs` runs it too).
 """
 
@@ -37,15 +37,18 @@ def weights_identity(fs, root: str, files: dict[str, dict]) -> str:
     return hashlib.sha256("\n".join(identities).encode()).hexdigest()
 
 
-def check_teacher_folder(url: str, store: Store, seq_len: int) -> None:
-    """What the teacher step checks before a run, from the folder alone (`kdflow validate
-    --check-inputs`): weights, config.json and a context of at least `seq_len` tokens."""
+def check_model_folder(
+    url: str, store: Store, seq_len: int, field: str = "teacher.path", error: type[InputError] = TeacherError, who: str = "the teacher",
+) -> None:
+    """What can be checked of a model folder (`field`: the teacher's, or a pretrained student's)
+    before a run, from its listing and config.json alone (`kdflow validate --check-inputs`):
+    safetensors weights, a config.json and a context of at least `seq_len` tokens."""
     fs, root = url_to_fs(url, store.config)
     root = root.rstrip("/")
-    with reaching(url, "teacher.path"):
-        teacher_files(fs, root, url)
+    with reaching(url, field):
+        model_folder_files(fs, root, url, field, error)
         model_config = fs.cat_file(f"{root}/config.json")
-    check_model_context(read_teacher_json(model_config, f"{url}/config.json"), url, seq_len)
+    check_model_context(read_teacher_json(model_config, f"{url}/config.json", field, error), url, seq_len, who, error)
 
 
 def teacher_files(fs, root: str, url: str) -> dict[str, dict]:
