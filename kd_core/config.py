@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -572,6 +572,41 @@ class OnPolicyConfig(Section):
     """Nucleus sampling: the smallest set of tokens with this much probability (1: all)."""
     samples_per_prompt: int = Field(default=1, gt=0)
     """Answers the student writes to each prompt (each its own row)."""
+    generation_actors: int = Field(default=0, ge=0)
+    """0: each training worker samples with its own student, in its own process. N: each training
+    worker has N Ray actors holding a copy of the student (refreshed every `sync_every` steps)
+    that write the answers, one micro-batch each in turn (`compute.backend: ray`)."""
+    sync_every: int = Field(default=1, gt=0)
+    """Generation actors get the student's current weights every this many optimizer steps; the
+    steps an answer's weights lag behind the step that trains on it are logged (`staleness`)."""
+    async_generation: bool = Field(default=False, alias="async")
+    """`async: true`: the generation actors write the next step's answers while this step trains
+    (one step ahead: their weights lag at least one step). Needs `generation_actors`."""
+    teacher_actors: int = Field(default=0, ge=0)
+    """0: each training worker runs the teacher beside its student. N: a pool of N Ray actors
+    holds the teacher and scores the answers, so the teacher never shares the student's memory;
+    one pool serves every worker of the run, and every trial of a search."""
+    actor_cpus: float = Field(default=1.0, gt=0)
+    """CPUs each generation or teacher actor reserves (a fraction shares a core)."""
+    actor_gpus: float = Field(default=0.0, ge=0)
+    """GPUs each generation or teacher actor reserves (a fraction shares a GPU; 0: on CPU)."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    PLACEMENT: ClassVar[tuple[str, ...]] = ("generation_actors", "teacher_actors", "actor_cpus", "actor_gpus")
+    """Where the work runs, not what it computes: left out of the distill step's key."""
+
+    def key_settings(self) -> dict:
+        """The settings that shape what a student learns (the distill step's key covers them)."""
+        return self.model_dump(mode="json", exclude=set(self.PLACEMENT))
+
+    @model_validator(mode="after")
+    def _actor_settings_need_actors(self) -> OnPolicyConfig:
+        if self.async_generation and not self.generation_actors:
+            raise ValueError("async: the answers are written one step ahead by generation actors; set generation_actors >= 1")
+        if self.sync_every > 1 and not self.generation_actors:
+            raise ValueError("sync_every: refreshes the generation actors' copy of the student; without generation_actors the student answers itself, always current")
+        return self
 
 
 class DistillConfig(Section):

@@ -120,7 +120,20 @@ class JobConfig(Section):
         self._check_task()
         self._check_baseline_metrics()
         self._check_tune_space()
+        self._check_on_policy_actors()
         return self
+
+    def _check_on_policy_actors(self) -> None:
+        """Generation and teacher actors are Ray actors: they need the `ray` backend."""
+        on_policy = self.distill.on_policy
+        if self.distill.teacher_source != "on_policy" or self.compute.backend == "ray":
+            return
+        for name in ("generation_actors", "teacher_actors"):
+            if getattr(on_policy, name):
+                raise ValueError(
+                    f"distill.on_policy.{name}: actors run on Ray, and compute.backend is local; set compute.backend: ray, "
+                    f"or {name}: 0 to run in the training process"
+                )
 
     def _check_student(self) -> None:
         """`student.path` is given exactly when the student starts from it."""
@@ -188,7 +201,7 @@ class JobConfig(Section):
                 f"tune.workers_per_trial: distill.train.batch_size ({self.distill.train.batch_size}) must be a multiple of "
                 f"tune.workers_per_trial × distill.deepspeed.gradient_accumulation_steps ({trial_workers} × {accumulation})"
             )
-        tunable = task_named(self.task).tunable_prefixes
+        tunable = task_named(self.task).tunable_prefixes + (("distill.on_policy.",) if self.distill.teacher_source == "on_policy" else ())
         for dotted, dimension in self.tune.space.items():
             if dotted.startswith("student.architecture.") and self.student.init != "config":
                 raise ValueError(

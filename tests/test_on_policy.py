@@ -93,12 +93,12 @@ def test_mixing_decides_per_step_the_same_on_every_call_and_lambda_0_is_the_onli
     teacher = cache_steps(config, prep)["teacher"]
     spec = student_spec(task_of(prep), config.distill, config.student, prep, Store(config.storage), "out", targets=teacher)
     assert spec.on_policy == config.distill.on_policy
-    source = OnPolicyTargets(None, spec, [0])
+    source = OnPolicyTargets(spec, generation=None, scoring=None, rank=0, device="cpu")
     decisions = [source.on_policy(step) for step in range(200)]
     assert decisions == [source.on_policy(step) for step in range(200)]  # every rank and micro-batch of a step agree
     assert 70 < sum(decisions) < 130
-    never = OnPolicyTargets(None, spec.__class__(**{**spec.__dict__, "on_policy": OnPolicyConfig(mixing=0.0)}), [0])
-    always = OnPolicyTargets(None, spec.__class__(**{**spec.__dict__, "on_policy": OnPolicyConfig(mixing=1.0)}), [0])
+    never = OnPolicyTargets(spec.__class__(**{**spec.__dict__, "on_policy": OnPolicyConfig(mixing=0.0)}), None, None, 0, "cpu")
+    always = OnPolicyTargets(spec.__class__(**{**spec.__dict__, "on_policy": OnPolicyConfig(mixing=1.0)}), None, None, 0, "cpu")
     assert not any(never.on_policy(step) for step in range(200)) and all(always.on_policy(step) for step in range(200))
 
 
@@ -151,6 +151,10 @@ def test_an_on_policy_job_distills_and_its_settings_are_in_its_key(tmp_path, fol
         (("data.chat.train_on=all",), "on_policy has the student answer the data's prompts"),
         (("distill.deepspeed.enabled=true", "distill.deepspeed.zero_stage=3"), "distill.deepspeed.zero_stage: on-policy sampling"),
         (("distill.loss.fused=true", "distill.on_policy.objective=policy_gradient"), "the policy-gradient objective reads the student's full logits"),
+        (("distill.on_policy.generation_actors=1",), "distill.on_policy.generation_actors: actors run on Ray, and compute.backend is local"),
+        (("distill.on_policy.teacher_actors=2",), "distill.on_policy.teacher_actors: actors run on Ray, and compute.backend is local"),
+        (("distill.on_policy.async=true",), "async: the answers are written one step ahead by generation actors"),
+        (("distill.on_policy.sync_every=2",), "sync_every: refreshes the generation actors' copy of the student"),
     ],
 )
 def test_settings_on_policy_cannot_run_are_config_errors(tmp_path, folder, overrides, message):
@@ -166,3 +170,115 @@ def test_the_preflight_checks_an_on_policy_job_on_the_bundled_pairs_as_an_online
     assert results["template"].status == "pass" and "python-qa pair" not in results["template"].message
     assert results["loss"].status == "pass" and "online teacher, reverse_kl" in results["loss"].message, results["loss"]
     assert results["temperatures"].status == "pass" and "online teacher" in results["temperatures"].message
+
+
+# ------------------------------------------------------------------------------ actors
+def actor_spec(tmp_path, folder, output: str, **on_policy):
+    """A student spec of the on-policy job whose answers are written and scored as `on_policy` says."""
+    from kd_core.pipeline import cache_steps, prep_step
+    from kd_core.storage import Store
+    from kd_core.tasks import task_of
+    from kd_core.train.spec import student_spec
+
+    config = job(tmp_path, folder, "distill.on_policy.max_new_tokens=4", "distill.train.log_every=1", "distill.train.batch_size=4")
+    prep = prep_step(config)
+    teacher = cache_steps(config, prep)["teacher"]
+    distill = config.distill.model_copy(update={"on_policy": OnPolicyConfig(**{"max_new_tokens": 4, "actor_cpus": 0.5, **on_policy})})
+    return config, student_spec(task_of(prep), distill, config.student, prep, Store(config.storage), output, targets=teacher,
+                                checkpoint_every=config.distill.checkpoint_every)
+
+
+def trained(spec, teacher_actors=None, **options) -> list[dict]:
+    """`train_worker` given a driver's teacher pool, as Ray Train's workers are; the log records."""
+    from kd_core.storage import Store
+    from kd_core.train.loop import train_worker
+
+    train_worker(spec, teacher_actors=teacher_actors, **options)
+    text = Store(spec.storage).read_bytes(f"{spec.output_folder}/history.jsonl").decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    from kd_core.config import ComputeConfig
+    from kd_core.train.ray_glue import ensure_ray
+
+    ensure_ray(ComputeConfig(num_cpus=2))
+
+
+def test_actors_write_and_score_what_the_training_process_would(tmp_path, folder, ray_runtime):
+    """Seeded per step and micro-batch, refreshed every step: the actors' answers and the teacher
+    actors' targets are the training process's own, so the runs are the same."""
+    from kd_core.train.rollouts import teacher_pool
+
+    train = {"max_steps": 3}
+    _, local = actor_spec(tmp_path, folder, "local")
+    _, actors = actor_spec(tmp_path, folder, "actors", generation_actors=1, teacher_actors=1)
+    local.train = actors.train = local.train.model_copy(update=train)
+    with teacher_pool(actors.storage, actors.online_teacher, actors.task, actors.on_policy) as pool:
+        by_process, by_actors = trained(local), trained(actors, pool)
+    assert [r["loss"] for r in by_actors] == pytest.approx([r["loss"] for r in by_process], rel=1e-5)
+    assert all(r["staleness"] == 0 for r in by_actors + by_process) and all(r["generated_tokens_per_s"] > 0 for r in by_actors)
+
+
+def test_a_crashed_async_run_resumes_with_the_answers_it_had_written(tmp_path, folder, ray_runtime, request):
+    """`async` answers one step ahead with weights refreshed every 2 steps; a checkpoint keeps the
+    answers written for the next step and the actors' lagging weights, so the resumed run trains
+    on exactly what the uninterrupted one did."""
+    from kd_core.storage import Store
+    from kd_core.train.rollouts import teacher_pool
+
+    settings = {"generation_actors": 1, "teacher_actors": 1, "sync_every": 2, "async": True}
+    _, whole = actor_spec(tmp_path, folder, "whole", **settings)
+    _, interrupted = actor_spec(tmp_path, folder, "interrupted", **settings)
+    whole.train = interrupted.train = whole.train.model_copy(update={"max_steps": 5, "dropout": 0.0})
+    whole.checkpoint_every = interrupted.checkpoint_every = 3
+    pool = teacher_pool(whole.storage, whole.online_teacher, whole.task, whole.on_policy)
+    actors = pool.__enter__()  # one pool serves the three runs, as it serves a search's trials
+    request.addfinalizer(lambda: pool.__exit__(None, None, None))
+    reference = trained(whole, actors)
+    # The first step's answers are written before it, the rest one step ahead; the weights are sent every 2 steps.
+    assert [r["staleness"] for r in reference] == [0, 1, 2, 1, 2]
+
+    def crash_at(step):
+        def progress(done, record):
+            if done == step:
+                raise RuntimeError("crashed")
+        return progress
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        trained(interrupted, actors, progress=crash_at(4))
+    store = Store(interrupted.storage)
+    checkpoint = store.path(f"{interrupted.checkpoint_folder}/step-00000003")
+    assert {path.rsplit("/", 1)[-1] for path in store.fs.ls(checkpoint)} >= {"source-0.safetensors"}
+    resumed = trained(interrupted, actors)
+    assert [r["step"] for r in resumed] == list(range(1, 6))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
+    assert [r["staleness"] for r in resumed[3:]] == [r["staleness"] for r in reference[3:]]
+
+
+def test_an_on_policy_job_on_ray_trains_with_generation_and_teacher_actors(tmp_path, folder, ray_runtime):
+    """Through Ray Train: the driver makes the teacher pool, the worker its generation actor."""
+    from kd_core.pipeline import run_pipeline
+
+    config = job(
+        tmp_path, folder, "compute.backend=ray", "compute.cpus_per_worker=1", "distill.train.max_steps=3", "distill.train.log_every=1",
+        "distill.on_policy.max_new_tokens=4", "distill.on_policy.generation_actors=1", "distill.on_policy.teacher_actors=1",
+        "distill.on_policy.actor_cpus=0.5", "distill.on_policy.async=true",
+    )
+    distilled = run_pipeline(config, until="distill")["distill"]
+    assert distilled.metrics["staleness"] == 1 and distilled.metrics["generated_tokens_per_s"] > 0
+    assert distilled.metrics["loss"] == pytest.approx(0.5 * distilled.metrics["kd"])
+    # Where the answers are written is not what they are: the same job without actors has the same key.
+    assert "generation_actors" not in distilled.config["on_policy"] and distilled.config["on_policy"]["async"] is True
+
+
+def test_actors_a_local_ray_cannot_place_are_refused_before_training(tmp_path, folder, ray_runtime):
+    from kd_core.config import ComputeConfig
+    from kd_core.train.ray_glue import _check_room_for_actors
+
+    _, spec = actor_spec(tmp_path, folder, "crowded", generation_actors=1, teacher_actors=3, actor_cpus=1)
+    with pytest.raises(ValueError, match=r"need 5 CPUs, and this Ray has 2; lower distill.on_policy.actor_cpus"):
+        _check_room_for_actors(spec, ComputeConfig(num_workers=1, cpus_per_worker=1))
+    _check_room_for_actors(spec.__class__(**{**spec.__dict__, "on_policy": spec.on_policy.model_copy(update={"actor_cpus": 0.25})}),
+                           ComputeConfig(num_workers=1, cpus_per_worker=1))

@@ -184,6 +184,7 @@ def test_the_training_loop_reports_and_returns_every_validation_metric():
     import torch
 
     from kd_core.train.loop import WorkerRun
+    from kd_core.train.targets import NoTargets
 
     class Task:
         def batch_tokens(self, batch):
@@ -215,7 +216,7 @@ def test_the_training_loop_reports_and_returns_every_validation_metric():
         on_validation=reports.append, validation_rows={"ids": "rows"},
     )
     batches = iter(lambda: {"ids": torch.zeros(2, 3, dtype=torch.long)}, None)
-    record = run.train_steps(batches, lambda batch, student, step: (batch, None))
+    record = run.train_steps(batches, NoTargets())
     assert reports == [
         {"step": 2, "val_loss": 2.5, "val_agreement": pytest.approx(0.77)},
         {"step": 4, "val_loss": 2.5, "val_agreement": pytest.approx(0.79)},

@@ -57,7 +57,7 @@ def distill(
         "loss": task.objective(config).model_dump(mode="json"),
         "train": config.train.model_dump(mode="json"),
         "teacher_source": config.teacher_source,
-        **({"on_policy": config.on_policy.model_dump(mode="json")} if config.teacher_source == "on_policy" else {}),
+        **({"on_policy": config.on_policy.key_settings()} if config.teacher_source == "on_policy" else {}),
         "deepspeed": config.deepspeed.model_dump(mode="json"),
     }
     run = StageRun(store, "distill", section, inputs={"prep": prep, **start.inputs(), expected: targets}, force=force)

@@ -32,10 +32,8 @@ def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, 
     task = task_named(config.task)
     section = {
         "tune": config.tune.model_dump(mode="json"),
-        "distill": config.distill.model_dump(
-            mode="json", include={"loss", "train", "deepspeed", "teacher_source", task.objective_field}
-            | ({"on_policy"} if config.distill.teacher_source == "on_policy" else set())
-        ),
+        "distill": config.distill.model_dump(mode="json", include={"loss", "train", "deepspeed", "teacher_source", task.objective_field})
+        | ({"on_policy": config.distill.on_policy.key_settings()} if config.distill.teacher_source == "on_policy" else {}),
         # A config student's section as it was before `student.init` existed (its keys stay).
         "student": config.student.model_dump(mode="json", exclude={"init", "path", "from_teacher"} if config.student.init == "config" else None),
     }

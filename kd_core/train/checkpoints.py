@@ -12,6 +12,9 @@ A checkpoint of step N is one folder, written by every rank:
   the buffered rows as (epoch, shard index, row) references, as of the last batch the trainer
   took (not what prefetch threads or workers read ahead), and the batches served so far (whose
   turn is next among the workers).
+- `source-<R>.safetensors`: what each rank's target source keeps between steps, when it keeps
+  anything (`TargetSource.state`): an on-policy run's answers already written for the next step
+  (`async`) and its generation actors' weights while they lag behind the student.
 - `history.jsonl` and `run.json` from rank 0: the log records so far and the MLflow run id, so a
   resumed run appends to the same history and the same MLflow run.
 
@@ -124,6 +127,32 @@ def load_stream_positions(folder: Path, rank: int) -> dict | None:
             f"{path}: not kdflow data-stream positions (no workers, batches or positions); set distill.resume=never to start over"
         )
     return positions
+
+
+def save_source_state(folder: Path, rank: int, state: tuple[dict, dict] | None) -> None:
+    """What this rank's target source keeps (`TargetSource.state`: tensors as safetensors, the rest
+    as JSON); nothing when it keeps nothing."""
+    if state is None:
+        return
+    from safetensors.torch import save_file
+
+    tensors, meta = state
+    save_file(tensors, str(folder / f"source-{rank}.safetensors"), metadata={"meta": json.dumps(meta)})
+
+
+def load_source_state(folder: Path, rank: int) -> tuple[dict, dict] | None:
+    """This rank's target-source state, or None when the checkpoint holds none."""
+    from safetensors import safe_open
+
+    path = folder / f"source-{rank}.safetensors"
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})["meta"])
+            return {name: handle.get_tensor(name) for name in handle.keys()}, meta
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable target-source state ({type(err).__name__}: {err}); set distill.resume=never to start over") from None
 
 
 # ------------------------------------------------------------------------- safe DeepSpeed loads

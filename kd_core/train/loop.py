@@ -8,10 +8,12 @@ Data streams from the shards through `kd_core.data.stream.TrainingStream` (token
 aligned teacher-cache targets when distilling), split across ranks and DataLoader workers without
 overlap, shuffled through a seeded buffer: the batches are a pure function of the seed, the world
 size and the number of data workers. Each rank takes `batch_size / world_size` rows per step.
-Each batch's teacher targets come from the run's `TargetSource` (`kd_core/train/targets.py`: the
-cache's, decoded with the batch; an online teacher run on the batch; or none), asked once per
-micro-batch (`batch, targets = source(batch, student, step)`: the on-policy source replaces
-the batch with the student's own answers) and handed to the step with the batch.
+Each step's micro-batches and their teacher targets come from the run's `TargetSource`
+(`kd_core/train/targets.py`: the cache's, decoded with the batch; an online teacher run on the
+batch; the student's own answers, scored; or none), which reads them from the stream itself
+(`source.step_batches(next_batch, student, step, count)`: the on-policy source replaces them
+with the student's answers, and with `async` reads the next step's ahead) and keeps what it holds
+between steps in the checkpoints.
 Every `checkpoint_every` steps each rank writes its part of a checkpoint, and a run resumes from
 the latest one (`kd_core/train/checkpoints.py`): the stream continues from the saved position of
 each of the rank's consumers (`TrackedBatches`), reading back only what its shuffle buffers held.
@@ -53,8 +55,10 @@ from kd_core.train.checkpoints import (
     CheckpointSink,
     StoreCheckpoints,
     load_rank_state,
+    load_source_state,
     load_stream_positions,
     save_rank_state,
+    save_source_state,
     save_stream_positions,
 )
 from kd_core.train.deepspeed_engine import DeepSpeedRunner, deepspeed_config
@@ -105,11 +109,12 @@ def training_batches(spec: TrainSpec, rank: int, world_size: int, accumulation: 
     return TrackedBatches(iter(loader), workers, resume)
 
 
-def resume_stream(run: WorkerRun, batches: TrackedBatches, positions: dict | None) -> None:
+def resume_stream(run: WorkerRun, batches: TrackedBatches, positions: dict | None, ahead: int = 0) -> None:
     """Bring a resumed rank's stream to its restored step. With saved positions it is there
-    already; a checkpoint without them (written by an older kdflow) is reached by replaying the
-    stream: reading and dropping every batch up to the step."""
-    served = run.start_step * run.accumulation
+    already (past the step by the `ahead` batches its target source restored, already read); a
+    checkpoint without them (written by an older kdflow) is reached by replaying the stream:
+    reading and dropping every batch up to the step."""
+    served = run.start_step * run.accumulation + ahead
     if positions is None:
         if served:
             print(
@@ -121,7 +126,8 @@ def resume_stream(run: WorkerRun, batches: TrackedBatches, positions: dict | Non
     if positions["batches"] != served:
         raise CheckpointError(
             f"{run.spec.checkpoint_folder}: the checkpoint's data-stream positions follow {positions['batches']} batches, but step "
-            f"{run.start_step} at {run.accumulation} micro-batches per step is {served}; set distill.resume=never to start over"
+            f"{run.start_step} at {run.accumulation} micro-batches per step (and {ahead} read ahead) is {served}; set "
+            "distill.resume=never to start over"
         )
 
 
@@ -165,7 +171,7 @@ def make_optimizer(module: torch.nn.Module, train: TrainConfig):
 
 def train_worker(
     spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=None, wrap_model=None, checkpoints: CheckpointSink | None = None,
-    on_validation=None,
+    on_validation=None, teacher_actors: list | None = None,
 ) -> dict:
     """Train one model; rank 0 saves it and returns the final metrics with the written files.
 
@@ -174,6 +180,8 @@ def train_worker(
     Checkpoints go to `checkpoints` (Ray Train passes its own), by default straight to the store
     under `spec.checkpoint_folder`; training resumes from the latest one found there.
     `on_validation(metrics)` is called on every rank at each validation (`spec.validate_every`).
+    `teacher_actors`: the driver's pool of teacher actors for an on-policy run that asks for one
+    (`kd_core.train.rollouts.teacher_pool`).
     """
     # --- setup
     store = Store(spec.storage)
@@ -190,7 +198,7 @@ def train_worker(
         optimizer, schedule = make_optimizer(module, spec.train)
         runner = PlainRunner(module, optimizer, schedule, spec.train.grad_clip)
     device = runner.device if spec.deepspeed else next(module.parameters()).device
-    source = target_source(spec, store, runner, device)
+    source = target_source(spec, store, runner, device, rank, teacher_actors)
     run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress, on_validation=on_validation)
     # --- resume: restore the latest checkpoint, and the stream's positions in it
     with checkpoints.latest() as folder:
@@ -198,7 +206,8 @@ def train_worker(
         batches = training_batches(spec, rank, world_size, accumulation, positions)  # before the RNG is restored
         if folder is not None:
             run.restore(folder)
-    resume_stream(run, batches, positions)
+            source.restore(load_source_state(folder, rank), run.start_step)
+    resume_stream(run, batches, positions, source.batches_ahead())
     started = time.perf_counter()
     if rank == 0 and spec.tracking is not None:
         run.logger = MlflowLogger(spec.tracking)
@@ -209,6 +218,8 @@ def train_worker(
         if run.logger is not None:
             run.logger.end("FAILED")
         raise
+    finally:
+        source.close()
     result |= {"parameters": parameters, "train_seconds": time.perf_counter() - started, "resumed_from_step": run.start_step}
     if spec.deepspeed:  # how ZeRO spread the student and the online teacher over the ranks (collective)
         result["parameters_per_rank"] = runner.parameters_per_rank(source.teacher)
@@ -258,18 +269,18 @@ class WorkerRun:
         module.train()
         student = unwrap(module).model
         nonfinite = NonFiniteSteps(train.max_nonfinite_steps, spec.output_folder, self.rank)
+
+        def next_batch() -> dict[str, torch.Tensor]:
+            return {name: tensor.to(self.device) for name, tensor in next(batches).items()}
         # --- train steps
         for step in range(self.start_step, train.max_steps):
-            micro_batches = []
-            for _ in range(self.accumulation):
-                batch, targets = source({name: tensor.to(self.device) for name, tensor in next(batches).items()}, student, step)
-                micro_batches.append((batch, targets))
-                tokens_seen += spec.task.batch_tokens(batch) * self.world_size
+            micro_batches = source.step_batches(next_batch, student, step, self.accumulation)
+            tokens_seen += sum(spec.task.batch_tokens(batch) for batch, _ in micro_batches) * self.world_size
             terms = self.runner.step(micro_batches)
             done = step + 1
             nonfinite.observe(done, terms)
             if step % train.log_every == 0 or done == train.max_steps:
-                terms = _mean_across_ranks(terms, self.device)  # every rank takes part; rank 0 records
+                terms = _mean_across_ranks(terms | source.log_terms(), self.device)  # every rank takes part; rank 0 records
                 if self.rank == 0:
                     elapsed = time.perf_counter() - started
                     record = {
@@ -286,7 +297,7 @@ class WorkerRun:
                 if self.on_validation is not None:
                     self.on_validation(dict(self.validation))
             if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < train.max_steps:
-                self.checkpoints.save(done, lambda folder: self.write_checkpoint(folder, done, batches.state()), {"step": done})
+                self.checkpoints.save(done, lambda folder: self.write_checkpoint(folder, done, batches.state(), source.state(done)), {"step": done})
         metrics = {name: value for name, value in self.validation.items() if name != "step"}
         return (dict(self.history[-1]) if self.history else {}) | metrics
 
@@ -322,11 +333,12 @@ class WorkerRun:
             rows |= read_columns(store, spec.validation_cache_shards, spec.validation_rows)
         return rows
 
-    def write_checkpoint(self, folder: Path, step: int, stream_positions: dict) -> None:
+    def write_checkpoint(self, folder: Path, step: int, stream_positions: dict, source_state=None) -> None:
         """This rank's part of the checkpoint of `step` (see `kd_core/train/checkpoints.py`)."""
         self.runner.save_state(folder, self.rank)
         save_rank_state(folder, self.rank, self.world_size, step)
         save_stream_positions(folder, self.rank, stream_positions)
+        save_source_state(folder, self.rank, source_state)
         if self.rank == 0:
             (folder / HISTORY_NAME).write_text("".join(json.dumps(record) + "\n" for record in self.history))
             (folder / RUN_STATE_NAME).write_text(json.dumps({"step": step, "mlflow_run_id": self.logger.run_id if self.logger else None}))

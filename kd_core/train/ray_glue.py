@@ -2,7 +2,9 @@
 
 `fit(spec, compute, description)` trains one model and returns rank 0's result. With the `ray`
 backend, `compute.num_workers` Ray Train workers each run `train_worker` (gloo on CPU, NCCL on
-GPUs; Ray Train sets up the process group and `prepare_model` wraps the model in DDP). Rank 0
+GPUs; Ray Train sets up the process group and `prepare_model` wraps the model in DDP). An
+on-policy run with `distill.on_policy.teacher_actors` gets the driver's pool of teacher actors
+(`kd_core.train.rollouts.teacher_pool`), made before the workers and killed after. Rank 0
 streams its log records to a small reporter actor, which the driver polls to draw the progress
 bar and from which it collects the final result (with the files rank 0 wrote).
 
@@ -28,6 +30,7 @@ from kd_core.progress import progress_bar, say
 from kd_core.stage import StageLease, StageRun, reused_manifest
 from kd_core.storage import Store
 from kd_core.train.checkpoints import RayTrainCheckpoints
+from kd_core.train.rollouts import teacher_pool
 from kd_core.train.spec import TrainSpec
 from kd_core.train.loop import train_worker
 
@@ -130,7 +133,9 @@ def fit_stage(
 
 def _status(record: dict) -> str:
     terms = " ".join(f"{name} {record[name]:.3f}" for name in ("loss", "ce", "kd") if name in record)
-    return f"{terms} | {record.get('tokens_per_s', 0):,.0f} tok/s"
+    generation = f" | gen {record['generated_tokens_per_s']:,.0f} tok/s" if "generated_tokens_per_s" in record else ""
+    staleness = f" stale {record['staleness']:.1f}" if "staleness" in record else ""
+    return f"{terms} | {record.get('tokens_per_s', 0):,.0f} tok/s{generation}{staleness}"
 
 
 def ray_train_loop(config: dict) -> None:
@@ -157,6 +162,7 @@ def ray_train_loop(config: dict) -> None:
         wrap_model=ray.train.torch.prepare_model,
         checkpoints=RayTrainCheckpoints(),
         on_validation=ray.train.report if config.get("report_validation") else None,
+        teacher_actors=config.get("teacher_actors"),
     )
     if rank == 0 and reporter is not None:
         ray.get(reporter.finish.remote(result))
@@ -199,24 +205,27 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
     from ray.train import CheckpointConfig, FailureConfig
 
     ensure_ray(compute)
+    _check_room_for_actors(spec, compute)
     reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
-    # The run lives in the stage's checkpoint folder: a rerun of the same step finds Ray Train's
-    # record of it there and resumes from its latest checkpoint.
-    trainer = torch_trainer(
-        spec, workers=compute.num_workers, cpus_per_worker=compute.cpus_per_worker, use_gpu=compute.use_gpu,
-        storage_folder=spec.output_folder, name=spec.checkpoint_folder.rsplit("/", 1)[-1], loop_config={"reporter": reporter},
-        failure_config=FailureConfig(max_failures=compute.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
-    )
-    failure: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _capture(trainer.fit, failure), daemon=True)
-    thread.start()
-    while thread.is_alive():
-        step, record, _ = ray.get(reporter.poll.remote())
-        if record:
-            bar.update(step, _status(record))
-        time.sleep(_POLL_SECONDS)
-    thread.join()
+    with teacher_pool(spec.storage, spec.online_teacher, spec.task, spec.on_policy) as teacher_actors:
+        # The run lives in the stage's checkpoint folder: a rerun of the same step finds Ray Train's
+        # record of it there and resumes from its latest checkpoint.
+        trainer = torch_trainer(
+            spec, workers=compute.num_workers, cpus_per_worker=compute.cpus_per_worker, use_gpu=compute.use_gpu,
+            storage_folder=spec.output_folder, name=spec.checkpoint_folder.rsplit("/", 1)[-1],
+            loop_config={"reporter": reporter, "teacher_actors": teacher_actors},
+            failure_config=FailureConfig(max_failures=compute.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+        )
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=lambda: _capture(trainer.fit, failure), daemon=True)
+        thread.start()
+        while thread.is_alive():
+            step, record, _ = ray.get(reporter.poll.remote())
+            if record:
+                bar.update(step, _status(record))
+            time.sleep(_POLL_SECONDS)
+        thread.join()
     if failure:
         raise _diverged_worker(failure[0]) or failure[0]
     step, record, result = ray.get(reporter.poll.remote())
@@ -225,6 +234,32 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
     if result is None:
         raise RuntimeError("Ray Train finished but rank 0 reported no result; see the Ray worker logs")
     return result
+
+
+def _check_room_for_actors(spec: TrainSpec, compute: ComputeConfig) -> None:
+    """On a local Ray (no `compute.ray_address`: nothing will add nodes), an on-policy run whose
+    workers and actors reserve more CPUs or GPUs than the machine has would wait forever: refuse it."""
+    import ray
+
+    settings = spec.on_policy
+    if settings is None or compute.ray_address:
+        return
+    actors = settings.teacher_actors + compute.num_workers * settings.generation_actors
+    if not actors:
+        return
+    total = ray.cluster_resources()
+    needs = {
+        "CPU": compute.num_workers * compute.cpus_per_worker + actors * settings.actor_cpus,
+        "GPU": compute.num_workers * int(compute.use_gpu) + actors * settings.actor_gpus,
+    }
+    for resource, needed in needs.items():
+        if needed > total.get(resource, 0) + 1e-9:
+            raise ValueError(
+                f"distill.on_policy: {compute.num_workers} training workers × {compute.cpus_per_worker if resource == 'CPU' else int(compute.use_gpu)} "
+                f"{resource} and {actors} actors × actor_{resource.lower()}s {settings.actor_cpus if resource == 'CPU' else settings.actor_gpus} "
+                f"need {needed:g} {resource}s, and this Ray has {total.get(resource, 0):g}; lower distill.on_policy.actor_{resource.lower()}s "
+                "(a fraction shares one), the actor counts or compute.cpus_per_worker, or raise compute.num_cpus"
+            )
 
 
 def _diverged_worker(error: BaseException) -> TrainingDiverged | None:

@@ -1,9 +1,11 @@
-"""Where a student's teacher targets come from, batch by batch: the `TargetSource`s.
+"""Where a student's teacher targets come from, step by step: the `TargetSource`s.
 
-The training loop hands its source each micro-batch of an optimizer step (`batch, targets =
-source(batch, student, step)`) and passes what comes back to the step module; the objectives
-take one `TeacherTargets` (`kd_core/losses/targets.py`). A source may replace the batch (the
-on-policy source trains on the student's own answers). `target_source` picks one per run from
+The training loop asks its source for each optimizer step's micro-batches
+(`source.step_batches(next_batch, student, step, count)`: (batch, targets) pairs) and passes them
+to the step module; the objectives take one `TeacherTargets` (`kd_core/losses/targets.py`). A
+source reads the stream's batches itself (`next_batch()`), so it may replace them (the on-policy
+source trains on the student's own answers) or read one step ahead (its `async`). What it holds
+between steps goes into checkpoints (`state`, `restore`). `target_source` picks one per run from
 the spec:
 
 - `CachedTargets` (a spec with cache shards: `distill.teacher_source: cache`): the training stream
@@ -15,9 +17,10 @@ the spec:
   `kd_core.models.inference.teacher_forward`).
 - `OnPolicyTargets` (`teacher_source: on_policy`): with probability `distill.on_policy.mixing`
   (GKD's λ, drawn per optimizer step from the seed and the step, so every rank and every
-  micro-batch of a step agree, and a resumed run draws the same), the batch becomes the
-  student's own answers to its prompts (`Task.on_policy_batch`); the online teacher then scores
-  whichever batch it is.
+  micro-batch of a step agree, and a resumed run draws the same), the step's batches become the
+  student's own answers to their prompts (`Task.on_policy_batch`); the teacher then scores
+  whichever batches they are. Where answers are written and scored (the training process, or
+  Ray actors) is `kd_core/train/rollouts.py`'s.
 - `NoTargets`: a model that learns from the data alone (a teacher kdflow trains, the baseline).
 
 A new way to get targets is one more class here, the spec field that asks for it, and its case
@@ -27,6 +30,7 @@ in `target_source`.
 from __future__ import annotations
 
 import random
+import time
 from typing import Protocol
 
 import torch
@@ -35,38 +39,83 @@ from torch import nn
 from kd_core.losses import TeacherTargets
 from kd_core.models.teacher import teacher_model_dir
 from kd_core.storage import Store
+from kd_core.train.rollouts import ActorGeneration, ActorScoring, Answers, GenerationStats, LocalGeneration, LocalScoring, answer_seed
 from kd_core.train.spec import TrainSpec
 
 
 class TargetSource(Protocol):
     teacher: object | None
-    """The model this source runs on every batch, if any (its parameters are counted per rank)."""
+    """The model this source runs on every batch in the training process, if any (its parameters
+    are counted per rank)."""
 
-    def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], TeacherTargets | None]:
-        """(the batch to train on, its targets) for the `student` being trained at optimizer
-        `step`, on the batch's device."""
+    def step_batches(self, next_batch, student: nn.Module, step: int, count: int) -> list[tuple[dict[str, torch.Tensor], TeacherTargets | None]]:
+        """The `count` (batch to train on, its targets) pairs of optimizer `step` for the `student`
+        being trained, on the batch's device; `next_batch()` reads the next batch of the stream."""
+        ...
+
+    def log_terms(self) -> dict[str, float]:
+        """What the source adds to a log record (e.g. the generation's staleness)."""
+        ...
+
+    def state(self, step: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """What a checkpoint after `step` optimizer steps keeps of the source (tensors, JSON), if anything."""
+        ...
+
+    def restore(self, state: tuple[dict[str, torch.Tensor], dict] | None, step: int) -> None:
+        """Continue at `step` from `state()` of a checkpoint (None: it kept nothing)."""
+        ...
+
+    def batches_ahead(self) -> int:
+        """Stream batches the source has read past the steps it handed out (`async`)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the source holds (actors)."""
         ...
 
 
-class NoTargets:
-    """No teacher: the model learns from the data alone."""
+class BatchSource:
+    """A source that gives each batch its targets as it comes, keeping nothing between steps."""
 
     teacher = None
+
+    def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], TeacherTargets | None]:
+        raise NotImplementedError
+
+    def step_batches(self, next_batch, student: nn.Module, step: int, count: int) -> list[tuple[dict[str, torch.Tensor], TeacherTargets | None]]:
+        return [self(next_batch(), student, step) for _ in range(count)]
+
+    def log_terms(self) -> dict[str, float]:
+        return {}
+
+    def state(self, step: int) -> None:
+        return None
+
+    def restore(self, state, step: int) -> None:
+        pass
+
+    def batches_ahead(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class NoTargets(BatchSource):
+    """No teacher: the model learns from the data alone."""
 
     def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], None]:
         return batch, None
 
 
-class CachedTargets:
+class CachedTargets(BatchSource):
     """The cache's targets, decoded into the batch by the training stream."""
-
-    teacher = None
 
     def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], TeacherTargets]:
         return batch, TeacherTargets.from_batch(batch)
 
 
-class OnlineTargets:
+class OnlineTargets(BatchSource):
     """The teacher run on every batch, as the job's task runs it."""
 
     def __init__(self, teacher, spec: TrainSpec):
@@ -77,29 +126,119 @@ class OnlineTargets:
 
 
 class OnPolicyTargets:
-    """The student's own answers, scored by the online teacher (GKD's mixing: module docstring)."""
+    """The student's own answers, scored by the teacher (GKD's mixing: module docstring), written
+    and scored where `generation` and `scoring` say (`kd_core/train/rollouts.py`). With `async`,
+    each step reads and submits the next step's batches before it trains, and a checkpoint keeps
+    those answers (and the generation actors' weights, while they lag), so a resumed run trains on
+    exactly what an uninterrupted one would."""
 
-    def __init__(self, teacher, spec: TrainSpec, sampling):
-        """`sampling`: what the task's `on_policy_batch` needs besides the student (its stop tokens)."""
-        self.teacher, self.spec, self.sampling = teacher, spec, sampling
+    def __init__(self, spec: TrainSpec, generation, scoring, rank: int, device, teacher=None):
+        self.spec, self.generation, self.scoring, self.rank, self.device = spec, generation, scoring, rank, device
+        self.teacher = teacher
+        """The teacher in this process (None: it is scored by actors)."""
+        self.ahead: tuple[int, bool, list] | None = None
+        """(step, on-policy, its submitted micro-batches): the next step's, written while this one trains."""
+        self.stats = GenerationStats()
 
     def on_policy(self, step: int) -> bool:
         return random.Random(f"{self.spec.train.seed}:{step}").random() < self.spec.on_policy.mixing
 
-    def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], TeacherTargets]:
-        if self.on_policy(step):
-            batch = self.spec.task.on_policy_batch(student, batch, self.spec, self.sampling)
-        return batch, self.spec.task.online_targets(self.teacher, batch, self.spec)
+    def submitted(self, next_batch, student, step: int, count: int, version: int) -> tuple[int, bool, list]:
+        """Step `step`'s micro-batches, read, and sent to be answered by the student of `version`
+        optimizer steps when the step is on-policy."""
+        on_policy = self.on_policy(step)
+        items = []
+        for micro_batch in range(count):
+            batch = next_batch()
+            seed = answer_seed(self.spec.train.seed, step, self.rank, micro_batch)
+            items.append(self.generation.submit(batch, seed, student, version) if on_policy else batch)
+        return step, on_policy, items
+
+    def step_batches(self, next_batch, student, step: int, count: int):
+        current = self.ahead if self.ahead is not None and self.ahead[0] == step else self.submitted(next_batch, student, step, count, step)
+        self.ahead = None
+        if self.spec.on_policy.async_generation and step + 1 < self.spec.train.max_steps:
+            self.ahead = self.submitted(next_batch, student, step + 1, count, step)
+        _, on_policy, items = current
+        batches = items
+        if on_policy:
+            waited = time.perf_counter()
+            answers = [self.generation.result(item, self.device) for item in items]
+            self.stats.record(answers, step, time.perf_counter() - waited)
+            batches = [a.batch for a in answers]
+        return list(zip(batches, self.scoring.score(batches)))
+
+    def log_terms(self) -> dict[str, float]:
+        return self.stats.terms()
+
+    def state(self, step: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The answers already written for the next step (`async`), and the generation actors'
+        weights while a resume would not refresh them."""
+        tensors, meta = {}, {}
+        if self.ahead is not None:
+            ahead_step, on_policy, items = self.ahead
+            meta["ahead"] = {"step": ahead_step, "on_policy": on_policy, "micro_batches": len(items), "versions": []}
+            for index, item in enumerate(items):
+                if on_policy:
+                    answers = self.generation.result(item, "cpu")
+                    items[index] = answers  # resolved; kept as it is for this run too
+                    meta["ahead"]["versions"].append(answers.version)
+                    batch = answers.batch
+                else:
+                    batch = item
+                tensors |= {f"ahead.{index}.{name}": value.detach().cpu().contiguous() for name, value in batch.items()}
+        generation = self.generation.state(step)
+        if generation:
+            meta["generation_version"] = generation["version"]
+            tensors |= {f"weights.{name}": value.clone().contiguous() for name, value in generation["weights"].items()}
+        return (tensors, meta) if meta else None
+
+    def restore(self, state: tuple[dict[str, torch.Tensor], dict] | None, step: int) -> None:
+        if state is None:
+            return
+        tensors, meta = state
+        if "generation_version" in meta:
+            weights = {name.removeprefix("weights."): value for name, value in tensors.items() if name.startswith("weights.")}
+            self.generation.restore({"version": meta["generation_version"], "weights": weights}, step)
+        if "ahead" in meta:
+            ahead = meta["ahead"]
+            items = []
+            for index in range(ahead["micro_batches"]):
+                prefix = f"ahead.{index}."
+                batch = {name.removeprefix(prefix): value.to(self.device) for name, value in tensors.items() if name.startswith(prefix)}
+                items.append(Answers(batch, ahead["versions"][index]) if ahead["on_policy"] else batch)
+            self.ahead = (ahead["step"], ahead["on_policy"], items)
+
+    def batches_ahead(self) -> int:
+        return len(self.ahead[2]) if self.ahead is not None else 0
+
+    def close(self) -> None:
+        self.generation.close()
 
 
-def target_source(spec: TrainSpec, store: Store, runner, device: torch.device) -> TargetSource:
-    """The source of `spec`'s run: the online teacher (loaded here, on this worker), the cache, or none."""
+def target_source(spec: TrainSpec, store: Store, runner, device: torch.device, rank: int = 0, teacher_actors: list | None = None) -> TargetSource:
+    """The source of `spec`'s run: the online teacher (loaded here, on this worker, or the driver's
+    `teacher_actors` for an on-policy run with `teacher_actors`), the cache, or none."""
+    if spec.on_policy is not None:
+        return on_policy_source(spec, store, runner, device, rank, teacher_actors)
     if spec.online_teacher is not None:
-        model_dir = teacher_model_dir(store, spec.online_teacher)
-        teacher = spec.task.load_online_teacher(model_dir, runner, device)
-        if spec.on_policy is not None:
-            return OnPolicyTargets(teacher, spec, spec.task.on_policy_sampling(spec, store))
-        return OnlineTargets(teacher, spec)
+        return OnlineTargets(spec.task.load_online_teacher(teacher_model_dir(store, spec.online_teacher), runner, device), spec)
     if spec.cache_shards:
         return CachedTargets()
     return NoTargets()
+
+
+def on_policy_source(spec: TrainSpec, store: Store, runner, device, rank: int, teacher_actors: list | None) -> OnPolicyTargets:
+    settings = spec.on_policy
+    if settings.teacher_actors:
+        if not teacher_actors:
+            raise ValueError(
+                f"{spec.output_folder}: distill.on_policy.teacher_actors is {settings.teacher_actors} but this worker was given no "
+                "teacher actors (they are made by the Ray driver: compute.backend ray)"
+            )
+        teacher, scoring = None, ActorScoring(teacher_actors, spec, rank)
+    else:
+        teacher = spec.task.load_online_teacher(teacher_model_dir(store, spec.online_teacher), runner, device)
+        scoring = LocalScoring(teacher, spec)
+    generation = ActorGeneration(spec) if settings.generation_actors else LocalGeneration(spec, spec.task.on_policy_sampling(spec, store))
+    return OnPolicyTargets(spec, generation, scoring, rank, device, teacher)

@@ -5,7 +5,7 @@ worker loop as the distill stage (`ray_train_loop`) with validation on; Ray Trai
 `TuneReportCallback` forwards each `{step, val_loss, ...}` report (every validation metric of the
 task) to Tune, where ASHA may stop the trial on `tune.metric`; MLflow's callback logs every metric
 on the trial's child run. The trial itself holds no CPU: its Ray Train workers reserve what they
-train with.
+train with. An on-policy search's trials share one pool of teacher actors, made for the search.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ def run_search(
     summary and the MLflow parent run's id. `teacher`: the teacher step's manifest, from which a
     trial's student is cut (`student.init: from_teacher`)."""
     from ray import tune as ray_tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from kd_core.train.ray_glue import ensure_ray
+    from kd_core.train.rollouts import teacher_pool
 
     settings = config.tune
     steps = settings.max_steps or config.distill.train.max_steps
@@ -61,9 +60,24 @@ def run_search(
     # folder must reach them as the absolute path it means here.
     student = config.student.model_copy(update={"path": absolute_url(config.student.path)}) if config.student.path else config.student
     job = config.model_copy(update={"storage": store.config, "student": student})
-    trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, job=job, prep=prep, targets=targets, folder=folder, teacher=teacher), TRIAL_DRIVER_RESOURCES
-    )
+    on_policy = config.distill.on_policy if config.distill.teacher_source == "on_policy" else None
+    with teacher_pool(store.config, targets if targets.stage == "teacher" else None, task_of(prep), on_policy) as teacher_actors:
+        trainable = ray_tune.with_resources(
+            ray_tune.with_parameters(run_trial, job=job, prep=prep, targets=targets, folder=folder, teacher=teacher, teacher_actors=teacher_actors),
+            TRIAL_DRIVER_RESOURCES,
+        )
+        results = _fit_search(config, trainable, store, folder, parent_run_id, steps, metric, mode)
+    names = tuple(task_named(config.task).validation_modes)
+    return [_summary(result, steps, names) for result in results], parent_run_id
+
+
+def _fit_search(config: JobConfig, trainable, store: Store, folder: str, parent_run_id: str | None, steps: int, metric: str, mode: str):
+    """Restore the search Ray Tune left in `<folder>/search`, or start it; run it to the end."""
+    from ray import tune as ray_tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    settings = config.tune
     storage_path, storage_filesystem = search_storage(store, folder)
     experiment = f"{storage_path}/{SEARCH_FOLDER}"
     if ray_tune.Tuner.can_restore(experiment, storage_filesystem=storage_filesystem):
@@ -85,9 +99,7 @@ def run_search(
                 callbacks=_mlflow_callbacks(config, parent_run_id), verbose=0 if quiet() else 1,
             ),
         )
-    results = tuner.fit()
-    names = tuple(task_named(config.task).validation_modes)
-    return [_summary(result, steps, names) for result in results], parent_run_id
+    return tuner.fit()
 
 
 def asha_scheduler(settings: TuneConfig, steps: int):
@@ -101,10 +113,14 @@ def asha_scheduler(settings: TuneConfig, steps: int):
     )
 
 
-def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str, teacher: Manifest | None = None) -> None:
+def run_trial(
+    params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str, teacher: Manifest | None = None,
+    teacher_actors: list | None = None,
+) -> None:
     """One trial: a short Ray Train distillation with the trial's values, reporting its validation
     metrics. Its student starts where the trial's `student` section says (`student_start`: a
-    search may vary `student.from_teacher`), cut from `teacher` for `init: from_teacher`."""
+    search may vary `student.from_teacher`), cut from `teacher` for `init: from_teacher`. An
+    on-policy search's trials share the search's `teacher_actors`."""
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -124,7 +140,8 @@ def run_trial(params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest
     torch_trainer(
         spec, workers=settings.workers_per_trial or job.compute.num_workers,
         cpus_per_worker=settings.cpus_per_worker or job.compute.cpus_per_worker, use_gpu=job.compute.use_gpu,
-        storage_folder=f"{folder}/trials", name=trial_id, loop_config={"report_validation": True}, callbacks=[TuneReportCallback()],
+        storage_folder=f"{folder}/trials", name=trial_id, loop_config={"report_validation": True, "teacher_actors": teacher_actors},
+        callbacks=[TuneReportCallback()],
     ).fit()
 
 
