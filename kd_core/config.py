@@ -461,10 +461,13 @@ class LossConfig(Section):
     """Softmax temperature T of the KD term. With `topk_tail` it must equal `cache.temperature`
     (the cached log-probs are already at it)."""
     divergence: str = "forward_kl"
-    """Divergence against full teacher logits (`distill.teacher_source: online`, or a `full`
-    cache): a name in `kd_core.losses.divergences.DIVERGENCES` (forward_kl, reverse_kl,
-    generalized_jsd, skew_forward_kl, skew_reverse_kl, total_variation). Top-k and sampled caches
-    always use forward KL, which is what they estimate."""
+    """Divergence against the teacher's distribution: a name in
+    `kd_core.losses.divergences.DIVERGENCES` (forward_kl, reverse_kl, generalized_jsd,
+    skew_forward_kl, skew_reverse_kl, total_variation). Over the full vocabulary with full logits
+    (`distill.teacher_source: online` or `on_policy`, a `full` cache); over the top k and one tail
+    bucket with top-k targets (a `topk` cache, `distill.on_policy.teacher_top_k`; any divergence
+    but forward KL needs `topk_tail`). A sampled cache always uses forward KL, which is what it
+    estimates."""
     divergence_parameter: float | None = Field(default=None, ge=0, le=1)
     """beta of `generalized_jsd` or alpha of the skew KLs; None keeps the function's default."""
     topk_tail: bool = True
@@ -572,6 +575,11 @@ class OnPolicyConfig(Section):
     """Nucleus sampling: the smallest set of tokens with this much probability (1: all)."""
     samples_per_prompt: int = Field(default=1, gt=0)
     """Answers the student writes to each prompt (each its own row)."""
+    teacher_top_k: int | None = Field(default=None, gt=0)
+    """Score with the teacher's k most likely tokens (and one bucket for the rest) at each
+    position instead of its full vocabulary: what teacher actors send back shrinks from V to k + 1
+    numbers per token. `distill.loss.divergence` compares the two distributions over those k + 1
+    outcomes (`kd_core.losses.topk.coarsened`). None: the full vocabulary."""
     generation_actors: int = Field(default=0, ge=0)
     """0: each training worker samples with its own student, in its own process. N: each training
     worker has N Ray actors holding a copy of the student (refreshed every `sync_every` steps)

@@ -289,7 +289,8 @@ def deep_checks(job: JobConfig, records: int = RECORDS) -> list[CheckResult]:
     if any(result.status == "fail" and result.name in ("vocabulary", "student output layer") for result in results):
         results.append(CheckResult("loss", "skip", "the student's vocabulary differs from the data's (above): the loss would compare other tokens"))
     else:
-        result = loss_check(job.distill.loss, job.cache, job.distill.teacher_source, teacher, student, batch, vocabulary_size(job))
+        top_k = job.distill.on_policy.teacher_top_k if job.distill.teacher_source == "on_policy" else None
+        result = loss_check(job.distill.loss, job.cache, job.distill.teacher_source, teacher, student, batch, vocabulary_size(job), top_k=top_k)
         if job.student.init == "from_teacher":  # the loss does not depend on the student's weights
             result = CheckResult(result.name, result.status, f"{result.message} (a student built from student.architecture stood in)")
         results.append(result)
@@ -460,18 +461,19 @@ def determinism_check(model, batch: dict, tolerance: float = DETERMINISM_TOLERAN
 # ----------------------------------------------------------------------------------------- loss
 def loss_check(
     loss: LossConfig, cache: CacheConfig, teacher_source: str, teacher, student, batch: dict, vocab_size: int, *, step=None,
-    tolerance: float = LOSS_TOLERANCE,
+    tolerance: float = LOSS_TOLERANCE, top_k: int | None = None,
 ) -> CheckResult:
     """kdflow's loss on `batch` against `reference_loss`. `step(batch, targets) -> {'loss': ...}`
     is what training runs (default: `CausalLMStep` with `DistillationObjective.from_config(loss)`,
-    fused when `loss.fused`); the feature term is left out (it has learned projections of its own)."""
+    fused when `loss.fused`); the feature term is left out (it has learned projections of its own).
+    `top_k`: an on-policy teacher scores with its top k (`distill.on_policy.teacher_top_k`)."""
     import torch
 
     from kd_core.losses import DistillationObjective
     from kd_core.tasks.causal_lm_step import CausalLMStep
 
     loss = loss.model_copy(update={"feature_weight": 0.0})
-    targets = teacher_targets(teacher, batch, vocab_size, cache, teacher_source)
+    targets = teacher_targets(teacher, batch, vocab_size, cache, teacher_source, top_k, loss.temperature)
     if step is None:
         objective = DistillationObjective.from_config(loss, student_hidden_size=None, teacher_hidden_size=None).train()  # train: balance_terms starts its running magnitudes
         step = CausalLMStep(student, objective, loss.fused_chunk_size if loss.fused else None, vocab_size=vocab_size)
@@ -484,7 +486,7 @@ def loss_check(
         return CheckResult("loss", "fail", f"distill.loss: the loss could not be computed on a real batch: {err}")
     ours, expected = terms["loss"], reference["loss"]
     difference = abs(ours - expected) / max(abs(expected), 1e-12)
-    where = f"distill.loss ({describe_loss(loss, cache, teacher_source)})"
+    where = f"distill.loss ({describe_loss(loss, cache, teacher_source, top_k)})"
     shown = lambda values: f"{values['loss']:.6g}" + "".join(f", {name.upper()} {values[name]:.4g}" for name in ("ce", "kd") if name in values)  # noqa: E731
     if not difference <= tolerance:
         return CheckResult(
@@ -495,15 +497,17 @@ def loss_check(
     return CheckResult("loss", "pass", f"{where}: kdflow {shown(terms)}; float64 reference {shown(reference)} (relative difference {difference:.2g})")
 
 
-def describe_loss(loss: LossConfig, cache: CacheConfig, teacher_source: str) -> str:
-    source = "online teacher" if teacher_source in ONLINE_SOURCES else f"{cache.format} cache"
-    kd = loss.divergence if teacher_source in ONLINE_SOURCES or cache.format == "full" else "forward KL"
+def describe_loss(loss: LossConfig, cache: CacheConfig, teacher_source: str, top_k: int | None = None) -> str:
+    online = teacher_source in ONLINE_SOURCES
+    source = ("online teacher" + (f", its top {top_k}" if top_k else "")) if online else f"{cache.format} cache"
+    kd = loss.divergence if online or cache.format != "sampled" else "forward KL"
     return f"{source}, {kd}, T={loss.temperature:g}" + (", fused" if loss.fused else "")
 
 
-def teacher_targets(teacher, batch: dict, vocab_size: int, cache: CacheConfig, teacher_source: str):
+def teacher_targets(teacher, batch: dict, vocab_size: int, cache: CacheConfig, teacher_source: str, top_k: int | None = None, temperature: float = 1.0):
     """The `TeacherTargets` training would get for `batch`: the teacher's logits cut to the data's
-    vocabulary (online), or them through the cache's encoder and decoder (`CacheLayout`)."""
+    vocabulary (online; with `top_k`, its top k at `temperature`), or them through the cache's
+    encoder and decoder (`CacheLayout`)."""
     import torch
 
     from kd_core.cache.format import CacheLayout
@@ -515,7 +519,7 @@ def teacher_targets(teacher, batch: dict, vocab_size: int, cache: CacheConfig, t
         forward = teacher_forward(teacher.eval(), input_ids, [], position_ids=batch.get("position_ids"))
         logits = forward.logits(slice(None)).unflatten(0, input_ids.shape)[..., :vocab_size].float()
     if teacher_source in ONLINE_SOURCES:  # an on-policy run's dataset batches are scored this way too
-        return TeacherTargets(logits=logits)
+        return TeacherTargets(logits=logits).top_k(top_k, temperature) if top_k else TeacherTargets(logits=logits)
     layout = CacheLayout.from_config(cache, input_ids.shape[1], vocab_size)
     columns = layout.encode(torch.log_softmax(logits / layout.temperature, dim=-1), torch.Generator().manual_seed(cache.seed), {})
     return TeacherTargets.from_batch({name: torch.from_numpy(values) for name, values in layout.decode(columns).items()})
@@ -537,8 +541,9 @@ def reference_terms(student_logits, input_ids, loss_mask, targets, loss: LossCon
     q = student, both at T = loss.temperature: the configured divergence of dense logits
     (forward KL Σ p log p/q; reverse KL Σ q log q/p; generalized JSD β·KL(p‖m) + (1−β)·KL(q‖m),
     m = βp + (1−β)q; skew KLs KL(p‖αp + (1−α)q), KL(q‖αq + (1−α)p); total variation ½Σ|p − q|),
-    or forward KL against top-k (with the tail bucket 1 − Σ, or renormalised over the k ids at T)
-    or sampled targets (the draws' frequencies). s = T² when scale_by_temperature_squared;
+    or against top-k targets: forward KL (with the tail bucket 1 − Σ, or renormalised over the k
+    ids at T), any other divergence over the k ids and the tail bucket; or forward KL against
+    sampled targets (the draws' frequencies). s = T² when scale_by_temperature_squared;
     b = CE / KD with balance_terms (the first step's running magnitudes); teacher_confidence
     weights 1 − H/log V, rescaled to mean 1 over the counted positions."""
     import torch
@@ -588,26 +593,7 @@ def _kd_per_position(log_q, targets, loss: LossConfig):
     import torch
 
     if targets.logits is not None:
-        log_p = torch.log_softmax(targets.logits.double() / loss.temperature, dim=-1)
-        p, q = log_p.exp(), log_q.exp()
-        parameter = loss.divergence_parameter
-        if loss.divergence == "forward_kl":
-            return _kl(log_p, log_q)
-        if loss.divergence == "reverse_kl":
-            return _kl(log_q, log_p)
-        if loss.divergence == "generalized_jsd":
-            beta = 0.5 if parameter is None else parameter
-            if beta in (0, 1):
-                return _kl(log_p, log_q) if beta == 0 else _kl(log_q, log_p)
-            log_m = torch.log(beta * p + (1 - beta) * q)
-            return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-        if loss.divergence in ("skew_forward_kl", "skew_reverse_kl"):
-            alpha = 0.1 if parameter is None else parameter
-            first, second = (log_p, log_q) if loss.divergence == "skew_forward_kl" else (log_q, log_p)
-            return _kl(first, torch.log(alpha * first.exp() + (1 - alpha) * second.exp()))
-        if loss.divergence == "total_variation":
-            return 0.5 * (p - q).abs().sum(-1)
-        raise ValueError(f"the reference has no {loss.divergence!r}")
+        return _divergence(torch.log_softmax(targets.logits.double() / loss.temperature, dim=-1), log_q, loss)
     if targets.sample_ids is not None:
         counts = targets.sample_counts.double()
         log_p = torch.log(counts / counts.sum(-1, keepdim=True).clamp_min(1))
@@ -618,5 +604,33 @@ def _kd_per_position(log_q, targets, loss: LossConfig):
         return _kl(torch.log_softmax(log_p / loss.temperature, dim=-1), log_q_at_ids)
     p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0)
     q_tail = (1 - log_q_at_ids.exp().sum(-1)).clamp_min(1e-30)
+    if loss.divergence != "forward_kl":  # the top k and the tail bucket as two distributions
+        with_tail = lambda head, tail: torch.cat([head, torch.log(tail.clamp_min(1e-30)).unsqueeze(-1)], -1)  # noqa: E731
+        return _divergence(with_tail(log_p, p_tail), with_tail(log_q_at_ids, q_tail), loss)
     tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(1e-300)) - torch.log(q_tail)), 0.0)
     return _kl(log_p, log_q_at_ids) + tail
+
+
+def _divergence(log_p, log_q, loss: LossConfig):
+    """The configured divergence of teacher p and student q, per position (last dimension: outcomes)."""
+    import torch
+
+    p, q = log_p.exp(), log_q.exp()
+    parameter = loss.divergence_parameter
+    if loss.divergence == "forward_kl":
+        return _kl(log_p, log_q)
+    if loss.divergence == "reverse_kl":
+        return _kl(log_q, log_p)
+    if loss.divergence == "generalized_jsd":
+        beta = 0.5 if parameter is None else parameter
+        if beta in (0, 1):
+            return _kl(log_p, log_q) if beta == 0 else _kl(log_q, log_p)
+        log_m = torch.log(beta * p + (1 - beta) * q)
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    if loss.divergence in ("skew_forward_kl", "skew_reverse_kl"):
+        alpha = 0.1 if parameter is None else parameter
+        first, second = (log_p, log_q) if loss.divergence == "skew_forward_kl" else (log_q, log_p)
+        return _kl(first, torch.log(alpha * first.exp() + (1 - alpha) * second.exp()))
+    if loss.divergence == "total_variation":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"the reference has no {loss.divergence!r}")

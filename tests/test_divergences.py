@@ -9,6 +9,7 @@ Run: .venv/bin/python -m pytest tests/test_divergences.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -27,7 +28,9 @@ from kd_core.losses import (
     topk_kl,
     total_variation,
 )
+from kd_core.losses.common import masked_mean
 from kd_core.losses.forward_kl import forward_kl_per_position
+from kd_core.losses.topk import topk_kl_per_position
 from kd_core.losses.fused import (
     FusedTerm,
     dense_teacher_target,
@@ -389,3 +392,44 @@ def test_the_sampled_policy_gradient_follows_the_reverse_kl_gradient_in_expectat
     (gradient,) = torch.autograd.grad(loss, logits)
     estimate = gradient.sum(0).double() * 2  # each position's share of the mean over 2·draws tokens, summed over draws
     torch.testing.assert_close(estimate, exact, rtol=0, atol=0.01)
+
+
+# ---------------------------------------------------------------- divergences over the teacher's top k
+@pytest.mark.parametrize("name,parameter", [case for case in CASES if case[1] in (None, 0.3)])
+def test_a_divergence_over_top_k_targets_is_the_divergence_of_the_k_plus_tail_distributions(name, parameter):
+    """The objective on top-k targets (an on-policy teacher's `teacher_top_k`, a top-k cache) against
+    the float64 divergence of the two distributions over the k ids and one bucket for the rest."""
+    from kd_core.losses import DistillationObjective, TeacherTargets
+
+    student, teacher, mask = inputs(torch.float32, seed=3)
+    k, temperature = 7, 2.0
+    targets = TeacherTargets(logits=teacher).top_k(k, temperature)
+    objective = DistillationObjective(ce_weight=0.0, kd_weight=1.0, temperature=temperature, divergence=name, divergence_parameter=parameter)
+    ours = objective(student, torch.zeros(SHAPE[:2], dtype=torch.long), dataclasses.replace(targets, mask=mask))["kd"]
+    p_all = torch.softmax(teacher.double() / temperature, -1)
+    q_all = torch.softmax(student.detach().double() / temperature, -1)
+    ids = p_all.topk(k, -1).indices
+    p_head, q_head = p_all.gather(-1, ids), q_all.gather(-1, ids)
+    p = torch.cat([p_head, 1 - p_head.sum(-1, keepdim=True)], -1)
+    q = torch.cat([q_head, 1 - q_head.sum(-1, keepdim=True)], -1)
+    per_position = reference(name, p, q, 0.1 if name.startswith("skew") and parameter is None else parameter)
+    torch.testing.assert_close(ours.double(), per_position[mask].mean(), rtol=1e-5, atol=1e-6)
+    ours.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_over_the_whole_vocabulary_the_top_k_divergence_is_the_dense_one_and_forward_kl_keeps_its_tail_form():
+    from kd_core.losses import DistillationObjective, TeacherTargets
+
+    student, teacher, mask = inputs(torch.float32, seed=4)
+    labels = torch.zeros(SHAPE[:2], dtype=torch.long)
+    dense = TeacherTargets(logits=teacher, mask=mask)
+    every = dataclasses.replace(TeacherTargets(logits=teacher).top_k(SHAPE[-1], 1.0), mask=mask)
+    reverse = DistillationObjective(ce_weight=0.0, kd_weight=1.0, divergence="reverse_kl")
+    torch.testing.assert_close(reverse(student, labels, every)["kd"], reverse(student, labels, dense)["kd"], rtol=1e-4, atol=1e-5)
+    few = dataclasses.replace(TeacherTargets(logits=teacher).top_k(5, 1.0), mask=mask)
+    forward = DistillationObjective(ce_weight=0.0, kd_weight=1.0, divergence="forward_kl")
+    expected = masked_mean(topk_kl_per_position(torch.log_softmax(student, -1), few.topk_logprobs, few.topk_ids), mask)
+    torch.testing.assert_close(forward(student, labels, few)["kd"], expected)
+    with pytest.raises(ValueError, match="set topk_tail"):
+        DistillationObjective(ce_weight=0.0, kd_weight=1.0, divergence="reverse_kl", topk_tail=False)(student, labels, few)

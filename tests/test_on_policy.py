@@ -151,6 +151,8 @@ def test_an_on_policy_job_distills_and_its_settings_are_in_its_key(tmp_path, fol
         (("data.chat.train_on=all",), "on_policy has the student answer the data's prompts"),
         (("distill.deepspeed.enabled=true", "distill.deepspeed.zero_stage=3"), "distill.deepspeed.zero_stage: on-policy sampling"),
         (("distill.loss.fused=true", "distill.on_policy.objective=policy_gradient"), "the policy-gradient objective reads the student's full logits"),
+        (("distill.on_policy.teacher_top_k=8", "distill.on_policy.objective=policy_gradient"), "needs the teacher's log-prob of every sampled"),
+        (("distill.on_policy.teacher_top_k=8", "distill.loss.divergence=reverse_kl", "distill.loss.topk_tail=false"), "distill.loss.topk_tail: reverse_kl"),
         (("distill.on_policy.generation_actors=1",), "distill.on_policy.generation_actors: actors run on Ray, and compute.backend is local"),
         (("distill.on_policy.teacher_actors=2",), "distill.on_policy.teacher_actors: actors run on Ray, and compute.backend is local"),
         (("distill.on_policy.async=true",), "async: the answers are written one step ahead by generation actors"),
@@ -162,13 +164,16 @@ def test_settings_on_policy_cannot_run_are_config_errors(tmp_path, folder, overr
         job(tmp_path, folder, *overrides)
 
 
-def test_the_preflight_checks_an_on_policy_job_on_the_bundled_pairs_as_an_online_one(tmp_path, folder):
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_the_preflight_checks_an_on_policy_job_on_the_bundled_pairs_as_an_online_one(tmp_path, folder, top_k):
     from kd_core.preflight import deep_checks
 
-    config = job(tmp_path, folder, "data.source=python-qa", "data.files=[]", "data.seq_len=128", "distill.loss.divergence=reverse_kl")
+    config = job(tmp_path, folder, "data.source=python-qa", "data.files=[]", "data.seq_len=128", "distill.loss.divergence=reverse_kl",
+                 f"distill.on_policy.teacher_top_k={top_k or 'null'}")
     results = {result.name: result for result in deep_checks(config)}
     assert results["template"].status == "pass" and "python-qa pair" not in results["template"].message
-    assert results["loss"].status == "pass" and "online teacher, reverse_kl" in results["loss"].message, results["loss"]
+    scored = "online teacher, its top 8, reverse_kl" if top_k else "online teacher, reverse_kl"
+    assert results["loss"].status == "pass" and scored in results["loss"].message, results["loss"]
     assert results["temperatures"].status == "pass" and "online teacher" in results["temperatures"].message
 
 
@@ -208,12 +213,13 @@ def ray_runtime():
 
 def test_actors_write_and_score_what_the_training_process_would(tmp_path, folder, ray_runtime):
     """Seeded per step and micro-batch, refreshed every step: the actors' answers and the teacher
-    actors' targets are the training process's own, so the runs are the same."""
+    actors' targets (here its top 16 tokens, `teacher_top_k`) are the training process's own, so
+    the runs are the same."""
     from kd_core.train.rollouts import teacher_pool
 
     train = {"max_steps": 3}
-    _, local = actor_spec(tmp_path, folder, "local")
-    _, actors = actor_spec(tmp_path, folder, "actors", generation_actors=1, teacher_actors=1)
+    _, local = actor_spec(tmp_path, folder, "local", teacher_top_k=16)
+    _, actors = actor_spec(tmp_path, folder, "actors", generation_actors=1, teacher_actors=1, teacher_top_k=16)
     local.train = actors.train = local.train.model_copy(update=train)
     with teacher_pool(actors.storage, actors.online_teacher, actors.task, actors.on_policy) as pool:
         by_process, by_actors = trained(local), trained(actors, pool)

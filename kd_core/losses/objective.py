@@ -11,9 +11,10 @@
   "teacher_confidence"`: weight 1 − H_t / log V from the teacher's entropy, normalised to mean 1
   over valid positions, so confident teacher predictions count more).
 
-The teacher's targets come as one `TeacherTargets` (`targets.py`): cached top-k (`topk_logprobs`,
-`topk_ids`: forward KL via `topk_kl`), cached samples (`sample_ids`, `sample_counts`: `sampled_kl`)
-or full logits (`logits`: the configured `divergence`, from `divergences.py`), with `entropy` for
+The teacher's targets come as one `TeacherTargets` (`targets.py`): top-k (`topk_logprobs`,
+`topk_ids`: forward KL via `topk_kl`, any other `divergence` over the top k and the tail bucket,
+`topk.coarsened`), cached samples (`sample_ids`, `sample_counts`: `sampled_kl`) or full logits
+(`logits`: the configured `divergence`, from `divergences.py`), with `entropy` for
 the token weighting and `mask` for the positions that count. With no targets, or w_kd = 0, it is
 plain cross-entropy: the no-teacher baseline and teacher training share it. With `feature_weight`
 w_f > 0, w_f · hidden-state distillation (`features.py`: mapped layer pairs, learned projections
@@ -37,7 +38,7 @@ from kd_core.losses.features import HiddenStateDistillation
 from kd_core.losses.fused import FusedTerm, fused_lm_head_loss, fused_lm_head_terms
 from kd_core.losses.sampled import sampled_kl_per_position
 from kd_core.losses.targets import TeacherTargets
-from kd_core.losses.topk import topk_kl_per_position
+from kd_core.losses.topk import coarsened, topk_kl_per_position
 
 if TYPE_CHECKING:  # kd_core.config imports the losses, never the other way round at import time
     from kd_core.config import LossConfig
@@ -90,6 +91,7 @@ class DistillationObjective(nn.Module):
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
         self.kd_scale = temperature**2 if scale_by_temperature_squared else 1.0
         self.topk_tail, self.token_weighting = topk_tail, token_weighting
+        self.divergence = divergence
         parameters = registered.parameters(divergence_parameter)
         self.dense_divergence = partial(registered.per_position, **parameters)
         # its value and gradient, for `fused` (None: autograd on each chunk)
@@ -257,6 +259,10 @@ class DistillationObjective(nn.Module):
             return self.dense_divergence(student_logprobs, log_probs(teacher_logits, self.temperature))
         if sample_ids is not None:
             return sampled_kl_per_position(student_logprobs, sample_ids, sample_counts)
+        if self.divergence != "forward_kl":
+            if not self.topk_tail:
+                raise ValueError(f"divergence {self.divergence!r} compares top-k targets over the top k and the tail bucket: set topk_tail")
+            return self.dense_divergence(*coarsened(student_logprobs, topk_logprobs, topk_ids))
         return topk_kl_per_position(student_logprobs, topk_logprobs, topk_ids, temperature=self.temperature, tail=self.topk_tail)
 
     @torch.no_grad()

@@ -98,6 +98,13 @@ class TeacherTargets:
         mask = None if self.mask is None else self.mask.to(device)
         return dataclasses.replace(self, **moved, hidden={layer: state.to(device) for layer, state in self.hidden.items()}, mask=mask)
 
+    def top_k(self, k: int, temperature: float) -> TeacherTargets:
+        """Dense `logits` replaced by the teacher's k most likely tokens (at most its vocabulary)
+        and their log-probs at `temperature` (float32), as a top-k cache holds them."""
+        logprobs = torch.log_softmax(self.logits.float() / temperature, dim=-1)
+        values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        return dataclasses.replace(self, logits=None, topk_logprobs=values, topk_ids=ids.to(torch.int32))
+
     @classmethod
     def from_batch(cls, batch: Mapping[str, torch.Tensor]) -> TeacherTargets:
         """The targets under a training batch's `teacher_*` keys (`BATCH_KEYS`, `teacher_hidden_<L>`);

@@ -18,7 +18,8 @@ softmax at the cache temperature. Two ways to compare the student with them:
   Σ_i p̂_i (log p̂_i − log q_i). This pushes all of the student's mass into the top k, which hurts
   when the teacher's top k holds little mass; it allows any T from a temperature-1 cache.
 
-Both equal `forward_kl` on full logits when k = V. Computed in float32; entries with p = 0 (e.g.
+Both equal `forward_kl` on full logits when k = V. Other divergences (reverse KL, JSD, ...)
+compare the same k + 1 outcomes (`coarsened`). Computed in float32; entries with p = 0 (e.g.
 −inf log-probs of padded slots) contribute exactly 0; averaged over positions where `mask` is
 true; an all-masked input gives 0, not NaN.
 """
@@ -60,6 +61,19 @@ def topk_kl_per_position(
     # A teacher tail below float32 resolution of 1 − Σp is rounding noise, not mass.
     tail_term = torch.where(teacher_tail > _LOG_TAIL_NOISE, kl_terms(teacher_tail, student_tail), 0.0)
     return head + tail_term
+
+
+def coarsened(student_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's distributions over the k + 1 outcomes of the `tail=True`
+    comparison (each kept id, then the tail), as log-probs (..., k + 1), in float32: any
+    divergence of two distributions applies to them (`DistillationObjective` uses the configured
+    one; forward KL over them is `topk_kl_per_position` with the tail, but for its noise floor).
+    The student's log-probs (..., V) are at the temperature the teacher's top-k were taken at."""
+    student_at_ids = student_logprobs.gather(-1, teacher_topk_ids.long()).float()
+    teacher = teacher_topk_logprobs.float()
+    student_tail = _log1mexp(torch.logsumexp(student_at_ids, dim=-1, keepdim=True))
+    teacher_tail = _log1mexp(torch.logsumexp(teacher, dim=-1, keepdim=True))
+    return torch.cat([student_at_ids, student_tail], -1), torch.cat([teacher, teacher_tail], -1)
 
 
 def topk_kl(

@@ -67,6 +67,11 @@ class CausalLM(Task):
                     "distill.deepspeed.zero_stage: on-policy sampling runs the student in the training process, which ZeRO-3 "
                     "partitions; use zero_stage 0-2 for teacher_source: on_policy"
                 )
+            if job.distill.on_policy.teacher_top_k and job.distill.on_policy.objective == "policy_gradient":
+                raise ValueError(
+                    "distill.on_policy.teacher_top_k: the policy-gradient objective needs the teacher's log-prob of every sampled "
+                    "token, which its top k may not hold; set teacher_top_k: null or objective: divergence"
+                )
             if job.distill.loss.fused and job.distill.on_policy.objective == "policy_gradient":
                 raise ValueError("distill.loss.fused: the policy-gradient objective reads the student's full logits; set fused: false")
         trains_tokenizer = job.data.tokenizer is None  # else the vocabulary is the tokenizer's, checked by the cache stage
@@ -90,6 +95,12 @@ class CausalLM(Task):
                         f"(now {cache.hidden_layers})"
                     )
         from_cache = job.distill.teacher_source == "cache"
+        top_k_targets = (from_cache and cache.format == "topk") or (job.distill.teacher_source == "on_policy" and job.distill.on_policy.teacher_top_k)
+        if top_k_targets and loss.divergence != "forward_kl" and not loss.topk_tail:
+            raise ValueError(
+                f"distill.loss.topk_tail: {loss.divergence} compares top-k targets as two distributions over the top k and one "
+                "bucket for the rest of the vocabulary; set topk_tail: true (or divergence: forward_kl)"
+            )
         needs_cache_temperature = from_cache and ((loss.topk_tail and cache.format == "topk") or cache.format == "sampled")
         if needs_cache_temperature and loss.kd_weight > 0 and loss.temperature != cache.temperature:
             reason = "cache.format is sampled" if cache.format == "sampled" else "distill.loss.topk_tail is true"
@@ -260,7 +271,8 @@ class CausalLM(Task):
     def online_targets(self, teacher, batch, spec):
         """The teacher's full logits (cut to the data's vocabulary: a padded output layer's extra
         entries dropped) and the hidden layers feature distillation matches, through the forward
-        pass the cache stage runs (`teacher_forward`)."""
+        pass the cache stage runs (`teacher_forward`); an on-policy run with
+        `distill.on_policy.teacher_top_k` gets the top k at the loss temperature instead."""
         import torch
 
         from kd_core.losses import TeacherTargets
@@ -273,7 +285,9 @@ class CausalLM(Task):
         with torch.no_grad():
             forward = teacher_forward(teacher, input_ids, layers, position_ids=sequence_inputs(batch)[0].get("position_ids"))
             logits = forward.logits(slice(None)).unflatten(0, input_ids.shape)
-        return TeacherTargets(logits=logits[..., : spec.vocab_size], hidden=forward.hidden)
+        targets = TeacherTargets(logits=logits[..., : spec.vocab_size], hidden=forward.hidden)
+        top_k = spec.on_policy.teacher_top_k if spec.on_policy is not None else None
+        return targets.top_k(top_k, spec.objective.temperature) if top_k else targets
 
     def on_policy_sampling(self, spec, store) -> list[int]:
         """The stop tokens of the student's answers: the prepared tokenizer's eos and the special
