@@ -633,6 +633,16 @@ class DistillConfig(Section):
     and the teacher scores its answers (`on_policy`; chat data)."""
     on_policy: OnPolicyConfig = OnPolicyConfig()
     """On-policy distillation's settings (`teacher_source: on_policy`)."""
+    route: dict[str, str] = {}
+    """Several teachers, each teaching its own part of the data: a conversation's tag (its record's
+    `data.chat.tag_field`, else the name of the file it came from) -> the name of the teacher
+    that teaches its tokens (`teacher`, or one of `teachers`). Tags it does not name go to
+    `teacher`. The KD term is the mean over all counted tokens, whichever teacher scored them."""
+    teacher_weights: dict[str, float] = {}
+    """Several teachers teaching every token together: teacher name (`teacher`, or one of
+    `teachers`) -> its weight (they sum to 1). The KD term is the weighted sum of each teacher's
+    (for forward KL: distilling the weighted mixture of their distributions), from their caches
+    or run online."""
     baseline: bool = True
     """Also train a same-size student on the same tokens with cross-entropy only (no teacher),
     so the evaluation shows what the teacher added."""

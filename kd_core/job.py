@@ -45,6 +45,7 @@ from kd_core.gates import Gate, parse_metric
 from kd_core.redaction import MASK
 from kd_core.tasks import task_named
 
+_TEACHER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _OBJECT_STORE_USERINFO = re.compile(r"^(s3a?|gs|gcs|az|abfs)://[^/@]*@", re.IGNORECASE)
 """`s3://KEY:SECRET@bucket/...`: object stores take no credentials in the URL (the client would
 send `KEY:SECRET@bucket` as the bucket name, and name it in its error)."""
@@ -65,6 +66,10 @@ class JobConfig(Section):
     """The prep stage: raw text to tokenizer and packed token shards."""
     teacher: TeacherConfig = TeacherConfig()
     """The teacher: an existing model directory, or one kdflow trains."""
+    teachers: dict[str, TeacherConfig] = {}
+    """More teachers, by name, each set up like `teacher` (a folder, or trained here on the same
+    data and tokenizer), for distillation from several (`distill.route`, `distill.teacher_weights`).
+    `teacher` is still the one eval measures and a student may be cut from."""
     student: StudentConfig = StudentConfig()
     """The student: its architecture, or where its weights start (`student.init`)."""
     cache: CacheConfig = CacheConfig()
@@ -121,7 +126,36 @@ class JobConfig(Section):
         self._check_baseline_metrics()
         self._check_tune_space()
         self._check_on_policy_actors()
+        self._check_teachers()
         return self
+
+    def _check_teachers(self) -> None:
+        """Named teachers are used, and used one way: routed, or weighted with weights summing to 1."""
+        distill, names = self.distill, {"teacher", *self.teachers}
+        for name in self.teachers:
+            if name == "teacher" or not _TEACHER_NAME.match(name):
+                raise ValueError(f"teachers.{name}: a teacher's name is a letter, then letters, digits, _ or -, and not 'teacher' (the main one)")
+        if distill.route and distill.teacher_weights:
+            raise ValueError("distill.route and distill.teacher_weights: each token is taught by its routed teacher or by all of them weighted; set one")
+        for tag, name in distill.route.items():
+            if name not in names:
+                raise ValueError(f"distill.route.{tag}: {name!r} is not a teacher; name 'teacher' or one of teachers ({', '.join(self.teachers) or 'none'})")
+        for name, weight in distill.teacher_weights.items():
+            if name not in names:
+                raise ValueError(f"distill.teacher_weights.{name}: not a teacher; name 'teacher' or one of teachers ({', '.join(self.teachers) or 'none'})")
+            if weight < 0:
+                raise ValueError(f"distill.teacher_weights.{name}: a weight is at least 0, got {weight}")
+        if distill.teacher_weights and abs(sum(distill.teacher_weights.values()) - 1) > 1e-6:
+            raise ValueError(
+                f"distill.teacher_weights: the weights sum to {sum(distill.teacher_weights.values()):g}; they must sum to 1 "
+                f"(e.g. {', '.join(f'{name}: {1 / len(distill.teacher_weights):.3g}' for name in distill.teacher_weights)})"
+            )
+        used = set(distill.route.values()) | {name for name, weight in distill.teacher_weights.items() if weight > 0}
+        for name in self.teachers:
+            if name not in used:
+                raise ValueError(f"teachers.{name}: no token is taught by it; name it in distill.route or distill.teacher_weights, or remove it")
+        if self.teachers or distill.route or distill.teacher_weights:
+            task_named(self.task).check_teachers(self)
 
     def _check_on_policy_actors(self) -> None:
         """Generation and teacher actors are Ray actors: they need the `ray` backend."""

@@ -75,7 +75,31 @@ def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = froze
     steps = {"teacher": teacher_step(config, prep, force)}
     if config.distill.teacher_source == "cache":
         steps["cache"] = _announce(cache(config.cache, prep, steps["teacher"], store, config.compute, force=is_forced("cache", force)))
+    more_teacher_targets(config, prep, force)  # the other teachers' steps are this stage's work too (the distill step reuses them)
     return steps
+
+
+def more_teacher_targets(config: JobConfig, prep: Manifest, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:
+    """Each named teacher's (`teachers:`) targets, as `teacher`'s are read: its cache with
+    `distill.teacher_source: cache`, else its teacher step; every step reused when done. A teacher
+    that predicts fewer tokens than the data's vocabulary is refused, naming it."""
+    from kd_core.models.teacher import teacher_model_config
+    from kd_core.stages.cache import cache
+    from kd_core.stages.teacher import teacher
+
+    store, targets = Store(config.storage), {}
+    for name, section in config.teachers.items():
+        manifest = _announce(teacher(section, prep, store, config.compute, checkpointing=config.distill, force=is_forced("teacher", force)))
+        vocabulary = teacher_model_config(store, manifest).get("vocab_size", 0)
+        if vocabulary < prep.details["vocab_size"]:
+            raise InputError(
+                f"teachers.{name}: it predicts {vocabulary} tokens (config.json vocab_size) but the prepared data's tokenizer has "
+                f"{prep.details['vocab_size']}; every teacher reads the data's tokenizer (data.tokenizer)"
+            )
+        if config.distill.teacher_source == "cache":
+            manifest = _announce(cache(config.cache, prep, manifest, store, config.compute, force=is_forced("cache", force)))
+        targets[name] = manifest
+    return targets
 
 
 def teacher_step(config: JobConfig, prep: Manifest, force: frozenset[str] = frozenset()) -> Manifest:
@@ -197,7 +221,7 @@ def distill_steps(
         "distill": _announce(
             distill(
                 config.distill, config.student, prep, targets, store, config.compute,
-                teacher=teacher, tracking=tracking, force=is_forced("distill", force),
+                teacher=teacher, tracking=tracking, force=is_forced("distill", force), more_targets=more_teacher_targets(config, prep),
             )
         )
     }
@@ -217,7 +241,8 @@ def tune_step(config: JobConfig, prep: Manifest, teacher: Manifest, cache: Manif
     from kd_core.stages.tune import tune
 
     targets = _teacher_targets(config, teacher, cache, "tune")
-    return _announce(tune(config, prep, targets, Store(config.storage), teacher=teacher, force=is_forced("tune", force)))
+    more = more_teacher_targets(config, prep)
+    return _announce(tune(config, prep, targets, Store(config.storage), teacher=teacher, force=is_forced("tune", force), more_targets=more))
 
 
 def search_steps(config: JobConfig, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:

@@ -221,7 +221,7 @@ def test_actors_write_and_score_what_the_training_process_would(tmp_path, folder
     _, local = actor_spec(tmp_path, folder, "local", teacher_top_k=16)
     _, actors = actor_spec(tmp_path, folder, "actors", generation_actors=1, teacher_actors=1, teacher_top_k=16)
     local.train = actors.train = local.train.model_copy(update=train)
-    with teacher_pool(actors.storage, actors.online_teacher, actors.task, actors.on_policy) as pool:
+    with teacher_pool(actors.storage, actors.online_teachers(), actors.task, actors.on_policy) as pool:
         by_process, by_actors = trained(local), trained(actors, pool)
     assert [r["loss"] for r in by_actors] == pytest.approx([r["loss"] for r in by_process], rel=1e-5)
     assert all(r["staleness"] == 0 for r in by_actors + by_process) and all(r["generated_tokens_per_s"] > 0 for r in by_actors)
@@ -239,7 +239,7 @@ def test_a_crashed_async_run_resumes_with_the_answers_it_had_written(tmp_path, f
     _, interrupted = actor_spec(tmp_path, folder, "interrupted", **settings)
     whole.train = interrupted.train = whole.train.model_copy(update={"max_steps": 5, "dropout": 0.0})
     whole.checkpoint_every = interrupted.checkpoint_every = 3
-    pool = teacher_pool(whole.storage, whole.online_teacher, whole.task, whole.on_policy)
+    pool = teacher_pool(whole.storage, whole.online_teachers(), whole.task, whole.on_policy)
     actors = pool.__enter__()  # one pool serves the three runs, as it serves a search's trials
     request.addfinalizer(lambda: pool.__exit__(None, None, None))
     reference = trained(whole, actors)

@@ -156,12 +156,14 @@ class TrainingStream(IterableDataset):
         columns: Collection[str] | None = None,
         batch_size: int | None = None,
         resume: dict | None = None,
+        more_caches: dict[str, tuple[list[FileRecord], CacheLayout]] | None = None,
     ):
-        if cache_shards and len(cache_shards) != len(token_shards):
-            raise ShardError(
-                f"the teacher cache has {len(cache_shards)} shards but the training split has {len(token_shards)}; "
-                "rerun the cache stage with --force"
-            )
+        for name, (shards, _) in {"": (cache_shards, cache_layout), **(more_caches or {})}.items():
+            if shards and len(shards) != len(token_shards):
+                raise ShardError(
+                    f"the teacher cache{f' of teachers.{name}' if name else ''} has {len(shards)} shards but the training split has "
+                    f"{len(token_shards)}; rerun the cache stage with --force"
+                )
         if cache_shards and cache_layout is None:
             raise ValueError("cache_shards need the cache_layout that decodes them")
         if not 0 <= rank < world_size:
@@ -181,6 +183,8 @@ class TrainingStream(IterableDataset):
             )
         self.storage, self.token_shards = storage, list(token_shards)
         self.cache_shards, self.cache_layout = list(cache_shards or []), cache_layout
+        self.more_caches = dict(more_caches or {})
+        """Other teachers' caches (`teachers:`), by name: their targets come under `<name>:` keys."""
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.prefetch_shards, self.epochs = shuffle_buffer, max(1, prefetch_shards), epochs
         self.split = split
@@ -238,8 +242,11 @@ class TrainingStream(IterableDataset):
         token_record = self.token_shards[index]
         samples = decode_arrow(read_verified(store, token_record), token_record.url, self.columns)
         shard_rows = len(next(iter(samples.values())))
-        if self.cache_shards:
-            cache_record = self.cache_shards[index]
+        targets = {}
+        caches = [("", self.cache_shards, self.cache_layout)] if self.cache_shards else []
+        caches += [(f"{name}:", shards, layout) for name, (shards, layout) in self.more_caches.items()]
+        for prefix, shards, layout in caches:
+            cache_record = shards[index]
             columns = decode_arrow(read_verified(store, cache_record), cache_record.url)
             n_rows = len(next(iter(columns.values())))
             if n_rows != shard_rows:
@@ -248,11 +255,10 @@ class TrainingStream(IterableDataset):
                     f"{shard_rows}; rerun the cache stage with --force"
                 )
             try:
-                targets = self.cache_layout.decode({name: values[rows] for name, values in columns.items()})
+                decoded = layout.decode({name: values[rows] for name, values in columns.items()})
             except (KeyError, ValueError) as err:
                 raise ShardError(f"cache shard {cache_record.url} does not match the cache layout ({err}); rerun the cache stage with --force") from None
-        else:
-            targets = {}
+            targets |= {prefix + name: values for name, values in decoded.items()}
         # Token ids become int64 (what embeddings take); pixels, labels and targets keep their dtype.
         samples = {name: values[rows].astype(np.int64) if name.endswith("_ids") else values[rows] for name, values in samples.items()}
         return samples | targets

@@ -7,7 +7,8 @@ Token-level divergences on logits (..., V), float32 at temperature T, masked mea
     forward_kl, reverse_kl, generalized_jsd, skew_forward_kl, skew_reverse_kl, total_variation
     (registered by name, with their parameter and closed-form gradient, in divergences.py:
     DIVERGENCES)
-Teacher targets: TeacherTargets (targets.py), what DistillationObjective and RewardObjective take
+Teacher targets: TeacherTargets (targets.py), what DistillationObjective and RewardObjective take;
+    TeacherMix, several teachers' targets for one batch (routed or weighted)
 Sparse targets from a teacher cache:
     topk_kl (top-k ids and log-probs, optional tail bucket), sampled_kl (Random-Sampling KD)
 On-policy (the student's own samples, scored by the teacher):
@@ -39,7 +40,7 @@ from kd_core.losses.reverse_kl import reverse_kl
 from kd_core.losses.reward import RewardObjective, bradley_terry, preference_kl, reward_mse
 from kd_core.losses.sampled import draw_teacher_samples, sampled_kl
 from kd_core.losses.skew_kl import skew_forward_kl, skew_reverse_kl
-from kd_core.losses.targets import TeacherTargets
+from kd_core.losses.targets import TeacherMix, TeacherTargets
 from kd_core.losses.topk import topk_kl
 from kd_core.losses.total_variation import total_variation
 
@@ -50,6 +51,7 @@ __all__ = [
     "FusedTerm",
     "HiddenStateDistillation",
     "RewardObjective",
+    "TeacherMix",
     "TeacherTargets",
     "align_vocab",
     "bradley_terry",

@@ -120,3 +120,49 @@ class TeacherTargets:
                 raise ValueError(f"batch key {name!r} is not a teacher target; known: {', '.join(batch_keys())}, {HIDDEN_PREFIX}<layer>")
         return cls(**fields, hidden=hidden)
 
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherMix:
+    """Several teachers' targets for one batch (`teachers:`): `parts[name]` teaches the positions
+    of `positions[name]` ((B, T) bool; None: every position). With `weights` (`teacher_weights`,
+    summing to 1) every part teaches its positions with its fixed weight; without (`route`: the
+    positions are a partition), each part's weight is its share of the counted positions, so the
+    weighted sum is the mean over all of them, whichever teacher scored each."""
+
+    parts: Mapping[str, TeacherTargets]
+    positions: Mapping[str, torch.Tensor | None]
+    weights: Mapping[str, float] | None = None
+
+    def split(self, counted: torch.Tensor | None) -> list[tuple[str, torch.Tensor | float, TeacherTargets]]:
+        """(name, weight, targets with the part's mask: its positions that count) per part."""
+        masks = {}
+        for name in self.parts:
+            positions, mask = self.positions.get(name), counted
+            if positions is not None:
+                mask = positions if mask is None else mask & positions
+            masks[name] = mask
+        if self.weights is not None:
+            return [(name, self.weights[name], dataclasses.replace(self.parts[name], mask=masks[name])) for name in self.parts]
+        counts = {name: mask.sum().float() for name, mask in masks.items()}  # routed parts always have positions
+        total = sum(counts.values()).clamp_min(1)
+        return [(name, counts[name] / total, dataclasses.replace(self.parts[name], mask=masks[name])) for name in self.parts]
+
+    def dense(self, counted: torch.Tensor | None) -> TeacherTargets:
+        """One set of dense targets whose logits at each position are its routed teacher's (a route
+        only), masked to `counted`: what the policy-gradient objective reads."""
+        logits = None
+        for name, part in self.parts.items():
+            positions = self.positions.get(name)
+            if positions is None:
+                raise ValueError("a part that teaches every position: the teachers are weighted, not routed")
+            chosen = torch.where(positions.unsqueeze(-1), part.logits.float(), 0.0)
+            logits = chosen if logits is None else logits + chosen
+        return TeacherTargets(logits=logits, mask=counted)
+
+    def to(self, device) -> TeacherMix:
+        return TeacherMix(
+            {name: part.to(device) for name, part in self.parts.items()},
+            {name: None if mask is None else mask.to(device) for name, mask in self.positions.items()},
+            self.weights,
+        )

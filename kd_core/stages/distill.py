@@ -42,10 +42,13 @@ def distill(
     teacher: Manifest | None = None,
     tracking: TrainingRun | None = None,
     force: bool = False,
+    more_targets: dict[str, Manifest] | None = None,
 ) -> Manifest:
     """`targets` is the cache stage's manifest, or the teacher step's with `teacher_source: online`;
     `teacher` the teacher step's (read by a student cut from it, `student.init: from_teacher`).
-    With `tracking`, rank 0 logs the run to MLflow (not part of the step's key)."""
+    `more_targets`: the named teachers' (`teachers:`), read the same way, routed or weighted as
+    `config.route` / `config.teacher_weights` say. With `tracking`, rank 0 logs the run to MLflow
+    (not part of the step's key)."""
     expected = "cache" if config.teacher_source == "cache" else "teacher"
     if targets.stage != expected:
         raise ValueError(f"distill.teacher_source is {config.teacher_source}: distill needs the {expected} step's output, got {targets.stage}'s")
@@ -59,13 +62,17 @@ def distill(
         "teacher_source": config.teacher_source,
         **({"on_policy": config.on_policy.key_settings()} if config.teacher_source == "on_policy" else {}),
         "deepspeed": config.deepspeed.model_dump(mode="json"),
+        **({"route": config.route} if config.route else {}),
+        **({"teacher_weights": config.teacher_weights} if config.teacher_weights else {}),
     }
-    run = StageRun(store, "distill", section, inputs={"prep": prep, **start.inputs(), expected: targets}, force=force)
+    more_targets = more_targets or {}
+    inputs = {"prep": prep, **start.inputs(), expected: targets, **{f"{expected}:{name}": manifest for name, manifest in more_targets.items()}}
+    run = StageRun(store, "distill", section, inputs=inputs, force=force)
     if run.reused:
         return run.reused
     spec = student_spec(
         task, config, student, prep, store, run.folder, targets=targets, checkpoint_every=config.checkpoint_every, tracking=tracking,
-        start=start,
+        start=start, more_targets=more_targets,
     )
     description = "distill: student" + {"cache": "", "online": " (online teacher)", "on_policy": " (on-policy)"}[config.teacher_source]
     return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never", details={"student_start": start.record()})

@@ -23,17 +23,23 @@ from kd_core.tune.report import importance, tune_png
 from kd_core.tune.search import log_parent_run, run_search
 
 
-def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, teacher: Manifest | None = None, force: bool = False) -> Manifest:
+def tune(
+    config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, teacher: Manifest | None = None, force: bool = False,
+    more_targets: dict[str, Manifest] | None = None,
+) -> Manifest:
     """Run (or resume, or reuse) the search of `config.tune` on the prep and cache/teacher outputs.
     `teacher` (the teacher step's manifest) is read by students cut from it (`student.init:
-    from_teacher`); every trial resolves its own start (`student_start`), as the distill stage does."""
+    from_teacher`); every trial resolves its own start (`student_start`), as the distill stage does.
+    `more_targets`: the named teachers' (`teachers:`) cache or teacher manifests."""
     if not config.tune.space:
         raise ValueError("tune.space is empty: list the fields to search, e.g. distill.loss.kd_weight: {kind: uniform, low: 0.2, high: 0.9}")
     task = task_named(config.task)
     section = {
         "tune": config.tune.model_dump(mode="json"),
         "distill": config.distill.model_dump(mode="json", include={"loss", "train", "deepspeed", "teacher_source", task.objective_field})
-        | ({"on_policy": config.distill.on_policy.key_settings()} if config.distill.teacher_source == "on_policy" else {}),
+        | ({"on_policy": config.distill.on_policy.key_settings()} if config.distill.teacher_source == "on_policy" else {})
+        | ({"route": config.distill.route} if config.distill.route else {})
+        | ({"teacher_weights": config.distill.teacher_weights} if config.distill.teacher_weights else {}),
         # A config student's section as it was before `student.init` existed (its keys stay).
         "student": config.student.model_dump(mode="json", exclude={"init", "path", "from_teacher"} if config.student.init == "config" else None),
     }
@@ -42,11 +48,13 @@ def tune(config: JobConfig, prep: Manifest, targets: Manifest, store: Store, *, 
     start = student_start(config.student, prep, store, teacher)
     if start.weights_identity is not None:
         section["student_weights"] = start.weights_identity
-    run = StageRun(store, "tune", section, inputs={"prep": prep, **start.inputs(), targets.stage: targets}, force=force)
+    more_targets = more_targets or {}
+    inputs = {"prep": prep, **start.inputs(), targets.stage: targets, **{f"{targets.stage}:{name}": m for name, m in more_targets.items()}}
+    run = StageRun(store, "tune", section, inputs=inputs, force=force)
     if run.reused:
         return run.reused
     with run.timed("search"):
-        trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force, teacher=teacher)
+        trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force, teacher=teacher, more_targets=more_targets)
     metric, mode = metric_mode(config)
     best = best_trial(trials, metric, mode)
     if best is None:

@@ -54,6 +54,11 @@ class Task:
                 f"tune.metric: task {self.name} validates a student on {' or '.join(self.validation_modes)}, got {job.tune.metric!r}"
             )
 
+    def check_teachers(self, job: JobConfig) -> None:
+        """Checks of a job distilled from several teachers (`teachers`, `distill.route`,
+        `distill.teacher_weights`); a task that has one teacher refuses them."""
+        raise ValueError(f"teachers: task {self.name} distils from one teacher; remove teachers, distill.route and distill.teacher_weights")
+
     def check_source(self, source: str) -> None:
         """`data.source` must be one this task prepares."""
         if source not in self.data_sources:

@@ -109,6 +109,21 @@ class CausalLM(Task):
                 f"{reason}, got {loss.temperature}; set both" + ("" if cache.format == "sampled" else ", or topk_tail: false")
             )
 
+    def check_teachers(self, job) -> None:
+        """Several teachers share the data's tokenizer; each part of the loss is the one objective
+        (no learned feature projections, running balance or fused pass per teacher)."""
+        distill, loss = job.distill, job.distill.loss
+        if distill.route and job.data.source not in CHAT_SOURCES:
+            raise ValueError("distill.route: sends each conversation's tokens to a teacher by its tag, which chat data has (data.source chat, python-qa, exact-answers)")
+        for name, value in (("feature_weight", loss.feature_weight > 0), ("balance_terms", loss.balance_terms), ("fused", loss.fused)):
+            if value:
+                raise ValueError(f"distill.loss.{name}: not with several teachers (each teacher's KD term is the objective's own); turn it off")
+        if distill.teacher_weights and distill.teacher_source == "on_policy" and distill.on_policy.objective == "policy_gradient":
+            raise ValueError(
+                "distill.teacher_weights: the policy-gradient objective reads one teacher log-prob per sampled token; route the "
+                "tokens to one teacher each (distill.route), or use objective: divergence"
+            )
+
     def _check_student_start(self, job) -> int | None:
         """A student cut from a teacher kdflow trains is checked against `teacher.architecture`
         here (one from `teacher.path` before training, `kd_core.train.spec.student_start`). Returns

@@ -10,13 +10,13 @@ caches or validates, so that loading a job does not wait for torch).
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 from torch import nn
 
-from kd_core.losses import DistillationObjective, TeacherTargets, policy_gradient_reverse_kl, reported_kl, sampled_token_logprobs
+from kd_core.losses import DistillationObjective, TeacherMix, TeacherTargets, policy_gradient_reverse_kl, reported_kl, sampled_token_logprobs
 from kd_core.models import left_padded, sequence_inputs
 from kd_core.models.inference import CausalLMTeacher
 
@@ -44,6 +44,8 @@ class CausalLMStep(nn.Module):
         features = self.objective.features is not None
         input_ids = batch["input_ids"]
         inputs, counted = sequence_inputs(batch)
+        if isinstance(targets, TeacherMix):
+            return self.mixed(batch, inputs, input_ids, targets, counted)
         if counted is not None:
             targets = dataclasses.replace(targets or TeacherTargets(), mask=counted)
         if "sampler_logprobs" in batch:  # the student's own answers: never cross-entropy on them
@@ -64,6 +66,24 @@ class CausalLMStep(nn.Module):
             )
         output = self.model(**inputs, output_hidden_states=features)
         return self.objective(output.logits[..., : self.vocab_size], input_ids, targets, student_hidden_states=output.hidden_states if features else None)
+
+    def mixed(self, batch, inputs, input_ids, mix: TeacherMix, counted) -> dict[str, torch.Tensor]:
+        """Several teachers' targets (`TeacherMix`): the student's logits once, the objective once per
+        teacher on the positions it teaches, the terms summed with the parts' weights; each
+        teacher's KD (`kd_<name>`) and counted tokens (`tokens_<name>`) are logged too."""
+        if "sampler_logprobs" in batch and self.on_policy_objective == "policy_gradient":
+            return self.policy_gradient(batch, inputs, mix.dense(counted))
+        logits = self.model(**inputs).logits[..., : self.vocab_size]
+        terms: dict[str, torch.Tensor] = {}
+        with cross_entropy_off(self.objective) if "sampler_logprobs" in batch else nullcontext():
+            for name, weight, part in mix.split(counted):
+                part_terms = self.objective(logits, input_ids, part)
+                for term in ("loss", "ce", "kd"):
+                    value = weight * (part_terms[term] if term == "loss" else part_terms[term].detach())
+                    terms[term] = terms[term] + value if term in terms else value
+                terms[f"kd_{name}"] = part_terms["kd"].detach()
+                terms[f"tokens_{name}"] = part.mask.sum().float() if part.mask is not None else torch.tensor(float(input_ids.numel()))
+        return terms
 
     def policy_gradient(self, batch, inputs, targets: TeacherTargets) -> dict[str, torch.Tensor]:
         """The sampled-token reverse-KL advantage with a policy-gradient update, weighted by the

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from kd_core.cache import cache_shards
 from kd_core.cache.format import CacheLayout
 from kd_core.config import TrainConfig
 from kd_core.data.shards import read_columns
@@ -87,9 +88,10 @@ def training_stream(
         shuffle_buffer=spec.train.shuffle_buffer,
         prefetch_shards=spec.train.prefetch_shards,
         split=spec.train.data_split,
-        columns=spec.task.columns(spec.role, spec.prep_details),
+        columns=(*spec.task.columns(spec.role, spec.prep_details), *(("tag_ids",) if spec.route else ())),
         batch_size=batch_size,
         resume=resume,
+        more_caches={name: (cache_shards(cache), CacheLayout.from_dict(cache.details["layout"])) for name, cache in spec.more_caches.items()},
     )
 
 
@@ -171,7 +173,7 @@ def make_optimizer(module: torch.nn.Module, train: TrainConfig):
 
 def train_worker(
     spec: TrainSpec, rank: int = 0, world_size: int = 1, progress=None, wrap_model=None, checkpoints: CheckpointSink | None = None,
-    on_validation=None, teacher_actors: list | None = None,
+    on_validation=None, teacher_actors: dict[str, list] | None = None,
 ) -> dict:
     """Train one model; rank 0 saves it and returns the final metrics with the written files.
 
@@ -180,8 +182,8 @@ def train_worker(
     Checkpoints go to `checkpoints` (Ray Train passes its own), by default straight to the store
     under `spec.checkpoint_folder`; training resumes from the latest one found there.
     `on_validation(metrics)` is called on every rank at each validation (`spec.validate_every`).
-    `teacher_actors`: the driver's pool of teacher actors for an on-policy run that asks for one
-    (`kd_core.train.rollouts.teacher_pool`).
+    `teacher_actors`: the driver's pools of teacher actors (one per teacher) for an on-policy run
+    that asks for them (`kd_core.train.rollouts.teacher_pool`).
     """
     # --- setup
     store = Store(spec.storage)

@@ -207,7 +207,7 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
     ensure_ray(compute)
     _check_room_for_actors(spec, compute)
     reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
-    with teacher_pool(spec.storage, spec.online_teacher, spec.task, spec.on_policy) as teacher_actors:
+    with teacher_pool(spec.storage, spec.online_teachers(), spec.task, spec.on_policy) as teacher_actors:
         # The run lives in the stage's checkpoint folder: a rerun of the same step finds Ray Train's
         # record of it there and resumes from its latest checkpoint.
         trainer = torch_trainer(
@@ -244,7 +244,7 @@ def _check_room_for_actors(spec: TrainSpec, compute: ComputeConfig) -> None:
     settings = spec.on_policy
     if settings is None or compute.ray_address:
         return
-    actors = settings.teacher_actors + compute.num_workers * settings.generation_actors
+    actors = settings.teacher_actors * len(spec.online_teachers()) + compute.num_workers * settings.generation_actors
     if not actors:
         return
     total = ray.cluster_resources()

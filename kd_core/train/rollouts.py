@@ -21,8 +21,9 @@ the weights and the seed alone. They do not depend on where they are written or 
 Scoring (`Scoring`):
 - `LocalScoring` (`teacher_actors: 0`): the teacher loaded beside the student.
 - `ActorScoring` (`teacher_actors: N`): a pool of `TeacherScorer` actors made by the driver
-  (`teacher_pool`), shared by every worker of a run and every trial of a search. The teacher then
-  never shares the student's memory, and may sit on other nodes or GPUs.
+  (`teacher_pool`: one pool per teacher, with several), shared by every worker of a run and every
+  trial of a search. The teacher then never shares the student's memory, and may sit on other
+  nodes or GPUs.
 """
 
 from __future__ import annotations
@@ -264,18 +265,20 @@ class ActorScoring:
 
 
 @contextlib.contextmanager
-def teacher_pool(storage: StorageConfig, teacher: Manifest | None, task, settings: OnPolicyConfig | None) -> Iterator[list | None]:
-    """The teacher actors of an on-policy run (`settings`) with `teacher_actors` (None for any
-    other run), killed when the run is over. A search makes one for all its trials."""
-    if settings is None or not settings.teacher_actors or teacher is None:
+def teacher_pool(storage: StorageConfig, teachers: dict[str, Manifest], task, settings: OnPolicyConfig | None) -> Iterator[dict[str, list] | None]:
+    """The teacher actors of an on-policy run (`settings`) with `teacher_actors`: name -> that
+    many actors for each of its online `teachers` (None for any other run), killed when the run
+    is over. A search makes them once for all its trials."""
+    if settings is None or not settings.teacher_actors or not teachers:
         yield None
         return
     import ray
 
     scorer = ray.remote(num_cpus=settings.actor_cpus, num_gpus=settings.actor_gpus)(TeacherScorer)
-    actors = [scorer.remote(storage, teacher, task, settings) for _ in range(settings.teacher_actors)]
+    pools = {name: [scorer.remote(storage, manifest, task, settings) for _ in range(settings.teacher_actors)] for name, manifest in teachers.items()}
     try:
-        yield actors
+        yield pools
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        for actors in pools.values():
+            for actor in actors:
+                ray.kill(actor)

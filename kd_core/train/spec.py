@@ -140,6 +140,26 @@ class TrainSpec:
     validation_rows: int = 64
     student_start: StudentStart = StudentStart()
     """Where the student's weights start (`student.init`); a teacher always starts from config."""
+    more_teachers: dict[str, Manifest] = field(default_factory=dict)
+    """Several teachers (`teachers:`), online: each named teacher's step manifest besides
+    `online_teacher` (named `teacher`)."""
+    more_caches: dict[str, Manifest] = field(default_factory=dict)
+    """Several teachers, from their caches: each named teacher's cache manifest besides `cache_shards`
+    (the `teacher`'s); the stream decodes each shard's targets under `<name>:` keys."""
+    route: dict[str, str] = field(default_factory=dict)
+    """`distill.route`: a conversation's tag -> the teacher that teaches its tokens."""
+    teacher_weights: dict[str, float] = field(default_factory=dict)
+    """`distill.teacher_weights`: teacher -> its weight on every token."""
+
+    @property
+    def several_teachers(self) -> bool:
+        return bool(self.route or self.teacher_weights)
+
+    def online_teachers(self) -> dict[str, Manifest]:
+        """Name -> step manifest of every teacher run online (`teacher` first), if any."""
+        if self.online_teacher is None:
+            return {}
+        return {"teacher": self.online_teacher, **self.more_teachers}
 
     @property
     def vocab_size(self) -> int:
@@ -166,7 +186,8 @@ class TrainSpec:
         deepspeed: DeepSpeedConfig | None = None, checkpoint_every: int | None = None, keep_checkpoints: int = 2,
         cache: Manifest | None = None, online_teacher: Manifest | None = None, tracking: TrainingRun | None = None,
         validate_every: int | None = None, validation_rows: int = 64, student_start: StudentStart = StudentStart(),
-        on_policy: OnPolicyConfig | None = None,
+        on_policy: OnPolicyConfig | None = None, more_teachers: dict[str, Manifest] | None = None, route: dict[str, str] | None = None,
+        teacher_weights: dict[str, float] | None = None,
     ) -> TrainSpec:
         """A spec that trains on the prep stage's training split and writes into `output_folder`.
         `cache` (the cache stage's manifest) or `online_teacher` (the teacher step's) gives the
@@ -181,6 +202,9 @@ class TrainSpec:
             validation_shards=split_shards(prep, "val") if validating else [],
             validation_cache_shards=cache_shards(cache, "val") if cache and validating and task.validation_reads_cache() else [],
             validate_every=validate_every, validation_rows=validation_rows, student_start=student_start, on_policy=on_policy,
+            more_teachers=dict(more_teachers or {}) if online_teacher is not None else {},
+            more_caches=dict(more_teachers or {}) if cache is not None else {},
+            route=dict(route or {}), teacher_weights={name: weight for name, weight in (teacher_weights or {}).items() if weight > 0},
         )
 
 
@@ -188,12 +212,13 @@ def student_spec(
     task: Task, distill: DistillConfig, student: StudentConfig, prep: Manifest, store: Store, output_folder: str, *,
     targets: Manifest | None, train: TrainConfig | None = None, checkpoint_every: int | None = None,
     tracking: TrainingRun | None = None, validate_every: int | None = None, validation_rows: int = 64,
-    start: StudentStart = StudentStart(),
+    start: StudentStart = StudentStart(), more_targets: dict[str, Manifest] | None = None,
 ) -> TrainSpec:
     """The spec of a student of the job's task: the distilled student learning from `targets`
     (the cache stage's manifest, or the teacher step's for an online teacher), or with `targets`
     None the no-teacher baseline (the task's loss on the data alone), its weights starting at
-    `start` (`student_start`). `train` overrides `distill.train` (a search trial's step count)."""
+    `start` (`student_start`). `more_targets`: the other named teachers' (`teachers:`) cache or
+    teacher manifests, as `targets` is. `train` overrides `distill.train` (a search trial's step count)."""
     with_teacher = targets is not None
     return TrainSpec.from_prep(
         prep, store, output_folder, student.architecture, train or distill.train,
@@ -204,4 +229,6 @@ def student_spec(
         online_teacher=targets if with_teacher and targets.stage == "teacher" else None,
         validate_every=validate_every, validation_rows=validation_rows, student_start=start,
         on_policy=distill.on_policy if with_teacher and distill.teacher_source == "on_policy" else None,
+        more_teachers=more_targets if with_teacher else None, route=distill.route if with_teacher else None,
+        teacher_weights=distill.teacher_weights if with_teacher else None,
     )

@@ -36,7 +36,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kd_core.losses import TeacherTargets
+from kd_core.losses import TeacherMix, TeacherTargets
 from kd_core.models.teacher import teacher_model_dir
 from kd_core.storage import Store
 from kd_core.train.rollouts import ActorGeneration, ActorScoring, Answers, GenerationStats, LocalGeneration, LocalScoring, answer_seed
@@ -109,20 +109,58 @@ class NoTargets(BatchSource):
 
 
 class CachedTargets(BatchSource):
-    """The cache's targets, decoded into the batch by the training stream."""
+    """The cache's targets, decoded into the batch by the training stream (several teachers':
+    the `teacher`'s under the plain keys, each other's under `<name>:` keys)."""
 
-    def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], TeacherTargets]:
-        return batch, TeacherTargets.from_batch(batch)
+    def __init__(self, spec: TrainSpec):
+        self.spec = spec
+
+    def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], TeacherTargets | TeacherMix]:
+        targets = TeacherTargets.from_batch(batch)  # `<name>:` keys are not its own
+        if not self.spec.several_teachers:
+            return batch, targets
+        parts = {"teacher": targets}
+        for name in self.spec.more_caches:
+            prefix = f"{name}:"
+            parts[name] = TeacherTargets.from_batch({key[len(prefix) :]: value for key, value in batch.items() if key.startswith(prefix)})
+        return batch, teacher_mix(self.spec, batch, parts)
 
 
 class OnlineTargets(BatchSource):
-    """The teacher run on every batch, as the job's task runs it."""
+    """The teacher (or teachers) run on every batch, as the job's task runs it."""
 
-    def __init__(self, teacher, spec: TrainSpec):
-        self.teacher, self.spec = teacher, spec
+    def __init__(self, scoring, teacher=None):
+        self.scoring, self.teacher = scoring, teacher
 
     def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], TeacherTargets]:
-        return batch, self.spec.task.online_targets(self.teacher, batch, self.spec)
+        return batch, self.scoring.score([batch])[0]
+
+
+def routed_positions(spec: TrainSpec, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Teacher name -> the batch positions it teaches (`distill.route`): each token goes to the
+    teacher its conversation's tag (the `tag_ids` column; `prep_details["tags"]` names them) is
+    routed to, and every other token to `teacher`."""
+    tags = spec.prep_details.get("tags")
+    if tags is None or "tag_ids" not in batch:
+        raise ValueError(
+            f"{spec.output_folder}: distill.route reads each conversation's tag, which this prepared data does not record "
+            "(prepared by an older kdflow); rerun prep (--force prep)"
+        )
+    tag_ids, positions = batch["tag_ids"], {}
+    for name in {name for name in spec.route.values() if name != "teacher"}:
+        routed = [index for index, tag in enumerate(tags) if spec.route.get(tag) == name]
+        positions[name] = torch.isin(tag_ids, torch.tensor(routed, dtype=tag_ids.dtype, device=tag_ids.device))
+    elsewhere = torch.zeros_like(tag_ids, dtype=torch.bool)
+    for mask in positions.values():
+        elsewhere |= mask
+    return {"teacher": ~elsewhere, **positions}
+
+
+def teacher_mix(spec: TrainSpec, batch: dict[str, torch.Tensor], parts: dict[str, TeacherTargets]) -> TeacherMix:
+    """Several teachers' targets of `batch`, routed (`distill.route`) or weighted (`distill.teacher_weights`)."""
+    if spec.route:
+        return TeacherMix(parts, routed_positions(spec, batch))
+    return TeacherMix({name: parts[name] for name in spec.teacher_weights}, {name: None for name in spec.teacher_weights}, spec.teacher_weights)
 
 
 class OnPolicyTargets:
@@ -216,29 +254,59 @@ class OnPolicyTargets:
         self.generation.close()
 
 
-def target_source(spec: TrainSpec, store: Store, runner, device: torch.device, rank: int = 0, teacher_actors: list | None = None) -> TargetSource:
-    """The source of `spec`'s run: the online teacher (loaded here, on this worker, or the driver's
-    `teacher_actors` for an on-policy run with `teacher_actors`), the cache, or none."""
-    if spec.on_policy is not None:
-        return on_policy_source(spec, store, runner, device, rank, teacher_actors)
+def target_source(
+    spec: TrainSpec, store: Store, runner, device: torch.device, rank: int = 0, teacher_actors: dict[str, list] | None = None,
+) -> TargetSource:
+    """The source of `spec`'s run: the online teachers (loaded here, on this worker, or the
+    driver's `teacher_actors` for an on-policy run with `teacher_actors`), the cache, or none."""
     if spec.online_teacher is not None:
-        return OnlineTargets(spec.task.load_online_teacher(teacher_model_dir(store, spec.online_teacher), runner, device), spec)
+        scoring, teacher = online_scoring(spec, store, runner, device, rank, teacher_actors)
+        if spec.on_policy is None:
+            return OnlineTargets(scoring, teacher)
+        settings = spec.on_policy
+        generation = ActorGeneration(spec) if settings.generation_actors else LocalGeneration(spec, spec.task.on_policy_sampling(spec, store))
+        return OnPolicyTargets(spec, generation, scoring, rank, device, teacher)
     if spec.cache_shards:
-        return CachedTargets()
+        return CachedTargets(spec)
     return NoTargets()
 
 
-def on_policy_source(spec: TrainSpec, store: Store, runner, device, rank: int, teacher_actors: list | None) -> OnPolicyTargets:
-    settings = spec.on_policy
-    if settings.teacher_actors:
-        if not teacher_actors:
-            raise ValueError(
-                f"{spec.output_folder}: distill.on_policy.teacher_actors is {settings.teacher_actors} but this worker was given no "
-                "teacher actors (they are made by the Ray driver: compute.backend ray)"
-            )
-        teacher, scoring = None, ActorScoring(teacher_actors, spec, rank)
-    else:
-        teacher = spec.task.load_online_teacher(teacher_model_dir(store, spec.online_teacher), runner, device)
-        scoring = LocalScoring(teacher, spec)
-    generation = ActorGeneration(spec) if settings.generation_actors else LocalGeneration(spec, spec.task.on_policy_sampling(spec, store))
-    return OnPolicyTargets(spec, generation, scoring, rank, device, teacher)
+def online_scoring(spec: TrainSpec, store: Store, runner, device, rank: int, teacher_actors: dict[str, list] | None):
+    """(how batches are scored, the `teacher` model in this process or None): each online teacher
+    loaded here, or scored by its actors (`distill.on_policy.teacher_actors`); several teachers'
+    scores become one `TeacherMix` per batch."""
+    by_actors = spec.on_policy is not None and spec.on_policy.teacher_actors
+    if by_actors and not teacher_actors:
+        raise ValueError(
+            f"{spec.output_folder}: distill.on_policy.teacher_actors is {spec.on_policy.teacher_actors} but this worker was given no "
+            "teacher actors (they are made by the Ray driver: compute.backend ray)"
+        )
+    scorings, teacher = {}, None
+    for name, manifest in spec.online_teachers().items():
+        if by_actors:
+            scorings[name] = ActorScoring(teacher_actors[name], spec, rank)
+            continue
+        model = spec.task.load_online_teacher(teacher_model_dir(store, manifest), runner, device)
+        teacher = model if name == "teacher" else teacher
+        scorings[name] = LocalScoring(model, spec)
+    if spec.several_teachers:
+        return SeveralTeachers(scorings, spec), teacher
+    return scorings["teacher"], teacher
+
+
+class SeveralTeachers:
+    """Scores each batch with the teachers that teach some of its tokens (`teacher_mix`)."""
+
+    def __init__(self, scorings: dict, spec: TrainSpec):
+        self.scorings, self.spec = scorings, spec
+
+    def score(self, batches: list[dict[str, torch.Tensor]]) -> list[TeacherMix]:
+        mixes = []
+        for batch in batches:
+            positions = routed_positions(self.spec, batch) if self.spec.route else None
+            needed = [name for name in self.scorings if positions is None or positions[name].any()] or ["teacher"]
+            parts = {name: self.scorings[name].score([batch])[0] for name in needed}
+            for name in self.scorings:  # a teacher with no token here: any scored part stands in, taught nowhere
+                parts.setdefault(name, parts[needed[0]])
+            mixes.append(teacher_mix(self.spec, batch, parts))
+        return mixes

@@ -32,6 +32,7 @@ small machine. Ray needs a non-empty request, hence a token amount of memory."""
 
 def run_search(
     config: JobConfig, prep: Manifest, targets: Manifest, store: Store, folder: str, *, fresh: bool, teacher: Manifest | None = None,
+    more_targets: dict[str, Manifest] | None = None,
 ) -> tuple[list[dict], str | None]:
     """Run the search into `<folder>/search` (restoring it when a previous run left one, after
     checking that this step wrote its state: `kd_core.tune.state`) and return every trial's
@@ -61,9 +62,13 @@ def run_search(
     student = config.student.model_copy(update={"path": absolute_url(config.student.path)}) if config.student.path else config.student
     job = config.model_copy(update={"storage": store.config, "student": student})
     on_policy = config.distill.on_policy if config.distill.teacher_source == "on_policy" else None
-    with teacher_pool(store.config, targets if targets.stage == "teacher" else None, task_of(prep), on_policy) as teacher_actors:
+    online = {"teacher": targets, **(more_targets or {})} if targets.stage == "teacher" else {}
+    with teacher_pool(store.config, online, task_of(prep), on_policy) as teacher_actors:
         trainable = ray_tune.with_resources(
-            ray_tune.with_parameters(run_trial, job=job, prep=prep, targets=targets, folder=folder, teacher=teacher, teacher_actors=teacher_actors),
+            ray_tune.with_parameters(
+                run_trial, job=job, prep=prep, targets=targets, folder=folder, teacher=teacher, teacher_actors=teacher_actors,
+                more_targets=more_targets,
+            ),
             TRIAL_DRIVER_RESOURCES,
         )
         results = _fit_search(config, trainable, store, folder, parent_run_id, steps, metric, mode)
@@ -115,7 +120,7 @@ def asha_scheduler(settings: TuneConfig, steps: int):
 
 def run_trial(
     params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str, teacher: Manifest | None = None,
-    teacher_actors: list | None = None,
+    teacher_actors: dict[str, list] | None = None, more_targets: dict[str, Manifest] | None = None,
 ) -> None:
     """One trial: a short Ray Train distillation with the trial's values, reporting its validation
     metrics. Its student starts where the trial's `student` section says (`student_start`: a
@@ -135,7 +140,7 @@ def run_trial(
     spec = student_spec(
         task_of(prep), distill, trial_job.student, prep, store, f"{folder}/trials/{trial_id}", targets=targets, train=train,
         validate_every=settings.eval_every, validation_rows=settings.val_rows,
-        start=student_start(trial_job.student, prep, store, teacher),
+        start=student_start(trial_job.student, prep, store, teacher), more_targets=more_targets,
     )
     torch_trainer(
         spec, workers=settings.workers_per_trial or job.compute.num_workers,
