@@ -575,6 +575,12 @@ class OnPolicyConfig(Section):
     """Nucleus sampling: the smallest set of tokens with this much probability (1: all)."""
     samples_per_prompt: int = Field(default=1, gt=0)
     """Answers the student writes to each prompt (each its own row)."""
+    writer: Literal["student", "teacher"] = "student"
+    """Who answers the prompts. `student`: on-policy distillation. `teacher`: the teacher samples
+    the answers and the student learns them as data: cross-entropy and the objective on them
+    (supervised KD on teacher outputs; with `distill.loss.kd_weight: 0`, sequence-level KD, "SFT
+    on teacher outputs"). The baseline arm of an on-policy comparison; needs the teacher in the
+    training process (no generation or teacher actors)."""
     teacher_top_k: int | None = Field(default=None, gt=0)
     """Score with the teacher's k most likely tokens (and one bucket for the rest) at each
     position instead of its full vocabulary: what teacher actors send back shrinks from V to k + 1
@@ -612,6 +618,8 @@ class OnPolicyConfig(Section):
     def _actor_settings_need_actors(self) -> OnPolicyConfig:
         if self.async_generation and not self.generation_actors:
             raise ValueError("async: the answers are written one step ahead by generation actors; set generation_actors >= 1")
+        if self.writer == "teacher" and (self.generation_actors or self.teacher_actors):
+            raise ValueError("writer: the teacher writes the answers in the training process; set generation_actors: 0 and teacher_actors: 0")
         if self.sync_every > 1 and not self.generation_actors:
             raise ValueError("sync_every: refreshes the generation actors' copy of the student; without generation_actors the student answers itself, always current")
         return self

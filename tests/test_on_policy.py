@@ -61,7 +61,9 @@ def test_the_students_answers_follow_their_prompts_and_record_the_sampling_distr
     student = AutoModelForCausalLM.from_pretrained(folder / "teacher").train()
     batch = chat_batch(folder)
     settings = OnPolicyConfig(max_new_tokens=5, temperature=temperature, samples_per_prompt=2)
-    rows = sample_answers(student, batch, settings, stop_ids=[7], pad_id=0, seq_len=24)
+    real = student.get_output_embeddings().weight.shape[0] - 13  # the rows past the tokenizer's are padding
+    rows = sample_answers(student, batch, settings, stop_ids=[7], pad_id=0, seq_len=24, vocab_size=real)
+    assert int(rows["input_ids"].max()) < real  # a padding row is never sampled
     assert student.training  # back in train mode
     assert rows["input_ids"].shape == (4, 24) and set(rows) == {"input_ids", "position_ids", "loss_mask", "sampler_logprobs"}
     prompts = [batch["input_ids"][0, :6], batch["input_ids"][1, :9]]  # each row's first conversation, up to its answer
@@ -76,7 +78,7 @@ def test_the_students_answers_follow_their_prompts_and_record_the_sampling_distr
         with torch.no_grad():
             logits = student(input_ids=rows["input_ids"][row : row + 1, :length]).logits[0].float()
         tokens = rows["input_ids"][row, len(prompt) : length]
-        expected = torch.log_softmax(logits[len(prompt) - 1 : length - 1] / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        expected = torch.log_softmax(logits[len(prompt) - 1 : length - 1, :real] / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
         torch.testing.assert_close(rows["sampler_logprobs"][row, len(prompt) : length], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -144,6 +146,17 @@ def test_an_on_policy_job_distills_and_its_settings_are_in_its_key(tmp_path, fol
     assert other["distill"].key != steps["distill"].key
 
 
+def test_answers_the_teacher_writes_are_learned_as_data(tmp_path, folder):
+    """`writer: teacher` (supervised KD on teacher outputs): cross-entropy counts on its answers."""
+    from kd_core.pipeline import run_pipeline
+
+    steps = run_pipeline(job(tmp_path, folder, "distill.train.max_steps=2", "distill.on_policy.max_new_tokens=4", "distill.on_policy.writer=teacher"),
+                         until="distill")
+    metrics = steps["distill"].metrics
+    assert metrics["loss"] == pytest.approx(0.5 * metrics["ce"] + 0.5 * metrics["kd"]) and metrics["ce"] > 0
+    assert "staleness" in metrics and metrics["trained_tokens"] > 0
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -157,6 +170,7 @@ def test_an_on_policy_job_distills_and_its_settings_are_in_its_key(tmp_path, fol
         (("distill.on_policy.teacher_actors=2",), "distill.on_policy.teacher_actors: actors run on Ray, and compute.backend is local"),
         (("distill.on_policy.async=true",), "async: the answers are written one step ahead by generation actors"),
         (("distill.on_policy.sync_every=2",), "sync_every: refreshes the generation actors' copy of the student"),
+        (("compute.backend=ray", "distill.on_policy.writer=teacher", "distill.on_policy.teacher_actors=1"), "writer: the teacher writes the answers in the training process"),
     ],
 )
 def test_settings_on_policy_cannot_run_are_config_errors(tmp_path, folder, overrides, message):

@@ -321,7 +321,7 @@ class CausalLM(Task):
         """`sample_answers`: the student's answers to the prompt of each row's first conversation."""
         from kd_core.tasks.causal_lm_step import sample_answers
 
-        return sample_answers(student, batch, spec.on_policy, sampling, spec.special_token_ids["pad"], spec.seq_len)
+        return sample_answers(student, batch, spec.on_policy, sampling, spec.special_token_ids["pad"], spec.seq_len, spec.vocab_size)
 
     # ---------------------------------------------------------------------------------- eval
     def eval_settings(self, config, prep_details) -> dict:

@@ -139,14 +139,32 @@ def next_token_loss(model, rows: dict[str, torch.Tensor], batch_size: int, devic
 
 
 @torch.no_grad()
-def sample_answers(student, batch: dict[str, torch.Tensor], settings, stop_ids: list[int], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:
+class RealTokensOnly:
+    """A generation logits processor: a model whose output layer is padded past the data's
+    vocabulary (a pretrained Qwen2) never samples a padding row."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[-1] > self.vocab_size:
+            scores[:, self.vocab_size :] = -float("inf")
+        return scores
+
+
+def sample_answers(
+    student, batch: dict[str, torch.Tensor], settings, stop_ids: list[int], pad_id: int, seq_len: int, vocab_size: int | None = None,
+) -> dict[str, torch.Tensor]:
     """The student's own answers to a batch of chat rows: the prompt of each row's first
     conversation (`kd_core.data.chat.conversation_prompts`), answered `settings.samples_per_prompt`
     times by sampling (`temperature`, `top_p`, at most `max_new_tokens`, ending at a stop token,
     which is kept), as chat rows of `seq_len`: `input_ids` (prompt, answer, padding),
     `position_ids`, `loss_mask` over the answer, and `sampler_logprobs`, the sampling
     distribution's log-prob of each answer token at the token's own index (0 elsewhere): what
-    the policy-gradient objective's importance ratio divides by."""
+    the policy-gradient objective's importance ratio divides by. With `vocab_size`, only the
+    data's tokens are sampled (`RealTokensOnly`)."""
+    from transformers import LogitsProcessorList
+
     from kd_core.data.chat import conversation_prompts
 
     device = batch["input_ids"].device
@@ -163,6 +181,7 @@ def sample_answers(student, batch: dict[str, torch.Tensor], settings, stop_ids: 
             repetition_penalty=1.0,  # exactly the configured distribution, whatever generation_config.json says
             max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples_per_prompt, eos_token_id=stop_ids,
             pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([RealTokensOnly(vocab_size)] if vocab_size else []),
         )
     finally:
         student.train(was_training)

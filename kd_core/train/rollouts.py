@@ -107,19 +107,24 @@ class GenerationStats:
 def _written(task, model, batch, spec, sampling, seed: int, version: int) -> Answers:
     started = time.perf_counter()
     rows = answered(task, model, batch, spec, sampling, seed)
-    tokens = int(rows["loss_mask"].sum()) if "sampler_logprobs" in rows else 0
+    tokens = int(rows["loss_mask"].sum()) if rows is not batch else 0  # a batch without a prompt to answer is left as it is
     return Answers(rows, version, time.perf_counter() - started, tokens)
 
 
 class LocalGeneration:
-    """The trained student answers itself (always the current weights)."""
+    """The trained student answers itself (always the current weights); or, given a `writer` (the
+    teacher: `distill.on_policy.writer`), that model answers, and its answers are data to learn
+    (no sampling log-probs: the step treats them as the dataset's own rows)."""
 
-    def __init__(self, spec, sampling):
-        self.spec, self.sampling = spec, sampling
+    def __init__(self, spec, sampling, writer=None):
+        self.spec, self.sampling, self.writer = spec, sampling, writer
 
     def submit(self, batch, seed: int, student, version: int) -> Answers:
         """`version`: the optimizer steps `student` has taken."""
-        return _written(self.spec.task, student, batch, self.spec, self.sampling, seed, version)
+        answers = _written(self.spec.task, self.writer or student, batch, self.spec, self.sampling, seed, version)
+        if self.writer is not None:
+            answers.batch = {name: values for name, values in answers.batch.items() if name != "sampler_logprobs"}
+        return answers
 
     def result(self, pending: Answers, device) -> Answers:
         return pending

@@ -177,6 +177,7 @@ class OnPolicyTargets:
         self.ahead: tuple[int, bool, list] | None = None
         """(step, on-policy, its submitted micro-batches): the next step's, written while this one trains."""
         self.stats = GenerationStats()
+        self.trained_tokens = 0
 
     def on_policy(self, step: int) -> bool:
         return random.Random(f"{self.spec.train.seed}:{step}").random() < self.spec.on_policy.mixing
@@ -204,10 +205,13 @@ class OnPolicyTargets:
             answers = [self.generation.result(item, self.device) for item in items]
             self.stats.record(answers, step, time.perf_counter() - waited)
             batches = [a.batch for a in answers]
+        self.trained_tokens += sum(int(batch["loss_mask"].sum()) for batch in batches if "loss_mask" in batch)
         return list(zip(batches, self.scoring.score(batches)))
 
     def log_terms(self) -> dict[str, float]:
-        return self.stats.terms()
+        """The generation's (`GenerationStats.terms`) and `trained_tokens`: the tokens this worker's
+        student has learned on so far (answers or the dataset's), for comparing runs at equal tokens."""
+        return self.stats.terms() | {"trained_tokens": float(self.trained_tokens)}
 
     def state(self, step: int) -> tuple[dict[str, torch.Tensor], dict] | None:
         """The answers already written for the next step (`async`), and the generation actors'
@@ -264,7 +268,15 @@ def target_source(
         if spec.on_policy is None:
             return OnlineTargets(scoring, teacher)
         settings = spec.on_policy
-        generation = ActorGeneration(spec) if settings.generation_actors else LocalGeneration(spec, spec.task.on_policy_sampling(spec, store))
+        if settings.generation_actors:
+            generation = ActorGeneration(spec)
+        else:
+            writer = None
+            if settings.writer == "teacher":
+                from kd_core.train.deepspeed_engine import TeacherEngine
+
+                writer = teacher.model if isinstance(teacher, TeacherEngine) else teacher  # a DeepSpeed engine's module writes
+            generation = LocalGeneration(spec, spec.task.on_policy_sampling(spec, store), writer)
         return OnPolicyTargets(spec, generation, scoring, rank, device, teacher)
     if spec.cache_shards:
         return CachedTargets(spec)
