@@ -175,7 +175,7 @@ class ExactAnswersConfig(Section):
     """Task families to generate: `add` ("347+58" -> "405"), `subtract` ("347-58" -> "289", never
     negative), `sort` ("sort 3 1 2" -> "1 2 3"), `reverse` ("reverse abc" -> "cba"), `drop_vowels`
     ("drop vowels abcde" -> "bcd")."""
-    pairs_per_task: int = Field(default=2000, ge=10, le=1_000_000)
+    pairs_per_task: int = Field(default=6000, ge=10, le=1_000_000)
     """Problems of `train_lengths` per task family, spread evenly over the lengths; a length with
     fewer distinct problems (1-digit sums) gives what it has."""
     train_lengths: tuple[int, int] = (1, 3)
