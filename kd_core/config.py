@@ -143,6 +143,14 @@ class ChatConfig(Section):
     overlong: Literal["truncate", "drop"] = "truncate"
     """A conversation longer than `data.seq_len` tokens: `truncate` keeps its first `seq_len`
     tokens, `drop` leaves it out. Either is counted in the prep manifest."""
+    split_field: str | None = None
+    """Field of each record naming its split, one of `train`, `val`, `test`: prep puts the record's
+    conversation there instead of splitting at random (`data.val_fraction` and `test_fraction`
+    then split nothing), e.g. to keep a fixed test set, or harder problems out of training. With
+    it set, a record without the field (or with null) or with another value is an error naming
+    `file:line`, and every split must get a conversation. None: a seeded random split. The
+    `exact-answers` source's records carry theirs in `split`, which prep reads for it (leave this
+    unset there)."""
 
     @model_validator(mode="after")
     def _assistant_is_a_role(self) -> ChatConfig:
@@ -151,19 +159,69 @@ class ChatConfig(Section):
         return self
 
 
-CHAT_SOURCES = ("chat", "python-qa")
+EXACT_ANSWER_TASKS = ("add", "subtract", "sort", "reverse", "drop_vowels")
+"""The task families of the `exact-answers` source (`kd_core/data/exact_answers.py`)."""
+
+
+class ExactAnswersConfig(Section):
+    """The bundled instruction pairs with exact answers (`data.source: exact-answers`,
+    `kd_core/data/exact_answers.py`), generated from `data.seed`. A problem's length is the
+    number of digits of the first operand (`add`, `subtract`), of digits in the list (`sort`) or
+    of letters in the word (`reverse`, `drop_vowels`). Problems of `train_lengths` are split into
+    train / val / test by `data.val_fraction` and `test_fraction`; those of `held_out_lengths` go
+    to test alone, so the test split measures how answers hold up past the lengths trained on."""
+
+    tasks: list[Literal["add", "subtract", "sort", "reverse", "drop_vowels"]] = list(EXACT_ANSWER_TASKS)
+    """Task families to generate: `add` ("347+58" -> "405"), `subtract` ("347-58" -> "289", never
+    negative), `sort` ("sort 3 1 2" -> "1 2 3"), `reverse` ("reverse abc" -> "cba"), `drop_vowels`
+    ("drop vowels abcde" -> "bcd")."""
+    pairs_per_task: int = Field(default=6000, ge=10, le=1_000_000)
+    """Problems of `train_lengths` per task family, spread evenly over the lengths; a length with
+    fewer distinct problems (1-digit sums) gives what it has."""
+    train_lengths: tuple[int, int] = (1, 3)
+    """Shortest and longest length (inclusive) of the problems in train, val and test."""
+    held_out_lengths: list[int] = [4, 5]
+    """Longer lengths, each past `train_lengths`, whose problems are in the test split alone."""
+    held_out_pairs: int = Field(default=50, ge=1, le=100_000)
+    """Problems per task family and held-out length."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_once_each(cls, tasks: list[str]) -> list[str]:
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"list each task family once, at least one of {list(EXACT_ANSWER_TASKS)}; got {tasks}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _lengths_in_order(self) -> ExactAnswersConfig:
+        shortest, longest = self.train_lengths
+        if not 1 <= shortest <= longest <= 20:
+            raise ValueError(f"train_lengths: must be [shortest, longest] with 1 <= shortest <= longest <= 20, got {list(self.train_lengths)}")
+        if any(length <= longest or length > 30 for length in self.held_out_lengths) or len(set(self.held_out_lengths)) != len(self.held_out_lengths):
+            raise ValueError(
+                f"held_out_lengths: each must be longer than train_lengths' longest ({longest}), at most 30, and listed once; "
+                f"got {self.held_out_lengths}"
+            )
+        return self
+
+
+CHAT_SOURCES = ("chat", "python-qa", "exact-answers")
 """The `data.source` values that are conversations (`kd_core/data/chat.py`: chat rows with a loss
 mask over the assistant's tokens), not plain text or preference pairs."""
 
 
 class DataConfig(Section):
-    source: Literal["python-docs", "files", "chat", "python-qa", "preferences", "digit-preferences"] = "python-docs"
+    source: Literal["python-docs", "files", "chat", "python-qa", "exact-answers", "preferences", "digit-preferences"] = "python-docs"
     """`python-docs`: the language reference and standard-library docstrings bundled with Python
     (offline on every machine). `files`: the text, JSONL or Parquet files matched by `files`.
     `chat`: chat or instruction records (`chat`) in JSONL or Parquet files, or Hugging Face
     `datasets` folders (saved with `save_to_disk`), matched by `files`. `python-qa`: instruction
     pairs about the standard library answered by its own docstrings ("What does `zip` do?"),
-    bundled with Python (`kd_core/data/python_qa.py`), read like `chat`.
+    bundled with Python (`kd_core/data/python_qa.py`), read like `chat`. `exact-answers`:
+    generated problems with one right answer (sums, differences, sorting, string transforms;
+    `exact_answers`), written to the store and read like `chat`, split by their `split` field,
+    with a test split of longer problems than training sees; without `tokenizer` they are read
+    with a character-level tokenizer written beside them.
     `preferences` (`task: reward`): JSONL preference records with images (`preferences`), matched
     by `files`. `digit-preferences` (`task: reward`): preference pairs about the handwritten digit
     images bundled with scikit-learn, written to the store and read like `preferences`."""
@@ -172,7 +230,9 @@ class DataConfig(Section):
     (`.jsonl.gz`) (sources `files`, `chat`, `preferences`). A file matched twice is read once; an
     `s3://` URL uses the `storage.s3` settings."""
     chat: ChatConfig = ChatConfig()
-    """Chat and instruction records (sources `chat` and `python-qa`)."""
+    """Chat and instruction records (sources `chat`, `python-qa` and `exact-answers`)."""
+    exact_answers: ExactAnswersConfig = ExactAnswersConfig()
+    """The generated problems of the `exact-answers` source."""
     preferences: PreferenceConfig = PreferenceConfig()
     """Preference records (sources `preferences` and `digit-preferences`)."""
     text_field: str = "text"
@@ -183,19 +243,32 @@ class DataConfig(Section):
     """fsspec URL of a Hugging Face tokenizer directory (with `tokenizer.json`) to use as it is,
     e.g. the teacher's own: its eos token separates documents, its pad token (else the eos) pads.
     None: the teacher's folder when `teacher.path` is set, else a byte-level BPE tokenizer trained
-    on the training split."""
+    on the training split (source `exact-answers`: a character-level tokenizer, one token per
+    character, written with the data)."""
     vocab_size: int = Field(default=2048, ge=260, le=1_000_000)
-    """Vocabulary size of the tokenizer kdflow trains (ignored when `tokenizer` or `teacher.path` is set)."""
+    """Vocabulary size of the tokenizer kdflow trains (ignored when `tokenizer` or `teacher.path` is
+    set, and by the `exact-answers` source's character-level tokenizer)."""
     seq_len: int = Field(default=128, ge=8)
     """Tokens per training row (packed text, packed or padded conversations)."""
     val_fraction: float = Field(default=0.05, gt=0, lt=0.5)
-    """Fraction of documents held out for validation."""
+    """Fraction of documents held out for validation (chat records with `chat.split_field` name
+    their own split; `exact-answers`: of each family's problems of the train lengths)."""
     test_fraction: float = Field(default=0.05, gt=0, lt=0.5)
-    """Fraction of documents held out for the final evaluation."""
+    """Fraction of documents held out for the final evaluation (as `val_fraction`)."""
     rows_per_shard: int = Field(default=512, gt=0)
     """Packed rows per Arrow shard; the cache writes one teacher shard per training shard."""
     seed: int = 0
-    """Seed of the document shuffle and split, and of the training-row shuffle before sharding."""
+    """Seed of the document shuffle and split, and of the training-row shuffle before sharding
+    (and of the problems the `exact-answers` source generates)."""
+
+    @model_validator(mode="after")
+    def _exact_answers_split_field(self) -> DataConfig:
+        if self.source == "exact-answers" and self.chat.split_field not in (None, "split"):
+            raise ValueError(
+                f"chat.split_field: the exact-answers records name their split in 'split', which prep reads for them; "
+                f"leave it unset, got {self.chat.split_field!r}"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------- models

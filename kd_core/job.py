@@ -190,8 +190,8 @@ class JobConfig(Section):
         for where, metrics in named:
             if not answered and any(metric.startswith("answer_") for _, metric in metrics):
                 raise ValueError(
-                    f"{where} reads the greedy answers' scores, which are measured only on chat data (data.source chat or "
-                    "python-qa) with data.chat.train_on: assistant and eval.answer_prompts > 0"
+                    f"{where} reads the greedy answers' scores, which are measured only on chat data (data.source chat, "
+                    "python-qa or exact-answers) with data.chat.train_on: assistant and eval.answer_prompts > 0"
                 )
         if self.student.init == "config":
             for index, text in enumerate(self.eval.gates):

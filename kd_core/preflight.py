@@ -308,7 +308,12 @@ def template_check_of(job: JobConfig, records: int = RECORDS) -> CheckResult:
     from kd_core.data.tokenizer import load_tokenizer
 
     try:
-        teacher = ChatEncoder(load_tokenizer(job.data.tokenizer, job.storage).hf, job.data.chat, job.data.tokenizer)
+        if job.data.tokenizer is None and job.data.source == "exact-answers":
+            from kd_core.data.exact_answers import char_tokenizer
+
+            teacher = ChatEncoder(char_tokenizer(job.data.chat.template), job.data.chat, "the exact-answers character tokenizer")
+        else:
+            teacher = ChatEncoder(load_tokenizer(job.data.tokenizer, job.storage).hf, job.data.chat, job.data.tokenizer)
         conversations = job_conversations(job, records)
     except InputError as err:
         return CheckResult("template", "fail", str(err))
@@ -323,7 +328,7 @@ def template_check_of(job: JobConfig, records: int = RECORDS) -> CheckResult:
 
 def job_conversations(job: JobConfig, records: int) -> list:
     """The job's first `records` conversations: the bundled pairs' or its files' (`first_conversations`)."""
-    from kd_core.data.chat import conversation_of, first_conversations
+    from kd_core.data.chat import chat_settings, conversation_of, first_conversations
     from kd_core.data.sources import FileSource
 
     if job.data.source == "python-qa":
@@ -331,6 +336,12 @@ def job_conversations(job: JobConfig, records: int) -> list:
 
         pairs = python_qa_pairs(job.data.seed)[:records]
         return [conversation_of(pair, f"python-qa pair {number}", job.data.chat) for number, pair in enumerate(pairs, start=1)]
+    if job.data.source == "exact-answers":
+        from kd_core.data.exact_answers import exact_answer_pairs
+
+        data = job.data
+        pairs = exact_answer_pairs(data.exact_answers, data.seed, data.val_fraction, data.test_fraction)[:records]
+        return [conversation_of(pair, f"exact-answers pair {number}", chat_settings(data)) for number, pair in enumerate(pairs, start=1)]
     return first_conversations(FileSource(job.data.files, job.data.text_field, job.storage), job.data.chat, records)
 
 

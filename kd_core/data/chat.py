@@ -34,8 +34,15 @@ runs (transformers' flash-attention path honours packing only for one row per ba
 is cut to its first `seq_len` tokens (`overlong: truncate`) or left out (`drop`); both are
 counted, and a cut conversation left with no trained token is dropped and counted too.
 
+Splits. Conversations go into train / val / test like text documents: after a seeded shuffle,
+`data.val_fraction` and `test_fraction` of them are held out. With `data.chat.split_field` set,
+each record names its own split in that field instead (`train`, `val` or `test`; anything else,
+or no value, is an error naming `file:line`), and each split must get a conversation. The
+`exact-answers` source's records carry theirs in `split` (`chat_settings`). Exact duplicates are
+dropped before splitting: the first in file order is kept, with its split.
+
 Shards: `input_ids` (int32), `position_ids` (int32) and `loss_mask` (uint8), each (rows,
-seq_len), split by conversation into train / val / test like text.
+seq_len), one set per split.
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ class Conversation:
     """`file:line` (or `file:row N`) of the record it came from."""
     turns: tuple[tuple[str, str], ...]
     """(role, content) per turn, in order."""
+    split: str | None = None
+    """The split its record names (`data.chat.split_field`); None: no split field is read."""
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.turns]
@@ -95,7 +104,46 @@ def conversation_of(record: dict, where: str, chat: ChatConfig) -> Conversation:
         )
     if not any(role == chat.assistant_role for role, _ in turns):
         raise DataSourceError(f"{where}: the conversation has no {chat.assistant_role!r} turn; there is nothing for the student to learn to write")
-    return Conversation(where, turns)
+    return Conversation(where, turns, _split_of(record, where, chat))
+
+
+def _split_of(record: dict, where: str, chat: ChatConfig) -> str | None:
+    if chat.split_field is None:
+        return None
+    split = record.get(chat.split_field)
+    if split is None:
+        raise DataSourceError(
+            f"{where}: the record has no {chat.split_field!r} (data.chat.split_field); with it set, every record names its "
+            f"split, one of {', '.join(SPLITS)}: add it, or unset data.chat.split_field to split at random"
+        )
+    if split not in SPLITS:
+        raise DataSourceError(f"{where}: {chat.split_field!r} (data.chat.split_field) is {split!r}; it must be one of {', '.join(SPLITS)}")
+    return split
+
+
+def chat_settings(config: DataConfig) -> ChatConfig:
+    """`data.chat` as prep reads it: for the `exact-answers` source, with the split read from the
+    records' `split` field."""
+    if config.source == "exact-answers":
+        from kd_core.data.exact_answers import SPLIT_FIELD
+
+        return config.chat.model_copy(update={"split_field": SPLIT_FIELD})
+    return config.chat
+
+
+def split_conversations(conversations: list[Conversation], config: DataConfig, chat: ChatConfig) -> dict[str, list[Conversation]]:
+    """train / val / test (module docstring): each conversation's own split when
+    `chat.split_field` is set, else `split_documents` by `data.val_fraction` and `test_fraction`."""
+    if chat.split_field is None:
+        return split_documents(conversations, config.val_fraction, config.test_fraction)
+    splits = {split: [c for c in conversations if c.split == split] for split in SPLITS}
+    empty = [split for split in SPLITS if not splits[split]]
+    if empty:
+        raise DataSourceError(
+            f"data: no record names split {', '.join(empty)} in {chat.split_field!r} (data.chat.split_field) among the "
+            f"{len(conversations)} conversations read; every split needs at least one"
+        )
+    return splits
 
 
 def _turn(message, where: str, index: int, chat: ChatConfig) -> tuple[str, str]:
@@ -286,17 +334,20 @@ def encode_split(encoder: ChatEncoder, conversations: list[Conversation], seq_le
 
 def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
     """Prep's work for chat records into `run`'s folder: (metrics, details). `source` None: the
-    bundled `python-qa` pairs (written to the store on first use)."""
-    from kd_core.data.python_qa import python_qa_url
-
-    chat, counts = config.chat, ChatCounts()
-    source = source or FileSource([python_qa_url(store, config.seed)], config.text_field, store.config)
+    bundled `python-qa` or `exact-answers` pairs (written to the store on first use)."""
+    chat, counts = chat_settings(config), ChatCounts()
+    source = source or FileSource([bundled_pairs_url(config, store)], config.text_field, store.config)
     with run.timed("collect"):
-        conversations = collect_conversations(config, source, counts)
-        splits = split_documents(conversations, config.val_fraction, config.test_fraction)
+        conversations = collect_conversations(config, chat, source, counts)
+        splits = split_conversations(conversations, config, chat)
     with run.timed("tokenizer"):
-        prepared = load_tokenizer(config.tokenizer, store.config)
-        encoder = ChatEncoder(prepared.hf, chat, config.tokenizer)
+        tokenizer_url = config.tokenizer
+        if tokenizer_url is None and config.source == "exact-answers":
+            from kd_core.data.exact_answers import char_tokenizer_url
+
+            tokenizer_url = char_tokenizer_url(store, chat.template)
+        prepared = load_tokenizer(tokenizer_url, store.config)
+        encoder = ChatEncoder(prepared.hf, chat, tokenizer_url)
         save_hf_tokenizer(prepared, run)
     special_ids = prepared.ids()
     details: dict = {
@@ -341,12 +392,25 @@ def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSo
     return metrics, details
 
 
-def collect_conversations(config: DataConfig, source: FileSource, counts: ChatCounts) -> list[Conversation]:
-    """Every record's conversation, checked, without exact duplicates, shuffled (seeded)."""
+def bundled_pairs_url(config: DataConfig, store: Store) -> str:
+    """The JSON Lines file of a bundled source's pairs (`python-qa`, `exact-answers`), written to
+    `store` on first use."""
+    if config.source == "exact-answers":
+        from kd_core.data.exact_answers import exact_answers_url
+
+        return exact_answers_url(store, config.exact_answers, config.seed, config.val_fraction, config.test_fraction)
+    from kd_core.data.python_qa import python_qa_url
+
+    return python_qa_url(store, config.seed)
+
+
+def collect_conversations(config: DataConfig, chat: ChatConfig, source: FileSource, counts: ChatCounts) -> list[Conversation]:
+    """Every record's conversation, checked (against `chat`, `chat_settings`), without exact
+    duplicates, shuffled (seeded)."""
     conversations, seen = [], set()
     with progress_bar("prep: read records", total=source.total_bytes) as bar:
         for where, record in source.records(bar.advance):
-            conversation = conversation_of(record, where, config.chat)
+            conversation = conversation_of(record, where, chat)
             fingerprint = hashlib.blake2b(json.dumps(conversation.turns).encode(), digest_size=16).digest()
             if fingerprint in seen:
                 counts.duplicates += 1

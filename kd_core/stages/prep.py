@@ -47,8 +47,8 @@ def prep_section(task: Task, config: DataConfig, storage: StorageConfig, source:
     if source is not None:
         listing = json.dumps(source.listing(), sort_keys=True).encode()
         section["files"] = {"count": len(source.files), "bytes": source.total_bytes, "identity": hashlib.sha256(listing).hexdigest()}
-    elif config.source in ("python-docs", "python-qa"):
-        section["python"] = platform.python_version()  # the bundled text is the running Python's
+    elif config.source in ("python-docs", "python-qa", "exact-answers"):
+        section["python"] = platform.python_version()  # the bundled text (exact-answers: random's draws) is the running Python's
     if config.tokenizer:
         section["tokenizer_identity"] = tokenizer_identity(config.tokenizer, storage)
     return section

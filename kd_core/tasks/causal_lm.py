@@ -51,7 +51,7 @@ class CausalLM(Task):
     def check_config(self, job) -> None:
         super().check_config(job)
         cache, loss = job.cache, job.distill.loss
-        if job.data.source in CHAT_SOURCES and not job.data.tokenizer:
+        if job.data.source in CHAT_SOURCES and job.data.source != "exact-answers" and not job.data.tokenizer:
             raise ValueError(
                 "data.tokenizer: chat data is rendered through a Hugging Face tokenizer's chat template; set data.tokenizer "
                 "(or teacher.path, whose tokenizer is then used)"
@@ -60,7 +60,7 @@ class CausalLM(Task):
             if job.data.source not in CHAT_SOURCES or job.data.chat.train_on != "assistant":
                 raise ValueError(
                     "distill.teacher_source: on_policy has the student answer the data's prompts, which chat data with "
-                    "data.chat.train_on: assistant marks (data.source chat or python-qa)"
+                    "data.chat.train_on: assistant marks (data.source chat, python-qa or exact-answers)"
                 )
             if job.distill.deepspeed.enabled and job.distill.deepspeed.zero_stage == 3:
                 raise ValueError(
@@ -75,12 +75,18 @@ class CausalLM(Task):
             if job.distill.loss.fused and job.distill.on_policy.objective == "policy_gradient":
                 raise ValueError("distill.loss.fused: the policy-gradient objective reads the student's full logits; set fused: false")
         trains_tokenizer = job.data.tokenizer is None  # else the vocabulary is the tokenizer's, checked by the cache stage
-        if trains_tokenizer and cache.format == "topk" and cache.top_k > job.data.vocab_size:
-            raise ValueError(f"cache.top_k: must be <= data.vocab_size ({job.data.vocab_size}), got {cache.top_k}")
-        if trains_tokenizer and cache.format == "full" and job.data.vocab_size > cache.full_max_vocab:
+        vocabulary, named = job.data.vocab_size, f"data.vocab_size ({job.data.vocab_size})"
+        if trains_tokenizer and job.data.source == "exact-answers":
+            from kd_core.data.exact_answers import char_vocabulary
+
+            vocabulary = len(char_vocabulary(job.data.chat.template))
+            named = f"the exact-answers character tokenizer's {vocabulary} tokens"
+        if trains_tokenizer and cache.format == "topk" and cache.top_k > vocabulary:
+            raise ValueError(f"cache.top_k: must be <= {named}, got {cache.top_k}")
+        if trains_tokenizer and cache.format == "full" and vocabulary > cache.full_max_vocab:
             raise ValueError(
                 f"cache.format: 'full' stores every log-prob and is for vocabularies up to cache.full_max_vocab "
-                f"({cache.full_max_vocab}); data.vocab_size is {job.data.vocab_size}: use topk or sampled"
+                f"({cache.full_max_vocab}); {named}: use topk or sampled"
             )
         student_layers = self._check_student_start(job)
         if loss.feature_weight > 0:
@@ -143,7 +149,20 @@ class CausalLM(Task):
 
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
-        return data.model_dump(mode="json", exclude={"preferences"} if data.source in CHAT_SOURCES else {"preferences", "chat"})
+        """The chat section for chat sources, `exact_answers` (and its generator's version) for that
+        source alone; `chat.split_field` only when set, so the keys of jobs without it stay as they
+        were before it existed."""
+        excluded = {"preferences", "exact_answers"} | (set() if data.source in CHAT_SOURCES else {"chat"})
+        if data.source == "exact-answers":
+            from kd_core.data.exact_answers import DATASET_VERSION
+
+            excluded -= {"exact_answers"}
+        settings = data.model_dump(mode="json", exclude=excluded)
+        if "chat" in settings and settings["chat"]["split_field"] is None:
+            del settings["chat"]["split_field"]
+        if data.source == "exact-answers":
+            settings["exact_answers"]["version"] = DATASET_VERSION
+        return settings
 
     def prepare(self, data, store, run, source) -> tuple[dict, dict]:
         from kd_core.data.chat import prepare_chat
