@@ -133,6 +133,10 @@ class ChatConfig(Section):
     template: str | None = None
     """A Jinja chat template (the text itself) for a tokenizer that has none, or to replace its
     own; None: the tokenizer's `chat_template`."""
+    tag_field: str = "tag"
+    """Field of a record naming its kind (e.g. a task family), recorded per token (`tag_ids`) for
+    `distill.route` and the per-tag answer scores; a record without it is tagged with the name of
+    the file it came from."""
     train_on: Literal["assistant", "all"] = "assistant"
     """Tokens the losses count: `assistant`, the assistant turns' tokens as the template renders
     them (their end-of-turn marker included); `all`, every token of the conversation."""

@@ -124,3 +124,22 @@ def test_a_job_distils_from_two_weighted_teachers_and_logs_each(tmp_path, source
     other = run_pipeline(job(tmp_path, *SECOND, "distill.teacher_weights={teacher: 0.8, second: 0.2}", f"distill.teacher_source={source}",
                              "distill.train.max_steps=3"), until="distill")
     assert other["distill"].key != steps["distill"].key and other["distill"].config["teacher_weights"] == {"teacher": 0.8, "second": 0.2}
+
+
+@pytest.mark.parametrize("source", ["cache", "on_policy"])
+def test_each_task_family_is_taught_by_its_routed_teacher(tmp_path, source):
+    """`distill.route` by the records' tags (the exact-answers families), from the caches or on the
+    student's own answers (which keep their prompt's tag)."""
+    from kd_core.pipeline import run_pipeline
+    from kd_core.storage import Store
+
+    config = job(
+        tmp_path, *SECOND, "distill.route={sort: second}", f"distill.teacher_source={source}", "distill.train.max_steps=3",
+        "data.source=exact-answers", "data.exact_answers={tasks: [sort, reverse], pairs_per_task: 60, held_out_pairs: 5}",
+        "data.max_documents=null", "data.chat.layout=padded", "distill.on_policy.max_new_tokens=6",
+    )
+    steps = run_pipeline(config, until="distill")
+    assert steps["prep"].details["tags"] == ["reverse", "sort"]
+    records = history(Store(config.storage), steps["distill"])
+    assert all(record["tokens_teacher"] > 0 and record["tokens_second"] > 0 for record in records)
+    assert steps["distill"].config["route"] == {"sort": "second"}

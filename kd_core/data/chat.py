@@ -41,8 +41,10 @@ or no value, is an error naming `file:line`), and each split must get a conversa
 `exact-answers` source's records carry theirs in `split` (`chat_settings`). Exact duplicates are
 dropped before splitting: the first in file order is kept, with its split.
 
-Shards: `input_ids` (int32), `position_ids` (int32) and `loss_mask` (uint8), each (rows,
-seq_len), one set per split.
+Shards: `input_ids` (int32), `position_ids` (int32), `loss_mask` (uint8) and `tag_ids` (int16),
+each (rows, seq_len), one set per split. A token's tag id is its conversation's tag (the record's
+`data.chat.tag_field`, else its file's name) as an index into the prep manifest's
+`details["tags"]`, -1 on padding: what `distill.route` sends to a teacher.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class Conversation:
     """(role, content) per turn, in order."""
     split: str | None = None
     """The split its record names (`data.chat.split_field`); None: no split field is read."""
+    tag: str = ""
+    """Its kind: the record's `data.chat.tag_field`, else the name of its file."""
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.turns]
@@ -104,7 +108,10 @@ def conversation_of(record: dict, where: str, chat: ChatConfig) -> Conversation:
         )
     if not any(role == chat.assistant_role for role, _ in turns):
         raise DataSourceError(f"{where}: the conversation has no {chat.assistant_role!r} turn; there is nothing for the student to learn to write")
-    return Conversation(where, turns, _split_of(record, where, chat))
+    tag = record.get(chat.tag_field)
+    if not isinstance(tag, str) or not tag:
+        tag = where.rsplit(":", 1)[0].replace("\\", "/").rsplit("/", 1)[-1]
+    return Conversation(where, turns, _split_of(record, where, chat), tag)
 
 
 def _split_of(record: dict, where: str, chat: ChatConfig) -> str | None:
@@ -237,15 +244,19 @@ class ChatEncoder:
 class ConversationPrompt:
     prompt: list[int]
     reference: list[int]
+    tag: int = -1
+    """Its conversation's tag id (`tag_ids`; -1: the rows carry none)."""
 
 
 def conversation_prompts(rows, limit: int) -> list[ConversationPrompt]:
     """The first `limit` conversations of chat rows (`input_ids`, `position_ids`, `loss_mask`:
     arrays or tensors, (rows, T)) that have an assistant turn: (the tokens before its first
-    trained token, the run of trained tokens from there). What a model answers at eval, and what
-    the student answers itself in on-policy distillation."""
+    trained token, the run of trained tokens from there, its tag id when the rows carry
+    `tag_ids`). What a model answers at eval, and what the student answers itself in on-policy
+    distillation."""
     prompts = []
-    for ids, positions, trained in zip(rows["input_ids"].tolist(), rows["position_ids"].tolist(), rows["loss_mask"].tolist()):
+    tag_rows = rows["tag_ids"].tolist() if "tag_ids" in rows else [None] * len(rows["input_ids"])
+    for ids, positions, trained, tags in zip(rows["input_ids"].tolist(), rows["position_ids"].tolist(), rows["loss_mask"].tolist(), tag_rows):
         starts = [index for index, position in enumerate(positions) if position == 0] + [len(positions)]
         for start, end in zip(starts, starts[1:]):
             first = next((index for index in range(start, end) if trained[index]), None)
@@ -254,7 +265,7 @@ def conversation_prompts(rows, limit: int) -> list[ConversationPrompt]:
             stop = first
             while stop < end and trained[stop]:
                 stop += 1
-            prompts.append(ConversationPrompt(ids[start:first], ids[first:stop]))
+            prompts.append(ConversationPrompt(ids[start:first], ids[first:stop], tags[start] if tags is not None else -1))
             if len(prompts) == limit:
                 return prompts
     return prompts
@@ -283,38 +294,46 @@ class ChatCounts:
     """Tokens of the longest conversation, before any cut."""
 
 
-def fit_to_rows(encoded: list[tuple[np.ndarray, np.ndarray]], seq_len: int, layout: str, pad_id: int) -> dict[str, np.ndarray]:
+def fit_to_rows(
+    encoded: list[tuple[np.ndarray, np.ndarray]], seq_len: int, layout: str, pad_id: int, tags: list[int] | None = None,
+) -> dict[str, np.ndarray]:
     """Rows of `seq_len` (module docstring: packed or padded) holding the conversations in order,
-    each at most `seq_len` tokens: `input_ids`, `position_ids`, `loss_mask`."""
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    each at most `seq_len` tokens: `input_ids`, `position_ids`, `loss_mask`; with `tags` (one per
+    conversation), `tag_ids` too: each token's conversation's tag (-1 on padding)."""
+    rows: list[list[tuple[np.ndarray, np.ndarray, int]]] = []
     open_rows: list[tuple[int, int]] = []  # (tokens still free, row), sorted: best fit in O(log rows)
-    for ids, trained in encoded:
+    for index, (ids, trained) in enumerate(encoded):
         place = bisect.bisect_left(open_rows, (len(ids), -1)) if layout == "packed" else len(open_rows)
         if place == len(open_rows):
             rows.append([])
             free, row = seq_len, len(rows) - 1
         else:
             free, row = open_rows.pop(place)
-        rows[row].append((ids, trained))
+        rows[row].append((ids, trained, tags[index] if tags is not None else -1))
         if layout == "packed" and free - len(ids) > 0:
             bisect.insort(open_rows, (free - len(ids), row))
     input_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int32)
     position_ids = np.zeros((len(rows), seq_len), dtype=np.int32)
     loss_mask = np.zeros((len(rows), seq_len), dtype=np.uint8)
+    tag_ids = np.full((len(rows), seq_len), -1, dtype=np.int16)
     for row, members in enumerate(rows):
         start = 0
-        for ids, trained in members:
+        for ids, trained, tag in members:
             end = start + len(ids)
-            input_ids[row, start:end], loss_mask[row, start:end] = ids, trained
+            input_ids[row, start:end], loss_mask[row, start:end], tag_ids[row, start:end] = ids, trained, tag
             position_ids[row, start:end] = np.arange(len(ids))
             start = end
         position_ids[row, start:] = np.arange(seq_len - start)  # the padding is a sequence of its own
-    return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask}
+    columns = {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask}
+    return columns | ({"tag_ids": tag_ids} if tags is not None else {})
 
 
-def encode_split(encoder: ChatEncoder, conversations: list[Conversation], seq_len: int, chat: ChatConfig, counts: ChatCounts, advance) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each conversation's (ids, trained), cut or left out when longer than `seq_len` (counted)."""
-    encoded = []
+def encode_split(
+    encoder: ChatEncoder, conversations: list[Conversation], seq_len: int, chat: ChatConfig, counts: ChatCounts, advance,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[Conversation]]:
+    """Each conversation's (ids, trained), cut or left out when longer than `seq_len` (counted),
+    and the conversations kept."""
+    encoded, kept = [], []
     for conversation in conversations:
         ids, trained = encoder.encode(conversation)
         advance(1)
@@ -329,7 +348,8 @@ def encode_split(encoder: ChatEncoder, conversations: list[Conversation], seq_le
                 counts.dropped_untrained += 1
                 continue
         encoded.append((ids, trained))
-    return encoded
+        kept.append(conversation)
+    return encoded, kept
 
 
 def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
@@ -350,19 +370,21 @@ def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSo
         encoder = ChatEncoder(prepared.hf, chat, tokenizer_url)
         save_hf_tokenizer(prepared, run)
     special_ids = prepared.ids()
+    tags = sorted({conversation.tag for conversation in conversations})
     details: dict = {
         "seq_len": config.seq_len, "vocab_size": prepared.tokenizer.get_vocab_size(), "special_token_ids": special_ids, "splits": {},
-        "chat": {"train_on": chat.train_on, "layout": chat.layout},
+        "chat": {"train_on": chat.train_on, "layout": chat.layout}, "tags": tags,
     }
     with run.timed("tokenize_and_pack"), progress_bar("prep: render and tokenize", total=len(conversations)) as bar:
         for split in SPLITS:
-            encoded = encode_split(encoder, splits[split], config.seq_len, chat, counts, bar.advance)
+            encoded, kept = encode_split(encoder, splits[split], config.seq_len, chat, counts, bar.advance)
             if not encoded:
                 raise DataSourceError(
                     f"data: no conversation of the {split} split fits data.seq_len={config.seq_len} tokens with a trained token "
                     f"({len(splits[split])} conversations); raise data.seq_len, set data.chat.overlong: truncate, or add data"
                 )
-            columns = fit_to_rows(encoded, config.seq_len, chat.layout, special_ids["pad"])
+            tag_index = {tag: index for index, tag in enumerate(tags)}
+            columns = fit_to_rows(encoded, config.seq_len, chat.layout, special_ids["pad"], [tag_index[c.tag] for c in kept])
             if split == "train":
                 order = np.random.default_rng(config.seed).permutation(len(columns["input_ids"]))
                 columns = {name: values[order] for name, values in columns.items()}

@@ -138,7 +138,6 @@ def next_token_loss(model, rows: dict[str, torch.Tensor], batch_size: int, devic
     return total / max(count, 1)
 
 
-@torch.no_grad()
 class RealTokensOnly:
     """A generation logits processor: a model whose output layer is padded past the data's
     vocabulary (a pretrained Qwen2) never samples a padding row."""
@@ -152,6 +151,7 @@ class RealTokensOnly:
         return scores
 
 
+@torch.no_grad()
 def sample_answers(
     student, batch: dict[str, torch.Tensor], settings, stop_ids: list[int], pad_id: int, seq_len: int, vocab_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -159,19 +159,20 @@ def sample_answers(
     conversation (`kd_core.data.chat.conversation_prompts`), answered `settings.samples_per_prompt`
     times by sampling (`temperature`, `top_p`, at most `max_new_tokens`, ending at a stop token,
     which is kept), as chat rows of `seq_len`: `input_ids` (prompt, answer, padding),
-    `position_ids`, `loss_mask` over the answer, and `sampler_logprobs`, the sampling
-    distribution's log-prob of each answer token at the token's own index (0 elsewhere): what
-    the policy-gradient objective's importance ratio divides by. With `vocab_size`, only the
+    `position_ids`, `loss_mask` over the answer, `tag_ids` (the prompt's tag, when the batch has
+    them), and `sampler_logprobs`, the sampling distribution's log-prob of each answer token at
+    the token's own index (0 elsewhere): what the policy-gradient objective's importance ratio
+    divides by. With `vocab_size`, only the
     data's tokens are sampled (`RealTokensOnly`)."""
     from transformers import LogitsProcessorList
 
     from kd_core.data.chat import conversation_prompts
 
     device = batch["input_ids"].device
-    prompts = [p.prompt[-(seq_len - 1):] for row in range(len(batch["input_ids"]))
-               for p in conversation_prompts({name: values[row : row + 1] for name, values in batch.items()}, 1)]
-    if not prompts:  # no row holds an answered conversation: nothing to answer, the dataset's rows train
+    found = [p for row in range(len(batch["input_ids"])) for p in conversation_prompts({name: values[row : row + 1] for name, values in batch.items()}, 1)]
+    if not found:  # no row holds an answered conversation: nothing to answer, the dataset's rows train
         return batch
+    prompts = [p.prompt[-(seq_len - 1) :] for p in found]
     input_ids, attention = left_padded(prompts, pad_id, device)
     was_training = student.training
     student.eval()
@@ -194,6 +195,8 @@ def sample_answers(
         "loss_mask": torch.zeros((rows, seq_len), dtype=torch.uint8, device=device),
         "sampler_logprobs": torch.zeros((rows, seq_len), dtype=torch.float32, device=device),
     }
+    if "tag_ids" in batch:  # each answer keeps its prompt's tag (what distill.route reads)
+        columns["tag_ids"] = torch.full((rows, seq_len), -1, dtype=batch["tag_ids"].dtype, device=device)
     for row in range(rows):
         prompt = prompts[row // settings.samples_per_prompt]
         answer = answers[row].tolist()
@@ -205,4 +208,6 @@ def sample_answers(
         columns["position_ids"][row, length:] = torch.arange(seq_len - length, device=device)  # the padding: a sequence of its own
         columns["loss_mask"][row, len(prompt) : length] = 1
         columns["sampler_logprobs"][row, len(prompt) : length] = sampler[row, :kept]
+        if "tag_ids" in columns:
+            columns["tag_ids"][row, :length] = found[row // settings.samples_per_prompt].tag
     return columns
