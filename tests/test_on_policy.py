@@ -302,3 +302,23 @@ def test_actors_a_local_ray_cannot_place_are_refused_before_training(tmp_path, f
         _check_room_for_actors(spec, ComputeConfig(num_workers=1, cpus_per_worker=1))
     _check_room_for_actors(spec.__class__(**{**spec.__dict__, "on_policy": spec.on_policy.model_copy(update={"actor_cpus": 0.25})}),
                            ComputeConfig(num_workers=1, cpus_per_worker=1))
+
+
+def test_the_on_policy_recipe_compiles_to_the_same_dags_and_searches_its_sampling_settings(tmp_path):
+    """Kubeflow: the on-policy job is the same DAG; tune: λ, β, the temperature and top-p are searchable."""
+    import yaml
+
+    from pipelines import engines
+
+    space = (
+        "tune.space={distill.on_policy.mixing: {kind: uniform, low: 0.0, high: 1.0}, "
+        "distill.loss.divergence_parameter: {kind: uniform, low: 0.1, high: 0.9}, "
+        "distill.on_policy.temperature: {kind: uniform, low: 0.5, high: 1.5}, distill.on_policy.top_p: {kind: choice, values: [0.9, 1.0]}}"
+    )
+    config = load_config(os.path.join(REPO, "configs", "on_policy.yaml"), ["distill.loss.divergence=generalized_jsd", space])
+    for pipeline, steps in (("distill", {"prep", "cache", "distill", "evaluate", "condition-1"}),
+                            ("tune-distill", {"prep", "cache", "tune", "distill", "evaluate", "condition-1"})):
+        spec, _ = yaml.safe_load_all(engines.compile_pipeline(config, tmp_path / f"{pipeline}.yaml", pipeline).read_text())
+        assert set(spec["root"]["dag"]["tasks"]) == steps
+    with pytest.raises(ConfigError, match=r"tune.space.distill.on_policy.temperature: the value 0.0 makes the job invalid"):
+        load_config(os.path.join(REPO, "configs", "on_policy.yaml"), ["tune.space={distill.on_policy.temperature: {kind: uniform, low: 0.0, high: 1.0}}"])
