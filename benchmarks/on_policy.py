@@ -7,6 +7,8 @@ Arms (overrides of the job; `distill.on_policy.mixing` is GKD's λ):
 - offline KD (λ = 0): the dataset's answers, the teacher's full distribution at each token.
 - on-policy KD (λ = 1): the student's own answers, scored by the teacher (the job as it is).
 - GKD (λ = 0.5): each step is on-policy with probability 0.5.
+Every arm first learns the dataset's answers for the job's `distill.on_policy.offline_steps`
+with its own loss (the SFT arm: cross-entropy), then as above.
 The no-teacher baseline (the dataset's answers, cross-entropy) is trained once and shown too.
 
 Each arm runs through the pipeline (prep, teacher and baseline reused; eval on the test split).

@@ -637,6 +637,11 @@ class OnPolicyConfig(Section):
     mixing: float = Field(default=1.0, ge=0, le=1)
     """λ of GKD: the chance that a batch is on-policy (the student's samples); otherwise the
     dataset's own answers are distilled, as `online` does. 0 is offline distillation."""
+    offline_steps: int = Field(default=0, ge=0)
+    """The first this many optimizer steps learn the dataset's answers (λ = 0), then `mixing`
+    applies: a student that cannot write a sensible answer yet gets a start first, as supervised
+    or off-policy distillation precedes on-policy distillation in practice (GKD starts from an
+    SFT student; Qwen3 distils off-policy first)."""
     objective: Literal["divergence", "policy_gradient"] = "divergence"
     """`divergence`: `distill.loss.divergence` over the full vocabulary at each sampled token's
     position (reverse_kl is the usual choice on-policy); `policy_gradient`: the sampled-token

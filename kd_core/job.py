@@ -32,6 +32,7 @@ from kd_core.config import (
     DistillConfig,
     EvalConfig,
     KubeflowConfig,
+    OnPolicyConfig,
     RegistryConfig,
     Section,
     StorageConfig,
@@ -243,6 +244,8 @@ class JobConfig(Section):
                     f"(student.init: {self.student.init}), so student.architecture does not shape it; search student.from_teacher "
                     "fields or the training settings instead"
                 )
+            if dotted.removeprefix("distill.on_policy.") in OnPolicyConfig.PLACEMENT:
+                raise ValueError(f"tune.space.{dotted}: where the answers are written is not searched (every trial shares the search's actors); set it for the job")
             if not dotted.startswith(tunable):
                 raise ValueError(
                     f"tune.space.{dotted}: only fields under {', '.join(p.rstrip('.') for p in tunable)} can be searched "

@@ -72,11 +72,25 @@ def cache_steps(config: JobConfig, prep: Manifest, force: frozenset[str] = froze
 
     store = Store(config.storage)
     check_student_start(config, prep, store)
+    check_route(config, prep)
     steps = {"teacher": teacher_step(config, prep, force)}
     if config.distill.teacher_source == "cache":
         steps["cache"] = _announce(cache(config.cache, prep, steps["teacher"], store, config.compute, force=is_forced("cache", force)))
     more_teacher_targets(config, prep, force)  # the other teachers' steps are this stage's work too (the distill step reuses them)
     return steps
+
+
+def check_route(config: JobConfig, prep: Manifest) -> None:
+    """Every tag `distill.route` names is a tag of the prepared data (a misspelt one would route
+    nothing, silently). Raises `InputError` before any teacher trains."""
+    if not config.distill.route:
+        return
+    tags = prep.details.get("tags")
+    if tags is None:
+        raise InputError("distill.route: the prepared data records no tags (prepared before kdflow recorded them); rerun prep with --force prep")
+    for tag in config.distill.route:
+        if tag not in tags:
+            raise InputError(f"distill.route.{tag}: no conversation of the data has this tag; its tags are {', '.join(tags)} (data.chat.tag_field)")
 
 
 def more_teacher_targets(config: JobConfig, prep: Manifest, force: frozenset[str] = frozenset()) -> dict[str, Manifest]:

@@ -102,6 +102,8 @@ def test_mixing_decides_per_step_the_same_on_every_call_and_lambda_0_is_the_onli
     never = OnPolicyTargets(spec.__class__(**{**spec.__dict__, "on_policy": OnPolicyConfig(mixing=0.0)}), None, None, 0, "cpu")
     always = OnPolicyTargets(spec.__class__(**{**spec.__dict__, "on_policy": OnPolicyConfig(mixing=1.0)}), None, None, 0, "cpu")
     assert not any(never.on_policy(step) for step in range(200)) and all(always.on_policy(step) for step in range(200))
+    later = OnPolicyTargets(spec.__class__(**{**spec.__dict__, "on_policy": OnPolicyConfig(mixing=1.0, offline_steps=50)}), None, None, 0, "cpu")
+    assert [later.on_policy(step) for step in range(100)] == [False] * 50 + [True] * 50  # the dataset's answers first
 
 
 # ------------------------------------------------------------------------------ the step
@@ -165,7 +167,9 @@ def test_answers_the_teacher_writes_are_learned_as_data(tmp_path, folder):
         (("distill.deepspeed.enabled=true", "distill.deepspeed.zero_stage=3"), "distill.deepspeed.zero_stage: on-policy sampling"),
         (("distill.loss.fused=true", "distill.on_policy.objective=policy_gradient"), "the policy-gradient objective reads the student's full logits"),
         (("distill.on_policy.teacher_top_k=8", "distill.on_policy.objective=policy_gradient"), "needs the teacher's log-prob of every sampled"),
-        (("distill.on_policy.teacher_top_k=8", "distill.loss.divergence=reverse_kl", "distill.loss.topk_tail=false"), "distill.loss.topk_tail: reverse_kl"),
+        (("distill.on_policy.teacher_top_k=8", "distill.loss.divergence=reverse_kl", "distill.loss.topk_tail=false"), "distill.loss.topk_tail"),
+        (("distill.on_policy.teacher_top_k=8", "distill.loss.topk_tail=false"), "teacher_top_k gives the teacher's top k at the loss temperature"),
+        (("compute.backend=ray", "tune.space={distill.on_policy.teacher_actors: {kind: int, low: 1, high: 2}}"), "where the answers are written is not searched"),
         (("distill.on_policy.generation_actors=1",), "distill.on_policy.generation_actors: actors run on Ray, and compute.backend is local"),
         (("distill.on_policy.teacher_actors=2",), "distill.on_policy.teacher_actors: actors run on Ray, and compute.backend is local"),
         (("distill.on_policy.async=true",), "async: the answers are written one step ahead by generation actors"),
@@ -275,6 +279,7 @@ def test_a_crashed_async_run_resumes_with_the_answers_it_had_written(tmp_path, f
     assert [r["step"] for r in resumed] == list(range(1, 6))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
     assert [r["staleness"] for r in resumed[3:]] == [r["staleness"] for r in reference[3:]]
+    assert [r["trained_tokens"] for r in resumed] == [r["trained_tokens"] for r in reference]  # the counts carry on too
 
 
 def test_an_on_policy_job_on_ray_trains_with_generation_and_teacher_actors(tmp_path, folder, ray_runtime):
@@ -293,15 +298,18 @@ def test_an_on_policy_job_on_ray_trains_with_generation_and_teacher_actors(tmp_p
     assert "generation_actors" not in distilled.config["on_policy"] and distilled.config["on_policy"]["async"] is True
 
 
-def test_actors_a_local_ray_cannot_place_are_refused_before_training(tmp_path, folder, ray_runtime):
-    from kd_core.config import ComputeConfig
-    from kd_core.train.ray_glue import _check_room_for_actors
+def test_actors_a_local_ray_cannot_place_are_refused_before_training(ray_runtime):
+    from kd_core.config import ComputeConfig, OnPolicyConfig
+    from kd_core.train.ray_glue import check_room_for_actors
 
-    _, spec = actor_spec(tmp_path, folder, "crowded", generation_actors=1, teacher_actors=3, actor_cpus=1)
+    compute = ComputeConfig(num_workers=1, cpus_per_worker=1)
+    crowded = OnPolicyConfig(generation_actors=1, teacher_actors=3, actor_cpus=1)
     with pytest.raises(ValueError, match=r"need 5 CPUs, and this Ray has 2; lower distill.on_policy.actor_cpus"):
-        _check_room_for_actors(spec, ComputeConfig(num_workers=1, cpus_per_worker=1))
-    _check_room_for_actors(spec.__class__(**{**spec.__dict__, "on_policy": spec.on_policy.model_copy(update={"actor_cpus": 0.25})}),
-                           ComputeConfig(num_workers=1, cpus_per_worker=1))
+        check_room_for_actors(crowded, 1, compute, workers=1, cpus_per_worker=1)
+    check_room_for_actors(crowded.model_copy(update={"actor_cpus": 0.25}), 1, compute, workers=1, cpus_per_worker=1)
+    # A search: every concurrent trial has its workers and generation actors; the teacher pool is shared.
+    with pytest.raises(ValueError, match=r"2 concurrent trials × .* need 3.5 CPUs.* or tune.max_concurrent"):
+        check_room_for_actors(crowded.model_copy(update={"actor_cpus": 0.5, "teacher_actors": 1}), 1, compute, 1, 1, concurrent=2)
 
 
 def test_the_on_policy_recipe_compiles_to_the_same_dags_and_searches_its_sampling_settings(tmp_path):

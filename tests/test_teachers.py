@@ -40,6 +40,8 @@ def job(tmp_path, *overrides):
         ((*SECOND, "distill.route={a: second}"), "distill.route: sends each conversation's tokens to a teacher by its tag"),
         ((*SECOND, "distill.teacher_weights={teacher: 0.5, second: 0.5}", "distill.loss.fused=true"), "distill.loss.fused: not with several teachers"),
         (("teachers={teacher: {}}",), "not 'teacher'"),
+        ((*SECOND, "distill.teacher_weights={teacher: 0.5, second: 0.5}", "distill.teacher_source=on_policy", "data.source=python-qa",
+          "data.tokenizer=gpt2", "distill.on_policy.writer=teacher"), "distill.on_policy.writer: with several teachers"),
     ],
 )
 def test_several_teachers_are_named_used_and_weighted_to_one(tmp_path, overrides, message):
@@ -103,6 +105,17 @@ def test_a_routed_mix_is_the_mean_over_every_token_of_its_own_teachers_divergenc
     assert float(terms["tokens_second"]) == int((route & counted).sum()) and float(terms["tokens_teacher"]) == int((~route & counted).sum())
 
 
+def test_each_teachers_kd_is_per_token_it_taught_across_micro_batches_and_ranks():
+    """A teacher that taught 2 tokens of one micro-batch and none of the other: its KD is the mean
+    over those 2 tokens, not halved by the micro-batch where it taught nothing."""
+    from kd_core.train.loop import _per_teacher
+
+    # Means over 2 micro-batches of (kd × tokens, tokens): (0.6 × 2 + 0) / 2 and (2 + 0) / 2.
+    terms = _per_teacher({"kd": 0.4, "kd_rare_sum": 0.6, "tokens_rare": 1.0, "kd_common_sum": 3.0, "tokens_common": 10.0}, micro_batches=2)
+    assert terms == {"kd": 0.4, "kd_rare": pytest.approx(0.6), "tokens_rare": 2.0, "kd_common": pytest.approx(0.3), "tokens_common": 20.0}
+    assert _per_teacher({"kd_idle_sum": 0.0, "tokens_idle": 0.0}, 1) == {"kd_idle": 0.0, "tokens_idle": 0.0}
+
+
 # ------------------------------------------------------------------------------ the job
 def history(store, manifest) -> list[dict]:
     text = store.read_bytes(f"{manifest.folder}/history.jsonl").decode()
@@ -126,20 +139,32 @@ def test_a_job_distils_from_two_weighted_teachers_and_logs_each(tmp_path, source
     assert other["distill"].key != steps["distill"].key and other["distill"].config["teacher_weights"] == {"teacher": 0.8, "second": 0.2}
 
 
-@pytest.mark.parametrize("source", ["cache", "on_policy"])
-def test_each_task_family_is_taught_by_its_routed_teacher(tmp_path, source):
+EXACT = ["data.source=exact-answers", "data.exact_answers={tasks: [sort, reverse], pairs_per_task: 60, held_out_pairs: 5}",
+         "data.max_documents=null", "data.chat.layout=padded", "distill.on_policy.max_new_tokens=6"]
+
+
+@pytest.mark.parametrize("source, objective", [("cache", "divergence"), ("on_policy", "divergence"), ("on_policy", "policy_gradient")])
+def test_each_task_family_is_taught_by_its_routed_teacher(tmp_path, source, objective):
     """`distill.route` by the records' tags (the exact-answers families), from the caches or on the
-    student's own answers (which keep their prompt's tag)."""
+    student's own answers (which keep their prompt's tag), learned by a divergence or the policy gradient."""
     from kd_core.pipeline import run_pipeline
     from kd_core.storage import Store
 
-    config = job(
-        tmp_path, *SECOND, "distill.route={sort: second}", f"distill.teacher_source={source}", "distill.train.max_steps=3",
-        "data.source=exact-answers", "data.exact_answers={tasks: [sort, reverse], pairs_per_task: 60, held_out_pairs: 5}",
-        "data.max_documents=null", "data.chat.layout=padded", "distill.on_policy.max_new_tokens=6",
-    )
+    config = job(tmp_path, *SECOND, "distill.route={sort: second}", f"distill.teacher_source={source}", "distill.train.max_steps=3",
+                 f"distill.on_policy.objective={objective}", *EXACT)
     steps = run_pipeline(config, until="distill")
     assert steps["prep"].details["tags"] == ["reverse", "sort"]
     records = history(Store(config.storage), steps["distill"])
     assert all(record["tokens_teacher"] > 0 and record["tokens_second"] > 0 for record in records)
     assert steps["distill"].config["route"] == {"sort": "second"}
+
+
+
+def test_a_route_naming_a_tag_the_data_lacks_is_refused_before_any_teacher_trains(tmp_path):
+    from kd_core.errors import InputError
+    from kd_core.pipeline import run_pipeline
+
+    config = job(tmp_path, *SECOND, "distill.route={sorting: second}", "distill.train.max_steps=3", *EXACT)
+    with pytest.raises(InputError, match=r"distill.route.sorting: no conversation of the data has this tag; its tags are reverse, sort"):
+        run_pipeline(config, until="distill")
+    assert not (tmp_path / "store" / "teacher").exists()

@@ -371,6 +371,11 @@ def prepare_chat(config: DataConfig, store: Store, run: StageRun, source: FileSo
         save_hf_tokenizer(prepared, run)
     special_ids = prepared.ids()
     tags = sorted({conversation.tag for conversation in conversations})
+    if len(tags) > np.iinfo(np.int16).max:
+        raise DataSourceError(
+            f"data.chat.tag_field: the conversations have {len(tags):,} distinct tags (a record without {chat.tag_field!r} is tagged "
+            f"with its file's name), more than the {np.iinfo(np.int16).max:,} prep records; tag the records by kind"
+        )
     details: dict = {
         "seq_len": config.seq_len, "vocab_size": prepared.tokenizer.get_vocab_size(), "special_token_ids": special_ids, "splits": {},
         "chat": {"train_on": chat.train_on, "layout": chat.layout}, "tags": tags,

@@ -3,8 +3,9 @@ sorting and string transforms, generated from a seed, each with one right answer
 
 Task families (`data.exact_answers.tasks`), each record tagged with its family (`tag`):
 - `add`: "347+58" -> "405"; `subtract`: "347-58" -> "289" (the second number at most the
-  first, so never negative). The first operand has exactly `length` digits (one digit may be 0),
-  the second a uniformly drawn 1 to `length` digits.
+  first, so never negative). The first operand has exactly `length` digits (one digit may be 0);
+  the second of a sum is below 10^d for a d drawn uniformly from 1 to `length` (so it may have
+  fewer digits, or be 0), the second of a difference any number from 0 to the first.
 - `sort`: "sort 3 1 2" -> "1 2 3": `length` digits, separated by spaces.
 - `reverse`: "reverse abc" -> "cba"; `drop_vowels`: "drop vowels abcde" -> "bcd" (a, e, i, o, u
   removed; the word holds at least one other letter, so no answer is empty): `length` random

@@ -67,6 +67,11 @@ class CausalLM(Task):
                     "distill.deepspeed.zero_stage: on-policy sampling runs the student in the training process, which ZeRO-3 "
                     "partitions; use zero_stage 0-2 for teacher_source: on_policy"
                 )
+            if job.distill.on_policy.teacher_top_k and not loss.topk_tail:
+                raise ValueError(
+                    "distill.loss.topk_tail: distill.on_policy.teacher_top_k gives the teacher's top k at the loss temperature, "
+                    "compared with the tail bucket; set topk_tail: true"
+                )
             if job.distill.on_policy.teacher_top_k and job.distill.on_policy.objective == "policy_gradient":
                 raise ValueError(
                     "distill.on_policy.teacher_top_k: the policy-gradient objective needs the teacher's log-prob of every sampled "
@@ -124,6 +129,13 @@ class CausalLM(Task):
         for name, value in (("feature_weight", loss.feature_weight > 0), ("balance_terms", loss.balance_terms), ("fused", loss.fused)):
             if value:
                 raise ValueError(f"distill.loss.{name}: not with several teachers (each teacher's KD term is the objective's own); turn it off")
+        if distill.teacher_source == "on_policy" and distill.on_policy.writer == "teacher":
+            raise ValueError("distill.on_policy.writer: with several teachers, which one writes is not defined; use writer: student")
+        if distill.route and distill.teacher_source == "online" and distill.deepspeed.enabled and distill.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "distill.deepspeed.zero_stage: routed online teachers score only the batches they teach, which differ by rank, "
+                "and a ZeRO-3 teacher's forward pass needs every rank; use zero_stage 0-2, or teacher_source: cache"
+            )
         if distill.teacher_weights and distill.teacher_source == "on_policy" and distill.on_policy.objective == "policy_gradient":
             raise ValueError(
                 "distill.teacher_weights: the policy-gradient objective reads one teacher log-prob per sampled token; route the "
@@ -150,8 +162,9 @@ class CausalLM(Task):
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
         """The chat section for chat sources, `exact_answers` (and its generator's version) for that
-        source alone; `chat.split_field` only when set, so the keys of jobs without it stay as they
-        were before it existed."""
+        source alone; `chat.split_field` only when set and `chat.tag_field` only when not `tag`, so
+        the keys of jobs without them stay as they were before they existed (a prep from before
+        tags lacks `tag_ids`: `distill.route` then asks for `--force prep`)."""
         excluded = {"preferences", "exact_answers"} | (set() if data.source in CHAT_SOURCES else {"chat"})
         if data.source == "exact-answers":
             from kd_core.data.exact_answers import DATASET_VERSION
@@ -160,6 +173,8 @@ class CausalLM(Task):
         settings = data.model_dump(mode="json", exclude=excluded)
         if "chat" in settings and settings["chat"]["split_field"] is None:
             del settings["chat"]["split_field"]
+        if "chat" in settings and settings["chat"]["tag_field"] == "tag":
+            del settings["chat"]["tag_field"]
         if data.source == "exact-answers":
             settings["exact_answers"]["version"] = DATASET_VERSION
         return settings

@@ -69,26 +69,30 @@ class CausalLMStep(nn.Module):
 
     def mixed(self, batch, inputs, input_ids, mix: TeacherMix, counted) -> dict[str, torch.Tensor]:
         """Several teachers' targets (`TeacherMix`): the student's logits once, the objective once per
-        teacher on the positions it teaches, the terms summed with the parts' weights; each
-        teacher's KD (`kd_<name>`) and counted tokens (`tokens_<name>`) are logged too."""
+        teacher on the positions it teaches, the terms summed with the parts' weights. Each
+        teacher's KD summed over its tokens (`kd_<name>_sum`) and its tokens (`tokens_<name>`) are
+        logged too; the loop turns them into its KD per token (`kd_<name>`) once averaged."""
+        parts = mix.split(counted)
         if "sampler_logprobs" in batch and self.on_policy_objective == "policy_gradient":
-            return self.policy_gradient(batch, inputs, mix.dense(counted))
+            return self.policy_gradient(batch, inputs, mix.dense(counted), parts)
         logits = self.model(**inputs).logits[..., : self.vocab_size]
         terms: dict[str, torch.Tensor] = {}
         with cross_entropy_off(self.objective) if "sampler_logprobs" in batch else nullcontext():
-            for name, weight, part in mix.split(counted):
+            for name, weight, part in parts:
                 part_terms = self.objective(logits, input_ids, part)
                 for term in ("loss", "ce", "kd"):
                     value = weight * (part_terms[term] if term == "loss" else part_terms[term].detach())
                     terms[term] = terms[term] + value if term in terms else value
-                terms[f"kd_{name}"] = part_terms["kd"].detach()
-                terms[f"tokens_{name}"] = part.mask.sum().float() if part.mask is not None else torch.tensor(float(input_ids.numel()))
+                tokens = part.mask.sum().float() if part.mask is not None else torch.tensor(float(input_ids.numel()))
+                terms[f"kd_{name}_sum"], terms[f"tokens_{name}"] = part_terms["kd"].detach() * tokens, tokens
         return terms
 
-    def policy_gradient(self, batch, inputs, targets: TeacherTargets) -> dict[str, torch.Tensor]:
+    def policy_gradient(self, batch, inputs, targets: TeacherTargets, parts=()) -> dict[str, torch.Tensor]:
         """The sampled-token reverse-KL advantage with a policy-gradient update, weighted by the
         objective's `kd_weight` (`kd_core/losses/policy_gradient.py`): position t's log-probs of
-        sampled token t + 1, the student's (with gradient), the sampler's and the teacher's."""
+        sampled token t + 1, the student's (with gradient), the sampler's and the teacher's.
+        `parts`: routed teachers' (name, weight, targets with their mask), whose sampled reverse KL
+        and tokens are logged as `mixed` logs them."""
         ids = inputs["input_ids"]
         logits = self.model(**inputs).logits[..., : self.vocab_size]
         student = sampled_token_logprobs(logits[:, :-1], ids[:, 1:])
@@ -97,7 +101,12 @@ class CausalLMStep(nn.Module):
         policy = policy_gradient_reverse_kl(student, sampler, teacher, mask=mask)
         # Logged as every other batch's terms: `ce`, the student's NLL of its own answer; `kd`, the sampled reverse KL.
         nll = -(torch.where(mask, student, 0.0).sum() / mask.sum().clamp_min(1)).detach()
-        return {"ce": nll, "kd": reported_kl(sampler, teacher, mask), "loss": self.objective.kd_weight * policy}
+        terms = {"ce": nll, "kd": reported_kl(sampler, teacher, mask), "loss": self.objective.kd_weight * policy}
+        for name, _, part in parts:
+            own = part.mask[:, :-1]
+            tokens = own.sum().float()
+            terms[f"kd_{name}_sum"], terms[f"tokens_{name}"] = reported_kl(sampler, teacher, own) * tokens, tokens
+        return terms
 
 
 @contextmanager

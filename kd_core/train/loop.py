@@ -202,24 +202,25 @@ def train_worker(
     device = runner.device if spec.deepspeed else next(module.parameters()).device
     source = target_source(spec, store, runner, device, rank, teacher_actors)
     run = WorkerRun(spec, rank, world_size, accumulation, runner, device, checkpoints, progress, on_validation=on_validation)
-    # --- resume: restore the latest checkpoint, and the stream's positions in it
-    with checkpoints.latest() as folder:
-        positions = load_stream_positions(folder, rank) if folder is not None else None
-        batches = training_batches(spec, rank, world_size, accumulation, positions)  # before the RNG is restored
-        if folder is not None:
-            run.restore(folder)
-            source.restore(load_source_state(folder, rank), run.start_step)
-    resume_stream(run, batches, positions, source.batches_ahead())
-    started = time.perf_counter()
-    if rank == 0 and spec.tracking is not None:
-        run.logger = MlflowLogger(spec.tracking)
-        run.logger.start(resume_run_id=run.mlflow_run_id)
-    try:
-        result = run.train_steps(batches, source)
-    except BaseException:
-        if run.logger is not None:
-            run.logger.end("FAILED")
-        raise
+    try:  # the source may hold Ray actors: released however this ends
+        # --- resume: restore the latest checkpoint, and the stream's positions in it
+        with checkpoints.latest() as folder:
+            positions = load_stream_positions(folder, rank) if folder is not None else None
+            batches = training_batches(spec, rank, world_size, accumulation, positions)  # before the RNG is restored
+            if folder is not None:
+                run.restore(folder)
+                source.restore(load_source_state(folder, rank), run.start_step)
+        resume_stream(run, batches, positions, source.batches_ahead())
+        started = time.perf_counter()
+        if rank == 0 and spec.tracking is not None:
+            run.logger = MlflowLogger(spec.tracking)
+            run.logger.start(resume_run_id=run.mlflow_run_id)
+        try:
+            result = run.train_steps(batches, source)
+        except BaseException:
+            if run.logger is not None:
+                run.logger.end("FAILED")
+            raise
     finally:
         source.close()
     result |= {"parameters": parameters, "train_seconds": time.perf_counter() - started, "resumed_from_step": run.start_step}
@@ -283,6 +284,7 @@ class WorkerRun:
             nonfinite.observe(done, terms)
             if step % train.log_every == 0 or done == train.max_steps:
                 terms = _mean_across_ranks(terms | source.log_terms(), self.device)  # every rank takes part; rank 0 records
+                terms = _per_teacher(terms, self.accumulation * self.world_size)
                 if self.rank == 0:
                     elapsed = time.perf_counter() - started
                     record = {
@@ -404,6 +406,18 @@ def _mean_across_ranks(terms: dict[str, float], device) -> dict[str, float]:
     torch.distributed.all_reduce(values)
     values /= torch.distributed.get_world_size()
     return {**terms, **dict(zip(names, values.tolist()))}
+
+
+def _per_teacher(terms: dict[str, float], micro_batches: int) -> dict[str, float]:
+    """Several teachers' terms (`kd_<name>_sum`, `tokens_<name>`: means over the step's micro-batches
+    and ranks) as each teacher's KD per token it taught (`kd_<name>`; 0 when it taught none) and
+    its tokens in the step (`tokens_<name>`, summed over `micro_batches`)."""
+    for key in [key for key in terms if key.startswith("kd_") and key.endswith("_sum")]:
+        name = key[len("kd_") : -len("_sum")]
+        total, tokens = terms.pop(key), terms[f"tokens_{name}"]
+        terms[f"kd_{name}"] = total / tokens if tokens else 0.0
+        terms[f"tokens_{name}"] = tokens * micro_batches
+    return terms
 
 
 def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict], deepspeed_json: dict | None = None) -> list[FileRecord]:

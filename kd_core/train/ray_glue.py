@@ -205,7 +205,7 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
     from ray.train import CheckpointConfig, FailureConfig
 
     ensure_ray(compute)
-    _check_room_for_actors(spec, compute)
+    check_room_for_actors(spec.on_policy, len(spec.online_teachers()), compute, compute.num_workers, compute.cpus_per_worker)
     reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
     with teacher_pool(spec.storage, spec.online_teachers(), spec.task, spec.on_policy) as teacher_actors:
         # The run lives in the stage's checkpoint folder: a rerun of the same step finds Ray Train's
@@ -236,29 +236,34 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
     return result
 
 
-def _check_room_for_actors(spec: TrainSpec, compute: ComputeConfig) -> None:
-    """On a local Ray (no `compute.ray_address`: nothing will add nodes), an on-policy run whose
-    workers and actors reserve more CPUs or GPUs than the machine has would wait forever: refuse it."""
+def check_room_for_actors(
+    settings, teachers: int, compute: ComputeConfig, workers: int, cpus_per_worker: int, concurrent: int = 1,
+) -> None:
+    """On a local Ray (no `compute.ray_address`: nothing will add nodes), an on-policy run (or
+    `concurrent` search trials) whose workers and actors reserve more CPUs or GPUs than the
+    machine has would wait forever: refuse it, naming what to lower. `settings`:
+    `distill.on_policy` (None: not on-policy); `teachers`: the teachers with actor pools."""
     import ray
 
-    settings = spec.on_policy
     if settings is None or compute.ray_address:
         return
-    actors = settings.teacher_actors * len(spec.online_teachers()) + compute.num_workers * settings.generation_actors
-    if not actors:
+    generation = workers * settings.generation_actors
+    pools = settings.teacher_actors * teachers
+    if not generation and not pools:
         return
     total = ray.cluster_resources()
-    needs = {
-        "CPU": compute.num_workers * compute.cpus_per_worker + actors * settings.actor_cpus,
-        "GPU": compute.num_workers * int(compute.use_gpu) + actors * settings.actor_gpus,
-    }
-    for resource, needed in needs.items():
+    per_actor = {"CPU": settings.actor_cpus, "GPU": settings.actor_gpus}
+    per_worker = {"CPU": cpus_per_worker, "GPU": int(compute.use_gpu)}
+    trials = f"{concurrent} concurrent trials × " if concurrent > 1 else ""
+    for resource in ("CPU", "GPU"):
+        needed = concurrent * (workers * per_worker[resource] + generation * per_actor[resource]) + pools * per_actor[resource]
         if needed > total.get(resource, 0) + 1e-9:
             raise ValueError(
-                f"distill.on_policy: {compute.num_workers} training workers × {compute.cpus_per_worker if resource == 'CPU' else int(compute.use_gpu)} "
-                f"{resource} and {actors} actors × actor_{resource.lower()}s {settings.actor_cpus if resource == 'CPU' else settings.actor_gpus} "
-                f"need {needed:g} {resource}s, and this Ray has {total.get(resource, 0):g}; lower distill.on_policy.actor_{resource.lower()}s "
-                "(a fraction shares one), the actor counts or compute.cpus_per_worker, or raise compute.num_cpus"
+                f"distill.on_policy: {trials}({workers} training workers × {per_worker[resource]:g} {resource} + {generation} generation "
+                f"actors × actor_{resource.lower()}s {per_actor[resource]:g}) + {pools} teacher actors × {per_actor[resource]:g} need "
+                f"{needed:g} {resource}s, and this Ray has {total.get(resource, 0):g}; lower distill.on_policy.actor_{resource.lower()}s "
+                "(a fraction shares one), the actor counts, compute.cpus_per_worker" + (" or tune.max_concurrent" if concurrent > 1 else "")
+                + ", or raise compute.num_cpus"
             )
 
 

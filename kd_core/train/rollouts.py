@@ -256,7 +256,10 @@ class ActorScoring:
     rank on, so the workers of a run spread over the pool."""
 
     def __init__(self, actors: list, spec, rank: int):
-        self.actors, self.spec, self.turn = actors, spec, rank
+        import ray
+
+        self.actors, self.turn = actors, rank
+        self.spec = ray.put(spec)  # sent once, read by reference with every batch
 
     def score(self, batches: list[dict[str, torch.Tensor]]) -> list:
         import ray
@@ -279,7 +282,8 @@ def teacher_pool(storage: StorageConfig, teachers: dict[str, Manifest], task, se
         return
     import ray
 
-    scorer = ray.remote(num_cpus=settings.actor_cpus, num_gpus=settings.actor_gpus)(TeacherScorer)
+    # A scorer holds nothing but the teacher: one that dies is restarted and its batch retried.
+    scorer = ray.remote(num_cpus=settings.actor_cpus, num_gpus=settings.actor_gpus, max_restarts=3, max_task_retries=3)(TeacherScorer)
     pools = {name: [scorer.remote(storage, manifest, task, settings) for _ in range(settings.teacher_actors)] for name, manifest in teachers.items()}
     try:
         yield pools

@@ -156,10 +156,12 @@ class TrainSpec:
         return bool(self.route or self.teacher_weights)
 
     def online_teachers(self) -> dict[str, Manifest]:
-        """Name -> step manifest of every teacher run online (`teacher` first), if any."""
+        """Name -> step manifest of every teacher run online that teaches some token (`teacher`
+        first; with `teacher_weights`, those weighted above 0), if any."""
         if self.online_teacher is None:
             return {}
-        return {"teacher": self.online_teacher, **self.more_teachers}
+        teachers = {"teacher": self.online_teacher, **self.more_teachers}
+        return {name: manifest for name, manifest in teachers.items() if name in self.teacher_weights} if self.teacher_weights else teachers
 
     @property
     def vocab_size(self) -> int:

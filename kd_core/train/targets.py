@@ -180,6 +180,10 @@ class OnPolicyTargets:
         self.trained_tokens = 0
 
     def on_policy(self, step: int) -> bool:
+        """Whether `step` learns answers written for it: never before `offline_steps`, then with
+        probability `mixing`, drawn from the seed and the step."""
+        if step < self.spec.on_policy.offline_steps:
+            return False
         return random.Random(f"{self.spec.train.seed}:{step}").random() < self.spec.on_policy.mixing
 
     def submitted(self, next_batch, student, step: int, count: int, version: int) -> tuple[int, bool, list]:
@@ -213,10 +217,11 @@ class OnPolicyTargets:
         student has learned on so far (answers or the dataset's), for comparing runs at equal tokens."""
         return self.stats.terms() | {"trained_tokens": float(self.trained_tokens)}
 
-    def state(self, step: int) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """The answers already written for the next step (`async`), and the generation actors'
-        weights while a resume would not refresh them."""
-        tensors, meta = {}, {}
+    def state(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """The answers already written for the next step (`async`), the generation actors' weights
+        while a resume would not refresh them, and the counts the log records carry on."""
+        tensors = {}
+        meta = {"trained_tokens": self.trained_tokens, "generation": {"seconds": self.stats.seconds, "tokens": self.stats.tokens, "waited": self.stats.waited}}
         if self.ahead is not None:
             ahead_step, on_policy, items = self.ahead
             meta["ahead"] = {"step": ahead_step, "on_policy": on_policy, "micro_batches": len(items), "versions": []}
@@ -233,12 +238,15 @@ class OnPolicyTargets:
         if generation:
             meta["generation_version"] = generation["version"]
             tensors |= {f"weights.{name}": value.clone().contiguous() for name, value in generation["weights"].items()}
-        return (tensors, meta) if meta else None
+        return tensors, meta
 
     def restore(self, state: tuple[dict[str, torch.Tensor], dict] | None, step: int) -> None:
         if state is None:
             return
         tensors, meta = state
+        self.trained_tokens = meta.get("trained_tokens", 0)
+        counts = meta.get("generation", {})
+        self.stats.seconds, self.stats.tokens, self.stats.waited = counts.get("seconds", 0.0), counts.get("tokens", 0), counts.get("waited", 0.0)
         if "generation_version" in meta:
             weights = {name.removeprefix("weights."): value for name, value in tensors.items() if name.startswith("weights.")}
             self.generation.restore({"version": meta["generation_version"], "weights": weights}, step)
@@ -264,7 +272,7 @@ def target_source(
     """The source of `spec`'s run: the online teachers (loaded here, on this worker, or the
     driver's `teacher_actors` for an on-policy run with `teacher_actors`), the cache, or none."""
     if spec.online_teacher is not None:
-        scoring, teacher = online_scoring(spec, store, runner, device, rank, teacher_actors)
+        scoring, teacher = online_scoring(spec, store, runner, device, rank, teacher_actors)  # the teachers that teach
         if spec.on_policy is None:
             return OnlineTargets(scoring, teacher)
         settings = spec.on_policy

@@ -40,7 +40,7 @@ def run_search(
     trial's student is cut (`student.init: from_teacher`)."""
     from ray import tune as ray_tune
 
-    from kd_core.train.ray_glue import ensure_ray
+    from kd_core.train.ray_glue import check_room_for_actors, ensure_ray
     from kd_core.train.rollouts import teacher_pool
 
     settings = config.tune
@@ -63,6 +63,12 @@ def run_search(
     job = config.model_copy(update={"storage": store.config, "student": student})
     on_policy = config.distill.on_policy if config.distill.teacher_source == "on_policy" else None
     online = {"teacher": targets, **(more_targets or {})} if targets.stage == "teacher" else {}
+    if config.distill.teacher_weights:
+        online = {name: manifest for name, manifest in online.items() if config.distill.teacher_weights.get(name, 0) > 0}
+    check_room_for_actors(
+        on_policy, len(online), config.compute, settings.workers_per_trial or config.compute.num_workers,
+        settings.cpus_per_worker or config.compute.cpus_per_worker, settings.max_concurrent,
+    )
     with teacher_pool(store.config, online, task_of(prep), on_policy) as teacher_actors:
         trainable = ray_tune.with_resources(
             ray_tune.with_parameters(
