@@ -330,3 +330,18 @@ def test_the_on_policy_recipe_compiles_to_the_same_dags_and_searches_its_samplin
         assert set(spec["root"]["dag"]["tasks"]) == steps
     with pytest.raises(ConfigError, match=r"tune.space.distill.on_policy.temperature: the value 0.0 makes the job invalid"):
         load_config(os.path.join(REPO, "configs", "on_policy.yaml"), ["tune.space={distill.on_policy.temperature: {kind: uniform, low: 0.0, high: 1.0}}"])
+
+
+def test_an_on_policy_search_runs_its_trials_with_generation_actors_and_one_teacher_pool(tmp_path, folder, ray_runtime):
+    """A Tune trial's placement group captures what its workers start: the generation actors must
+    be placed outside it, or the first on-policy step waits forever (it did)."""
+    from kd_core.pipeline import search_steps
+
+    config = job(
+        tmp_path, folder, "compute.backend=ray", "compute.cpus_per_worker=1", "distill.on_policy.max_new_tokens=4",
+        "distill.on_policy.generation_actors=1", "distill.on_policy.teacher_actors=1", "distill.on_policy.actor_cpus=0.5",
+        "tune.space={distill.on_policy.temperature: {kind: uniform, low: 0.7, high: 1.3}}", "tune.num_trials=1", "tune.max_concurrent=1",
+        "tune.max_steps=4", "tune.eval_every=2", "tune.grace_period=1",
+    )
+    searched = search_steps(config)["tune"]
+    assert searched.metrics["trials"] == 1 and searched.metrics["best_val_loss"] > 0

@@ -168,10 +168,14 @@ class ActorGeneration:
 
     def __init__(self, spec):
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         settings = spec.on_policy
         worker = ray.remote(num_cpus=settings.actor_cpus, num_gpus=settings.actor_gpus)(GenerationWorker)
-        self.actors = [worker.remote(spec) for _ in range(settings.generation_actors)]
+        # Outside the worker's placement group (a Tune trial's captures its children): the group
+        # holds the worker's own CPUs only, so an actor placed in it would wait forever.
+        outside = PlacementGroupSchedulingStrategy(placement_group=None)
+        self.actors = [worker.options(scheduling_strategy=outside).remote(spec) for _ in range(settings.generation_actors)]
         self.sync_every = settings.sync_every
         self.version: int | None = None
         """The version of the weights the actors hold (None: none sent yet)."""
