@@ -55,7 +55,7 @@ def prepare_text(config: DataConfig, store: Store, run: StageRun, source: FileSo
         for split in SPLITS:
             rows = pack(prepared.tokenizer, splits[split], config.seq_len, special_ids["eos"], bar.advance)
             if len(rows) == 0:
-                raise _empty_split(split, splits[split], config)
+                raise empty_split_error(split, splits[split], config)
             if split == "train":
                 rows = rows[np.random.default_rng(config.seed).permutation(len(rows))]
             details["splits"][split] = write_split(run, split, {"input_ids": rows}, config.rows_per_shard)
@@ -131,7 +131,7 @@ def unique_documents(documents: Iterable[str]) -> tuple[list[str], int]:
     return kept, duplicates
 
 
-def _empty_split(split: str, documents: list[str], config: DataConfig) -> DataSourceError:
+def empty_split_error(split: str, documents: list[str], config: DataConfig) -> DataSourceError:
     what = "add data or lower data.seq_len" if split == "train" else f"add data, raise data.{split}_fraction or lower data.seq_len"
     return DataSourceError(
         f"data: the {split} split holds no full row of data.seq_len={config.seq_len} tokens ({len(documents)} documents, "
