@@ -13,6 +13,7 @@ Sparse targets from a teacher cache:
     topk_kl (top-k ids and log-probs, optional tail bucket), sampled_kl (Random-Sampling KD)
 On-policy (the student's own samples, scored by the teacher):
     policy_gradient_reverse_kl, reported_kl, sampled_token_logprobs (policy_gradient.py)
+Cross-tokenizer: AlignedSpans, span_logprobs, uld_loss, uld_topk_loss, span_kl_loss, DualSpaceDistillation
 Features and structure:
     hidden_mse, hidden_cosine, HiddenStateDistillation (features.py); rkd_distance, rkd_angle,
     similarity_kl (relational.py); matryoshka_distillation; reward_mse, preference_kl, bradley_terry,
@@ -20,6 +21,14 @@ Features and structure:
 """
 
 from kd_core.losses.common import align_vocab, masked_mean
+from kd_core.losses.cross_tokenizer import (
+    AlignedSpans,
+    DualSpaceDistillation,
+    span_kl_loss,
+    span_logprobs,
+    uld_loss,
+    uld_topk_loss,
+)
 from kd_core.losses.divergences import DIVERGENCES, Divergence
 from kd_core.losses.features import HiddenStateDistillation, hidden_cosine, hidden_mse
 from kd_core.losses.forward_kl import forward_kl
@@ -45,7 +54,9 @@ from kd_core.losses.topk import topk_kl
 from kd_core.losses.total_variation import total_variation
 
 __all__ = [
+    "AlignedSpans",
     "DIVERGENCES",
+    "DualSpaceDistillation",
     "DistillationObjective",
     "Divergence",
     "FusedTerm",
@@ -79,7 +90,11 @@ __all__ = [
     "similarity_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "span_kl_loss",
+    "span_logprobs",
     "topk_kl",
     "topk_target",
     "total_variation",
+    "uld_loss",
+    "uld_topk_loss",
 ]
