@@ -30,7 +30,7 @@ from kd_core.losses.cross_tokenizer import (
 )
 
 # Values are computed in float32 from the given dtype; bf16 gradients are rounded to bf16 (8 bits).
-TOLERANCES = {torch.float32: dict(value=1e-5, rtol=1e-5, atol=1e-6), torch.bfloat16: dict(value=3e-2, rtol=1e-2, atol=3e-3)}
+TOLERANCES = {torch.float32: dict(value=1e-5, rtol=1e-5, atol=1e-6), torch.bfloat16: dict(value=1e-2, rtol=1e-2, atol=3e-3)}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
@@ -314,7 +314,7 @@ def span_kl_inputs(dtype, seed, rows=2):
 
 
 @DTYPES
-@pytest.mark.parametrize("top_k", [None, 3], ids=["full", "top3"])
+@pytest.mark.parametrize("top_k", [None, 2], ids=["full", "top2"])  # top 2: the student's 3 unmatched ids are truncated
 @pytest.mark.parametrize("uld_weight", [1.0, 0.0])
 def test_span_kl_matches_string_level_reference(top_k, uld_weight, dtype):
     student, teacher = span_kl_inputs(dtype, seed=20)
@@ -377,6 +377,23 @@ def test_span_kl_is_zero_on_identical_distributions_over_a_one_to_one_vocabulary
     logits = torch.randn(6, 5, generator=generator(40)) * 2
     assert per_span(logits, logits.clone()).abs().max() < 1e-6
     assert per_span(torch.randn(6, 5, generator=generator(41)) * 2, logits).min() > 1e-3
+
+
+def test_span_kl_stays_finite_when_a_student_probability_underflows():
+    """A shared string the teacher gives mass to, at probability exp(−200) = 0 in float32 for the
+    student: the floor 10⁻³⁰ inside the log gives a large finite term and a finite gradient."""
+    student_shared, teacher_shared = shared_tables(STUDENT_VOCAB, TEACHER_VOCAB)
+    student_logits = torch.zeros(1, len(STUDENT_VOCAB))
+    student_logits[0, [STUDENT_VOCAB.index("c"), STUDENT_VOCAB.index("▁c")]] = -200.0
+    student_logits.requires_grad_()
+    teacher_logprobs = torch.log_softmax(torch.zeros(1, len(TEACHER_VOCAB)), -1)
+    a, b = torch.tensor([STUDENT_VOCAB.index("a")]), torch.tensor([TEACHER_VOCAB.index("b")])
+    value = span_kl_loss(
+        torch.log_softmax(student_logits, -1), torch.arange(7)[None], teacher_logprobs, student_shared, teacher_shared,
+        torch.tensor([-3.0]), torch.tensor([-3.0]), a, b,
+    )
+    value.backward()
+    assert 9 < value.item() < 1e3 and torch.isfinite(student_logits.grad).all()
 
 
 def test_span_kl_of_no_spans_is_zero_with_zero_gradient():
