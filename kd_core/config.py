@@ -475,6 +475,21 @@ class FromTeacherConfig(Section):
                 raise ValueError(f"student.from_teacher.{name}: {value} is wider than the teacher's {teachers}; set it <= {teachers}")
 
 
+class StudentTokenizerConfig(Section):
+    """The student's own tokenizer (`task: cross_tokenizer`): a Hugging Face tokenizer folder
+    (`path`), or one kdflow trains on the prepared training text (`kind`, `vocab_size`). Either
+    way it is a step of its own (`student_tokenizer`), which the student and the baseline share;
+    the teacher's cache never depends on it."""
+
+    path: str | None = None
+    """fsspec URL of a Hugging Face tokenizer folder (tokenizer.json) for the student; None: train one."""
+    kind: Literal["bpe", "wordpiece", "unigram"] = "unigram"
+    """The tokenizer kdflow trains: byte-level `bpe`, `wordpiece` (BERT's pre-tokenizer) or
+    `unigram` (SentencePiece's Metaspace)."""
+    vocab_size: int = Field(default=1024, ge=64, le=1_000_000)
+    """Its vocabulary, special tokens included."""
+
+
 class StudentConfig(Section):
     architecture: ArchitectureConfig = ArchitectureConfig()
     """Architecture of the student (with `task: reward`, its language model), built from config
@@ -491,6 +506,8 @@ class StudentConfig(Section):
     """How a student is cut from the teacher (`init: from_teacher`)."""
     vision: VisionConfig = VisionConfig()
     """The image encoder of a multimodal reward student (`task: reward`; ignored otherwise)."""
+    tokenizer: StudentTokenizerConfig = StudentTokenizerConfig()
+    """The student's own tokenizer (`task: cross_tokenizer`; ignored otherwise)."""
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -630,6 +647,35 @@ class RewardLossConfig(Section):
         return self
 
 
+class CrossTokenizerLossConfig(Section):
+    """The objective of a student whose tokenizer is not the teacher's (`task: cross_tokenizer`):
+
+        total = ce_weight · CE(student, its own next tokens) + kd_weight · KD(teacher, student)
+
+    KD is averaged over the aligned spans of the two tokenizations (`kd_core/data/alignment.py`;
+    the losses in `kd_core/losses/cross_tokenizer.py`)."""
+
+    method: Literal["uld", "span_kl", "dskd"] = "span_kl"
+    """`uld`: the Wasserstein distance between the sorted next-token distributions (Boizard et
+    al.); `span_kl`: KL over the strings both vocabularies hold, each span's probability merged
+    from its tokens' conditionals, the unmatched mass compared by ULD (GOLD's hybrid); `dskd`:
+    dual-space KD with cross-model attention (Zhang et al.), which needs the teacher's hidden
+    states (online, or `cache.hidden_layers` [0, its last layer])."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Both models' softmax temperature in the KD term (a top-k cache's, `cache.temperature`, for
+    `uld` and `span_kl` from the cache)."""
+    ce_weight: float = Field(default=0.5, ge=0)
+    kd_weight: float = Field(default=0.5, ge=0)
+    uld_weight: float = Field(default=1.0, ge=0)
+    """`span_kl`: the weight of ULD on the tokens whose strings only one vocabulary holds."""
+
+    @model_validator(mode="after")
+    def _some_term_is_weighted(self) -> CrossTokenizerLossConfig:
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            raise ValueError("ce_weight and kd_weight are both 0: nothing would be trained")
+        return self
+
+
 class OnPolicyConfig(Section):
     """On-policy distillation (`distill.teacher_source: on_policy`, chat data): the student writes
     its own answers to the batch's prompts and the teacher scores every token of them."""
@@ -712,6 +758,8 @@ class DistillConfig(Section):
     """The distillation objective of language models (`task: causal_lm`)."""
     reward: RewardLossConfig = RewardLossConfig()
     """The distillation objective of reward models (`task: reward`)."""
+    cross_tokenizer: CrossTokenizerLossConfig = CrossTokenizerLossConfig()
+    """The distillation objective of a student with its own tokenizer (`task: cross_tokenizer`)."""
     train: TrainConfig = TrainConfig()
     """Optimisation of the student."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()

@@ -107,6 +107,9 @@ class CacheLayout:
     tail: bool = False
     hidden_layers: tuple[int, ...] = ()
     hidden_size: int = 0
+    token_logprobs: bool = False
+    """Also keep the log-prob of each position's next token in the row (`teacher_token_logprobs`):
+    a student with another tokenizer merges them into each span's probability."""
     version: int = FORMAT_VERSION
     id_bits: int = field(init=False)
     count_bits: int = field(init=False)
@@ -163,7 +166,7 @@ class CacheLayout:
         `pack`."""
         return self.pack(self.position_targets(teacher_logprobs.flatten(0, -2), generator), hidden, rows=teacher_logprobs.shape[0])
 
-    def position_targets(self, teacher_logprobs: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def position_targets(self, teacher_logprobs: torch.Tensor, generator: torch.Generator, next_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """What the cache keeps of n positions' log-probs (n, V) at the cache temperature, on their
         device: `topk_entries` (n, k) ids with their quantized log-probs and `tail_logprob` (n,),
         `sample_entries` (n, slots) ids with their counts (drawn with `generator`, which must live
@@ -187,6 +190,8 @@ class CacheLayout:
             targets["logprobs"] = teacher_logprobs.clamp_min(-65504).half()
         entropy = -(teacher_logprobs.exp() * teacher_logprobs).nan_to_num(0.0).sum(-1)
         targets["entropy"] = entropy.half()
+        if self.token_logprobs:  # `next_ids` (n,): each position's next token in its row
+            targets["token_logprobs"] = teacher_logprobs.gather(-1, next_ids.long().unsqueeze(-1)).squeeze(-1).clamp_min(-65504)
         return targets
 
     def pack(self, targets: dict[str, torch.Tensor], hidden: dict[int, torch.Tensor], rows: int) -> dict[str, np.ndarray]:
@@ -230,6 +235,8 @@ class CacheLayout:
             # Log-probs at the cache temperature τ, times τ, are the logits up to a per-position
             # constant: the loss may apply any temperature to them.
             targets["teacher_logits"] = columns["logprobs"].astype(np.float32).reshape(rows, T, -1) * np.float32(self.temperature)
+        if self.token_logprobs:
+            targets["teacher_token_logprobs"] = columns["token_logprobs"].astype(np.float32).reshape(rows, T)
         for layer in self.hidden_layers:
             targets[f"teacher_hidden_{layer}"] = columns[f"hidden_{layer}"].astype(np.float32).reshape(rows, T, -1)
         return targets

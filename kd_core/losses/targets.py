@@ -20,6 +20,9 @@ B rows, T positions, V vocabulary entries, k top-k slots, n sample slots, H hidd
 - `sample_ids`, `sample_counts` (`teacher_sample_ids`, `teacher_sample_counts`): (B, T, n) int32,
   the distinct ids drawn from the teacher and how often each was drawn (0: an unused slot).
 - `entropy` (`teacher_entropy`): (B, T) float32, the teacher's full predictive entropy (nats).
+- `token_logprobs` (`teacher_token_logprobs`): (B, T) float32, the teacher's log-prob (at the
+  cache temperature) of the token that follows position t in its own view of the row: what a
+  student with another tokenizer merges into a span's probability (`cache.token_logprobs`).
 - `hidden` (`teacher_hidden_<L>`): {L: (B, T, H)} float32 (an online teacher: its dtype), the
   teacher's hidden state of layer L (a Hugging Face `hidden_states` index); {} when none.
 - `chosen_rewards`, `rejected_rewards` (`teacher_chosen`, `teacher_rejected`): (N,) float32, a
@@ -51,6 +54,7 @@ BATCH_KEYS: dict[str, str] = {
     "teacher_sample_ids": "sample_ids",
     "teacher_sample_counts": "sample_counts",
     "teacher_entropy": "entropy",
+    "teacher_token_logprobs": "token_logprobs",
     "teacher_chosen": "chosen_rewards",
     "teacher_rejected": "rejected_rewards",
 }
@@ -79,6 +83,7 @@ class TeacherTargets:
     sample_ids: torch.Tensor | None = None
     sample_counts: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    token_logprobs: torch.Tensor | None = None
     hidden: Mapping[int, torch.Tensor] = field(default_factory=dict)
     chosen_rewards: torch.Tensor | None = None
     rejected_rewards: torch.Tensor | None = None

@@ -83,19 +83,25 @@ class CausalLMTeacher:
         """`CacheLayout.position_targets` of every position of a batch (rows, T), in row order, and
         the cached hidden layers (rows, T, H)."""
         forward = teacher_forward(self.model, batch, self.layout.hidden_layers, self.output_layer, position_ids)
+        # each position's next token in its row (the last position's: its own, never read)
+        next_ids = torch.cat([batch[:, 1:], batch[:, -1:]], dim=1).flatten() if self.layout.token_logprobs else None
         chunks = [
-            self.chunk_targets(forward.logits(slice(start, start + self.positions_per_chunk)), generator)
+            self.chunk_targets(
+                forward.logits(slice(start, start + self.positions_per_chunk)), generator,
+                None if next_ids is None else next_ids[start : start + self.positions_per_chunk],
+            )
             for start in range(0, batch.numel(), self.positions_per_chunk)
         ]
         targets = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
         return targets, forward.hidden
 
-    def chunk_targets(self, logits: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def chunk_targets(self, logits: torch.Tensor, generator: torch.Generator, next_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One chunk's targets from its logits (n, V') in the model's dtype; a padded output layer's
-        entries past the data's vocabulary are dropped before the softmax."""
+        entries past the data's vocabulary are dropped before the softmax. `next_ids` (n,): the
+        chunk's next tokens, for a layout that keeps their log-probs."""
         teacher_logprobs = torch.log_softmax(logits[..., : self.layout.vocab_size].float() / self.layout.temperature, dim=-1)
         del logits  # the chunk's last reference: freed before the targets' temporaries are made
-        return self.layout.position_targets(teacher_logprobs, generator)
+        return self.layout.position_targets(teacher_logprobs, generator, next_ids)
 
 
 class TeacherForward:

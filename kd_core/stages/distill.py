@@ -66,13 +66,16 @@ def distill(
         **({"teacher_weights": config.teacher_weights} if config.teacher_weights else {}),
     }
     more_targets = more_targets or {}
-    inputs = {"prep": prep, **start.inputs(), expected: targets, **{f"{expected}:{name}": manifest for name, manifest in more_targets.items()}}
+    own = task.student_inputs(student, prep, store)
+    inputs = {
+        "prep": prep, **start.inputs(), **own, expected: targets, **{f"{expected}:{name}": manifest for name, manifest in more_targets.items()},
+    }
     run = StageRun(store, "distill", section, inputs=inputs, force=force)
     if run.reused:
         return run.reused
     spec = student_spec(
         task, config, student, prep, store, run.folder, targets=targets, checkpoint_every=config.checkpoint_every, tracking=tracking,
-        start=start, more_targets=more_targets,
+        start=start, more_targets=more_targets, student_inputs=own,
     )
     description = "distill: student" + {"cache": "", "online": " (online teacher)", "on_policy": " (on-policy)"}[config.teacher_source]
     return fit_stage(run, spec, compute, description, fresh=force or config.resume == "never", details={"student_start": start.record()})
@@ -99,10 +102,13 @@ def baseline(
         "train": config.train.model_dump(mode="json"),
         "deepspeed": config.deepspeed.model_dump(mode="json"),
     }
-    run = StageRun(store, "baseline", section, inputs={"prep": prep, **start.inputs()}, force=force)
+    own = task.student_inputs(student, prep, store)
+    run = StageRun(store, "baseline", section, inputs={"prep": prep, **start.inputs(), **own}, force=force)
     if run.reused:
         return run.reused
-    spec = student_spec(task, config, student, prep, store, run.folder, targets=None, checkpoint_every=config.checkpoint_every, start=start)
+    spec = student_spec(
+        task, config, student, prep, store, run.folder, targets=None, checkpoint_every=config.checkpoint_every, start=start, student_inputs=own,
+    )
     return fit_stage(
         run, spec, compute, "distill: no-teacher baseline", fresh=force or config.resume == "never", details={"student_start": start.record()}
     )

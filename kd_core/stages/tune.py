@@ -40,8 +40,9 @@ def tune(
         | ({"on_policy": config.distill.on_policy.key_settings()} if config.distill.teacher_source == "on_policy" else {})
         | ({"route": config.distill.route} if config.distill.route else {})
         | ({"teacher_weights": config.distill.teacher_weights} if config.distill.teacher_weights else {}),
-        # A config student's section as it was before `student.init` existed (its keys stay).
-        "student": config.student.model_dump(mode="json", exclude={"init", "path", "from_teacher"} if config.student.init == "config" else None),
+        # A config student's section as it was before `student.init` and `student.tokenizer` existed
+        # (its keys stay); a student's own tokenizer is an input step (`Task.student_inputs`).
+        "student": config.student.model_dump(mode="json", exclude={"init", "path", "from_teacher", "tokenizer"} if config.student.init == "config" else {"tokenizer"}),
     }
     _check_validation_targets(task, targets)
     teacher = teacher if teacher is not None or targets.stage != "teacher" else targets
@@ -49,12 +50,17 @@ def tune(
     if start.weights_identity is not None:
         section["student_weights"] = start.weights_identity
     more_targets = more_targets or {}
-    inputs = {"prep": prep, **start.inputs(), targets.stage: targets, **{f"{targets.stage}:{name}": m for name, m in more_targets.items()}}
+    own = task.student_inputs(config.student, prep, store)
+    inputs = {
+        "prep": prep, **start.inputs(), **own, targets.stage: targets, **{f"{targets.stage}:{name}": m for name, m in more_targets.items()},
+    }
     run = StageRun(store, "tune", section, inputs=inputs, force=force)
     if run.reused:
         return run.reused
     with run.timed("search"):
-        trials, parent_run_id = run_search(config, prep, targets, store, run.folder, fresh=force, teacher=teacher, more_targets=more_targets)
+        trials, parent_run_id = run_search(
+            config, prep, targets, store, run.folder, fresh=force, teacher=teacher, more_targets=more_targets, student_inputs=own,
+        )
     metric, mode = metric_mode(config)
     best = best_trial(trials, metric, mode)
     if best is None:

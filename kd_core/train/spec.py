@@ -100,9 +100,12 @@ class TrainSpec:
     """The prep manifest's details: vocabulary, row length, special token ids, the task's own."""
     token_shards: list[FileRecord]
     tokenizer_folder: str
-    """Store-relative folder of the prep stage's tokenizer, copied beside the saved model."""
+    """Store-relative folder of the model's tokenizer, copied beside the saved model: the prep
+    stage's, or a student's own (`student_inputs`)."""
     output_folder: str
     """Store-relative folder that receives `model/` and `history.jsonl`."""
+    prep_folder: str = ""
+    """Store-relative folder of the prep step (its `tokenizer/` is the data's, the teacher's)."""
     student: StudentConfig | None = None
     """The student's section (the task reads its student-only parts, e.g. an image encoder);
     None for a teacher."""
@@ -150,6 +153,9 @@ class TrainSpec:
     """`distill.route`: a conversation's tag -> the teacher that teaches its tokens."""
     teacher_weights: dict[str, float] = field(default_factory=dict)
     """`distill.teacher_weights`: teacher -> its weight on every token."""
+    student_inputs: dict[str, Manifest] = field(default_factory=dict)
+    """The steps `Task.student_inputs` ran for a student (its own tokenizer, `student_tokenizer`,
+    whose folder is then saved beside the model instead of prep's)."""
 
     @property
     def several_teachers(self) -> bool:
@@ -189,15 +195,17 @@ class TrainSpec:
         cache: Manifest | None = None, online_teacher: Manifest | None = None, tracking: TrainingRun | None = None,
         validate_every: int | None = None, validation_rows: int = 64, student_start: StudentStart = StudentStart(),
         on_policy: OnPolicyConfig | None = None, more_teachers: dict[str, Manifest] | None = None, route: dict[str, str] | None = None,
-        teacher_weights: dict[str, float] | None = None,
+        teacher_weights: dict[str, float] | None = None, student_inputs: dict[str, Manifest] | None = None,
     ) -> TrainSpec:
         """A spec that trains on the prep stage's training split and writes into `output_folder`.
         `cache` (the cache stage's manifest) or `online_teacher` (the teacher step's) gives the
         teacher's targets; `validate_every` validates on the prep stage's validation split."""
         validating = validate_every is not None
+        student_inputs = dict(student_inputs or {}) if role == "student" else {}
+        own_tokenizer = student_inputs.get("student_tokenizer")
         return cls(
             storage=store.config, task=task, role=role, architecture=architecture, train=train, prep_details=prep.details,
-            token_shards=split_shards(prep, "train"), tokenizer_folder=f"{prep.folder}/tokenizer", output_folder=output_folder,
+            token_shards=split_shards(prep, "train"), tokenizer_folder=f"{(own_tokenizer or prep).folder}/tokenizer", prep_folder=prep.folder, output_folder=output_folder,
             student=student, objective=objective, deepspeed=deepspeed, checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints, tracking=tracking, online_teacher=online_teacher,
             cache_shards=cache_shards(cache) if cache else [], cache_layout=cache.details["layout"] if cache else None,
@@ -207,6 +215,7 @@ class TrainSpec:
             more_teachers=dict(more_teachers or {}) if online_teacher is not None else {},
             more_caches=dict(more_teachers or {}) if cache is not None else {},
             route=dict(route or {}), teacher_weights={name: weight for name, weight in (teacher_weights or {}).items() if weight > 0},
+            student_inputs=student_inputs,
         )
 
 
@@ -214,7 +223,7 @@ def student_spec(
     task: Task, distill: DistillConfig, student: StudentConfig, prep: Manifest, store: Store, output_folder: str, *,
     targets: Manifest | None, train: TrainConfig | None = None, checkpoint_every: int | None = None,
     tracking: TrainingRun | None = None, validate_every: int | None = None, validation_rows: int = 64,
-    start: StudentStart = StudentStart(), more_targets: dict[str, Manifest] | None = None,
+    start: StudentStart = StudentStart(), more_targets: dict[str, Manifest] | None = None, student_inputs: dict[str, Manifest] | None = None,
 ) -> TrainSpec:
     """The spec of a student of the job's task: the distilled student learning from `targets`
     (the cache stage's manifest, or the teacher step's for an online teacher), or with `targets`
@@ -232,5 +241,5 @@ def student_spec(
         validate_every=validate_every, validation_rows=validation_rows, student_start=start,
         on_policy=distill.on_policy if with_teacher and distill.teacher_source == "on_policy" else None,
         more_teachers=more_targets if with_teacher else None, route=distill.route if with_teacher else None,
-        teacher_weights=distill.teacher_weights if with_teacher else None,
+        teacher_weights=distill.teacher_weights if with_teacher else None, student_inputs=student_inputs,
     )

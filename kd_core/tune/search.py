@@ -32,12 +32,13 @@ small machine. Ray needs a non-empty request, hence a token amount of memory."""
 
 def run_search(
     config: JobConfig, prep: Manifest, targets: Manifest, store: Store, folder: str, *, fresh: bool, teacher: Manifest | None = None,
-    more_targets: dict[str, Manifest] | None = None,
+    more_targets: dict[str, Manifest] | None = None, student_inputs: dict[str, Manifest] | None = None,
 ) -> tuple[list[dict], str | None]:
     """Run the search into `<folder>/search` (restoring it when a previous run left one, after
     checking that this step wrote its state: `kd_core.tune.state`) and return every trial's
     summary and the MLflow parent run's id. `teacher`: the teacher step's manifest, from which a
-    trial's student is cut (`student.init: from_teacher`)."""
+    trial's student is cut (`student.init: from_teacher`). `student_inputs`: the steps
+    `Task.student_inputs` ran, which every trial's student reads."""
     from ray import tune as ray_tune
 
     from kd_core.train.ray_glue import check_room_for_actors, ensure_ray
@@ -73,7 +74,7 @@ def run_search(
         trainable = ray_tune.with_resources(
             ray_tune.with_parameters(
                 run_trial, job=job, prep=prep, targets=targets, folder=folder, teacher=teacher, teacher_actors=teacher_actors,
-                more_targets=more_targets,
+                more_targets=more_targets, student_inputs=student_inputs,
             ),
             TRIAL_DRIVER_RESOURCES,
         )
@@ -127,6 +128,7 @@ def asha_scheduler(settings: TuneConfig, steps: int):
 def run_trial(
     params: dict, *, job: JobConfig, prep: Manifest, targets: Manifest, folder: str, teacher: Manifest | None = None,
     teacher_actors: dict[str, list] | None = None, more_targets: dict[str, Manifest] | None = None,
+    student_inputs: dict[str, Manifest] | None = None,
 ) -> None:
     """One trial: a short Ray Train distillation with the trial's values, reporting its validation
     metrics. Its student starts where the trial's `student` section says (`student_start`: a
@@ -146,7 +148,7 @@ def run_trial(
     spec = student_spec(
         task_of(prep), distill, trial_job.student, prep, store, f"{folder}/trials/{trial_id}", targets=targets, train=train,
         validate_every=settings.eval_every, validation_rows=settings.val_rows,
-        start=student_start(trial_job.student, prep, store, teacher), more_targets=more_targets,
+        start=student_start(trial_job.student, prep, store, teacher), more_targets=more_targets, student_inputs=student_inputs,
     )
     torch_trainer(
         spec, workers=settings.workers_per_trial or job.compute.num_workers,

@@ -1,0 +1,86 @@
+"""The student's own tokenizer (`task: cross_tokenizer`, the `student_tokenizer` step).
+
+A folder the user names (`student.tokenizer.path`, e.g. a Qwen student's beside a Llama teacher)
+is taken as it is; otherwise one of three kinds is trained on the prepared training rows' text:
+byte-level `bpe` (GPT-2's kind), `wordpiece` (BERT's pre-tokenizer, `##` continuations, spaces not
+covered) or `unigram` (SentencePiece's, with a Metaspace `▁`). The step is keyed by these settings
+and the prep step, so the distilled student and the no-teacher baseline share one, and the
+teacher's cache (keyed by prep and the teacher) never depends on it.
+
+Writes `tokenizer/` (a Hugging Face folder); the manifest's details give `vocab_size` and the
+`special_token_ids` (bos, eos, pad) a student built for it uses.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from kd_core.config import StudentTokenizerConfig
+from kd_core.data.cross_text import row_texts
+from kd_core.data.shards import read_columns, split_shards
+from kd_core.data.tokenizer import load_tokenizer
+from kd_core.manifest import Manifest
+from kd_core.stage import StageRun
+from kd_core.storage import Store
+
+SPECIAL_TOKENS = {
+    "bpe": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|pad|>", "unk": None},
+    "wordpiece": {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "unk": "[UNK]"},
+    "unigram": {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"},
+}
+"""The special tokens of each kind kdflow trains (the start, end, padding and unknown tokens)."""
+
+
+def prepare_student_tokenizer(config: StudentTokenizerConfig, prep: Manifest, store: Store, run: StageRun) -> tuple[dict, dict]:
+    """Load or train the student's tokenizer into `run`'s folder: (metrics, details)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if config.path:
+        prepared = load_tokenizer(config.path, store.config, field="student.tokenizer.path")
+        wrapped = prepared.hf
+        wrapped.pad_token = wrapped.pad_token or prepared.pad
+        kind, texts = "folder", 0
+    else:
+        rows = read_columns(store, split_shards(prep, "train"))
+        documents = row_texts(rows["text_bytes"], rows["text_length"])
+        special = SPECIAL_TOKENS[config.kind]
+        with run.timed("train"):
+            tokenizer = trained(config.kind, documents, config.vocab_size)
+        wrapped = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, bos_token=special["bos"], eos_token=special["eos"], pad_token=special["pad"],
+            unk_token=special["unk"] or special["eos"],
+        )
+        kind, texts = config.kind, len(documents)
+    with tempfile.TemporaryDirectory(prefix="kdflow-student-tokenizer-") as folder:
+        wrapped.save_pretrained(folder)
+        run.upload_dir(folder, "tokenizer")
+    bos = wrapped.bos_token or wrapped.eos_token or wrapped.pad_token
+    ids = {"bos": wrapped.convert_tokens_to_ids(bos), "eos": wrapped.convert_tokens_to_ids(wrapped.eos_token or wrapped.pad_token),
+           "pad": wrapped.convert_tokens_to_ids(wrapped.pad_token)}
+    return {"vocab_size": len(wrapped), "texts": texts}, {"vocab_size": len(wrapped), "special_token_ids": ids, "kind": kind}
+
+
+def trained(kind: str, documents: list[str], vocab_size: int) -> Tokenizer:
+    """A tokenizer of `kind` trained on `documents`, `vocab_size` tokens with its special ones."""
+    special = [token for token in dict.fromkeys(SPECIAL_TOKENS[kind].values()) if token]
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    else:
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special, unk_token="<unk>", show_progress=False)
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return tokenizer
