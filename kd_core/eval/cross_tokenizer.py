@@ -12,9 +12,9 @@ summed next-token NLL is divided by the text it predicts:
 - `span_agreement` (students): at the first position of each span the two tokenizations share,
   whether the model's most likely next token is the teacher's, compared as normalised strings
   (`kd_core/data/alignment.py`; the end-of-document token is the same outcome on both sides);
-- `parameters`, `weight_bytes`, `bytes_per_s` (held-out text through a forward pass per second)
-  and `latency_ms` (median forward pass of the first `throughput_batches` batches of
-  `batch_size` rows).
+- `parameters`, `weight_bytes`, `bytes_per_s` (held-out text through a forward pass per second,
+  after the first batch, which warms up) and `latency_ms` (the median forward pass of the next
+  `throughput_batches` batches of `batch_size` rows; NaN with a single batch).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def measure_across_tokenizers(config, prep, teacher, student, baseline, store, d
             pieces = role_pieces(tokenizer)
             view_of = teacher_view if name == "teacher" else StudentView(folder, special_ids(tokenizer))
             model = load_causal_lm(folder).to(device).eval()
+            first_bytes = int(columns["text_length"][: config.batch_size].sum())
             nats, tokens, agreed, spans, seconds, latencies = 0.0, 0, 0, 0, 0.0, []
             for index, start in enumerate(range(0, len(texts), config.batch_size)):
                 batch = numpy_rows(columns, start, start + config.batch_size, device)
@@ -58,7 +59,8 @@ def measure_across_tokenizers(config, prep, teacher, student, baseline, store, d
                 began = time.perf_counter()
                 nll, counted, argmax = token_nll(model, view, len(tokenizer))
                 elapsed = time.perf_counter() - began
-                latencies, seconds = (latencies + [elapsed])[: config.throughput_batches], seconds + elapsed
+                if index:  # the first batch warms up
+                    latencies, seconds = (latencies + [elapsed])[: config.throughput_batches], seconds + elapsed
                 nats, tokens = nats + float(nll.sum()), tokens + int(counted.sum())
                 if name == "teacher":
                     teacher_argmax.append(argmax)
@@ -76,8 +78,8 @@ def measure_across_tokenizers(config, prep, teacher, student, baseline, store, d
                 **({"span_agreement": agreed / max(spans, 1)} if name != "teacher" else {}),
                 "parameters": count_parameters(model),
                 "weight_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")) or parameter_bytes(model),
-                "bytes_per_s": total_bytes / max(seconds, 1e-9),
-                "latency_ms": 1000 * statistics.median(latencies),
+                "bytes_per_s": (total_bytes - first_bytes) / seconds if seconds else float("nan"),
+                "latency_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
             }
     return {"rows": len(texts), "bytes": total_bytes, "characters": characters}, scores
 
@@ -92,8 +94,9 @@ def special_ids(tokenizer) -> dict[str, int]:
 
 
 def role_pieces(tokenizer) -> list[str | None]:
-    """Each id's normalised string for agreement; the end token as a name every side shares."""
-    pieces = [None if piece is None else normalised(piece) for piece in token_pieces(tokenizer)]
+    """Each id's normalised string for agreement (a token of whitespace alone: that whitespace, so
+    a space is a space on both sides), the end token as a name every side shares."""
+    pieces = [None if piece is None else normalised(piece) or f"<whitespace {piece!r}>" for piece in token_pieces(tokenizer)]
     if tokenizer.eos_token is not None:
         pieces[tokenizer.convert_tokens_to_ids(tokenizer.eos_token)] = "<end of document>"
     return pieces

@@ -44,7 +44,8 @@ class CrossTokenizerStep(nn.Module):
     - `span_kl`: KL over the shared strings with each span merged from its tokens' conditionals,
       plus ULD on the unmatched mass (needs the teacher's log-prob of its own next tokens);
     - `dskd`: dual-space KD with cross-model attention (the teacher's hidden states and output
-      layer: online)."""
+      layer: online); its projections train with the student (and are not saved with it), the
+      student's output layer only through the student-space KL, never the projector's CE."""
 
     def __init__(
         self, model: nn.Module, role: str, *, objective=None, view: StudentView | None = None, shared: SharedVocabulary | None = None,
@@ -106,7 +107,8 @@ class CrossTokenizerStep(nn.Module):
         terms = self.dual_space(
             student_hidden=output.hidden_states[-1], student_embeddings_in=student_in, student_embeddings_next=shifted(student_in),
             student_mask=view.predicting(), student_logits=logits, student_next_ids=shifted(view.input_ids),
-            student_head=lambda hidden: self.model.get_output_embeddings()(hidden)[..., : self.vocab_size],
+            # the projector's cross-entropy trains the projections, not the student's own output layer
+            student_head=lambda hidden: F.linear(hidden, self.model.get_output_embeddings().weight.detach())[..., : self.vocab_size],
             teacher_hidden=targets.hidden[last].float(), teacher_embeddings_in=teacher_in.float(), teacher_embeddings_next=shifted(teacher_in.float()),
             teacher_mask=teacher_view(batch).predicting(), teacher_logits=targets.logits, teacher_head=self.teacher_head,
             temperature=self.objective.temperature,
