@@ -55,6 +55,7 @@ from pathlib import Path
 from kd_core.config import CHAT_SOURCES, CacheConfig, LossConfig, StorageConfig
 from kd_core.errors import InputError
 from kd_core.job import JobConfig
+from kd_core.tasks import task_named
 
 STATUSES = ("pass", "info", "skip", "warn", "fail")
 DETERMINISM_TOLERANCE = 1e-4
@@ -87,6 +88,9 @@ def failures(results: list[CheckResult]) -> list[CheckResult]:
 
 def cheap_checks(job: JobConfig) -> list[CheckResult]:
     """The checks `kdflow run` makes before any stage: config, tokenizer files, config.json."""
+    own = task_named(job.task).preflight_checks(job, RECORDS, deep=False)
+    if own is not None:
+        return [CheckResult(*row) for row in own]
     if job.data.source not in LANGUAGE_MODEL_SOURCES:
         return [CheckResult("preflight", "skip", f"data.source {job.data.source}: the checks are for language models on text or chat records")]
     return [temperature_check_of(job), *vocabulary_checks(job, deep=False)]
@@ -266,7 +270,11 @@ def teacher_output_check(job: JobConfig) -> CheckResult:
 
 # ------------------------------------------------------------------------------------------ deep
 def deep_checks(job: JobConfig, records: int = RECORDS) -> list[CheckResult]:
-    """Every check, the deep ones on the first `records` records (module docstring)."""
+    """Every check, the deep ones on the first `records` records (module docstring); a task with a
+    preflight of its own (`Task.preflight_checks`) runs that instead."""
+    own = task_named(job.task).preflight_checks(job, records, deep=True)
+    if own is not None:
+        return [CheckResult(*row) for row in own]
     if job.data.source not in LANGUAGE_MODEL_SOURCES:
         return cheap_checks(job)
     results = [temperature_check_of(job), *vocabulary_checks(job, deep=True)]

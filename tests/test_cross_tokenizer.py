@@ -126,3 +126,16 @@ def test_each_method_trains_online(tmp_path, method):
     )
     steps = run_pipeline(config, until="distill")
     assert steps["distill"].metrics["kd"] > 0
+
+
+def test_the_preflight_reports_overlap_alignment_and_a_tokenizer_that_drops_characters(tmp_path):
+    from kd_core.preflight import deep_checks
+
+    results = {result.name: result for result in deep_checks(cross_config(tmp_path, "student.tokenizer.kind=wordpiece"), records=4)}
+    assert results["losses"].status == "pass" and "dskd" not in results["losses"].message  # from the cache
+    assert results["vocabulary overlap"].status == "pass" and "strings in both vocabularies" in results["vocabulary overlap"].message
+    assert results["aligned spans"].status == "pass" and "e.g. teacher" in results["aligned spans"].message
+    assert results["teacher round trip"].status == "pass"
+    assert results["student round trip"].status == "warn"  # WordPiece drops the spaces
+    online = {result.name: result for result in deep_checks(cross_config(tmp_path, "distill.teacher_source=online"), records=4)}
+    assert "dskd" in online["losses"].message and online["student round trip"].status == "pass"  # the Unigram student is lossless

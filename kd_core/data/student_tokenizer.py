@@ -3,7 +3,8 @@
 A folder the user names (`student.tokenizer.path`, e.g. a Qwen student's beside a Llama teacher)
 is taken as it is; otherwise one of three kinds is trained on the prepared training rows' text:
 byte-level `bpe` (GPT-2's kind), `wordpiece` (BERT's pre-tokenizer, `##` continuations, spaces not
-covered) or `unigram` (SentencePiece's, with a Metaspace `▁`). The step is keyed by these settings
+covered, so it does not give the text back) or `unigram` (SentencePiece's, with a Metaspace `▁`
+for each space, lossless for the characters it was trained on). The step is keyed by these settings
 and the prep step, so the distilled student and the no-teacher baseline share one, and the
 teacher's cache (keyed by prep and the teacher) never depends on it.
 
@@ -77,10 +78,11 @@ def trained(kind: str, documents: list[str], vocab_size: int) -> Tokenizer:
         tokenizer.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
     else:
+        # No normalizer and no "▁" put before the text: the tokens give the text back exactly (with
+        # one, leading spaces were lost), so bits per byte count all of it.
         tokenizer = Tokenizer(models.Unigram())
-        tokenizer.normalizer = normalizers.NFC()
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-        tokenizer.decoder = decoders.Metaspace()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+        tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
         trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special, unk_token="<unk>", show_progress=False)
     tokenizer.train_from_iterator(documents, trainer=trainer)
     return tokenizer

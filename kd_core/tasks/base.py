@@ -190,6 +190,13 @@ class Task:
         """Log the student to the active MLflow run as an MLflow model; returns its ModelInfo."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------------------- preflight
+    def preflight_checks(self, job: JobConfig, records: int, *, deep: bool) -> list[tuple[str, str, str]] | None:
+        """The task's own preflight (`kdflow validate --deep`, and before `kdflow run` with `deep`
+        false) as (check, status, message) rows (`kd_core.preflight.CheckResult`); None: the
+        language-model checks of `kd_core/preflight.py`."""
+        return None
+
     # ------------------------------------------------------------------------------------- CLI
     def headline(self, step: str, manifest: Manifest) -> str | None:
         """The CLI's one-line summary of a step's manifest, where the task has its own (None: the

@@ -225,6 +225,17 @@ class CrossTokenizer(Task):
         held_out = f'{metrics["rows"]:,} rows, {metrics["bytes"]:,} bytes'
         return report_html(job_name, metrics, {"training_curves": self.training_curves_png(histories, metrics)}, table, held_out)
 
+    # ------------------------------------------------------------------------------- preflight
+    def preflight_checks(self, job, records, *, deep) -> list[tuple[str, str, str]]:
+        """Cheap: which KD methods the job's teacher source allows. Deep: the two tokenizers (a
+        folder as it is; one kdflow trains, trained on the first documents as prep would) on the
+        first `records` documents: the vocabulary overlap, the share of spans that are one token
+        on both sides, an example of a longer span, and whether each tokenizer gives the text
+        back (bits per byte count all of it only then)."""
+        from kd_core.tasks.cross_tokenizer_preflight import deep_rows, method_row
+
+        return [method_row(job), *(deep_rows(job, records) if deep else [])]
+
     # --------------------------------------------------------------------------------- register
     def log_model(self, model_dir):
         from kd_core.registry import log_text_generation
