@@ -104,15 +104,23 @@ def test_the_student_view_aligns_spans_of_the_same_text_with_another_tokenizer(t
 
 
 def test_a_student_with_another_tokenizer_distils_from_the_teachers_cache_and_is_measured_in_bits_per_byte(tmp_path):
-    config = cross_config(tmp_path)
-    steps = run_pipeline(config, until="eval")
+    """In this process, through DeepSpeed (the recipe, configs/cross_tokenizer.yaml, runs the same
+    steps on Ray: docs/benchmarks.md)."""
+    config = cross_config(tmp_path, "compute.backend=local")
+    steps = run_pipeline(config)
     assert steps["cache"].details["layout"]["token_logprobs"] is True
+    assert steps["register"].details["version"] == 1
+    from kd_core.models import model_copy
+    from kd_core.storage import Store
+
+    saved = PreTrainedTokenizerFast.from_pretrained(str(model_copy(Store(config.storage), steps["distill"])))
+    assert len(saved) == 200 and saved.eos_token == "</s>"  # the student's own tokenizer is saved (and registered) with it
     metrics = steps["eval"].metrics
     for name in ("teacher", "student", "baseline"):
         assert 0 < metrics[name]["bits_per_byte"] < 8 and math.isfinite(metrics[name]["cross_entropy"])
     assert metrics["student"]["tokens_per_byte"] != metrics["teacher"]["tokens_per_byte"]
     assert 0 <= metrics["student"]["span_agreement"] <= 1
-    wordpiece = cross_config(tmp_path, "student.tokenizer.kind=wordpiece")
+    wordpiece = cross_config(tmp_path, "compute.backend=local", "student.tokenizer.kind=wordpiece")
     again = run_pipeline(wordpiece, until="distill")
     assert again["cache"].key == steps["cache"].key and again["cache"].reused
     assert again["distill"].key != steps["distill"].key
@@ -139,3 +147,28 @@ def test_the_preflight_reports_overlap_alignment_and_a_tokenizer_that_drops_char
     assert results["student round trip"].status == "warn"  # WordPiece drops the spaces
     online = {result.name: result for result in deep_checks(cross_config(tmp_path, "distill.teacher_source=online"), records=4)}
     assert "dskd" in online["losses"].message and online["student round trip"].status == "pass"  # the Unigram student is lossless
+
+
+def test_the_job_refuses_what_it_cannot_do_and_compiles_to_the_same_kubeflow_dag(tmp_path):
+    import json
+
+    import yaml
+
+    from kd_core.config import ConfigError
+    from pipelines import engines
+
+    for overrides, named in (
+        (["distill.cross_tokenizer.method=dskd"], "distill.cross_tokenizer.method: dskd"),
+        (["student.init=pretrained", "student.path=/nowhere"], "student.init"),
+        (["cache.temperature=2.0"], "distill.cross_tokenizer.temperature"),
+        (["distill.teacher_source=on_policy"], "distill.teacher_source"),
+        (["tune.space={student.tokenizer.vocab_size: {kind: choice, values: [100, 200]}}"], "tune.space.student.tokenizer.vocab_size"),
+        (["registry.primary_metric=student.perplexity"], "registry.primary_metric"),
+    ):
+        with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+            cross_config(tmp_path, *overrides)
+    config = load_config(REPO / "configs" / "cross_tokenizer.yaml")
+    spec, *_platform = yaml.safe_load_all(engines.compile_pipeline(config, tmp_path / "cross.yaml", "distill").read_text())
+    job = json.loads(spec["root"]["inputDefinitions"]["parameters"]["job"]["defaultValue"])
+    assert job["task"] == "cross_tokenizer" and job["student"]["tokenizer"]["kind"] == "unigram"
+    assert set(spec["root"]["dag"]["tasks"]) >= {"prep", "cache", "distill", "evaluate"}
