@@ -433,7 +433,7 @@ def test_validate_check_inputs_probes_data_tokenizer_teacher_and_store(tmp_path,
         "data.seq_len=100": "data.seq_len: 100 tokens per row, but the teacher at",
         f"teacher.path={tmp_path / 'missing'}": "data.tokenizer: ",
         f"data.files=[{tmp_path / 'nothing-*.jsonl'}]": "data.files: ",
-        f"storage.root=s3://kdflow-no-such-bucket/job": "storage.root: s3://kdflow-no-such-bucket/job: not found",
+        "storage.root=s3://kdflow-no-such-bucket/job": "storage.root: s3://kdflow-no-such-bucket/job: not found",
     }
     for override, message in cases.items():
         assert main(["validate", "--check-inputs", str(job), override, f"storage.s3.endpoint_url={s3_endpoint}"]) == 2, override

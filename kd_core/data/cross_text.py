@@ -30,10 +30,10 @@ from __future__ import annotations
 import numpy as np
 
 from kd_core.config import DataConfig
-from kd_core.data.prep import collect_documents, empty_split_error
-from kd_core.data.shards import SPLITS, split_documents, write_split
-from kd_core.data.sources import FileSource, SourceCounts
-from kd_core.data.tokenizer import PreparedTokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
+from kd_core.data.prep import empty_split_error, split_with_tokenizer
+from kd_core.data.shards import SPLITS, write_split
+from kd_core.data.sources import FileSource
+from kd_core.data.tokenizer import PreparedTokenizer
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import Store
@@ -44,19 +44,12 @@ CROSS_TEXT_COLUMNS = ("input_ids", "offset_start", "offset_end", "tokens", "text
 
 def prepare_cross_text(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
     """Prep's work for cross-tokenizer text into `run`'s folder: (metrics, details)."""
-    counts = SourceCounts()
-    with run.timed("collect"):
-        documents, duplicates = collect_documents(config, source, counts)
-        splits = split_documents(documents, config.val_fraction, config.test_fraction)
-    with run.timed("tokenizer"):
-        prepared = load_tokenizer(config.tokenizer, store.config) if config.tokenizer else train_tokenizer(splits["train"], config.vocab_size)
-        save_hf_tokenizer(prepared, run)
+    documents, splits, prepared, metrics = split_with_tokenizer(config, store, run, source)
     special_ids = prepared.ids()
     details: dict = {
         "seq_len": config.seq_len, "vocab_size": prepared.tokenizer.get_vocab_size(), "special_token_ids": special_ids, "splits": {},
         "cross_tokenizer": {"text_columns": list(CROSS_TEXT_COLUMNS)},
     }
-    metrics: dict = {"documents": len(documents), "files": counts.files, "skipped_empty": counts.skipped_empty, "duplicates_removed": duplicates}
     with run.timed("tokenize_and_cut"), progress_bar("prep: tokenize", total=len(documents)) as bar:
         for split in SPLITS:
             columns = text_rows(prepared, splits[split], config.seq_len, bar.advance)
@@ -69,7 +62,6 @@ def prepare_cross_text(config: DataConfig, store: Store, run: StageRun, source: 
             details["splits"][split]["bytes"] = int(columns["text_length"].sum())
             metrics[f"{split}_tokens"] = int(columns["tokens"].sum())
             metrics[f"{split}_bytes"] = int(columns["text_length"].sum())
-    metrics["characters"] = sum(len(document) for document in documents)
     return metrics, details
 
 

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from kd_core.config import DataConfig, StorageConfig
 from kd_core.data.shards import SPLITS, split_documents, write_split
 from kd_core.data.sources import DataSourceError, FileSource, SourceCounts, python_docs
-from kd_core.data.tokenizer import load_tokenizer, save_hf_tokenizer, train_tokenizer
+from kd_core.data.tokenizer import PreparedTokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
 from kd_core.progress import progress_bar
 from kd_core.stage import StageRun
 from kd_core.storage import Store
@@ -40,13 +40,7 @@ from kd_core.storage import Store
 
 def prepare_text(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
     """Prep's work for text (`python-docs`, `files`) into `run`'s folder: (metrics, details)."""
-    counts = SourceCounts()
-    with run.timed("collect"):
-        documents, duplicates = collect_documents(config, source, counts)
-        splits = split_documents(documents, config.val_fraction, config.test_fraction)
-    with run.timed("tokenizer"):
-        prepared = load_tokenizer(config.tokenizer, store.config) if config.tokenizer else train_tokenizer(splits["train"], config.vocab_size)
-        save_hf_tokenizer(prepared, run)
+    documents, splits, prepared, metrics = split_with_tokenizer(config, store, run, source)
     special_ids = prepared.ids()
     details: dict = {
         "seq_len": config.seq_len, "vocab_size": prepared.tokenizer.get_vocab_size(), "special_token_ids": special_ids, "splits": {},
@@ -59,15 +53,25 @@ def prepare_text(config: DataConfig, store: Store, run: StageRun, source: FileSo
             if split == "train":
                 rows = rows[np.random.default_rng(config.seed).permutation(len(rows))]
             details["splits"][split] = write_split(run, split, {"input_ids": rows}, config.rows_per_shard)
+    return metrics | {f"{split}_tokens": details["splits"][split]["tokens"] for split in SPLITS}, details
+
+
+def split_with_tokenizer(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[list[str], dict, PreparedTokenizer, dict]:
+    """The documents (steps 1-3 of the module docstring): deduplicated and shuffled, split by
+    document, and the tokenizer (`data.tokenizer`, or trained on the training split) saved into
+    `run`; with the metrics of what was read."""
+    counts = SourceCounts()
+    with run.timed("collect"):
+        documents, duplicates = collect_documents(config, source, counts)
+        splits = split_documents(documents, config.val_fraction, config.test_fraction)
+    with run.timed("tokenizer"):
+        prepared = load_tokenizer(config.tokenizer, store.config) if config.tokenizer else train_tokenizer(splits["train"], config.vocab_size)
+        save_hf_tokenizer(prepared, run)
     metrics = {
-        "documents": len(documents),
-        "characters": sum(len(doc) for doc in documents),
-        "files": counts.files,
-        "skipped_empty": counts.skipped_empty,
-        "duplicates_removed": duplicates,
-        **{f"{split}_tokens": details["splits"][split]["tokens"] for split in SPLITS},
+        "documents": len(documents), "characters": sum(len(doc) for doc in documents), "files": counts.files,
+        "skipped_empty": counts.skipped_empty, "duplicates_removed": duplicates,
     }
-    return metrics, details
+    return documents, splits, prepared, metrics
 
 
 def check_prep_inputs(config: DataConfig, storage: StorageConfig, *, separates_documents: bool = True) -> list[str]:

@@ -247,33 +247,9 @@ def span_kl_per_span(
     return divergence + uld_weight * _sorted_l1(student_unmatched, teacher_unmatched)
 
 
-def span_kl_loss(
-    student_logprobs: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    student_shared: torch.Tensor,
-    teacher_shared: torch.Tensor,
-    student_span_logprob: torch.Tensor,
-    teacher_span_logprob: torch.Tensor,
-    student_first: torch.Tensor,
-    teacher_first: torch.Tensor,
-    *,
-    uld_weight: float = 1.0,
-) -> torch.Tensor:
+def span_kl_loss(*arguments, **keywords) -> torch.Tensor:
     """Mean over spans of `span_kl_per_span` (same arguments); 0 for S = 0."""
-    per_span = span_kl_per_span(
-        student_logprobs,
-        teacher_ids,
-        teacher_logprobs,
-        student_shared,
-        teacher_shared,
-        student_span_logprob,
-        teacher_span_logprob,
-        student_first,
-        teacher_first,
-        uld_weight=uld_weight,
-    )
-    return masked_mean(per_span, None)
+    return masked_mean(span_kl_per_span(*arguments, **keywords), None)
 
 
 # ---------------------------------------------------------------- DSKD

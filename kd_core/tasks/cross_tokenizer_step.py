@@ -20,10 +20,10 @@ from kd_core.losses import TeacherTargets
 from kd_core.losses.common import log_probs, masked_mean
 from kd_core.losses.cross_tokenizer import (
     DualSpaceDistillation,
-    span_kl_per_span,
+    span_kl_loss,
     span_logprobs,
-    uld_per_span,
-    uld_topk_per_span,
+    uld_loss,
+    uld_topk_loss,
 )
 
 
@@ -85,18 +85,16 @@ class CrossTokenizerStep(nn.Module):
         ids, teacher = sparse_teacher(targets, temperature)
         teacher_ids, teacher_at = ids[spans.rows, spans.teacher_start], teacher[spans.rows, spans.teacher_start]
         if method == "uld":
-            if targets.logits is not None:
-                return uld_per_span(at_student, teacher_at).mean()
-            return uld_topk_per_span(at_student, teacher_at).mean()
+            return uld_loss(at_student, teacher_at) if targets.logits is not None else uld_topk_loss(at_student, teacher_at)
         teacher_tokens = targets.token_logprobs if targets.token_logprobs is not None else next_token_logprobs(log_probs(targets.logits, temperature), batch["input_ids"].long())
         teacher_span = span_logprobs(teacher_tokens.float(), spans.rows, spans.teacher_start, spans.teacher_end)
         student_span = span_logprobs(next_token_logprobs(student, view.input_ids), spans.rows, spans.student_start, spans.student_end)
         teacher_first = batch["input_ids"].long()[spans.rows, spans.teacher_start + 1]
         student_first = view.input_ids[spans.rows, spans.student_start + 1]
-        return span_kl_per_span(
+        return span_kl_loss(
             at_student, teacher_ids, teacher_at, self.student_shared, self.teacher_shared, student_span, teacher_span, student_first,
             teacher_first, uld_weight=self.objective.uld_weight,
-        ).mean()
+        )
 
     def dual_space_term(self, batch, view: ViewBatch, logits: torch.Tensor, output, targets: TeacherTargets) -> torch.Tensor:
         """DSKD's terms summed (student space, teacher space, the projector's cross-entropy)."""
