@@ -44,6 +44,11 @@ def check_inputs(config: JobConfig) -> list[str]:
 
         check_model_folder(config.student.path, Store(config.storage), config.data.seq_len, "student.path", StudentError, "the student (student.path)")
         checked.append(f"student.path: {config.student.path} has safetensors weights and a context of at least data.seq_len")
+    if config.student.tokenizer.path:
+        from kd_core.data.tokenizer import load_tokenizer
+
+        own = load_tokenizer(config.student.tokenizer.path, config.storage, field="student.tokenizer.path")
+        checked.append(f"student.tokenizer.path: {config.student.tokenizer.path} ({len(own.hf):,} tokens)")
     probe_tracking_uri(config.registry.tracking_uri, config.registry.experiment)
     return [*checked, f"registry.tracking_uri: {redact(config.registry.tracking_uri)} is usable"]
 

@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument(
         "--deep", action="store_true",
-        help="also load the teacher, the student and their tokenizers and run them on the first records (task causal_lm): "
+        help="also load the teacher, the student and their tokenizers and run them on the first records: for task causal_lm "
         "vocabularies and special tokens, chat template renderings, teacher determinism, the cache and loss temperatures, "
-        "and kdflow's loss against a float64 reference on one real batch; prints a table, exit 2 when a check fails",
+        "and kdflow's loss against a float64 reference on one real batch; for task cross_tokenizer the vocabulary overlap, "
+        "the aligned spans, each tokenizer's round trip and the losses that apply; prints a table, exit 2 when a check fails",
     )
     for stage in (*STAGES, "tune", "seeds", "run"):
         sub = commands.add_parser(stage, help=_STAGE_HELP[stage], description=_STAGE_HELP[stage].capitalize() + ".")
@@ -168,7 +169,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]  # KEY=VALUE after a flag (`validate job.yaml --deep a.b=1`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     fail_fast_mlflow_client()
     try:
         config = load_config(args.config, args.overrides)

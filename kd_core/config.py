@@ -482,10 +482,12 @@ class StudentTokenizerConfig(Section):
     the teacher's cache never depends on it."""
 
     path: str | None = None
-    """fsspec URL of a Hugging Face tokenizer folder (tokenizer.json) for the student; None: train one."""
+    """fsspec URL of a Hugging Face tokenizer folder (tokenizer.json) for the student; None: train
+    one (`kind`, `vocab_size`, which a folder ignores)."""
     kind: Literal["bpe", "wordpiece", "unigram"] = "unigram"
-    """The tokenizer kdflow trains: byte-level `bpe`, `wordpiece` (BERT's pre-tokenizer) or
-    `unigram` (SentencePiece's Metaspace)."""
+    """The tokenizer kdflow trains: byte-level `bpe` (GPT-2's kind), `wordpiece` (BERT's
+    pre-tokenizer; it drops whitespace, so its bits per byte count less text) or `unigram`
+    (SentencePiece's kind, with a Metaspace `▁`)."""
     vocab_size: int = Field(default=1024, ge=64, le=1_000_000)
     """Its vocabulary, special tokens included."""
 
@@ -660,7 +662,7 @@ class CrossTokenizerLossConfig(Section):
     al.); `span_kl`: KL over the strings both vocabularies hold, each span's probability merged
     from its tokens' conditionals, the unmatched mass compared by ULD (GOLD's hybrid); `dskd`:
     dual-space KD with cross-model attention (Zhang et al.), which needs the teacher's hidden
-    states (online, or `cache.hidden_layers` [0, its last layer])."""
+    states and output layer: online only (`distill.teacher_source: online`)."""
     temperature: float = Field(default=1.0, gt=0)
     """Both models' softmax temperature in the KD term (a top-k cache's, `cache.temperature`, for
     `uld` and `span_kl` from the cache)."""

@@ -52,6 +52,13 @@ def test_validate_reports_field_and_value_and_exits_2():
     assert "distill.loss.temperature: must be > 0, got -1" in result.stderr
 
 
+def test_overrides_may_follow_the_flags_and_anything_else_is_refused():
+    result = kdflow("validate", "configs/demo.yaml", "--check-inputs", "distill.loss.temperature=-1")
+    assert result.returncode == 2 and "distill.loss.temperature: must be > 0, got -1" in result.stderr
+    result = kdflow("validate", "configs/demo.yaml", "--check-inputs", "--no-such-flag")
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-flag" in result.stderr
+
+
 def test_stage_commands_validate_before_any_work(tmp_path):
     store = tmp_path / "store"
     result = kdflow("run", "configs/tiny.yaml", f"storage.root={store}", "teacher.train.max_steps=0")

@@ -120,6 +120,8 @@ def test_a_student_with_another_tokenizer_distils_from_the_teachers_cache_and_is
         assert 0 < metrics[name]["bits_per_byte"] < 8 and math.isfinite(metrics[name]["cross_entropy"])
     assert metrics["student"]["tokens_per_byte"] != metrics["teacher"]["tokens_per_byte"]
     assert 0 <= metrics["student"]["span_agreement"] <= 1
+    assert metrics["student"]["round_trip"] == metrics["teacher"]["round_trip"] == 1.0  # byte-level BPE and the Unigram: lossless
+    assert all(math.isfinite(metrics[name]["bytes_per_s"]) and metrics[name]["latency_ms"] > 0 for name in ("teacher", "student"))
     wordpiece = cross_config(tmp_path, "compute.backend=local", "student.tokenizer.kind=wordpiece")
     again = run_pipeline(wordpiece, until="distill")
     assert again["cache"].key == steps["cache"].key and again["cache"].reused
@@ -145,8 +147,28 @@ def test_the_preflight_reports_overlap_alignment_and_a_tokenizer_that_drops_char
     assert results["aligned spans"].status == "pass" and "e.g. teacher" in results["aligned spans"].message
     assert results["teacher round trip"].status == "pass"
     assert results["student round trip"].status == "warn"  # WordPiece drops the spaces
+    assert "comes back as" in results["student round trip"].message
     online = {result.name: result for result in deep_checks(cross_config(tmp_path, "distill.teacher_source=online"), records=4)}
     assert "dskd" in online["losses"].message and online["student round trip"].status == "pass"  # the Unigram student is lossless
+
+
+def test_a_missing_student_tokenizer_or_a_data_tokenizer_that_is_not_the_teachers_stops_before_any_step(tmp_path):
+    from kd_core.checks import check_inputs
+    from kd_core.data.sources import DataSourceError
+    from kd_core.preflight import cheap_checks, deep_checks
+    from hf_models import save_model, style_tokenizer
+
+    missing = cross_config(tmp_path, f"student.tokenizer.path={tmp_path / 'nowhere'}")
+    row = {result.name: result for result in cheap_checks(missing)}["student tokenizer"]
+    assert row.status == "fail" and "student.tokenizer.path:" in row.message and "does not exist" in row.message
+    with pytest.raises(DataSourceError, match="student.tokenizer.path"):
+        check_inputs(missing)
+    texts = [" ".join(TEXTS)] * 4
+    save_model(tmp_path / "teacher", "gpt2", style_tokenizer("gpt2", texts))
+    style_tokenizer("llama", texts).save_pretrained(tmp_path / "llama")
+    mismatched = cross_config(tmp_path, f"teacher.path={tmp_path / 'teacher'}", f"data.tokenizer={tmp_path / 'llama'}")
+    row = {result.name: result for result in deep_checks(mismatched, records=2)}["tokenizers"]
+    assert row.status == "fail" and "is not the teacher's tokenizer" in row.message
 
 
 def test_the_job_refuses_what_it_cannot_do_and_compiles_to_the_same_kubeflow_dag(tmp_path):

@@ -81,7 +81,8 @@ def load_tokenizer(url: str, storage: StorageConfig, *, separates_documents: boo
         if not fs.exists(f"{root.rstrip('/')}/tokenizer.json"):
             raise DataSourceError(
                 f"{field}: {url} has no tokenizer.json; point it at a Hugging Face tokenizer directory "
-                "(a folder written by tokenizer.save_pretrained)"
+                "(a fast tokenizer's save_pretrained writes it; convert a SentencePiece-only one with "
+                "AutoTokenizer.from_pretrained(folder, use_fast=True).save_pretrained(folder))"
             )
         with tempfile.TemporaryDirectory(prefix="kdflow-tokenizer-") as folder:
             for name, path in _tokenizer_files(fs, root).items():

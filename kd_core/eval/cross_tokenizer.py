@@ -12,9 +12,11 @@ summed next-token NLL is divided by the text it predicts:
 - `span_agreement` (students): at the first position of each span the two tokenizations share,
   whether the model's most likely next token is the teacher's, compared as normalised strings
   (`kd_core/data/alignment.py`; the end-of-document token is the same outcome on both sides);
+- `round_trip`: the share of held-out rows whose tokens decode to the row's text exactly; below 1,
+  the model's bits per byte count less than all of the text and do not compare with the others';
 - `parameters`, `weight_bytes`, `bytes_per_s` (held-out text through a forward pass per second,
-  after the first batch, which warms up) and `latency_ms` (the median forward pass of the next
-  `throughput_batches` batches of `batch_size` rows; NaN with a single batch).
+  after one untimed warm-up pass) and `latency_ms` (the median forward pass of the first
+  `throughput_batches` batches of `batch_size` rows).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def measure_across_tokenizers(config, prep, teacher, student, baseline, store, d
             pieces = role_pieces(tokenizer)
             view_of = teacher_view if name == "teacher" else StudentView(folder, special_ids(tokenizer))
             model = load_causal_lm(folder).to(device).eval()
-            first_bytes = int(columns["text_length"][: config.batch_size].sum())
+            token_nll(model, view_of(numpy_rows(columns, 0, config.batch_size, device)), len(tokenizer))  # warm-up, untimed
             nats, tokens, agreed, spans, seconds, latencies = 0.0, 0, 0, 0, 0.0, []
             for index, start in enumerate(range(0, len(texts), config.batch_size)):
                 batch = numpy_rows(columns, start, start + config.batch_size, device)
@@ -59,8 +61,7 @@ def measure_across_tokenizers(config, prep, teacher, student, baseline, store, d
                 began = time.perf_counter()
                 nll, counted, argmax = token_nll(model, view, len(tokenizer))
                 elapsed = time.perf_counter() - began
-                if index:  # the first batch warms up
-                    latencies, seconds = (latencies + [elapsed])[: config.throughput_batches], seconds + elapsed
+                latencies, seconds = (latencies + [elapsed])[: config.throughput_batches], seconds + elapsed
                 nats, tokens = nats + float(nll.sum()), tokens + int(counted.sum())
                 if name == "teacher":
                     teacher_argmax.append(argmax)
@@ -78,8 +79,9 @@ def measure_across_tokenizers(config, prep, teacher, student, baseline, store, d
                 **({"span_agreement": agreed / max(spans, 1)} if name != "teacher" else {}),
                 "parameters": count_parameters(model),
                 "weight_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")) or parameter_bytes(model),
-                "bytes_per_s": (total_bytes - first_bytes) / seconds if seconds else float("nan"),
-                "latency_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+                "round_trip": sum(tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text for text in texts) / max(len(texts), 1),
+                "bytes_per_s": total_bytes / max(seconds, 1e-9),
+                "latency_ms": 1000 * statistics.median(latencies),
             }
     return {"rows": len(texts), "bytes": total_bytes, "characters": characters}, scores
 

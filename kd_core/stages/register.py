@@ -69,6 +69,7 @@ def register(
         "kdflow.teacher_key": eval_manifest.inputs.get("teacher", ""),
         "kdflow.cache_key": student.inputs.get("cache", ""),
         "kdflow.data_key": student.inputs.get("prep", ""),
+        "kdflow.student_tokenizer_key": student.inputs.get("student_tokenizer", ""),
         "kdflow.config_hash": student.config_hash,
         GATES_TAG: json.dumps(gates)[:MAX_TAG_LENGTH],
         STUDENT_START_TAG: redact(json.dumps(start))[:MAX_TAG_LENGTH],

@@ -40,8 +40,8 @@ class CrossTokenizer(Task):
     name = "cross_tokenizer"
     data_sources = ("python-docs", "files")
     metrics = (
-        "bits_per_byte", "bits_per_character", "cross_entropy", "tokens_per_byte", "span_agreement", "parameters", "weight_bytes",
-        "bytes_per_s", "latency_ms",
+        "bits_per_byte", "bits_per_character", "cross_entropy", "tokens_per_byte", "span_agreement", "round_trip", "parameters",
+        "weight_bytes", "bytes_per_s", "latency_ms",
     )
     # Uniform over the 256 byte values is 8 bits per byte, whatever the tokenizer; a model must do 1 % better.
     sanity_gates = ("student.bits_per_byte < 0.99 * uniform.bits_per_byte", "student.bits_per_byte < baseline.bits_per_byte")
@@ -93,18 +93,24 @@ class CrossTokenizer(Task):
 
     def student_inputs(self, student, prep, store) -> dict:
         """The `student_tokenizer` step: keyed by `student.tokenizer` (a folder's files' identity)
-        and prep, run here or reused."""
+        and prep, run here or reused (announced as the pipeline's steps are; `--force prep` redoes
+        it, as a new prep key does)."""
         from kd_core.data.student_tokenizer import prepare_student_tokenizer
         from kd_core.data.tokenizer import tokenizer_identity
+        from kd_core.progress import say
         from kd_core.stage import StageRun
 
         settings = student.tokenizer
         section = {"path": settings.path, "identity": tokenizer_identity(settings.path, store.config)} if settings.path else settings.model_dump(mode="json", exclude={"path"})
         run = StageRun(store, "student_tokenizer", section, inputs={"prep": prep})
         if run.reused:
-            return {"student_tokenizer": run.reused}
-        metrics, details = prepare_student_tokenizer(settings, prep, store, run)
-        return {"student_tokenizer": run.finish(metrics=metrics, details=details)}
+            manifest = run.reused
+        else:
+            metrics, details = prepare_student_tokenizer(settings, prep, store, run)
+            manifest = run.finish(metrics=metrics, details=details)
+        state = "reused" if manifest.reused else f"done in {manifest.timings.get('total', 0):.1f}s"
+        say(f"[green]✓[/green] student_tokenizer {manifest.key}  {state} ({manifest.details['kind']}, {manifest.details['vocab_size']:,} tokens)")
+        return {"student_tokenizer": manifest}
 
     def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:
         from kd_core.data.cross_text import CROSS_TEXT_COLUMNS
@@ -221,7 +227,8 @@ class CrossTokenizer(Task):
             ("tokens_per_byte", "tokens/byte", "{:.3f}"), ("span_agreement", "agreement on aligned spans", "{:.1%}"), ("parameters", "parameters", "{:,}"),
             ("weight_bytes", "size on disk", None), ("bytes_per_s", "bytes/s", "{:,.0f}"), ("latency_ms", "latency (ms/batch)", "{:.1f}"),
         ]
-        table = metrics_table_html(metrics, columns, LABELS, not_for_teacher=("span_agreement",))
+        columns.insert(4, ("round_trip", "rows given back exactly", "{:.1%}"))
+        table = metrics_table_html(metrics, columns, LABELS, not_for_teacher=("span_agreement",)) + lossy_warning(metrics, html=True)
         held_out = f'{metrics["rows"]:,} rows, {metrics["bytes"]:,} bytes'
         return report_html(job_name, metrics, {"training_curves": self.training_curves_png(histories, metrics)}, table, held_out)
 
@@ -232,9 +239,9 @@ class CrossTokenizer(Task):
         first `records` documents: the vocabulary overlap, the share of spans that are one token
         on both sides, an example of a longer span, and whether each tokenizer gives the text
         back (bits per byte count all of it only then)."""
-        from kd_core.tasks.cross_tokenizer_preflight import deep_rows, method_row
+        from kd_core.tasks.cross_tokenizer_preflight import deep_rows, method_row, student_tokenizer_row
 
-        return [method_row(job), *(deep_rows(job, records) if deep else [])]
+        return [method_row(job), student_tokenizer_row(job), *(deep_rows(job, records) if deep else [])]
 
     # --------------------------------------------------------------------------------- register
     def log_model(self, model_dir):
@@ -254,15 +261,28 @@ class CrossTokenizer(Task):
     def comparison_table(self, metrics) -> Table:
         def cells(row: dict, teacher: bool) -> tuple[str, ...]:
             agreement = "—" if teacher else f"{row['span_agreement']:.1%}"
-            return (f"{row['parameters']:,}", f"{row['bits_per_byte']:.4f}", f"{row['tokens_per_byte']:.3f}", agreement, f"{row['bytes_per_s']:,.0f}")
+            lossy = " (!)" if row.get("round_trip", 1.0) < 1 else ""
+            return (f"{row['parameters']:,}", f"{row['bits_per_byte']:.4f}{lossy}", f"{row['tokens_per_byte']:.3f}", agreement, f"{row['bytes_per_s']:,.0f}")
 
-        return models_table(
+        table = models_table(
             f"held-out {metrics['split']} split, {metrics['bytes']:,} bytes; each model with its own tokenizer; speed on {metrics.get('device', 'this machine')}",
             ("model", "parameters", "bits/byte", "tokens/byte", "agreement on aligned spans", "bytes/s"), LABELS, metrics, cells,
         )
+        table.caption = lossy_warning(metrics) or None
+        return table
 
     def best_trial_metrics(self, val_loss: float) -> dict[str, float]:
         return {"best_val_bits_per_byte": val_loss}
+
+
+def lossy_warning(metrics: dict, html: bool = False) -> str:
+    """A line naming the models whose tokens do not give the held-out text back ('' when none)."""
+    lossy = [f"{LABELS[name]} ({metrics[name]['round_trip']:.0%} of rows)" for name in LABELS if metrics.get(name, {}).get("round_trip", 1.0) < 1]
+    if not lossy:
+        return ""
+    line = (f"(!) the tokens of {', '.join(lossy)} do not give every held-out row back exactly: the characters they drop cost "
+            "them nothing, so their bits per byte are lower than they would be and do not compare with the others'")
+    return f"<p><b>{line}</b></p>" if html else line
 
 
 def role_vocabulary(spec) -> tuple[int, dict[str, int]]:

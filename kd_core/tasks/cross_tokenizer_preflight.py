@@ -27,23 +27,44 @@ def method_row(job) -> tuple[str, str, str]:
     return "losses", status, f"from {source}: {', '.join(allowed)} apply; distill.cross_tokenizer.method is {chosen}"
 
 
+def student_tokenizer_row(job) -> tuple[str, str, str]:
+    """The student's tokenizer folder, when one is named, loads (before any stage runs)."""
+    from kd_core.data.tokenizer import load_tokenizer
+
+    settings = job.student.tokenizer
+    if not settings.path:
+        return "student tokenizer", "pass", f"student.tokenizer: a {settings.kind} of {settings.vocab_size:,} tokens, trained on the prepared text"
+    try:
+        tokens = len(load_tokenizer(settings.path, job.storage, field="student.tokenizer.path").hf)
+    except (InputError, OSError, ValueError) as err:
+        return "student tokenizer", "fail", str(err)
+    return "student tokenizer", "pass", f"student.tokenizer.path: {settings.path} ({tokens:,} tokens)"
+
+
 def deep_rows(job, records: int) -> list[tuple[str, str, str]]:
     from kd_core.data.alignment import SharedVocabulary, token_pieces, token_spans
 
     try:
         documents = first_documents(job, max(records, TRAINING_DOCUMENTS))
-        teacher, teacher_named = tokenizer_for(job.data.tokenizer or job.teacher.path, "teacher", job, documents)
+    except (InputError, OSError, ValueError) as err:
+        return [("data", "fail", str(err))]
+    try:
+        teacher, teacher_named = tokenizer_for(job.teacher.path or job.data.tokenizer, "teacher", job, documents)
         student, student_named = tokenizer_for(job.student.tokenizer.path, "student", job, documents)
+        mismatch = data_tokenizer_mismatch(job, teacher)
     except (InputError, OSError, ValueError) as err:
         return [("tokenizers", "fail", str(err))]
+    if mismatch:
+        return [("tokenizers", "fail", mismatch)]
     rows = [("tokenizers", "info", f"teacher: {teacher_named}; student: {student_named}")]
     shared = SharedVocabulary.of(token_pieces(teacher), token_pieces(student))
     teacher_share, student_share = shared.overlap()
     overlap_status = "warn" if job.distill.cross_tokenizer.method == "span_kl" and student_share < LOW_OVERLAP else "pass"
     rows.append((
         "vocabulary overlap", overlap_status,
-        f"{len(shared.strings):,} strings in both vocabularies: {teacher_share:.1%} of the teacher's {len(teacher):,} tokens, "
-        f"{student_share:.1%} of the student's {len(student):,}" + (
+        f"{len(shared.strings):,} strings in both vocabularies (compared without surrounding spaces, so ' def' and 'def' are "
+        f"one; special tokens and pieces of a character match nothing): they are {teacher_share:.1%} of the teacher's "
+        f"{len(teacher):,} tokens and {student_share:.1%} of the student's {len(student):,}" + (
             f"; below {LOW_OVERLAP:.0%}, span_kl compares little but merged spans: consider method uld" if overlap_status == "warn" else ""
         ),
     ))
@@ -64,14 +85,38 @@ def deep_rows(job, records: int) -> list[tuple[str, str, str]]:
     rows.append(("aligned spans", "pass" if total else "fail",
                  f"{total:,} spans in the first {min(records, len(documents))} documents, {one_to_one / max(total, 1):.1%} one token on both sides{shown}"))
     for name, tokenizer in (("teacher", teacher), ("student", student)):
-        lossy = next((text for text in documents[:records] if tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) != text), None)
+        lossy = next(filter(None, (round_trip_difference(tokenizer, text) for text in documents[:records])), None)
         if lossy is None:
             rows.append((f"{name} round trip", "pass", f"the {name}'s tokens give the first documents back exactly: bits per byte count all of the text"))
         else:
             rows.append((f"{name} round trip", "warn",
-                         f"the {name}'s tokens do not give every document back (e.g. {lossy[:40]!r}): characters it drops cost it nothing, "
-                         "so its bits per byte are lower than they would be"))
+                         f"the {name}'s tokens do not give every document back ({lossy}): characters it drops cost it nothing, "
+                         "so its bits per byte are lower than they would be and do not compare with the others'"))
     return rows
+
+
+def round_trip_difference(tokenizer, text: str, context: int = 15) -> str | None:
+    """Where a text decoded from its tokens first differs from it, shown on both sides; None when equal."""
+    back = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if back == text:
+        return None
+    at = next((index for index, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+    return f"{text[max(0, at - context) : at + context]!r} comes back as {back[max(0, at - context) : at + context]!r}"
+
+
+def data_tokenizer_mismatch(job, teacher) -> str | None:
+    """With both `teacher.path` and `data.tokenizer`, the data must be tokenized as the teacher reads it."""
+    from kd_core.data.tokenizer import load_tokenizer
+
+    if not (job.teacher.path and job.data.tokenizer):
+        return None
+    data = load_tokenizer(job.data.tokenizer, job.storage).hf
+    if data.get_vocab() == teacher.get_vocab():
+        return None
+    return (
+        f"data.tokenizer: {job.data.tokenizer} is not the teacher's tokenizer ({len(data):,} tokens against the {len(teacher):,} of "
+        f"teacher.path {job.teacher.path}); prepare the data with the teacher's: leave data.tokenizer unset or point it at {job.teacher.path}"
+    )
 
 
 def first_documents(job, count: int) -> list[str]:
