@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +127,10 @@ def test_a_student_with_another_tokenizer_distils_from_the_teachers_cache_and_is
     again = run_pipeline(wordpiece, until="distill")
     assert again["cache"].key == steps["cache"].key and again["cache"].reused
     assert again["distill"].key != steps["distill"].key
+    tokenizer_manifest = Store(config.storage).path(f"student_tokenizer/{again['distill'].inputs['student_tokenizer']}/manifest.json")
+    made = Path(tokenizer_manifest).stat().st_mtime_ns
+    run_pipeline(wordpiece, until="distill", force=frozenset({"distill"}))
+    assert Path(tokenizer_manifest).stat().st_mtime_ns > made  # forcing a step that reads it redoes it
 
 
 @pytest.mark.parametrize("method", ["uld", "span_kl", "dskd"])

@@ -66,7 +66,7 @@ def distill(
         **({"teacher_weights": config.teacher_weights} if config.teacher_weights else {}),
     }
     more_targets = more_targets or {}
-    own = task.student_inputs(student, prep, store)
+    own = task.student_inputs(student, prep, store, force=force)
     inputs = {
         "prep": prep, **start.inputs(), **own, expected: targets, **{f"{expected}:{name}": manifest for name, manifest in more_targets.items()},
     }
@@ -102,7 +102,7 @@ def baseline(
         "train": config.train.model_dump(mode="json"),
         "deepspeed": config.deepspeed.model_dump(mode="json"),
     }
-    own = task.student_inputs(student, prep, store)
+    own = task.student_inputs(student, prep, store, force=force)
     run = StageRun(store, "baseline", section, inputs={"prep": prep, **start.inputs(), **own}, force=force)
     if run.reused:
         return run.reused

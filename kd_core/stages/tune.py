@@ -50,7 +50,7 @@ def tune(
     if start.weights_identity is not None:
         section["student_weights"] = start.weights_identity
     more_targets = more_targets or {}
-    own = task.student_inputs(config.student, prep, store)
+    own = task.student_inputs(config.student, prep, store, force=force)
     inputs = {
         "prep": prep, **start.inputs(), **own, targets.stage: targets, **{f"{targets.stage}:{name}": m for name, m in more_targets.items()},
     }

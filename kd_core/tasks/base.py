@@ -93,10 +93,11 @@ class Task:
         """The student settings that shape the task's student (the distill key covers them)."""
         return student.model_dump(mode="json")
 
-    def student_inputs(self, student: StudentConfig, prep: Manifest, store: Store) -> dict[str, Manifest]:
+    def student_inputs(self, student: StudentConfig, prep: Manifest, store: Store, force: bool = False) -> dict[str, Manifest]:
         """Steps a student of this task reads besides prep (and its start), run or reused here, before
-        it trains: the distilled student, the baseline and every search trial share them, and they
-        are inputs of those steps' keys (`cross_tokenizer`: the student's own tokenizer)."""
+        it trains (redone with `force`: the step reading them is forced): the distilled student, the
+        baseline and every search trial share them, and they are inputs of those steps' keys
+        (`cross_tokenizer`: the student's own tokenizer)."""
         return {}
 
     def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:

@@ -91,10 +91,10 @@ class CrossTokenizer(Task):
     def student_settings(self, student) -> dict:
         return student.model_dump(mode="json", include={"architecture"})
 
-    def student_inputs(self, student, prep, store) -> dict:
+    def student_inputs(self, student, prep, store, force=False) -> dict:
         """The `student_tokenizer` step: keyed by `student.tokenizer` (a folder's files' identity)
-        and prep, run here or reused (announced as the pipeline's steps are; `--force prep` redoes
-        it, as a new prep key does)."""
+        and prep, run here or reused (announced as the pipeline's steps are); redone when the step
+        reading it is forced (`--force prep`, `--force distill`, ...)."""
         from kd_core.data.student_tokenizer import prepare_student_tokenizer
         from kd_core.data.tokenizer import tokenizer_identity
         from kd_core.progress import say
@@ -102,7 +102,7 @@ class CrossTokenizer(Task):
 
         settings = student.tokenizer
         section = {"path": settings.path, "identity": tokenizer_identity(settings.path, store.config)} if settings.path else settings.model_dump(mode="json", exclude={"path"})
-        run = StageRun(store, "student_tokenizer", section, inputs={"prep": prep})
+        run = StageRun(store, "student_tokenizer", section, inputs={"prep": prep}, force=force)
         if run.reused:
             manifest = run.reused
         else:
