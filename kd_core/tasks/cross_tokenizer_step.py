@@ -71,7 +71,7 @@ class CrossTokenizerStep(nn.Module):
         if targets is None or self.objective is None or self.objective.kd_weight == 0:
             return {"loss": ce if self.objective is None else self.objective.ce_weight * ce, "ce": ce.detach(), "kd": torch.zeros((), device=ce.device)}
         kd = self.distillation(batch, view, logits, output, targets)
-        return {"loss": self.objective.ce_weight * ce + self.objective.kd_weight * kd, "ce": ce.detach(), "kd": kd.detach(), "spans": torch.tensor(float(len(view.spans)))}
+        return {"loss": self.objective.ce_weight * ce + self.objective.kd_weight * kd, "ce": ce.detach(), "kd": kd.detach(), "spans": torch.tensor(float(len(view.spans)), device=ce.device)}
 
     def distillation(self, batch, view: ViewBatch, logits: torch.Tensor, output, targets: TeacherTargets) -> torch.Tensor:
         """The KD term of `self.objective.method`, averaged over the aligned spans."""
