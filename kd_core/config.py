@@ -667,7 +667,9 @@ class CrossTokenizerLossConfig(Section):
     """Both models' softmax temperature in the KD term (a top-k cache's, `cache.temperature`, for
     `uld` and `span_kl` from the cache)."""
     ce_weight: float = Field(default=0.5, ge=0)
+    """Weight of the cross-entropy on the student's own next tokens."""
     kd_weight: float = Field(default=0.5, ge=0)
+    """Weight of the KD term over the aligned spans."""
     uld_weight: float = Field(default=1.0, ge=0)
     """`span_kl`: the weight of ULD on the tokens whose strings only one vocabulary holds."""
 
