@@ -72,7 +72,7 @@ def text_rows(prepared: PreparedTokenizer, documents: list[str], seq_len: int, a
     chunks: list[tuple[str, list[tuple[int, tuple[int, int]]], bool]] = []
     for start in range(0, len(documents), 256):
         batch = documents[start : start + 256]
-        for document, encoding in zip(batch, tokenizer.encode_batch(batch), strict=True):
+        for document, encoding in zip(batch, tokenizer.encode_batch(batch, add_special_tokens=False), strict=True):
             chunks.extend(document_chunks(document, encoding.offsets, room, tokenizer))
         advance(len(batch))
     rows = len(chunks)
@@ -101,8 +101,9 @@ def document_chunks(document: str, offsets, room: int, tokenizer) -> list[tuple[
     exactly one: (text, its tokens alone as (id, offsets), whether it ends the document). Cuts fall
     where no token of the document's tokenization overlaps the previous ones (never inside a
     character that byte-level pieces split); a text whose own tokenization is longer than `room`
-    is cut earlier."""
-    spans = [pair for pair in offsets if pair[1] > pair[0]]
+    is cut earlier. Every token counts, a zero-width one too (a whitespace token whose offsets a
+    tokenizer trims, `trim_offsets`); the tokenizer adds no special token here."""
+    spans = list(offsets)
     clean, furthest = [], 0  # token indexes where the text may be cut, and their characters
     for index, (start, end) in enumerate(spans):
         if index and start >= furthest:
@@ -115,8 +116,8 @@ def document_chunks(document: str, offsets, room: int, tokenizer) -> list[tuple[
         while True:
             end_char = len(document) if last >= len(spans) else spans[last][0]
             text = document[first_char:end_char]
-            encoding = tokenizer.encode(text)
-            pieces = [(token, pair) for token, pair in zip(encoding.ids, encoding.offsets, strict=True) if pair[1] > pair[0]]
+            encoding = tokenizer.encode(text, add_special_tokens=False)
+            pieces = list(zip(encoding.ids, encoding.offsets, strict=True))
             earlier = [index for index in clean if first < index < last]
             if len(pieces) <= room or not earlier:
                 break

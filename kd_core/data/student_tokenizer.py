@@ -8,8 +8,9 @@ for each space, lossless for the characters it was trained on). The step is keye
 and the prep step, so the distilled student and the no-teacher baseline share one, and the
 teacher's cache (keyed by prep and the teacher) never depends on it.
 
-Writes `tokenizer/` (a Hugging Face folder); the manifest's details give `vocab_size` and the
-`special_token_ids` (bos, eos, pad) a student built for it uses.
+Writes `tokenizer/` (a Hugging Face folder); the manifest's details give `vocab_size`, the
+`special_token_ids` (bos, eos, pad) a student built for it uses, and `max_row_tokens`: its tokens
+of the longest prepared row, start and end tokens included (the student's context).
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ def prepare_student_tokenizer(config: StudentTokenizerConfig, prep: Manifest, st
     """Load or train the student's tokenizer into `run`'s folder: (metrics, details)."""
     from transformers import PreTrainedTokenizerFast
 
+    texts_of = {}
+    for split in ("train", "val", "test"):
+        columns = read_columns(store, split_shards(prep, split))
+        texts_of[split] = row_texts(columns["text_bytes"], columns["text_length"])
     if config.path:
         prepared = load_tokenizer(config.path, store.config, field="student.tokenizer.path")
         wrapped = prepared.hf
         wrapped.pad_token = wrapped.pad_token or prepared.pad
-        kind, texts = "folder", 0
+        kind, trained_on = "folder", 0
     else:
-        rows = read_columns(store, split_shards(prep, "train"))
-        documents = row_texts(rows["text_bytes"], rows["text_length"])
+        documents = texts_of["train"]
         special = SPECIAL_TOKENS[config.kind]
         with run.timed("train"):
             tokenizer = trained(config.kind, documents, config.vocab_size)
@@ -53,14 +57,21 @@ def prepare_student_tokenizer(config: StudentTokenizerConfig, prep: Manifest, st
             tokenizer_object=tokenizer, bos_token=special["bos"], eos_token=special["eos"], pad_token=special["pad"],
             unk_token=special["unk"] or special["eos"],
         )
-        kind, texts = config.kind, len(documents)
+        kind, trained_on = config.kind, len(documents)
     with tempfile.TemporaryDirectory(prefix="kdflow-student-tokenizer-") as folder:
         wrapped.save_pretrained(folder)
         run.upload_dir(folder, "tokenizer")
+    longest = 0  # the student's tokens of the longest prepared row, its start and end tokens included
+    for split_texts in texts_of.values():
+        encodings = wrapped.backend_tokenizer.encode_batch(split_texts, add_special_tokens=False) if split_texts else []
+        longest = max([longest, *(len(encoding.ids) + 2 for encoding in encodings)])
     bos = wrapped.bos_token or wrapped.eos_token or wrapped.pad_token
     ids = {"bos": wrapped.convert_tokens_to_ids(bos), "eos": wrapped.convert_tokens_to_ids(wrapped.eos_token or wrapped.pad_token),
            "pad": wrapped.convert_tokens_to_ids(wrapped.pad_token)}
-    return {"vocab_size": len(wrapped), "texts": texts}, {"vocab_size": len(wrapped), "special_token_ids": ids, "kind": kind}
+    return (
+        {"vocab_size": len(wrapped), "trained_on_rows": trained_on, "max_row_tokens": longest},
+        {"vocab_size": len(wrapped), "special_token_ids": ids, "kind": kind, "max_row_tokens": longest},
+    )
 
 
 def trained(kind: str, documents: list[str], vocab_size: int) -> Tokenizer:

@@ -43,16 +43,16 @@ def teacher_view(batch: dict[str, torch.Tensor]) -> ViewBatch:
 class StudentView:
     """Tokenizes a batch's row texts with the student's tokenizer: its start token (zero-width at
     0), the text's tokens, its end token where the row ends a document, padded; then aligns them
-    with the teacher's view by offsets. Rows longer than `max_tokens` are cut, and so are their
-    spans."""
+    with the teacher's view by offsets. A row is as long as its text needs (the student tokenizer
+    step records the longest, `max_row_tokens`, which the student's context covers)."""
 
-    def __init__(self, tokenizer_dir: str | Path, special_ids: dict[str, int], max_tokens: int | None = None):
+    def __init__(self, tokenizer_dir: str | Path, special_ids: dict[str, int]):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
-        self.special_ids, self.max_tokens = special_ids, max_tokens
+        self.special_ids = special_ids
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> ViewBatch:
         columns = {name: batch[name].cpu().numpy() for name in ("text_bytes", "text_length", "offset_start", "offset_end", "tokens", "ends_document")}
@@ -60,15 +60,11 @@ class StudentView:
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
         rows, spans = [], []
         for row, (text, encoding) in enumerate(zip(texts, encodings, strict=True)):
-            pieces = [(token, pair) for token, pair in zip(encoding.ids, encoding.offsets, strict=True) if pair[1] > pair[0]]
+            pieces = list(zip(encoding.ids, encoding.offsets, strict=True))  # a zero-width real token counts too
             ends = bool(columns["ends_document"][row, 0])
             view = [(self.special_ids["bos"], (0, 0)), *pieces, *([(self.special_ids["eos"], (len(text), len(text)))] if ends else [])]
             count = int(columns["tokens"][row, 0])
             teacher = list(zip(columns["offset_start"][row, :count].tolist(), columns["offset_end"][row, :count].tolist(), strict=True))
-            if self.max_tokens is not None and len(view) > self.max_tokens:
-                view = view[: self.max_tokens]
-                cut = max(end for _, (_, end) in view)
-                teacher = [pair for pair in teacher if pair[1] <= cut]
             rows.append([token for token, _ in view])
             student = [pair for _, pair in view]
             for first_teacher, teacher_end, first_student, student_end in token_spans(teacher, student):

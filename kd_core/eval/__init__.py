@@ -186,16 +186,16 @@ def inference_speed(model, rows: torch.Tensor | dict[str, torch.Tensor], batch_s
         start = (index * batch_size) % max(len(rows["input_ids"]) - batch_size + 1, 1)
         inputs = sequence_inputs({name: values[start : start + batch_size].to(device) for name, values in rows.items()})[0]
         batch = inputs["input_ids"]
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         model(**inputs)
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - began)
     tokens = batch.numel()
     return {"tokens_per_s": tokens * len(times) / sum(times), "latency_ms": 1000 * statistics.median(times), "latency_batch_rows": int(batch.shape[0])}
 
 
-def _synchronize(device) -> None:
+def synchronize(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 

@@ -29,7 +29,7 @@ from kd_core.data.alignment import normalised, token_pieces
 from kd_core.data.cross_text import row_texts
 from kd_core.data.shards import read_columns, split_shards
 from kd_core.data.views import StudentView, numpy_rows, teacher_view, token_nll
-from kd_core.eval import parameter_bytes
+from kd_core.eval import synchronize, parameter_bytes
 from kd_core.models import count_parameters, load_causal_lm, model_copy
 from kd_core.models.teacher import teacher_model_dir
 from kd_core.progress import progress_bar
@@ -58,8 +58,10 @@ def measure_across_tokenizers(config, prep, teacher, student, baseline, store, d
             for index, start in enumerate(range(0, len(texts), config.batch_size)):
                 batch = numpy_rows(columns, start, start + config.batch_size, device)
                 view = view_of(batch)
+                synchronize(device)
                 began = time.perf_counter()
                 nll, counted, argmax = token_nll(model, view, len(tokenizer))
+                synchronize(device)
                 elapsed = time.perf_counter() - began
                 latencies, seconds = (latencies + [elapsed])[: config.throughput_batches], seconds + elapsed
                 nats, tokens = nats + float(nll.sum()), tokens + int(counted.sum())

@@ -118,12 +118,15 @@ class CrossTokenizer(Task):
         return ("input_ids", "tokens", "text_length") if role == "teacher" else CROSS_TEXT_COLUMNS
 
     def build_model(self, spec) -> torch.nn.Module:
-        """From config with seeded random weights, for the role's own vocabulary: the prepared one
-        (the teacher), the student tokenizer step's (students)."""
+        """From config with seeded random weights, for the role's own vocabulary and rows: the
+        prepared ones (the teacher), the student tokenizer step's, whose rows are as long as its
+        tokens of the longest prepared row (students)."""
         from kd_core.models import build_causal_lm
 
         vocab_size, special_ids = role_vocabulary(spec)
-        return build_causal_lm(spec.architecture, vocab_size, spec.seq_len, special_ids=special_ids, seed=spec.train.seed, dropout=spec.train.dropout)
+        own = spec.student_inputs.get("student_tokenizer")
+        positions = spec.seq_len if spec.role == "teacher" or own is None else own.details["max_row_tokens"]
+        return build_causal_lm(spec.architecture, vocab_size, positions, special_ids=special_ids, seed=spec.train.seed, dropout=spec.train.dropout)
 
     def make_step(self, spec, model, store) -> torch.nn.Module:
         from kd_core.models import local_copy
@@ -138,7 +141,10 @@ class CrossTokenizer(Task):
         objective = spec.objective
         if objective is None:
             return CrossTokenizerStep(model, "student", view=view, vocab_size=vocab_size)
-        shared = shared_vocabulary(local_copy(store, f"{spec.prep_folder}/tokenizer"), student_tokenizer) if objective.method == "span_kl" else None
+        shared = (
+            shared_vocabulary(local_copy(store, f"{spec.prep_folder}/tokenizer"), student_tokenizer, spec.vocab_size, vocab_size)
+            if objective.method == "span_kl" else None
+        )
         dual_space, teacher_head = (self._dual_space(spec, store, model)) if objective.method == "dskd" else (None, None)
         return CrossTokenizerStep(
             model, "student", objective=objective, view=view, shared=shared, vocab_size=vocab_size, dual_space=dual_space, teacher_head=teacher_head,

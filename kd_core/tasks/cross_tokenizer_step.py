@@ -27,13 +27,19 @@ from kd_core.losses.cross_tokenizer import (
 )
 
 
-def shared_vocabulary(teacher_tokenizer_dir: str | Path, student_tokenizer_dir: str | Path) -> SharedVocabulary:
-    """The strings both tokenizers' vocabularies hold (`kd_core.data.alignment.SharedVocabulary`)."""
+def shared_vocabulary(teacher_tokenizer_dir: str | Path, student_tokenizer_dir: str | Path, teacher_size: int, student_size: int) -> SharedVocabulary:
+    """The strings both tokenizers' vocabularies hold (`kd_core.data.alignment.SharedVocabulary`),
+    one entry per id of each model's output (a tokenizer with gaps in its ids, or fewer ids than
+    the model predicts, is cut or padded with "no shared string")."""
     from transformers import PreTrainedTokenizerFast
 
     teacher = PreTrainedTokenizerFast.from_pretrained(str(teacher_tokenizer_dir))
     student = PreTrainedTokenizerFast.from_pretrained(str(student_tokenizer_dir))
-    return SharedVocabulary.of(token_pieces(teacher), token_pieces(student))
+    return SharedVocabulary.of(fitted(token_pieces(teacher), teacher_size), fitted(token_pieces(student), student_size))
+
+
+def fitted(pieces: list, size: int) -> list:
+    return (pieces + [None] * size)[:size]
 
 
 class CrossTokenizerStep(nn.Module):
@@ -86,7 +92,11 @@ class CrossTokenizerStep(nn.Module):
         teacher_ids, teacher_at = ids[spans.rows, spans.teacher_start], teacher[spans.rows, spans.teacher_start]
         if method == "uld":
             return uld_loss(at_student, teacher_at) if targets.logits is not None else uld_topk_loss(at_student, teacher_at)
-        teacher_tokens = targets.token_logprobs if targets.token_logprobs is not None else next_token_logprobs(log_probs(targets.logits, temperature), batch["input_ids"].long())
+        # from logits (online, or a full cache: raw logits) at the loss temperature, as `teacher_at`;
+        # a sparse cache's kept log-probs are at its temperature, which the config makes the loss's
+        teacher_tokens = (
+            next_token_logprobs(log_probs(targets.logits, temperature), batch["input_ids"].long()) if targets.logits is not None else targets.token_logprobs
+        )
         teacher_span = span_logprobs(teacher_tokens.float(), spans.rows, spans.teacher_start, spans.teacher_end)
         student_span = span_logprobs(next_token_logprobs(student, view.input_ids), spans.rows, spans.student_start, spans.student_end)
         teacher_first = batch["input_ids"].long()[spans.rows, spans.teacher_start + 1]
