@@ -262,6 +262,10 @@ class CrossTokenizer(Task):
             return f"{metrics['documents']:,} docs, {metrics['train_bytes']:,} train bytes in {metrics['train_tokens']:,} teacher tokens, vocab {details['vocab_size']}"
         if step == "eval":
             return f"{metrics['bytes']:,} held-out bytes ({metrics['split']})"
+        if step == "cache":  # the causal LM's cache, with each next token's log-prob
+            from kd_core.tasks.causal_lm import CausalLM
+
+            return CausalLM().headline(step, manifest)
         return None
 
     def comparison_table(self, metrics) -> Table:
