@@ -37,8 +37,6 @@ SPECIAL_TOKENS = {
 
 def prepare_student_tokenizer(config: StudentTokenizerConfig, prep: Manifest, store: Store, run: StageRun) -> tuple[dict, dict]:
     """Load or train the student's tokenizer into `run`'s folder: (metrics, details)."""
-    from transformers import PreTrainedTokenizerFast
-
     texts_of = {}
     for split in ("train", "val", "test"):
         columns = read_columns(store, split_shards(prep, split))
@@ -50,13 +48,8 @@ def prepare_student_tokenizer(config: StudentTokenizerConfig, prep: Manifest, st
         kind, trained_on = "folder", 0
     else:
         documents = texts_of["train"]
-        special = SPECIAL_TOKENS[config.kind]
         with run.timed("train"):
-            tokenizer = trained(config.kind, documents, config.vocab_size)
-        wrapped = PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer, bos_token=special["bos"], eos_token=special["eos"], pad_token=special["pad"],
-            unk_token=special["unk"] or special["eos"],
-        )
+            wrapped = trained_wrapped(config.kind, documents, config.vocab_size)
         kind, trained_on = config.kind, len(documents)
     with tempfile.TemporaryDirectory(prefix="kdflow-student-tokenizer-") as folder:
         wrapped.save_pretrained(folder)
@@ -65,12 +58,30 @@ def prepare_student_tokenizer(config: StudentTokenizerConfig, prep: Manifest, st
     for split_texts in texts_of.values():
         encodings = wrapped.backend_tokenizer.encode_batch(split_texts, add_special_tokens=False) if split_texts else []
         longest = max([longest, *(len(encoding.ids) + 2 for encoding in encodings)])
-    bos = wrapped.bos_token or wrapped.eos_token or wrapped.pad_token
-    ids = {"bos": wrapped.convert_tokens_to_ids(bos), "eos": wrapped.convert_tokens_to_ids(wrapped.eos_token or wrapped.pad_token),
-           "pad": wrapped.convert_tokens_to_ids(wrapped.pad_token)}
     return (
         {"vocab_size": len(wrapped), "trained_on_rows": trained_on, "max_row_tokens": longest},
-        {"vocab_size": len(wrapped), "special_token_ids": ids, "kind": kind, "max_row_tokens": longest},
+        {"vocab_size": len(wrapped), "special_token_ids": special_ids(wrapped), "kind": kind, "max_row_tokens": longest},
+    )
+
+
+def special_ids(tokenizer) -> dict[str, int]:
+    """A student tokenizer's start, end and pad ids (a missing start token: its end token; a
+    missing pad: its end token), as the step records them and eval reads a model folder's."""
+    bos = tokenizer.bos_token or tokenizer.eos_token or tokenizer.pad_token
+    return {
+        "bos": tokenizer.convert_tokens_to_ids(bos), "eos": tokenizer.convert_tokens_to_ids(tokenizer.eos_token or tokenizer.pad_token),
+        "pad": tokenizer.convert_tokens_to_ids(tokenizer.pad_token or tokenizer.eos_token),
+    }
+
+
+def trained_wrapped(kind: str, documents: list[str], vocab_size: int):
+    """`trained`, as a transformers tokenizer with the kind's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    special = SPECIAL_TOKENS[kind]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=trained(kind, documents, vocab_size), bos_token=special["bos"], eos_token=special["eos"], pad_token=special["pad"],
+        unk_token=special["unk"] or special["eos"],
     )
 
 

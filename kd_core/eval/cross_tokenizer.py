@@ -28,6 +28,7 @@ import time
 from kd_core.data.alignment import normalised, token_pieces
 from kd_core.data.cross_text import row_texts
 from kd_core.data.shards import read_columns, split_shards
+from kd_core.data.student_tokenizer import special_ids
 from kd_core.data.views import StudentView, numpy_rows, teacher_view, token_nll
 from kd_core.eval import synchronize, parameter_bytes
 from kd_core.models import count_parameters, load_causal_lm, model_copy
@@ -86,15 +87,6 @@ def measure_across_tokenizers(config, prep, teacher, student, baseline, store, d
                 "latency_ms": 1000 * statistics.median(latencies),
             }
     return {"rows": len(texts), "bytes": total_bytes, "characters": characters}, scores
-
-
-def special_ids(tokenizer) -> dict[str, int]:
-    """A model folder's tokenizer's start, end and pad ids, as the student tokenizer step chose them."""
-    bos = tokenizer.bos_token or tokenizer.eos_token or tokenizer.pad_token
-    return {
-        "bos": tokenizer.convert_tokens_to_ids(bos), "eos": tokenizer.convert_tokens_to_ids(tokenizer.eos_token or tokenizer.pad_token),
-        "pad": tokenizer.convert_tokens_to_ids(tokenizer.pad_token or tokenizer.eos_token),
-    }
 
 
 def role_pieces(tokenizer) -> list[str | None]:

@@ -146,11 +146,8 @@ def tokenizer_for(url: str | None, role: str, job, documents: list[str]):
         prepared = train_tokenizer(documents, job.data.vocab_size)
         wrapped = PreTrainedTokenizerFast(tokenizer_object=prepared.tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=PAD)
         return wrapped, f"a byte-level BPE of {job.data.vocab_size:,} trained on the first {len(documents)} documents (prep trains it on all)"
-    from kd_core.data.student_tokenizer import SPECIAL_TOKENS, trained
+    from kd_core.data.student_tokenizer import trained_wrapped
 
-    settings, special = job.student.tokenizer, SPECIAL_TOKENS[job.student.tokenizer.kind]
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=trained(settings.kind, documents, settings.vocab_size), bos_token=special["bos"], eos_token=special["eos"],
-        pad_token=special["pad"], unk_token=special["unk"] or special["eos"],
-    )
-    return wrapped, f"a {settings.kind} of {settings.vocab_size:,} trained on the first {len(documents)} documents (the student_tokenizer step trains it on all)"
+    settings = job.student.tokenizer
+    named = f"a {settings.kind} of {settings.vocab_size:,} trained on the first {len(documents)} documents (the student_tokenizer step trains it on all)"
+    return trained_wrapped(settings.kind, documents, settings.vocab_size), named
