@@ -214,6 +214,23 @@ CHAT_SOURCES = ("chat", "python-qa", "exact-answers")
 mask over the assistant's tokens), not plain text or preference pairs."""
 
 
+class TextsConfig(Section):
+    """How prep cuts documents into the texts an embedding model embeds (`task: embedding`): every
+    paragraph (a blank-line-separated block: headings, prose, list items) of each document, cut
+    at spaces where longer than `max_chars`, kept when at least `min_chars` long."""
+
+    min_chars: int = Field(default=24, ge=1)
+    """Shorter paragraphs (stray markup, one-word lines) are dropped."""
+    max_chars: int = Field(default=1000, ge=8)
+    """Longer paragraphs are cut into pieces of at most this many characters (at spaces)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> TextsConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be at most max_chars ({self.max_chars})")
+        return self
+
+
 class DataConfig(Section):
     source: Literal["python-docs", "files", "chat", "python-qa", "exact-answers", "preferences", "digit-preferences"] = "python-docs"
     """`python-docs`: the language reference and standard-library docstrings bundled with Python
@@ -239,6 +256,8 @@ class DataConfig(Section):
     """The generated problems of the `exact-answers` source."""
     preferences: PreferenceConfig = PreferenceConfig()
     """Preference records (sources `preferences` and `digit-preferences`)."""
+    texts: TextsConfig = TextsConfig()
+    """The texts of an embedding task (`task: embedding`), cut from the documents."""
     text_field: str = "text"
     """Column holding the text in JSONL and Parquet files."""
     max_documents: int | None = Field(default=None, gt=0)
@@ -321,7 +340,7 @@ class TrainConfig(Section):
     the weights, optimizer state and schedule stay as they were); one more aborts the run with
     `TrainingDiverged`, naming the step and the last finite loss. 0 aborts on the first."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    """Attention dropout during training."""
+    """Attention dropout during training (an encoder, `task: embedding`: its hidden-state dropout too)."""
     seed: int = 0
     """Seed of the initial weights and the data order."""
     log_every: int = Field(default=10, gt=0)
@@ -492,6 +511,22 @@ class StudentTokenizerConfig(Section):
     """Its vocabulary, special tokens included."""
 
 
+class SentenceEmbeddingConfig(Section):
+    """How an embedding student (`task: embedding`) turns its token states into one vector per
+    text, as sentence-transformers' modules do (and as its exported folder says): pooling, an
+    optional dense projection to `output_dim`, then optional L2 normalisation. A student cut from
+    the teacher (`init: from_teacher`) takes the teacher's pooling and normalisation instead."""
+
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    """`mean`: the mean of the token states (padding excluded); `cls`: the first token's state;
+    `last`: the last real token's state."""
+    normalize: bool = True
+    """L2-normalise the embedding (sentence-transformers' `Normalize` module)."""
+    output_dim: int | None = Field(default=None, gt=0)
+    """Width of a learned linear projection after pooling (sentence-transformers' `Dense`): a
+    narrower embedding than the encoder's width. None: the pooled state as it is."""
+
+
 class StudentConfig(Section):
     architecture: ArchitectureConfig = ArchitectureConfig()
     """Architecture of the student (with `task: reward`, its language model), built from config
@@ -510,6 +545,8 @@ class StudentConfig(Section):
     """The image encoder of a multimodal reward student (`task: reward`; ignored otherwise)."""
     tokenizer: StudentTokenizerConfig = StudentTokenizerConfig()
     """The student's own tokenizer (`task: cross_tokenizer`; ignored otherwise)."""
+    embedding: SentenceEmbeddingConfig = SentenceEmbeddingConfig()
+    """Pooling, projection and normalisation of an embedding student (`task: embedding`; ignored otherwise)."""
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -757,6 +794,54 @@ class OnPolicyConfig(Section):
         return self
 
 
+class EmbeddingLossConfig(Section):
+    """The objective of a sentence-embedding student (`task: embedding`), a weighted sum over a
+    batch of texts' embeddings, student s and teacher t (`kd_core/losses/embedding.py`):
+
+        total = mse_weight · MSE(P s, t) + cosine_weight · (1 − cos(P s, t))
+              + matryoshka_weight · Matryoshka + distance_weight · RKD-distance + angle_weight · RKD-angle
+              + similarity_kl_weight · KL(teacher similarities ‖ student's) + contrastive_weight · soft-label InfoNCE
+
+    P is a learned projection to the teacher's width when the widths differ (trained with the
+    student, not exported). The no-teacher baseline learns SimCSE (two dropout views of each
+    text, the batch's other texts as negatives, τ = 0.05)."""
+
+    mse_weight: float = Field(default=1.0, ge=0)
+    """Mean squared error to the teacher's embedding (per dimension)."""
+    cosine_weight: float = Field(default=0.0, ge=0)
+    """1 − cosine similarity to the teacher's embedding."""
+    matryoshka_weight: float = Field(default=0.0, ge=0)
+    """The teacher's cosine-similarity matrix taught at each prefix width of `matryoshka_dims`."""
+    matryoshka_dims: list[int] = []
+    """Prefix widths of the student's embedding that must work on their own (e.g. [32, 64, 128]);
+    eval measures each. Needed when `matryoshka_weight` > 0."""
+    matryoshka_weights: list[float] | None = None
+    """One weight per `matryoshka_dims` entry (None: equal)."""
+    distance_weight: float = Field(default=0.0, ge=0)
+    """Relational KD, distance: pairwise distances normalised by their mean (Park et al.)."""
+    angle_weight: float = Field(default=0.0, ge=0)
+    """Relational KD, angle: the angles of every triplet in the batch (Park et al.)."""
+    similarity_kl_weight: float = Field(default=0.0, ge=0)
+    """KL between the teacher's and the student's softmaxed in-batch similarity rows (CLIP-RD)."""
+    contrastive_weight: float = Field(default=0.0, ge=0)
+    """In-batch contrastive loss with the teacher's similarities as soft labels."""
+    temperature: float = Field(default=0.05, gt=0)
+    """Temperature of the similarity softmax (`similarity_kl`, `contrastive`)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EmbeddingLossConfig:
+        weights = ("mse_weight", "cosine_weight", "matryoshka_weight", "distance_weight", "angle_weight", "similarity_kl_weight", "contrastive_weight")
+        if not any(getattr(self, name) > 0 for name in weights):
+            raise ValueError(f"every weight is 0 ({', '.join(weights)}): nothing would be distilled")
+        if self.matryoshka_weight > 0 and not self.matryoshka_dims:
+            raise ValueError("matryoshka_dims: give the prefix widths (e.g. [32, 64]) when matryoshka_weight > 0")
+        if any(dim <= 0 for dim in self.matryoshka_dims):
+            raise ValueError(f"matryoshka_dims: widths must be > 0, got {self.matryoshka_dims}")
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ValueError(f"matryoshka_weights: one per matryoshka_dims entry ({len(self.matryoshka_dims)}), got {len(self.matryoshka_weights)}")
+        return self
+
+
 class DistillConfig(Section):
     loss: LossConfig = LossConfig()
     """The distillation objective of language models (`task: causal_lm`)."""
@@ -764,6 +849,8 @@ class DistillConfig(Section):
     """The distillation objective of reward models (`task: reward`)."""
     cross_tokenizer: CrossTokenizerLossConfig = CrossTokenizerLossConfig()
     """The distillation objective of a student with its own tokenizer (`task: cross_tokenizer`)."""
+    embedding: EmbeddingLossConfig = EmbeddingLossConfig()
+    """The distillation objective of a sentence-embedding student (`task: embedding`)."""
     train: TrainConfig = TrainConfig()
     """Optimisation of the student."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()

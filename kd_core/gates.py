@@ -36,13 +36,15 @@ METRICS = (
     "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "preference_kl_to_teacher", "pairs_per_s",
     # models with different tokenizers (kd_core/tasks/cross_tokenizer.py)
     "bits_per_byte", "bits_per_character", "tokens_per_byte", "span_agreement", "round_trip", "bytes_per_s",
+    # sentence encoders (kd_core/tasks/embedding.py)
+    "recall_at_10", "spearman", "mean_cosine", "sentences_per_s", "dimension",
     # every model
     "parameters", "weight_bytes", "latency_ms",
 )
 """Every metric name a task measures (each task's `Task.metrics` says which are its own)."""
 MAXIMIZED = frozenset(
     {"agreement_top1", "agreement_top5", "tokens_per_s", "answer_exact_match", "answer_f1", "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "pairs_per_s",
-     "span_agreement", "round_trip", "bytes_per_s"}
+     "span_agreement", "round_trip", "bytes_per_s", "recall_at_10", "spearman", "mean_cosine", "sentences_per_s"}
 )
 """Metrics where higher is better (the registry's default goal for a primary metric)."""
 _COMPARISONS = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq, ast.NotEq: operator.ne}

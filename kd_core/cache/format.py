@@ -15,6 +15,7 @@ to read them:
 | all       | `entropy`       | float16 × T              | the teacher's full predictive entropy (nats)              |
 | optional  | `hidden_<L>`    | float16 × T·H            | hidden state L of the teacher (`cache.hidden_layers`)     |
 | `reward`  | `teacher_chosen`, `teacher_rejected` | float32 × 1 | a reward model's scores of a preference pair's two responses (`task: reward`; no `entropy`) |
+| `embedding` | `teacher_embedding` | float16 × D | a sentence encoder's embedding of the row's text (`task: embedding`; no `entropy`) |
 
 Packing: entries are unsigned integers of b bits (b ≤ 56), written most-significant bit first
 into one bit stream per row; the row's entry count is padded to a multiple of 8 with zero
@@ -96,7 +97,8 @@ class CacheLayout:
     """Everything needed to encode or decode a cache shard's columns."""
 
     format: str
-    """`topk`, `sampled`, `full`, or `reward` (a reward teacher's scores of preference pairs)."""
+    """`topk`, `sampled`, `full`, `reward` (a reward teacher's scores of preference pairs) or
+    `embedding` (a sentence encoder's embedding of each text; `slots` is its width)."""
     seq_len: int
     vocab_size: int
     slots: int
@@ -214,9 +216,12 @@ class CacheLayout:
         `teacher_topk_ids` / `teacher_topk_logprobs` (rows, T, k), `teacher_sample_ids` /
         `teacher_sample_counts` (rows, T, n), `teacher_logits` (rows, T, V), `teacher_entropy`
         (rows, T), `teacher_hidden_<L>` (rows, T, H); for `reward`, `teacher_chosen` and
-        `teacher_rejected` (rows,). Ids are int32, values float32."""
+        `teacher_rejected` (rows,); for `embedding`, `teacher_embedding` (rows, D). Ids are int32,
+        values float32."""
         if self.format == "reward":
             return {name: columns[name][:, 0].astype(np.float32) for name in ("teacher_chosen", "teacher_rejected")}
+        if self.format == "embedding":
+            return {"teacher_embedding": columns["teacher_embedding"].astype(np.float32)}
         rows, T = len(columns["entropy"]), self.seq_len
         targets = {"teacher_entropy": columns["entropy"].astype(np.float32).reshape(rows, T)}
         if self.format == "topk":

@@ -56,16 +56,22 @@ def prepare_text(config: DataConfig, store: Store, run: StageRun, source: FileSo
     return metrics | {f"{split}_tokens": details["splits"][split]["tokens"] for split in SPLITS}, details
 
 
-def split_with_tokenizer(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[list[str], dict, PreparedTokenizer, dict]:
+def split_with_tokenizer(
+    config: DataConfig, store: Store, run: StageRun, source: FileSource | None, *, separates_documents: bool = True,
+) -> tuple[list[str], dict, PreparedTokenizer, dict]:
     """The documents (steps 1-3 of the module docstring): deduplicated and shuffled, split by
     document, and the tokenizer (`data.tokenizer`, or trained on the training split) saved into
-    `run`; with the metrics of what was read."""
+    `run`; with the metrics of what was read. A loaded tokenizer needs an eos only when
+    `separates_documents` (the task's `Task.separates_documents`)."""
     counts = SourceCounts()
     with run.timed("collect"):
         documents, duplicates = collect_documents(config, source, counts)
         splits = split_documents(documents, config.val_fraction, config.test_fraction)
     with run.timed("tokenizer"):
-        prepared = load_tokenizer(config.tokenizer, store.config) if config.tokenizer else train_tokenizer(splits["train"], config.vocab_size)
+        prepared = (
+            load_tokenizer(config.tokenizer, store.config, separates_documents=separates_documents)
+            if config.tokenizer else train_tokenizer(splits["train"], config.vocab_size)
+        )
         save_hf_tokenizer(prepared, run)
     metrics = {
         "documents": len(documents), "characters": sum(len(doc) for doc in documents), "files": counts.files,

@@ -5,7 +5,8 @@ dense logits (an online teacher, or a `full` cache), its top-k ids and log-probs
 cache) or its sampled ids and counts (a `sampled` cache); the teacher's predictive entropy
 (every cache format) weights positions when `token_weighting` asks for it, and hidden states
 (`cache.hidden_layers`, or an online teacher's) feed feature distillation. A reward-model
-student learns from the teacher's scores of both responses of each preference pair.
+student learns from the teacher's scores of both responses of each preference pair, an embedding
+student from the teacher's embedding of each text.
 
 Fields (every one optional: None, or an empty `hidden`, when the batch does not carry it;
 B rows, T positions, V vocabulary entries, k top-k slots, n sample slots, H hidden width):
@@ -27,6 +28,8 @@ B rows, T positions, V vocabulary entries, k top-k slots, n sample slots, H hidd
   teacher's hidden state of layer L (a Hugging Face `hidden_states` index); {} when none.
 - `chosen_rewards`, `rejected_rewards` (`teacher_chosen`, `teacher_rejected`): (N,) float32, a
   reward teacher's scores of each preference pair's chosen and rejected response.
+- `embeddings` (`teacher_embedding`): (N, D) float32, a sentence encoder's embedding of each of
+  the batch's N texts (`task: embedding`).
 - `mask`: (B, T) bool, the positions that count (None: every one): position t counts when the
   token after it, t + 1, is one the student learns to write (chat data: an assistant token).
   No batch key: the language model's step builds it from the batch's `loss_mask`.
@@ -57,6 +60,7 @@ BATCH_KEYS: dict[str, str] = {
     "teacher_token_logprobs": "token_logprobs",
     "teacher_chosen": "chosen_rewards",
     "teacher_rejected": "rejected_rewards",
+    "teacher_embedding": "embeddings",
 }
 """Batch key -> `TeacherTargets` field, for every target key but the hidden states (`HIDDEN_PREFIX`)."""
 
@@ -87,6 +91,7 @@ class TeacherTargets:
     hidden: Mapping[int, torch.Tensor] = field(default_factory=dict)
     chosen_rewards: torch.Tensor | None = None
     rejected_rewards: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
     def has_token_targets(self) -> bool:

@@ -34,7 +34,7 @@ from kd_core.storage import Store, reaching, url_to_fs
 
 FIELD = "student.path"
 
-LAYER_LISTS = ("model.layers", "transformer.h")
+LAYER_LISTS = ("model.layers", "transformer.h", "encoder.layer")
 """Where a causal LM keeps its list of blocks: Llama, Qwen2, Mistral (`model.layers`); GPT-2 (`transformer.h`)."""
 
 
@@ -151,7 +151,8 @@ def cut_from_teacher(teacher, layers: list[int], hidden_size: int | None = None,
                 f"teacher is {config.model_type!r}; leave it null"
             )
         state = _prune_width(state, config, len(layers), hidden_size, intermediate_size)
-    student = type(teacher)(config)
+    no_pooler = {"add_pooling_layer": False} if getattr(teacher, "pooler", "none") is None else {}  # an encoder loaded without BERT's pooler
+    student = type(teacher)(config, **no_pooler)
     student.load_state_dict(state, strict=True)
     return student.to(next(teacher.parameters()).dtype)
 

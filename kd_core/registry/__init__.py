@@ -4,7 +4,8 @@ The register stage (`kd_core/stages/register.py`) runs it:
 One MLflow run per registration holds the job's public config as params (no secrets), the eval
 metrics, the eval stage's files (`eval/metrics.json`, `eval/training_curves.png`) and the student
 as an MLflow model named `model` (logged by the job's task: `log_text_generation` for a language
-model, the pyfunc of kd_core/registry/pyfunc.py for a reward model, `log_reward_pyfunc`), so
+model, the pyfunc of kd_core/registry/pyfunc.py for a reward model, `log_reward_pyfunc`, the
+sentence-transformers flavour for a sentence encoder, `log_sentence_transformer`), so
 `mlflow.pyfunc.load_model("models:/<registry.model_name>@champion")` loads it. A new version of
 `registry.model_name` is created from that logged model (its source is the model's `models:/m-…`
 URI), tagged with the teacher, data, cache and config keys, the code version, the gate results
@@ -115,6 +116,21 @@ def log_reward_pyfunc(model_dir: Path):
             # PyPI does not hold for us would install whatever a stranger published under it.
             pip_requirements=_pinned("torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas"),
         )
+
+
+def log_sentence_transformer(model_dir: Path):
+    """Log a sentence encoder's folder (a sentence-transformers model, `kd_core/models/encoders.py`)
+    as the active run's MLflow model `model`: MLflow's sentence-transformers flavour, loaded from
+    the folder offline (`mlflow.pyfunc.load_model(uri).predict(["a text"])` embeds). Returns
+    MLflow's ModelInfo."""
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir.resolve()), device="cpu", local_files_only=True)
+    return mlflow.sentence_transformers.log_model(
+        model, name=MODEL_NAME, input_example=["a text to embed"],
+        pip_requirements=_pinned("torch", "transformers", "tokenizers", "safetensors", "sentence-transformers"),
+    )
 
 
 def _pinned(*distributions: str) -> list[str]:
