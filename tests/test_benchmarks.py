@@ -141,3 +141,17 @@ def test_prep_throughput_benchmark_smoke(tmp_path):
     assert [row["case"] for row in record["results"]] == ["one huge file", "5 small files"]
     for row in record["results"]:
         assert row["documents"] > 0 and row["kdflow"]["mb_per_s"] > 0 and row["whole_file"]["peak_mb"] > 0
+
+
+def test_embedding_benchmark_smoke(tmp_path):
+    """One arm on configs/tiny.yaml with a teacher trained here (the recipe's is all-MiniLM-L6-v2)."""
+    results = tmp_path / "embedding.jsonl"
+    run = run_script("benchmarks/embedding.py", "configs/tiny.yaml", "task=embedding", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
+                     f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "teacher.train.dropout=0.1", "distill.train.dropout=0.1",
+                     "registry.primary_metric=student.recall_at_10", "tune.space={}", "data.seq_len=40", "distill.deepspeed.enabled=false",
+                     "--arms", "mse_relational", "--results", str(results))
+    assert run.returncode == 0, run.stderr
+    assert "| no-teacher student (SimCSE) |" in run.stdout and "| MSE + relational" in run.stdout
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert set(record["arms"]) == {"mse_relational", "teacher", "baseline"}
+    assert 0 <= record["arms"]["mse_relational"]["recall_at_10"] <= 1 and record["arms"]["mse_relational"]["train_seconds"] > 0
