@@ -185,10 +185,11 @@ def check_student_start(config: JobConfig, prep: Manifest, store: Store) -> None
     from kd_core.models.students import check_pretrained_student, cut_settings
     from kd_core.models.teacher import read_teacher_json
     from kd_core.storage import reaching, url_to_fs
+    from kd_core.tasks import task_named
 
     student = config.student
     if student.init == "pretrained":
-        check_pretrained_student(student.path, store, prep)
+        check_pretrained_student(student.path, store, prep, data_ids=task_named(config.task).pretrained_reads_data_ids)
     elif student.init == "from_teacher" and config.teacher.path:
         url = config.teacher.path
         fs, root = url_to_fs(url, store.config)

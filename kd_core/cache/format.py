@@ -46,6 +46,11 @@ FORMAT_VERSION = 2
 """Bumped when the meaning of any column changes."""
 
 
+PER_ROW_FORMATS = {"reward": (("teacher_chosen", "teacher_rejected"), True), "embedding": (("teacher_embedding",), False)}
+"""Formats of one value (or vector) per row, not per position: format -> (its columns, whether each
+holds one value per row, decoded as (rows,); else a vector, decoded as (rows, width))."""
+
+
 class CacheSettingsError(InputError):
     """Cache settings this teacher and data cannot satisfy, found before any teacher inference."""
 
@@ -218,10 +223,9 @@ class CacheLayout:
         (rows, T), `teacher_hidden_<L>` (rows, T, H); for `reward`, `teacher_chosen` and
         `teacher_rejected` (rows,); for `embedding`, `teacher_embedding` (rows, D). Ids are int32,
         values float32."""
-        if self.format == "reward":
-            return {name: columns[name][:, 0].astype(np.float32) for name in ("teacher_chosen", "teacher_rejected")}
-        if self.format == "embedding":
-            return {"teacher_embedding": columns["teacher_embedding"].astype(np.float32)}
+        if self.format in PER_ROW_FORMATS:
+            names, one_value = PER_ROW_FORMATS[self.format]
+            return {name: columns[name][:, 0 if one_value else slice(None)].astype(np.float32) for name in names}
         rows, T = len(columns["entropy"]), self.seq_len
         targets = {"teacher_entropy": columns["entropy"].astype(np.float32).reshape(rows, T)}
         if self.format == "topk":

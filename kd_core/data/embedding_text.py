@@ -15,7 +15,8 @@ prep's, `prep.py`):
 
 Columns (one row per text): `input_ids` (seq_len) int32; `tokens` (1) int32, the real tokens;
 `text_bytes` (W) uint8, the text's UTF-8 zero-padded to the split's longest; `text_length` (1)
-int32, its bytes. `row_texts` (`cross_text.py`) gives the texts back.
+int32, its bytes. `row_texts` (`cross_text.py`) gives the texts back. The manifest's metrics count
+each split's texts, tokens and the texts cut at `seq_len` (`<split>_truncated`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ EMBEDDING_TEXT_COLUMNS = ("input_ids", "tokens", "text_bytes", "text_length")
 """The columns of an embedding prep's shards (the module docstring)."""
 
 _WHITESPACE = re.compile(r"\s+")
+MIN_TEXTS = {"train": 2, "val": 11, "test": 11}
+"""Texts a split needs: a contrastive batch needs two; a held-out one, a text and its 10 nearest others."""
+WHY = {"train": "two to contrast", "val": "eval ranks each text's 10 nearest others", "test": "eval ranks each text's 10 nearest others"}
 
 
 def prepare_embedding_texts(config: DataConfig, store: Store, run: StageRun, source: FileSource | None) -> tuple[dict, dict]:
@@ -53,20 +57,22 @@ def prepare_embedding_texts(config: DataConfig, store: Store, run: StageRun, sou
             for document in splits[split]:
                 texts.extend(text for text in document_texts(document, config.texts) if text not in seen and not seen.add(text))
                 bar.advance(1)
-            if len(texts) < 2:
+            if len(texts) < MIN_TEXTS[split]:
+                grow = "lower data.val_fraction and data.test_fraction" if split == "train" else f"raise data.{split}_fraction"
                 raise DataSourceError(
                     f"data: the {split} split holds {len(texts)} texts of at least data.texts.min_chars={config.texts.min_chars} "
-                    f"characters ({len(splits[split])} documents); an embedding needs at least 2 per split: add data, lower "
-                    f"data.texts.min_chars or raise data.{split if split != 'train' else 'val'}_fraction"
+                    f"characters ({len(splits[split])} documents); it needs at least {MIN_TEXTS[split]} ({WHY[split]}): add data, "
+                    f"lower data.texts.min_chars or {grow}"
                 )
             columns = text_columns(prepared, texts, config.seq_len)
+            truncated = int(columns.pop("truncated").sum())
             if split == "train":
                 order = np.random.default_rng(config.seed).permutation(len(texts))
                 columns = {name: values[order] for name, values in columns.items()}
             details["splits"][split] = write_split(run, split, columns, config.rows_per_shard)
             metrics[f"{split}_texts"] = len(texts)
             metrics[f"{split}_tokens"] = int(columns["tokens"].sum())
-            metrics[f"{split}_truncated"] = int(np.sum(columns["tokens"][:, 0] >= config.seq_len))
+            metrics[f"{split}_truncated"] = truncated
     return metrics, details
 
 
@@ -82,7 +88,8 @@ def document_texts(document: str, texts: TextsConfig) -> list[str]:
 
 
 def text_columns(prepared: PreparedTokenizer, texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
-    """The rows of a split's texts (the module docstring's columns)."""
+    """The rows of a split's texts (the module docstring's columns), and `truncated`: (rows,) bool,
+    whether each text was cut at `seq_len` (not a column: prep counts them)."""
     tokenizer = prepared.tokenizer
     tokenizer.enable_truncation(max_length=seq_len)  # keeps the closing special token ([SEP]) of a cut text
     try:
@@ -102,4 +109,5 @@ def text_columns(prepared: PreparedTokenizer, texts: list[str], seq_len: int) ->
         "tokens": np.asarray([len(encoding.ids) for encoding in encodings], dtype=np.int32).reshape(rows, 1),
         "text_bytes": text_bytes,
         "text_length": np.asarray([len(text) for text in encoded], dtype=np.int32).reshape(rows, 1),
+        "truncated": np.asarray([bool(encoding.overflowing) for encoding in encodings]),
     }

@@ -1,4 +1,5 @@
-"""The student's own tokenizer (`task: cross_tokenizer`, the `student_tokenizer` step).
+"""The student's own tokenizer (`task: cross_tokenizer`, and a pretrained `task: embedding` student's
+folder's: the `student_tokenizer` step).
 
 A folder the user names (`student.tokenizer.path`, e.g. a Qwen student's beside a Llama teacher)
 is taken as it is; otherwise one of three kinds is trained on the prepared training rows' text:
@@ -35,14 +36,38 @@ SPECIAL_TOKENS = {
 """The special tokens of each kind kdflow trains (the start, end, padding and unknown tokens)."""
 
 
-def prepare_student_tokenizer(config: StudentTokenizerConfig, prep: Manifest, store: Store, run: StageRun) -> tuple[dict, dict]:
+def student_tokenizer_step(
+    settings: StudentTokenizerConfig, prep: Manifest, store: Store, force: bool = False, *, field: str = "student.tokenizer.path",
+    separates_documents: bool = True,
+) -> Manifest:
+    """The `student_tokenizer` step: keyed by `settings` (a folder's files' identity) and prep, run
+    here or reused (announced as the pipeline's steps are); redone with `force`. `field` names the
+    folder in errors; `separates_documents`: a loaded folder needs an end token."""
+    from kd_core.data.tokenizer import tokenizer_identity
+    from kd_core.progress import say
+
+    section = {"path": settings.path, "identity": tokenizer_identity(settings.path, store.config)} if settings.path else settings.model_dump(mode="json", exclude={"path"})
+    run = StageRun(store, "student_tokenizer", section, inputs={"prep": prep}, force=force)
+    if run.reused:
+        manifest = run.reused
+    else:
+        metrics, details = prepare_student_tokenizer(settings, prep, store, run, field=field, separates_documents=separates_documents)
+        manifest = run.finish(metrics=metrics, details=details)
+    state = "reused" if manifest.reused else f"done in {manifest.timings.get('total', 0):.1f}s"
+    say(f"[green]✓[/green] student_tokenizer {manifest.key}  {state} ({manifest.details['kind']}, {manifest.details['vocab_size']:,} tokens)")
+    return manifest
+
+
+def prepare_student_tokenizer(
+    config: StudentTokenizerConfig, prep: Manifest, store: Store, run: StageRun, *, field: str = "student.tokenizer.path", separates_documents: bool = True,
+) -> tuple[dict, dict]:
     """Load or train the student's tokenizer into `run`'s folder: (metrics, details)."""
     texts_of = {}
     for split in ("train", "val", "test"):
         columns = read_columns(store, split_shards(prep, split))
         texts_of[split] = row_texts(columns["text_bytes"], columns["text_length"])
     if config.path:
-        prepared = load_tokenizer(config.path, store.config, field="student.tokenizer.path")
+        prepared = load_tokenizer(config.path, store.config, field=field, separates_documents=separates_documents)
         wrapped = prepared.hf
         wrapped.pad_token = wrapped.pad_token or prepared.pad
         kind, trained_on = "folder", 0

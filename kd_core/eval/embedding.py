@@ -29,17 +29,20 @@ from kd_core.data.shards import read_columns, split_shards
 from kd_core.eval import parameter_bytes, synchronize
 from kd_core.eval.embedding_metrics import embedding_fidelity
 from kd_core.models import count_parameters, model_copy
-from kd_core.models.encoders import embed_rows, load_sentence_encoder
+from kd_core.models.encoders import TextTokenizer, embed_rows, load_sentence_encoder
 from kd_core.models.teacher import teacher_model_dir
 from kd_core.progress import progress_bar
 
 NEIGHBOURS = 10
 
 
-def measure_encoders(config, prep, teacher, student, baseline, store, device, dims: list[int], start_model=None) -> tuple[dict, dict, dict]:
+def measure_encoders(
+    config, prep, teacher, student, baseline, store, device, dims: list[int], start_model=None, tokenizer: TextTokenizer | None = None,
+) -> tuple[dict, dict, dict]:
     """({rows} of the held-out split, each model's metrics, {model: per-width fidelity} for the
     plot). `start_model`: the student before distillation (an encoder), when it did not start from
-    random weights."""
+    random weights. `tokenizer`: the students' own (another encoder folder's), with which they read
+    the texts; the teacher reads the prepared ids."""
     rows = read_columns(store, split_shards(prep, config.split), config.max_rows)
     count = len(rows["input_ids"])
     if count <= NEIGHBOURS:
@@ -52,7 +55,7 @@ def measure_encoders(config, prep, teacher, student, baseline, store, device, di
         for name in [*models, *(["start"] if start_model is not None else [])]:
             folder = models.get(name)
             model = (load_sentence_encoder(folder) if folder is not None else start_model).to(device).eval()
-            embeddings, speed = embed_and_time(model, rows, config.batch_size, config.throughput_batches, device)
+            embeddings, speed = embed_and_time(model, rows, config.batch_size, config.throughput_batches, device, None if name == "teacher" else tokenizer)
             bar.advance(count)
             scores[name] = speed | {
                 "parameters": count_parameters(model),
@@ -72,13 +75,14 @@ def measure_encoders(config, prep, teacher, student, baseline, store, device, di
     return {"rows": count}, scores, curves
 
 
-def embed_and_time(model, rows: dict[str, np.ndarray], batch_size: int, latency_texts: int, device) -> tuple[np.ndarray, dict]:
+def embed_and_time(model, rows: dict[str, np.ndarray], batch_size: int, latency_texts: int, device, tokenizer=None) -> tuple[np.ndarray, dict]:
     """(the rows' embeddings, {sentences_per_s, latency_ms}): one untimed warm-up batch, then every
-    batch timed (device synchronised), then `latency_texts` × 4 texts one at a time."""
-    embed_rows(model, {name: values[:batch_size] for name, values in rows.items()}, batch_size, device)  # warm-up
+    batch timed (device synchronised; a model with its own `tokenizer` is timed with its
+    tokenization), then `latency_texts` × 4 texts one at a time."""
+    embed_rows(model, {name: values[:batch_size] for name, values in rows.items()}, batch_size, device, tokenizer)  # warm-up
     synchronize(device)
     began = time.perf_counter()
-    embeddings = embed_rows(model, rows, batch_size, device)
+    embeddings = embed_rows(model, rows, batch_size, device, tokenizer)
     synchronize(device)
     seconds = time.perf_counter() - began
     latencies = []
@@ -86,7 +90,7 @@ def embed_and_time(model, rows: dict[str, np.ndarray], batch_size: int, latency_
         one = {name: values[index : index + 1] for name, values in rows.items()}
         synchronize(device)
         began = time.perf_counter()
-        embed_rows(model, one, 1, device)
+        embed_rows(model, one, 1, device, tokenizer)
         synchronize(device)
         latencies.append(time.perf_counter() - began)
     return embeddings, {"sentences_per_s": len(embeddings) / max(seconds, 1e-9), "latency_ms": 1000 * statistics.median(latencies)}

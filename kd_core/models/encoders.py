@@ -15,7 +15,8 @@ all-MiniLM-L6-v2: its pooling and normalisation come from its own modules.json a
 config. A plain Hugging Face encoder folder (no modules.json) is mean-pooled and not normalised.
 Only `mean`, `cls` and `last` pooling are supported; another mode is an error naming the file.
 `encoder_inputs` and `embed_rows` run an encoder over prepared text rows (`input_ids`, `tokens`:
-kd_core/data/embedding_text.py), for training, the cache, validation and eval alike.
+kd_core/data/embedding_text.py), for training, the cache, validation and eval alike; a model with
+its own tokenizer (`TextTokenizer`) reads the rows' text instead.
 """
 
 from __future__ import annotations
@@ -50,11 +51,26 @@ class EncoderError(InputError):
 @dataclass(frozen=True)
 class SentenceSettings:
     """How token states become one embedding: pooling, then an optional projection (its weights
-    live in the folder's `dense_folder`), then optional normalisation."""
+    live in the folder's `dense_folder`), then optional normalisation; and how the text is read:
+    the tokens the encoder reads at most (`max_seq_length`), lower-casing first, a default prompt."""
 
     pooling: str = "mean"
     normalize: bool = False
     dense_folder: str | None = None
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    default_prompt: str | None = None
+
+    def reading_problem(self, seq_len: int, where: str) -> str | None:
+        """Why prep's texts (cut at `seq_len` tokens, as they are) are not what this encoder reads
+        (None: they are)."""
+        if self.do_lower_case:
+            return f"{where}: sentence_bert_config.json sets do_lower_case; kdflow reads texts as they are: use an encoder whose tokenizer lower-cases itself"
+        if self.default_prompt:
+            return f"{where}: config_sentence_transformers.json names a default prompt ({self.default_prompt!r}); kdflow embeds texts without prompts"
+        if self.max_seq_length is not None and seq_len > self.max_seq_length:
+            return f"data.seq_len: {seq_len} tokens, but {where} reads at most {self.max_seq_length} (sentence_bert_config.json max_seq_length); set data.seq_len <= {self.max_seq_length}"
+        return None
 
 
 def read_sentence_config(folder: Path) -> SentenceSettings:
@@ -64,6 +80,7 @@ def read_sentence_config(folder: Path) -> SentenceSettings:
     if not modules_file.exists():
         return SentenceSettings()
     modules = _json(modules_file)
+    reading = _reading(folder)
     pooling, normalize, dense = "mean", False, None
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
@@ -75,9 +92,27 @@ def read_sentence_config(folder: Path) -> SentenceSettings:
             if dense is not None:
                 raise EncoderError(f"{modules_file}: more than one Dense module; kdflow reads encoders with at most one projection")
             dense = module["path"]
-        elif kind != "Transformer":
+        elif kind == "Transformer":
+            if module.get("path", "") != "":
+                raise EncoderError(f"{modules_file}: the Transformer module is in {module['path']!r}; kdflow reads encoders whose weights and config.json are at the folder's top (save it again with SentenceTransformer.save)")
+        else:
             raise EncoderError(f"{modules_file}: module {module.get('type')!r} is not one kdflow runs (Transformer, Pooling, Dense, Normalize)")
-    return SentenceSettings(pooling, normalize, dense)
+    return SentenceSettings(pooling, normalize, dense, **reading)
+
+
+def _reading(folder: Path) -> dict:
+    """How a sentence-transformers folder reads text: max_seq_length and do_lower_case
+    (sentence_bert_config.json), its default prompt (config_sentence_transformers.json)."""
+    reading: dict = {}
+    if (folder / "sentence_bert_config.json").exists():
+        config = _json(folder / "sentence_bert_config.json")
+        reading = {"max_seq_length": config.get("max_seq_length"), "do_lower_case": bool(config.get("do_lower_case", False))}
+    if (folder / "config_sentence_transformers.json").exists():
+        config = _json(folder / "config_sentence_transformers.json")
+        name = config.get("default_prompt_name")
+        if name:
+            reading["default_prompt"] = (config.get("prompts") or {}).get(name, name)
+    return reading
 
 
 def _json(path: Path):
@@ -127,8 +162,8 @@ class SentenceEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         embeddings = pool(states, attention_mask, self.pooling)
-        if self.dense is not None:
-            embeddings = self.dense(embeddings)
+        if self.dense is not None:  # in its own dtype (a bf16 engine's), the rest in float32
+            embeddings = self.dense(embeddings.to(self.dense.weight.dtype)).float()
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
     def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
@@ -168,6 +203,14 @@ def pool(states: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
         return states[:, 0]
     last = (mask.sum(1).long() - 1).clamp_min(0)
     return states[torch.arange(len(states), device=states.device), last]
+
+
+def encoder_width(model_config: dict) -> int:
+    """An encoder's hidden width from its config.json (BERT's `hidden_size`, DistilBERT's `dim`)."""
+    for name in ("hidden_size", "dim", "d_model"):
+        if name in model_config:
+            return int(model_config[name])
+    raise ValueError(f"the encoder's config.json names no width (hidden_size, dim or d_model): {sorted(model_config)[:8]}")
 
 
 def encoder_config(arch: ArchitectureConfig, vocab_size: int, max_positions: int, *, pad_id: int, dropout: float = 0.0):
@@ -231,9 +274,44 @@ def load_sentence_encoder(folder: Path, dropout: float | None = None, dtype: tor
     return SentenceEncoder(transformer, settings.pooling, settings.normalize, dense, max_seq_length=max_seq_length)
 
 
-def encoder_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class TextTokenizer:
+    """A model's own tokenizer, for a student that does not read the prepared ids: tokenizes each
+    row's text (`text_bytes`, `text_length`) as sentence-transformers would, cut to `seq_len`."""
+
+    tokenizer: object
+    """A `tokenizers.Tokenizer` with truncation at `seq_len` and no padding."""
+    pad_id: int
+
+    @classmethod
+    def of_folder(cls, folder: Path, seq_len: int) -> TextTokenizer:
+        from transformers import PreTrainedTokenizerFast
+
+        wrapped = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        backend = wrapped.backend_tokenizer
+        backend.no_padding()
+        backend.enable_truncation(max_length=seq_len)
+        pad = wrapped.pad_token_id if wrapped.pad_token_id is not None else 0
+        return cls(backend, pad)
+
+    def __call__(self, text_bytes, text_length, device) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [bytes(row[: int(length)]).decode("utf-8") for row, length in zip(np.asarray(text_bytes), np.asarray(text_length).reshape(-1), strict=True)]
+        encodings = self.tokenizer.encode_batch(texts)
+        width = max([len(encoding.ids) for encoding in encodings] + [1])
+        ids = torch.full((len(texts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        for row, encoding in enumerate(encodings):
+            ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids)
+            mask[row, : len(encoding.ids)] = 1
+        return ids.to(device), mask.to(device)
+
+
+def encoder_inputs(batch: dict[str, torch.Tensor], tokenizer: TextTokenizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, attention mask) of a batch of texts, cut to its longest text: each row's first
-    `tokens` positions are its text, the rest padding."""
+    `tokens` positions are its text, the rest padding; with `tokenizer`, the rows' text in the
+    model's own tokens instead."""
+    if tokenizer is not None:
+        return tokenizer(batch["text_bytes"].cpu(), batch["text_length"].cpu(), batch["text_bytes"].device)
     lengths = batch["tokens"].reshape(-1).long()
     width = max(int(lengths.max()), 1) if len(lengths) else 1
     ids = batch["input_ids"][:, :width].long()
@@ -242,15 +320,17 @@ def encoder_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def embed_rows(model: nn.Module, rows: dict[str, np.ndarray], batch_size: int, device) -> np.ndarray:
-    """(N, D) float32 embeddings of the rows' texts (`input_ids`, `tokens`), in eval mode."""
+def embed_rows(model: nn.Module, rows: dict[str, np.ndarray], batch_size: int, device, tokenizer: TextTokenizer | None = None) -> np.ndarray:
+    """(N, D) float32 embeddings of the rows' texts (`input_ids`, `tokens`; with `tokenizer`,
+    `text_bytes` and `text_length`), in eval mode."""
+    names = ("text_bytes", "text_length") if tokenizer is not None else ("input_ids", "tokens")
     was_training = model.training
     model.eval()
     parts = []
     try:
-        for start in range(0, len(rows["input_ids"]), batch_size):
-            batch = {name: torch.as_tensor(rows[name][start : start + batch_size], device=device) for name in ("input_ids", "tokens")}
-            ids, mask = encoder_inputs(batch)
+        for start in range(0, len(rows[names[0]]), batch_size):
+            batch = {name: torch.as_tensor(rows[name][start : start + batch_size], device=device) for name in names}
+            ids, mask = encoder_inputs(batch, tokenizer)
             parts.append(model(ids, mask).float().cpu().numpy())
     finally:
         model.train(was_training)

@@ -34,8 +34,9 @@ from kd_core.storage import Store, reaching, url_to_fs
 
 FIELD = "student.path"
 
-LAYER_LISTS = ("model.layers", "transformer.h", "encoder.layer")
-"""Where a causal LM keeps its list of blocks: Llama, Qwen2, Mistral (`model.layers`); GPT-2 (`transformer.h`)."""
+LAYER_LISTS = ("model.layers", "transformer.h", "encoder.layer", "transformer.layer")
+"""Where a model keeps its list of blocks: Llama, Qwen2, Mistral (`model.layers`); GPT-2
+(`transformer.h`); encoders: BERT (`encoder.layer`), DistilBERT (`transformer.layer`)."""
 
 
 class StudentError(InputError):
@@ -52,9 +53,10 @@ def pretrained_identity(url: str, store: Store) -> tuple[dict[str, dict], str]:
         return files, weights_identity(fs, root, files)
 
 
-def check_pretrained_student(url: str, store: Store, prep: Manifest) -> str:
+def check_pretrained_student(url: str, store: Store, prep: Manifest, *, data_ids: bool = True) -> str:
     """Check the folder at `url` against the prepared data, from its listing, config.json and
-    tokenizer alone; returns its `weights_identity`."""
+    tokenizer alone; returns its `weights_identity`. A student that tokenizes the text itself
+    (`data_ids` false: the task's `Task.pretrained_reads_data_ids`) needs only its own tokenizer."""
     fs, root = url_to_fs(url, store.config)
     root = root.rstrip("/")
     files, identity = pretrained_identity(url, store)
@@ -62,7 +64,10 @@ def check_pretrained_student(url: str, store: Store, prep: Manifest) -> str:
         model_config = read_teacher_json(fs.cat_file(f"{root}/config.json"), f"{url}/config.json", FIELD, StudentError)
         tokenizer = fs.cat_file(f"{root}/tokenizer.json") if f"{root}/tokenizer.json" in files else None
     if tokenizer is None:
-        raise StudentError(f"{FIELD}: {url} has no tokenizer.json; a student must read the data's tokenizer: save it beside the model")
+        what = "a student must read the data's tokenizer" if data_ids else "the student reads the texts with its own tokenizer"
+        raise StudentError(f"{FIELD}: {url} has no tokenizer.json; {what}: save it beside the model")
+    if not data_ids:
+        return identity
     check_vocabulary(
         tokenizer, url, store, prep, field=FIELD, error=StudentError,
         advice="a student must read the data's token ids: start from a model saved with the tokenizer the data was prepared with "
@@ -123,7 +128,7 @@ def starting_model(record: dict, store: Store, teacher: Manifest):
 def cut_settings(cut: FromTeacherConfig, teacher_config: dict) -> tuple[list[int], int | None, int | None]:
     """(kept blocks, hidden size, intermediate size) of the student `cut` makes of the teacher whose
     config.json is `teacher_config`; `StudentError` naming the field when they do not fit it."""
-    layers = teacher_config.get("num_hidden_layers", teacher_config.get("n_layer"))
+    layers = teacher_config.get("num_hidden_layers", teacher_config.get("n_layer", teacher_config.get("n_layers")))
     hidden = teacher_config.get("hidden_size", teacher_config.get("n_embd"))
     try:
         cut.check_width(hidden, teacher_config.get("intermediate_size"), teacher_config.get("model_type", "unknown"))

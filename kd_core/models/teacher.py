@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
@@ -26,13 +27,21 @@ class TeacherError(InputError):
     """A teacher directory that cannot teach this data."""
 
 
-IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-"""Besides the weights, what makes a teacher directory the teacher it is."""
+IDENTITY_FILES = (
+    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+)
+"""Besides the weights, what makes a teacher directory the teacher it is (a sentence encoder's
+modules too: its pooling, projection and normalisation, `SENTENCE_MODULE_CONFIG`)."""
+SENTENCE_MODULE_CONFIG = re.compile(r"/\d+_[A-Za-z]+/config\.json$")
+"""A sentence-transformers module's config (`1_Pooling/config.json`, `2_Dense/config.json`)."""
 
 
 def weights_identity(fs, root: str, files: dict[str, dict]) -> str:
-    """sha256 over the identities (ETag, or sha256) of a teacher folder's weights and IDENTITY_FILES."""
-    named = [*sorted(path for path in files if path.endswith(".safetensors")), *(f"{root}/{name}" for name in IDENTITY_FILES)]
+    """sha256 over the identities (ETag, or sha256) of a teacher folder's weights, IDENTITY_FILES
+    and sentence-transformers module configs (each only where the folder has it)."""
+    modules = sorted(path for path in files if SENTENCE_MODULE_CONFIG.search(path[len(root):]))
+    named = [*sorted(path for path in files if path.endswith(".safetensors")), *(f"{root}/{name}" for name in IDENTITY_FILES), *modules]
     identities = [f"{path[len(root):]}={content_identity(fs, path, files[path])}" for path in named if path in files]
     return hashlib.sha256("\n".join(identities).encode()).hexdigest()
 

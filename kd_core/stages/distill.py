@@ -53,7 +53,7 @@ def distill(
     if targets.stage != expected:
         raise ValueError(f"distill.teacher_source is {config.teacher_source}: distill needs the {expected} step's output, got {targets.stage}'s")
     task = task_of(prep)
-    start = student_start(student, prep, store, teacher or (targets if targets.stage == "teacher" else None))
+    start = student_start(student, prep, store, teacher or (targets if targets.stage == "teacher" else None), data_ids=task.pretrained_reads_data_ids)
     section = {
         "student": task.student_settings(student),
         **_start_settings(start),
@@ -95,7 +95,7 @@ def baseline(
     step's manifest, is read only by a student cut from it (`student.init: from_teacher`): the
     baseline starts from the same weights as the distilled student."""
     task = task_of(prep)
-    start = student_start(student, prep, store, teacher)
+    start = student_start(student, prep, store, teacher, data_ids=task.pretrained_reads_data_ids)
     section = {
         "student": task.student_settings(student),
         **_start_settings(start),

@@ -42,11 +42,12 @@ def tune(
         | ({"teacher_weights": config.distill.teacher_weights} if config.distill.teacher_weights else {}),
         # A config student's section as it was before `student.init` and `student.tokenizer` existed
         # (its keys stay); a student's own tokenizer is an input step (`Task.student_inputs`).
-        "student": config.student.model_dump(mode="json", exclude={"init", "path", "from_teacher", "tokenizer"} if config.student.init == "config" else {"tokenizer"}),
+        # `student.embedding` (`task: embedding`) only where it is not the default, so the others' keys stay too.
+        "student": config.student.model_dump(mode="json", exclude=_unkeyed_student_fields(config.student)),
     }
     _check_validation_targets(task, targets)
     teacher = teacher if teacher is not None or targets.stage != "teacher" else targets
-    start = student_start(config.student, prep, store, teacher)
+    start = student_start(config.student, prep, store, teacher, data_ids=task.pretrained_reads_data_ids)
     if start.weights_identity is not None:
         section["student_weights"] = start.weights_identity
     more_targets = more_targets or {}
@@ -95,3 +96,12 @@ def _check_validation_targets(task, targets: Manifest) -> None:
             f"{targets.folder}: this cache has no teacher targets of the validation split, which every trial "
             "validates against (it was made before kdflow cached them); rerun that step: add --force cache to the command"
         )
+
+
+def _unkeyed_student_fields(student) -> set[str]:
+    """The student fields a search's key leaves out: its own tokenizer (an input step), the start
+    fields of a config student, and the embedding settings at their defaults."""
+    from kd_core.config import SentenceEmbeddingConfig
+
+    unkeyed = {"init", "path", "from_teacher", "tokenizer"} if student.init == "config" else {"tokenizer"}
+    return unkeyed | ({"embedding"} if student.embedding == SentenceEmbeddingConfig() else set())

@@ -44,6 +44,10 @@ class Task:
     """What a student's `val_loss` measures (its unit too), for plots and tables."""
     validation_labels: ClassVar[dict[str, str]] = {}
     """Short labels of the validation metrics besides `val_loss`, for plots (default: the name)."""
+    pretrained_reads_data_ids: ClassVar[bool] = True
+    """Whether a pretrained student (`student.init: pretrained`) reads the prepared token ids, so
+    its folder must hold the data's tokenizer; false: it tokenizes the text with its own
+    (`task: embedding`, whose losses live in embedding space)."""
 
     # ----------------------------------------------------------------------------- the job config
     def check_config(self, job: JobConfig) -> None:

@@ -95,22 +95,9 @@ class CrossTokenizer(Task):
         """The `student_tokenizer` step: keyed by `student.tokenizer` (a folder's files' identity)
         and prep, run here or reused (announced as the pipeline's steps are); redone when the step
         reading it is forced (`--force prep`, `--force distill`, ...)."""
-        from kd_core.data.student_tokenizer import prepare_student_tokenizer
-        from kd_core.data.tokenizer import tokenizer_identity
-        from kd_core.progress import say
-        from kd_core.stage import StageRun
+        from kd_core.data.student_tokenizer import student_tokenizer_step
 
-        settings = student.tokenizer
-        section = {"path": settings.path, "identity": tokenizer_identity(settings.path, store.config)} if settings.path else settings.model_dump(mode="json", exclude={"path"})
-        run = StageRun(store, "student_tokenizer", section, inputs={"prep": prep}, force=force)
-        if run.reused:
-            manifest = run.reused
-        else:
-            metrics, details = prepare_student_tokenizer(settings, prep, store, run)
-            manifest = run.finish(metrics=metrics, details=details)
-        state = "reused" if manifest.reused else f"done in {manifest.timings.get('total', 0):.1f}s"
-        say(f"[green]✓[/green] student_tokenizer {manifest.key}  {state} ({manifest.details['kind']}, {manifest.details['vocab_size']:,} tokens)")
-        return {"student_tokenizer": manifest}
+        return {"student_tokenizer": student_tokenizer_step(student.tokenizer, prep, store, force)}
 
     def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:
         from kd_core.data.cross_text import CROSS_TEXT_COLUMNS

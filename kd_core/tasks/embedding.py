@@ -44,6 +44,7 @@ class Embedding(Task):
     # Random embeddings find k/(N − 1) of the teacher's neighbours; a student must find twice that.
     sanity_gates = ("student.recall_at_10 > 2 * uniform.recall_at_10", "student.recall_at_10 > baseline.recall_at_10")
     objective_field = "embedding"
+    pretrained_reads_data_ids = False  # a student from another encoder folder reads the text with its own tokenizer
     validation_modes = {"val_loss": "min", "val_recall_at_10": "max"}
     validation_label = "similarity error to the teacher (mean squared cosine difference)"
     validation_labels = {"val_recall_at_10": "recall@10 of the teacher's neighbours"}
@@ -52,8 +53,6 @@ class Embedding(Task):
     def check_config(self, job) -> None:
         super().check_config(job)
         distill, student = job.distill, job.student
-        if student.init == "pretrained":
-            raise ValueError("student.init: task embedding builds its student from config or cuts it from the teacher; set config or from_teacher")
         if distill.teacher_source != "cache":
             raise ValueError(
                 "distill.teacher_source: an embedding teacher's output for a text never changes, and the cache keeps it in 2 bytes per "
@@ -61,6 +60,8 @@ class Embedding(Task):
             )
         if distill.baseline and distill.train.dropout == 0:
             raise ValueError("distill.train.dropout: the no-teacher baseline learns SimCSE, whose two views of a text differ only by dropout; set it above 0 (SimCSE uses 0.1) or distill.baseline: false")
+        if job.teacher.finetune:
+            raise ValueError("teacher.finetune: an embedding teacher is used as it is (teacher.path) or trained here with SimCSE (teacher.path unset); set finetune: false")
         if job.teacher.path is None and job.teacher.train.dropout == 0:
             raise ValueError("teacher.train.dropout: a teacher kdflow trains learns SimCSE, whose two views of a text differ only by dropout; set it above 0 (SimCSE uses 0.1)")
         if student.init == "from_teacher" and (student.from_teacher.hidden_size or student.from_teacher.intermediate_size):
@@ -89,21 +90,34 @@ class Embedding(Task):
 
     # ---------------------------------------------------------------------------------- training
     def student_settings(self, student) -> dict:
-        return student.model_dump(mode="json", include={"architecture", "embedding", "init", "from_teacher"})
+        return student.model_dump(mode="json", include={"architecture", "embedding", "init", "path", "from_teacher"})
+
+    def student_inputs(self, student, prep, store, force=False) -> dict:
+        """A student from another encoder folder (`student.init: pretrained`) reads the texts with
+        its own tokenizer: the folder's, copied into the store by the `student_tokenizer` step (and
+        saved beside the distilled model instead of the data's)."""
+        if student.init != "pretrained":
+            return {}
+        from kd_core.config import StudentTokenizerConfig
+        from kd_core.data.student_tokenizer import student_tokenizer_step
+
+        settings = StudentTokenizerConfig(path=student.path)
+        return {"student_tokenizer": student_tokenizer_step(settings, prep, store, force, field="student.path", separates_documents=False)}
 
     def columns(self, role: str, prep_details: dict) -> tuple[str, ...]:
-        return ("input_ids", "tokens")
+        """A student may read the text with its own tokenizer (`student.init: pretrained`)."""
+        return ("input_ids", "tokens") if role == "teacher" else ("input_ids", "tokens", "text_bytes", "text_length")
 
     def build_model(self, spec) -> torch.nn.Module:
         """A teacher kdflow trains: a BERT from `teacher.architecture`, mean-pooled and normalised.
-        A student: cut from the teacher (`student_start`) or built from config."""
+        A student: another encoder folder, cut from the teacher (`student_start`) or built from config."""
         from kd_core.models.encoders import build_sentence_encoder
 
         common = {"pad_id": spec.special_token_ids["pad"], "seed": spec.train.seed, "dropout": spec.train.dropout}
         if spec.role == "teacher":
             return build_sentence_encoder(spec.architecture, spec.vocab_size, spec.seq_len, **common)
         settings = spec.student.embedding
-        if spec.student_start.init == "from_teacher":
+        if spec.student_start.init in ("from_teacher", "pretrained"):
             return start_model(spec.student_start, spec.storage, settings.output_dim, spec.train.seed, spec.train.dropout, spec.seq_len).train()
         return build_sentence_encoder(
             spec.architecture, spec.vocab_size, spec.seq_len, **common, pooling=settings.pooling, normalize=settings.normalize, output_dim=settings.output_dim,
@@ -113,13 +127,14 @@ class Embedding(Task):
         from kd_core.losses.embedding import EmbeddingObjective
         from kd_core.tasks.embedding_step import EmbeddingStep
 
+        tokenizer = own_tokenizer(spec, store)
         if spec.objective is None:  # the baseline, and a teacher kdflow trains
-            return EmbeddingStep(model, None, SIMCSE_TEMPERATURE)
+            return EmbeddingStep(model, None, SIMCSE_TEMPERATURE, tokenizer)
         teacher_dim = spec.cache_layout["slots"]
         dims = spec.objective.matryoshka_dims
         if any(dim > model.dimension for dim in dims):
             raise ValueError(f"distill.embedding.matryoshka_dims: {dims} exceed the student's embedding width ({model.dimension})")
-        return EmbeddingStep(model, EmbeddingObjective.from_config(spec.objective, model.dimension, teacher_dim), SIMCSE_TEMPERATURE)
+        return EmbeddingStep(model, EmbeddingObjective.from_config(spec.objective, model.dimension, teacher_dim), SIMCSE_TEMPERATURE, tokenizer)
 
     def batch_tokens(self, batch) -> int:
         return int(batch["tokens"].sum())
@@ -128,9 +143,10 @@ class Embedding(Task):
         return True  # the teacher's embeddings of the validation texts
 
     def validation_metrics(self, model, rows, batch_size, spec, device) -> dict[str, float]:
+        from kd_core.storage import Store
         from kd_core.tasks.embedding_step import similarity_fit
 
-        return similarity_fit(model, rows, batch_size, device)
+        return similarity_fit(model, rows, batch_size, device, own_tokenizer(spec, Store(spec.storage)))
 
     # ------------------------------------------------------------------------ teacher outputs
     def cache_splits(self) -> tuple[str, ...]:
@@ -139,7 +155,7 @@ class Embedding(Task):
     def cache_layout(self, config, prep, store, teacher) -> CacheLayout:
         """One embedding per text, as wide as the teacher's."""
         from kd_core.cache.format import CacheLayout, CacheSettingsError
-        from kd_core.models.encoders import read_sentence_config
+        from kd_core.models.encoders import encoder_width, read_sentence_config
         from kd_core.models.teacher import teacher_model_config, teacher_model_dir
 
         model_config = teacher_model_config(store, teacher)
@@ -151,7 +167,10 @@ class Embedding(Task):
             )
         folder = teacher_model_dir(store, teacher)
         settings = read_sentence_config(folder)
-        width = model_config["hidden_size"]
+        problem = settings.reading_problem(prep.details["seq_len"], "the teacher")
+        if problem:
+            raise CacheSettingsError(problem)
+        width = encoder_width(model_config)
         if settings.dense_folder is not None:
             import json
 
@@ -172,14 +191,20 @@ class Embedding(Task):
 
         record = student.details.get("student_start", {})
         start = None
-        if record.get("init") == "from_teacher":
+        if record.get("init") in ("from_teacher", "pretrained"):
             from kd_core.train.spec import StudentStart
 
-            cut = StudentStart("from_teacher", teacher=teacher, layers=tuple(record["layers"]))
+            begun = StudentStart(record["init"], path=record.get("path"), weights_identity=record.get("weights_identity"), teacher=teacher, layers=tuple(record.get("layers") or ()))
             output_dim = student.config["student"]["embedding"]["output_dim"]
-            start = start_model(cut, store.config, output_dim, student.config["train"]["seed"], 0.0, prep.details["seq_len"])
+            start = start_model(begun, store.config, output_dim, student.config["train"]["seed"], 0.0, prep.details["seq_len"])
         dims = list(student.config.get("loss", {}).get("matryoshka_dims", []))
-        held_out, scores, curves = measure_encoders(config, prep, teacher, student, baseline, store, device, dims, start)
+        tokenizer = None
+        if "student_tokenizer" in student.inputs:  # the students read the texts with their own folder's tokenizer
+            from kd_core.models import model_copy
+            from kd_core.models.encoders import TextTokenizer
+
+            tokenizer = TextTokenizer.of_folder(model_copy(store, student), prep.details["seq_len"])
+        held_out, scores, curves = measure_encoders(config, prep, teacher, student, baseline, store, device, dims, start, tokenizer)
         run.write_bytes("fidelity_by_width.json", json.dumps(curves, indent=2).encode())
         return held_out, scores, {"curves": curves, "teacher_dimension": scores["teacher"]["dimension"]}
 
@@ -252,20 +277,36 @@ class Embedding(Task):
 
 
 def start_model(start, storage, output_dim: int | None, seed: int, dropout: float, seq_len: int):
-    """The encoder a student cut from the teacher starts as: the teacher step's encoder with only
-    blocks `start.layers`, its pooling and normalisation, and its projection, or a new seeded one
-    to `output_dim` when that is set; it reads texts of up to `seq_len` tokens (prep's cut)."""
+    """The encoder a student starts as when not from config: another encoder folder as it is
+    (`pretrained`), or the teacher step's encoder with only blocks `start.layers` (`from_teacher`);
+    with its pooling, normalisation and projection, or a new seeded projection to `output_dim` when
+    that is set; it reads texts of up to `seq_len` tokens (prep's cut)."""
     import torch
 
     from kd_core.models.encoders import SentenceEncoder, load_sentence_encoder
-    from kd_core.models.students import cut_from_teacher
+    from kd_core.models.students import cut_from_teacher, pretrained_model_dir
     from kd_core.models.teacher import teacher_model_dir
     from kd_core.storage import Store
 
-    teacher = load_sentence_encoder(teacher_model_dir(Store(storage), start.teacher), dropout=dropout)
-    dense = teacher.dense
+    if start.init == "pretrained":
+        source = load_sentence_encoder(pretrained_model_dir(start.path, start.weights_identity, Store(storage), start.field), dropout=dropout)
+        body = source.transformer
+    else:
+        source = load_sentence_encoder(teacher_model_dir(Store(storage), start.teacher), dropout=dropout)
+        body = cut_from_teacher(source.transformer, list(start.layers))
+    dense = source.dense
     if output_dim is not None:
         torch.manual_seed(seed)
-        dense = torch.nn.Linear(teacher.config.hidden_size, output_dim)
-    cut = cut_from_teacher(teacher.transformer, list(start.layers))
-    return SentenceEncoder(cut, teacher.pooling, teacher.normalize, dense, max_seq_length=seq_len)
+        dense = torch.nn.Linear(source.config.hidden_size, output_dim)
+    return SentenceEncoder(body, source.pooling, source.normalize, dense, max_seq_length=seq_len)
+
+
+def own_tokenizer(spec, store):
+    """A student's own tokenizer when it has one (the `student_tokenizer` step: `student.init:
+    pretrained`), cut at the data's `seq_len`; None: it reads the prepared ids."""
+    if "student_tokenizer" not in spec.student_inputs or spec.role != "student":
+        return None
+    from kd_core.models import local_copy
+    from kd_core.models.encoders import TextTokenizer
+
+    return TextTokenizer.of_folder(local_copy(store, spec.tokenizer_folder), spec.seq_len)

@@ -63,29 +63,51 @@ def cheap_rows(job) -> list[tuple[str, str, str]]:
         config, settings = teacher_description(job)
     except (InputError, OSError, ValueError) as err:
         return [("teacher", "fail", str(err))]
-    teacher_width = config.get("kdflow_output_dim", config.get("hidden_size"))
+    from kd_core.models.encoders import encoder_width
+
+    try:
+        teacher_width = config.get("kdflow_output_dim") or encoder_width(config)
+    except ValueError as err:
+        return [("teacher", "fail", f"teacher.path: {job.teacher.path}: {err}")]
+    problem = settings.reading_problem(job.data.seq_len, "the teacher")
+    if problem:
+        return [("teacher", "fail", problem)]
     where = job.teacher.path or "trained here from teacher.architecture"
     rows = [("teacher", "pass", (
-        f"{where}: {config.get('model_type', '?')}, {config.get('num_hidden_layers', '?')} blocks, {settings.pooling} pooling"
+        f"{where}: {config.get('model_type', '?')}, {blocks(config)} blocks, {settings.pooling} pooling"
         f"{', a projection' if settings.dense_folder else ''}, {'normalised' if settings.normalize else 'not normalised'}, {teacher_width} dimensions"
     ))]
     student = job.student
     if student.init == "from_teacher":
         try:
-            layers = student.from_teacher.kept_layers(config.get("num_hidden_layers", 0))
+            layers = student.from_teacher.kept_layers(blocks(config))
         except ValueError as err:
             return [*rows, ("student", "fail", str(err))]
         width = student.embedding.output_dim or teacher_width
-        described = f"blocks {layers} of the teacher's {config.get('num_hidden_layers')}, its pooling, {width} dimensions"
+        described = f"blocks {layers} of the teacher's {blocks(config)}, its pooling, {width} dimensions"
+    elif student.init == "pretrained":
+        rows.append(("student", "pass", f"student.path: {student.path}: its own pooling and tokenizer (it reads the texts in its own tokens)"))
+        return rows
     else:
         width = student.embedding.output_dim or student.architecture.hidden_size
         described = f"a BERT of {student.architecture.num_layers} blocks, {student.architecture.hidden_size} wide, {student.embedding.pooling} pooling, {width} dimensions"
     too_wide = [dim for dim in job.distill.embedding.matryoshka_dims if dim > width]
     if too_wide:
         return [*rows, ("student", "fail", f"{described}; distill.embedding.matryoshka_dims {too_wide} exceed its width")]
-    projected = width != teacher_width and (job.distill.embedding.mse_weight or job.distill.embedding.cosine_weight or job.distill.embedding.contrastive_weight)
+    loss = job.distill.embedding
+    projected = width != teacher_width and (loss.mse_weight or loss.cosine_weight or loss.contrastive_weight)
     rows.append(("student", "pass", described + (f"; MSE, cosine and contrastive terms compare it through a learned {width}→{teacher_width} projection" if projected else "")))
+    if student.init == "config" and loss.mse_weight and not projected and student.embedding.normalize != settings.normalize:
+        rows.append(("normalisation", "warn", (
+            f"student.embedding.normalize is {student.embedding.normalize} but the teacher's embeddings are {'' if settings.normalize else 'not '}normalised: "
+            f"MSE to them cannot reach 0 at the same width; set student.embedding.normalize: {str(settings.normalize).lower()}"
+        )))
     return rows
+
+
+def blocks(config: dict) -> int:
+    """An encoder's number of blocks from its config.json (BERT's `num_hidden_layers`, DistilBERT's `n_layers`)."""
+    return int(config.get("num_hidden_layers", config.get("n_layers", 0)))
 
 
 def deep_rows(job, records: int) -> list[tuple[str, str, str]]:
@@ -105,7 +127,7 @@ def deep_rows(job, records: int) -> list[tuple[str, str, str]]:
     try:
         teacher, student, objective = models_for(job)
         embeddings = teacher(*encoded).detach()
-    except (InputError, OSError, ValueError) as err:
+    except (InputError, OSError, ValueError, RuntimeError) as err:
         return [*rows, ("teacher embeddings", "fail", str(err))]
     finite = bool(np.isfinite(embeddings.numpy()).all())
     unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -139,7 +161,7 @@ def sample_texts(job, records: int):
         return 0, [], 0.0, None
     prepared = load_tokenizer(job.data.tokenizer, job.storage, separates_documents=False) if job.data.tokenizer else train_tokenizer(documents, job.data.vocab_size)
     columns = text_columns(prepared, texts, job.data.seq_len)
-    cut = float((columns["tokens"][:, 0] >= job.data.seq_len).mean())
+    cut = float(columns["truncated"].mean())
     sample = slice(0, SAMPLE_TEXTS)
     lengths = torch.as_tensor(columns["tokens"][sample, 0]).long()
     ids = torch.as_tensor(columns["input_ids"][sample, : int(lengths.max())]).long()

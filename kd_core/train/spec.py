@@ -62,15 +62,17 @@ class StudentStart:
         return {"teacher": self.teacher} if self.teacher is not None else {}
 
 
-def student_start(student: StudentConfig, prep: Manifest, store: Store, teacher: Manifest | None) -> StudentStart:
+def student_start(student: StudentConfig, prep: Manifest, store: Store, teacher: Manifest | None, *, data_ids: bool = True) -> StudentStart:
     """Resolve `student.init` before any training: a pretrained folder is checked against the
     prepared data and identified (`kd_core.models.students.check_pretrained_student`); a cut from
     the teacher (the teacher step's manifest, `teacher`) is checked against its config.json and
-    its blocks chosen. Raises `StudentError` naming the field."""
+    its blocks chosen. A pretrained student that reads the text with its own tokenizer (`data_ids`
+    false: `Task.pretrained_reads_data_ids`) is not checked against the data's. Raises
+    `StudentError` naming the field."""
     if student.init == "pretrained":
         from kd_core.models.students import check_pretrained_student
 
-        identity = check_pretrained_student(student.path, store, prep)
+        identity = check_pretrained_student(student.path, store, prep, data_ids=data_ids)
         return StudentStart("pretrained", path=absolute_url(student.path), weights_identity=identity)  # workers run in other folders
     if student.init == "from_teacher":
         from kd_core.models.students import cut_settings

@@ -148,7 +148,8 @@ def run_trial(
     spec = student_spec(
         task_of(prep), distill, trial_job.student, prep, store, f"{folder}/trials/{trial_id}", targets=targets, train=train,
         validate_every=settings.eval_every, validation_rows=settings.val_rows,
-        start=student_start(trial_job.student, prep, store, teacher), more_targets=more_targets, student_inputs=student_inputs,
+        start=student_start(trial_job.student, prep, store, teacher, data_ids=task_of(prep).pretrained_reads_data_ids), more_targets=more_targets,
+        student_inputs=student_inputs,
     )
     torch_trainer(
         spec, workers=settings.workers_per_trial or job.compute.num_workers,
