@@ -534,11 +534,13 @@ class StudentConfig(Section):
     init: Literal["config", "pretrained", "from_teacher"] = "config"
     """Where the student's weights start (the distilled student and the no-teacher baseline
     alike): `config`, random weights from `architecture`; `pretrained`, the Hugging Face causal LM
-    at `path`; `from_teacher`, cut from the teacher (`from_teacher`). `task: causal_lm` only."""
+    at `path`; `from_teacher`, cut from the teacher (`from_teacher`). `pretrained` and `from_teacher`:
+    `task: causal_lm` and `embedding` (an encoder folder, which may bring its own tokenizer)."""
     path: str | None = None
-    """fsspec URL of a Hugging Face causal-LM directory (safetensors) to start from (`init:
-    pretrained`); its tokenizer must be the prepared data's, its output layer at least that wide
-    (a padded one is fine) and its context at least `data.seq_len`."""
+    """fsspec URL of a Hugging Face model directory (safetensors) to start from (`init:
+    pretrained`). A causal LM's tokenizer must be the prepared data's, its output layer at least
+    that wide (a padded one is fine) and its context at least `data.seq_len`; an encoder
+    (`task: embedding`) reads the texts with its own tokenizer."""
     from_teacher: FromTeacherConfig = FromTeacherConfig()
     """How a student is cut from the teacher (`init: from_teacher`)."""
     vision: VisionConfig = VisionConfig()

@@ -258,3 +258,18 @@ def test_a_projection_runs_in_a_bf16_engine_and_targets_are_required():
     with pytest.raises(ValueError, match="needs the teacher's embeddings"):
         step({"input_ids": ids, "tokens": torch.full((3, 1), 12)}, TeacherTargets())
     assert encoder_width({"dim": 768, "n_layers": 6}) == 768  # DistilBERT's names
+
+
+def test_the_cheap_preflight_stops_a_pickled_teacher_a_short_context_and_a_student_without_its_tokenizer(tmp_path):
+    from kd_core.preflight import cheap_checks
+
+    saved_encoder(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").rename(tmp_path / "pickled" / "pytorch_model.bin")
+    row = {r.name: r for r in cheap_checks(embedding_config(tmp_path, f"teacher.path={tmp_path / 'pickled'}"))}["teacher"]
+    assert row.status == "fail" and "pytorch_model.bin" in row.message and "safe_serialization=True" in row.message
+    saved_encoder(tmp_path / "short")  # max_position_embeddings 40
+    row = {r.name: r for r in cheap_checks(embedding_config(tmp_path, f"teacher.path={tmp_path / 'short'}", "data.seq_len=64"))}["teacher"]
+    assert row.status == "fail" and "set data.seq_len <= 40" in row.message
+    (tmp_path / "short" / "tokenizer.json").unlink()
+    row = {r.name: r for r in cheap_checks(embedding_config(tmp_path, "student.init=pretrained", f"student.path={tmp_path / 'short'}"))}["student"]
+    assert row.status == "fail" and "has no tokenizer.json" in row.message

@@ -247,7 +247,10 @@ class Embedding(Task):
     def headline(self, step, manifest) -> str | None:
         metrics, details = manifest.metrics, manifest.details
         if step == "prep":
-            return f"{metrics['documents']:,} docs -> {metrics['train_texts']:,} train, {metrics['val_texts']:,} val, {metrics['test_texts']:,} test texts; vocab {details['vocab_size']:,}"
+            cut = metrics.get("train_truncated", 0) / max(metrics["train_texts"], 1)
+            cut_note = f"; {cut:.0%} of the training texts cut at data.seq_len={details['seq_len']}" + (" (!)" if cut > 0.5 else "") if cut else ""
+            return (f"{metrics['documents']:,} docs -> {metrics['train_texts']:,} train, {metrics['val_texts']:,} val, {metrics['test_texts']:,} test texts; "
+                    f"vocab {details['vocab_size']:,}{cut_note}")
         if step == "cache":
             layout = details["layout"]
             texts = sum(shard["rows"] for shard in details["shards"])
@@ -270,6 +273,8 @@ class Embedding(Task):
             gain = metrics["student"]["recall_at_10"] - metrics["baseline"]["recall_at_10"]
             speed = metrics["student"]["sentences_per_s"] / max(metrics["teacher"]["sentences_per_s"], 1e-9)
             table.caption = f"the distilled student keeps {metrics['student']['recall_at_10']:.1%} of the teacher's neighbours ({gain * 100:+.1f} points against the no-teacher student) at {speed:.1f}× the teacher's speed"
+            if "start" in metrics and metrics["start"]["recall_at_10"] > metrics["student"]["recall_at_10"]:
+                table.caption += f"; (!) below the student before distillation ({metrics['start']['recall_at_10']:.1%}): training lost fidelity"
         return table
 
     def best_trial_metrics(self, val_loss: float) -> dict[str, float]:

@@ -31,6 +31,7 @@ def teacher_description(job) -> tuple[dict, object]:
     import json
 
     from kd_core.models.encoders import SentenceSettings, read_sentence_config
+    from kd_core.models.teacher import check_model_context, teacher_files
     from kd_core.storage import reaching, url_to_fs
 
     if job.teacher.path is None:
@@ -40,9 +41,8 @@ def teacher_description(job) -> tuple[dict, object]:
     root = root.rstrip("/")
     with reaching(job.teacher.path, "teacher.path"), tempfile.TemporaryDirectory(prefix="kdflow-teacher-") as folder:
         local = Path(folder)
+        teacher_files(fs, root, job.teacher.path)  # safetensors weights and a config.json, or an error that says what to do
         names = [name for name in DESCRIPTION_FILES if fs.exists(f"{root}/{name}")]
-        if "config.json" not in names:
-            raise InputError(f"teacher.path: {job.teacher.path} has no config.json; point it at a Hugging Face or sentence-transformers encoder folder")
         for name in names:
             (local / name).write_bytes(fs.cat_file(f"{root}/{name}"))
         if "modules.json" in names:  # the module folders' configs (pooling, projection), small files too
@@ -51,6 +51,7 @@ def teacher_description(job) -> tuple[dict, object]:
                     (local / module["path"]).mkdir(parents=True, exist_ok=True)
                     (local / module["path"] / "config.json").write_bytes(fs.cat_file(f"{root}/{module['path']}/config.json"))
         config = json.loads((local / "config.json").read_text())
+        check_model_context(config, job.teacher.path, job.data.seq_len)
         settings = read_sentence_config(local)
         if settings.dense_folder is not None:
             config["kdflow_output_dim"] = json.loads((local / settings.dense_folder / "config.json").read_text())["out_features"]
@@ -86,8 +87,7 @@ def cheap_rows(job) -> list[tuple[str, str, str]]:
         width = student.embedding.output_dim or teacher_width
         described = f"blocks {layers} of the teacher's {blocks(config)}, its pooling, {width} dimensions"
     elif student.init == "pretrained":
-        rows.append(("student", "pass", f"student.path: {student.path}: its own pooling and tokenizer (it reads the texts in its own tokens)"))
-        return rows
+        return [*rows, pretrained_row(job)]
     else:
         width = student.embedding.output_dim or student.architecture.hidden_size
         described = f"a BERT of {student.architecture.num_layers} blocks, {student.architecture.hidden_size} wide, {student.embedding.pooling} pooling, {width} dimensions"
@@ -103,6 +103,29 @@ def cheap_rows(job) -> list[tuple[str, str, str]]:
             f"MSE to them cannot reach 0 at the same width; set student.embedding.normalize: {str(settings.normalize).lower()}"
         )))
     return rows
+
+
+def pretrained_row(job) -> tuple[str, str, str]:
+    """A student from another encoder folder: safetensors weights, a config.json and its own
+    tokenizer (it reads the texts in its own tokens)."""
+    from kd_core.models.students import pretrained_identity
+    from kd_core.storage import url_to_fs
+
+    url = job.student.path
+    try:
+        files, _ = pretrained_identity(url, _store(job))
+        fs, root = url_to_fs(url, job.storage)
+        if f"{root.rstrip('/')}/tokenizer.json" not in files:
+            return "student", "fail", f"student.path: {url} has no tokenizer.json; the student reads the texts with its own tokenizer: save it beside the model"
+    except (InputError, OSError, ValueError) as err:
+        return "student", "fail", str(err)
+    return "student", "pass", f"student.path: {url}: its own pooling and tokenizer (it reads the texts in its own tokens)"
+
+
+def _store(job):
+    from kd_core.storage import Store
+
+    return Store(job.storage)
 
 
 def blocks(config: dict) -> int:
