@@ -3,8 +3,8 @@ of its 6 blocks) distilled by each objective at the same steps, batch and seed, 
 of the teacher's embeddings.
 
 Arms (overrides of the job):
-- MSE: the teacher's embedding alone;
-- MSE + Matryoshka (the job as it is): also the teacher's similarity structure at widths 64, 128, 256;
+- MSE (the job as it is): the teacher's embedding alone;
+- MSE + Matryoshka: also the teacher's similarity structure at widths 64, 128, 256 (weight 1);
 - MSE + relational: also RKD distance and angle (Park et al.) over each batch.
 The no-teacher student (the same cut, fine-tuned with SimCSE on the same texts), the cut before
 any training and the teacher are measured beside them, on the held-out texts: recall@10 of the
@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from results_log import append_result  # noqa: E402
 
 ARMS = {
-    "mse": ("MSE", ["distill.embedding.matryoshka_weight=0.0"]),
-    "mse_matryoshka": ("MSE + Matryoshka (64, 128, 256)", []),
+    "mse": ("MSE", []),
+    "mse_matryoshka": ("MSE + Matryoshka (64, 128, 256)", ["distill.embedding.matryoshka_weight=1.0"]),
     "mse_relational": ("MSE + relational (RKD distance 1, angle 2)", [
         "distill.embedding.matryoshka_weight=0.0", "distill.embedding.distance_weight=1.0", "distill.embedding.angle_weight=2.0",
     ]),
