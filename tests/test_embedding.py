@@ -273,3 +273,16 @@ def test_the_cheap_preflight_stops_a_pickled_teacher_a_short_context_and_a_stude
     (tmp_path / "short" / "tokenizer.json").unlink()
     row = {r.name: r for r in cheap_checks(embedding_config(tmp_path, "student.init=pretrained", f"student.path={tmp_path / 'short'}"))}["student"]
     assert row.status == "fail" and "has no tokenizer.json" in row.message
+
+
+def test_the_embedding_sections_leave_the_other_tasks_keys_as_they_were():
+    """`data.texts` and `student.embedding` shape only embedding jobs: in another task's prep or
+    search key they would redo every stored prep, cache and student of its existing jobs."""
+    from kd_core.config import DataConfig, StudentConfig
+    from kd_core.stages.tune import _unkeyed_student_fields
+    from kd_core.tasks import TASKS
+
+    for task in TASKS:
+        settings = task.data_settings(DataConfig(source=task.data_sources[0], files=["x.jsonl"]))
+        assert ("texts" in settings) == (task.name == "embedding"), task.name
+    assert "embedding" in _unkeyed_student_fields(StudentConfig())
