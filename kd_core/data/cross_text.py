@@ -85,15 +85,21 @@ def text_rows(prepared: PreparedTokenizer, documents: list[str], seq_len: int, a
         offset_start[row, : len(view)] = [pair[0] for _, pair in view]
         offset_end[row, : len(view)] = [pair[1] for _, pair in view]
         tokens[row, 0] = len(view)
-    encoded = [text.encode("utf-8") for text, _, _ in chunks]
-    text_bytes = np.zeros((rows, -(-max([len(text) for text in encoded] + [1]) // 8) * 8), dtype=np.uint8)
-    for row, text in enumerate(encoded):
-        text_bytes[row, : len(text)] = np.frombuffer(text, dtype=np.uint8)
     return {
-        "input_ids": input_ids, "offset_start": offset_start, "offset_end": offset_end, "tokens": tokens, "text_bytes": text_bytes,
-        "text_length": np.asarray([len(text) for text in encoded], dtype=np.int32).reshape(rows, 1),
+        "input_ids": input_ids, "offset_start": offset_start, "offset_end": offset_end, "tokens": tokens,
+        **utf8_columns([text for text, _, _ in chunks]),
         "ends_document": np.asarray([ends for _, _, ends in chunks], dtype=np.int8).reshape(rows, 1),
     }
+
+
+def utf8_columns(texts: list[str]) -> dict[str, np.ndarray]:
+    """`text_bytes` (rows, W) uint8, each text's UTF-8 zero-padded to the longest (W a multiple of
+    8), and `text_length` (rows, 1) int32, its bytes: what `row_texts` reads back."""
+    encoded = [text.encode("utf-8") for text in texts]
+    text_bytes = np.zeros((len(encoded), -(-max([len(text) for text in encoded] + [1]) // 8) * 8), dtype=np.uint8)
+    for row, text in enumerate(encoded):
+        text_bytes[row, : len(text)] = np.frombuffer(text, dtype=np.uint8)
+    return {"text_bytes": text_bytes, "text_length": np.asarray([len(text) for text in encoded], dtype=np.int32).reshape(-1, 1)}
 
 
 def document_chunks(document: str, offsets, room: int, tokenizer) -> list[tuple[str, list[tuple[int, tuple[int, int]]], bool]]:

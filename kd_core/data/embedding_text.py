@@ -26,6 +26,7 @@ import re
 import numpy as np
 
 from kd_core.config import DataConfig, TextsConfig
+from kd_core.data.cross_text import utf8_columns
 from kd_core.data.prep import split_with_tokenizer
 from kd_core.data.shards import SPLITS, write_split
 from kd_core.data.sources import DataSourceError, FileSource, split_long
@@ -100,14 +101,9 @@ def text_columns(prepared: PreparedTokenizer, texts: list[str], seq_len: int) ->
     input_ids = np.full((rows, seq_len), prepared.ids()["pad"], dtype=np.int32)
     for row, encoding in enumerate(encodings):
         input_ids[row, : len(encoding.ids)] = encoding.ids
-    encoded = [text.encode("utf-8") for text in texts]
-    text_bytes = np.zeros((rows, -(-max(len(text) for text in encoded) // 8) * 8), dtype=np.uint8)
-    for row, text in enumerate(encoded):
-        text_bytes[row, : len(text)] = np.frombuffer(text, dtype=np.uint8)
     return {
         "input_ids": input_ids,
         "tokens": np.asarray([len(encoding.ids) for encoding in encodings], dtype=np.int32).reshape(rows, 1),
-        "text_bytes": text_bytes,
-        "text_length": np.asarray([len(text) for text in encoded], dtype=np.int32).reshape(rows, 1),
+        **utf8_columns(texts),
         "truncated": np.asarray([bool(encoding.overflowing) for encoding in encodings]),
     }

@@ -193,6 +193,20 @@ class SentenceEncoder(nn.Module):
         (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": self.max_seq_length, "do_lower_case": False}, indent=2))
 
 
+def started_from(source: SentenceEncoder, layers, output_dim: int | None, seed: int, seq_len: int) -> SentenceEncoder:
+    """A student that starts as `source` (another encoder folder's, or the teacher's cut to blocks
+    `layers`; None: all of them): its pooling, normalisation and projection, or a new seeded
+    projection to `output_dim` when that is set; it reads texts of up to `seq_len` tokens."""
+    from kd_core.models.students import cut_from_teacher
+
+    body = source.transformer if layers is None else cut_from_teacher(source.transformer, list(layers))
+    dense = source.dense
+    if output_dim is not None:
+        torch.manual_seed(seed)
+        dense = nn.Linear(source.config.hidden_size, output_dim)
+    return SentenceEncoder(body, source.pooling, source.normalize, dense, max_seq_length=seq_len)
+
+
 def pool(states: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
     """(B, T, H) token states -> (B, H): `mean` over the real tokens (attention_mask 1), the
     first token's state (`cls`) or the last real token's (`last`; right padding). Float32."""

@@ -286,24 +286,16 @@ def start_model(start, storage, output_dim: int | None, seed: int, dropout: floa
     (`pretrained`), or the teacher step's encoder with only blocks `start.layers` (`from_teacher`);
     with its pooling, normalisation and projection, or a new seeded projection to `output_dim` when
     that is set; it reads texts of up to `seq_len` tokens (prep's cut)."""
-    import torch
-
-    from kd_core.models.encoders import SentenceEncoder, load_sentence_encoder
-    from kd_core.models.students import cut_from_teacher, pretrained_model_dir
+    from kd_core.models.encoders import load_sentence_encoder, started_from
+    from kd_core.models.students import pretrained_model_dir
     from kd_core.models.teacher import teacher_model_dir
     from kd_core.storage import Store
 
     if start.init == "pretrained":
         source = load_sentence_encoder(pretrained_model_dir(start.path, start.weights_identity, Store(storage), start.field), dropout=dropout)
-        body = source.transformer
-    else:
-        source = load_sentence_encoder(teacher_model_dir(Store(storage), start.teacher), dropout=dropout)
-        body = cut_from_teacher(source.transformer, list(start.layers))
-    dense = source.dense
-    if output_dim is not None:
-        torch.manual_seed(seed)
-        dense = torch.nn.Linear(source.config.hidden_size, output_dim)
-    return SentenceEncoder(body, source.pooling, source.normalize, dense, max_seq_length=seq_len)
+        return started_from(source, None, output_dim, seed, seq_len)
+    source = load_sentence_encoder(teacher_model_dir(Store(storage), start.teacher), dropout=dropout)
+    return started_from(source, start.layers, output_dim, seed, seq_len)
 
 
 def own_tokenizer(spec, store):

@@ -109,23 +109,17 @@ def pretrained_row(job) -> tuple[str, str, str]:
     """A student from another encoder folder: safetensors weights, a config.json and its own
     tokenizer (it reads the texts in its own tokens)."""
     from kd_core.models.students import pretrained_identity
-    from kd_core.storage import url_to_fs
+    from kd_core.storage import Store, url_to_fs
 
     url = job.student.path
     try:
-        files, _ = pretrained_identity(url, _store(job))
+        files, _ = pretrained_identity(url, Store(job.storage))
         fs, root = url_to_fs(url, job.storage)
         if f"{root.rstrip('/')}/tokenizer.json" not in files:
             return "student", "fail", f"student.path: {url} has no tokenizer.json; the student reads the texts with its own tokenizer: save it beside the model"
     except (InputError, OSError, ValueError) as err:
         return "student", "fail", str(err)
     return "student", "pass", f"student.path: {url}: its own pooling and tokenizer (it reads the texts in its own tokens)"
-
-
-def _store(job):
-    from kd_core.storage import Store
-
-    return Store(job.storage)
 
 
 def blocks(config: dict) -> int:
@@ -161,8 +155,10 @@ def deep_rows(job, records: int) -> list[tuple[str, str, str]]:
         f"{len(texts)} texts -> {tuple(embeddings.shape)}; " + ("non-finite values: the teacher's weights are broken" if not finite else
         f"mean cosine between different texts {mean_cosine:.2f}" + (": nearly all alike, its neighbours say little" if mean_cosine > ALIKE else ""))
     )))
-    if not finite or objective is None:
+    if not finite:
         return rows
+    if objective is None:
+        return [*rows, ("loss", "skip", "student.path: a student from another encoder folder reads the texts in its own tokens; the objective runs in training")]
     values = {name: float(value.detach()) for name, value in objective(student(*encoded), embeddings).items()}
     status = "pass" if all(np.isfinite(list(values.values()))) else "fail"
     rows.append(("loss", status, "untrained student: " + ", ".join(f"{name} {value:.4f}" for name, value in values.items())))
@@ -193,24 +189,19 @@ def sample_texts(job, records: int):
 
 
 def models_for(job):
-    """(the teacher encoder, the student the job would start from, its objective or None) for the
-    deep checks: the teacher folder is fetched whole (a download for a remote one)."""
+    """(the teacher encoder, the student the job would start from and its objective; both None for a
+    student from another encoder folder) for the deep checks: the teacher folder is fetched whole
+    (a download for a remote one)."""
     from kd_core.losses.embedding import EmbeddingObjective
-    from kd_core.models.encoders import SentenceEncoder, build_sentence_encoder, load_sentence_encoder
-    from kd_core.models.students import cut_from_teacher
-    from kd_core.storage import reaching, url_to_fs
+    from kd_core.models.encoders import build_sentence_encoder, started_from
 
-    fs, root = url_to_fs(job.teacher.path, job.storage)
-    with reaching(job.teacher.path, "teacher.path"), tempfile.TemporaryDirectory(prefix="kdflow-teacher-") as folder:
-        fs.get(root.rstrip("/") + "/", folder, recursive=True)
-        teacher = load_sentence_encoder(Path(folder)).eval()
+    teacher = fetched_encoder(job.teacher.path, "teacher.path", job)
     student_settings = job.student.embedding
     if job.student.init == "from_teacher":
-        import torch
-
         layers = job.student.from_teacher.kept_layers(teacher.config.num_hidden_layers)
-        dense = torch.nn.Linear(teacher.config.hidden_size, student_settings.output_dim) if student_settings.output_dim else teacher.dense
-        student = SentenceEncoder(cut_from_teacher(teacher.transformer, layers), teacher.pooling, teacher.normalize, dense)
+        student = started_from(teacher, layers, student_settings.output_dim, 0, job.data.seq_len)
+    elif job.student.init == "pretrained":  # it reads the texts in its own tokens, not the sample's
+        return teacher, None, None
     else:
         pad = teacher.config.pad_token_id or 0
         student = build_sentence_encoder(
@@ -218,3 +209,14 @@ def models_for(job):
             normalize=student_settings.normalize, output_dim=student_settings.output_dim,
         )
     return teacher, student.eval(), EmbeddingObjective.from_config(job.distill.embedding, student.dimension, teacher.dimension)
+
+
+def fetched_encoder(url: str, field: str, job):
+    """The sentence encoder in the folder at `url` (`field` names it in errors), fetched whole."""
+    from kd_core.models.encoders import load_sentence_encoder
+    from kd_core.storage import reaching, url_to_fs
+
+    fs, root = url_to_fs(url, job.storage)
+    with reaching(url, field), tempfile.TemporaryDirectory(prefix="kdflow-encoder-") as folder:
+        fs.get(root.rstrip("/") + "/", folder, recursive=True)
+        return load_sentence_encoder(Path(folder)).eval()
