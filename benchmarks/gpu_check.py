@@ -287,21 +287,24 @@ def main() -> None:
               f"batch {args.batch} × {seq_len}, {args.precision}, {gpu or 'CPU'}", flush=True)
 
         runs: dict[str, dict] = {}
+
+        def record(name: str, run: dict) -> None:
+            """Keep a row and print it at once, so a run cut short still shows the rows it finished."""
+            runs[name] = run
+            print(f"{name}: {run['tokens_per_s']:,.0f} tokens/s, peak {run['peak_gb']:.1f} GB", flush=True)
+
         for stage in (2, 3):
-            runs[f"plain ZeRO-{stage}"] = plain_step_run(args, store, prep, teacher_manifest, student_arch, stage, device)
-            print(f"plain ZeRO-{stage}: {runs[f'plain ZeRO-{stage}']['tokens_per_s']:,.0f} tokens/s", flush=True)
-        runs["kdflow ZeRO-3 online"] = kdflow_run(args, store, prep, student_arch, 3, "kdflow-online", online_teacher=teacher_manifest)
+            record(f"plain ZeRO-{stage}", plain_step_run(args, store, prep, teacher_manifest, student_arch, stage, device))
+        record("kdflow ZeRO-3 online", kdflow_run(args, store, prep, student_arch, 3, "kdflow-online", online_teacher=teacher_manifest))
         started = time.perf_counter()
         cache_config = CacheConfig(format="sampled", num_samples=12, batch_size=args.batch, num_actors=1)
         cached = cache(cache_config, prep, teacher_manifest, store, ComputeConfig(backend="local"))
         cache_seconds = time.perf_counter() - started
-        runs["kdflow ZeRO-3 cache"] = kdflow_run(
-            args, store, prep, student_arch, 3, "kdflow-cache", cache=cached
-        )
+        record("kdflow ZeRO-3 cache", kdflow_run(args, store, prep, student_arch, 3, "kdflow-cache", cache=cached))
         # Chat data: packed conversations with restarting position ids and a loss mask, cached and distilled.
         chat_prep = synthetic_chat_prep(store, vocab, seq_len, rows)
         chat_cache = cache(cache_config, chat_prep, teacher_manifest, store, ComputeConfig(backend="local"))
-        runs["kdflow ZeRO-3 chat cache"] = kdflow_run(args, store, chat_prep, student_arch, 3, "kdflow-chat-cache", cache=chat_cache)
+        record("kdflow ZeRO-3 chat cache", kdflow_run(args, store, chat_prep, student_arch, 3, "kdflow-chat-cache", cache=chat_cache))
         gap = packed_attention_gap(store, teacher_manifest, device, dtype)
         print(f"packed conversations, {args.precision} on {gpu or 'CPU'}: max |Δ log-prob| against each alone {gap:.3g}", flush=True)
 
