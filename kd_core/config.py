@@ -231,8 +231,53 @@ class TextsConfig(Section):
         return self
 
 
+SKLEARN_DATASETS = {"breast_cancer": "classification", "wine": "classification", "iris": "classification", "digits": "classification", "diabetes": "regression"}
+"""The datasets bundled with scikit-learn (offline) that `data.source: sklearn` reads, and their kind."""
+
+
+class TableConfig(Section):
+    """A table of examples (`task: tabular`): one row per example, a target column and named feature
+    columns, from CSV or Parquet files (`data.source: table`, `data.files`) or a dataset bundled
+    with scikit-learn (`data.source: sklearn`, `dataset`).
+
+    Handling, all recorded in the prep manifest's counts:
+    - a missing numeric value (empty cell, NaN, null) becomes the training split's mean of that
+      column (`missing: impute`), or stops prep naming the column and row (`missing: error`);
+    - a missing categorical value is a category of its own (`<missing>`); a category not seen in the
+      training split is read as `<unknown>` (one embedding shared by every unseen value);
+    - a row whose target is missing, or whose numeric cell does not parse as a number, stops prep
+      naming the file, row and column (`bad_rows: error`), or is dropped and counted (`drop`)."""
+
+    dataset: Literal["breast_cancer", "wine", "iris", "digits", "diabetes"] | None = None
+    """`data.source: sklearn`: the bundled dataset (features named as scikit-learn names them,
+    the target `target`; `diabetes` is regression, the others classification)."""
+    target: str = "target"
+    """The target column: a class label (classification; any values, read as text) or a number
+    (regression)."""
+    kind: Literal["classification", "regression"] | None = None
+    """What the target is; None: the bundled dataset's kind (required for `data.source: table`)."""
+    numeric: list[str] | None = None
+    """The numeric feature columns. None: every column but the target and `categorical` (a
+    bundled dataset), or an error naming the table's columns (`data.source: table`)."""
+    categorical: list[str] = []
+    """The categorical feature columns (any values, read as text; each gets an embedding in the
+    student and a one-hot encoding in a teacher trained here)."""
+    missing: Literal["impute", "error"] = "impute"
+    """A missing numeric value: the training mean (`impute`) or an error (`error`)."""
+    bad_rows: Literal["error", "drop"] = "error"
+    """A row with a missing target or an unparseable number: an error naming it, or dropped and counted."""
+
+    @model_validator(mode="after")
+    def _columns_once(self) -> TableConfig:
+        named = [self.target, *(self.numeric or []), *self.categorical]
+        repeated = sorted({name for name in named if named.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each column is the target, numeric or categorical once; named more than once: {repeated}")
+        return self
+
+
 class DataConfig(Section):
-    source: Literal["python-docs", "files", "chat", "python-qa", "exact-answers", "preferences", "digit-preferences"] = "python-docs"
+    source: Literal["python-docs", "files", "chat", "python-qa", "exact-answers", "preferences", "digit-preferences", "table", "sklearn"] = "python-docs"
     """`python-docs`: the language reference and standard-library docstrings bundled with Python
     (offline on every machine). `files`: the text, JSONL or Parquet files matched by `files`.
     `chat`: chat or instruction records (`chat`) in JSONL or Parquet files, or Hugging Face
@@ -245,7 +290,9 @@ class DataConfig(Section):
     with a character-level tokenizer written beside them.
     `preferences` (`task: reward`): JSONL preference records with images (`preferences`), matched
     by `files`. `digit-preferences` (`task: reward`): preference pairs about the handwritten digit
-    images bundled with scikit-learn, written to the store and read like `preferences`."""
+    images bundled with scikit-learn, written to the store and read like `preferences`.
+    `table` (`task: tabular`): CSV or Parquet files matched by `files`, read as `table` says.
+    `sklearn` (`task: tabular`): a dataset bundled with scikit-learn (`table.dataset`)."""
     files: list[str] = []
     """fsspec URLs, globs or folders of `.txt`, `.jsonl` or `.parquet` files, optionally compressed
     (`.jsonl.gz`) (sources `files`, `chat`, `preferences`). A file matched twice is read once; an
@@ -258,6 +305,8 @@ class DataConfig(Section):
     """Preference records (sources `preferences` and `digit-preferences`)."""
     texts: TextsConfig = TextsConfig()
     """The texts of an embedding task (`task: embedding`), cut from the documents."""
+    table: TableConfig = TableConfig()
+    """The columns of a tabular task (`task: tabular`; sources `table` and `sklearn`)."""
     text_field: str = "text"
     """Column holding the text in JSONL and Parquet files."""
     max_documents: int | None = Field(default=None, gt=0)
@@ -360,10 +409,35 @@ class TrainConfig(Section):
     thread). The batches depend on this number: keep it fixed to reproduce a run."""
 
 
+class SklearnTeacherConfig(Section):
+    """A scikit-learn teacher (`task: tabular`): the preprocessing (numeric columns standardised,
+    categorical ones one-hot encoded) and an estimator, trained here on the training split in a Ray
+    task (or this process, `compute.backend: local`), saved with skops."""
+
+    estimator: Literal[
+        "hist_gradient_boosting", "gradient_boosting", "random_forest", "extra_trees", "logistic_regression", "ridge", "svm", "knn",
+    ] = "hist_gradient_boosting"
+    """The estimator (classifier or regressor by `data.table.kind`): scikit-learn's
+    HistGradientBoosting*, GradientBoosting*, RandomForest*, ExtraTrees*, LogisticRegression /
+    Ridge, SVC (with probabilities) / SVR, KNeighbors*."""
+    params: dict[str, int | float | str | bool | None] = {}
+    """Keyword arguments of the estimator (e.g. `{n_estimators: 300, max_depth: 8}`); `random_state`
+    defaults to `seed`."""
+    seed: int = 0
+    """The estimator's `random_state` (where it has one)."""
+    cpus: int = Field(default=1, gt=0)
+    """CPUs of the Ray task that trains it (and the estimator's `n_jobs`, where it has one)."""
+    trusted_types: list[str] = []
+    """A `.skops` teacher (`teacher.path`): types beyond scikit-learn's, NumPy's and SciPy's that you have
+    reviewed and trust it to hold (skops refuses to load any other: it never unpickles)."""
+
+
 class TeacherConfig(Section):
     path: str | None = None
-    """fsspec URL of an existing Hugging Face causal-LM directory. When None, the teacher is
-    trained from `architecture` by kdflow itself (seeded) and reused from storage afterwards."""
+    """fsspec URL of an existing Hugging Face causal-LM directory (`task: tabular`: a scikit-learn
+    pipeline saved with skops, `.skops`, or an ONNX model, `.onnx`). When None, the teacher is
+    trained by kdflow itself from `architecture` (tabular: `sklearn`), seeded, and reused from
+    storage afterwards."""
     finetune: bool = False
     """With `path`: fine-tune that model on the training split (`train`; completion-only on chat
     data) before it teaches, instead of using it as it is: Minitron's "teacher correction", for
@@ -373,6 +447,8 @@ class TeacherConfig(Section):
     """Architecture of a teacher trained by kdflow (ignored when `path` is set)."""
     train: TrainConfig = TrainConfig()
     """How a kdflow-trained (or fine-tuned) teacher is optimised (cross-entropy on the training split)."""
+    sklearn: SklearnTeacherConfig = SklearnTeacherConfig()
+    """The scikit-learn teacher of a tabular task (`task: tabular`; ignored otherwise)."""
 
 
 class VisionConfig(Section):
@@ -527,6 +603,25 @@ class SentenceEmbeddingConfig(Section):
     narrower embedding than the encoder's width. None: the pooled state as it is."""
 
 
+class MLPConfig(Section):
+    """The MLP student of a tabular task (`task: tabular`): numeric features standardised with the
+    training split's statistics (a missing value at the mean), each categorical feature through an
+    embedding, then `num_layers` blocks of linear, normalisation, activation and dropout
+    (`distill.train.dropout`), then the output layer (class logits, or the standardised target)."""
+
+    hidden_size: int = Field(default=256, gt=0)
+    """Width of each block."""
+    num_layers: int = Field(default=3, gt=0)
+    """Number of blocks."""
+    norm: Literal["batch", "layer", "none"] = "layer"
+    """Normalisation after each block's linear layer (batch norm needs batches of 2 rows or more)."""
+    activation: Literal["relu", "silu", "gelu"] = "relu"
+    """Activation of each block."""
+    embedding_dim: int | None = Field(default=None, gt=0)
+    """Width of each categorical feature's embedding; None: min(16, ⌈1.6 · categories^0.56⌉)
+    (fastai's rule), per feature."""
+
+
 class StudentConfig(Section):
     architecture: ArchitectureConfig = ArchitectureConfig()
     """Architecture of the student (with `task: reward`, its language model), built from config
@@ -549,9 +644,27 @@ class StudentConfig(Section):
     """The student's own tokenizer (`task: cross_tokenizer`; ignored otherwise)."""
     embedding: SentenceEmbeddingConfig = SentenceEmbeddingConfig()
     """Pooling, projection and normalisation of an embedding student (`task: embedding`; ignored otherwise)."""
+    mlp: MLPConfig = MLPConfig()
+    """The MLP of a tabular student (`task: tabular`; ignored otherwise)."""
 
 
 # ----------------------------------------------------------------------------------------- cache
+class SyntheticRowsConfig(Section):
+    """Rows the teacher labels besides the training split's (`task: tabular`), made by MUNGE
+    (Bucilă et al., 2006; `kd_core/data/munge.py`): each training row's copy with every feature,
+    with probability `swap_probability`, moved towards its nearest training neighbour's value.
+    They show the student the teacher's decision surface around the data; they carry no label."""
+
+    rows: int = Field(default=0, ge=0)
+    """How many synthetic rows (0: none)."""
+    swap_probability: float = Field(default=0.5, ge=0, le=1)
+    """MUNGE's p: the chance each feature of a copy takes (a draw around) its neighbour's value."""
+    spread: float = Field(default=1.0, gt=0)
+    """MUNGE's s: a numeric value is drawn from N(neighbour's, |own − neighbour's| / s)."""
+    seed: int = 0
+    """Seed of the draws."""
+
+
 class CacheConfig(Section):
     format: Literal["topk", "sampled", "full"] = "topk"
     """Teacher-output format. `topk`: the k most likely next tokens with their log-probs.
@@ -583,6 +696,8 @@ class CacheConfig(Section):
     `hidden_states` (0 = embeddings, num_layers = last layer), float16."""
     num_actors: int = Field(default=2, gt=0)
     """Teacher actors in the Ray pool (one per GPU on a cluster, CPU actors locally)."""
+    synthetic: SyntheticRowsConfig = SyntheticRowsConfig()
+    """Synthetic rows the teacher labels as well (`task: tabular`; ignored otherwise)."""
 
 
 # --------------------------------------------------------------------------------------- distill
@@ -844,6 +959,27 @@ class EmbeddingLossConfig(Section):
         return self
 
 
+class TabularLossConfig(Section):
+    """The objective of a tabular student (`task: tabular`; `kd_core/losses/tabular.py`).
+    Classification: kd_weight · T² · KL(teacher_T ‖ student_T) over every row (synthetic rows
+    included) + ce_weight · cross-entropy with the label over the labelled rows. Regression:
+    kd_weight · (student − teacher)² + ce_weight · (student − label)², in units of the training
+    target's standard deviation."""
+
+    temperature: float = Field(default=2.0, gt=0)
+    """Softmax temperature T of both distributions in the KD term (classification)."""
+    kd_weight: float = Field(default=0.8, ge=0)
+    """Weight of the teacher's term."""
+    ce_weight: float = Field(default=0.2, ge=0)
+    """Weight of the label's term (the hard labels mixed in)."""
+
+    @model_validator(mode="after")
+    def _something_learned(self) -> TabularLossConfig:
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing would be learned")
+        return self
+
+
 class DistillConfig(Section):
     loss: LossConfig = LossConfig()
     """The distillation objective of language models (`task: causal_lm`)."""
@@ -853,6 +989,8 @@ class DistillConfig(Section):
     """The distillation objective of a student with its own tokenizer (`task: cross_tokenizer`)."""
     embedding: EmbeddingLossConfig = EmbeddingLossConfig()
     """The distillation objective of a sentence-embedding student (`task: embedding`)."""
+    tabular: TabularLossConfig = TabularLossConfig()
+    """The distillation objective of a tabular student (`task: tabular`)."""
     train: TrainConfig = TrainConfig()
     """Optimisation of the student."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()

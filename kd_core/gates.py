@@ -38,13 +38,17 @@ METRICS = (
     "bits_per_byte", "bits_per_character", "tokens_per_byte", "span_agreement", "round_trip", "bytes_per_s",
     # sentence encoders (kd_core/tasks/embedding.py)
     "recall_at_10", "spearman", "mean_cosine", "sentences_per_s", "dimension",
+    # tabular models (kd_core/tasks/tabular.py): score is accuracy (classification) or R² (regression)
+    "score", "accuracy", "log_loss", "roc_auc", "brier", "rmse", "mae", "r2", "agreement", "synthetic_agreement",
+    "teacher_rmse", "synthetic_teacher_rmse", "rows_per_s",
     # every model
     "parameters", "weight_bytes", "latency_ms",
 )
 """Every metric name a task measures (each task's `Task.metrics` says which are its own)."""
 MAXIMIZED = frozenset(
     {"agreement_top1", "agreement_top5", "tokens_per_s", "answer_exact_match", "answer_f1", "pairwise_accuracy_teacher", "pairwise_accuracy_human", "spearman_teacher", "pairs_per_s",
-     "span_agreement", "round_trip", "bytes_per_s", "recall_at_10", "spearman", "mean_cosine", "sentences_per_s"}
+     "span_agreement", "round_trip", "bytes_per_s", "recall_at_10", "spearman", "mean_cosine", "sentences_per_s",
+     "score", "accuracy", "roc_auc", "r2", "agreement", "synthetic_agreement", "rows_per_s"}
 )
 """Metrics where higher is better (the registry's default goal for a primary metric)."""
 _COMPARISONS = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq, ast.NotEq: operator.ne}

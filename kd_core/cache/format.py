@@ -46,7 +46,9 @@ FORMAT_VERSION = 2
 """Bumped when the meaning of any column changes."""
 
 
-PER_ROW_FORMATS = {"reward": (("teacher_chosen", "teacher_rejected"), True), "embedding": (("teacher_embedding",), False)}
+PER_ROW_FORMATS = {
+    "reward": (("teacher_chosen", "teacher_rejected"), True), "embedding": (("teacher_embedding",), False), "tabular": (("teacher_prediction",), False),
+}
 """Formats of one value (or vector) per row, not per position: format -> (its columns, whether each
 holds one value per row, decoded as (rows,); else a vector, decoded as (rows, width))."""
 
@@ -103,7 +105,8 @@ class CacheLayout:
 
     format: str
     """`topk`, `sampled`, `full`, `reward` (a reward teacher's scores of preference pairs) or
-    `embedding` (a sentence encoder's embedding of each text; `slots` is its width)."""
+    `embedding` (a sentence encoder's embedding of each text; `slots` is its width) or `tabular` (a
+    tabular teacher's class log-probabilities or prediction of each row; `slots` is their width)."""
     seq_len: int
     vocab_size: int
     slots: int
@@ -221,7 +224,8 @@ class CacheLayout:
         `teacher_topk_ids` / `teacher_topk_logprobs` (rows, T, k), `teacher_sample_ids` /
         `teacher_sample_counts` (rows, T, n), `teacher_logits` (rows, T, V), `teacher_entropy`
         (rows, T), `teacher_hidden_<L>` (rows, T, H); for `reward`, `teacher_chosen` and
-        `teacher_rejected` (rows,); for `embedding`, `teacher_embedding` (rows, D). Ids are int32,
+        `teacher_rejected` (rows,); for `embedding`, `teacher_embedding` (rows, D); for `tabular`,
+        `teacher_prediction` (rows, C). Ids are int32,
         values float32."""
         if self.format in PER_ROW_FORMATS:
             names, one_value = PER_ROW_FORMATS[self.format]

@@ -104,6 +104,8 @@ def check_prep_inputs(config: DataConfig, storage: StorageConfig, *, separates_d
 
 def file_source(config: DataConfig, storage: StorageConfig) -> FileSource | None:
     """The files `data.files` names, listed (None for the bundled sources)."""
+    if config.source == "table":
+        return FileSource(config.files, config.text_field, storage, tables=True)
     return FileSource(config.files, config.text_field, storage) if config.source in ("files", "chat", "preferences") else None
 
 

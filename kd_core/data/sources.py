@@ -55,6 +55,9 @@ JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 ARROW_SUFFIXES = (".arrow",)
 """Arrow IPC files, as a Hugging Face `datasets` folder (`save_to_disk`) holds its data."""
+TABLE_SUFFIXES = (".csv", ".parquet")
+"""The tables of a tabular task (`data.source: table`); a CSV file may be compressed (`.csv.gz`)."""
+TABLE_SUPPORTED = "a .csv (optionally .gz, .bz2 or .xz compressed) or .parquet file, or a folder of them"
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
 """Compressions Python reads without extra packages (fsspec infers them from the suffix)."""
 DATA_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
@@ -178,8 +181,10 @@ class SourceCounts:
 class FileSource:
     """The files `data.files` names: every URL, glob and folder expanded, each file once."""
 
-    def __init__(self, patterns: list[str], text_field: str, storage: StorageConfig):
+    def __init__(self, patterns: list[str], text_field: str, storage: StorageConfig, *, tables: bool = False):
+        """`tables`: match the CSV and Parquet tables of a tabular task instead of documents."""
         self.text_field = text_field
+        self.suffixes, self.supported = (TABLE_SUFFIXES, TABLE_SUPPORTED) if tables else (DATA_SUFFIXES, SUPPORTED)
         self.files: list[MatchedFile] = []
         seen: set[str] = set()
         for pattern in patterns:
@@ -194,16 +199,16 @@ class FileSource:
             infos = _listing(fs, pattern)
         matched = []
         for path, info in sorted(infos.items()):
-            if info.get("_in_folder") and _not_data(path):
+            if info.get("_in_folder") and _not_data(path, self.suffixes):
                 continue
-            if not path.endswith(DATA_SUFFIXES) and not _is_compressed(path):
+            if not path.endswith(self.suffixes) and not _is_compressed(path, self.suffixes):
                 if _is_glob(pattern):
                     continue  # a glob may match other files (a _SUCCESS marker)
-                raise DataSourceError(f"data.files: {_url(fs, path)}: unsupported file type; use {SUPPORTED}")
+                raise DataSourceError(f"data.files: {_url(fs, path)}: unsupported file type; use {self.supported}")
             matched.append(MatchedFile(_url(fs, path), path, int(info.get("size") or 0), file_identity(fs, path, info), fs))
         if not matched:
             check_bucket(fs, pattern, "data.files")
-            raise DataSourceError(f"data.files: {pattern!r} matches no file ({SUPPORTED})")
+            raise DataSourceError(f"data.files: {pattern!r} matches no file ({self.supported})")
         return matched
 
     def listing(self) -> list[dict]:
@@ -279,11 +284,11 @@ def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict]:
     return expanded
 
 
-def _not_data(path: str) -> bool:
+def _not_data(path: str, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> bool:
     """In a folder: what is beside the data rather than data (hidden files, READMEs, .json metadata)."""
     name = path.rsplit("/", 1)[-1]
     return name.startswith((".", "_")) or name.upper().startswith("README") or name.endswith(".json") or not (
-        name.endswith(DATA_SUFFIXES) or _is_compressed(name)
+        name.endswith(suffixes) or _is_compressed(name, suffixes)
     )
 
 
@@ -291,8 +296,10 @@ def _is_glob(pattern: str) -> bool:
     return any(ch in pattern for ch in "*?[")
 
 
-def _is_compressed(path: str) -> bool:
-    return path.endswith(COMPRESSION_SUFFIXES) and path[: path.rfind(".")].endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
+def _is_compressed(path: str, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> bool:
+    """A compressed text, JSON Lines or CSV file of one of `suffixes` (Parquet compresses itself)."""
+    compressible = tuple(suffix for suffix in suffixes if suffix in TEXT_SUFFIXES + JSON_SUFFIXES + (".csv",))
+    return path.endswith(COMPRESSION_SUFFIXES) and path[: path.rfind(".")].endswith(compressible)
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:

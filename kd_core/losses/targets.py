@@ -6,7 +6,8 @@ cache) or its sampled ids and counts (a `sampled` cache); the teacher's predicti
 (every cache format) weights positions when `token_weighting` asks for it, and hidden states
 (`cache.hidden_layers`, or an online teacher's) feed feature distillation. A reward-model
 student learns from the teacher's scores of both responses of each preference pair, an embedding
-student from the teacher's embedding of each text.
+student from the teacher's embedding of each text, a tabular student from the teacher's prediction
+of each row.
 
 Fields (every one optional: None, or an empty `hidden`, when the batch does not carry it;
 B rows, T positions, V vocabulary entries, k top-k slots, n sample slots, H hidden width):
@@ -30,6 +31,9 @@ B rows, T positions, V vocabulary entries, k top-k slots, n sample slots, H hidd
   reward teacher's scores of each preference pair's chosen and rejected response.
 - `embeddings` (`teacher_embedding`): (N, D) float32, a sentence encoder's embedding of each of
   the batch's N texts (`task: embedding`).
+- `predictions` (`teacher_prediction`): (N, C) float32, a tabular teacher's log-probability of each
+  class for each of the batch's N rows (−inf for a class it gives probability 0), or (N, 1) its
+  prediction of a regression target (`task: tabular`).
 - `mask`: (B, T) bool, the positions that count (None: every one): position t counts when the
   token after it, t + 1, is one the student learns to write (chat data: an assistant token).
   No batch key: the language model's step builds it from the batch's `loss_mask`.
@@ -61,6 +65,7 @@ BATCH_KEYS: dict[str, str] = {
     "teacher_chosen": "chosen_rewards",
     "teacher_rejected": "rejected_rewards",
     "teacher_embedding": "embeddings",
+    "teacher_prediction": "predictions",
 }
 """Batch key -> `TeacherTargets` field, for every target key but the hidden states (`HIDDEN_PREFIX`)."""
 
@@ -92,6 +97,7 @@ class TeacherTargets:
     chosen_rewards: torch.Tensor | None = None
     rejected_rewards: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
     def has_token_targets(self) -> bool:

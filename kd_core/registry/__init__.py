@@ -133,6 +133,37 @@ def log_sentence_transformer(model_dir: Path):
     )
 
 
+def log_tabular_onnx(model_dir: Path):
+    """Log a tabular student's folder (`kd_core/models/tabular.py`) as the active run's MLflow
+    model `model`: MLflow's ONNX flavour of its `model.onnx` (inputs `numeric` (rows, F_num) float32
+    and `categorical` (rows, F_cat) int64 codes; output class probabilities or the prediction), with
+    `config.json` (the vocabularies that map a value to its code, the statistics, the classes) and
+    the safetensors weights as extra files. Served by ONNX Runtime alone: no scikit-learn, no torch.
+    Returns MLflow's ModelInfo."""
+    import json
+
+    import mlflow
+    import numpy as np
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from kd_core.models.tabular import CONFIG_NAME, ONNX_NAME, WEIGHTS_NAME
+
+    schema = json.loads((model_dir / CONFIG_NAME).read_text())["schema"]
+    outputs = len(schema["classes"]) if schema["kind"] == "classification" else 1
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(schema["numeric"])), "numeric"),
+                       TensorSpec(np.dtype(np.int64), (-1, len(schema["categorical"])), "categorical")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs), "prediction")]),
+    )
+    return mlflow.onnx.log_model(
+        onnx.load(str(model_dir / ONNX_NAME)), name=MODEL_NAME, signature=signature, save_as_external_data=False,
+        extra_files=[str(model_dir / CONFIG_NAME), str(model_dir / WEIGHTS_NAME)],
+        pip_requirements=_pinned("onnx", "onnxruntime", "numpy"),
+    )
+
+
 def _pinned(*distributions: str) -> list[str]:
     """`name==version` of each installed distribution: what loading the logged model needs. Given
     explicitly because MLflow's default list for a torch model adds torchvision, which kdflow

@@ -8,6 +8,11 @@ each pair's two responses) and `Task.cache_layout` says how they are laid out. T
 `details["layout"]` says how to decode them, and lists each shard's rows, tokens, bytes and
 sha256.
 
+A task may add rows of its own for the teacher to label (`Task.synthetic_rows`: a tabular task's
+MUNGE rows around the training split): their input shards are written into this step
+(`synthetic/`), their targets cached as the split `synthetic`, and every distilled student trains
+on them beside the training split (`details["synthetic_rows"]`).
+
 Resumable: each shard is written atomically, then a commit record beside it
 (`kd_core.train.inference.COMMIT_SUFFIX`). A rerun of a killed job keeps every shard whose commit
 record, bytes and source check out and computes the rest; teacher inference is deterministic, so
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 
+from kd_core.cache import SYNTHETIC
 from kd_core.config import CacheConfig, ComputeConfig
 from kd_core.data.shards import read_verified, split_shards
 from kd_core.manifest import Manifest
@@ -39,16 +45,18 @@ def cache(
     *,
     force: bool = False,
 ) -> Manifest:
-    run = StageRun(store, "cache", config, inputs={"prep": prep, "teacher": teacher}, force=force)
+    task = task_of(prep)
+    run = StageRun(store, "cache", task.cache_settings(config), inputs={"prep": prep, "teacher": teacher}, force=force)
     if run.reused:
         return run.reused
-    task = task_of(prep)
     jobs = [
         (record, run.relative(f"shards/{split}-{index:05d}.arrow"), split)
         for split in task.cache_splits()
         for index, record in enumerate(split_shards(prep, split))
     ]
     layout = task.cache_layout(config, prep, store, teacher)
+    synthetic = task.synthetic_rows(config, prep, store, run)  # rows the teacher labels besides the data's (tabular: MUNGE)
+    jobs += [(record, run.relative(f"shards/{SYNTHETIC}-{index:05d}.arrow"), SYNTHETIC) for index, record in enumerate(synthetic)]
     # An earlier attempt that was killed left finished shards with commit records: keep those.
     finished = {} if force else {output: committed_shard(store, record, output) for record, output, _ in jobs}
     pending = [(record, output) for record, output, _ in jobs if finished.get(output) is None]
@@ -68,6 +76,8 @@ def cache(
             for token, output, split in jobs
         ],
     }
+    if synthetic:
+        details["synthetic_rows"] = {"shards": [run.name_of(record.path) for record in synthetic], "rows": sum(rows_of[out] for _, out, kind in jobs if kind == SYNTHETIC)}
     metrics = {
         "tokens": split["tokens"],
         "bytes": cache_bytes,

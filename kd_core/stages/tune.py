@@ -42,7 +42,7 @@ def tune(
         | ({"teacher_weights": config.distill.teacher_weights} if config.distill.teacher_weights else {}),
         # A config student's section as it was before `student.init` and `student.tokenizer` existed
         # (its keys stay); a student's own tokenizer is an input step (`Task.student_inputs`).
-        # `student.embedding` (`task: embedding`) only where it is not the default, so the others' keys stay too.
+        # `student.embedding` and `student.mlp` (embedding, tabular) only where not the default, so the others' keys stay too.
         "student": config.student.model_dump(mode="json", exclude=_unkeyed_student_fields(config.student)),
     }
     _check_validation_targets(task, targets)
@@ -100,8 +100,9 @@ def _check_validation_targets(task, targets: Manifest) -> None:
 
 def _unkeyed_student_fields(student) -> set[str]:
     """The student fields a search's key leaves out: its own tokenizer (an input step), the start
-    fields of a config student, and the embedding settings at their defaults."""
-    from kd_core.config import SentenceEmbeddingConfig
+    fields of a config student, and the embedding and MLP settings at their defaults."""
+    from kd_core.config import MLPConfig, SentenceEmbeddingConfig
 
     unkeyed = {"init", "path", "from_teacher", "tokenizer"} if student.init == "config" else {"tokenizer"}
-    return unkeyed | ({"embedding"} if student.embedding == SentenceEmbeddingConfig() else set())
+    unkeyed |= {"embedding"} if student.embedding == SentenceEmbeddingConfig() else set()
+    return unkeyed | ({"mlp"} if student.mlp == MLPConfig() else set())

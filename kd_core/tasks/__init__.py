@@ -7,7 +7,7 @@ report's figures, the CLI's summary and how the registry logs the model. The sta
 training engine and the eval and registry code are the same for every task: they ask the job's
 task (one object, found once by name) and never branch on which one it is.
 
-    TASKS = (CausalLM(), Reward(), CrossTokenizer(), Embedding())   # the registry: a plain tuple, looked up by name
+    TASKS = (CausalLM(), Reward(), CrossTokenizer(), Embedding(), Tabular())   # the registry: a plain tuple, looked up by name
     task = task_named(config.task)        # the job's task, resolved once from the config
     task = task_of(prep_manifest)         # ... and by every later stage from the prep manifest
 
@@ -28,8 +28,9 @@ from kd_core.tasks.causal_lm import CausalLM
 from kd_core.tasks.cross_tokenizer import CrossTokenizer
 from kd_core.tasks.embedding import Embedding
 from kd_core.tasks.reward import Reward
+from kd_core.tasks.tabular import Tabular
 
-TASKS: tuple[Task, ...] = (CausalLM(), Reward(), CrossTokenizer(), Embedding())
+TASKS: tuple[Task, ...] = (CausalLM(), Reward(), CrossTokenizer(), Embedding(), Tabular())
 """Every task kdflow runs, by `name` (the values `task:` takes in a job config)."""
 
 

@@ -15,12 +15,12 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from kd_core.cache.format import CacheLayout
-    from kd_core.config import CacheConfig, DataConfig, DistillConfig, EvalConfig, StudentConfig
+    from kd_core.config import CacheConfig, ComputeConfig, DataConfig, DistillConfig, EvalConfig, StudentConfig, TeacherConfig
     from kd_core.data.sources import FileSource
     from kd_core.job import JobConfig
     from kd_core.manifest import Manifest
     from kd_core.stage import StageRun
-    from kd_core.storage import Store
+    from kd_core.storage import FileRecord, Store
     from kd_core.train.spec import TrainSpec
 
 
@@ -88,6 +88,13 @@ class Task:
         """Whether prep separates documents with the tokenizer's eos (so a loaded one needs one)."""
         return True
 
+    # ----------------------------------------------------------------------------------- teacher
+    def teacher_step(self, config: TeacherConfig, prep: Manifest, store: Store, compute: ComputeConfig, force: bool) -> Manifest | None:
+        """The teacher step done this task's own way (a tabular task: a scikit-learn pipeline
+        trained in a Ray task, or a skops or ONNX file); None (default): the teacher stage's own (a
+        model folder used as it is, or trained through the training loop)."""
+        return None
+
     # ---------------------------------------------------------------------------------- training
     def objective(self, distill: DistillConfig):
         """The task's objective section of `distill` (the student learns with it)."""
@@ -140,6 +147,17 @@ class Task:
     def cache_splits(self) -> tuple[str, ...]:
         """The splits whose teacher outputs the cache stores."""
         return ("train",)
+
+    def cache_settings(self, config: CacheConfig) -> dict[str, Any]:
+        """The cache settings that shape this task's cache (the cache key covers them): all but the
+        synthetic rows, which only a tabular task makes."""
+        return config.model_dump(mode="json", exclude={"synthetic"})
+
+    def synthetic_rows(self, config: CacheConfig, prep: Manifest, store: Store, run: StageRun) -> list[FileRecord]:
+        """Input shards of rows for the teacher to label besides the data's, written into the cache
+        step `run` (a tabular task's MUNGE rows around the training split): their targets are the
+        cache's split `synthetic`, and a distilled student trains on them too. [] (default): none."""
+        return []
 
     def cache_layout(self, config: CacheConfig, prep: Manifest, store: Store, teacher: Manifest) -> CacheLayout:
         """How this cache's shards are laid out; raises `CacheSettingsError` for settings the

@@ -165,7 +165,7 @@ class CausalLM(Task):
         source alone; `chat.split_field` only when set and `chat.tag_field` only when not `tag`, so
         the keys of jobs without them stay as they were before they existed (a prep from before
         tags lacks `tag_ids`: `distill.route` then asks for `--force prep`)."""
-        excluded = {"preferences", "exact_answers", "texts"} | (set() if data.source in CHAT_SOURCES else {"chat"})
+        excluded = {"preferences", "exact_answers", "texts", "table"} | (set() if data.source in CHAT_SOURCES else {"chat"})
         if data.source == "exact-answers":
             from kd_core.data.exact_answers import DATASET_VERSION
 

@@ -80,7 +80,7 @@ class CrossTokenizer(Task):
 
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
-        return data.model_dump(mode="json", exclude={"preferences", "exact_answers", "chat", "texts"})
+        return data.model_dump(mode="json", exclude={"preferences", "exact_answers", "chat", "texts", "table"})
 
     def prepare(self, data, store, run, source) -> tuple[dict, dict]:
         from kd_core.data.cross_text import prepare_cross_text

@@ -78,7 +78,7 @@ class Embedding(Task):
 
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
-        return data.model_dump(mode="json", exclude={"preferences", "exact_answers", "chat"})
+        return data.model_dump(mode="json", exclude={"preferences", "exact_answers", "chat", "table"})
 
     def prepare(self, data, store, run, source) -> tuple[dict, dict]:
         from kd_core.data.embedding_text import prepare_embedding_texts

@@ -81,7 +81,7 @@ class Reward(Task):
 
     # ------------------------------------------------------------------------------------- prep
     def data_settings(self, data) -> dict:
-        return data.model_dump(mode="json", exclude={"chat", "exact_answers", "texts"})
+        return data.model_dump(mode="json", exclude={"chat", "exact_answers", "texts", "table"})
 
     def prepare(self, data, store, run, source) -> tuple[dict, dict]:
         from kd_core.data.preferences import prepare_preferences

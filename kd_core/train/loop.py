@@ -421,11 +421,13 @@ def _per_teacher(terms: dict[str, float], micro_batches: int) -> dict[str, float
 
 
 def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict], deepspeed_json: dict | None = None) -> list[FileRecord]:
-    """The model directory (safetensors + tokenizer), the loss history and, for a DeepSpeed run,
+    """The model directory (safetensors + tokenizer, or what a model that saves itself writes), the loss history and, for a DeepSpeed run,
     the DeepSpeed config it ran with; each written atomically."""
-    tokenizer_dir = local_copy(store, spec.tokenizer_folder)
     with temporary_dir("model-") as folder:
-        save_model_dir(model, tokenizer_dir, Path(folder))
+        if hasattr(model, "save_folder"):  # a model holding its own preprocessing (a tabular MLP): no tokenizer
+            model.save_folder(Path(folder))
+        else:
+            save_model_dir(model, local_copy(store, spec.tokenizer_folder), Path(folder))
         records = store.upload_dir(folder, f"{spec.output_folder}/model")
     history_text = "".join(json.dumps(record) + "\n" for record in history)
     records.append(store.write_bytes(f"{spec.output_folder}/{HISTORY_NAME}", history_text.encode()))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kd_core.cache import cache_shards
+from kd_core.cache import SYNTHETIC, cache_shards, synthetic_inputs
 from kd_core.config import ArchitectureConfig, DeepSpeedConfig, DistillConfig, OnPolicyConfig, StorageConfig, StudentConfig, TrainConfig
 from kd_core.data.shards import split_shards
 from kd_core.manifest import Manifest
@@ -207,10 +207,10 @@ class TrainSpec:
         own_tokenizer = student_inputs.get("student_tokenizer")
         return cls(
             storage=store.config, task=task, role=role, architecture=architecture, train=train, prep_details=prep.details,
-            token_shards=split_shards(prep, "train"), tokenizer_folder=f"{(own_tokenizer or prep).folder}/tokenizer", prep_folder=prep.folder, output_folder=output_folder,
+            token_shards=split_shards(prep, "train") + (synthetic_inputs(cache) if cache else []), tokenizer_folder=f"{(own_tokenizer or prep).folder}/tokenizer", prep_folder=prep.folder, output_folder=output_folder,
             student=student, objective=objective, deepspeed=deepspeed, checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints, tracking=tracking, online_teacher=online_teacher,
-            cache_shards=cache_shards(cache) if cache else [], cache_layout=cache.details["layout"] if cache else None,
+            cache_shards=cache_shards(cache) + cache_shards(cache, SYNTHETIC) if cache else [], cache_layout=cache.details["layout"] if cache else None,
             validation_shards=split_shards(prep, "val") if validating else [],
             validation_cache_shards=cache_shards(cache, "val") if cache and validating and task.validation_reads_cache() else [],
             validate_every=validate_every, validation_rows=validation_rows, student_start=student_start, on_policy=on_policy,

@@ -1,0 +1,103 @@
+"""The preflight of a tabular job (`kdflow validate`, and before `kdflow run`): rows of (check,
+status, message). Cheap: the table's columns against `data.table`, the teacher (a user's file
+loaded the way the teacher step loads it: skops' trusted types, ONNX Runtime; or the estimator
+built for the target's kind), the objective. Deep (`--deep`): the table read and checked whole,
+bad rows, missing values and classes counted, without preparing anything."""
+
+from __future__ import annotations
+
+
+def preflight_rows(job, records: int, *, deep: bool) -> list[tuple[str, str, str]]:
+    rows = [_table_row(job), _teacher_row(job), _objective_row(job)]
+    if deep:
+        rows.append(_deep_table_row(job))
+    return rows
+
+
+def _table_row(job) -> tuple[str, str, str]:
+    from kd_core.data.prep import file_source
+    from kd_core.data.tabular import TableError, read_table, resolved_columns
+
+    data = job.data
+    try:
+        if data.source == "sklearn":
+            table, kind, numeric, categorical = read_table(data, None)
+            rows = len(table.origins)
+        else:
+            import pyarrow.parquet as pq
+
+            source = file_source(data, job.storage)
+            first = source.files[0]
+            if first.path.endswith(".parquet"):
+                with first.fs.open(first.path, "rb") as handle:
+                    names = pq.read_schema(handle).names
+            else:
+                import pyarrow.csv as csv
+
+                with first.fs.open(first.path, "rb", compression="infer") as handle:
+                    names = csv.open_csv(handle).schema.names
+            kind, numeric, categorical = resolved_columns(data, names)
+            rows = None
+    except (TableError, ValueError, OSError) as err:
+        return "table", "fail", str(err)
+    size = f"{rows:,} rows, " if rows is not None else ""
+    return "table", "pass", f"{size}target {data.table.target!r} ({kind}), {len(numeric)} numeric and {len(categorical)} categorical features"
+
+
+def _teacher_row(job) -> tuple[str, str, str]:
+    from kd_core.models.tabular_teacher import ESTIMATORS, TabularTeacherError, trusted_check
+
+    teacher = job.teacher
+    if teacher.path is None:
+        estimator = teacher.sklearn.estimator
+        kind = job.data.table.kind or ("regression" if job.data.table.dataset == "diabetes" else "classification")
+        _, classifier, regressor, _, _ = ESTIMATORS[estimator]
+        if (classifier if kind == "classification" else regressor) is None:
+            return "teacher", "fail", f"teacher.sklearn.estimator: {estimator} has no {kind} model; choose another estimator"
+        return "teacher", "pass", f"a scikit-learn {estimator} pipeline, trained here on the training split"
+    from pathlib import PurePosixPath
+
+    from kd_core.storage import reaching, url_to_fs
+
+    suffix = PurePosixPath(teacher.path).suffix
+    if suffix not in (".skops", ".onnx"):
+        return "teacher", "fail", f"teacher.path: {teacher.path} is neither a .skops nor an .onnx file (kdflow never loads pickle or joblib files)"
+    try:
+        fs, path = url_to_fs(teacher.path, job.storage)
+        with reaching(teacher.path, "teacher.path"):
+            data = fs.cat_file(path)
+        if suffix == ".skops":
+            trusted_check(data, teacher.sklearn.trusted_types, teacher.path)
+        else:
+            import onnxruntime
+
+            onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except TabularTeacherError as err:
+        return "teacher", "fail", str(err)
+    except Exception as err:  # a store's or ONNX Runtime's own error: one line
+        return "teacher", "fail", f"teacher.path: {teacher.path}: {str(err).splitlines()[0]}"
+    return "teacher", "pass", f"{teacher.path} ({len(data) / 1e6:.2f} MB) loads{' (every type trusted)' if suffix == '.skops' else ''}"
+
+
+def _objective_row(job) -> tuple[str, str, str]:
+    objective, synthetic = job.distill.tabular, job.cache.synthetic
+    rows = f"{synthetic.rows:,} synthetic rows (MUNGE, p={synthetic.swap_probability}, s={synthetic.spread})" if synthetic.rows else "no synthetic rows"
+    return "objective", "pass", f"KD {objective.kd_weight} (T={objective.temperature}) + labels {objective.ce_weight}; {rows}"
+
+
+def _deep_table_row(job) -> tuple[str, str, str]:
+    import numpy as np
+
+    from kd_core.data.prep import file_source
+    from kd_core.data.tabular import TableError, drop_bad_rows, read_table
+
+    try:
+        table, kind, numeric, _ = read_table(job.data, file_source(job.data, job.storage))
+        read = len(table.origins)
+        kept = drop_bad_rows(table, job.data, kind, numeric)
+    except (TableError, ValueError, OSError) as err:
+        return "table rows", "fail", str(err)
+    missing = sum(int(np.isnan(kept.columns[name]).sum()) for name in numeric)
+    dropped = f", {read - len(kept.origins):,} bad rows dropped ({'; '.join(f'{k}: {v}' for k, v in kept.dropped.items())})" if kept.dropped else ""
+    classes = f", {len(set(kept.columns[job.data.table.target].tolist()))} classes" if kind == "classification" else ""
+    return "table rows", "pass", f"{read:,} rows read{dropped}; {missing:,} missing numeric values (imputed){classes}"
