@@ -409,6 +409,40 @@ class TrainConfig(Section):
     thread). The batches depend on this number: keep it fixed to reproduce a run."""
 
 
+class SearchDimension(Section):
+    """One searched config field: `{kind: loguniform, low: 1e-4, high: 1e-2}` or
+    `{kind: choice, values: [forward_kl, reverse_kl]}`."""
+
+    kind: Literal["uniform", "loguniform", "int", "choice"]
+    """`uniform` / `loguniform` floats in [low, high], `int` integers in [low, high], `choice` one of `values`."""
+    low: float | None = None
+    """Lower bound (uniform, loguniform, int)."""
+    high: float | None = None
+    """Upper bound, inclusive (uniform, loguniform, int)."""
+    values: list[Any] | None = None
+    """The options of a `choice`."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchDimension:
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty `values` list")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.kind} needs low < high, got low={self.low}, high={self.high}")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """Values that bound the dimension (checked against the config before any trial runs)."""
+        if self.kind == "choice":
+            return list(self.values or [])
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
 class SklearnTeacherConfig(Section):
     """A scikit-learn teacher (`task: tabular`): the preprocessing (numeric columns standardised,
     categorical ones one-hot encoded) and an estimator, trained here on the training split in a Ray
@@ -430,6 +464,13 @@ class SklearnTeacherConfig(Section):
     trusted_types: list[str] = []
     """A `.skops` teacher (`teacher.path`): types beyond scikit-learn's, NumPy's and SciPy's that you have
     reviewed and trust it to hold (skops refuses to load any other: it never unpickles)."""
+    search: dict[str, SearchDimension] = {}
+    """Estimator parameters to search before the teacher is fitted (e.g. `{max_depth: {kind: int,
+    low: 3, high: 12}}`): `search_trials` pipelines fitted on the training split, each scored on
+    the validation split (accuracy, or R²), in Ray Tune trials (Optuna's TPE; this process with
+    `compute.backend: local`); the best parameters (over `params`) make the teacher. {}: no search."""
+    search_trials: int = Field(default=8, gt=0)
+    """Pipelines the search fits."""
 
 
 class TeacherConfig(Section):
@@ -1134,40 +1175,6 @@ class ComputeConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ tune
-class SearchDimension(Section):
-    """One searched config field: `{kind: loguniform, low: 1e-4, high: 1e-2}` or
-    `{kind: choice, values: [forward_kl, reverse_kl]}`."""
-
-    kind: Literal["uniform", "loguniform", "int", "choice"]
-    """`uniform` / `loguniform` floats in [low, high], `int` integers in [low, high], `choice` one of `values`."""
-    low: float | None = None
-    """Lower bound (uniform, loguniform, int)."""
-    high: float | None = None
-    """Upper bound, inclusive (uniform, loguniform, int)."""
-    values: list[Any] | None = None
-    """The options of a `choice`."""
-
-    @model_validator(mode="after")
-    def _bounds(self) -> SearchDimension:
-        if self.kind == "choice":
-            if not self.values:
-                raise ValueError("a choice needs a non-empty `values` list")
-            return self
-        if self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(f"{self.kind} needs low < high, got low={self.low}, high={self.high}")
-        if self.kind == "loguniform" and self.low <= 0:
-            raise ValueError(f"loguniform needs low > 0, got {self.low}")
-        return self
-
-    def extremes(self) -> list[Any]:
-        """Values that bound the dimension (checked against the config before any trial runs)."""
-        if self.kind == "choice":
-            return list(self.values or [])
-        if self.kind == "int":
-            return [int(self.low), int(self.high)]
-        return [self.low, self.high]
-
-
 class TuneConfig(Section):
     """`kdflow tune`: an Optuna TPE search with ASHA early stopping over `space`, each trial a short
     distillation (Ray Train inside a Ray Tune trial) on the shared prep and cache outputs."""

@@ -223,3 +223,17 @@ def Store_of(config):
     from kd_core.storage import Store
 
     return Store(config.storage)
+
+
+@pytest.mark.parametrize("backend, trials", [("local", 4), ("ray", 2)])
+def test_a_teacher_search_fits_the_best_of_its_trials(tmp_path, backend, trials):
+    """In this process (Optuna), and in Ray Tune trials (Optuna's TPE through Ray Tune)."""
+    search = "teacher.sklearn.search={max_depth: {kind: int, low: 1, high: 6}, min_samples_leaf: {kind: choice, values: [1, 20]}}"
+    config = tabular_config(tmp_path, write_table(tmp_path / "rows.csv"), f"compute.backend={backend}", search,
+                            f"teacher.sklearn.search_trials={trials}", "teacher.sklearn.cpus=1")
+    teacher = run_pipeline(config, until="cache")["teacher"]
+    trials_run = teacher.details["search"]["trials"]
+    assert len(trials_run) == trials and teacher.metrics["search_trials"] == trials
+    best = max(trials_run, key=lambda trial: trial["val_score"])
+    assert teacher.details["search"]["best_params"] == best["params"] and teacher.metrics["val_score"] == pytest.approx(best["val_score"])
+    assert all(1 <= trial["params"]["max_depth"] <= 6 and trial["params"]["min_samples_leaf"] in (1, 20) for trial in trials_run)

@@ -98,12 +98,16 @@ class Tabular(Task):
         if run.reused:
             return run.reused
         with run.timed("fit"):
-            data, metrics = _fit_teacher(config.sklearn.model_dump(mode="json"), prep, store, compute)
+            data, metrics, search = _fit_teacher(config.sklearn.model_dump(mode="json"), prep, store, compute)
         run.write_bytes("model/teacher.skops", data)
         from kd_core.models.tabular_teacher import teacher_info
 
         run.write_bytes("model/teacher.json", teacher_info("teacher.skops", [], "trained here"))
-        return run.finish(metrics=metrics, details={"model_folder": f"{run.folder}/model", "estimator": config.sklearn.estimator})
+        details = {"model_folder": f"{run.folder}/model", "estimator": config.sklearn.estimator}
+        if search is not None:
+            details["search"] = search
+            metrics |= {"search_trials": len(search["trials"]), "search_best_val_score": search["best_val_score"]}
+        return run.finish(metrics=metrics, details=details)
 
     # ---------------------------------------------------------------------------------- training
     def student_settings(self, student) -> dict:
@@ -249,7 +253,9 @@ class Tabular(Task):
             return (f"{metrics['rows_read']:,} rows -> {metrics['train_rows']:,} train, {metrics['val_rows']:,} val, {metrics['test_rows']:,} test{dropped}; "
                     f"{len(table['numeric'])} numeric, {len(table['categorical'])} categorical features; {what}")
         if step == "teacher" and "train_score" in metrics:
-            return f"{details.get('estimator', 'pipeline')} fitted in {metrics['fit_seconds']:.1f}s; training score {metrics['train_score']:.4f}, validation {metrics['val_score']:.4f}"
+            searched = f" (best of {metrics['search_trials']} searched: {details['search']['best_params']})" if "search" in details else ""
+            return (f"{details.get('estimator', 'pipeline')}{searched} fitted in {metrics['fit_seconds']:.1f}s; "
+                    f"training score {metrics['train_score']:.4f}, validation {metrics['val_score']:.4f}")
         if step == "cache":
             rows = sum(shard["rows"] for shard in details["shards"])
             synthetic = details.get("synthetic_rows", {}).get("rows", 0)
@@ -285,18 +291,97 @@ class Tabular(Task):
 
 
 # ---------------------------------------------------------------------------------- the teacher
-def _fit_teacher(settings: dict, prep, store, compute) -> tuple[bytes, dict]:
-    """Fit the pipeline on the training split in a Ray task (this process with `compute.backend:
-    local`); its skops bytes and metrics (fit time, training and validation score)."""
+def _fit_teacher(settings: dict, prep, store, compute) -> tuple[bytes, dict, dict | None]:
+    """Search the estimator's parameters if `search` says so, then fit the pipeline on the training
+    split in a Ray task (this process with `compute.backend: local`); its skops bytes, metrics (fit
+    time, training and validation score) and the search's record (None without one)."""
+    search = None
+    if settings["search"]:
+        search = _search_teacher(settings, prep, store, compute)
+        settings = settings | {"params": {**settings["params"], **search["best_params"]}}
     if compute.backend == "local":
-        return _fit_on_splits(settings, prep, store.config)
+        return (*_fit_on_splits(settings, prep, store.config), search)
     import ray
 
     from kd_core.train.ray_glue import ensure_ray
 
     ensure_ray(compute)
     task = ray.remote(num_cpus=settings["cpus"])(_fit_on_splits)
-    return ray.get(task.remote(settings, prep, store.config))
+    return (*ray.get(task.remote(settings, prep, store.config)), search)
+
+
+def _trial_score(params: dict, settings: dict, prep, storage) -> float:
+    """A search trial: the pipeline with `params` over `settings["params"]`, fitted on the training
+    split and scored on the validation split."""
+    return _fit_on_splits(settings | {"params": {**settings["params"], **params}}, prep, storage)[1]["val_score"]
+
+
+def _search_teacher(settings: dict, prep, store, compute) -> dict:
+    """`teacher.sklearn.search`: Optuna's TPE over the space, `search_trials` pipelines, each scored on
+    the validation split; in Ray Tune trials of `cpus` CPUs (in this process with the local backend).
+    {best_params, best_val_score, trials: [{params, val_score}]}."""
+    import tempfile
+
+    space, trials_wanted, seed = settings["search"], settings["search_trials"], settings["seed"]
+    trials = []
+    if compute.backend == "local":
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+        def objective(trial) -> float:
+            params = {name: _suggest(trial, name, dimension) for name, dimension in space.items()}
+            score = _trial_score(params, settings, prep, store.config)
+            trials.append({"params": params, "val_score": score})
+            return score
+
+        optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)).optimize(objective, n_trials=trials_wanted)
+    else:
+        from ray import tune as ray_tune
+        from ray.tune.search.optuna import OptunaSearch
+
+        from kd_core.train.ray_glue import ensure_ray
+
+        ensure_ray(compute)
+
+        def trainable(params: dict) -> None:
+            ray_tune.report({"val_score": _trial_score(params, settings, prep, store.config)})
+
+        with tempfile.TemporaryDirectory(prefix="kdflow-teacher-search-") as folder:
+            tuner = ray_tune.Tuner(
+                ray_tune.with_resources(trainable, {"cpu": settings["cpus"]}), param_space=_ray_space(space),
+                tune_config=ray_tune.TuneConfig(metric="val_score", mode="max", num_samples=trials_wanted, search_alg=OptunaSearch(seed=seed)),
+                run_config=ray_tune.RunConfig(name="teacher-search", storage_path=folder, verbose=0),
+            )
+            for result in tuner.fit():
+                if result.error is None:
+                    trials.append({"params": {name: result.config[name] for name in space}, "val_score": result.metrics["val_score"]})
+    if not trials:
+        raise RuntimeError("teacher.sklearn.search: every trial failed; see the Ray logs (KDFLOW_RAY_LOGS=1)")
+    best = max(trials, key=lambda trial: trial["val_score"])
+    return {"best_params": best["params"], "best_val_score": best["val_score"], "trials": trials}
+
+
+def _suggest(trial, name: str, dimension: dict):
+    if dimension["kind"] == "choice":
+        return trial.suggest_categorical(name, dimension["values"])
+    if dimension["kind"] == "int":
+        return trial.suggest_int(name, int(dimension["low"]), int(dimension["high"]))
+    return trial.suggest_float(name, dimension["low"], dimension["high"], log=dimension["kind"] == "loguniform")
+
+
+def _ray_space(space: dict) -> dict:
+    from ray import tune as ray_tune
+
+    def distribution(dimension: dict):
+        if dimension["kind"] == "choice":
+            return ray_tune.choice(dimension["values"])
+        if dimension["kind"] == "int":
+            return ray_tune.randint(int(dimension["low"]), int(dimension["high"]) + 1)
+        sample = ray_tune.loguniform if dimension["kind"] == "loguniform" else ray_tune.uniform
+        return sample(dimension["low"], dimension["high"])
+
+    return {name: distribution(dimension) for name, dimension in space.items()}
 
 
 def _fit_on_splits(settings: dict, prep, storage) -> tuple[bytes, dict]:
