@@ -89,6 +89,7 @@ class Tabular(Task):
         """A scikit-learn pipeline fitted on the training split in a Ray task (`teacher.sklearn`), or
         the user's `.skops` / `.onnx` file (`teacher.path`), checked by loading it and predicting a
         few training rows; the step stores the file and its `teacher.json`."""
+        from kd_core.models.tabular_teacher import teacher_info
         from kd_core.stage import StageRun
 
         if config.path:
@@ -100,8 +101,6 @@ class Tabular(Task):
         with run.timed("fit"):
             data, metrics, search = _fit_teacher(config.sklearn.model_dump(mode="json"), prep, store, compute)
         run.write_bytes("model/teacher.skops", data)
-        from kd_core.models.tabular_teacher import teacher_info
-
         run.write_bytes("model/teacher.json", teacher_info("teacher.skops", [], "trained here"))
         details = {"model_folder": f"{run.folder}/model", "estimator": config.sklearn.estimator}
         if search is not None:
@@ -148,35 +147,30 @@ class Tabular(Task):
         return {"synthetic": config.synthetic.model_dump(mode="json")}
 
     def synthetic_rows(self, config, prep, store, run) -> list:
-        """`cache.synthetic.rows` MUNGE rows around the training split, as input shards."""
+        """`cache.synthetic.rows` MUNGE rows around the training split, as input shards of prep's
+        columns (`target`: no label, −1 or NaN) in `run`'s `synthetic/`."""
         if config.synthetic.rows == 0:
             return []
         import numpy as np
 
         from kd_core.data.munge import munge
-        from kd_core.data.shards import read_columns, split_shards
+        from kd_core.data.shards import encode_arrow, read_columns, split_shards
         from kd_core.data.tabular import NO_LABEL
 
         rows = read_columns(store, split_shards(prep, "train"))
-        count, widths = len(rows["target"]), prep.details["widths"]
-        numeric = rows.get("numeric", np.zeros((count, 0), np.float32))
-        categorical = rows.get("categorical", np.zeros((count, 0), np.int32))
-        settings = config.synthetic
-        made_numeric, made_categorical = munge(
-            numeric, categorical, settings.rows, swap_probability=settings.swap_probability, spread=settings.spread, seed=settings.seed,
-        )
+        count, widths, settings = len(rows["target"]), prep.details["widths"], config.synthetic
+        made = dict(zip(("numeric", "categorical"), munge(
+            rows.get("numeric", np.zeros((count, 0), np.float32)), rows.get("categorical", np.zeros((count, 0), np.int32)), settings.rows,
+            swap_probability=settings.swap_probability, spread=settings.spread, seed=settings.seed,
+        )))
+        columns = {name: values for name, values in made.items() if widths[name]}
         classification = prep.details["table"]["kind"] == "classification"
-        columns = {"numeric": made_numeric, "categorical": made_categorical}
-        columns = {name: values for name, values in columns.items() if widths[name]}
         columns["target"] = np.full((settings.rows, 1), NO_LABEL, np.int32) if classification else np.full((settings.rows, 1), np.nan, np.float32)
-        records = []
-        per_shard = prep.config["data"]["rows_per_shard"] if "data" in prep.config else 4096
-        from kd_core.data.shards import encode_arrow
-
-        for index, start in enumerate(range(0, settings.rows, per_shard)):
-            part = {name: values[start : start + per_shard] for name, values in columns.items()}
-            records.append(run.write_bytes(f"synthetic/synthetic-{index:05d}.arrow", encode_arrow(part)))
-        return records
+        per_shard = prep.config["data"]["rows_per_shard"]
+        return [
+            run.write_bytes(f"synthetic/synthetic-{index:05d}.arrow", encode_arrow({name: values[start : start + per_shard] for name, values in columns.items()}))
+            for index, start in enumerate(range(0, settings.rows, per_shard))
+        ]
 
     def cache_layout(self, config, prep, store, teacher) -> CacheLayout:
         from kd_core.cache.format import CacheLayout
@@ -414,6 +408,7 @@ def _user_teacher(config, prep, store, force):
     types) and predicting the validation split; stored in the step with its `teacher.json`."""
     from pathlib import PurePosixPath
 
+    from kd_core.data.shards import read_columns, split_shards
     from kd_core.models.tabular_teacher import ONNX_SUFFIX, SKOPS_SUFFIX, TabularTeacherError, load_bytes, teacher_info
     from kd_core.stage import StageRun
     from kd_core.storage import content_identity, reaching, url_to_fs
@@ -432,8 +427,6 @@ def _user_teacher(config, prep, store, force):
     run = StageRun(store, "teacher", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
-    from kd_core.data.shards import read_columns, split_shards
-
     schema = prep.details["table"]
     teacher = load_bytes(data, schema, suffix, config.sklearn.trusted_types, config.path)
     val = read_columns(store, split_shards(prep, "val"))
