@@ -237,3 +237,31 @@ def test_a_teacher_search_fits_the_best_of_its_trials(tmp_path, backend, trials)
     best = max(trials_run, key=lambda trial: trial["val_score"])
     assert teacher.details["search"]["best_params"] == best["params"] and teacher.metrics["val_score"] == pytest.approx(best["val_score"])
     assert all(1 <= trial["params"]["max_depth"] <= 6 and trial["params"]["min_samples_leaf"] in (1, 20) for trial in trials_run)
+
+
+def test_parquet_tables_on_s3_are_read_and_a_changed_table_is_prepared_again(tmp_path, s3_endpoint, s3_bucket):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import s3fs
+
+    def parquet(rows: int, seed: int) -> bytes:
+        rng = np.random.default_rng(seed)
+        table = pa.table({"size": rng.normal(size=rows), "city": rng.choice(["a", "b"], size=rows), "price": rng.normal(size=rows) * 10})
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        return sink.getvalue()
+
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    s3.pipe(f"{s3_bucket}/homes/part-0.parquet", parquet(120, 0))
+    s3.pipe(f"{s3_bucket}/homes/part-1.parquet", parquet(80, 1))
+    overrides = [f"storage.s3.endpoint_url={s3_endpoint}", f"data.files=[s3://{s3_bucket}/homes/]", "data.table.target=price",
+                 "data.table.kind=regression", "data.table.numeric=[size]", "data.table.categorical=[city]"]
+    config = tabular_config(tmp_path, "unused.csv", *overrides)
+    first = run_pipeline(config, until="prep")["prep"]
+    assert first.metrics["rows_read"] == 200 and first.details["table"]["categories"]["city"] == ["<unknown>", "<missing>", "a", "b"]
+    assert first.details["table"]["kind"] == "regression" and first.details["table"]["target_std"] > 1
+    s3.pipe(f"{s3_bucket}/homes/part-1.parquet", parquet(81, 2))  # a refreshed partition
+    again = run_pipeline(config, until="prep")["prep"]
+    assert again.key != first.key and again.metrics["rows_read"] == 201
