@@ -76,10 +76,6 @@ class TableSchema:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, saved: dict) -> TableSchema:
-        return cls(**saved)
-
 
 @dataclass
 class Table:
@@ -252,10 +248,12 @@ def split_rows(labels: np.ndarray | None, rows: int, val_fraction: float, test_f
         parts["train"].append(group[n_val + n_test :])
     split = {name: rng.permutation(np.concatenate(chunks)) for name, chunks in parts.items()}
     for name in ("val", "test"):
-        if len(split[name]) == 0:  # too few rows of any class for a share: take one training row
-            if len(split["train"]) < 2:
+        if len(split[name]) == 0:  # too few rows of any class for a share: take a training row whose class keeps another
+            train = split["train"]
+            spare = [i for i, row in enumerate(train) if labels is None or (labels[train] == labels[row]).sum() > 1]
+            if not spare:
                 raise TableError(f"data: {rows} usable rows are too few for a training, validation and test split")
-            split[name], split["train"] = split["train"][:1], split["train"][1:]
+            split[name], split["train"] = train[spare[:1]], np.delete(train, spare[0])
     return split
 
 
@@ -320,6 +318,12 @@ def encode_rows(table: Table, rows: np.ndarray, schema: TableSchema) -> tuple[di
     else:
         columns["target"] = labels.astype(np.float32).reshape(-1, 1)
     return columns, counts
+
+
+def feature_arrays(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's (numeric, categorical) arrays, a kind the table lacks as a zero-width array."""
+    count = len(rows["target"])
+    return rows.get("numeric", np.zeros((count, 0), np.float32)), rows.get("categorical", np.zeros((count, 0), np.int32))
 
 
 # ------------------------------------------------------------------------------------------- prep

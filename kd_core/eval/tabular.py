@@ -26,6 +26,7 @@ import numpy as np
 
 from kd_core.data.munge import munge
 from kd_core.data.shards import read_columns, split_shards
+from kd_core.data.tabular import feature_arrays
 from kd_core.eval import synchronize
 from kd_core.eval.tabular_metrics import agreement, calibration_bins, classification_metrics, regression_metrics, rmse
 from kd_core.models import count_parameters, model_copy
@@ -106,9 +107,7 @@ def fidelity(out, teacher_out, out_synthetic, teacher_synthetic, classification:
 
 def synthetic_rows(rows: dict[str, np.ndarray], count: int = SYNTHETIC_ROWS, seed: int = 0) -> dict[str, np.ndarray]:
     """MUNGE rows around the held-out rows (no labels: `target` is a placeholder)."""
-    numeric = rows.get("numeric", np.zeros((len(rows["target"]), 0), np.float32))
-    categorical = rows.get("categorical", np.zeros((len(rows["target"]), 0), np.int32))
-    made_numeric, made_categorical = munge(numeric, categorical, count, seed=seed)
+    made_numeric, made_categorical = munge(*feature_arrays(rows), count, seed=seed)
     made = {"target": np.zeros((count, 1), rows["target"].dtype)}
     if "numeric" in rows:
         made["numeric"] = made_numeric

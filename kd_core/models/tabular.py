@@ -79,7 +79,8 @@ class TabularMLP(nn.Module):
         if len(self.embeddings):
             codes = categorical.long()
             parts += [embedding(codes[:, column].clamp(0, embedding.num_embeddings - 1)) for column, embedding in enumerate(self.embeddings)]
-        return torch.cat(parts, dim=-1)
+        dtype = self.head.weight.dtype  # a bf16 engine's (the statistics and the math above stay float32)
+        return torch.cat([part.to(dtype) for part in parts], dim=-1)
 
     def forward(self, numeric: torch.Tensor | None = None, categorical: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C) class logits, or (B, 1) the standardised target."""
@@ -96,7 +97,7 @@ class TabularMLP(nn.Module):
 
     def save_folder(self, folder: Path) -> Path:
         """`model.safetensors`, `config.json` and `model.onnx` into `folder` (a model that saves
-        itself whole: no tokenizer; `kd_core.train.loop.save_outputs`)."""
+        itself whole: no tokenizer; `Task.save_model`)."""
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ def export_onnx(model: TabularMLP, path: Path) -> Path:
         warnings.simplefilter("ignore")
         exporter_log.setLevel(logging.ERROR)  # it notes every torchvision operator it cannot register
         torch.onnx.export(
-            predictor, example_inputs(model.cpu()), str(path), input_names=["numeric", "categorical"], output_names=["prediction"],
+            predictor, example_inputs(model), str(path), input_names=["numeric", "categorical"], output_names=["prediction"],
             dynamic_shapes=({0: rows}, {0: rows}), dynamo=True, verbose=False, optimize=True,
         )
     exporter_log.setLevel(level)
@@ -166,7 +167,3 @@ def load_tabular_mlp(folder: Path | str) -> TabularMLP:
     model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
     return model.eval()
 
-
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the weights and buffers as saved (float32)."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())

@@ -4,10 +4,12 @@
   (a missing value is a category of its own, an unseen one all zeros), then the estimator. It is
   fitted on the training split's rows, its classes the data's class names, and saved with skops
   (`skops.io`, which stores an object's state, never executable pickle code).
-- A user's own (`teacher.path`): a `.skops` file, loaded only if every type it holds is
-  scikit-learn's, NumPy's or SciPy's or listed in `teacher.sklearn.trusted_types` (skops' trusted
-  types check: it names the others and loads nothing); or an `.onnx` model, run by ONNX Runtime. A
-  pickle or joblib file is refused.
+- A user's own (`teacher.path`): a `.skops` file, loaded only if every type it holds is one skops
+  trusts by default, one of `TRUSTED_TYPES` (the data structures scikit-learn's fitted estimators
+  hold, by exact name) or listed in `teacher.sklearn.trusted_types` (skops' trusted-types check: it
+  names the others and loads nothing; a type is trusted by its exact name only, never by its
+  package, since a file may name any function of a package for skops to call); or an `.onnx`
+  model, run by ONNX Runtime. A pickle or joblib file is refused.
 
 Every teacher reads rows as prep wrote them (`kd_core.data.tabular`): `numeric` (n, F_num) and
 `categorical` (n, F_cat) codes, turned back into a table of the configured column names
@@ -34,8 +36,13 @@ from kd_core.errors import InputError
 
 SKOPS_SUFFIX = ".skops"
 ONNX_SUFFIX = ".onnx"
-TRUSTED_MODULES = ("sklearn.", "numpy.", "scipy.")
-"""Roots of the types a `.skops` teacher may hold without being listed in `trusted_types`."""
+TRUSTED_TYPES = frozenset({
+    "numpy.dtype", "sklearn.tree._tree.Tree", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.neighbors._kd_tree.KDTree", "sklearn.neighbors._ball_tree.BallTree", "sklearn.metrics._dist_metrics.EuclideanDistance64",
+})
+"""Types beyond skops' defaults a `.skops` teacher may hold without being listed in `trusted_types`:
+the data structures scikit-learn's fitted trees, boosting, and neighbour models hold (classes
+built from arrays, not functions)."""
 ESTIMATORS = {
     # name: (module, classifier, regressor, keyword of its seed, keyword of its thread count)
     "hist_gradient_boosting": ("sklearn.ensemble", "HistGradientBoostingClassifier", "HistGradientBoostingRegressor", "random_state", None),
@@ -123,10 +130,18 @@ def fit_pipeline(settings: dict, schema: dict, numeric, categorical, target: np.
 class TabularTeacher:
     """A loaded teacher: `predict(numeric, categorical)` -> (n, C) probabilities or (n, 1) predictions."""
 
-    def __init__(self, model, kind: str, schema: dict, file_bytes: int):
-        self.model, self.kind, self.schema, self.file_bytes = model, kind, schema, file_bytes
+    def __init__(self, model, kind: str, schema: dict, file_bytes: int, onnx_labels: list[str] | None = None):
+        self.model, self.kind, self.schema, self.file_bytes, self.onnx_labels = model, kind, schema, file_bytes, onnx_labels
         self.classification = schema["kind"] == "classification"
         self._columns = self._class_columns() if kind == "skops" and self.classification else None
+
+    def _check_labels(self, labels: list[str], what: str) -> None:
+        """The teacher's class labels are the data's, each once."""
+        if sorted(labels) != sorted(self.schema["classes"]):
+            raise TabularTeacherError(
+                f"teacher.path: {what} {labels} are not the data's classes {self.schema['classes']}; check data.table.target "
+                "(a class label is compared as text)"
+            )
 
     def _class_columns(self) -> np.ndarray:
         """Where each of the data's classes is among the estimator's `classes_`."""
@@ -143,14 +158,39 @@ class TabularTeacher:
         return np.array([known.index(label) for label in self.schema["classes"]])
 
     def predict(self, numeric: np.ndarray | None, categorical: np.ndarray | None) -> np.ndarray:
-        if self.kind == "onnx":
-            return self._predict_onnx(numeric, categorical)
-        frame = teacher_frame(numeric, categorical, self.schema)
-        if self.classification:
-            if not hasattr(self.model, "predict_proba"):
-                raise TabularTeacherError("teacher.path: the classifier has no predict_proba; distillation needs the teacher's class probabilities")
-            return np.asarray(self.model.predict_proba(frame), dtype=np.float64)[:, self._columns]
-        return np.asarray(self.model.predict(frame), dtype=np.float64).reshape(-1, 1)
+        """(n, C) class probabilities in the data's class order, or (n, 1) predictions; checked:
+        finite, and probabilities in [0, 1] summing to 1 per row."""
+        if self.classification and self.kind == "skops" and not hasattr(self.model, "predict_proba"):
+            raise TabularTeacherError("teacher.path: the classifier has no predict_proba; distillation needs the teacher's class probabilities")
+        try:
+            if self.kind == "onnx":
+                out = self._predict_onnx(numeric, categorical)
+            else:
+                frame = teacher_frame(numeric, categorical, self.schema)
+                if self.classification:
+                    out = np.asarray(self.model.predict_proba(frame), dtype=np.float64)[:, self._columns]
+                else:
+                    out = np.asarray(self.model.predict(frame), dtype=np.float64).reshape(-1, 1)
+        except TabularTeacherError:
+            raise
+        except Exception as err:  # the user's pipeline's own error, whatever its type
+            columns = ", ".join([*self.schema["numeric"], *self.schema["categorical"]])
+            raise TabularTeacherError(
+                f"teacher: it could not predict ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it receives the "
+                f"columns {columns} (numbers as float64, categories as text, a missing one as None, an unseen one as <unknown>)"
+            ) from None
+        return self._checked(out)
+
+    def _checked(self, out: np.ndarray) -> np.ndarray:
+        bad = ~np.isfinite(out).all(1)
+        if self.classification and not bad.any():
+            bad = (out < -1e-6).any(1) | (out > 1 + 1e-6).any(1) | (np.abs(out.sum(1) - 1) > 1e-3)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            what = "class probabilities (each in [0, 1], summing to 1)" if self.classification else "finite predictions"
+            raise TabularTeacherError(f"teacher: its output for row {row} is {np.round(out[row], 6).tolist()}, not {what}; "
+                                      "a classifier must give its predict_proba (an ONNX model: its probability output)")
+        return np.clip(out, 0.0, 1.0) if self.classification else out
 
     def _predict_onnx(self, numeric, categorical) -> np.ndarray:
         session, rows = self.model, len(numeric if numeric is not None else categorical)
@@ -172,35 +212,63 @@ class TabularTeacher:
         outputs = session.run(None, feed)
         if not self.classification:
             return np.asarray(outputs[0], dtype=np.float64).reshape(rows, 1)
+        classes = self.schema["classes"]
         for output in outputs:
             if isinstance(output, list) and output and isinstance(output[0], dict):  # ONNX-ML ZipMap: one {class: p} per row
-                keys = sorted(output[0], key=lambda key: self.schema["classes"].index(str(key)) if str(key) in self.schema["classes"] else -1)
-                return np.array([[row[key] for key in keys] for row in output], dtype=np.float64)
+                keys = {str(key): key for key in output[0]}
+                self._check_labels(list(keys), "its ZipMap's keys")
+                return np.array([[row[keys[label]] for label in classes] for row in output], dtype=np.float64)
             values = np.asarray(output)
-            if values.ndim == 2 and values.shape[1] == len(self.schema["classes"]) and values.dtype.kind == "f":
-                return values.astype(np.float64)
+            if values.ndim == 2 and values.shape[1] == len(classes) and values.dtype.kind == "f":
+                labels = self.onnx_labels
+                if labels is None:  # no labels in the graph (e.g. a network's softmax): columns in the data's class order
+                    return values.astype(np.float64)
+                self._check_labels(labels, "its classifier's class labels")
+                return values.astype(np.float64)[:, [labels.index(label) for label in classes]]
         raise TabularTeacherError(
             f"teacher.path: no output of the ONNX model holds {len(self.schema['classes'])} class probabilities per row; "
             "export the classifier with its probabilities (skl2onnx: options={'zipmap': False})"
         )
 
 
+def onnx_class_labels(data: bytes) -> list[str] | None:
+    """The class labels an ONNX-ML classifier node of the model names (`classlabels_strings` or
+    `classlabels_int64s`), as text, in its probability columns' order; None when none does."""
+    import onnx
+
+    for node in onnx.load_model_from_string(data).graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "classlabels_strings" and attribute.strings:
+                return [value.decode() for value in attribute.strings]
+            if attribute.name == "classlabels_int64s" and attribute.ints:
+                return [str(value) for value in attribute.ints]
+    return None
+
+
 def trusted_check(data: bytes, trusted_types: list[str], where: str) -> list[str]:
-    """The types of a skops file that may be loaded: scikit-learn's, NumPy's, SciPy's and the
-    `trusted_types` listed; any other stops the load, named (nothing is loaded)."""
+    """The types of a skops file beyond skops' defaults, all of them in `TRUSTED_TYPES` or the
+    `trusted_types` listed (exact names); any other stops the load, named (nothing is loaded)."""
     import skops.io
 
     try:
         untrusted = skops.io.get_untrusted_types(data=data)
     except Exception as err:  # a corrupt or foreign file: skops' own errors vary by version
         raise TabularTeacherError(f"teacher.path: {where} is not a readable skops file ({err})") from None
-    refused = [name for name in untrusted if not name.startswith(TRUSTED_MODULES) and name not in trusted_types]
+    refused = [name for name in untrusted if name not in TRUSTED_TYPES and name not in trusted_types]
     if refused:
         raise TabularTeacherError(
             f"teacher.path: {where} holds types kdflow does not trust: {', '.join(refused)}; review them and, if you trust "
             "them, list them in teacher.sklearn.trusted_types (nothing was loaded)"
         )
     return untrusted
+
+
+def teacher_file_problem(path: str) -> str | None:
+    """Why `teacher.path` cannot name a tabular teacher (it is neither `.skops` nor `.onnx`), or None."""
+    if path.endswith((SKOPS_SUFFIX, ONNX_SUFFIX)):
+        return None
+    return (f"teacher.path: {path} is neither a .skops nor an .onnx file; save a scikit-learn pipeline with skops.io.dump "
+            "(kdflow never loads pickle or joblib files) or convert it to ONNX")
 
 
 def load_tabular_teacher(path: Path | str, schema: dict, trusted_types: list[str] = ()) -> TabularTeacher:
@@ -227,11 +295,8 @@ def load_bytes(data: bytes, schema: dict, suffix: str = SKOPS_SUFFIX, trusted_ty
             session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types
             raise TabularTeacherError(f"teacher.path: {where} is not a loadable ONNX model ({err})") from None
-        return TabularTeacher(session, "onnx", schema, len(data))
-    raise TabularTeacherError(
-        f"teacher.path: {where} is neither a .skops nor an .onnx file; save a scikit-learn pipeline with skops.io.dump "
-        "(kdflow never loads pickle or joblib files) or convert it to ONNX"
-    )
+        return TabularTeacher(session, "onnx", schema, len(data), onnx_class_labels(data))
+    raise TabularTeacherError(teacher_file_problem(where) or f"teacher.path: {where}: unknown teacher file type {suffix!r}")
 
 TEACHER_INFO = "teacher.json"
 """Beside a teacher step's file: which file it is and the types its owner trusts it to hold."""

@@ -69,7 +69,7 @@ def cache(
     split = prep.details["splits"]["train"]
     cache_bytes = sum(record.bytes for record in run.outputs.values())
     details = {
-        "format": config.format,
+        "format": layout.format,
         "layout": layout.to_dict(),
         "shards": [
             {"name": run.name_of(output), "split": split, "rows": rows_of[output], "tokens": rows_of[output] * layout.seq_len, "source": token.path}

@@ -46,19 +46,20 @@ def teacher(
 ) -> Manifest:
     """`checkpointing` gives the checkpoint settings of a teacher kdflow trains (`checkpoint_every`,
     `keep_checkpoints`, `resume`: the job's `distill` section; none of them is part of the key)."""
-    own = task_of(prep).teacher_step(config, prep, store, compute, force)
+    task = task_of(prep)
+    own = task.teacher_step(config, prep, store, compute, force)
     if own is not None:  # the task's own kind of teacher (tabular: a scikit-learn pipeline)
         return own
     if config.path and not config.finetune:
         return _use_existing(config.path, prep, store, force)
     if config.path:
         return _finetune_existing(config, prep, store, compute, checkpointing, force)
-    section = config.model_dump(mode="json", exclude={"path", "finetune", "sklearn"})
+    section = task.teacher_settings(config)
     run = StageRun(store, "teacher", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
     spec = TrainSpec.from_prep(
-        prep, store, run.folder, config.architecture, config.train, task=task_of(prep), role="teacher",
+        prep, store, run.folder, config.architecture, config.train, task=task, role="teacher",
         checkpoint_every=checkpointing.checkpoint_every, keep_checkpoints=checkpointing.keep_checkpoints,
     )
     return fit_stage(run, spec, compute, "teacher: train", fresh=force or checkpointing.resume == "never")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     import torch
     from rich.table import Table
@@ -95,6 +97,12 @@ class Task:
         model folder used as it is, or trained through the training loop)."""
         return None
 
+    def teacher_settings(self, config: TeacherConfig) -> dict[str, Any]:
+        """What the key of a teacher the stage trains through the training loop covers: the
+        architecture and its training (not `path`, `finetune`, or the scikit-learn section only a
+        tabular task reads)."""
+        return config.model_dump(mode="json", exclude={"path", "finetune", "sklearn"})
+
     # ---------------------------------------------------------------------------------- training
     def objective(self, distill: DistillConfig):
         """The task's objective section of `distill` (the student learns with it)."""
@@ -125,6 +133,13 @@ class Task:
         """The trained module: the model and its objective; `forward(batch, targets)` returns the
         loss terms (`loss` carries the gradient)."""
         raise NotImplementedError
+
+    def save_model(self, model: torch.nn.Module, store: Store, spec: TrainSpec, folder: Path) -> None:
+        """Write a trained model into the local `folder`: by default a Hugging Face directory,
+        the safetensors weights and the role's tokenizer (`spec.tokenizer_folder`)."""
+        from kd_core.models import local_copy, save_model_dir
+
+        save_model_dir(model, local_copy(store, spec.tokenizer_folder), folder)
 
     def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Text tokens a role's model reads in a batch (for tokens/s)."""

@@ -60,11 +60,10 @@ class Tabular(Task):
             raise ValueError("distill.teacher_source: a tabular teacher's predictions are cached once, with its synthetic rows; set it to cache")
         if job.teacher.finetune:
             raise ValueError("teacher.finetune: a tabular teacher is trained here (teacher.sklearn) or used as it is (teacher.path); set finetune: false")
-        if job.teacher.path is not None and not job.teacher.path.endswith((".skops", ".onnx")):
-            raise ValueError(
-                f"teacher.path: {job.teacher.path} is neither a .skops nor an .onnx file; save a scikit-learn pipeline with "
-                "skops.io.dump (kdflow never loads pickle or joblib files) or convert it to ONNX"
-            )
+        from kd_core.models.tabular_teacher import teacher_file_problem
+
+        if job.teacher.path is not None and teacher_file_problem(job.teacher.path):
+            raise ValueError(teacher_file_problem(job.teacher.path))
         if job.student.init != "config":
             raise ValueError("student.init: a tabular student is an MLP built from student.mlp; set init: config")
 
@@ -86,15 +85,21 @@ class Tabular(Task):
 
     # ----------------------------------------------------------------------------------- teacher
     def teacher_step(self, config, prep, store, compute, force):
-        """A scikit-learn pipeline fitted on the training split in a Ray task (`teacher.sklearn`), or
-        the user's `.skops` / `.onnx` file (`teacher.path`), checked by loading it and predicting a
-        few training rows; the step stores the file and its `teacher.json`."""
+        """A scikit-learn pipeline fitted on the training split in a Ray task (`teacher.sklearn`, after
+        its search if it has one), or the user's `.skops` / `.onnx` file (`teacher.path`), checked by
+        loading it and predicting the validation split; the step stores the file and its `teacher.json`.
+        A search's trials depend on how they run (concurrent Ray Tune trials, or one after another in
+        this process), so its key says which; a fit without one is the same wherever it runs."""
         from kd_core.models.tabular_teacher import teacher_info
         from kd_core.stage import StageRun
 
         if config.path:
             return _user_teacher(config, prep, store, force)
         settings = config.sklearn.model_dump(mode="json", exclude={"cpus", "trusted_types"})
+        if not settings["search"]:
+            del settings["search"], settings["search_trials"]
+        else:
+            settings["search_runs_on"] = "ray" if compute.backend == "ray" else "this process"
         run = StageRun(store, "teacher", {"sklearn": settings}, inputs={"prep": prep}, force=force)
         if run.reused:
             return run.reused
@@ -131,6 +136,10 @@ class Tabular(Task):
 
         return TabularStep(model, spec.objective)
 
+    def save_model(self, model, store, spec, folder) -> None:
+        """The MLP saves itself whole (safetensors, config.json with the table's schema, ONNX): no tokenizer."""
+        model.save_folder(folder)
+
     def batch_tokens(self, batch) -> int:
         return int(batch["target"].shape[0])  # rows: a tabular model reads one row at a time
 
@@ -140,9 +149,6 @@ class Tabular(Task):
         return validation_fit(model, rows, batch_size, device)
 
     # ------------------------------------------------------------------------ teacher outputs
-    def cache_splits(self) -> tuple[str, ...]:
-        return ("train", "val")
-
     def cache_settings(self, config) -> dict:
         return {"synthetic": config.synthetic.model_dump(mode="json")}
 
@@ -155,13 +161,12 @@ class Tabular(Task):
 
         from kd_core.data.munge import munge
         from kd_core.data.shards import encode_arrow, read_columns, split_shards
-        from kd_core.data.tabular import NO_LABEL
+        from kd_core.data.tabular import NO_LABEL, feature_arrays
 
         rows = read_columns(store, split_shards(prep, "train"))
-        count, widths, settings = len(rows["target"]), prep.details["widths"], config.synthetic
+        widths, settings = prep.details["widths"], config.synthetic
         made = dict(zip(("numeric", "categorical"), munge(
-            rows.get("numeric", np.zeros((count, 0), np.float32)), rows.get("categorical", np.zeros((count, 0), np.int32)), settings.rows,
-            swap_probability=settings.swap_probability, spread=settings.spread, seed=settings.seed,
+            *feature_arrays(rows), settings.rows, swap_probability=settings.swap_probability, spread=settings.spread, seed=settings.seed,
         )))
         columns = {name: values for name, values in made.items() if widths[name]}
         classification = prep.details["table"]["kind"] == "classification"
@@ -409,24 +414,21 @@ def _user_teacher(config, prep, store, force):
     from pathlib import PurePosixPath
 
     from kd_core.data.shards import read_columns, split_shards
-    from kd_core.models.tabular_teacher import ONNX_SUFFIX, SKOPS_SUFFIX, TabularTeacherError, load_bytes, teacher_info
+    from kd_core.models.tabular_teacher import load_bytes, teacher_info
     from kd_core.stage import StageRun
     from kd_core.storage import content_identity, reaching, url_to_fs
 
     suffix = PurePosixPath(config.path).suffix
-    if suffix not in (SKOPS_SUFFIX, ONNX_SUFFIX):
-        raise TabularTeacherError(
-            f"teacher.path: {config.path} is neither a .skops nor an .onnx file; save a scikit-learn pipeline with skops.io.dump "
-            "(kdflow never loads pickle or joblib files) or convert it to ONNX"
-        )
     fs, path = url_to_fs(config.path, store.config)
     with reaching(config.path, "teacher.path"):
         identity = content_identity(fs, path)
-        data = fs.cat_file(path)
-    section = {"path": config.path, "identity": identity, "trusted_types": sorted(config.sklearn.trusted_types)}
+    # the file's content, not where it lies: a teacher copied elsewhere is the same step
+    section = {"kind": suffix[1:], "identity": identity, "trusted_types": sorted(config.sklearn.trusted_types)}
     run = StageRun(store, "teacher", section, inputs={"prep": prep}, force=force)
     if run.reused:
         return run.reused
+    with reaching(config.path, "teacher.path"):
+        data = fs.cat_file(path)
     schema = prep.details["table"]
     teacher = load_bytes(data, schema, suffix, config.sklearn.trusted_types, config.path)
     val = read_columns(store, split_shards(prep, "val"))

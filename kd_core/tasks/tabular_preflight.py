@@ -45,12 +45,13 @@ def _table_row(job) -> tuple[str, str, str]:
 
 
 def _teacher_row(job) -> tuple[str, str, str]:
-    from kd_core.models.tabular_teacher import ESTIMATORS, TabularTeacherError, trusted_check
+    from kd_core.config import SKLEARN_DATASETS
+    from kd_core.models.tabular_teacher import ESTIMATORS, TabularTeacherError, teacher_file_problem, trusted_check
 
     teacher = job.teacher
     if teacher.path is None:
         estimator = teacher.sklearn.estimator
-        kind = job.data.table.kind or ("regression" if job.data.table.dataset == "diabetes" else "classification")
+        kind = job.data.table.kind or SKLEARN_DATASETS.get(job.data.table.dataset, "classification")
         _, classifier, regressor, _, _ = ESTIMATORS[estimator]
         if (classifier if kind == "classification" else regressor) is None:
             return "teacher", "fail", f"teacher.sklearn.estimator: {estimator} has no {kind} model; choose another estimator"
@@ -60,8 +61,8 @@ def _teacher_row(job) -> tuple[str, str, str]:
     from kd_core.storage import reaching, url_to_fs
 
     suffix = PurePosixPath(teacher.path).suffix
-    if suffix not in (".skops", ".onnx"):
-        return "teacher", "fail", f"teacher.path: {teacher.path} is neither a .skops nor an .onnx file (kdflow never loads pickle or joblib files)"
+    if teacher_file_problem(teacher.path):
+        return "teacher", "fail", teacher_file_problem(teacher.path)
     try:
         fs, path = url_to_fs(teacher.path, job.storage)
         with reaching(teacher.path, "teacher.path"):
@@ -76,7 +77,8 @@ def _teacher_row(job) -> tuple[str, str, str]:
         return "teacher", "fail", str(err)
     except Exception as err:  # a store's or ONNX Runtime's own error: one line
         return "teacher", "fail", f"teacher.path: {teacher.path}: {str(err).splitlines()[0]}"
-    return "teacher", "pass", f"{teacher.path} ({len(data) / 1e6:.2f} MB) loads{' (every type trusted)' if suffix == '.skops' else ''}"
+    checked = "every type it holds is trusted (not loaded here)" if suffix == ".skops" else "ONNX Runtime loads it"
+    return "teacher", "pass", f"{teacher.path} ({len(data) / 1e6:.2f} MB): {checked}"
 
 
 def _objective_row(job) -> tuple[str, str, str]:

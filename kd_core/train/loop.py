@@ -48,7 +48,7 @@ from kd_core.data.shards import read_columns
 from kd_core.data.stream import TrackedBatches, TrainingStream, as_served
 from kd_core.errors import TrainingDiverged
 from kd_core.manifest import HISTORY_NAME, ManifestError
-from kd_core.models import count_parameters, local_copy, save_model_dir, temporary_dir
+from kd_core.models import count_parameters, temporary_dir
 from kd_core.progress import say
 from kd_core.storage import FileRecord, Store
 from kd_core.train.checkpoints import (
@@ -421,13 +421,10 @@ def _per_teacher(terms: dict[str, float], micro_batches: int) -> dict[str, float
 
 
 def save_outputs(store: Store, spec: TrainSpec, model, history: list[dict], deepspeed_json: dict | None = None) -> list[FileRecord]:
-    """The model directory (safetensors + tokenizer, or what a model that saves itself writes), the loss history and, for a DeepSpeed run,
-    the DeepSpeed config it ran with; each written atomically."""
+    """The model directory (`Task.save_model`: safetensors and the tokenizer), the loss history and,
+    for a DeepSpeed run, the DeepSpeed config it ran with; each written atomically."""
     with temporary_dir("model-") as folder:
-        if hasattr(model, "save_folder"):  # a model holding its own preprocessing (a tabular MLP): no tokenizer
-            model.save_folder(Path(folder))
-        else:
-            save_model_dir(model, local_copy(store, spec.tokenizer_folder), Path(folder))
+        spec.task.save_model(model, store, spec, Path(folder))
         records = store.upload_dir(folder, f"{spec.output_folder}/model")
     history_text = "".join(json.dumps(record) + "\n" for record in history)
     records.append(store.write_bytes(f"{spec.output_folder}/{HISTORY_NAME}", history_text.encode()))
