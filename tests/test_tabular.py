@@ -90,14 +90,19 @@ def test_bad_tables_stop_before_any_step_naming_the_file_row_and_column(tmp_path
     from kd_core.data.tabular import TableError
 
     csv = write_table(tmp_path / "rows.csv", bad_cell="twelve")
-    with pytest.raises(TableError, match=r"rows.csv row 6: column 'x1' holds a value that is not a finite number.*bad_rows: drop"):
+    with pytest.raises(TableError, match=r"rows.csv line 6: column 'x1' holds a value that is not a finite number \('twelve'\).*bad_rows: drop"):
         run_pipeline(tabular_config(tmp_path, csv), until="prep")
     dropped = run_pipeline(tabular_config(tmp_path, csv, "data.table.bad_rows=drop"), until="prep")["prep"]
     assert dropped.metrics["rows_dropped"] == 1 and dropped.metrics["rows_read"] == 400
     with pytest.raises(TableError, match=r"no column 'size' in the table; it has x1, x2, colour, label"):
         run_pipeline(tabular_config(tmp_path, csv, "data.table.numeric=[x1, size]"), until="prep")
+    ok = write_table(tmp_path / "ok.csv")
     with pytest.raises(TableError, match=r"column 'x2' is missing.*data.table.missing: impute"):
-        run_pipeline(tabular_config(tmp_path, write_table(tmp_path / "ok.csv"), "data.table.missing=error"), until="prep")
+        run_pipeline(tabular_config(tmp_path, ok, "data.table.missing=error"), until="prep")
+    with pytest.raises(TableError, match=r"column 'colour' is mostly not numbers .* list it under data.table.categorical"):
+        run_pipeline(tabular_config(tmp_path, ok, "data.table.numeric=[x1, colour]", "data.table.categorical=[]"), until="prep")
+    with pytest.raises(TableError, match=r"column 'label' is mostly not numbers .* the target: set data.table.kind: classification"):
+        run_pipeline(tabular_config(tmp_path, ok, "data.table.kind=regression"), until="prep")
 
 
 def test_unseen_categories_read_as_unknown_and_classes_sort_numerically(tmp_path):
@@ -287,3 +292,28 @@ def test_the_mlp_runs_in_bfloat16_as_a_bf16_engine_casts_it():
     model = TabularMLP(schema, {"hidden_size": 8, "num_layers": 1, "norm": "layer", "activation": "relu", "embedding_dim": None}).bfloat16()
     probabilities = model.predict(torch.tensor([[0.5], [float("nan")]]), torch.tensor([[2], [0]]))
     assert probabilities.dtype == torch.float32 and torch.allclose(probabilities.sum(1), torch.ones(2), atol=1e-3)
+
+
+def test_the_deep_preflight_runs_a_users_teacher_on_rows_and_checks_its_params(tmp_path):
+    import pandas as pd
+    import skops.io
+    from sklearn.ensemble import RandomForestClassifier
+
+    from kd_core.preflight import cheap_checks, deep_checks
+
+    csv = write_table(tmp_path / "rows.csv")
+    frame = pd.read_csv(csv)
+    good = RandomForestClassifier(n_estimators=5, random_state=0).fit(frame[["x1"]], frame["label"])
+    skops.io.dump(good, tmp_path / "good.skops")
+    numbered = RandomForestClassifier(n_estimators=5, random_state=0).fit(frame[["x1"]], (frame["label"] == "yes").astype(int))
+    skops.io.dump(numbered, tmp_path / "numbered.skops")
+    one_column = ["data.table.numeric=[x1]", "data.table.categorical=[]"]
+    rows = {r.name: r for r in deep_checks(tabular_config(tmp_path, csv, f"teacher.path={tmp_path / 'good.skops'}", *one_column), records=8)}
+    assert rows["teacher predictions"].status == "pass" and "class probabilities of shape (8, 2)" in rows["teacher predictions"].message
+    assert rows["table rows"].status == "pass" and "400 rows read" in rows["table rows"].message
+    rows = {r.name: r for r in deep_checks(tabular_config(tmp_path, csv, f"teacher.path={tmp_path / 'numbered.skops'}", *one_column), records=8)}
+    assert rows["teacher predictions"].status == "fail" and "classes ['0', '1'] are not the data's ['no', 'yes']" in rows["teacher predictions"].message
+    rows = {r.name: r for r in cheap_checks(tabular_config(tmp_path, csv, "teacher.sklearn.params={n_estimator: 10}"))}
+    assert rows["teacher"].status == "fail" and "teacher.sklearn.params: RandomForestClassifier refuses them" in rows["teacher"].message
+    rows = {r.name: r for r in cheap_checks(tabular_config(tmp_path, csv, "teacher.sklearn.params={n_estimators: -5}"))}
+    assert rows["teacher"].status == "fail" and "n_estimators" in rows["teacher"].message

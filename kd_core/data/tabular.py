@@ -86,6 +86,8 @@ class Table:
     origins: list[str]
     sources: int = 1
     dropped: dict[str, int] = field(default_factory=dict)
+    texts: dict[str, list] = field(default_factory=dict)
+    """The cells as read, of numeric columns read from text (to quote a cell that is not a number)."""
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -117,7 +119,9 @@ def read_table(data: DataConfig, source: FileSource | None) -> tuple[Table, str,
         for file in source.files:
             table = _read_file(file)
             pieces.append(table)
-            origins += [f"{file.url} row {row + (2 if file.path.endswith(('.csv', '.csv.gz', '.csv.bz2', '.csv.xz')) else 1)}" for row in range(table.num_rows)]
+            csv_file = ".csv" in file.path.rsplit("/", 1)[-1]
+            # a CSV's line number (its header is line 1), a Parquet file's row number (from 1)
+            origins += [f"{file.url} line {row + 2}" if csv_file else f"{file.url} row {row + 1}" for row in range(table.num_rows)]
             bar.advance()
     available = list(pieces[0].column_names)
     for file, piece in zip(source.files, pieces):
@@ -125,12 +129,18 @@ def read_table(data: DataConfig, source: FileSource | None) -> tuple[Table, str,
         if absent:
             raise TableError(f"data.files: {file.url} lacks column(s) {', '.join(map(repr, absent))} that {source.files[0].url} has")
     kind, numeric, categorical = resolved_columns(data, available)
-    columns = {}
+    columns, texts = {}, {}
     for name in [data.table.target, *numeric, *categorical]:
         chunks = pa.chunked_array([piece.column(name).combine_chunks() for piece in pieces])
         as_number = name in numeric or (name == data.table.target and kind == "regression")
         columns[name] = _numbers(chunks) if as_number else _texts(chunks)
-    return Table(columns, origins, sources=len(pieces)), kind, numeric, categorical
+        if as_number and not _is_number_type(chunks.type):
+            texts[name] = pc.cast(chunks, pa.string()).to_pylist()
+    return Table(columns, origins, sources=len(pieces), texts=texts), kind, numeric, categorical
+
+
+def _is_number_type(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
 
 
 def _read_file(file) -> pa.Table:
@@ -152,7 +162,7 @@ def _read_file(file) -> pa.Table:
 
 def _numbers(values: pa.ChunkedArray) -> np.ndarray:
     """float64 with NaN for missing; a cell that is not a number becomes +inf here (flagged bad later)."""
-    if pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_boolean(values.type):
+    if _is_number_type(values.type):
         numbers = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
         return np.where(np.isfinite(numbers) | np.isnan(numbers), numbers, np.inf)
     texts = pc.cast(values, pa.string()).to_pylist()
@@ -215,15 +225,26 @@ def drop_bad_rows(table: Table, data: DataConfig, kind: str, numeric: list[str])
     for name, flagged, problem, fix in checks:
         if not flagged.any():
             continue
+        row = int(np.flatnonzero(flagged)[0])
+        if problem.endswith("not a finite number") and flagged.mean() > 0.5:  # a text column named as a number
+            role = "the target: set data.table.kind: classification" if name == settings.target else "list it under data.table.categorical"
+            raise TableError(
+                f"data: column {name!r} is mostly not numbers ({int(flagged.sum()):,} of {len(flagged):,} cells, e.g. "
+                f"{table.texts.get(name, ['?'] * (row + 1))[row]!r} at {table.origins[row]}); if it holds categories, it is {role}"
+            )
         if settings.bad_rows == "error" or (problem == "is missing"):
-            row = int(np.flatnonzero(flagged)[0])
             more = f" ({int(flagged.sum()) - 1} more rows like it)" if flagged.sum() > 1 else ""
             advice = fix if problem == "is missing" else f"{fix}, or set data.table.bad_rows: drop"
-            raise TableError(f"data: {table.origins[row]}: column {name!r} {problem}{more}; {advice}")
+            cell = f" ({table.texts[name][row]!r})" if name in table.texts and problem.endswith("not a finite number") else ""
+            raise TableError(f"data: {table.origins[row]}: column {name!r} {problem}{cell}{more}; {advice}")
         causes[f"{name}: {problem}"] = int((flagged & ~bad).sum())
         bad |= flagged
     keep = ~bad
-    return Table({name: values[keep] for name, values in table.columns.items()}, [o for o, k in zip(table.origins, keep) if k], table.sources, causes)
+    kept = [origin for origin, kept in zip(table.origins, keep) if kept]
+    if len(kept) < 3:
+        raise TableError(f"data: {len(kept)} of {len(keep):,} rows are usable ({'; '.join(f'{k}: {v:,}' for k, v in causes.items())}); "
+                         "check data.table's columns and kinds")
+    return Table({name: values[keep] for name, values in table.columns.items()}, kept, table.sources, causes)
 
 
 def _missing(values: np.ndarray) -> np.ndarray:

@@ -118,20 +118,32 @@ def fit_pipeline(settings: dict, schema: dict, numeric, categorical, target: np.
     labels = np.asarray(schema["classes"], dtype=object)[target.reshape(-1)] if schema["kind"] == "classification" else target.reshape(-1)
     frame = teacher_frame(numeric, categorical, schema)
     started = time.perf_counter()
-    try:
-        pipeline.fit(frame, labels)
-    except ValueError as err:
-        raise TabularTeacherError(f"teacher.sklearn: {settings['estimator']} could not be fitted on the training split ({err})") from None
-    metrics = {"fit_seconds": time.perf_counter() - started, "train_score": float(pipeline.score(frame, labels)), "train_rows": int(len(labels))}
+    with cpu_threads(settings["cpus"]):
+        try:
+            pipeline.fit(frame, labels)
+        except ValueError as err:
+            raise TabularTeacherError(f"teacher.sklearn: {settings['estimator']} could not be fitted on the training split ({err})") from None
+        metrics = {"fit_seconds": time.perf_counter() - started, "train_score": float(pipeline.score(frame, labels)), "train_rows": int(len(labels))}
     return skops.io.dumps(pipeline), metrics
+
+
+def cpu_threads(count: int):
+    """At most `count` threads in every native thread pool (OpenMP, BLAS) inside the block. Torch
+    loads an OpenMP runtime of its own beside scikit-learn's: unlimited, the two oversubscribe the
+    cores and a gradient-boosting fit runs 100× slower on a busy machine."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=count)
 
 
 # -------------------------------------------------------------------------------------- loading
 class TabularTeacher:
     """A loaded teacher: `predict(numeric, categorical)` -> (n, C) probabilities or (n, 1) predictions."""
 
-    def __init__(self, model, kind: str, schema: dict, file_bytes: int, onnx_labels: list[str] | None = None):
+    def __init__(self, model, kind: str, schema: dict, file_bytes: int, onnx_labels: list[str] | None = None, threads: int = 1):
         self.model, self.kind, self.schema, self.file_bytes, self.onnx_labels = model, kind, schema, file_bytes, onnx_labels
+        self.threads = threads
+        """Native threads it predicts with (`cpu_threads`): a trained teacher's `teacher.sklearn.cpus`, else 1."""
         self.classification = schema["kind"] == "classification"
         self._columns = self._class_columns() if kind == "skops" and self.classification else None
 
@@ -163,14 +175,8 @@ class TabularTeacher:
         if self.classification and self.kind == "skops" and not hasattr(self.model, "predict_proba"):
             raise TabularTeacherError("teacher.path: the classifier has no predict_proba; distillation needs the teacher's class probabilities")
         try:
-            if self.kind == "onnx":
-                out = self._predict_onnx(numeric, categorical)
-            else:
-                frame = teacher_frame(numeric, categorical, self.schema)
-                if self.classification:
-                    out = np.asarray(self.model.predict_proba(frame), dtype=np.float64)[:, self._columns]
-                else:
-                    out = np.asarray(self.model.predict(frame), dtype=np.float64).reshape(-1, 1)
+            with cpu_threads(self.threads):
+                out = self._predict(numeric, categorical)
         except TabularTeacherError:
             raise
         except Exception as err:  # the user's pipeline's own error, whatever its type
@@ -180,6 +186,14 @@ class TabularTeacher:
                 f"columns {columns} (numbers as float64, categories as text, a missing one as None, an unseen one as <unknown>)"
             ) from None
         return self._checked(out)
+
+    def _predict(self, numeric, categorical) -> np.ndarray:
+        if self.kind == "onnx":
+            return self._predict_onnx(numeric, categorical)
+        frame = teacher_frame(numeric, categorical, self.schema)
+        if self.classification:
+            return np.asarray(self.model.predict_proba(frame), dtype=np.float64)[:, self._columns]
+        return np.asarray(self.model.predict(frame), dtype=np.float64).reshape(-1, 1)
 
     def _checked(self, out: np.ndarray) -> np.ndarray:
         bad = ~np.isfinite(out).all(1)
@@ -271,23 +285,31 @@ def teacher_file_problem(path: str) -> str | None:
             "(kdflow never loads pickle or joblib files) or convert it to ONNX")
 
 
-def load_tabular_teacher(path: Path | str, schema: dict, trusted_types: list[str] = ()) -> TabularTeacher:
+def load_tabular_teacher(path: Path | str, schema: dict, trusted_types: list[str] = (), threads: int = 1) -> TabularTeacher:
     """A `.skops` or `.onnx` teacher file (module docstring)."""
     path = Path(path)
-    return load_bytes(path.read_bytes(), schema, path.suffix, trusted_types, str(path))
+    return load_bytes(path.read_bytes(), schema, path.suffix, trusted_types, str(path), threads)
 
 
-def load_bytes(data: bytes, schema: dict, suffix: str = SKOPS_SUFFIX, trusted_types: list[str] = (), where: str = "the teacher") -> TabularTeacher:
-    """A teacher from a file's bytes, by its suffix (`.skops` or `.onnx`); `where` names it in errors."""
+def load_bytes(
+    data: bytes, schema: dict, suffix: str = SKOPS_SUFFIX, trusted_types: list[str] = (), where: str = "the teacher", threads: int = 1,
+) -> TabularTeacher:
+    """A teacher from a file's bytes, by its suffix (`.skops` or `.onnx`); `where` names it in errors;
+    it predicts with `threads` native threads."""
     if suffix == SKOPS_SUFFIX:
         import skops.io
 
         trusted = trusted_check(data, list(trusted_types), where)
         try:
             model = skops.io.loads(data, trusted=trusted)
+        except ModuleNotFoundError as err:
+            raise TabularTeacherError(
+                f"teacher.path: {where} holds a type from the module {err.name!r}, which this Python cannot import; install it "
+                "(pip install, or PYTHONPATH) wherever kdflow runs: here, and on the Ray workers and in the cluster's image"
+            ) from None
         except Exception as err:  # skops' own errors vary by version
             raise TabularTeacherError(f"teacher.path: {where} could not be loaded by skops ({err})") from None
-        return TabularTeacher(model, "skops", schema, len(data))
+        return TabularTeacher(model, "skops", schema, len(data), threads=threads)
     if suffix == ONNX_SUFFIX:
         import onnxruntime
 
@@ -295,18 +317,18 @@ def load_bytes(data: bytes, schema: dict, suffix: str = SKOPS_SUFFIX, trusted_ty
             session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types
             raise TabularTeacherError(f"teacher.path: {where} is not a loadable ONNX model ({err})") from None
-        return TabularTeacher(session, "onnx", schema, len(data), onnx_class_labels(data))
+        return TabularTeacher(session, "onnx", schema, len(data), onnx_class_labels(data), threads=threads)
     raise TabularTeacherError(teacher_file_problem(where) or f"teacher.path: {where}: unknown teacher file type {suffix!r}")
 
 TEACHER_INFO = "teacher.json"
 """Beside a teacher step's file: which file it is and the types its owner trusts it to hold."""
 
 
-def teacher_info(file_name: str, trusted_types: list[str], origin: str) -> bytes:
+def teacher_info(file_name: str, trusted_types: list[str], origin: str, threads: int = 1) -> bytes:
     """The `teacher.json` of a teacher step's folder."""
     import json
 
-    return json.dumps({"file": file_name, "trusted_types": list(trusted_types), "origin": origin}, indent=2).encode()
+    return json.dumps({"file": file_name, "trusted_types": list(trusted_types), "origin": origin, "threads": threads}, indent=2).encode()
 
 
 def load_teacher_folder(folder: Path, schema: dict) -> TabularTeacher:
@@ -314,4 +336,4 @@ def load_teacher_folder(folder: Path, schema: dict) -> TabularTeacher:
     import json
 
     info = json.loads((Path(folder) / TEACHER_INFO).read_text())
-    return load_tabular_teacher(Path(folder) / info["file"], schema, info.get("trusted_types", []))
+    return load_tabular_teacher(Path(folder) / info["file"], schema, info.get("trusted_types", []), info.get("threads", 1))

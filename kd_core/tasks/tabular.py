@@ -106,7 +106,7 @@ class Tabular(Task):
         with run.timed("fit"):
             data, metrics, search = _fit_teacher(config.sklearn.model_dump(mode="json"), prep, store, compute)
         run.write_bytes("model/teacher.skops", data)
-        run.write_bytes("model/teacher.json", teacher_info("teacher.skops", [], "trained here"))
+        run.write_bytes("model/teacher.json", teacher_info("teacher.skops", [], "trained here", config.sklearn.cpus))
         details = {"model_folder": f"{run.folder}/model", "estimator": config.sklearn.estimator}
         if search is not None:
             details["search"] = search
@@ -220,7 +220,8 @@ class Tabular(Task):
         regression = "r2" in metrics.get("student", {})
         quality = [("r2", "R²", "{:.3f}"), ("rmse", "RMSE", "{:.4g}"), ("mae", "MAE", "{:.4g}"), ("teacher_rmse", "RMSE to the teacher", "{:.4g}"),
                    ("synthetic_teacher_rmse", "RMSE to the teacher, synthetic rows", "{:.4g}")] if regression else [
-            ("accuracy", "accuracy", "{:.1%}"), ("log_loss", "log-loss", "{:.4f}"), ("roc_auc", "ROC AUC", "{:.4f}"), ("ece", "calibration error", "{:.4f}"),
+            ("accuracy", "accuracy", "{:.1%}"), ("log_loss", "log-loss", "{:.4f}"), ("roc_auc", "ROC AUC", "{:.4f}"), ("brier", "Brier score", "{:.4f}"),
+            ("ece", "calibration error", "{:.4f}"),
             ("agreement", "agrees with the teacher", "{:.1%}"), ("synthetic_agreement", "agrees with the teacher, synthetic rows", "{:.1%}")]
         columns = [*quality, ("latency_ms", "latency, 1 row (ms)", "{:.3f}"), ("rows_per_s", "rows/s at 1024", "{:,.0f}"),
                    ("parameters", "parameters", "{:,}"), ("weight_bytes", "size", None)]
@@ -393,7 +394,7 @@ def _fit_on_splits(settings: dict, prep, storage) -> tuple[bytes, dict]:
     train = read_columns(store, split_shards(prep, "train"))
     data, metrics = fit_pipeline(settings, schema, train.get("numeric"), train.get("categorical"), train["target"])
     val = read_columns(store, split_shards(prep, "val"))
-    metrics["val_score"] = _score(load_bytes(data, schema), val, schema)
+    metrics["val_score"] = _score(load_bytes(data, schema, threads=settings["cpus"]), val, schema)
     return data, metrics
 
 
