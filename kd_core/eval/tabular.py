@@ -43,8 +43,6 @@ LATENCY_ROWS = 50
 def measure_tables(config, prep, teacher, student, baseline, store, device: str) -> tuple[dict, dict, dict]:
     """({rows, synthetic_rows}, each model's metrics and `uniform`'s, {calibration: per-model bins}
     for the report) (module docstring)."""
-    import torch
-
     schema = prep.details["table"]
     rows = read_columns(store, split_shards(prep, config.split), config.max_rows)
     count = len(rows["target"])
@@ -68,8 +66,7 @@ def measure_tables(config, prep, teacher, student, baseline, store, device: str)
             folder = model_copy(store, manifest)
             model = load_tabular_mlp(folder).to(device)
             predict = lambda part, model=model: _torch_predict(model, part, device)  # noqa: E731
-            with torch.no_grad():
-                out, out_synthetic = predict(rows), predict(synthetic)
+            out, out_synthetic = predict(rows), predict(synthetic)
             scores[name] = quality(out, labels, classification) | fidelity(out, teacher_out, out_synthetic, teacher_synthetic, classification)
             scores[name] |= timing(predict, rows, device) | {
                 "parameters": count_parameters(model), "weight_bytes": (folder / WEIGHTS_NAME).stat().st_size,
