@@ -68,6 +68,17 @@ def ensure_process_group() -> None:
     torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
+def skip_shared_memory_kernels() -> None:
+    """Keep DeepSpeed's CPU communication backend from compiling its shared-memory kernels: they
+    serve only its inference all-reduce, which training never calls, and the compile takes a
+    minute or more of 2 cores in a process that has not built them (again whenever the build's
+    environment differs, e.g. between this process and a Ray worker). DeepSpeed keeps its probed
+    op table in one dict, so that marking the op incompatible makes `build_shm_op` skip it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def start_deepspeed() -> None:
     """DeepSpeed's distributed state on the process group (started here if there is none), with
     its per-step INFO lines silenced (they would drown the progress bar)."""
@@ -75,6 +86,7 @@ def start_deepspeed() -> None:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
+    skip_shared_memory_kernels()
     ensure_process_group()
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
