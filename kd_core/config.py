@@ -1166,6 +1166,14 @@ class ComputeConfig(Section):
     max_failures: int = Field(default=3, ge=0)
     """Times Ray Train restarts the training workers after one dies (a preempted node, an OOM
     kill); they continue from the latest checkpoint."""
+    single_worker: Literal["task", "ray_train"] = "task"
+    """How a one-worker training (`num_workers: 1`, a search trial with one worker) runs on Ray.
+    `task`: a stage's fit is a Ray task on a worker process Ray keeps between tasks (torch
+    already imported), retried `max_failures` times from the latest checkpoint when its process
+    dies; a search trial trains inside its Tune trial, whose process Tune reuses for the next
+    trial. `ray_train`: a Ray Train `TorchTrainer`, as every multi-worker training runs, which
+    starts a controller, a worker group and a process group for each fit (about 25 s on 2 cores:
+    `benchmarks/startup.py`)."""
     lease_ttl_s: float = Field(default=120, gt=0)
     """A training step holds a lease on its folder, renewed every third of this; a lease not
     renewed for this long (its run died) is taken over by the next run of the step."""

@@ -346,3 +346,48 @@ def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint,
     assert [r["loss"] for r in two_workers] == pytest.approx([r["loss"] for r in one_worker], rel=1e-4)
     assert [r["grad_norm"] for r in two_workers] == pytest.approx([r["grad_norm"] for r in one_worker], rel=1e-3)
     assert not bucket.exists(f"{s3_bucket}/kdflow/{manifest.folder}/checkpoints")
+
+
+def test_a_killed_one_worker_task_is_retried_and_resumes_from_its_checkpoint(tmp_path):
+    """A one-worker fit on Ray runs as a Ray task (`compute.single_worker: task`), not under Ray
+    Train. Its process is SIGKILLed mid-run; Ray retries the task, which resumes from the latest
+    checkpoint on the store and finishes with the losses of an uninterrupted run. The baseline fit
+    after it then runs in a process Ray kept, without a new one's start-up."""
+    import psutil
+
+    steps = ["distill.train.max_steps=30", "distill.train.log_every=1", "distill.checkpoint_every=5"]
+    local = load_config(REPO / "configs" / "tiny.yaml", [f"storage.root={tmp_path}/store", *steps, "compute.backend=local"])
+    store = Store(local.storage)
+    prepared, cached = stage_outputs(local, store)
+    reference = distill(local.distill, local.student, prepared, cached, store, local.compute)
+    on_ray = local.compute.model_copy(update={"backend": "ray", "num_workers": 1, "cpus_per_worker": 1, "max_failures": 1})
+    killed: list[int] = []
+    finished = threading.Event()
+
+    def kill_the_task_after_a_few_checkpoints() -> None:
+        target = f"{reference.folder}/checkpoints/step-00000015/COMPLETE"
+        deadline = time.monotonic() + 600
+        while not store.exists(target):
+            if finished.is_set() or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        for process in psutil.Process().children(recursive=True):  # this test's cluster only
+            with contextlib.suppress(psutil.Error):
+                if "one_worker_fit" in " ".join(process.cmdline()):
+                    process.kill()
+                    killed.append(process.pid)
+
+    watcher = threading.Thread(target=kill_the_task_after_a_few_checkpoints, daemon=True)
+    watcher.start()
+    try:
+        manifest = distill(local.distill, local.student, prepared, cached, store, on_ray, force=True)
+    finally:
+        finished.set()
+    watcher.join(timeout=5)
+    assert killed, "no one_worker_fit process of this test's cluster was killed (no step-15 checkpoint seen)"
+    assert manifest.metrics["resumed_from_step"] >= 15
+    assert [r["step"] for r in history(store, manifest.folder)] == list(range(1, 31))
+    assert [r["loss"] for r in history(store, manifest.folder)] == pytest.approx([r["loss"] for r in history(store, reference.folder)], rel=1e-4)
+    assert not store.exists(f"{manifest.folder}/checkpoints")
+    again = distill(local.distill, local.student, prepared, cached, store, on_ray, force=True)
+    assert again.timings["worker_started"] < 0, "the second fit started a new worker process instead of reusing the retried one's"

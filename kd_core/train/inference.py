@@ -5,9 +5,13 @@ turns token shards into cache shards: it reads and checks a token shard, has the
 compute its cache columns, writes the shard atomically and then its commit record
 (`<shard>.commit.json`: the shard's record and its source token shard's sha256), which is what
 lets a rerun of a killed cache keep the shards already done. `run_teacher_jobs` runs a list of
-(token shard, output) jobs on `cache.num_actors` actors, each processing whole shards (one GPU
-each on a cluster), or inline with the `local` backend; it yields each (record, rows) as it
-finishes.
+(token shard, output) jobs, each a whole shard, and yields each (record, rows) as it finishes:
+- on GPUs, on `cache.num_actors` actors of one GPU each, which take the next job as they finish;
+- on CPUs, in `cache.num_actors` Ray tasks that each load the teacher once and work through
+  their share of the jobs, yielding as they go (streaming generator tasks). A task's worker
+  process outlives it, with torch and the teacher's code imported, and Ray gives it to the run's
+  next fit (`kd_core.train.ray_glue`); an actor's process would die with the actor;
+- inline with the `local` backend.
 """
 
 from __future__ import annotations
@@ -76,10 +80,37 @@ def run_teacher_jobs(
     from kd_core.train.ray_glue import ensure_ray
 
     ensure_ray(compute)
-    actor_class = ray.remote(num_cpus=1, num_gpus=1 if compute.use_gpu else 0)(TeacherWorker)
-    actors = [actor_class.remote(store.config, teacher, config, layout, task, prep_details, threads=1) for _ in range(min(config.num_actors, len(jobs)))]
+    workers = min(config.num_actors, len(jobs))
+    if not compute.use_gpu:
+        share = ray.remote(num_cpus=1)(teacher_jobs)
+        generators = [share.remote(store.config, teacher, config, layout, task, prep_details, jobs[index::workers]) for index in range(workers)]
+        try:
+            while generators:
+                ready, _ = ray.wait(generators, num_returns=1)
+                for generator in ready:
+                    try:
+                        yield ray.get(next(generator))
+                    except StopIteration:
+                        generators.remove(generator)
+        finally:
+            for generator in generators:
+                ray.cancel(generator)
+        return
+    actor_class = ray.remote(num_cpus=1, num_gpus=1)(TeacherWorker)
+    actors = [actor_class.remote(store.config, teacher, config, layout, task, prep_details, threads=1) for _ in range(workers)]
     try:
         yield from ActorPool(actors).map_unordered(lambda actor, job: actor.process.remote(*job), jobs)
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def teacher_jobs(
+    storage: StorageConfig, teacher: Manifest, config: CacheConfig, layout: CacheLayout, task, prep_details: dict,
+    jobs: list[tuple[FileRecord, str]],
+) -> Iterator[tuple[FileRecord, int]]:
+    """A Ray task's share of the jobs, on one thread: the teacher loaded once, each shard's
+    (record, rows) yielded as it is written."""
+    worker = TeacherWorker(storage, teacher, config, layout, task, prep_details, threads=1)
+    for job in jobs:
+        yield worker.process(*job)

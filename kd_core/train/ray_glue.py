@@ -5,8 +5,20 @@ backend, `compute.num_workers` Ray Train workers each run `train_worker` (gloo o
 GPUs; Ray Train sets up the process group and `prepare_model` wraps the model in DDP). An
 on-policy run with `distill.on_policy.teacher_actors` gets the driver's pool of teacher actors
 (`kd_core.train.rollouts.teacher_pool`), made before the workers and killed after. Rank 0
-streams its log records to a small reporter actor, which the driver polls to draw the progress
-bar and from which it collects the final result (with the files rank 0 wrote).
+streams its log records to the driver's reporter actor (`kd_core.train.reporter`, one for all of
+the run's fits), which the driver polls to draw the progress bar and from which it collects the
+final result (with the files rank 0 wrote).
+
+A one-worker training (`compute.single_worker: task`, the default) skips Ray Train: it is one Ray
+task running the same `train_worker` with checkpoints on the store, as the local backend writes
+them. Ray keeps a finished task's worker process for the next task, so the run's later fits (the
+baseline after the distillation, the next step of a pipeline) start in a process that has torch
+and kdflow imported, with no controller, worker group or process group to start. Ray retries the
+task `compute.max_failures` times when its process dies; it resumes from the latest checkpoint.
+Every fit's result carries `startup`: seconds from the fit's start to its worker process's start
+(`worker_process`, below 0 for a process that already ran), to the start of the training loop
+(`loop`) and to its first log record (`first_log`); a stage's manifest keeps them in its timings
+(`worker_started`, `startup`, `first_log`). `benchmarks/startup.py` sets the paths side by side.
 
 The Ray Train run's storage is the stage's checkpoint folder on the configured store (an explicit
 pyarrow filesystem wraps the store's fsspec one, so MinIO and other S3 endpoints work). Workers
@@ -20,11 +32,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 
 import torch
 
 from kd_core.config import ComputeConfig
-from kd_core.errors import TrainingDiverged
+from kd_core.errors import InputError, RunStopped, TrainingDiverged
 from kd_core.manifest import Manifest
 from kd_core.progress import progress_bar, say
 from kd_core.stage import StageLease, StageRun, reused_manifest
@@ -33,14 +46,24 @@ from kd_core.train.checkpoints import RayTrainCheckpoints
 from kd_core.train.rollouts import teacher_pool
 from kd_core.train.spec import TrainSpec
 from kd_core.train.loop import train_worker
+from kd_core.train.reporter import TrainReporter, fit_reporter, startup, worker_timings
 
 _POLL_SECONDS = 0.5
 
 
+DASHBOARD_ENV = "KDFLOW_RAY_DASHBOARD"
+"""The dashboard address of the local Ray that `RAY_ADDRESS` names, for the processes that join it."""
+
+_started_dashboard: str | None = None
+
+
 def ensure_ray(compute: ComputeConfig) -> None:
-    """Connect to `compute.ray_address`, or start a local Ray, once per process."""
+    """Connect to `compute.ray_address` (else to the Ray in `RAY_ADDRESS`, Ray's own convention,
+    which the kfp.local engine sets for its steps: `ray_env`), or start a local Ray; once per
+    process, which every stage of the run then shares."""
     import ray
 
+    global _started_dashboard
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -48,8 +71,10 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # machine (concurrent Tune trials, a test suite) starting workers that import torch takes longer.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     common = {"logging_level": "WARNING", "log_to_driver": os.environ.get("KDFLOW_RAY_LOGS") == "1", "configure_logging": True}
-    if compute.ray_address:
-        ray.init(address=compute.ray_address, **common)
+    address = compute.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        dashboard = os.environ.get(DASHBOARD_ENV)
+        ray.init(address=address, **common, **({"runtime_env": {"env_vars": {"RAY_ADDRESS": dashboard}}} if dashboard else {}))
         return
     # A new local cluster, with its dashboard on loopback: the dashboard serves Ray's state API,
     # through which Ray Train frees the placement group (the CPUs/GPUs) of a run whose controller
@@ -66,6 +91,41 @@ def ensure_ray(compute: ComputeConfig) -> None:
         runtime_env={"env_vars": {"RAY_ADDRESS": dashboard}},
         **common,
     )
+    _started_dashboard = dashboard
+    _warm_workers(min(WARM_WORKERS, compute.num_cpus or os.cpu_count() or 1))
+
+
+WARM_WORKERS = 2
+"""Worker processes a new local Ray starts importing the training code in at once, beside the
+driver's work: the run's first fit and the cache's tasks then find them ready."""
+
+
+def _warm_workers(count: int) -> None:
+    """Fire `count` tasks that import what a fit and the cache's teacher need (torch, DeepSpeed,
+    the training loop) in Ray's prestarted worker processes, which Ray then keeps for later
+    tasks. Nothing waits for them."""
+    import ray
+
+    warm = ray.remote(num_cpus=1)(_import_training_code)
+    for _ in range(count):
+        warm.remote()
+
+
+def _import_training_code() -> None:
+    import deepspeed  # noqa: F401  (imported lazily by the loop, at 4 s the largest single import)
+
+    import kd_core.train.loop  # noqa: F401  (torch, the models, the tasks)
+
+
+def ray_env() -> dict[str, str]:
+    """The environment that makes another process's `ensure_ray` join this process's Ray (the
+    kfp.local engine's steps, each a subprocess) instead of starting a second one beside it."""
+    import ray
+
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    if _started_dashboard:
+        env[DASHBOARD_ENV] = _started_dashboard
+    return env
 
 
 def _free_port() -> int:
@@ -76,34 +136,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-class TrainReporter:
-    """Collects rank 0's log records and final result; a Ray actor under the `ray` backend."""
-
-    def __init__(self):
-        self.step, self.record, self.result = 0, {}, None
-
-    def update(self, step: int, record: dict) -> None:
-        self.step, self.record = step, record
-
-    def finish(self, result: dict) -> None:
-        self.result = result
-
-    def poll(self) -> tuple[int, dict, dict | None]:
-        return self.step, self.record, self.result
-
-
 def fit(spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: bool = False) -> dict:
-    """Train; with `fresh`, the run's old checkpoints are deleted first instead of resumed from."""
+    """Train; with `fresh`, the run's old checkpoints are deleted first instead of resumed from.
+    The result holds `startup` (see the module's docstring)."""
     if fresh:
         Store(spec.storage).delete(spec.checkpoint_folder)
+    started = time.time()
     with progress_bar(description, total=spec.train.max_steps) as bar:
         if compute.backend == "local":
+            reporter = TrainReporter()
+            reporter.started("", worker_timings())
+
             def progress(step: int, record: dict) -> None:
+                reporter.update("", step, record)
                 bar.update(step, _status(record))
 
             torch.set_num_threads(compute.cpus_per_worker)
-            return train_worker(spec, progress=progress)
-        return _fit_on_ray(spec, compute, bar)
+            return {**train_worker(spec, progress=progress), "startup": startup(reporter.timeline(), started)}
+        if compute.num_workers == 1 and compute.single_worker == "task":
+            return _fit_in_ray_task(spec, compute, bar, started)
+        return _fit_on_ray(spec, compute, bar, started)
 
 
 def fit_stage(
@@ -118,6 +170,10 @@ def fit_stage(
             return reused_manifest(run)
         with run.timed("train"):
             result = fit(spec, compute, description, fresh=fresh)
+        startup = result.pop("startup")
+        run.timings |= {
+            "worker_started": startup.get("worker_process", 0.0), "startup": startup.get("loop", 0.0), "first_log": startup.get("first_log", 0.0),
+        }
         for record in result.pop("files"):
             run.record(record)
         details = {"model_folder": f"{run.folder}/model", **(details or {})}
@@ -147,12 +203,14 @@ def ray_train_loop(config: dict) -> None:
 
     context = ray.train.get_context()
     torch.set_num_threads(config["threads"])
-    reporter = config.get("reporter")
+    reporter, fit = config.get("reporter"), config.get("fit", "")
     rank = context.get_world_rank()
+    if rank == 0 and reporter is not None:
+        reporter.started.remote(fit, worker_timings())
 
     def progress(step: int, record: dict) -> None:
         if reporter is not None:
-            reporter.update.remote(step, record)
+            reporter.update.remote(fit, step, record)
 
     result = train_worker(
         config["spec"],
@@ -165,7 +223,7 @@ def ray_train_loop(config: dict) -> None:
         teacher_actors=config.get("teacher_actors"),
     )
     if rank == 0 and reporter is not None:
-        ray.get(reporter.finish.remote(result))
+        ray.get(reporter.finish.remote(fit, result))
     if not config.get("report_validation"):
         ray.train.report({key: value for key, value in result.items() if key != "files"})
 
@@ -200,20 +258,63 @@ def torch_trainer(
     )
 
 
-def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
+def one_worker_fit(spec: TrainSpec, threads: int, reporter, fit: str, teacher_actors: dict[str, list] | None) -> dict:
+    """What the Ray task of a one-worker fit runs (`compute.single_worker: task`): the training
+    loop on rank 0 of 1, checkpointing to the store, streaming its log records to `reporter`."""
+    reporter.started.remote(fit, worker_timings())
+    torch.set_num_threads(threads)
+
+    def progress(step: int, record: dict) -> None:
+        reporter.update.remote(fit, step, record)
+
+    try:
+        return train_worker(spec, progress=progress, teacher_actors=teacher_actors)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the process outlives the fit; the next one needs the memory
+
+
+def _fit_in_ray_task(spec: TrainSpec, compute: ComputeConfig, bar, started: float) -> dict:
+    import ray
+
+    ensure_ray(compute)
+    check_room_for_actors(spec.on_policy, len(spec.online_teachers()), compute, 1, compute.cpus_per_worker)
+    fit = uuid.uuid4().hex
+    reporter = fit_reporter(fit)
+    task = ray.remote(one_worker_fit).options(
+        num_cpus=compute.cpus_per_worker, num_gpus=int(compute.use_gpu), max_retries=compute.max_failures, retry_exceptions=False,
+    )
+    with teacher_pool(spec.storage, spec.online_teachers(), spec.task, spec.on_policy) as teacher_actors:
+        pending = task.remote(spec, compute.cpus_per_worker, reporter, fit, teacher_actors)
+        done: list = []
+        while not done:
+            done, _ = ray.wait([pending], timeout=_POLL_SECONDS)
+            step, record, _ = ray.get(reporter.poll.remote())
+            if record:
+                bar.update(step, _status(record))
+        try:
+            result = ray.get(pending)
+        except ray.exceptions.RayTaskError as err:
+            # kdflow's own errors (a diverged run, a bad shard) say what happened in one line.
+            raise (err.cause if isinstance(err.cause, (InputError, RunStopped)) else err) from None
+    return {**result, "startup": startup(ray.get(reporter.timeline.remote()), started)}
+
+
+def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar, started: float) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig
 
     ensure_ray(compute)
     check_room_for_actors(spec.on_policy, len(spec.online_teachers()), compute, compute.num_workers, compute.cpus_per_worker)
-    reporter = ray.remote(num_cpus=0)(TrainReporter).remote()
+    fit = uuid.uuid4().hex
+    reporter = fit_reporter(fit)
     with teacher_pool(spec.storage, spec.online_teachers(), spec.task, spec.on_policy) as teacher_actors:
         # The run lives in the stage's checkpoint folder: a rerun of the same step finds Ray Train's
         # record of it there and resumes from its latest checkpoint.
         trainer = torch_trainer(
             spec, workers=compute.num_workers, cpus_per_worker=compute.cpus_per_worker, use_gpu=compute.use_gpu,
             storage_folder=spec.output_folder, name=spec.checkpoint_folder.rsplit("/", 1)[-1],
-            loop_config={"reporter": reporter, "teacher_actors": teacher_actors},
+            loop_config={"reporter": reporter, "fit": fit, "teacher_actors": teacher_actors},
             failure_config=FailureConfig(max_failures=compute.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         )
@@ -230,10 +331,9 @@ def _fit_on_ray(spec: TrainSpec, compute: ComputeConfig, bar) -> dict:
         raise _diverged_worker(failure[0]) or failure[0]
     step, record, result = ray.get(reporter.poll.remote())
     bar.update(step, _status(record) if record else "")
-    ray.kill(reporter)
     if result is None:
         raise RuntimeError("Ray Train finished but rank 0 reported no result; see the Ray worker logs")
-    return result
+    return {**result, "startup": startup(ray.get(reporter.timeline.remote()), started)}
 
 
 def check_room_for_actors(
