@@ -1,11 +1,16 @@
 """Ray Tune's side of the tune stage: the trials, the Tuner (new or restored), MLflow runs.
 
-A trial is a Ray Tune function trainable that starts a Ray Train `TorchTrainer` running the same
-worker loop as the distill stage (`ray_train_loop`) with validation on; Ray Train's
-`TuneReportCallback` forwards each `{step, val_loss, ...}` report (every validation metric of the
-task) to Tune, where ASHA may stop the trial on `tune.metric`; MLflow's callback logs every metric
-on the trial's child run. The trial itself holds no CPU: its Ray Train workers reserve what they
-train with. An on-policy search's trials share one pool of teacher actors, made for the search.
+A trial is a Ray Tune function trainable running the distill stage's worker loop
+(`train_worker`) with validation on; each `{step, val_loss, ...}` report (every validation metric
+of the task) goes to Tune, where ASHA may stop the trial on `tune.metric`; MLflow's callback logs
+every metric on the trial's child run. A one-worker trial (`compute.single_worker: task`) trains
+inside the trial's own process, which reserves the worker's CPUs (and GPU) and which Tune reuses
+for the next trial (`reuse_actors`): no trial after the first pays for a new process, imports or
+a process group. A trial with more workers (or `single_worker: ray_train`) starts a Ray Train
+`TorchTrainer` (`ray_train_loop`), whose `TuneReportCallback` forwards the reports; that trial
+itself holds no CPU, its workers reserve what they train with. Either way a trial's checkpoints
+are in its folder, so a restored search resumes an unfinished trial from its latest one. An
+on-policy search's trials share one pool of teacher actors, made for the search.
 """
 
 from __future__ import annotations
@@ -26,8 +31,20 @@ from kd_core.tune import METRIC, PARENT_RUN_NAME, job_with, metric_mode, quiet, 
 from kd_core.tune.state import DIGESTS_NAME, SEARCH_FOLDER, check_search_state, search_storage
 
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
-"""A trial's own actor only drives Ray Train; a CPU for it would halve the concurrent trials on a
-small machine. Ray needs a non-empty request, hence a token amount of memory."""
+"""A trial that only drives Ray Train; a CPU for it would halve the concurrent trials on a small
+machine. Ray needs a non-empty request, hence a token amount of memory."""
+
+
+def trains_in_trial(config: JobConfig) -> bool:
+    """Whether a trial trains in its own process (one worker, `compute.single_worker: task`)."""
+    return (config.tune.workers_per_trial or config.compute.num_workers) == 1 and config.compute.single_worker == "task"
+
+
+def trial_resources(config: JobConfig) -> dict:
+    """What a trial's own process reserves: its worker's CPUs (and GPU) when it trains itself."""
+    if not trains_in_trial(config):
+        return TRIAL_DRIVER_RESOURCES
+    return {"CPU": config.tune.cpus_per_worker or config.compute.cpus_per_worker, "GPU": int(config.compute.use_gpu)}
 
 
 def run_search(
@@ -76,7 +93,7 @@ def run_search(
                 run_trial, job=job, prep=prep, targets=targets, folder=folder, teacher=teacher, teacher_actors=teacher_actors,
                 more_targets=more_targets, student_inputs=student_inputs,
             ),
-            TRIAL_DRIVER_RESOURCES,
+            trial_resources(config),
         )
         results = _fit_search(config, trainable, store, folder, parent_run_id, steps, metric, mode)
     names = tuple(task_named(config.task).validation_modes)
@@ -104,7 +121,7 @@ def _fit_search(config: JobConfig, trainable, store: Store, folder: str, parent_
             param_space=search_space(settings.space),
             tune_config=ray_tune.TuneConfig(
                 metric=metric, mode=mode, num_samples=settings.num_trials, search_alg=searcher, scheduler=asha_scheduler(settings, steps),
-                max_concurrent_trials=settings.max_concurrent,
+                max_concurrent_trials=settings.max_concurrent, reuse_actors=trains_in_trial(config),
             ),
             run_config=ray_tune.RunConfig(
                 name=SEARCH_FOLDER, storage_path=storage_path, storage_filesystem=storage_filesystem,
@@ -151,9 +168,17 @@ def run_trial(
         start=student_start(trial_job.student, prep, store, teacher, data_ids=task_of(prep).pretrained_reads_data_ids), more_targets=more_targets,
         student_inputs=student_inputs,
     )
+    cpus = settings.cpus_per_worker or job.compute.cpus_per_worker
+    if trains_in_trial(job):
+        import torch
+
+        from kd_core.train.loop import train_worker
+
+        torch.set_num_threads(cpus)
+        train_worker(spec, on_validation=ray_tune.report, teacher_actors=teacher_actors)
+        return
     torch_trainer(
-        spec, workers=settings.workers_per_trial or job.compute.num_workers,
-        cpus_per_worker=settings.cpus_per_worker or job.compute.cpus_per_worker, use_gpu=job.compute.use_gpu,
+        spec, workers=settings.workers_per_trial or job.compute.num_workers, cpus_per_worker=cpus, use_gpu=job.compute.use_gpu,
         storage_folder=f"{folder}/trials", name=trial_id, loop_config={"report_validation": True, "teacher_actors": teacher_actors},
         callbacks=[TuneReportCallback()],
     ).fit()
