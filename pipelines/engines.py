@@ -5,8 +5,8 @@
     submit(config) / schedule(...)     one run, or a recurring run, on a KFP endpoint
 
 Locally, every component runs as a subprocess of this Python environment and the distill step
-runs Ray in-process (`kubeflow.rayjob.enabled` is switched off): what `kdflow run` does, step for
-step, through KFP's own executor, parameter passing and condition handling. A task that fails
+runs Ray in-process (`kubeflow.rayjob.enabled` is switched off); the steps join the one local Ray
+this process starts (`shared_ray`): what `kdflow run` does, step for step, through KFP's own executor, parameter passing and condition handling. A task that fails
 raises `DagTaskFailed` with the task's own one-line cause (`run_dag`), and the executor's dump of
 each task's input (the whole job JSON) is left out of the streamed logs (`ExecutorInputFilter`).
 
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -104,11 +104,30 @@ def run_local(config: JobConfig, pipeline: str = "distill") -> dict[str, Manifes
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     say(f"kfp.local: running the {job.name} DAG (outputs of KFP itself under {root})")
     started = datetime.now(timezone.utc).replace(microsecond=0)
-    run_dag(pipeline_function(job, pipeline))
+    with shared_ray(job, pipeline):
+        run_dag(pipeline_function(job, pipeline))
     steps = _collect_manifests(job, pipeline)
     for manifest in steps.values():
         manifest.reused = datetime.fromisoformat(manifest.created_at) < started
     return steps
+
+
+@contextmanager
+def shared_ray(job: JobConfig, pipeline: str) -> Iterator[None]:
+    """The DAG's steps (each a subprocess) share one Ray: this process starts the local one and
+    its steps join it through their environment (`ray_env`), instead of each starting its own.
+    Needed when the steps run on Ray (`compute.backend: ray`) or search (a search always runs
+    its trials in Ray Tune)."""
+    if (job.compute.backend != "ray" and pipeline != "tune-distill") or job.compute.ray_address:
+        yield
+        return
+    from kd_core.train.ray_glue import ensure_ray, ray_env
+
+    ensure_ray(job.compute)
+    with ExitStack() as stack:
+        for name, value in ray_env().items():
+            stack.enter_context(_environment(name, value))
+        yield
 
 
 def _collect_manifests(job: JobConfig, pipeline: str) -> dict[str, Manifest]:

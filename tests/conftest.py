@@ -72,6 +72,16 @@ def _restore_mlflow_client_settings():
             os.environ[name] = value
 
 
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """This pytest worker's one local Ray (2 CPUs), for the tests that use Ray directly; the
+    pipeline's own `ensure_ray` finds it started and joins it. Shut down at the session's end."""
+    from kd_core.config import ComputeConfig
+    from kd_core.train.ray_glue import ensure_ray
+
+    ensure_ray(ComputeConfig(num_cpus=2))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray_at_end():
     yield

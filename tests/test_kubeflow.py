@@ -77,6 +77,15 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     config = load_config(REPO / "configs" / "tiny.yaml", overrides)
     steps = engines.run_local(config, "tune-distill")
 
+    # One Ray for the whole DAG: this process started it and the tune task's subprocess joined it
+    # (a driver of another process on this cluster) instead of starting a second one.
+    import ray
+    from ray.util.state import list_jobs
+
+    assert ray.is_initialized()
+    drivers = {job.driver_info.pid for job in list_jobs() if job.type == "DRIVER" and job.driver_info is not None}
+    assert len(drivers - {str(os.getpid()), os.getpid()}) >= 1, drivers
+
     assert list(steps) == ["prep", "teacher", "cache", "tune", "distill", "baseline", "eval", "register"]
     # Collected here under reuse_only (so none ran in this process); all made by the DAG's tasks just now.
     assert not any(manifest.reused for manifest in steps.values()), "every step ran as a DAG task, none was reused"

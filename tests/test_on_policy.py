@@ -221,14 +221,6 @@ def trained(spec, teacher_actors=None, **options) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-@pytest.fixture(scope="module")
-def ray_runtime():
-    from kd_core.config import ComputeConfig
-    from kd_core.train.ray_glue import ensure_ray
-
-    ensure_ray(ComputeConfig(num_cpus=2))
-
-
 def test_actors_write_and_score_what_the_training_process_would(tmp_path, folder, ray_runtime):
     """Seeded per step and micro-batch, refreshed every step: the actors' answers and the teacher
     actors' targets (here its top 16 tokens, `teacher_top_k`) are the training process's own, so

@@ -43,18 +43,14 @@ def run_tiny_search(store: Store, *, restore: bool = False):
 
 
 @pytest.fixture(scope="module")
-def ray_one_cpu():
-    import ray
+def tiny_search_runtime(ray_runtime):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers do not import tests/
-    if not ray.is_initialized():
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_search_records_its_state_restores_and_refuses_an_edited_file(where, tmp_path, request, ray_one_cpu):
+def test_a_search_records_its_state_restores_and_refuses_an_edited_file(where, tmp_path, request, tiny_search_runtime):
     if where == "s3":
         bucket, endpoint = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
         store = Store(StorageConfig(root=f"s3://{bucket}/jobs", s3=S3Config(endpoint_url=endpoint)))
