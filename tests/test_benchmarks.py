@@ -22,6 +22,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "KDFLOW_QUIET": "1"})
 
 
+@pytest.mark.slow
 def test_loss_benchmark_smoke(tmp_path):
     results = tmp_path / "losses.jsonl"
     run = run_script("benchmarks/losses.py", "--rows", "64", "--vocabs", "300", "--hidden", "16",
@@ -37,6 +38,7 @@ def test_loss_benchmark_smoke(tmp_path):
             assert fused["ms"] > 0 and naive["peak_mb"] >= 0
 
 
+@pytest.mark.slow
 def test_pipeline_reuse_benchmark_smoke(tmp_path):
     results = tmp_path / "reuse.jsonl"
     run = run_script("benchmarks/pipeline_reuse.py", "--results", str(results), "configs/tiny.yaml",
@@ -47,6 +49,7 @@ def test_pipeline_reuse_benchmark_smoke(tmp_path):
     assert record["warm_seconds"] < record["cold_seconds"]
 
 
+@pytest.mark.slow
 def test_cache_benchmark_smoke(tmp_path):
     results = tmp_path / "cache.jsonl"
     run = run_script("benchmarks/cache.py", "configs/tiny.yaml", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
@@ -67,6 +70,7 @@ def test_cache_benchmark_smoke(tmp_path):
     assert memory["chunked"]["peak_tensor_mb"] < memory["whole"]["peak_tensor_mb"] and memory["whole"]["peak_tensor_mb"] >= 2 * 4
 
 
+@pytest.mark.slow
 def test_cache_quality_benchmark_smoke(tmp_path):
     results = tmp_path / "quality.jsonl"
     run = run_script("benchmarks/cache_quality.py", "configs/tiny.yaml", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
@@ -80,6 +84,7 @@ def test_cache_quality_benchmark_smoke(tmp_path):
     assert all(0 <= row["ece"] <= 1 and row["perplexity"] > 1 for row in table.values())
 
 
+@pytest.mark.slow
 def test_reward_study_benchmark_smoke(tmp_path):
     """Two variants × two seeds: every run measured on the validation pairs, with the diagnostics
     (agreement by question kind and digit, the linear probes, the loss terms over training)."""
@@ -102,6 +107,7 @@ def test_reward_study_benchmark_smoke(tmp_path):
     assert (tmp_path / "study.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):
     """`gpu_check.sh --tiny`: the plain baselines and kdflow's online and cached runs through
     `train_worker` (no Ray), the table, the record, and the loss benchmark after them."""
@@ -121,6 +127,7 @@ def test_gpu_check_tiny_mode_runs_every_row_on_cpu(tmp_path):
     assert record["student_parameters"] < record["teacher_parameters"] and record["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_checkpoint_cost_benchmark_smoke(tmp_path):
     results = tmp_path / "checkpoint_cost.jsonl"
     run = run_script("benchmarks/checkpoint_cost.py", "configs/tiny.yaml", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
@@ -132,6 +139,7 @@ def test_checkpoint_cost_benchmark_smoke(tmp_path):
     assert record["rows"][0]["final_loss"] == pytest.approx(record["rows"][1]["final_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_prep_throughput_benchmark_smoke(tmp_path):
     results = tmp_path / "prep.jsonl"
     run = run_script("benchmarks/prep_throughput.py", "--megabytes", "0.3", "--files", "5", "--results", str(results))
@@ -143,6 +151,7 @@ def test_prep_throughput_benchmark_smoke(tmp_path):
         assert row["documents"] > 0 and row["kdflow"]["mb_per_s"] > 0 and row["whole_file"]["peak_mb"] > 0
 
 
+@pytest.mark.slow
 def test_embedding_benchmark_smoke(tmp_path):
     """One arm on configs/tiny.yaml with a teacher trained here (the recipe's is all-MiniLM-L6-v2)."""
     results = tmp_path / "embedding.jsonl"

@@ -54,6 +54,7 @@ def _teacher_logprobs(store, prepared, taught, rows):
     return torch.log_softmax(out.logits, -1), out.hidden_states
 
 
+@pytest.mark.slow
 def test_topk_targets_are_the_teachers_distribution_within_the_quantization_step(trained):
     config, store, prepared, taught = trained
     manifest = cache(config.cache, prepared, taught, store, config.compute)

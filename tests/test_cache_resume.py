@@ -68,6 +68,7 @@ def reference(tmp_path_factory):
     return root, folder, original
 
 
+@pytest.mark.slow
 def test_sigkilled_cache_job_resumes_to_a_byte_identical_cache(reference):
     root, folder, original = reference
     job = subprocess.Popen(kdflow_command(root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "KDFLOW_QUIET": "1"})
@@ -88,6 +89,7 @@ def test_sigkilled_cache_job_resumes_to_a_byte_identical_cache(reference):
     assert shard_bytes(folder) == original
 
 
+@pytest.mark.slow
 def test_two_concurrent_writers_leave_one_valid_cache(reference):
     root, folder, original = reference
     env = {**os.environ, "KDFLOW_QUIET": "1"}
@@ -102,6 +104,7 @@ def test_two_concurrent_writers_leave_one_valid_cache(reference):
         assert manifest.output(f"shards/{name}").sha256 == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 def test_cache_on_s3_writes_reads_resumes_and_names_a_corrupt_shard(tmp_path, s3_endpoint, s3_bucket):
     import s3fs
 

@@ -245,6 +245,7 @@ def test_the_cache_of_a_packed_row_holds_each_conversations_own_targets(tmp_path
         np.testing.assert_allclose(packed_targets[name][0, 8:], alone_targets[name][0], rtol=1e-3, atol=1e-3, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_chat_job_distills_on_assistant_tokens_and_eval_measures_only_them(tmp_path, tokenizers):
     from kd_core.data.shards import load_split
     from kd_core.eval import measure_models
@@ -339,6 +340,7 @@ def test_held_out_prompts_end_where_the_answer_starts_and_answers_score_by_words
     assert answer_scores(["returns a list", "nothing"], ["returns a list", "a value"]) == {"answer_exact_match": 0.5, "answer_f1": 0.5}
 
 
+@pytest.mark.slow
 def test_a_pretrained_teacher_is_fine_tuned_and_the_pretrained_student_is_measured_before_distillation(tmp_path, tokenizers):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer

@@ -80,6 +80,7 @@ def history(store: Store, folder: str) -> list[dict]:
     return [json.loads(line) for line in store.read_bytes(f"{folder}/history.jsonl").decode().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["plain", "zero2", "zero3"])
 def test_a_crashed_run_resumes_from_its_checkpoint_with_the_same_losses(job, runner):
     store = job[1]
@@ -98,6 +99,7 @@ def test_a_crashed_run_resumes_from_its_checkpoint_with_the_same_losses(job, run
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in reference])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_workers", [0, 2])
 def test_a_resume_reads_back_its_buffers_not_the_steps_before_it(job, capsys, data_workers):
     """Resumed at step 96 (768 rows in), a run reads back only the shards its consumers' shuffle
@@ -167,6 +169,7 @@ TEACHER_STEP_SCRIPT = (
 it prints the teacher manifest's metrics."""
 
 
+@pytest.mark.slow
 def test_a_killed_teacher_resumes_from_its_checkpoint(job):
     """The teacher step checkpoints like a student (`distill.checkpoint_every`): SIGKILLed midway,
     the rerun of the same step continues from its latest checkpoint."""
@@ -203,7 +206,8 @@ def test_a_rerun_after_its_ray_driver_was_killed_resumes_from_its_checkpoint(job
     raw = config.model_dump(mode="json")
     raw["teacher"]["train"] |= {"max_steps": 120, "shuffle_buffer": 16}  # its own step key; killed long before the end
     raw["distill"]["checkpoint_every"] = 30  # each checkpoint is a Ray Train report: few of them
-    raw["compute"] |= {"backend": "ray", "num_workers": 1, "cpus_per_worker": 1}
+    # Ray Train for its one worker (a one-worker fit is a Ray task by default): the cluster path.
+    raw["compute"] |= {"backend": "ray", "num_workers": 1, "cpus_per_worker": 1, "single_worker": "ray_train"}
     arguments = [sys.executable, "-c", TEACHER_STEP_SCRIPT, json.dumps(raw), prepared.to_json()]
     environment = dict(os.environ, KDFLOW_QUIET="1", PYTHONPATH=str(REPO))
     earlier = set(store.fs.glob(store.path("teacher/*")))
@@ -348,6 +352,7 @@ def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint,
     assert not bucket.exists(f"{s3_bucket}/kdflow/{manifest.folder}/checkpoints")
 
 
+@pytest.mark.slow
 def test_a_killed_one_worker_task_is_retried_and_resumes_from_its_checkpoint(tmp_path):
     """A one-worker fit on Ray runs as a Ray task (`compute.single_worker: task`), not under Ray
     Train. Its process is SIGKILLed mid-run; Ray retries the task, which resumes from the latest

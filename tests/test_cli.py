@@ -78,6 +78,7 @@ def test_bad_input_data_is_a_named_error_with_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_prep_prints_summary_and_reuses_on_second_call(tmp_path):
     lines = [json.dumps({"text": f"line {i} of a small corpus about students and teachers " * 4}) for i in range(30)]
     (tmp_path / "data.jsonl").write_text("\n".join(lines))
@@ -92,6 +93,7 @@ def test_prep_prints_summary_and_reuses_on_second_call(tmp_path):
     assert forced.returncode == 0 and "ran" in forced.stdout
 
 
+@pytest.mark.slow
 def test_fail_on_gates_exits_3_after_the_summary_and_promote_asks_for_force(tmp_path, capsys):
     from mlflow import MlflowClient
 
@@ -129,6 +131,7 @@ def test_fail_on_gates_exits_3_after_the_summary_and_promote_asks_for_force(tmp_
     assert len(client.search_model_versions(f"name = '{model_name}'")) == 1
 
 
+@pytest.mark.slow
 def test_seeds_trains_each_seed_on_one_cache_and_summarises_the_held_out_metrics(tmp_path, capsys):
     """`kdflow seeds`: prep, teacher and cache once; a student and a baseline per seed (their own
     keys, their own weights); the summary's values are each seed's eval metrics, and its mean
@@ -165,6 +168,7 @@ def test_seeds_trains_each_seed_on_one_cache_and_summarises_the_held_out_metrics
     assert main(["seeds", *job, "--seeds", "0"]) == 2
 
 
+@pytest.mark.slow
 def test_export_copies_the_teachers_folder_once_and_it_loads_as_the_teacher_it_was(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

@@ -104,6 +104,7 @@ def test_the_student_view_aligns_spans_of_the_same_text_with_another_tokenizer(t
     assert (view.lengths > 1).all() and int(view.lengths.max()) == view.input_ids.shape[1]
 
 
+@pytest.mark.slow
 def test_a_student_with_another_tokenizer_distils_from_the_teachers_cache_and_is_measured_in_bits_per_byte(tmp_path):
     """In this process, through DeepSpeed (the recipe, configs/cross_tokenizer.yaml, runs the same
     steps on Ray: docs/benchmarks.md)."""
@@ -133,6 +134,7 @@ def test_a_student_with_another_tokenizer_distils_from_the_teachers_cache_and_is
     assert Path(tokenizer_manifest).stat().st_mtime_ns > made  # forcing a step that reads it redoes it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["uld", "span_kl", "dskd"])
 def test_each_method_trains_online(tmp_path, method):
     config = cross_config(
@@ -143,6 +145,7 @@ def test_each_method_trains_online(tmp_path, method):
     assert steps["distill"].metrics["kd"] > 0
 
 
+@pytest.mark.slow
 def test_the_preflight_reports_overlap_alignment_and_a_tokenizer_that_drops_characters(tmp_path):
     from kd_core.preflight import deep_checks
 
@@ -157,6 +160,7 @@ def test_the_preflight_reports_overlap_alignment_and_a_tokenizer_that_drops_char
     assert "dskd" in online["losses"].message and online["student round trip"].status == "pass"  # the Unigram student is lossless
 
 
+@pytest.mark.slow
 def test_a_missing_student_tokenizer_or_a_data_tokenizer_that_is_not_the_teachers_stops_before_any_step(tmp_path):
     from kd_core.checks import check_inputs
     from kd_core.data.sources import DataSourceError
@@ -176,6 +180,7 @@ def test_a_missing_student_tokenizer_or_a_data_tokenizer_that_is_not_the_teacher
     assert row.status == "fail" and "is not the teacher's tokenizer" in row.message
 
 
+@pytest.mark.slow
 def test_the_job_refuses_what_it_cannot_do_and_compiles_to_the_same_kubeflow_dag(tmp_path):
     import json
 

@@ -46,6 +46,7 @@ def losses(history):
     return [record["loss"] for record in history]
 
 
+@pytest.mark.slow
 def test_deepspeed_zero_stages_follow_the_plain_torch_updates(job):
     _, plain = run_distill(job, enabled=False)
     for stage in (0, 2):
@@ -178,6 +179,7 @@ def train_ranks(spec, world_size: int) -> dict:
     return returned[0]
 
 
+@pytest.mark.slow
 def test_two_zero3_ranks_each_hold_half_of_the_online_teacher_and_the_student(job, tmp_path):
     """ZeRO-3 at 2 ranks (gloo on CPU) with the online teacher in its optimizer-free engine: each
     rank holds half of both models' parameters, and training is the 1-rank training."""

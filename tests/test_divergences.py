@@ -214,6 +214,7 @@ def test_padded_teacher_vocabulary_is_aligned_explicitly():
 
 
 # ---------------------------------------------------------------- sampled KL
+@pytest.mark.slow
 def test_sampled_kl_gradient_is_unbiased_and_loss_converges():
     generator = torch.Generator().manual_seed(7)
     teacher = torch.randn(4, 30, generator=generator) * 2

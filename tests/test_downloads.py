@@ -78,6 +78,7 @@ def leftovers(target: Path) -> list[str]:
     return sorted(path.name for path in target.parent.iterdir() if path.name.startswith(f".{target.name}."))
 
 
+@pytest.mark.slow
 def test_concurrent_loads_survive_a_killed_download_and_never_reuse_a_partial_folder(s3_teacher, s3_endpoint, tmp_path):
     store, files = s3_teacher
     target = tmp_path / "node-cache" / "teacher"

@@ -121,6 +121,7 @@ def test_texts_are_paragraphs_cut_and_kept_once():
     assert all(len(text) <= 100 for text in texts[2:]) and " ".join(texts[2:]).split() == ["word"] * 60  # cut at spaces, nothing lost
 
 
+@pytest.mark.slow
 def test_an_embedding_student_distils_registers_and_a_cut_student_reuses_the_cache(tmp_path):
     """In this process, through DeepSpeed; the recipe (configs/embedding.yaml) runs the same steps on Ray."""
     config = embedding_config(tmp_path, "distill.embedding.matryoshka_weight=0.5", "distill.embedding.matryoshka_dims=[8]")
@@ -153,6 +154,7 @@ def test_an_embedding_student_distils_registers_and_a_cut_student_reuses_the_cac
     assert measured["student"]["parameters"] == measured["start"]["parameters"]
 
 
+@pytest.mark.slow
 def test_a_student_from_another_encoder_folder_reads_the_texts_with_its_own_tokenizer(tmp_path):
     """Its tokenizer is not the data's (another BPE, trained on other text): the losses live in
     embedding space, so it reads each text in its own tokens; its folder keeps that tokenizer."""

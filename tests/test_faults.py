@@ -65,6 +65,7 @@ def test_the_tiny_job_completes_through_a_faulty_store_with_the_same_bytes_and_m
     assert counts.failed > 20 and counts.delayed > 20  # the faults did happen, and were ridden out
 
 
+@pytest.mark.slow
 def test_mlflow_going_away_mid_run_never_fails_training_and_loses_no_step(tmp_path, tiny_config, monkeypatch):
     from mlflow import MlflowClient
 
@@ -94,6 +95,7 @@ def test_mlflow_going_away_mid_run_never_fails_training_and_loses_no_step(tmp_pa
     assert not logger.pending
 
 
+@pytest.mark.slow
 def test_a_shard_read_rides_out_transient_errors_the_client_gave_up_on(s3_endpoint, s3_bucket):
     from kd_core.config import StorageConfig
     from kd_core.data.shards import ShardError, read_verified

@@ -99,12 +99,14 @@ def checkov(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(binary), *arguments], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_checkov_finds_no_insecure_setting():
     result = checkov("--config-file", str(INFRA / ".checkov.yaml"), "-d", str(INFRA))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "Failed checks: 0" in result.stdout and "Passed checks" in result.stdout
 
 
+@pytest.mark.slow
 def test_checkov_catches_a_privileged_pod(tmp_path):
     pod = {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bad", "namespace": "kdflow"},

@@ -83,7 +83,8 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     from ray.util.state import list_jobs
 
     assert ray.is_initialized()
-    drivers = {job.driver_info.pid for job in list_jobs() if job.type == "DRIVER" and job.driver_info is not None}
+    jobs = list_jobs(address=ray.get_runtime_context().gcs_address)  # this cluster (another pytest worker has its own)
+    drivers = {job.driver_info.pid for job in jobs if job.type == "DRIVER" and job.driver_info is not None}
     assert len(drivers - {str(os.getpid()), os.getpid()}) >= 1, drivers
 
     assert list(steps) == ["prep", "teacher", "cache", "tune", "distill", "baseline", "eval", "register"]
@@ -141,10 +142,12 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     # A killed search resumes from Ray Tune's experiment: with its manifest gone (as a kill leaves
     # it), the stage restores the search and reruns no finished trial.
     store.delete(f"{search.folder}/manifest.json")
-    trial_files = sorted(path.name for path in (tmp_path / "store" / search.folder / "trials").iterdir())
+    experiment = tmp_path / "store" / search.folder / "search"
+    trial_results = {path.parent.name: path.read_bytes() for path in experiment.glob("*/result.json")}  # a rerun trial appends
+    assert len(trial_results) == 2
     resumed = tune_step(config, steps["prep"], steps["teacher"], steps["cache"])
     assert resumed.details["best_params"] == best and resumed.details["mlflow_parent_run_id"] == parent.info.run_id
-    assert sorted(path.name for path in (tmp_path / "store" / search.folder / "trials").iterdir()) == trial_files
+    assert {path.parent.name: path.read_bytes() for path in experiment.glob("*/result.json")} == trial_results
     assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
 
     # A gate that cannot pass: only eval reruns (the search is reused), register is skipped, and

@@ -100,6 +100,7 @@ def _verdict_of_rank(rank: int, port: int, verdicts) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_skips_when_one_rank_is_not_finite():
     import torch.multiprocessing as mp
 
@@ -117,6 +118,7 @@ def prepared(tmp_path_factory):
     return config, store, prep(config.data, store)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["plain", "zero3"])
 def test_a_run_at_learning_rate_1e30_aborts_naming_the_step_and_the_last_finite_loss(prepared, runner):
     config, store, prep_manifest = prepared

@@ -221,6 +221,7 @@ def trained(spec, teacher_actors=None, **options) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+@pytest.mark.slow
 def test_actors_write_and_score_what_the_training_process_would(tmp_path, folder, ray_runtime):
     """Seeded per step and micro-batch, refreshed every step: the actors' answers and the teacher
     actors' targets (here its top 16 tokens, `teacher_top_k`) are the training process's own, so
@@ -237,6 +238,7 @@ def test_actors_write_and_score_what_the_training_process_would(tmp_path, folder
     assert all(r["staleness"] == 0 for r in by_actors + by_process) and all(r["generated_tokens_per_s"] > 0 for r in by_actors)
 
 
+@pytest.mark.slow
 def test_a_crashed_async_run_resumes_with_the_answers_it_had_written(tmp_path, folder, ray_runtime, request):
     """`async` answers one step ahead with weights refreshed every 2 steps; a checkpoint keeps the
     answers written for the next step and the actors' lagging weights, so the resumed run trains
@@ -274,6 +276,7 @@ def test_a_crashed_async_run_resumes_with_the_answers_it_had_written(tmp_path, f
     assert [r["trained_tokens"] for r in resumed] == [r["trained_tokens"] for r in reference]  # the counts carry on too
 
 
+@pytest.mark.slow
 def test_an_on_policy_job_on_ray_trains_with_generation_and_teacher_actors(tmp_path, folder, ray_runtime):
     """Through Ray Train: the driver makes the teacher pool, the worker its generation actor."""
     from kd_core.pipeline import run_pipeline
@@ -304,6 +307,7 @@ def test_actors_a_local_ray_cannot_place_are_refused_before_training(ray_runtime
         check_room_for_actors(crowded.model_copy(update={"actor_cpus": 0.5, "teacher_actors": 1}), 1, compute, 1, 1, concurrent=2)
 
 
+@pytest.mark.slow
 def test_the_on_policy_recipe_compiles_to_the_same_dags_and_searches_its_sampling_settings(tmp_path):
     """Kubeflow: the on-policy job is the same DAG; tune: λ, β, the temperature and top-p are searchable."""
     import yaml
@@ -324,6 +328,7 @@ def test_the_on_policy_recipe_compiles_to_the_same_dags_and_searches_its_samplin
         load_config(os.path.join(REPO, "configs", "on_policy.yaml"), ["tune.space={distill.on_policy.temperature: {kind: uniform, low: 0.0, high: 1.0}}"])
 
 
+@pytest.mark.slow
 def test_an_on_policy_search_runs_its_trials_with_generation_actors_and_one_teacher_pool(tmp_path, folder, ray_runtime):
     """A Tune trial's placement group captures what its workers start: the generation actors must
     be placed outside it, or the first on-policy step waits forever (it did)."""

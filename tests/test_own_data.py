@@ -317,6 +317,7 @@ def teacher_job(tmp_path, teacher_folder, *overrides):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style, padded", [("llama", 0), ("gpt2", 64)])
 def test_a_teacher_saved_with_transformers_teaches_with_its_own_tokenizer_and_the_registered_student_generates(tmp_path, style, padded):
     import mlflow
@@ -397,6 +398,7 @@ def test_a_tokenizer_that_names_a_token_it_lacks_is_refused_before_any_id_is_add
         ("data.val_fraction=0.2", "error: data: the train split holds no full row of data.seq_len=32 tokens (3 documents"),
     ],
 )
+@pytest.mark.slow
 def test_cache_and_split_checks_end_in_one_line_and_exit_2(tmp_path, override, message):
     folder = save_teacher(tmp_path / "teacher", "llama")
     (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": f"w{i}"}) + "\n" for i in range(5)))

@@ -32,6 +32,7 @@ def files_config(paths, **changes) -> DataConfig:
     return DataConfig(**{"source": "files", "files": paths, "vocab_size": 300, "seq_len": 16, "rows_per_shard": 4, **changes})
 
 
+@pytest.mark.slow
 def test_python_docs_are_real_prose():
     documents = []
     for document in python_docs():

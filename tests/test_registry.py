@@ -102,6 +102,7 @@ def test_a_higher_is_better_metric_ranks_the_other_way(registry):
     assert champion(config, client) == high != low
 
 
+@pytest.mark.slow
 def test_concurrent_registrations_leave_the_champion_on_the_best_passing_version(registry, tmp_path):
     config, client = registry
     register(config, perplexity=150.0)  # the sitting champion
@@ -127,6 +128,7 @@ def test_concurrent_registrations_leave_the_champion_on_the_best_passing_version
     assert champion(config, client) == version_of[119.0]  # the best that passed; 110 failed its gates
 
 
+@pytest.mark.slow
 def test_promote_by_hand_and_rollback(registry, tmp_path):
     config, client = registry
     v1 = register(config, 130.0)

@@ -224,6 +224,7 @@ def test_multimodal_reward_model_reads_the_image_ignores_padding_and_round_trips
     torch.testing.assert_close(load_reward_model(tmp_path / "m")(input_ids=ids, pixel_values=pixels), rewards)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner_kind", ["plain", "ddp", "zero2"])
 def test_the_vision_warm_start_holds_the_language_model_still_then_lets_it_learn(runner_kind):
     """student.vision.warm_start_steps = 2: for two optimizer steps the language model keeps its
@@ -362,6 +363,7 @@ def test_reward_config_rules_name_the_field(tmp_path):
 
 
 # --------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys, monkeypatch):
     from mlflow import MlflowClient
 

@@ -133,6 +133,7 @@ def hold_lease(root, seconds: float):
     return holder
 
 
+@pytest.mark.slow
 def test_a_second_run_of_a_step_waits_for_the_first_then_reuses_its_result(tmp_path):
     from kd_core.stage import StageBusy, StageLease
 

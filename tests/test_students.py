@@ -80,6 +80,7 @@ def starting_models(config, steps):
 
 
 # ------------------------------------------------------------------------------------------ pretrained
+@pytest.mark.slow
 def test_a_pretrained_llama_student_starts_from_its_folder_distils_and_registration_records_it(tmp_path, tokenizer, teacher_folder):
     import mlflow
     from mlflow import MlflowClient
@@ -110,6 +111,7 @@ def test_a_pretrained_llama_student_starts_from_its_folder_distils_and_registrat
     assert json.loads(version.tags["kdflow.student_start"]) == recorded
 
 
+@pytest.mark.slow
 def test_a_qwen2_student_with_a_padded_output_layer_distils_from_an_online_teacher(tmp_path, tokenizer, teacher_folder):
     from transformers import AutoModelForCausalLM
 
@@ -235,6 +237,7 @@ def test_width_pruning_keeps_the_most_important_channels_and_the_saved_model_rou
         assert torch.isfinite(logits).all() and torch.equal(logits, cut.eval()(ids).logits)
 
 
+@pytest.mark.slow
 def test_a_student_cut_from_the_teacher_and_its_baseline_start_from_the_same_cut_and_record_it(tmp_path, tokenizer, teacher_folder):
     from transformers import AutoModelForCausalLM
 

@@ -47,6 +47,7 @@ def tabular_config(tmp_path, csv, *overrides: str):
     ])
 
 
+@pytest.mark.slow
 def test_a_users_csv_distils_into_an_mlp_that_exports_to_onnx_and_is_registered(tmp_path):
     import mlflow
     import onnxruntime
@@ -165,6 +166,7 @@ class _Helper:
     """A user type: a skops file holding it needs the user's explicit trust."""
 
 
+@pytest.mark.slow
 def test_the_teacher_fits_in_a_ray_task_and_the_cache_runs_on_ray_actors(tmp_path):
     csv = write_table(tmp_path / "rows.csv")
     config = tabular_config(tmp_path, csv, "compute.backend=ray", "teacher.sklearn.cpus=1", "cache.num_actors=1")
@@ -221,6 +223,7 @@ def test_tabular_losses_match_their_float64_reference():
     assert abs(terms["ce"].item() - np.mean((values[kept] - truth[kept]) ** 2)) < 1e-6
 
 
+@pytest.mark.slow
 def test_the_regression_recipe_runs_on_the_bundled_diabetes_table(tmp_path):
     config = load_config(REPO / "configs" / "tabular_regression.yaml", [
         f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "compute.backend=local",
@@ -240,6 +243,7 @@ def Store_of(config):
     return Store(config.storage)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, trials", [("local", 4), ("ray", 2)])
 def test_a_teacher_search_fits_the_best_of_its_trials(tmp_path, backend, trials):
     """In this process (Optuna), and in Ray Tune trials (Optuna's TPE through Ray Tune)."""

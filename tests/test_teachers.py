@@ -122,6 +122,7 @@ def history(store, manifest) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["cache", "online"])
 def test_a_job_distils_from_two_weighted_teachers_and_logs_each(tmp_path, source):
     from kd_core.pipeline import run_pipeline
@@ -143,6 +144,7 @@ EXACT = ["data.source=exact-answers", "data.exact_answers={tasks: [sort, reverse
          "data.max_documents=null", "data.chat.layout=padded", "distill.on_policy.max_new_tokens=6"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source, objective", [("cache", "divergence"), ("on_policy", "divergence"), ("on_policy", "policy_gradient")])
 def test_each_task_family_is_taught_by_its_routed_teacher(tmp_path, source, objective):
     """`distill.route` by the records' tags (the exact-answers families), from the caches or on the

@@ -74,6 +74,7 @@ def test_validate_check_inputs_names_a_tracking_server_that_is_down(capsys):
     assert line.startswith(f"error: registry.tracking_uri: no MLflow server at {uri} (connection refused)")
 
 
+@pytest.mark.slow
 def test_a_real_mlflow_server_passes_the_probe(mlflow_server, capsys):
     assert main(["validate", "--check-inputs", TINY, f"registry.tracking_uri={mlflow_server}"]) == 0
     out = capsys.readouterr().out
@@ -148,6 +149,7 @@ def test_a_sqlite_database_under_a_file_is_named(tmp_path):
     probe_tracking_uri(f"sqlite:///{tmp_path / 'new' / 'folder' / 'mlflow.db'}")  # creatable: fine
 
 
+@pytest.mark.slow
 def test_kdflow_mlflow_client_gives_up_on_a_dead_server_in_seconds(monkeypatch):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -49,6 +49,7 @@ def tiny_search_runtime(ray_runtime):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers do not import tests/
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_search_records_its_state_restores_and_refuses_an_edited_file(where, tmp_path, request, tiny_search_runtime):
     if where == "s3":
