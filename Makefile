@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo chat test setup pipelines clean-runs lock
+.PHONY: demo chat test check setup pipelines clean-runs lock
 
 demo: $(STAMP)  ## run the whole pipeline on the embedded default (configs/demo.yaml)
 	$(BIN)/kdflow run configs/demo.yaml
@@ -18,6 +18,10 @@ test:  ## check the import layers, then run the test suite (the two venvs are se
 	@$(MAKE) --no-print-directory -j2 $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+check: $(STAMP)  ## the fast tier while editing (about 2 minutes): the import layers, then every test not marked slow
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 pipelines: $(STAMP)  ## compile the Kubeflow DAGs to pipelines/compiled/ (committed; a test fails when they are stale)
 	$(BIN)/kdflow compile configs/cluster.yaml --pipeline distill --output pipelines/compiled/distill_pipeline.yaml
