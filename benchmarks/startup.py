@@ -26,6 +26,8 @@ It prints the rows side by side, each with its ratio to the in-process path, and
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -98,6 +100,7 @@ def main() -> None:
     from kd_core.progress import silenced
     from kd_core.train.ray_glue import ensure_ray
 
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}")
     imports = {module: import_seconds(module, args.repeats) for module in IMPORTS}
     print("a new interpreter's imports (s, median of %d, less a bare interpreter's):" % args.repeats)
     for module, seconds in imports.items():

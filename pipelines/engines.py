@@ -123,7 +123,7 @@ def shared_ray(job: JobConfig, pipeline: str) -> Iterator[None]:
         return
     from kd_core.train.ray_glue import ensure_ray, ray_env
 
-    ensure_ray(job.compute)
+    ensure_ray(job.compute, warm=False)  # its worker processes would serve this process's job, not the steps'
     with ExitStack() as stack:
         for name, value in ray_env().items():
             stack.enter_context(_environment(name, value))

@@ -77,7 +77,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
     config = load_config(REPO / "configs" / "tiny.yaml", overrides)
     steps = engines.run_local(config, "tune-distill")
 
-    # One Ray for the whole DAG: this process started it and the tune task's subprocess joined it
+    # One Ray for the whole DAG: this process started it and the tune task's subprocess joined it (KDFLOW_RAY_ADDRESS)
     # (a driver of another process on this cluster) instead of starting a second one.
     import ray
     from ray.util.state import list_jobs

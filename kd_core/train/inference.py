@@ -6,7 +6,8 @@ compute its cache columns, writes the shard atomically and then its commit recor
 (`<shard>.commit.json`: the shard's record and its source token shard's sha256), which is what
 lets a rerun of a killed cache keep the shards already done. `run_teacher_jobs` runs a list of
 (token shard, output) jobs, each a whole shard, and yields each (record, rows) as it finishes:
-- on GPUs, on `cache.num_actors` actors of one GPU each, which take the next job as they finish;
+- on GPUs (or through Ray Client), on `cache.num_actors` actors of one GPU each (one CPU), which
+  take the next job as they finish;
 - on CPUs, in `cache.num_actors` Ray tasks that each load the teacher once and work through
   their share of the jobs, yielding as they go (streaming generator tasks). A task's worker
   process outlives it, with torch and the teacher's code imported, and Ray gives it to the run's
@@ -81,7 +82,7 @@ def run_teacher_jobs(
 
     ensure_ray(compute)
     workers = min(config.num_actors, len(jobs))
-    if not compute.use_gpu:
+    if not compute.use_gpu and not ray.util.client.ray.is_connected():  # Ray Client has no streaming generators
         share = ray.remote(num_cpus=1)(teacher_jobs)
         generators = [share.remote(store.config, teacher, config, layout, task, prep_details, jobs[index::workers]) for index in range(workers)]
         try:
@@ -96,7 +97,7 @@ def run_teacher_jobs(
             for generator in generators:
                 ray.cancel(generator)
         return
-    actor_class = ray.remote(num_cpus=1, num_gpus=1)(TeacherWorker)
+    actor_class = ray.remote(num_cpus=1, num_gpus=int(compute.use_gpu))(TeacherWorker)
     actors = [actor_class.remote(store.config, teacher, config, layout, task, prep_details, threads=1) for _ in range(workers)]
     try:
         yield from ActorPool(actors).map_unordered(lambda actor, job: actor.process.remote(*job), jobs)

@@ -13,7 +13,8 @@ A one-worker training (`compute.single_worker: task`, the default) skips Ray Tra
 task running the same `train_worker` with checkpoints on the store, as the local backend writes
 them. Ray keeps a finished task's worker process for the next task, so the run's later fits (the
 baseline after the distillation, the next step of a pipeline) start in a process that has torch
-and kdflow imported, with no controller, worker group or process group to start. Ray retries the
+and kdflow imported, with no controller, worker group or process group to start (on CPUs: a GPU
+task's process ends with it, as Ray does by default, so that each fit gets the GPU Ray gave it). Ray retries the
 task `compute.max_failures` times when its process dies; it resumes from the latest checkpoint.
 Every fit's result carries `startup`: seconds from the fit's start to its worker process's start
 (`worker_process`, below 0 for a process that already ran), to the start of the training loop
@@ -51,16 +52,18 @@ from kd_core.train.reporter import TrainReporter, fit_reporter, startup, worker_
 _POLL_SECONDS = 0.5
 
 
-DASHBOARD_ENV = "KDFLOW_RAY_DASHBOARD"
-"""The dashboard address of the local Ray that `RAY_ADDRESS` names, for the processes that join it."""
+ADDRESS_ENV, DASHBOARD_ENV = "KDFLOW_RAY_ADDRESS", "KDFLOW_RAY_DASHBOARD"
+"""The address and dashboard of a local Ray another kdflow process started, for the processes
+that join it (`ray_env`: the kfp.local engine's steps). Not `RAY_ADDRESS`: users set that for
+Ray's job submission, often to a dashboard URL, and a local job must not join what it names."""
 
 _started_dashboard: str | None = None
 
 
-def ensure_ray(compute: ComputeConfig) -> None:
-    """Connect to `compute.ray_address` (else to the Ray in `RAY_ADDRESS`, Ray's own convention,
-    which the kfp.local engine sets for its steps: `ray_env`), or start a local Ray; once per
-    process, which every stage of the run then shares."""
+def ensure_ray(compute: ComputeConfig, *, warm: bool = True) -> None:
+    """Connect to `compute.ray_address` (else to the Ray in `KDFLOW_RAY_ADDRESS`, which the
+    kfp.local engine sets for its steps: `ray_env`), or start a local Ray; once per process, which
+    every stage of the run then shares. A new local Ray warms two worker processes (`warm`)."""
     import ray
 
     global _started_dashboard
@@ -71,7 +74,7 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # machine (concurrent Tune trials, a test suite) starting workers that import torch takes longer.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     common = {"logging_level": "WARNING", "log_to_driver": os.environ.get("KDFLOW_RAY_LOGS") == "1", "configure_logging": True}
-    address = compute.ray_address or os.environ.get("RAY_ADDRESS")
+    address = compute.ray_address or os.environ.get(ADDRESS_ENV)
     if address:
         dashboard = os.environ.get(DASHBOARD_ENV)
         ray.init(address=address, **common, **({"runtime_env": {"env_vars": {"RAY_ADDRESS": dashboard}}} if dashboard else {}))
@@ -92,12 +95,15 @@ def ensure_ray(compute: ComputeConfig) -> None:
         **common,
     )
     _started_dashboard = dashboard
-    _warm_workers(min(WARM_WORKERS, compute.num_cpus or os.cpu_count() or 1))
+    if warm:
+        _warm_workers(min(WARM_WORKERS, compute.num_cpus or os.cpu_count() or 1))
 
 
 WARM_WORKERS = 2
 """Worker processes a new local Ray starts importing the training code in at once, beside the
-driver's work: the run's first fit and the cache's tasks then find them ready."""
+driver's work: the run's first fit and the cache's tasks then find them ready. (Ray's worker
+processes serve one job: a process that only hands its Ray to others, the kfp.local engine, does
+not warm any.)"""
 
 
 def _warm_workers(count: int) -> None:
@@ -122,7 +128,7 @@ def ray_env() -> dict[str, str]:
     kfp.local engine's steps, each a subprocess) instead of starting a second one beside it."""
     import ray
 
-    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {ADDRESS_ENV: ray.get_runtime_context().gcs_address}
     if _started_dashboard:
         env[DASHBOARD_ENV] = _started_dashboard
     return env
@@ -152,7 +158,7 @@ def fit(spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: boo
                 bar.update(step, _status(record))
 
             torch.set_num_threads(compute.cpus_per_worker)
-            return {**train_worker(spec, progress=progress), "startup": startup(reporter.timeline(), started)}
+            return {**train_worker(spec, progress=progress, wrap_model=on_gpu_if_any), "startup": startup(reporter.timeline(), started)}
         if compute.num_workers == 1 and compute.single_worker == "task":
             return _fit_in_ray_task(spec, compute, bar, started)
         return _fit_on_ray(spec, compute, bar, started)
@@ -258,6 +264,12 @@ def torch_trainer(
     )
 
 
+def on_gpu_if_any(module: torch.nn.Module) -> torch.nn.Module:
+    """What Ray Train's `prepare_model` does for one worker: the module on this process's GPU, when
+    it has one (a DeepSpeed engine places its module itself)."""
+    return module.to("cuda") if torch.cuda.is_available() else module
+
+
 def one_worker_fit(spec: TrainSpec, threads: int, reporter, fit: str, teacher_actors: dict[str, list] | None) -> dict:
     """What the Ray task of a one-worker fit runs (`compute.single_worker: task`): the training
     loop on rank 0 of 1, checkpointing to the store, streaming its log records to `reporter`."""
@@ -268,7 +280,7 @@ def one_worker_fit(spec: TrainSpec, threads: int, reporter, fit: str, teacher_ac
         reporter.update.remote(fit, step, record)
 
     try:
-        return train_worker(spec, progress=progress, teacher_actors=teacher_actors)
+        return train_worker(spec, progress=progress, wrap_model=on_gpu_if_any, teacher_actors=teacher_actors)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the process outlives the fit; the next one needs the memory
@@ -281,9 +293,12 @@ def _fit_in_ray_task(spec: TrainSpec, compute: ComputeConfig, bar, started: floa
     check_room_for_actors(spec.on_policy, len(spec.online_teachers()), compute, 1, compute.cpus_per_worker)
     fit = uuid.uuid4().hex
     reporter = fit_reporter(fit)
-    task = ray.remote(one_worker_fit).options(
-        num_cpus=compute.cpus_per_worker, num_gpus=int(compute.use_gpu), max_retries=compute.max_failures, retry_exceptions=False,
-    )
+    # On a GPU the process is not kept (Ray's own default for GPU tasks): a reused process would
+    # hold its CUDA context on the GPU of its first task, whichever GPU Ray gives the next one.
+    task = ray.remote(
+        num_cpus=compute.cpus_per_worker, num_gpus=int(compute.use_gpu), max_calls=1 if compute.use_gpu else 0,
+        max_retries=compute.max_failures, retry_exceptions=[OSError],  # a dead process, or the store failing (as Ray Train retries)
+    )(one_worker_fit)
     with teacher_pool(spec.storage, spec.online_teachers(), spec.task, spec.on_policy) as teacher_actors:
         pending = task.remote(spec, compute.cpus_per_worker, reporter, fit, teacher_actors)
         done: list = []

@@ -62,17 +62,23 @@ def startup(timings: dict[str, float], started: float) -> dict[str, float]:
     return {NAMES[name]: round(at - started, 3) for name, at in timings.items() if name in NAMES}
 
 
-_reporter: tuple[str, object] | None = None
+_reporter: tuple[tuple[str, str], object] | None = None
 
 
 def fit_reporter(fit: str):
-    """The reporter actor of this driver (made once per Ray session), set to the fit `fit`."""
+    """The reporter actor of this driver (made once per Ray cluster and job, and again if it
+    died), set to the fit `fit`."""
     import ray
 
     global _reporter
-    session = ray.get_runtime_context().get_job_id()
-    if _reporter is None or _reporter[0] != session:
-        _reporter = (session, ray.remote(num_cpus=0)(TrainReporter).remote())
-    actor = _reporter[1]
-    ray.get(actor.begin.remote(fit))
-    return actor
+    context = ray.get_runtime_context()
+    session = (context.gcs_address, context.get_job_id())
+    if _reporter is not None and _reporter[0] == session:
+        try:
+            ray.get(_reporter[1].begin.remote(fit))
+            return _reporter[1]
+        except ray.exceptions.RayActorError:
+            pass
+    _reporter = (session, ray.remote(num_cpus=0)(TrainReporter).remote())
+    ray.get(_reporter[1].begin.remote(fit))
+    return _reporter[1]

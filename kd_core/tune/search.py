@@ -173,9 +173,14 @@ def run_trial(
         import torch
 
         from kd_core.train.loop import train_worker
+        from kd_core.train.ray_glue import on_gpu_if_any
 
+        # When ASHA stops this trial, Tune reuses the process for the next one once this thread
+        # has wound down (data readers, prefetch), which it waits 2 s for by default and then
+        # fails the next trial; this process's own setting, read at that moment.
+        os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
         torch.set_num_threads(cpus)
-        train_worker(spec, on_validation=ray_tune.report, teacher_actors=teacher_actors)
+        train_worker(spec, wrap_model=on_gpu_if_any, on_validation=ray_tune.report, teacher_actors=teacher_actors)
         return
     torch_trainer(
         spec, workers=settings.workers_per_trial or job.compute.num_workers, cpus_per_worker=cpus, use_gpu=job.compute.use_gpu,
