@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -285,13 +286,44 @@ def test_deepspeed_checkpoints_are_loaded_without_unpickling_code(tmp_path):
         engine.load(str(tmp_path / "evil.pt"))
 
 
+@contextlib.contextmanager
+def killing_one_process(named: str, once: Callable[[], bool], poll_s: float = 0.05) -> Iterator[list[int]]:
+    """While the block runs, SIGKILL the first process of this test's Ray (Ray's processes descend
+    from the process that started it; another pytest worker has its own) whose command line holds
+    `named`, as soon as `once()` is true; yields the killed pids (none if `once` never was)."""
+    import psutil
+
+    killed: list[int] = []
+    finished = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while not once():
+            if finished.is_set() or time.monotonic() > deadline:
+                return  # nothing to resume from: kill nothing, the caller's asserts say so
+            time.sleep(poll_s)
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # it exited while we looked
+                if named in " ".join(process.cmdline()):
+                    process.kill()
+                    killed.append(process.pid)
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        finished.set()
+        watcher.join(timeout=5)
+
+
 @pytest.mark.slow
 def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint, s3_bucket, tmp_path):
     """2 Ray Train workers at ZeRO-2 with their run storage on S3 (moto, through an explicit
     filesystem); one worker is SIGKILLed mid-run; Ray Train restarts the group, which resumes from
     the latest checkpoint and finishes with the loss curve and gradient norms of an uninterrupted
     1-worker run (2 × 4 rows = 1 × 8: the data-parallel equivalence is checked here too)."""
-    import psutil
     import s3fs
 
     # Credentials in the config: the Ray cluster may have started before the moto fixture put its
@@ -308,38 +340,14 @@ def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint,
     on_ray = local.compute.model_copy(update={"backend": "ray", "num_workers": 2, "cpus_per_worker": 1, "num_cpus": 2, "max_failures": 1})
 
     bucket = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
-    killed: list[int] = []
-    finished = threading.Event()
 
-    def kill_one_of_our_workers_after_a_few_checkpoints() -> None:
-        target = f"{s3_bucket}/kdflow/{reference.folder}/checkpoints/step-00000015"
-        deadline = time.monotonic() + 600
-        while not bucket.exists(target):
-            if finished.is_set() or time.monotonic() > deadline:
-                return  # no checkpoint to resume from: kill nothing, the asserts below say so
-            time.sleep(0.2)
-            bucket.invalidate_cache()
-        # Only this test's cluster: Ray's processes descend from the process that started it. Another
-        # test running at the same time (pytest-xdist) may have Ray Train workers of its own.
-        workers = []
-        for process in psutil.Process().children(recursive=True):
-            try:
-                if "RayTrainWorker" in " ".join(process.cmdline()):
-                    workers.append(process)
-            except psutil.Error:  # it exited while we looked
-                pass
-        if workers:
-            workers[0].kill()
-            killed.append(workers[0].pid)
+    def step_15_is_on_s3() -> bool:
+        bucket.invalidate_cache()
+        return bucket.exists(f"{s3_bucket}/kdflow/{reference.folder}/checkpoints/step-00000015")
 
-    watcher = threading.Thread(target=kill_one_of_our_workers_after_a_few_checkpoints, daemon=True)
-    watcher.start()
     # Same step key as the reference (compute is not part of it): force it to train again on Ray.
-    try:
+    with killing_one_process("RayTrainWorker", once=step_15_is_on_s3, poll_s=0.2) as killed:
         manifest = distill(local.distill, local.student, prepared, cached, store, on_ray, force=True)
-    finally:
-        finished.set()
-    watcher.join(timeout=5)
     assert killed, "no Ray Train worker of this test's cluster was killed (no step-15 checkpoint seen on S3, or no worker found)"
     assert manifest.metrics["resumed_from_step"] >= 5
     two_workers, one_worker = history(store, manifest.folder), history(store, reference.folder)
@@ -356,39 +364,17 @@ def test_a_killed_ray_worker_is_restarted_and_resumes_on_s3_storage(s3_endpoint,
 def test_a_killed_one_worker_task_is_retried_and_resumes_from_its_checkpoint(tmp_path):
     """A one-worker fit on Ray runs as a Ray task (`compute.single_worker: task`), not under Ray
     Train. Its process is SIGKILLed mid-run; Ray retries the task, which resumes from the latest
-    checkpoint on the store and finishes with the losses of an uninterrupted run. The baseline fit
-    after it then runs in a process Ray kept, without a new one's start-up."""
-    import psutil
-
+    checkpoint on the store and finishes with the losses of an uninterrupted run. The fit after it
+    then runs in a process Ray kept, without a new one's start-up."""
     steps = ["distill.train.max_steps=30", "distill.train.log_every=1", "distill.checkpoint_every=5"]
     local = load_config(REPO / "configs" / "tiny.yaml", [f"storage.root={tmp_path}/store", *steps, "compute.backend=local"])
     store = Store(local.storage)
     prepared, cached = stage_outputs(local, store)
     reference = distill(local.distill, local.student, prepared, cached, store, local.compute)
     on_ray = local.compute.model_copy(update={"backend": "ray", "num_workers": 1, "cpus_per_worker": 1, "max_failures": 1})
-    killed: list[int] = []
-    finished = threading.Event()
-
-    def kill_the_task_after_a_few_checkpoints() -> None:
-        target = f"{reference.folder}/checkpoints/step-00000015/COMPLETE"
-        deadline = time.monotonic() + 600
-        while not store.exists(target):
-            if finished.is_set() or time.monotonic() > deadline:
-                return
-            time.sleep(0.05)
-        for process in psutil.Process().children(recursive=True):  # this test's cluster only
-            with contextlib.suppress(psutil.Error):
-                if "one_worker_fit" in " ".join(process.cmdline()):
-                    process.kill()
-                    killed.append(process.pid)
-
-    watcher = threading.Thread(target=kill_the_task_after_a_few_checkpoints, daemon=True)
-    watcher.start()
-    try:
+    step_15_is_complete = lambda: store.exists(f"{reference.folder}/checkpoints/step-00000015/COMPLETE")  # noqa: E731
+    with killing_one_process("one_worker_fit", once=step_15_is_complete) as killed:
         manifest = distill(local.distill, local.student, prepared, cached, store, on_ray, force=True)
-    finally:
-        finished.set()
-    watcher.join(timeout=5)
     assert killed, "no one_worker_fit process of this test's cluster was killed (no step-15 checkpoint seen)"
     assert manifest.metrics["resumed_from_step"] >= 15
     assert [r["step"] for r in history(store, manifest.folder)] == list(range(1, 31))
