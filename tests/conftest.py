@@ -29,18 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KDFLOW_QUIET", "1")
 
 
-LONGEST_FILES = ("test_image.py", "test_checkpoints.py", "test_benchmarks.py", "test_faults.py", "test_kubeflow.py", "test_on_policy.py")
-"""The test files that take longest on 2 cores (`make test` in docs/benchmarks.md), run first."""
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest files first: pytest-xdist hands out whole files (`--dist loadfile`) in this
-    order, so that none of them starts last and keeps one worker busy while the others idle (the
-    image install replay, 2 minutes, started last in a fresh clone's run otherwise)."""
-    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of a moto S3 server on loopback; credentials are fake and only valid for it."""
