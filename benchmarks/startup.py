@@ -66,7 +66,7 @@ def distill_fit(config, steps: dict, compute) -> dict[str, float]:
     )
     timings = manifest.timings
     return {
-        "worker_started": timings.get("worker_started", 0.0), "loop": timings["startup"], "first_log": timings["first_log"],
+        "worker_started": timings["worker_started"], "loop": timings["startup"], "first_log": timings["first_log"],
         "train": timings["train"], "total": time.perf_counter() - started,
     }
 

@@ -6,7 +6,8 @@
 
 Locally, every component runs as a subprocess of this Python environment and the distill step
 runs Ray in-process (`kubeflow.rayjob.enabled` is switched off); the steps join the one local Ray
-this process starts (`shared_ray`): what `kdflow run` does, step for step, through KFP's own executor, parameter passing and condition handling. A task that fails
+this process starts (`shared_ray`): what `kdflow run` does, step for step, through KFP's own
+executor, parameter passing and condition handling. A task that fails
 raises `DagTaskFailed` with the task's own one-line cause (`run_dag`), and the executor's dump of
 each task's input (the whole job JSON) is left out of the streamed logs (`ExecutorInputFilter`).
 
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -124,9 +125,7 @@ def shared_ray(job: JobConfig, pipeline: str) -> Iterator[None]:
     from kd_core.train.ray_glue import ensure_ray, ray_env
 
     ensure_ray(job.compute, warm=False)  # its worker processes would serve this process's job, not the steps'
-    with ExitStack() as stack:
-        for name, value in ray_env().items():
-            stack.enter_context(_environment(name, value))
+    with _environment(ray_env()):
         yield
 
 
@@ -159,7 +158,7 @@ def run_dag(dag: Callable[[], object]) -> None:
     """
     from kd_core.kubeflow.steps import STEP_ERROR_DIR_ENV
 
-    with tempfile.TemporaryDirectory(prefix="kdflow-kfp-errors-") as folder, _environment(STEP_ERROR_DIR_ENV, folder):
+    with tempfile.TemporaryDirectory(prefix="kdflow-kfp-errors-") as folder, _environment({STEP_ERROR_DIR_ENV: folder}):
         with quiet_executor_input(), warnings.catch_warnings():
             for expected in _KFP_LOCAL_NOTICES:
                 warnings.filterwarnings("ignore", message=expected)
@@ -179,16 +178,18 @@ def _task_failure(folder: Path, kfp_error: RuntimeError) -> DagTaskFailed:
 
 
 @contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    saved = os.environ.get(name)
-    os.environ[name] = value
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in this process's environment (which subprocesses inherit), then restored."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class ExecutorInputFilter:

@@ -31,4 +31,5 @@ def test_startup_points_are_seconds_from_the_fits_start():
     timings = worker_timings()
     assert timings["process_started"] < before <= timings["loop_started"]  # this process is older than the call
     points = startup({"process_started": 95.0, "loop_started": 104.5, "first_log": 106.25, "unrelated": 1.0}, started=100.0)
-    assert points == {"worker_process": -5.0, "loop": 4.5, "first_log": 6.25}
+    assert points == {"worker_started": -5.0, "startup": 4.5, "first_log": 6.25}
+    assert startup({"loop_started": 101.0}, started=100.0) == {"worker_started": 0.0, "startup": 1.0, "first_log": 0.0}  # points never reached

@@ -13,13 +13,13 @@ A one-worker training (`compute.single_worker: task`, the default) skips Ray Tra
 task running the same `train_worker` with checkpoints on the store, as the local backend writes
 them. Ray keeps a finished task's worker process for the next task, so the run's later fits (the
 baseline after the distillation, the next step of a pipeline) start in a process that has torch
-and kdflow imported, with no controller, worker group or process group to start (on CPUs: a GPU
-task's process ends with it, as Ray does by default, so that each fit gets the GPU Ray gave it). Ray retries the
-task `compute.max_failures` times when its process dies; it resumes from the latest checkpoint.
-Every fit's result carries `startup`: seconds from the fit's start to its worker process's start
-(`worker_process`, below 0 for a process that already ran), to the start of the training loop
-(`loop`) and to its first log record (`first_log`); a stage's manifest keeps them in its timings
-(`worker_started`, `startup`, `first_log`). `benchmarks/startup.py` sets the paths side by side.
+and kdflow imported, with no controller, worker group or process group to start (on CPUs: a
+GPU task's process ends with it, as Ray does by default, so that each fit gets the GPU Ray gave
+it). Ray retries the task `compute.max_failures` times when its process dies; it resumes from the
+latest checkpoint. Every fit's result carries `startup`: seconds from the fit's start to its
+worker process's start (`worker_started`, below 0 for a process that already ran), to the start
+of the training loop (`startup`) and to its first log record (`first_log`), which a stage's
+manifest keeps in its timings. `benchmarks/startup.py` sets the paths side by side.
 
 The Ray Train run's storage is the stage's checkpoint folder on the configured store (an explicit
 pyarrow filesystem wraps the store's fsspec one, so MinIO and other S3 endpoints work). Workers
@@ -38,6 +38,7 @@ import uuid
 import torch
 
 from kd_core.config import ComputeConfig
+from kd_core.devtools import free_port
 from kd_core.errors import InputError, RunStopped, TrainingDiverged
 from kd_core.manifest import Manifest
 from kd_core.progress import progress_bar, say
@@ -84,7 +85,7 @@ def ensure_ray(compute: ComputeConfig, *, warm: bool = True) -> None:
     # died, e.g. a Tune trial ASHA stopped; without it later trials wait forever. The job's workers
     # are told this cluster's dashboard address, because with a second Ray instance on the machine
     # (another kdflow process, a test suite) the state API cannot guess which one is theirs.
-    dashboard = f"http://127.0.0.1:{_free_port()}"
+    dashboard = f"http://127.0.0.1:{free_port()}"
     ray.init(
         address="local",
         num_cpus=compute.num_cpus,
@@ -134,14 +135,6 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def fit(spec: TrainSpec, compute: ComputeConfig, description: str, *, fresh: bool = False) -> dict:
     """Train; with `fresh`, the run's old checkpoints are deleted first instead of resumed from.
     The result holds `startup` (see the module's docstring)."""
@@ -176,10 +169,7 @@ def fit_stage(
             return reused_manifest(run)
         with run.timed("train"):
             result = fit(spec, compute, description, fresh=fresh)
-        startup = result.pop("startup")
-        run.timings |= {
-            "worker_started": startup.get("worker_process", 0.0), "startup": startup.get("loop", 0.0), "first_log": startup.get("first_log", 0.0),
-        }
+        run.timings |= result.pop("startup")
         for record in result.pop("files"):
             run.record(record)
         details = {"model_folder": f"{run.folder}/model", **(details or {})}
@@ -279,11 +269,7 @@ def one_worker_fit(spec: TrainSpec, threads: int, reporter, fit: str, teacher_ac
     def progress(step: int, record: dict) -> None:
         reporter.update.remote(fit, step, record)
 
-    try:
-        return train_worker(spec, progress=progress, wrap_model=on_gpu_if_any, teacher_actors=teacher_actors)
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the process outlives the fit; the next one needs the memory
+    return train_worker(spec, progress=progress, wrap_model=on_gpu_if_any, teacher_actors=teacher_actors)
 
 
 def _fit_in_ray_task(spec: TrainSpec, compute: ComputeConfig, bar, started: float) -> dict:

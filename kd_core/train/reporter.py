@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
-NAMES = {"process_started": "worker_process", "loop_started": "loop", "first_log": "first_log"}
-"""The start-up points a fit reports, as `startup` names them (see `startup`)."""
+NAMES = {"process_started": "worker_started", "loop_started": "startup", "first_log": "first_log"}
+"""The start-up points a fit reports, as a stage's manifest names them in its timings (`startup`)."""
 
 
 class TrainReporter:
@@ -57,9 +57,9 @@ def worker_timings() -> dict[str, float]:
 
 def startup(timings: dict[str, float], started: float) -> dict[str, float]:
     """Seconds from `started` (the fit's start) to each point of a reporter's timeline: its worker
-    process's start (`worker_process`, below 0 for a process that already existed), its loop's
-    start (`loop`) and its first log record (`first_log`)."""
-    return {NAMES[name]: round(at - started, 3) for name, at in timings.items() if name in NAMES}
+    process's start (`worker_started`, below 0 for a process that already existed), its loop's
+    start (`startup`) and its first log record (`first_log`); 0 for a point it never reached."""
+    return {NAMES[name]: round(timings[name] - started, 3) if name in timings else 0.0 for name in NAMES}
 
 
 _reporter: tuple[tuple[str, str], object] | None = None

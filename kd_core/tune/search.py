@@ -8,9 +8,9 @@ inside the trial's own process, which reserves the worker's CPUs (and GPU) and w
 for the next trial (`reuse_actors`): no trial after the first pays for a new process, imports or
 a process group. A trial with more workers (or `single_worker: ray_train`) starts a Ray Train
 `TorchTrainer` (`ray_train_loop`), whose `TuneReportCallback` forwards the reports; that trial
-itself holds no CPU, its workers reserve what they train with. Either way a trial's checkpoints
-are in its folder, so a restored search resumes an unfinished trial from its latest one. An
-on-policy search's trials share one pool of teacher actors, made for the search.
+itself holds no CPU, its workers reserve what they train with. Trials keep no checkpoints: a
+restored search runs an unfinished trial again from its start. An on-policy search's trials share
+one pool of teacher actors, made for the search.
 """
 
 from __future__ import annotations
