@@ -19,11 +19,11 @@ chat: $(STAMP)  ## the chat recipe (configs/chat.yaml): the demo's teacher and s
 test:  ## check the import layers, then run the test suite (the two venvs are set up side by side; two pytest workers, whole files each; the 15 slowest tests listed)
 	@$(MAKE) --no-print-directory -j2 $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 check: $(STAMP)  ## the fast tier while editing (about 2 minutes): the import layers, then every test not marked slow
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 pipelines: $(STAMP)  ## compile the Kubeflow DAGs to pipelines/compiled/ (committed; a test fails when they are stale)
 	$(BIN)/kdflow compile configs/cluster.yaml --pipeline distill --output pipelines/compiled/distill_pipeline.yaml
@@ -34,18 +34,28 @@ setup: $(STAMP)
 # Pinned set-up: every package at the version in constraints.txt. torch is pinned to the CPU
 # build (2.13.0+cpu), so set-up never pulls a multi-GB CUDA build onto a CPU machine. The cluster
 # extra is installed too, so that `make lock` keeps the pins the image needs.
-$(STAMP): pyproject.toml constraints.txt
+# uv installs the pinned set: from a fresh clone it took 19 s here where pip took 215 s, most of
+# it byte-compiling every module (docs/benchmarks.md, issue 26). uv itself comes from pip, pinned
+# by constraints.txt like everything else. It reads no pip settings, so the wheel folders and the
+# index that pip is pointed at through the environment are handed to it.
+UV := $(BIN)/uv
+UV_SOURCES := $(foreach links,$(PIP_FIND_LINKS),--find-links $(links)) $(if $(PIP_INDEX_URL),--index-url $(PIP_INDEX_URL))
+$(UV): constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,cluster]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
+	touch $(UV)
+
+$(STAMP): $(UV) pyproject.toml constraints.txt
+	$(UV) pip install --quiet --python $(BIN)/python $(UV_SOURCES) -c constraints.txt -e '.[test,cluster]'
 	touch $(STAMP)
 
 # checkov (the infra/ security scan in tests/test_infra.py) pins its own dependency set, which
 # clashes with the project's: it gets a venv of its own.
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
-$(CHECKOV_STAMP):
+$(CHECKOV_STAMP): $(UV)
 	test -d $(CHECKOV_VENV) || $(PYTHON) -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check checkov==3.3.30
+	$(UV) pip install --quiet --python $(CHECKOV_VENV)/bin/python $(UV_SOURCES) checkov==3.3.30
 	touch $(CHECKOV_STAMP)
 
 lock:  ## refresh constraints.txt from the current .venv (after changing dependencies)

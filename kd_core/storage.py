@@ -267,20 +267,31 @@ def content_identity(fs: fsspec.AbstractFileSystem, path: str, info: dict | None
     if not isinstance(fs, LocalFileSystem) or info.get("mtime") is None:
         return f"sha256:{sha256_of(fs, path)}"
     stamp = json.dumps([os.path.abspath(path), info.get("size"), info["mtime"]])
-    cached = _hash_cache_folder() / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.sha256"
+    cached = local_cache_folder("hashes") / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.sha256"
     try:
         return f"sha256:{cached.read_text().strip()}"
     except OSError:
         pass
     digest = sha256_of(fs, path)
-    try:  # best effort: a read-only home only costs hashing again next time
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        staging = cached.with_name(f".{cached.name}.{os.getpid()}")
-        staging.write_text(digest)
-        os.replace(staging, cached)
+    keep_locally(cached, digest.encode())
+    return f"sha256:{digest}"
+
+
+def local_cache_folder(name: str) -> Path:
+    """This machine's cache folder `name` under `KDFLOW_CACHE` (default ~/.cache/kdflow)."""
+    return Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow")) / name
+
+
+def keep_locally(path: Path, data: bytes) -> None:
+    """Write a local cache file atomically, best effort: a read-only home only costs computing
+    what it holds again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_bytes(data)
+        os.replace(staging, path)
     except OSError:
         pass
-    return f"sha256:{digest}"
 
 
 def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -289,10 +300,6 @@ def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _hash_cache_folder() -> Path:
-    return Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow")) / "hashes"
 
 
 def _file_mode() -> int:

@@ -44,6 +44,24 @@ def test_python_docs_are_real_prose():
     assert max(len(doc) for doc in documents) <= 4000  # long topics are cut into pieces
 
 
+@pytest.mark.slow
+def test_python_docs_are_extracted_once_and_read_back_from_the_machines_cache(tmp_path, monkeypatch):
+    """A whole extraction is kept under KDFLOW_CACHE and later runs read it; a partly read corpus
+    is not kept; a damaged copy is extracted anew and replaced."""
+    monkeypatch.setenv("KDFLOW_CACHE", str(tmp_path))
+    partly = python_docs()
+    next(partly)
+    partly.close()
+    assert not (tmp_path / "python-docs").exists()
+    extracted = list(python_docs())
+    (kept,) = (tmp_path / "python-docs").iterdir()
+    assert json.loads(kept.read_text()) == extracted and len(extracted) > 1000
+    kept.write_text(json.dumps(["what the cache holds is what is read"]))
+    assert list(python_docs()) == ["what the cache holds is what is read"]
+    kept.write_text('["cut short')
+    assert list(python_docs()) == extracted and json.loads(kept.read_text()) == extracted
+
+
 def test_split_long_keeps_text_and_respects_limit():
     text = "\n\n".join(f"paragraph {i} " + "x" * 50 for i in range(40))
     pieces = list(split_long(text, limit=300))

@@ -2,7 +2,8 @@
 
 - `python_docs()`: real English technical prose that ships with every CPython install: the
   language reference topics of `pydoc_data` and the long docstrings of the standard library.
-  No download, identical on every machine with the same Python.
+  No download, identical on every machine with the same Python; extracted once per machine and
+  Python (kept under `KDFLOW_CACHE`).
 - `FileSource`: `.txt` / `.md` / `.rst`, `.jsonl`, `.parquet` and `.arrow` (Arrow IPC, as a
   Hugging Face `datasets` folder holds its data) files on any fsspec store, named by `data.files`
   (URLs, globs or folders), optionally compressed (`.jsonl.gz`, `.txt.bz2`, `.xz`). `records()`
@@ -30,8 +31,10 @@ time): the prep step's key covers it, so an edited or added file is seen.
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
+import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +46,7 @@ import pyarrow.parquet as pq
 
 from kd_core.config import StorageConfig
 from kd_core.errors import InputError
-from kd_core.storage import check_bucket, file_identity, reaching, url_to_fs
+from kd_core.storage import check_bucket, file_identity, keep_locally, local_cache_folder, reaching, url_to_fs
 
 MAX_DOC_CHARS = 4000
 MIN_DOCSTRING_CHARS = 200
@@ -73,6 +76,32 @@ class DataSourceError(InputError):
 
 # ----------------------------------------------------------------------------------- bundled text
 def python_docs() -> Iterator[str]:
+    """The bundled corpus, in its fixed order. Extracting it parses the whole standard library
+    (about 6 s on 2 cores), so a complete extraction is kept as JSON in `KDFLOW_CACHE/python-docs`
+    and read back by later runs on this machine. Its name covers the Python build and this file's
+    code: another Python, or a change to how documents are cut, extracts them anew."""
+    kept = local_cache_folder("python-docs") / f"{_python_docs_version()}.json"
+    try:
+        documents = json.loads(kept.read_bytes())
+    except (OSError, ValueError):
+        documents = None
+    if isinstance(documents, list) and all(isinstance(document, str) for document in documents):
+        yield from documents
+        return
+    extracted = []
+    for document in _extract_python_docs():
+        extracted.append(document)
+        yield document
+    keep_locally(kept, json.dumps(extracted).encode())  # only once a reader took them all
+
+
+def _python_docs_version() -> str:
+    digest = hashlib.sha256(json.dumps([sys.version, sysconfig.get_paths()["stdlib"]]).encode())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def _extract_python_docs() -> Iterator[str]:
     import pydoc_data.topics
 
     for name in sorted(pydoc_data.topics.topics):
