@@ -34,10 +34,12 @@ setup: $(STAMP)
 # Pinned set-up: every package at the version in constraints.txt. torch is pinned to the CPU
 # build (2.13.0+cpu), so set-up never pulls a multi-GB CUDA build onto a CPU machine. The cluster
 # extra is installed too, so that `make lock` keeps the pins the image needs.
-# uv installs the pinned set: from a fresh clone it took 19 s here where pip took 215 s, most of
-# it byte-compiling every module (docs/benchmarks.md, issue 26). uv itself comes from pip, pinned
-# by constraints.txt like everything else. It reads no pip settings, so the wheel folders and the
-# index that pip is pointed at through the environment are handed to it.
+# uv installs the pinned set, byte-compiled: 55 s here where pip took 215 s (docs/benchmarks.md,
+# issue 26). The compiling is needed: where PYTHONDONTWRITEBYTECODE is set (it is on these
+# machines) no process writes .pyc files, and every process and Ray worker would compile torch
+# again on import. uv itself comes from pip, pinned by constraints.txt like everything else. It
+# reads no pip settings, so the wheel folders and the index pip is given in the environment are
+# handed to it.
 UV := $(BIN)/uv
 UV_SOURCES := $(foreach links,$(PIP_FIND_LINKS),--find-links $(links)) $(if $(PIP_INDEX_URL),--index-url $(PIP_INDEX_URL))
 $(UV): constraints.txt
@@ -46,7 +48,7 @@ $(UV): constraints.txt
 	touch $(UV)
 
 $(STAMP): $(UV) pyproject.toml constraints.txt
-	$(UV) pip install --quiet --python $(BIN)/python $(UV_SOURCES) -c constraints.txt -e '.[test,cluster]'
+	$(UV) pip install --quiet --compile-bytecode --python $(BIN)/python $(UV_SOURCES) -c constraints.txt -e '.[test,cluster]'
 	touch $(STAMP)
 
 # checkov (the infra/ security scan in tests/test_infra.py) pins its own dependency set, which
@@ -55,7 +57,7 @@ CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 $(CHECKOV_STAMP): $(UV)
 	test -d $(CHECKOV_VENV) || $(PYTHON) -m venv $(CHECKOV_VENV)
-	$(UV) pip install --quiet --python $(CHECKOV_VENV)/bin/python $(UV_SOURCES) checkov==3.3.30
+	$(UV) pip install --quiet --compile-bytecode --python $(CHECKOV_VENV)/bin/python $(UV_SOURCES) checkov==3.3.30
 	touch $(CHECKOV_STAMP)
 
 lock:  ## refresh constraints.txt from the current .venv (after changing dependencies)
