@@ -34,21 +34,31 @@ setup: $(STAMP)
 # Pinned set-up: every package at the version in constraints.txt. torch is pinned to the CPU
 # build (2.13.0+cpu), so set-up never pulls a multi-GB CUDA build onto a CPU machine. The cluster
 # extra is installed too, so that `make lock` keeps the pins the image needs.
-# uv installs the pinned set, byte-compiled: 55 s here where pip took 215 s (docs/benchmarks.md,
+# uv installs the pinned set, byte-compiled: 60 s here where pip took 215 s (docs/benchmarks.md,
 # issue 26). The compiling is needed: where PYTHONDONTWRITEBYTECODE is set (it is on these
 # machines) no process writes .pyc files, and every process and Ray worker would compile torch
-# again on import. uv itself comes from pip, pinned by constraints.txt like everything else. It
-# reads no pip settings, so the wheel folders and the index pip is given in the environment are
-# handed to it.
+# again on import. Files are copied, not hard-linked to uv's cache, so an edit inside a venv stays
+# there. uv itself comes from pip, pinned by constraints.txt like everything else.
+# uv reads no pip settings. It is handed the environment's (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL,
+# the PIP_FIND_LINKS that exist, PIP_CERT; through the environment, so no credential in a URL is
+# echoed) and picks from all indexes as pip does; where it still cannot install the pinned set
+# (settings only in pip.conf, say), pip installs it as before.
 UV := $(BIN)/uv
-UV_SOURCES := $(foreach links,$(PIP_FIND_LINKS),--find-links $(links)) $(if $(PIP_INDEX_URL),--index-url $(PIP_INDEX_URL))
+UV_ENV = env $${PIP_INDEX_URL:+UV_INDEX_URL="$$PIP_INDEX_URL"} $${PIP_EXTRA_INDEX_URL:+UV_EXTRA_INDEX_URL="$$PIP_EXTRA_INDEX_URL"} \
+	$${PIP_CERT:+SSL_CERT_FILE="$$PIP_CERT"} UV_INDEX_STRATEGY=unsafe-best-match
+UV_FIND_LINKS := $(foreach links,$(PIP_FIND_LINKS),$(if $(or $(findstring ://,$(links)),$(wildcard $(links))),--find-links $(links)))
+# $(call install,VENV,WHAT): uv into VENV, else pip.
+install = $(UV_ENV) $(UV) pip install --quiet --compile-bytecode --link-mode copy --python $(1)/bin/python $(UV_FIND_LINKS) $(2) \
+	|| { echo "uv could not install into $(1) (above): installing with pip" >&2; \
+	     $(1)/bin/python -m pip install --quiet --disable-pip-version-check $(2); }
 $(UV): constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
 	touch $(UV)
 
+PROJECT := -c constraints.txt -e '.[test,cluster]'
 $(STAMP): $(UV) pyproject.toml constraints.txt
-	$(UV) pip install --quiet --compile-bytecode --python $(BIN)/python $(UV_SOURCES) -c constraints.txt -e '.[test,cluster]'
+	$(call install,$(VENV),$(PROJECT))
 	touch $(STAMP)
 
 # checkov (the infra/ security scan in tests/test_infra.py) pins its own dependency set, which
@@ -57,7 +67,7 @@ CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 $(CHECKOV_STAMP): $(UV)
 	test -d $(CHECKOV_VENV) || $(PYTHON) -m venv $(CHECKOV_VENV)
-	$(UV) pip install --quiet --compile-bytecode --python $(CHECKOV_VENV)/bin/python $(UV_SOURCES) checkov==3.3.30
+	$(call install,$(CHECKOV_VENV),checkov==3.3.30)
 	touch $(CHECKOV_STAMP)
 
 lock:  ## refresh constraints.txt from the current .venv (after changing dependencies)

@@ -35,6 +35,7 @@ with a marker written last; a copy whose marker matches its source is reused.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -269,29 +270,35 @@ def content_identity(fs: fsspec.AbstractFileSystem, path: str, info: dict | None
     stamp = json.dumps([os.path.abspath(path), info.get("size"), info["mtime"]])
     cached = local_cache_folder("hashes") / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.sha256"
     try:
-        return f"sha256:{cached.read_text().strip()}"
+        kept = cached.read_text().strip()
     except OSError:
-        pass
+        kept = ""
+    if len(kept) == 64 and all(character in "0123456789abcdef" for character in kept):
+        return f"sha256:{kept}"
     digest = sha256_of(fs, path)
     keep_locally(cached, digest.encode())
     return f"sha256:{digest}"
 
 
-def local_cache_folder(name: str) -> Path:
+def local_cache_folder(name: str = "") -> Path:
     """This machine's cache folder `name` under `KDFLOW_CACHE` (default ~/.cache/kdflow)."""
     return Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow")) / name
 
 
 def keep_locally(path: Path, data: bytes) -> None:
-    """Write a local cache file atomically, best effort: a read-only home only costs computing
-    what it holds again next time."""
+    """Write a local cache file atomically, best effort: a read-only home or a full disk only
+    costs computing what it holds again next time."""
+    staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{os.getpid()}")
-        staging.write_bytes(data)
+        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
         os.replace(staging, path)
     except OSError:
-        pass
+        if staging is not None:
+            with contextlib.suppress(OSError):
+                os.remove(staging)
 
 
 def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -115,6 +115,10 @@ def test_a_teachers_config_and_tokenizer_are_part_of_its_identity_and_local_weig
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert content_identity(fs, str(weights)) == identity
+    (kept,) = [path for path in (tmp_path / "kdflow-cache" / "hashes").iterdir() if f"sha256:{path.read_text()}" == identity]
+    kept.write_text(identity.removeprefix("sha256:")[:40])  # cut short (a full disk): not trusted, the bytes hashed again
+    rehashed = content_identity(fs, str(weights))
+    assert rehashed != identity and len(rehashed) == len(identity) and f"sha256:{kept.read_text()}" == rehashed
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert content_identity(fs, str(weights)) != identity
 

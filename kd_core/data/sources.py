@@ -31,6 +31,7 @@ time): the prep step's key covers it, so an edited or added file is seen.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import io
 import json
@@ -80,8 +81,8 @@ def python_docs() -> Iterator[str]:
     (about 6 s on 2 cores), so a complete extraction is kept as JSON in `KDFLOW_CACHE/python-docs`
     and read back by later runs on this machine. Its name covers the Python build and this file's
     code: another Python, or a change to how documents are cut, extracts them anew."""
-    kept = local_cache_folder("python-docs") / f"{_python_docs_version()}.json"
     try:
+        kept = local_cache_folder("python-docs") / f"{_python_docs_version()}.json"
         documents = json.loads(kept.read_bytes())
     except (OSError, ValueError):
         documents = None
@@ -92,10 +93,12 @@ def python_docs() -> Iterator[str]:
     for document in _extract_python_docs():
         extracted.append(document)
         yield document
-    keep_locally(kept, json.dumps(extracted).encode())  # only once a reader took them all
+    with contextlib.suppress(OSError):  # only once a reader took them all
+        keep_locally(local_cache_folder("python-docs") / f"{_python_docs_version()}.json", json.dumps(extracted).encode())
 
 
 def _python_docs_version() -> str:
+    """The Python build, its standard library and this file's code (it cuts the documents)."""
     digest = hashlib.sha256(json.dumps([sys.version, sysconfig.get_paths()["stdlib"]]).encode())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:24]

@@ -10,7 +10,6 @@ and the positions that count, for training, validation and eval alike.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from kd_core.config import ArchitectureConfig
 from kd_core.manifest import Manifest
-from kd_core.storage import FileRecord, Store
+from kd_core.storage import FileRecord, Store, local_cache_folder
 
 
 def quiet_transformers() -> None:
@@ -29,7 +28,7 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-CACHE_ROOT = Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow"))
+CACHE_ROOT = local_cache_folder()
 
 
 DEFAULT_SPECIAL_IDS = {"bos": 0, "eos": 0, "pad": 1}
