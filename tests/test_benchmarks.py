@@ -164,19 +164,3 @@ def test_embedding_benchmark_smoke(tmp_path):
     record = json.loads(results.read_text().splitlines()[-1])
     assert set(record["arms"]) == {"mse_relational", "teacher", "baseline"}
     assert 0 <= record["arms"]["mse_relational"]["recall_at_10"] <= 1 and record["arms"]["mse_relational"]["train_seconds"] > 0
-
-
-@pytest.mark.slow
-def test_startup_benchmark_smoke(tmp_path):
-    """Each path's fit of the tiny job's distill step (imports measured once each): the task's
-    second fit runs in the process its first one left."""
-    results = tmp_path / "startup.jsonl"
-    run = run_script("benchmarks/startup.py", "configs/tiny.yaml", "distill.train.max_steps=3", "--repeats", "1", "--results", str(results))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "ray.init (a local cluster)" in run.stdout and "vs here" in run.stdout
-    record = json.loads(results.read_text().splitlines()[-1])
-    assert set(record["imports_s"]) == {"torch", "deepspeed", "kd_core.train.loop", "ray.train.torch"} and record["ray_init_s"] > 0
-    fits = record["fits"]
-    assert list(fits) == ["in this process", "Ray task, new process", "Ray task, reused process", "Ray Train"]
-    assert fits["Ray task, reused process"]["worker_started"] < 0  # the process existed before the fit began
-    assert all(0 <= row["loop"] <= row["first_log"] <= row["train"] for row in fits.values()), fits
