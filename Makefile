@@ -19,6 +19,7 @@ chat: $(STAMP)  ## the chat recipe (configs/chat.yaml): the demo's teacher and s
 test:  ## check the import layers, then run the test suite (the two venvs are set up side by side; two pytest workers, whole files each; the 15 slowest tests listed)
 	@$(MAKE) --no-print-directory -j2 $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m compileall -q -j 0 kd_core components pipelines benchmarks tests > /dev/null  # the .pyc files no process writes
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 check: $(STAMP)  ## the fast tier while editing (about 2 minutes): the import layers, then every test not marked slow
@@ -37,8 +38,9 @@ setup: $(STAMP)
 # uv installs the pinned set, byte-compiled: 60 s here where pip took 215 s (docs/benchmarks.md,
 # issue 26). The compiling is needed: where PYTHONDONTWRITEBYTECODE is set (it is on these
 # machines) no process writes .pyc files, and every process and Ray worker would compile torch
-# again on import. Files are copied, not hard-linked to uv's cache, so an edit inside a venv stays
-# there. uv itself comes from pip, pinned by constraints.txt like everything else.
+# again on import. uv hard-links the files to its cache (copying them took 37 s more from a fresh
+# clone): an edit inside a venv's site-packages reaches the cache. uv itself comes from pip,
+# pinned by constraints.txt like everything else.
 # uv reads no pip settings. It is handed the environment's (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL,
 # the PIP_FIND_LINKS that exist, PIP_CERT; through the environment, so no credential in a URL is
 # echoed) and picks from all indexes as pip does; where it still cannot install the pinned set
@@ -48,7 +50,7 @@ UV_ENV = env $${PIP_INDEX_URL:+UV_INDEX_URL="$$PIP_INDEX_URL"} $${PIP_EXTRA_INDE
 	$${PIP_CERT:+SSL_CERT_FILE="$$PIP_CERT"} UV_INDEX_STRATEGY=unsafe-best-match
 UV_FIND_LINKS := $(foreach links,$(PIP_FIND_LINKS),$(if $(or $(findstring ://,$(links)),$(wildcard $(links))),--find-links $(links)))
 # $(call install,VENV,WHAT): uv into VENV, else pip.
-install = $(UV_ENV) $(UV) pip install --quiet --compile-bytecode --link-mode copy --python $(1)/bin/python $(UV_FIND_LINKS) $(2) \
+install = $(UV_ENV) $(UV) pip install --quiet --compile-bytecode --python $(1)/bin/python $(UV_FIND_LINKS) $(2) \
 	|| { echo "uv could not install into $(1) (above): installing with pip" >&2; \
 	     $(1)/bin/python -m pip install --quiet --disable-pip-version-check $(2); }
 $(UV): constraints.txt
