@@ -35,7 +35,7 @@ setup: $(STAMP)
 # Pinned set-up: every package at the version in constraints.txt. torch is pinned to the CPU
 # build (2.13.0+cpu), so set-up never pulls a multi-GB CUDA build onto a CPU machine. The cluster
 # extra is installed too, so that `make lock` keeps the pins the image needs.
-# uv installs the pinned set, byte-compiled: 60 s here where pip took 215 s (docs/benchmarks.md,
+# uv installs the pinned set, byte-compiled: 55-100 s here where pip took 215 s (docs/benchmarks.md,
 # issue 26). The compiling is needed: where PYTHONDONTWRITEBYTECODE is set (it is on these
 # machines) no process writes .pyc files, and every process and Ray worker would compile torch
 # again on import. uv hard-links the files to its cache (copying them took 37 s more from a fresh
