@@ -31,7 +31,6 @@ time): the prep step's key covers it, so an edited or added file is seen.
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import io
 import json
@@ -81,9 +80,9 @@ def python_docs() -> Iterator[str]:
     (about 6 s on 2 cores), so a complete extraction is kept as JSON in `KDFLOW_CACHE/python-docs`
     and read back by later runs on this machine. Its name covers the Python build and this file's
     code: another Python, or a change to how documents are cut, extracts them anew."""
+    kept = _kept_python_docs()
     try:
-        kept = local_cache_folder("python-docs") / f"{_python_docs_version()}.json"
-        documents = json.loads(kept.read_bytes())
+        documents = json.loads(kept.read_bytes()) if kept else None
     except (OSError, ValueError):
         documents = None
     if isinstance(documents, list) and all(isinstance(document, str) for document in documents):
@@ -93,15 +92,19 @@ def python_docs() -> Iterator[str]:
     for document in _extract_python_docs():
         extracted.append(document)
         yield document
-    with contextlib.suppress(OSError):  # only once a reader took them all
-        keep_locally(local_cache_folder("python-docs") / f"{_python_docs_version()}.json", json.dumps(extracted).encode())
+    if kept:  # only once a reader took them all
+        keep_locally(kept, json.dumps(extracted).encode())
 
 
-def _python_docs_version() -> str:
-    """The Python build, its standard library and this file's code (it cuts the documents)."""
+def _kept_python_docs() -> Path | None:
+    """Where this Python's extraction is kept: named by the Python build, its standard library and
+    this file's code (it cuts the documents); None where this file's source cannot be read."""
     digest = hashlib.sha256(json.dumps([sys.version, sysconfig.get_paths()["stdlib"]]).encode())
-    digest.update(Path(__file__).read_bytes())
-    return digest.hexdigest()[:24]
+    try:
+        digest.update(Path(__file__).read_bytes())
+    except OSError:
+        return None
+    return local_cache_folder("python-docs") / f"{digest.hexdigest()[:24]}.json"
 
 
 def _extract_python_docs() -> Iterator[str]:
