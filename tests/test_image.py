@@ -16,8 +16,8 @@ the image sets it.
 
 It costs a few minutes: a 2 GB venv. The third-party wheels of the builder phase are kept in
 ~/.cache/kdflow/image-wheels/<hash of constraints.txt, pyproject.toml and the install script>,
-and a run that finds them builds with no package index (kdflow's own wheel is always built anew
-from this tree). The other tests check the Dockerfile's shape: two stages, no compiler in the one
+and a run that finds them builds only kdflow's own wheel, anew from this tree, with no package
+index and no second resolution (the runtime phase still resolves kdflow[cluster] among the wheels). The other tests check the Dockerfile's shape: two stages, no compiler in the one
 that runs, no editable or --no-deps install, a non-root user.
 
     PYTHONPATH=$PWD python -m pytest tests/test_image.py -q
@@ -98,9 +98,11 @@ def keep_wheels(wheels: Path, cache: Path) -> None:
 
 
 def replay_environment() -> dict[str, str]:
-    """This process's environment minus what would let the venv see this checkout."""
-    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    # Bytecode is compiled on first import in the test (the image compiles all of it at install);
+    """This process's environment minus what would let the venv see this checkout, and minus
+    PYTHONDONTWRITEBYTECODE: bytecode is compiled on first import in the test (the image compiles
+    all of it at install), and written, so the commands after the first import reuse it."""
+    hidden = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")
+    environment = {key: value for key, value in os.environ.items() if key not in hidden}
     # pip keeps its cache, so a second run reuses the wheels the first one fetched.
     environment.update(PIP_NO_COMPILE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", KDFLOW_QUIET="1")
     return environment
@@ -158,17 +160,19 @@ def test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_p
     builder = {**environment, "PYTHON": sys.executable, "TORCH_VERSION": cpu_torch_version()}
     builder.pop("TORCH_INDEX", None)  # the pip configuration of this machine finds the CPU wheel
     cache = cached_wheels()
-    if cache.is_dir():
+    if cache.is_dir():  # every wheel but kdflow's, resolved when kept: only kdflow's is built now
         copy_wheels(cache, wheels, with_kdflow=False)
-        builder["PIP_NO_INDEX"] = "1"
+        builder.update(PIP_NO_INDEX="1", PIP_NO_DEPS="1")  # pip's resolver took 24 s to find them again
     run(["sh", str(source / "infra" / "install-python.sh"), "wheels", str(source), str(wheels)], builder, elsewhere)
     if not cache.is_dir():
         keep_wheels(wheels, cache)
-    # Without byte-compiling the installed modules (PIP_COMPILE=0): the same files are installed
-    # and imported, the image's own build compiles them, and the replay takes much less time.
-    runtime = {**environment, "PYTHON": sys.executable, "PIP_COMPILE": "0"}
+    # Without byte-compiling the installed modules (UV_COMPILE_BYTECODE=0): the same files are
+    # installed and imported, the image's own build compiles them, and the replay takes much less
+    # time.
+    runtime = {**environment, "PYTHON": sys.executable, "UV_COMPILE_BYTECODE": "0"}
     run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], runtime, elsewhere)
     python = str(venv / "bin" / "python")
+    assert not (venv / "bin" / "uv").exists(), "uv, which installed the venv, stays in it"
 
     wanted = [*modules_the_code_imports(), *SERVER_MODULES]
     image = {**environment, "KDFLOW_INFRA_DIR": str(REPO / "infra")}  # the image's COPY infra /opt/kdflow/infra
