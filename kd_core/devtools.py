@@ -3,8 +3,9 @@
 `loopback_s3()` starts moto's S3 server in its own process on 127.0.0.1, a real S3 HTTP API that
 s3fs talks to exactly as it talks to AWS or MinIO, with throwaway credentials in the environment.
 moto is a test dependency (`pip install -e '.[test]'`). `loopback_mlflow(folder)` starts a real
-MLflow tracking server (`mlflow server`, SQLite backend) on 127.0.0.1. `tensor_bytes()` measures
-the peak bytes of the tensors a block of torch code allocates.
+MLflow tracking server (`mlflow server`, SQLite backend) on 127.0.0.1. `migrated_sqlite_uri(path)`
+gives a job an MLflow SQLite database without paying MLflow's migrations again. `tensor_bytes()`
+measures the peak bytes of the tensors a block of torch code allocates.
 
 `FaultyProxy(upstream)` is an HTTP proxy on 127.0.0.1 in front of such a server that injects the
 faults of a flaky network and an overloaded store: a seeded share of requests answered 503 (or
@@ -15,14 +16,17 @@ endpoints of the Kubernetes API on loopback (no cluster runs here), for the real
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -40,6 +44,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+_migrated_template: Path | None = None
+
+
+def migrated_sqlite_uri(database: Path) -> str:
+    """`sqlite:///<database>`, the file a copy of an empty MLflow database that MLflow's own
+    migrations made once in this process. A new database runs every migration of MLflow's history
+    (1.5-3 s on 2 cores; the test suite makes a few dozen); MLflow opens one whose tables exist as
+    it is, so the copy behaves as the database it was made from."""
+    global _migrated_template
+    if _migrated_template is None:
+        from mlflow import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="kdflow-mlflow-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        MlflowClient(f"sqlite:///{folder / 'empty.db'}").search_experiments()  # creates and migrates it
+        _migrated_template = folder / "empty.db"
+    database.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_migrated_template, database)
+    return f"sqlite:///{database}"
 
 
 @contextmanager
@@ -83,12 +108,17 @@ def loopback_mlflow(folder: Path, start_timeout: float = 120, port: int | None =
     `folder`) on loopback (on `port`, e.g. to restart one); stops it afterwards."""
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
+    database = folder / "mlflow.db"
+    backend = f"sqlite:///{database}" if database.exists() else migrated_sqlite_uri(database)  # a restart keeps its database
     log = open(folder / "server.log", "wb")
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
+        "--backend-store-uri", backend, "--artifacts-destination", str(folder / "artifacts"),
     ]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    # Without MLflow's job runner (a huey consumer beside the server, for its GenAI jobs, which
+    # kdflow does not use): it took seconds of the start and the stop.
+    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout

@@ -23,7 +23,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     cache = Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow"))
     os.environ["KDFLOW_CACHE"] = str(cache / os.environ["PYTEST_XDIST_WORKER"])
 
-from kd_core.devtools import loopback_s3  # noqa: E402 (after the cache is chosen)
+from kd_core.devtools import loopback_s3, migrated_sqlite_uri  # noqa: E402 (after the cache is chosen)
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KDFLOW_QUIET", "1")
@@ -68,7 +68,7 @@ def tiny_config(tmp_path):
 
     return load_config(
         REPO / "configs" / "tiny.yaml",
-        [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}"],
     )
 
 

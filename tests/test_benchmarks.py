@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from kd_core.devtools import migrated_sqlite_uri
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -156,7 +158,7 @@ def test_embedding_benchmark_smoke(tmp_path):
     """One arm on configs/tiny.yaml with a teacher trained here (the recipe's is all-MiniLM-L6-v2)."""
     results = tmp_path / "embedding.jsonl"
     run = run_script("benchmarks/embedding.py", "configs/tiny.yaml", "task=embedding", "compute.backend=local", f"storage.root={tmp_path / 'store'}",
-                     f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "teacher.train.dropout=0.1", "distill.train.dropout=0.1",
+                     f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}", "teacher.train.dropout=0.1", "distill.train.dropout=0.1",
                      "registry.primary_metric=student.recall_at_10", "tune.space={}", "data.seq_len=40", "distill.deepspeed.enabled=false",
                      "--arms", "mse_relational", "--results", str(results))
     assert run.returncode == 0, run.stderr

@@ -17,6 +17,7 @@ from hf_models import CHATML, LLAMA2_CHAT, paragraphs, save_model, style_tokeniz
 from kd_core.config import DataConfig, StorageConfig
 from kd_core.data.shards import read_columns, split_shards
 from kd_core.data.sources import DataSourceError
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.job import load_config
 from kd_core.stages.prep import prep
 from kd_core.storage import Store
@@ -216,7 +217,7 @@ def chat_job(tmp_path, tokenizer_folder, *overrides):
     return load_config(
         os.path.join(REPO, "configs", "tiny.yaml"),
         [
-            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "compute.backend=local",
+            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}", "compute.backend=local",
             "data.source=chat", f"data.files=[{files}]", f"teacher.path={teacher}", "data.max_documents=null", "data.seq_len=96",
             "distill.deepspeed.enabled=false", *overrides,
         ],

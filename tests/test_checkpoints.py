@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.stages.cache import cache
 from kd_core.job import load_config, validate_config
 from kd_core.stages.prep import prep
@@ -141,7 +142,7 @@ def test_a_resume_reads_back_its_buffers_not_the_steps_before_it(job, capsys, da
 def test_a_resumed_run_logs_each_step_once_to_its_mlflow_run(job, tmp_path):
     from mlflow import MlflowClient
 
-    registry = job[0].registry.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    registry = job[0].registry.model_copy(update={"tracking_uri": migrated_sqlite_uri(tmp_path / "mlflow.db")})
     spec = student_spec(job, "tracked", "plain")
     spec.tracking = TrainingRun.for_job(registry, "resumed", {"distill.train.max_steps": 12})
     with pytest.raises(SimulatedCrash):

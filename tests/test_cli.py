@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from kd_core.devtools import migrated_sqlite_uri
+
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["validate", "prep", "cache", "distill", "eval", "register", "run", "seeds", "promote", "rollback", "export"]
 
@@ -100,7 +102,7 @@ def test_fail_on_gates_exits_3_after_the_summary_and_promote_asks_for_force(tmp_
     from kd_core.cli import main
     from kd_core.registry import alias_version
 
-    storage = [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    storage = [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}"]
     job = [str(REPO / "configs" / "tiny.yaml"), *storage, "compute.backend=local"]
     failing = 'eval.gates=["student.perplexity < 1", "agreement_top1 >= 0"]'
     assert main(["run", *job, failing]) == 0  # without the flag a failed gate is reported, not an error
@@ -138,7 +140,7 @@ def test_seeds_trains_each_seed_on_one_cache_and_summarises_the_held_out_metrics
     and spread are theirs. A second call reuses every step."""
     from kd_core.cli import main
 
-    storage = [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    storage = [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}"]
     job = [str(REPO / "configs" / "tiny.yaml"), *storage, "compute.backend=local", "distill.train.seed=5"]
     assert main(["seeds", *job, "--seeds", "2"]) == 0
     printed = capsys.readouterr().out

@@ -25,6 +25,7 @@ from kd_core.data.cross_text import text_rows
 from kd_core.data.student_tokenizer import SPECIAL_TOKENS, trained
 from kd_core.data.tokenizer import END_OF_TEXT, PAD, train_tokenizer
 from kd_core.data.views import StudentView, numpy_rows, teacher_view
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.job import load_config
 from kd_core.losses import TeacherTargets
 from kd_core.models import build_causal_lm
@@ -40,7 +41,7 @@ TEXTS = [
 
 def cross_config(tmp_path, *overrides: str):
     return load_config(REPO / "configs" / "tiny.yaml", [
-        "task=cross_tokenizer", f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "task=cross_tokenizer", f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}",
         "data.max_documents=60", "student.tokenizer.kind=unigram", "student.tokenizer.vocab_size=200",
         "registry.primary_metric=student.bits_per_byte", "tune.space={}", *overrides,
     ])

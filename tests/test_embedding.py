@@ -27,6 +27,7 @@ from kd_core.data.cross_text import row_texts
 from kd_core.data.embedding_text import document_texts, text_columns
 from kd_core.data.shards import decode_arrow, encode_arrow, read_columns, split_shards
 from kd_core.data.tokenizer import END_OF_TEXT, PAD, train_tokenizer
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.job import load_config
 from kd_core.losses import TeacherTargets
 from kd_core.models import model_copy
@@ -49,7 +50,7 @@ TEXTS = [
 
 def embedding_config(tmp_path, *overrides: str):
     return load_config(REPO / "configs" / "tiny.yaml", [
-        "task=embedding", f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "task=embedding", f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}",
         "compute.backend=local", "data.seq_len=40", "data.max_documents=120", "teacher.train.dropout=0.1", "distill.train.dropout=0.1",
         "registry.primary_metric=student.recall_at_10", "tune.space={}", "eval.max_rows=64", *overrides,
     ])

@@ -18,7 +18,7 @@ import math
 import pytest
 
 from kd_core.job import validate_config
-from kd_core.devtools import FaultyProxy, loopback_mlflow
+from kd_core.devtools import FaultyProxy, loopback_mlflow, migrated_sqlite_uri
 from kd_core.pipeline import run_pipeline
 from kd_core.storage import Store
 from kd_core.train.tracking import MlflowLogger, TrainingRun
@@ -40,7 +40,7 @@ def test_the_tiny_job_completes_through_a_faulty_store_with_the_same_bytes_and_m
     with FaultyProxy(s3_endpoint, fail_share=0.08, delay_share=0.08, delay_s=0.1, seed=7,
                      fail_pattern=r"^PUT /[^?]*/distill/[0-9a-f]+/manifest\.json") as proxy:
         raw["storage"] = {"root": f"s3://{s3_bucket}/kdflow", "s3": {"endpoint_url": proxy.url, "max_attempts": 3, "retries": 2}}
-        raw["registry"]["tracking_uri"] = f"sqlite:///{tmp_path / 'faulty-mlflow.db'}"
+        raw["registry"]["tracking_uri"] = migrated_sqlite_uri(tmp_path / "faulty-mlflow.db")
         faulty = validate_config(raw)
         store = Store(faulty.storage)
         with pytest.raises(OSError):  # the distill manifest cannot be written, whatever the retries

@@ -34,7 +34,7 @@ from kfp import dsl
 
 from kd_core.config import ConfigError
 from kd_core.job import load_config
-from kd_core.devtools import KubernetesApiStandIn
+from kd_core.devtools import KubernetesApiStandIn, migrated_sqlite_uri
 from kd_core.kubeflow.job import job_config
 from kd_core.kubeflow.rayjob import (
     STEP_KEY_LABEL,
@@ -71,7 +71,7 @@ def test_kfp_local_tune_distill_dag_searches_distills_the_best_and_registers_onl
 
     monkeypatch.chdir(tmp_path)
     overrides = [
-        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}",
         f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}", "compute.backend=local", "tune.num_trials=2",
     ]
     config = load_config(REPO / "configs" / "tiny.yaml", overrides)
@@ -167,7 +167,7 @@ def test_kfp_local_bad_input_in_a_task_exits_2_with_its_cause_last(tmp_path, cap
     pattern = tmp_path / "missing" / "*.jsonl"
     code = main([
         "run", "--engine", "kfp-local", str(REPO / "configs" / "tiny.yaml"), f"storage.root={tmp_path / 'store'}",
-        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}",
+        f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}", f"kubeflow.local_pipeline_root={tmp_path / 'kfp'}",
         "data.source=files", f"data.files=[{pattern}]",
     ])
     captured = capsys.readouterr()

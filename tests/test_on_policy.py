@@ -13,6 +13,7 @@ import torch
 from hf_models import paragraphs, save_model, style_tokenizer
 
 from kd_core.config import ConfigError, OnPolicyConfig
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.job import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def job(tmp_path, folder, *overrides):
     return load_config(
         os.path.join(REPO, "configs", "tiny.yaml"),
         [
-            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "compute.backend=local",
+            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}", "compute.backend=local",
             "data.source=chat", f"data.files=[{folder / 'chat.jsonl'}]", f"teacher.path={folder / 'teacher'}", "data.max_documents=null",
             "data.seq_len=64", "distill.teacher_source=on_policy", "distill.deepspeed.enabled=false", "distill.baseline=false", *overrides,
         ],

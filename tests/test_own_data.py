@@ -25,6 +25,7 @@ from kd_core.job import load_config
 from kd_core.stages.prep import prep
 from kd_core.data.shards import load_split
 from kd_core.data.sources import DataSourceError, split_long, split_stream
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.storage import Store, StorageError
 from hf_models import style_tokenizer
 
@@ -314,7 +315,7 @@ def teacher_job(tmp_path, teacher_folder, *overrides):
     return load_config(
         os.path.join(REPO, "configs", "tiny.yaml"),
         [
-            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}",
             "compute.backend=local", "data.source=files", f"data.files=[{tmp_path / 'own.jsonl'}]", f"teacher.path={teacher_folder}",
             "distill.baseline=false", "data.max_documents=null", *overrides,
         ],

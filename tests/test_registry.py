@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kd_core.config import RegistryConfig
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.registry import REJECTED_TAG, RegistryError, alias_version, create_version, promote, promote_best, rollback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,7 +305,7 @@ def test_a_training_run_logs_nan_as_nan(tmp_path):
 
     from kd_core.train.tracking import MlflowLogger, TrainingRun
 
-    registry = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="kdflow-nan")
+    registry = RegistryConfig(tracking_uri=migrated_sqlite_uri(tmp_path / "mlflow.db"), experiment="kdflow-nan")
     logger = MlflowLogger(TrainingRun.for_job(registry, "diverging", {}))
     logger.start()
     logger.log(1, {"step": 1, "loss": 2.5})

@@ -25,6 +25,7 @@ from kd_core.data.digits import digit_records
 from kd_core.data.preferences import read_preference_records, split_by_image
 from kd_core.data.shards import read_columns
 from kd_core.data.sources import DataSourceError
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.eval.reward import load_pairs, preference_calibration, preference_scores, score_pairs
 from kd_core.losses import RewardObjective, TeacherTargets, bradley_terry
 from kd_core.manifest import ManifestError
@@ -371,7 +372,7 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys, m
 
     config = load_config(
         REPO / "configs" / "reward_tiny.yaml",
-        [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}"],
     )
     steps = run_pipeline(config)
     assert list(steps) == ["prep", "teacher", "cache", "distill", "baseline", "eval", "register"]
@@ -438,7 +439,7 @@ def test_reward_recipe_tiny_end_to_end_registers_under_gates(tmp_path, capsys, m
     # root is relative, as in the shipped configs: the trials run in folders of Ray's choosing.
     monkeypatch.chdir(tmp_path)
     searched = load_config(REPO / "configs" / "reward_tiny.yaml", [
-        "storage.root=store", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "storage.root=store", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}",
         "tune.num_trials=1", "tune.max_steps=4", "tune.eval_every=2", "tune.val_rows=48", "tune.metric=val_agreement",
         "tune.space={distill.reward.pairwise_weight: {kind: uniform, low: 0.5, high: 2.0}, distill.train.learning_rate: {kind: loguniform, low: 0.001, high: 0.03}}",
     ])

@@ -25,6 +25,7 @@ import torch
 
 from hf_models import paragraphs, save_model, style_tokenizer
 from kd_core.config import ConfigError, FromTeacherConfig
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.job import load_config
 from kd_core.models.students import StudentError, cut_from_teacher
 from kd_core.storage import Store
@@ -49,7 +50,7 @@ def job(tmp_path, teacher, *overrides, steps: int = 6):
     return load_config(
         os.path.join(REPO, "configs", "tiny.yaml"),
         [
-            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}",
             "compute.backend=local", "data.source=files", f"data.files=[{data}]", f"teacher.path={teacher}",
             "data.max_documents=null", f"distill.train.max_steps={steps}", "eval.max_rows=8", *overrides,
         ],

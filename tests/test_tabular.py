@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.job import load_config
 from kd_core.pipeline import run_pipeline
 
@@ -40,7 +41,7 @@ def write_table(path, rows: int = 400, seed: int = 0, bad_cell: str | None = Non
 
 def tabular_config(tmp_path, csv, *overrides: str):
     return load_config(REPO / "configs" / "tabular.yaml", [
-        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "compute.backend=local",
+        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}", "compute.backend=local",
         "data.source=table", f"data.files=[{csv}]", "data.table.target=label", "data.table.kind=classification",
         "data.table.numeric=[x1, x2]", "data.table.categorical=[colour]", "teacher.sklearn.params={n_estimators: 30}",
         "cache.synthetic.rows=600", "distill.train.max_steps=40", "distill.train.batch_size=64", "student.mlp.hidden_size=32", *overrides,
@@ -226,7 +227,7 @@ def test_tabular_losses_match_their_float64_reference():
 @pytest.mark.slow
 def test_the_regression_recipe_runs_on_the_bundled_diabetes_table(tmp_path):
     config = load_config(REPO / "configs" / "tabular_regression.yaml", [
-        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "compute.backend=local",
+        f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}", "compute.backend=local",
         "cache.synthetic.rows=300", "distill.train.max_steps=30", "teacher.sklearn.params={max_iter: 20}",
     ])
     steps = run_pipeline(config, until="eval")

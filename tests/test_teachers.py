@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kd_core.config import ConfigError
+from kd_core.devtools import migrated_sqlite_uri
 from kd_core.job import load_config
 from kd_core.losses import DistillationObjective, TeacherMix, TeacherTargets
 
@@ -21,7 +22,7 @@ SECOND = ["teachers={second: {architecture: {hidden_size: 24, num_layers: 1, num
 def job(tmp_path, *overrides):
     return load_config(
         os.path.join(REPO, "configs", "tiny.yaml"),
-        [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "compute.backend=local",
+        [f"storage.root={tmp_path / 'store'}", f"registry.tracking_uri={migrated_sqlite_uri(tmp_path / 'mlflow.db')}", "compute.backend=local",
          "distill.deepspeed.enabled=false", "distill.baseline=false", "distill.train.log_every=1", *overrides],
     )
 

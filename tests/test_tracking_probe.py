@@ -13,6 +13,8 @@
   the message.
 - A SQLite URI whose folder cannot be created is named.
 - kdflow's MLflow client gives up on a dead server in seconds, not MLflow's default of minutes.
+- The tests' SQLite databases (`devtools.migrated_sqlite_uri`, copies of one MLflow migrated once)
+  are MLflow stores of their own.
 
 Run: .venv/bin/python -m pytest tests/test_tracking_probe.py
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from kd_core.cli import main
-from kd_core.devtools import free_port
+from kd_core.devtools import free_port, migrated_sqlite_uri
 from kd_core.train.tracking_probe import MLFLOW_CLIENT_DEFAULTS, TrackingServerError, fail_fast_mlflow_client, probe_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +178,19 @@ def test_credentials_in_the_uri_are_sent_when_the_environment_has_none_and_the_p
     monkeypatch.setenv("KDFLOW_SKIP_TRACKING_PROBE", "1")  # e.g. a server behind an auth plugin the probe cannot speak
     probe_tracking_uri(with_userinfo)
     assert len(handler.seen_authorization) == 1  # nothing was asked
+
+
+def test_each_copied_mlflow_database_is_a_store_of_its_own_at_mlflows_schema(tmp_path):
+    import sqlalchemy
+    from mlflow import MlflowClient
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    first, second = migrated_sqlite_uri(tmp_path / "a" / "mlflow.db"), migrated_sqlite_uri(tmp_path / "b" / "mlflow.db")
+    with sqlalchemy.create_engine(first).connect() as connection:  # what MLflow checks before it would migrate
+        assert connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar() == _get_latest_schema_revision()
+    client = MlflowClient(first)
+    run = client.create_run(client.create_experiment("copied"))
+    client.log_metric(run.info.run_id, "loss", 0.5, step=1)
+    assert [point.value for point in client.get_metric_history(run.info.run_id, "loss")] == [0.5]
+    assert MlflowClient(second).get_experiment_by_name("copied") is None
+    assert [experiment.name for experiment in MlflowClient(second).search_experiments()] == ["Default"]

@@ -86,6 +86,10 @@ def ensure_ray(compute: ComputeConfig, *, warm: bool = True) -> None:
     # are told this cluster's dashboard address, because with a second Ray instance on the machine
     # (another kdflow process, a test suite) the state API cannot guess which one is theirs.
     dashboard = f"http://127.0.0.1:{free_port()}"
+    # Ray Train's controller looks at its workers every 2 s by default, so a fit's start and end
+    # each waited up to that long: 0.5 s here took 3.5 s off a one-worker Ray Train fit on 2
+    # cores (benchmarks/startup.py). The cluster's processes take this process's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(
         address="local",
         num_cpus=compute.num_cpus,
