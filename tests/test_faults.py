@@ -37,7 +37,7 @@ def test_the_tiny_job_completes_through_a_faulty_store_with_the_same_bytes_and_m
     raw["distill"]["checkpoint_every"] = 4  # checkpoints at steps 4 and 8 of 10
     clean = run_pipeline(validate_config(raw))
 
-    with FaultyProxy(s3_endpoint, fail_share=0.08, delay_share=0.08, delay_s=0.1, seed=7,
+    with FaultyProxy(s3_endpoint, fail_share=0.04, delay_share=0.05, delay_s=0.05, seed=7,
                      fail_pattern=r"^PUT /[^?]*/distill/[0-9a-f]+/manifest\.json") as proxy:
         raw["storage"] = {"root": f"s3://{s3_bucket}/kdflow", "s3": {"endpoint_url": proxy.url, "max_attempts": 3, "retries": 2}}
         raw["registry"]["tracking_uri"] = migrated_sqlite_uri(tmp_path / "faulty-mlflow.db")
