@@ -12,13 +12,15 @@
 #   install-python.sh venv VENV WHEELHOUSE
 #       (runtime stage: no compiler, no index) the virtual environment VENV with kdflow[cluster]
 #       installed, not editable, from those wheels and nothing else, byte-compiled. uv installs
-#       them (10 s here where pip took 53 s for the same 2 GB); it runs from a folder outside VENV
-#       that is removed afterwards, so the image does not keep it. UV_COMPILE_BYTECODE=0 skips
-#       the byte-compiling (the test that replays this file does).
+#       them (without byte-compiling, 10 s here where pip took 53 s for the same 2 GB); it runs
+#       from a folder outside VENV that is removed afterwards, so the image does not keep it, and
+#       reads no uv configuration file. UV_COMPILE_BYTECODE=0 (exactly "0") skips the
+#       byte-compiling (the test that replays this file does).
 #
 # $PYTHON (default python3.11) runs pip and makes the venv; pip's own settings (PIP_* variables,
-# pip.conf) apply, so a test can point it at wheels already on disk. Wheels already in WHEELHOUSE
-# are used as they are (a test keeps one between runs and sets PIP_NO_INDEX=1).
+# pip.conf) apply to the builder phase and to installing uv, so a test can point pip at wheels
+# already on disk. Wheels already in WHEELHOUSE are used as they are (a test keeps one between
+# runs and sets PIP_NO_INDEX=1).
 set -eu
 
 PYTHON="${PYTHON:-python3.11}"
@@ -41,12 +43,13 @@ case "$phase" in
     "$PYTHON" -m venv "$venv"
     uv_folder="$(mktemp -d)"
     trap 'rm -rf "$uv_folder"' EXIT
+    trap 'exit 1' INT TERM HUP  # sh runs the EXIT trap on exit, not on a signal
     "$venv/bin/python" -m pip install --quiet --no-index --find-links "$wheelhouse" \
       --constraint "$wheelhouse/constraints.txt" --target "$uv_folder" uv
     compile=--compile-bytecode
     [ "${UV_COMPILE_BYTECODE:-1}" = 0 ] && compile=
     # shellcheck disable=SC2086 # compile is one flag or nothing
-    "$uv_folder/bin/uv" pip install --python "$venv/bin/python" --no-index --no-cache $compile \
+    "$uv_folder/bin/uv" pip install --no-config --python "$venv/bin/python" --no-index --no-cache $compile \
       --find-links "$wheelhouse" --constraint "$wheelhouse/constraints.txt" "kdflow[cluster]"
     ;;
   *)

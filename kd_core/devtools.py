@@ -50,20 +50,32 @@ _migrated_template: Path | None = None
 
 
 def migrated_sqlite_uri(database: Path) -> str:
-    """`sqlite:///<database>`, the file a copy of an empty MLflow database that MLflow's own
-    migrations made once in this process. A new database runs every migration of MLflow's history
-    (1.5-3 s on 2 cores; the test suite makes a few dozen); MLflow opens one whose tables exist as
-    it is, so the copy behaves as the database it was made from."""
+    """`sqlite:///<database>`; where the file does not exist yet, it becomes a copy of an empty
+    MLflow database that MLflow's own migrations made once in this process. A new database runs
+    every migration of MLflow's history (1.5-3 s on 2 cores; the test suite makes a few dozen);
+    MLflow opens one whose tables exist as it is. The template has no Default experiment (MLflow
+    would have given it the artifact folder of this process's working directory): each database's
+    first opener creates its own. An existing database is left as it is."""
     global _migrated_template
     if _migrated_template is None:
+        import sqlite3
+
         from mlflow import MlflowClient
 
         folder = Path(tempfile.mkdtemp(prefix="kdflow-mlflow-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        MlflowClient(f"sqlite:///{folder / 'empty.db'}").search_experiments()  # creates and migrates it
-        _migrated_template = folder / "empty.db"
-    database.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_migrated_template, database)
+        template = folder / "empty.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
+        with sqlite3.connect(template) as connection:
+            connection.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+            connection.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        connection.close()
+        _migrated_template = template
+    if not database.exists():
+        database.parent.mkdir(parents=True, exist_ok=True)
+        staging = database.with_name(f".{database.name}.{os.getpid()}.{threading.get_ident()}")
+        shutil.copyfile(_migrated_template, staging)
+        os.replace(staging, database)
     return f"sqlite:///{database}"
 
 
@@ -108,8 +120,7 @@ def loopback_mlflow(folder: Path, start_timeout: float = 120, port: int | None =
     `folder`) on loopback (on `port`, e.g. to restart one); stops it afterwards."""
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
-    database = folder / "mlflow.db"
-    backend = f"sqlite:///{database}" if database.exists() else migrated_sqlite_uri(database)  # a restart keeps its database
+    backend = migrated_sqlite_uri(folder / "mlflow.db")  # a restart keeps its database
     log = open(folder / "server.log", "wb")
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

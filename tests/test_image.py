@@ -17,8 +17,10 @@ the image sets it.
 It costs a few minutes: a 2 GB venv. The third-party wheels of the builder phase are kept in
 ~/.cache/kdflow/image-wheels/<hash of constraints.txt, pyproject.toml and the install script>,
 and a run that finds them builds only kdflow's own wheel, anew from this tree, with no package
-index and no second resolution (the runtime phase still resolves kdflow[cluster] among the wheels). The other tests check the Dockerfile's shape: two stages, no compiler in the one
-that runs, no editable or --no-deps install, a non-root user.
+index and no second resolution (the runtime phase still resolves kdflow[cluster] among the
+wheels). A quicker test runs the venv phase as the image does (byte-compiling) on a wheelhouse of
+uv and a one-module stand-in for kdflow. The other tests check the Dockerfile's shape: two
+stages, no compiler in the one that runs, no editable or --no-deps install, a non-root user.
 
     PYTHONPATH=$PWD python -m pytest tests/test_image.py -q
 """
@@ -98,11 +100,12 @@ def keep_wheels(wheels: Path, cache: Path) -> None:
 
 
 def replay_environment() -> dict[str, str]:
-    """This process's environment minus what would let the venv see this checkout, and minus
-    PYTHONDONTWRITEBYTECODE: bytecode is compiled on first import in the test (the image compiles
-    all of it at install), and written, so the commands after the first import reuse it."""
+    """This process's environment minus what would let the venv see this checkout, minus uv's
+    settings (the image build has none), and minus PYTHONDONTWRITEBYTECODE: bytecode is compiled
+    on first import in the test (the image compiles all of it at install), and written, so the
+    commands after the first import reuse it."""
     hidden = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")
-    environment = {key: value for key, value in os.environ.items() if key not in hidden}
+    environment = {key: value for key, value in os.environ.items() if key not in hidden and not key.startswith("UV_")}
     # pip keeps its cache, so a second run reuses the wheels the first one fetched.
     environment.update(PIP_NO_COMPILE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", KDFLOW_QUIET="1")
     return environment
@@ -169,10 +172,13 @@ def test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_p
     # Without byte-compiling the installed modules (UV_COMPILE_BYTECODE=0): the same files are
     # installed and imported, the image's own build compiles them, and the replay takes much less
     # time.
-    runtime = {**environment, "PYTHON": sys.executable, "UV_COMPILE_BYTECODE": "0"}
+    scratch = tmp_path / "scratch"  # the phase's temporary folders: uv's must be gone after it
+    scratch.mkdir()
+    runtime = {**environment, "PYTHON": sys.executable, "UV_COMPILE_BYTECODE": "0", "TMPDIR": str(scratch)}
     run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], runtime, elsewhere)
     python = str(venv / "bin" / "python")
-    assert not (venv / "bin" / "uv").exists(), "uv, which installed the venv, stays in it"
+    assert not list(scratch.iterdir()), f"the venv phase left {list(scratch.iterdir())} (uv's folder is the image's to remove)"
+    assert not (venv / "bin" / "uv").exists() and not list(venv.glob("lib/python*/site-packages/uv-*")), "uv stays in the venv"
 
     wanted = [*modules_the_code_imports(), *SERVER_MODULES]
     image = {**environment, "KDFLOW_INFRA_DIR": str(REPO / "infra")}  # the image's COPY infra /opt/kdflow/infra
@@ -184,6 +190,33 @@ def test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_p
     assert "usage" in run([str(venv / "bin" / "ray"), "job", "submit", "--help"], environment, elsewhere).lower()
     assert "tune.space" in run([str(venv / "bin" / "kdflow"), "tune", "--help"], environment, elsewhere)
     run([python, "-m", "pip", "check"], environment, elsewhere)
+
+
+@pytest.mark.slow
+def test_the_venv_phase_byte_compiles_by_default_and_leaves_nothing_of_uv(tmp_path):
+    """The runtime phase as the image runs it (byte-compiling, the default), on a wheelhouse of
+    the pinned uv and a one-module stand-in for kdflow: the module's bytecode is installed, and
+    neither the venv nor the temporary folders keep uv."""
+    import zipfile
+
+    wheels, venv, scratch = tmp_path / "wheels", tmp_path / "venv", tmp_path / "scratch"
+    wheels.mkdir(), scratch.mkdir()
+    (uv_pin,) = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("uv==")]
+    run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(wheels), uv_pin],
+        replay_environment(), tmp_path)
+    (wheels / "constraints.txt").write_text((REPO / "constraints.txt").read_text())
+    info = "kdflow-0.1.0.dist-info"
+    metadata = "Metadata-Version: 2.1\nName: kdflow\nVersion: 0.1.0\nProvides-Extra: cluster\n"
+    with zipfile.ZipFile(wheels / "kdflow-0.1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("kdflow_stand_in.py", "ANSWER = 42\n")
+        wheel.writestr(f"{info}/METADATA", metadata)
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", "")
+    environment = {**replay_environment(), "PYTHON": sys.executable, "TMPDIR": str(scratch), "PIP_NO_INDEX": "1"}
+    run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], environment, tmp_path)
+    (site,) = venv.glob("lib/python*/site-packages")
+    assert list((site / "__pycache__").glob("kdflow_stand_in.*.pyc")), "the default install did not byte-compile"
+    assert not list(scratch.iterdir()) and not (venv / "bin" / "uv").exists() and not list(site.glob("uv-*"))
 
 
 def dockerfile_stages() -> list[list[str]]:

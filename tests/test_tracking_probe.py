@@ -180,7 +180,7 @@ def test_credentials_in_the_uri_are_sent_when_the_environment_has_none_and_the_p
     assert len(handler.seen_authorization) == 1  # nothing was asked
 
 
-def test_each_copied_mlflow_database_is_a_store_of_its_own_at_mlflows_schema(tmp_path):
+def test_each_copied_mlflow_database_is_a_store_of_its_own_at_mlflows_schema(tmp_path, monkeypatch):
     import sqlalchemy
     from mlflow import MlflowClient
     from mlflow.store.db.utils import _get_latest_schema_revision
@@ -191,6 +191,8 @@ def test_each_copied_mlflow_database_is_a_store_of_its_own_at_mlflows_schema(tmp
     client = MlflowClient(first)
     run = client.create_run(client.create_experiment("copied"))
     client.log_metric(run.info.run_id, "loss", 0.5, step=1)
+    assert migrated_sqlite_uri(tmp_path / "a" / "mlflow.db") == first  # asked again: the database is kept, not replaced
     assert [point.value for point in client.get_metric_history(run.info.run_id, "loss")] == [0.5]
-    assert MlflowClient(second).get_experiment_by_name("copied") is None
-    assert [experiment.name for experiment in MlflowClient(second).search_experiments()] == ["Default"]
+    monkeypatch.chdir(tmp_path / "b")  # the Default experiment is made by the database's first opener, where it runs
+    (default,) = MlflowClient(second).search_experiments()
+    assert default.name == "Default" and default.artifact_location.startswith(str(tmp_path / "b"))

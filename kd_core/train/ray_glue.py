@@ -87,8 +87,9 @@ def ensure_ray(compute: ComputeConfig, *, warm: bool = True) -> None:
     # (another kdflow process, a test suite) the state API cannot guess which one is theirs.
     dashboard = f"http://127.0.0.1:{free_port()}"
     # Ray Train's controller looks at its workers every 2 s by default, so a fit's start and end
-    # each waited up to that long: 0.5 s here took 3.5 s off a one-worker Ray Train fit on 2
-    # cores (benchmarks/startup.py). The cluster's processes take this process's environment.
+    # each waited up to that long: with 0.5 s a one-worker Ray Train fit of the tiny job ended
+    # 2.2 s after its first log record instead of 5.2 s (benchmarks/startup.py, 2 cores; the whole
+    # fit 1.5-2.6 s shorter). The cluster's processes take this process's environment.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(
         address="local",
