@@ -180,6 +180,7 @@ def test_credentials_in_the_uri_are_sent_when_the_environment_has_none_and_the_p
     assert len(handler.seen_authorization) == 1  # nothing was asked
 
 
+@pytest.mark.slow  # MLflow's migrations, once
 def test_each_copied_mlflow_database_is_a_store_of_its_own_at_mlflows_schema(tmp_path, monkeypatch):
     import sqlalchemy
     from mlflow import MlflowClient
