@@ -99,6 +99,12 @@ def keep_wheels(wheels: Path, cache: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def uv_left_behind(venv: Path, scratch: Path) -> list[Path]:
+    """What of uv a venv phase left: its program or package in the venv, or anything in the
+    phase's temporary folder `scratch` (TMPDIR), where uv ran from."""
+    return [*venv.glob("bin/uv"), *venv.glob("lib/python*/site-packages/uv-*"), *scratch.iterdir()]
+
+
 def replay_environment() -> dict[str, str]:
     """This process's environment minus what would let the venv see this checkout, minus uv's
     settings (the image build has none), and minus PYTHONDONTWRITEBYTECODE: bytecode is compiled
@@ -177,8 +183,7 @@ def test_the_image_install_replayed_into_a_fresh_venv_runs_every_cluster_entry_p
     runtime = {**environment, "PYTHON": sys.executable, "UV_COMPILE_BYTECODE": "0", "TMPDIR": str(scratch)}
     run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], runtime, elsewhere)
     python = str(venv / "bin" / "python")
-    assert not list(scratch.iterdir()), f"the venv phase left {list(scratch.iterdir())} (uv's folder is the image's to remove)"
-    assert not (venv / "bin" / "uv").exists() and not list(venv.glob("lib/python*/site-packages/uv-*")), "uv stays in the venv"
+    assert not uv_left_behind(venv, scratch), f"the venv phase left uv behind: {uv_left_behind(venv, scratch)}"
 
     wanted = [*modules_the_code_imports(), *SERVER_MODULES]
     image = {**environment, "KDFLOW_INFRA_DIR": str(REPO / "infra")}  # the image's COPY infra /opt/kdflow/infra
@@ -202,8 +207,9 @@ def test_the_venv_phase_byte_compiles_by_default_and_leaves_nothing_of_uv(tmp_pa
     wheels, venv, scratch = tmp_path / "wheels", tmp_path / "venv", tmp_path / "scratch"
     wheels.mkdir(), scratch.mkdir()
     (uv_pin,) = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("uv==")]
+    environment = replay_environment()
     run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(wheels), uv_pin],
-        replay_environment(), tmp_path)
+        environment, tmp_path)
     (wheels / "constraints.txt").write_text((REPO / "constraints.txt").read_text())
     info = "kdflow-0.1.0.dist-info"
     metadata = "Metadata-Version: 2.1\nName: kdflow\nVersion: 0.1.0\nProvides-Extra: cluster\n"
@@ -212,11 +218,11 @@ def test_the_venv_phase_byte_compiles_by_default_and_leaves_nothing_of_uv(tmp_pa
         wheel.writestr(f"{info}/METADATA", metadata)
         wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         wheel.writestr(f"{info}/RECORD", "")
-    environment = {**replay_environment(), "PYTHON": sys.executable, "TMPDIR": str(scratch), "PIP_NO_INDEX": "1"}
-    run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], environment, tmp_path)
+    phase = {**environment, "PYTHON": sys.executable, "TMPDIR": str(scratch), "PIP_NO_INDEX": "1"}
+    run(["sh", str(INSTALL_SCRIPT), "venv", str(venv), str(wheels)], phase, tmp_path)
     (site,) = venv.glob("lib/python*/site-packages")
     assert list((site / "__pycache__").glob("kdflow_stand_in.*.pyc")), "the default install did not byte-compile"
-    assert not list(scratch.iterdir()) and not (venv / "bin" / "uv").exists() and not list(site.glob("uv-*"))
+    assert not uv_left_behind(venv, scratch), uv_left_behind(venv, scratch)
 
 
 def dockerfile_stages() -> list[list[str]]:
